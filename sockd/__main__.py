@@ -1,0 +1,5 @@
+import sys
+
+from sockd.cli import main
+
+sys.exit(main())

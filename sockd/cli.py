@@ -1,0 +1,48 @@
+"""The `sockd` command: run, --check and --schema, with sysexits-style exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from sockd import __version__
+from sockd.config import Config, ConfigError, load
+from sockd.logging import configure
+from sockd.sockets import BindError
+from sockd.supervisor import Supervisor
+
+EX_CONFIG = 78  # sysexits.h: configuration error
+EX_OSERR = 71  # sysexits.h: an operating system error, here a socket that cannot be bound
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sockd", description="Serve sockets declared in a YAML file.")
+    parser.add_argument("-c", "--config", metavar="FILE", help="the config file (YAML)")
+    parser.add_argument("--check", action="store_true", help="validate the config file and exit")
+    parser.add_argument("--schema", action="store_true", help="print the config file's JSON Schema and exit")
+    parser.add_argument("--version", action="version", version=f"sockd {__version__}")
+    args = parser.parse_args(argv)
+
+    if args.schema:
+        print(json.dumps(Config.model_json_schema(), indent=2))
+        return os.EX_OK
+    if args.config is None:
+        parser.error("the config file is required: sockd -c FILE")
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return EX_CONFIG
+    if args.check:
+        count = len(config.listeners)
+        print(f"{args.config}: OK, {count} listener{'s' if count != 1 else ''}")
+        return os.EX_OK
+
+    configure(config.logging)
+    try:
+        return Supervisor(config).run()
+    except BindError as exc:
+        print(f"sockd: {exc}", file=sys.stderr)
+        return EX_OSERR

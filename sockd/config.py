@@ -1,0 +1,262 @@
+"""The configuration file: frozen pydantic models and a loader whose errors name file, line and field."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import ErrorDetails
+
+Protocol = Literal["tcp", "udp", "unix"]
+HandlerName = Literal["echo", "timestamp"]
+ModelName = Literal["iterative", "threaded", "thread_pool", "busy_poll", "selector", "asyncio"]
+SelectorBackend = Literal["auto", "select", "poll", "epoll"]
+EventLoop = Literal["auto", "asyncio", "uvloop"]
+TimestampFormat = Literal["seed", "iso8601", "unix"]
+
+ListenerName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+Seconds = Annotated[float, Field(ge=0)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class _ListenerBase(_Frozen):
+    # An option that only makes sense beside one value of another field, e.g. `threads` only with
+    # `concurrency: thread_pool`. Checked when the option is written, so defaults never trip it.
+    _option_scope: ClassVar[dict[str, tuple[str, str]]] = {
+        "threads": ("concurrency", "thread_pool"),
+        "selector_backend": ("concurrency", "selector"),
+        "event_loop": ("concurrency", "asyncio"),
+        "timestamp_format": ("handler", "timestamp"),
+    }
+
+    name: ListenerName
+    handler: HandlerName
+    concurrency: ModelName
+    delay: Seconds = 0.0
+    threads: Annotated[int, Field(ge=1, le=1024)] = 4
+    selector_backend: SelectorBackend = "auto"
+    event_loop: EventLoop = "auto"
+    timestamp_format: TimestampFormat = "seed"
+
+    @field_validator(*_option_scope)
+    @classmethod
+    def _only_where_it_applies(cls, value: object, info: ValidationInfo) -> object:
+        assert info.field_name is not None
+        owner, wanted = cls._option_scope[info.field_name]
+        actual = info.data.get(owner)
+        if actual is not None and actual != wanted:
+            raise ValueError(f"only valid with {owner}: {wanted} (this listener has {owner}: {actual})")
+        return value
+
+
+class InetListener(_ListenerBase):
+    protocol: Literal["tcp", "udp"]
+    host: Annotated[str, Field(min_length=1)]
+    port: Port
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class UnixListener(_ListenerBase):
+    protocol: Literal["unix"]
+    # sun_path holds 108 bytes including the terminating NUL.
+    path: Annotated[str, Field(min_length=1, max_length=107)]
+    mode: Annotated[str, Field(pattern=r"^0?[0-7]{3}$")] = "0660"
+
+    @property
+    def address(self) -> str:
+        return self.path
+
+    @property
+    def mode_bits(self) -> int:
+        return int(self.mode, 8)
+
+
+Listener = Annotated[InetListener | UnixListener, Field(discriminator="protocol")]
+
+
+class MetricsConfig(_Frozen):
+    enabled: bool = True
+    host: Annotated[str, Field(min_length=1)] = "127.0.0.1"
+    port: Port = 9464
+
+
+class LoggingConfig(_Frozen):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Config(_Frozen):
+    metrics: MetricsConfig = MetricsConfig()
+    logging: LoggingConfig = LoggingConfig()
+    shutdown_timeout: Seconds = 10.0
+    listeners: Annotated[list[Listener], Field(min_length=1)]
+
+
+class ConfigError(Exception):
+    """One or more problems in a config file, each already rendered as `file:line: field: message`."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read, parse and validate a config file; every problem becomes a one-line `ConfigError`."""
+    shown = os.fspath(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{shown}: cannot read: {_reason(exc)}"]) from None
+    return parse(text, shown)
+
+
+def parse(text: str, shown: str) -> Config:
+    """Validate YAML `text`; `shown` is the file name the errors start with."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError([f"{shown}{line}: invalid YAML: {exc.problem or exc.context}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{shown}: invalid YAML: {exc}"]) from None
+
+    problems = [f"{shown}:{line}: {where}: duplicate key" for line, where in _duplicate_keys(root, ())]
+    if not isinstance(data, dict):
+        problems.append(f"{shown}:{_line(root, ())}: the file must be a mapping with a `listeners` list")
+        raise ConfigError(problems)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        found = [_explain(error) for error in exc.errors(include_url=False)]
+        raise ConfigError(problems + _render(shown, root, found)) from None
+    problems += _render(shown, root, list(_conflicts(config)))
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+Problem = tuple[tuple[str | int, ...], str]
+
+
+def _render(shown: str, root: yaml.Node | None, problems: list[Problem]) -> list[str]:
+    located = sorted((_line(root, loc), _field(root, loc), message) for loc, message in problems)
+    return [f"{shown}:{line}: {field}: {message}" for line, field, message in located]
+
+
+def _conflicts(config: Config) -> Iterator[Problem]:
+    """Rules across listeners, which a single listener's model cannot see."""
+    names: dict[str, int] = {}
+    addresses: dict[tuple[str, str], int] = {}
+    for index, listener in enumerate(config.listeners):
+        first = names.setdefault(listener.name, index)
+        if first != index:
+            yield ("listeners", index, "name"), f"{listener.name!r} is already the name of listeners[{first}]"
+        if isinstance(listener, InetListener) and listener.port == 0:
+            continue  # port 0 asks the kernel for a fresh port: it cannot clash
+        key = (listener.protocol, listener.address)
+        first = addresses.setdefault(key, index)
+        if first != index:
+            field = "path" if isinstance(listener, UnixListener) else "port"
+            yield (
+                ("listeners", index, field),
+                f"{listener.protocol} {listener.address} is already used by listeners[{first}]",
+            )
+
+
+def _explain(error: ErrorDetails) -> Problem:
+    """Turn one pydantic error into (location, message) in the words of this file's format."""
+    loc, kind = tuple(error["loc"]), error["type"]
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        loc += ("protocol",)
+        if kind == "union_tag_not_found":
+            return loc, "required"
+        return loc, f"input should be 'tcp', 'udp' or 'unix', not {error['input']['protocol']!r}"
+    if kind == "missing":
+        return loc, "required"
+    if kind == "extra_forbidden":
+        key = loc[-1]
+        for variant, protocols in ((InetListener, "tcp or udp"), (UnixListener, "unix")):
+            if key in variant.model_fields:
+                return loc, f"only valid with protocol: {protocols}"
+        return loc, "unknown key"
+    message = error["msg"].removeprefix("Value error, ")
+    return loc, message[:1].lower() + message[1:]
+
+
+def _walk(root: yaml.Node | None, loc: tuple[Any, ...]) -> Iterator[tuple[yaml.Node, Any]]:
+    """Follow a pydantic error location through the YAML node tree, yielding (node, loc part).
+
+    Parts with no node behind them (the tag of a discriminated union, a missing key) are yielded
+    with the deepest node reached, so callers can both skip them and still find a line."""
+    node = root
+    for part in loc:
+        child: yaml.Node | None = None
+        if isinstance(node, yaml.MappingNode):
+            child = next((v for k, v in node.value if getattr(k, "value", None) == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            child = node.value[part]
+        if child is not None:
+            node = child
+            yield node, part
+        elif node is not None:
+            yield node, None if _is_union_tag(node, part) else part
+
+
+def _is_union_tag(node: yaml.Node, part: Any) -> bool:
+    return isinstance(node, yaml.MappingNode) and any(
+        getattr(k, "value", None) == "protocol" and getattr(v, "value", None) == part for k, v in node.value
+    )
+
+
+def _line(root: yaml.Node | None, loc: tuple[Any, ...]) -> int:
+    reached = [node for node, _ in _walk(root, loc)]
+    node = reached[-1] if reached else root
+    return node.start_mark.line + 1 if node is not None else 1
+
+
+def _field(root: yaml.Node | None, loc: tuple[Any, ...]) -> str:
+    return _dotted(part for _, part in _walk(root, loc))
+
+
+def _dotted(parts: Iterable[Any]) -> str:
+    shown = ""
+    for part in parts:
+        if isinstance(part, int):
+            shown += f"[{part}]"
+        elif part is not None:
+            shown += f".{part}" if shown else str(part)
+    return shown or "(top level)"
+
+
+def _duplicate_keys(node: yaml.Node | None, at: tuple[str | int, ...]) -> Iterator[tuple[int, str]]:
+    # PyYAML silently keeps the last of two equal keys; a config that says a thing twice is a mistake.
+    if isinstance(node, yaml.MappingNode):
+        seen: set[object] = set()
+        for key, value in node.value:
+            name = getattr(key, "value", None)
+            if name in seen:
+                yield key.start_mark.line + 1, _dotted((*at, name))
+            seen.add(name)
+            yield from _duplicate_keys(value, (*at, str(name)))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            yield from _duplicate_keys(item, (*at, index))
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror[:1].lower() + exc.strerror[1:]
+    return str(exc)

@@ -1,0 +1,83 @@
+"""Concurrency models: one small interface, one module each.
+
+A model serves one listening socket with one handler until `stop` is set, then stops accepting,
+finishes what is in flight and returns. It owns every thread, timer and connection it creates;
+the worker process only builds it and calls `serve`. Whatever the model, the listening socket is
+treated as non-blocking: its O_NONBLOCK flag lives on the open file description, which every
+worker sharing the socket sees, so no model may rely on a blocking accept() or recvfrom().
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import socket
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from sockd.config import Listener, ModelName
+from sockd.handlers import Handler
+
+# Where a datagram came from, as recvfrom() says: (host, port[, ...]) or a Unix path.
+Address = tuple[Any, ...] | str
+
+# Large enough for any UDP datagram (65,507 bytes over IPv4), and a good read size for streams.
+BUFSIZE = 65536
+
+
+class Stop:
+    """A one-way switch, set from a signal handler or any thread, and pollable as a descriptor."""
+
+    def __init__(self) -> None:
+        self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.is_set = False
+        self._callbacks: list[Callable[[], None]] = []
+
+    def fileno(self) -> int:
+        """Readable once the switch is set, so select()/poll() waiters wake up."""
+        return self._read_fd
+
+    def on_set(self, callback: Callable[[], None]) -> None:
+        """Run `callback` when the switch is set: it may run in a signal handler, so keep it short."""
+        self._callbacks.append(callback)
+
+    def set(self) -> None:
+        if self.is_set:
+            return
+        self.is_set = True
+        os.write(self._write_fd, b"\0")
+        for callback in self._callbacks:
+            callback()
+
+
+class Model(Protocol):
+    def serve(self, sock: socket.socket, stop: Stop) -> None:
+        """Serve `sock` until `stop` is set, then finish the requests in flight and return."""
+
+
+ModelFactory = Callable[[Listener, Handler], Model]
+
+_MODULES: dict[ModelName, str] = {
+    "iterative": "sockd.models.iterative",
+    "threaded": "sockd.models.threaded",
+    "thread_pool": "sockd.models.thread_pool",
+    "busy_poll": "sockd.models.busy_poll",
+    "selector": "sockd.models.selector",
+    "asyncio": "sockd.models.aio",
+}
+
+
+def factory(name: ModelName) -> ModelFactory:
+    """The model called `name`, imported only when used (so uvloop loads only where asked for)."""
+    model: ModelFactory = importlib.import_module(_MODULES[name]).Model
+    return model
+
+
+def shutdown_read(sock: socket.socket) -> None:
+    """End a connection's input, so the model sees EOF once what the client already sent is read.
+
+    This is how every model drains: a blocked recv() wakes up, the handler answers what it has,
+    and the connection closes the way it does when the client hangs up first."""
+    with contextlib.suppress(OSError):  # already closed or reset: nothing left to drain
+        sock.shutdown(socket.SHUT_RD)

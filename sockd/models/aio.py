@@ -1,0 +1,165 @@
+"""asyncio with protocols (not streams, which cost a coroutine and a buffer copy per read), on
+uvloop when it is installed: the fast model."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import socket
+from collections.abc import Callable
+from typing import cast
+
+import structlog
+
+from sockd.config import EventLoop, Listener
+from sockd.handlers import Handler
+from sockd.models import Address, Stop, shutdown_read
+
+log = structlog.get_logger()
+
+
+def loop_factory(choice: EventLoop) -> Callable[[], asyncio.AbstractEventLoop]:
+    if choice == "asyncio":
+        return asyncio.new_event_loop
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:  # optional: it has wheels for Linux and macOS only
+        if choice == "uvloop":
+            raise
+        return asyncio.new_event_loop
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+class Model:
+    def __init__(self, listener: Listener, handler: Handler) -> None:
+        self.handler = handler
+        self.delay = listener.delay
+        self.new_loop = loop_factory(listener.event_loop)
+        self.busy: set[StreamProtocol] = set()  # open connections; plus datagrams waiting on a delay
+        self.pending_datagrams = 0
+        self.idle = asyncio.Event()
+
+    def serve(self, sock: socket.socket, stop: Stop) -> None:
+        with asyncio.Runner(loop_factory=self.new_loop) as runner:
+            runner.run(self._serve(sock, stop))
+
+    async def _serve(self, sock: socket.socket, stop: Stop) -> None:
+        loop = asyncio.get_running_loop()
+        stopped = asyncio.Event()
+        loop.add_reader(stop.fileno(), stopped.set)
+        if sock.type == socket.SOCK_DGRAM:
+            transport, _ = await loop.create_datagram_endpoint(lambda: DatagramProtocol(self), sock=sock)
+            await stopped.wait()
+            while self.pending_datagrams:
+                self.idle.clear()
+                await self.idle.wait()
+            transport.close()
+            return
+        if sock.family == socket.AF_UNIX:
+            server = await loop.create_unix_server(lambda: StreamProtocol(self), sock=sock)
+        else:
+            server = await loop.create_server(lambda: StreamProtocol(self), sock=sock)
+        await stopped.wait()
+        server.close()
+        for protocol in list(self.busy):
+            protocol.drain()
+        while self.busy:
+            self.idle.clear()
+            await self.idle.wait()
+
+    def done(self) -> None:
+        if not self.busy and not self.pending_datagrams:
+            self.idle.set()
+
+
+class StreamProtocol(asyncio.Protocol):
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.session = model.handler.session()
+        self.delay = model.delay
+        self.delayed = 0
+        self.tail: bytes | None = None  # what to send at the client's EOF, once delayed replies are out
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
+        self.model.busy.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        session = self.session
+        reply = session.feed(data)
+        if session.closing:
+            self.transport.pause_reading()
+        if self.delay:
+            self.delayed += 1
+            asyncio.get_running_loop().call_later(self.delay, self._reply, reply, session.closing)
+        else:
+            self._reply(reply, session.closing)
+
+    def _reply(self, reply: bytes, closing: bool) -> None:
+        if self.delay:
+            self.delayed -= 1
+        transport = self.transport
+        if reply:
+            transport.write(reply)
+        if closing:
+            transport.close()
+        elif self.tail is not None and not self.delayed:
+            self._finish(self.tail)
+
+    def eof_received(self) -> bool:
+        self.tail = self.session.eof()
+        if not self.delayed:  # otherwise the last delayed reply finishes the connection
+            self._finish(self.tail)
+        return True  # we close ourselves, after the replies still to come
+
+    def _finish(self, tail: bytes) -> None:
+        if tail:
+            self.transport.write(tail)
+        self.transport.close()
+
+    def pause_writing(self) -> None:
+        # The client is not reading its replies: stop reading its requests until it does.
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            log.debug("connection lost", error=str(exc))
+        self.model.busy.discard(self)
+        self.model.done()
+
+    def drain(self) -> None:
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            shutdown_read(sock)
+
+
+class DatagramProtocol(asyncio.DatagramProtocol):
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.handler = model.handler
+        self.delay = model.delay
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        reply = self.handler.datagram(data)
+        if reply is None:
+            return
+        if self.delay:
+            self.model.pending_datagrams += 1
+            asyncio.get_running_loop().call_later(self.delay, self._send_delayed, reply, addr)
+        else:
+            self.transport.sendto(reply, addr)
+
+    def _send_delayed(self, reply: bytes, addr: Address) -> None:
+        self.transport.sendto(reply, addr)
+        self.model.pending_datagrams -= 1
+        self.model.done()
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("datagram error", error=str(exc))

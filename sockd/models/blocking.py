@@ -1,0 +1,115 @@
+"""What the three blocking models share: waiting for work without spinning, and serving a client
+with plain blocking calls. The models differ only in which thread runs these loops."""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import structlog
+
+from sockd.handlers import Handler
+from sockd.models import BUFSIZE, Address, Stop, shutdown_read
+
+log = structlog.get_logger()
+
+T = TypeVar("T")
+
+
+def accepted(sock: socket.socket, stop: Stop) -> Iterator[socket.socket]:
+    """Accepted connections until `stop` is set; blocks in poll() while there are none."""
+    for conn in _until_stopped(sock, stop, sock.accept):
+        yield conn[0]
+
+
+def received(sock: socket.socket, stop: Stop) -> Iterator[tuple[bytes, Address]]:
+    """Datagrams and their senders until `stop` is set; blocks in poll() while there are none."""
+    yield from _until_stopped(sock, stop, lambda: sock.recvfrom(BUFSIZE))
+
+
+def _until_stopped(sock: socket.socket, stop: Stop, take: Callable[[], T]) -> Iterator[T]:
+    # Try first and wait only when there is nothing: under load this costs no poll() per item.
+    waiter = select.poll()
+    waiter.register(sock, select.POLLIN)
+    waiter.register(stop, select.POLLIN)
+    while not stop.is_set:
+        try:
+            yield take()
+        except BlockingIOError:
+            waiter.poll()
+        except ConnectionAbortedError:
+            continue  # the client gave up while queued: nothing to serve
+
+
+class OpenConnections:
+    """The connections being served, so a stop can end their input and let them drain."""
+
+    def __init__(self, stop: Stop) -> None:
+        self._open: set[socket.socket] = set()
+        stop.on_set(self.drain)
+
+    def drain(self) -> None:
+        for conn in list(self._open):
+            shutdown_read(conn)
+
+    def serve(self, conn: socket.socket, handler: Handler, delay: float, stop: Stop) -> None:
+        """Serve one connection to its end with blocking calls, then close it."""
+        self._open.add(conn)
+        if stop.is_set:  # accepted just as the stop came: serve what it sent, then close
+            shutdown_read(conn)
+        session = handler.session()
+        try:
+            with conn:
+                while True:
+                    data = conn.recv(BUFSIZE)
+                    if not data:
+                        conn.sendall(session.eof())
+                        return
+                    reply = session.feed(data)
+                    if delay:
+                        time.sleep(delay)
+                    conn.sendall(reply)
+                    if session.closing:
+                        return
+        except OSError as exc:  # reset, broken pipe: the client is gone, and so is its request
+            log.debug("connection lost", error=str(exc))
+        finally:
+            self._open.discard(conn)
+
+
+def answer(sock: socket.socket, handler: Handler, delay: float, data: bytes, sender: Address) -> None:
+    reply = handler.datagram(data)
+    if reply is None:
+        return
+    if delay:
+        time.sleep(delay)
+    try:
+        sock.sendto(reply, sender)
+    except OSError as exc:  # e.g. the sender's port is gone (ECONNREFUSED from an ICMP error)
+        log.debug("datagram reply failed", error=str(exc))
+
+
+class Threads:
+    """Threads started for one model, joined when it stops."""
+
+    def __init__(self) -> None:
+        self._running: set[threading.Thread] = set()
+
+    def start(self, target: Callable[..., object], *args: object) -> None:
+        thread = threading.Thread(target=self._run, args=(target, args), daemon=True)
+        self._running.add(thread)
+        thread.start()
+
+    def _run(self, target: Callable[..., object], args: tuple[object, ...]) -> None:
+        try:
+            target(*args)
+        finally:
+            self._running.discard(threading.current_thread())
+
+    def join(self) -> None:
+        while self._running:
+            next(iter(set(self._running))).join()

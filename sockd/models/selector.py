@@ -1,0 +1,216 @@
+"""The seed's event loop: one thread, non-blocking sockets, a readiness loop over `selectors`.
+
+The loop itself takes any `selectors.BaseSelector`, so the busy-poll model is this same loop
+driven by a selector that never waits (see busy_poll.py). Delays are timers on the loop, so a
+client that waits never holds up the others.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import selectors
+import socket
+import time
+from collections.abc import Callable
+
+import structlog
+
+from sockd.config import Listener, SelectorBackend
+from sockd.handlers import Handler, Session
+from sockd.models import BUFSIZE, Address, Stop, shutdown_read
+
+log = structlog.get_logger()
+
+BACKENDS: dict[SelectorBackend, Callable[[], selectors.BaseSelector]] = {
+    "auto": selectors.DefaultSelector,
+    "select": selectors.SelectSelector,
+    "poll": selectors.PollSelector,
+    "epoll": selectors.EpollSelector,
+}
+
+# Stop reading from a client whose replies have piled up this high until it reads them: a client
+# that sends but never reads gets back-pressure instead of a server that grows without bound.
+HIGH_WATER = 1 << 20
+
+READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+
+
+class Connection:
+    __slots__ = ("closed", "closing", "delayed", "events", "on_ready", "out", "reading", "session", "sock")
+
+    def __init__(self, sock: socket.socket, session: Session, on_ready: Callable[[int], None]) -> None:
+        self.sock = sock
+        self.session = session
+        self.out = bytearray()
+        self.reading = True
+        self.closing = False  # close once `out` is written and no delayed reply is due
+        self.delayed = 0
+        self.events = 0
+        self.closed = False
+        self.on_ready = on_ready
+
+
+class EventLoop:
+    """Serves one socket from one thread, driven by whatever selector `make_selector` returns."""
+
+    def __init__(self, listener: Listener, handler: Handler, make_selector: Callable[[], selectors.BaseSelector]):
+        self.handler = handler
+        self.delay = listener.delay
+        self.make_selector = make_selector
+        self.timers: list[tuple[float, int, Callable[[], None]]] = []
+        self.sequence = itertools.count()
+        self.connections: set[Connection] = set()
+
+    def serve(self, sock: socket.socket, stop: Stop) -> None:
+        self.selector = self.make_selector()
+        self.sock = sock
+        self.stop = stop
+        stream = sock.type == socket.SOCK_STREAM
+        self.selector.register(stop, READ, self._on_stop)
+        self.selector.register(sock, READ, self._on_accept if stream else self._on_datagram)
+        try:
+            while not (stop.is_set and not self.connections and not self.timers):
+                for key, events in self.selector.select(self._timeout()):
+                    key.data(events)
+                self._run_timers()
+        finally:
+            self.selector.close()
+
+    # -- the loop's own plumbing
+
+    def _timeout(self) -> float | None:
+        return max(0.0, self.timers[0][0] - time.monotonic()) if self.timers else None
+
+    def _later(self, callback: Callable[[], None]) -> None:
+        heapq.heappush(self.timers, (time.monotonic() + self.delay, next(self.sequence), callback))
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            heapq.heappop(self.timers)[2]()
+
+    def _on_stop(self, events: int) -> None:
+        if not self.stop.is_set:
+            return  # the busy selector reports the stop as ready on every turn
+        self.selector.unregister(self.stop)
+        self.selector.unregister(self.sock)
+        for conn in self.connections:
+            shutdown_read(conn.sock)
+
+    # -- datagrams
+
+    def _on_datagram(self, events: int) -> None:
+        try:
+            data, sender = self.sock.recvfrom(BUFSIZE)
+        except (BlockingIOError, ConnectionRefusedError):
+            return  # nothing there yet, or an ICMP error for an earlier reply
+        reply = self.handler.datagram(data)
+        if reply is None:
+            return
+        if self.delay:
+            self._later(lambda: self._send_datagram(reply, sender))
+        else:
+            self._send_datagram(reply, sender)
+
+    def _send_datagram(self, reply: bytes, sender: Address) -> None:
+        try:
+            self.sock.sendto(reply, sender)
+        except OSError as exc:  # a full send buffer drops the reply, as the network may
+            log.debug("datagram reply failed", error=str(exc))
+
+    # -- streams
+
+    def _on_accept(self, events: int) -> None:
+        try:
+            client, _ = self.sock.accept()
+        except (BlockingIOError, ConnectionAbortedError):
+            return
+        client.setblocking(False)
+        conn = Connection(client, self.handler.session(), lambda events: self._on_ready(conn, events))
+        self.connections.add(conn)
+        self._update(conn)
+
+    def _on_ready(self, conn: Connection, events: int) -> None:
+        if events & WRITE and not conn.closed:
+            self._flush(conn)
+        if events & READ and not conn.closed:
+            self._read(conn)
+
+    def _read(self, conn: Connection) -> None:
+        try:
+            data = conn.sock.recv(BUFSIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.debug("connection lost", error=str(exc))
+            self._close(conn)
+            return
+        conn.reading = bool(data) and not conn.session.closing
+        if data:
+            reply, closing = conn.session.feed(data), conn.session.closing
+        else:
+            reply, closing = conn.session.eof(), True
+        if self.delay and data:
+            conn.delayed += 1
+            self._later(lambda: self._reply(conn, reply, closing, delayed=True))
+        else:
+            self._reply(conn, reply, closing)
+
+    def _reply(self, conn: Connection, reply: bytes, closing: bool, delayed: bool = False) -> None:
+        conn.delayed -= delayed
+        if conn.closed:
+            return
+        conn.closing = conn.closing or closing
+        if reply and not conn.out:
+            try:
+                reply = reply[conn.sock.send(reply) :]
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                log.debug("connection lost", error=str(exc))
+                self._close(conn)
+                return
+        conn.out += reply
+        self._update(conn)
+
+    def _flush(self, conn: Connection) -> None:
+        try:
+            sent = conn.sock.send(conn.out)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.debug("connection lost", error=str(exc))
+            self._close(conn)
+            return
+        del conn.out[:sent]
+        self._update(conn)
+
+    def _update(self, conn: Connection) -> None:
+        """Register for what the connection waits for now, or close it when it waits for nothing."""
+        if conn.closing and not conn.out and not conn.delayed:
+            self._close(conn)
+            return
+        events = (READ if conn.reading and len(conn.out) < HIGH_WATER else 0) | (WRITE if conn.out else 0)
+        if events == conn.events:
+            return
+        if not conn.events:
+            self.selector.register(conn.sock, events, conn.on_ready)
+        elif not events:
+            self.selector.unregister(conn.sock)
+        else:
+            self.selector.modify(conn.sock, events, conn.on_ready)
+        conn.events = events
+
+    def _close(self, conn: Connection) -> None:
+        if conn.events:
+            self.selector.unregister(conn.sock)
+        conn.events = 0
+        conn.closed = True
+        conn.sock.close()
+        self.connections.discard(conn)
+
+
+class Model(EventLoop):
+    def __init__(self, listener: Listener, handler: Handler) -> None:
+        super().__init__(listener, handler, BACKENDS[listener.selector_backend])

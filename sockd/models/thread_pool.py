@@ -1,0 +1,23 @@
+"""The seed's thread pool: `threads` threads, each running the iterative server on the shared
+socket, so at most `threads` clients are served at once and the rest wait in the backlog."""
+
+from __future__ import annotations
+
+import socket
+
+from sockd.config import Listener
+from sockd.handlers import Handler
+from sockd.models import Stop, iterative
+from sockd.models.blocking import Threads
+
+
+class Model:
+    def __init__(self, listener: Listener, handler: Handler) -> None:
+        self.size = listener.threads
+        self.iterative = iterative.Model(listener, handler)
+
+    def serve(self, sock: socket.socket, stop: Stop) -> None:
+        threads = Threads()
+        for _ in range(self.size):
+            threads.start(self.iterative.serve, sock, stop)
+        threads.join()

@@ -1,0 +1,125 @@
+"""Binding listeners: TCP and UDP over IPv4/IPv6, and Unix stream sockets with a stale-file probe."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from sockd.config import InetListener, Listener, UnixListener
+
+
+class BindError(Exception):
+    """A listener's socket cannot be had; the message is one line naming listener, address, reason."""
+
+    def __init__(self, listener: Listener, reason: str) -> None:
+        super().__init__(f"cannot bind listener {listener.name!r} to {listener.protocol} {listener.address}: {reason}")
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A bound listening socket and what a person needs to find it."""
+
+    listener: Listener
+    sock: socket.socket
+    address: str  # the real address: the port the kernel chose for port 0
+    file_id: tuple[int, int] | None = None  # (device, inode) of the Unix socket file sockd made
+
+    def close(self) -> None:
+        """Close the socket, and remove its Unix socket file if it is still the one sockd made."""
+        if isinstance(self.listener, UnixListener):
+            with contextlib.suppress(OSError):
+                info = os.lstat(self.listener.path)
+                if (info.st_dev, info.st_ino) == self.file_id:
+                    os.unlink(self.listener.path)
+        self.sock.close()
+
+
+def bind(listener: Listener) -> Bound:
+    try:
+        if isinstance(listener, UnixListener):
+            return _bind_unix(listener)
+        return _bind_inet(listener)
+    except OSError as exc:
+        raise BindError(listener, _reason(exc)) from None
+
+
+def _bind_inet(listener: InetListener) -> Bound:
+    kind = socket.SOCK_STREAM if listener.protocol == "tcp" else socket.SOCK_DGRAM
+    try:
+        family, _, proto, _, address = socket.getaddrinfo(
+            listener.host, listener.port, type=kind, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise OSError(f"cannot resolve {listener.host!r}: {exc.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    with _closed_on_error(sock):
+        if kind == socket.SOCK_STREAM:
+            # A restarted sockd must not wait out TIME_WAIT; and Linux hands TCP_NODELAY on to every
+            # accepted connection, so no model pays a setsockopt() per connection for it.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(address)
+        if kind == socket.SOCK_STREAM:
+            sock.listen(socket.SOMAXCONN)
+        host, port = sock.getsockname()[:2]
+    return Bound(listener, sock, f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}")
+
+
+def _bind_unix(listener: UnixListener) -> Bound:
+    path = listener.path
+    _clear_stale(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o755, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with _closed_on_error(sock):
+        # bind() creates the file with the process umask: narrow it for the call, so the file never
+        # exists with wider permissions than `mode`, not even between bind() and a chmod().
+        old = os.umask(0o777 & ~listener.mode_bits)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, listener.mode_bits)
+        info = os.lstat(path)
+        sock.listen(socket.SOMAXCONN)
+    return Bound(listener, sock, path, (info.st_dev, info.st_ino))
+
+
+def _clear_stale(path: str) -> None:
+    """Unlink a socket file nobody answers on; refuse a live socket or anything that is not a socket."""
+    try:
+        info = os.lstat(path)  # lstat: a symlink is "not a socket", never followed
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise OSError(f"{path} exists and is not a socket; sockd will not remove it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # stale: left by a process that died without cleaning up
+            return
+        except OSError as exc:
+            if exc.errno == errno.EPROTOTYPE:  # a datagram socket that is in use
+                raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)) from None
+            raise
+    raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
+
+
+@contextlib.contextmanager
+def _closed_on_error(sock: socket.socket) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _reason(exc: OSError) -> str:
+    text = exc.strerror or str(exc)
+    return text[:1].lower() + text[1:]

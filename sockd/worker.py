@@ -1,0 +1,69 @@
+"""The worker process: serves one listener's inherited socket with its model and handler.
+
+Started by the supervisor as `python -m sockd.worker SPEC`, where SPEC (JSON) names the listener,
+the inherited listening descriptor and the worker's end of a socketpair to the supervisor. The
+worker says `ready` on that channel once it serves; when the supervisor closes its end (a stop, or
+the supervisor died), the worker stops accepting, drains and exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+
+import structlog
+from pydantic import BaseModel, ConfigDict
+
+from sockd import handlers, models
+from sockd.config import Listener, LoggingConfig
+from sockd.logging import configure
+
+log = structlog.get_logger()
+
+
+class WorkerSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    listener: Listener
+    logging: LoggingConfig
+    listen_fd: int
+    channel_fd: int
+
+
+def main(argv: list[str]) -> int:
+    spec = WorkerSpec.model_validate_json(argv[1])
+    listener = spec.listener
+    configure(spec.logging, listener=listener.name, pid=os.getpid())
+
+    stop = models.Stop()
+    # Ctrl-C in a terminal reaches the whole process group: the supervisor alone decides what a
+    # SIGINT means. A direct SIGTERM (systemd's KillMode=control-group sends one to every
+    # process) drains like a stop from the supervisor.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    channel = socket.socket(fileno=spec.channel_fd)
+    sock = socket.socket(fileno=spec.listen_fd)
+    sock.setblocking(False)  # see sockd.models: every model takes the listener as non-blocking
+    model = models.factory(listener.concurrency)(listener, handlers.build(listener))
+    threading.Thread(target=_stop_when_closed, args=(channel, stop), daemon=True).start()
+
+    channel.sendall(b"ready\n")
+    log.debug("serving", concurrency=listener.concurrency, handler=listener.handler)
+    model.serve(sock, stop)
+    log.debug("drained")
+    return 0
+
+
+def _stop_when_closed(channel: socket.socket, stop: models.Stop) -> None:
+    while channel.recv(4096):
+        pass
+    stop.set()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,223 @@
+"""Shared fixtures: the real daemon as a subprocess, short Unix socket paths, loopback clients."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 10.0  # seconds any single wait in a test may take before it fails
+
+
+def require(program: str) -> str:
+    """The path of an external program a test needs: skipped on a developer machine without it,
+    a failure in CI, where .ci/run installs everything (so nothing is silently not tested)."""
+    path = shutil.which(program)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{program} is not installed; .ci/run should have installed it")
+        pytest.skip(f"{program} is not installed")
+    return path
+
+
+def sockd_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sockd", *args]
+
+
+def run_sockd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run a command of sockd that exits by itself (--check, --schema, a failing start)."""
+    return subprocess.run(sockd_command(*args), capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@dataclass
+class Daemon:
+    """A running `sockd -c FILE`, with its stderr JSON log lines collected as they come."""
+
+    process: subprocess.Popen[str]
+    config_path: Path
+    events: list[dict[str, Any]] = field(default_factory=list)
+    other_lines: list[str] = field(default_factory=list)
+    _changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def start_reading(self) -> None:
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self._changed:
+                try:
+                    self.events.append(json.loads(line))
+                except json.JSONDecodeError:
+                    self.other_lines.append(line)
+                self._changed.notify_all()
+
+    def wait_for(self, event: str, timeout: float = TIMEOUT, after: int = 0, **fields: Any) -> dict[str, Any]:
+        """The first log event named `event` (from index `after` on) whose fields match `fields`."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for entry in self.events[after:]:
+                    if entry.get("event") == event and all(entry.get(k) == v for k, v in fields.items()):
+                        return entry
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.process.poll() is not None and not self._pending()):
+                    raise AssertionError(f"no {event!r} {fields} in the log: {self.events}{self.other_lines}")
+                self._changed.wait(min(remaining, 0.1))
+
+    def _pending(self) -> bool:
+        return self.process.stderr is not None and not self.process.stderr.closed
+
+    def address(self, listener: str) -> str:
+        return str(self.wait_for("listening", listener=listener)["address"])
+
+    def worker_pid(self, listener: str, after: int = 0) -> int:
+        return int(self.wait_for("worker started", listener=listener, after=after)["pid"])
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        return self.process.wait(timeout)
+
+
+@contextlib.contextmanager
+def short_directory() -> Iterator[Path]:
+    """A directory with a short path: a Unix socket path must fit in 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="sk", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    with short_directory() as path:
+        yield path
+
+
+class Launcher:
+    """Starts daemons on configs written into `directory`; `finish` stops the ones still running,
+    which must exit 0, and fails on any traceback a daemon printed."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.started: list[Daemon] = []
+
+    def __call__(self, listeners: list[dict[str, Any]], wait: bool = True, **settings: Any) -> Daemon:
+        """Start `sockd -c` on these listeners and top-level settings; wait until it is ready."""
+        config = {"logging": {"level": "debug", "format": "json"}, **settings, "listeners": listeners}
+        path = self.directory / f"sockd-{len(self.started)}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        process = subprocess.Popen(
+            sockd_command("-c", str(path)), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+        )
+        daemon = Daemon(process, path)
+        daemon.start_reading()
+        self.started.append(daemon)
+        if wait:
+            daemon.wait_for("ready", timeout=30)
+        return daemon
+
+    def finish(self) -> None:
+        for daemon in self.started:
+            if daemon.process.poll() is None:
+                assert daemon.stop() == 0, daemon.other_lines
+            assert not any("Traceback" in line for line in daemon.other_lines), "".join(daemon.other_lines)
+
+
+StartSockd = Launcher
+
+
+@pytest.fixture
+def start_sockd(tmp_path: Path) -> Iterator[Launcher]:
+    """Start the real daemon for one test (see Launcher)."""
+    launcher = Launcher(tmp_path)
+    yield launcher
+    launcher.finish()
+
+
+@pytest.fixture(scope="module")
+def start_module_sockd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+    """Start the real daemon once for a whole test module (see Launcher)."""
+    launcher = Launcher(tmp_path_factory.mktemp("sockd"))
+    yield launcher
+    launcher.finish()
+
+
+def listener(
+    name: str, protocol: str, handler: str, concurrency: str, where: str | Path = "127.0.0.1", **options: Any
+) -> dict[str, Any]:
+    """One listener's config: `where` is a host for tcp/udp (port 0) and a path for unix."""
+    entry: dict[str, Any] = {"name": name, "protocol": protocol, "handler": handler, "concurrency": concurrency}
+    entry.update({"path": str(where)} if protocol == "unix" else {"host": str(where), "port": 0})
+    entry.update(options)
+    return entry
+
+
+def connect(address: str, timeout: float = TIMEOUT) -> socket.socket:
+    """A stream connection to a listener's logged address: host:port, [v6]:port or a path."""
+    if address.startswith("/"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(address)
+        return sock
+    return socket.create_connection(inet(address), timeout=timeout)
+
+
+def inet(address: str) -> tuple[str, int]:
+    host, port = address.rsplit(":", 1)
+    return host.strip("[]"), int(port)
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def request(address: str, payload: bytes) -> bytes:
+    """Send `payload`, half-close, and read everything the server sends until it closes."""
+    with connect(address) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        return read_to_eof(sock)
+
+
+def datagram(address: str, payload: bytes, timeout: float = TIMEOUT) -> bytes:
+    host, port = inet(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(payload, (host, port))
+        reply, sender = sock.recvfrom(65536)
+        assert sender[:2] == (host, port)
+        return reply
+
+
+@contextlib.contextmanager
+def squatting(protocol: str) -> Iterator[str]:
+    """A loopback port held by someone else, as a listener address."""
+    kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        if kind == socket.SOCK_STREAM:
+            sock.listen()
+        yield f"127.0.0.1:{sock.getsockname()[1]}"

@@ -1,0 +1,216 @@
+"""Every model serves every protocol and handler correctly, through the running daemon."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import (
+    Daemon,
+    Launcher,
+    connect,
+    datagram,
+    read_to_eof,
+    request,
+    short_directory,
+)
+from conftest import listener as entry
+
+MODELS = ["iterative", "threaded", "thread_pool", "busy_poll", "selector", "asyncio"]
+STREAMS = ["tcp-echo", "tcp6-echo", "unix-echo"]
+
+
+def listeners_for(model: str, directory: Path) -> list[dict[str, object]]:
+    return [
+        entry("tcp-echo", "tcp", "echo", model),
+        entry("tcp6-echo", "tcp", "echo", model, "::1"),
+        entry("unix-echo", "unix", "echo", model, directory / "e.sock"),
+        entry("tcp-time", "tcp", "timestamp", model),
+        entry("unix-time", "unix", "timestamp", model, directory / "t.sock"),
+        entry("tcp-iso", "tcp", "timestamp", model, timestamp_format="iso8601"),
+        entry("udp-echo", "udp", "echo", model),
+        entry("udp6-echo", "udp", "echo", model, "::1"),
+        entry("udp-time", "udp", "timestamp", model),
+        entry("udp-unix", "udp", "timestamp", model, timestamp_format="unix"),
+    ]
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def served(request: pytest.FixtureRequest, start_module_sockd: Launcher) -> Iterator[Daemon]:
+    """One daemon per model, serving every protocol and handler pair."""
+    with short_directory() as directory:
+        daemon = start_module_sockd(listeners_for(request.param, directory))
+        yield daemon
+        assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("name", STREAMS)
+def test_stream_echo_answers_each_chunk_then_closes_after_the_client(served: Daemon, name: str) -> None:
+    with connect(served.address(name)) as sock:
+        for message in (b"a", b"hello world", bytes(range(256)) * 16):
+            sock.sendall(message)
+            received = b""
+            while len(received) < len(message):
+                received += sock.recv(65536)
+            assert received == message
+        sock.shutdown(socket.SHUT_WR)
+        assert read_to_eof(sock) == b""
+
+
+@pytest.mark.parametrize("name", ["tcp-time", "unix-time"])
+def test_stream_timestamp_replies_once_in_the_seed_format_and_closes(served: Daemon, name: str) -> None:
+    with connect(served.address(name)) as sock:
+        sock.sendall(b"hello world")
+        reply = read_to_eof(sock).decode()
+    stamp = datetime.datetime.strptime(reply, "%Y-%m-%d %H:%M:%S.%f")
+    assert abs(stamp - datetime.datetime.now()) < datetime.timedelta(minutes=1)
+
+
+def test_stream_timestamp_in_iso8601_is_utc_with_offset(served: Daemon) -> None:
+    stamp = datetime.datetime.fromisoformat(request(served.address("tcp-iso"), b"x").decode())
+    assert stamp.utcoffset() == datetime.timedelta(0)
+    assert abs(stamp - datetime.datetime.now(datetime.UTC)) < datetime.timedelta(minutes=1)
+
+
+@pytest.mark.parametrize("name", ["udp-echo", "udp6-echo"])
+@pytest.mark.parametrize("size", [1, 1400, 65507])
+def test_datagram_echo_returns_each_datagram_to_its_sender(served: Daemon, name: str, size: int) -> None:
+    if name == "udp6-echo" and size == 65507:
+        size = 65527  # IPv6 carries 20 bytes more per datagram than IPv4
+    payload = os.urandom(size)
+    assert datagram(served.address(name), payload) == payload
+
+
+def test_datagram_timestamp_formats(served: Daemon) -> None:
+    seed = datagram(served.address("udp-time"), b"hello world").decode()
+    assert datetime.datetime.strptime(seed, "%Y-%m-%d %H:%M:%S.%f")
+    unix = float(datagram(served.address("udp-unix"), b"").decode())
+    assert abs(unix - time.time()) < 60
+
+
+@pytest.mark.parametrize("name", ["tcp-echo", "unix-echo"])
+def test_many_clients_at_once_each_get_their_own_bytes(served: Daemon, name: str) -> None:
+    address, failures = served.address(name), []
+
+    def client(number: int) -> None:
+        try:
+            with connect(address) as sock:
+                for turn in range(10):
+                    message = f"client {number} turn {turn}".encode()
+                    sock.sendall(message)
+                    received = b""
+                    while len(received) < len(message):
+                        received += sock.recv(1024)
+                    assert received == message
+        except (OSError, AssertionError) as exc:
+            failures.append(f"client {number}: {exc!r}")
+
+    clients = [threading.Thread(target=client, args=(n,)) for n in range(20)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join(30)
+    assert failures == []
+    assert not any(thread.is_alive() for thread in clients)
+
+
+@pytest.mark.parametrize("name", STREAMS)
+def test_large_transfer_survives_partial_writes(served: Daemon, name: str) -> None:
+    """4 MiB sent while reading: far more than the socket buffers, so the server's writes are
+    partial and it must keep the bytes in order."""
+    payload = os.urandom(4 << 20)
+    with connect(served.address(name), timeout=30) as sock:
+        sender = threading.Thread(target=lambda: (sock.sendall(payload), sock.shutdown(socket.SHUT_WR)))
+        sender.start()
+        received = read_to_eof(sock)
+        sender.join(30)
+    assert received == payload
+
+
+@pytest.mark.parametrize("name", ["tcp-echo", "unix-echo"])
+def test_a_client_reset_does_not_hurt_the_worker(served: Daemon, name: str) -> None:
+    address = served.address(name)
+    pid = served.worker_pid(name)
+    for _ in range(5):
+        sock = connect(address)
+        sock.sendall(b"x" * 100_000)  # unread echo piles up server-side, then the reset hits it
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    assert request(address, b"still here") == b"still here"
+    assert served.worker_pid(name) == pid
+    assert not [e for e in served.events if e.get("event") == "worker died; restarting"]
+
+
+def _open_fds_and_threads(pid: int) -> tuple[int, int]:
+    threads = next(
+        int(line.split()[1])
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if line.startswith("Threads:")
+    )
+    return len(os.listdir(f"/proc/{pid}/fd")), threads
+
+
+@pytest.mark.parametrize("name", ["tcp-echo", "tcp-time"])
+def test_no_socket_or_thread_outlives_its_connection(served: Daemon, name: str) -> None:
+    address = served.address(name)
+    pid = served.worker_pid(name)
+    request(address, b"warm up")  # lazily created things (e.g. an executor) are not leaks
+    before = _open_fds_and_threads(pid)
+    for _ in range(50):
+        request(address, b"x")
+    deadline = time.monotonic() + 10
+    while _open_fds_and_threads(pid) != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _open_fds_and_threads(pid) == before
+
+
+# The seed's experiment, scaled down: 6 clients at once against a 0.5 s delay. Clients answered
+# together finish together, so the finishing times fall into "waves" 0.5 s apart.
+WAVES = {"iterative": 6, "threaded": 1, "thread_pool": 2, "busy_poll": 1, "selector": 1, "asyncio": 1}
+DELAY, CLIENTS = 0.5, 6
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "udp"])
+@pytest.mark.parametrize("model", MODELS)
+def test_concurrency_experiment_groups_clients_as_the_seed_shows(
+    start_sockd: Launcher, model: str, protocol: str
+) -> None:
+    options = {"threads": 3} if model == "thread_pool" else {}
+    daemon = start_sockd([entry("stamp", protocol, "timestamp", model, delay=DELAY, **options)])
+    address = daemon.address("stamp")
+    connected = threading.Barrier(CLIENTS + 1)
+    finished: list[float] = []
+
+    def client(number: int) -> None:
+        message = f"Hello from client {number}".encode()
+        if protocol == "udp":
+            connected.wait()
+            assert datagram(address, message)
+        else:
+            with connect(address) as sock:
+                connected.wait()
+                sock.sendall(message)
+                assert read_to_eof(sock)
+        finished.append(time.monotonic())
+
+    clients = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
+    for thread in clients:
+        thread.start()
+    connected.wait(timeout=10)
+    start = time.monotonic()
+    for thread in clients:
+        thread.join(CLIENTS * DELAY * 4)
+    assert len(finished) == CLIENTS
+    times = sorted(t - start for t in finished)
+    # A new wave starts where two finishing times are more than half a delay apart.
+    waves = 1 + sum(1 for a, b in zip(times, times[1:]) if b - a > DELAY / 2)
+    print(f"{model} {protocol}: {CLIENTS} clients done in {times[-1]:.2f}s, waves at {[round(t, 2) for t in times]}")
+    assert waves == WAVES[model], times
