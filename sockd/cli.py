@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.schema:
-        print(json.dumps(Config.model_json_schema(), indent=2))
+        schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **Config.model_json_schema()}
+        _print(json.dumps(schema, indent=2))
         return os.EX_OK
     if args.config is None:
         parser.error("the config file is required: sockd -c FILE")
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         return EX_CONFIG
     if args.check:
         count = len(config.listeners)
-        print(f"{args.config}: OK, {count} listener{'s' if count != 1 else ''}")
+        _print(f"{args.config}: OK, {count} listener{'s' if count != 1 else ''}")
         return os.EX_OK
 
     configure(config.logging)
@@ -46,3 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     except BindError as exc:
         print(f"sockd: {exc}", file=sys.stderr)
         return EX_OSERR
+
+
+def _print(text: str) -> None:
+    """Print to stdout; a reader that stops early (`sockd --schema | head`) is not an error."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

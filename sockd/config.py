@@ -18,13 +18,16 @@ SelectorBackend = Literal["auto", "select", "poll", "epoll"]
 EventLoop = Literal["auto", "asyncio", "uvloop"]
 TimestampFormat = Literal["seed", "iso8601", "unix"]
 
-ListenerName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)]
+NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+MODE_PATTERN = r"^0?[0-7]{3}$"
+ListenerName = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
 Port = Annotated[int, Field(ge=0, le=65535)]
-Seconds = Annotated[float, Field(ge=0)]
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # strict: YAML already gives types, so `port: true` or `port: "80"` is a mistake, not a 1 or an 80.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
 class _ListenerBase(_Frozen):
@@ -71,7 +74,14 @@ class UnixListener(_ListenerBase):
     protocol: Literal["unix"]
     # sun_path holds 108 bytes including the terminating NUL.
     path: Annotated[str, Field(min_length=1, max_length=107)]
-    mode: Annotated[str, Field(pattern=r"^0?[0-7]{3}$")] = "0660"
+    mode: Annotated[str, Field(pattern=MODE_PATTERN)] = "0660"
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _quoted(cls, value: object) -> object:
+        if isinstance(value, int):  # YAML 1.1 reads a bare 0660 as the octal number 432
+            raise ValueError(f'must be quoted, as in mode: "0660" (YAML read the bare number as {value})')
+        return value
 
     @property
     def address(self) -> str:
@@ -126,34 +136,54 @@ def parse(text: str, shown: str) -> Config:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError([f"{shown}{line}: invalid YAML: {exc.problem or exc.context}"]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{shown}: invalid YAML: {exc}"]) from None
+        line, message = _yaml_problem(exc, text)
+        raise ConfigError([f"{shown}:{line}: invalid YAML: {_one_line(message)}"]) from None
 
-    problems = [f"{shown}:{line}: {where}: duplicate key" for line, where in _duplicate_keys(root, ())]
+    found: list[tuple[int, str, str]] = [(line, field, "duplicate key") for line, field in _duplicate_keys(root)]
+    config = None
     if not isinstance(data, dict):
-        problems.append(f"{shown}:{_line(root, ())}: the file must be a mapping with a `listeners` list")
-        raise ConfigError(problems)
-    try:
-        config = Config.model_validate(data)
-    except ValidationError as exc:
-        found = [_explain(error) for error in exc.errors(include_url=False)]
-        raise ConfigError(problems + _render(shown, root, found)) from None
-    problems += _render(shown, root, list(_conflicts(config)))
-    if problems:
-        raise ConfigError(problems)
+        found.append((_line(root, ()), "(top level)", "the file must be a mapping with a `listeners` list"))
+    else:
+        try:
+            config = Config.model_validate(data)
+        except ValidationError as exc:
+            found += _locate(root, [_explain(error) for error in exc.errors(include_url=False)])
+        else:
+            found += _locate(root, _conflicts(config))
+    if found or config is None:
+        raise ConfigError(
+            [f"{shown}:{line}: {_one_line(field)}: {_one_line(msg)}" for line, field, msg in sorted(found)]
+        )
     return config
 
 
 Problem = tuple[tuple[str | int, ...], str]
 
 
-def _render(shown: str, root: yaml.Node | None, problems: list[Problem]) -> list[str]:
-    located = sorted((_line(root, loc), _field(root, loc), message) for loc, message in problems)
-    return [f"{shown}:{line}: {field}: {message}" for line, field, message in located]
+def _locate(root: yaml.Node | None, problems: Iterable[Problem]) -> list[tuple[int, str, str]]:
+    return [(_line(root, loc), _field(root, loc), message) for loc, message in problems]
+
+
+def _one_line(text: str) -> str:
+    # A key or value may hold a line break or a control character; the message must stay one line.
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[int, str]:
+    """The line and a one-sentence account of a YAML syntax error."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        message = exc.problem or ""
+        if exc.context:
+            where = exc.context_mark
+            started = f" started at line {where.line + 1}" if where and where.line != (mark and mark.line) else ""
+            message = f"{message} ({exc.context}{started})" if message else exc.context
+        return (mark.line + 1 if mark else 1), message
+    if isinstance(exc, yaml.reader.ReaderError):
+        character = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        return text.count("\n", 0, exc.position) + 1, f"unacceptable character #x{character:04x}: {exc.reason}"
+    return 1, str(exc)
 
 
 def _conflicts(config: Config) -> Iterator[Problem]:
@@ -192,8 +222,20 @@ def _explain(error: ErrorDetails) -> Problem:
             if key in variant.model_fields:
                 return loc, f"only valid with protocol: {protocols}"
         return loc, "unknown key"
+    if kind == "string_pattern_mismatch":
+        return loc, _PATTERN_MEANINGS[error["ctx"]["pattern"]]
+    if kind == "too_short" and loc == ("listeners",):
+        return loc, "needs at least one listener"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return loc, "should be a mapping of keys to values"
     message = error["msg"].removeprefix("Value error, ")
     return loc, message[:1].lower() + message[1:]
+
+
+_PATTERN_MEANINGS = {
+    NAME_PATTERN: "may hold only letters, digits, '_', '.' and '-'",
+    MODE_PATTERN: 'should be octal permission bits, as in "0660"',
+}
 
 
 def _walk(root: yaml.Node | None, loc: tuple[Any, ...]) -> Iterator[tuple[yaml.Node, Any]]:
@@ -241,8 +283,14 @@ def _dotted(parts: Iterable[Any]) -> str:
     return shown or "(top level)"
 
 
-def _duplicate_keys(node: yaml.Node | None, at: tuple[str | int, ...]) -> Iterator[tuple[int, str]]:
+def _duplicate_keys(
+    node: yaml.Node | None, at: tuple[str | int, ...] = (), visited: set[int] | None = None
+) -> Iterator[tuple[int, str]]:
     # PyYAML silently keeps the last of two equal keys; a config that says a thing twice is a mistake.
+    visited = set() if visited is None else visited
+    if id(node) in visited:  # an alias: already checked where its anchor stands (and it may loop)
+        return
+    visited.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: set[object] = set()
         for key, value in node.value:
@@ -250,10 +298,10 @@ def _duplicate_keys(node: yaml.Node | None, at: tuple[str | int, ...]) -> Iterat
             if name in seen:
                 yield key.start_mark.line + 1, _dotted((*at, name))
             seen.add(name)
-            yield from _duplicate_keys(value, (*at, str(name)))
+            yield from _duplicate_keys(value, (*at, str(name)), visited)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            yield from _duplicate_keys(item, (*at, index))
+            yield from _duplicate_keys(item, (*at, index), visited)
 
 
 def _reason(exc: BaseException) -> str:

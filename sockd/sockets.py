@@ -96,7 +96,7 @@ def _clear_stale(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(info.st_mode):
-        raise OSError(f"{path} exists and is not a socket; sockd will not remove it")
+        raise OSError("something that is not a socket is at this path; sockd will not remove it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with probe:
         try:

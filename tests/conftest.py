@@ -13,7 +13,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,7 +126,11 @@ class Launcher:
         path = self.directory / f"sockd-{len(self.started)}.yaml"
         path.write_text(yaml.safe_dump(config))
         process = subprocess.Popen(
-            sockd_command("-c", str(path)), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+            sockd_command("-c", str(path)),
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,  # its own process group, as a terminal would give it
         )
         daemon = Daemon(process, path)
         daemon.start_reading()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import socket
 import struct
@@ -211,6 +212,6 @@ def test_concurrency_experiment_groups_clients_as_the_seed_shows(
     assert len(finished) == CLIENTS
     times = sorted(t - start for t in finished)
     # A new wave starts where two finishing times are more than half a delay apart.
-    waves = 1 + sum(1 for a, b in zip(times, times[1:]) if b - a > DELAY / 2)
+    waves = 1 + sum(1 for a, b in itertools.pairwise(times) if b - a > DELAY / 2)
     print(f"{model} {protocol}: {CLIENTS} clients done in {times[-1]:.2f}s, waves at {[round(t, 2) for t in times]}")
     assert waves == WAVES[model], times

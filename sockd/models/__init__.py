@@ -74,10 +74,12 @@ def factory(name: ModelName) -> ModelFactory:
     return model
 
 
-def shutdown_read(sock: socket.socket) -> None:
+def shutdown_read(fd: int) -> None:
     """End a connection's input, so the model sees EOF once what the client already sent is read.
 
     This is how every model drains: a blocked recv() wakes up, the handler answers what it has,
-    and the connection closes the way it does when the client hangs up first."""
-    with contextlib.suppress(OSError):  # already closed or reset: nothing left to drain
+    and the connection closes the way it does when the client hangs up first. It works on a
+    duplicate of the descriptor because uvloop's transport sockets refuse shutdown()."""
+    # OSError: already closed or reset, so nothing is left to drain.
+    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
         sock.shutdown(socket.SHUT_RD)

@@ -134,7 +134,7 @@ class StreamProtocol(asyncio.Protocol):
     def drain(self) -> None:
         sock = self.transport.get_extra_info("socket")
         if sock is not None:
-            shutdown_read(sock)
+            shutdown_read(sock.fileno())
 
 
 class DatagramProtocol(asyncio.DatagramProtocol):

@@ -54,13 +54,13 @@ class OpenConnections:
 
     def drain(self) -> None:
         for conn in list(self._open):
-            shutdown_read(conn)
+            shutdown_read(conn.fileno())
 
     def serve(self, conn: socket.socket, handler: Handler, delay: float, stop: Stop) -> None:
         """Serve one connection to its end with blocking calls, then close it."""
         self._open.add(conn)
         if stop.is_set:  # accepted just as the stop came: serve what it sent, then close
-            shutdown_read(conn)
+            shutdown_read(conn.fileno())
         session = handler.session()
         try:
             with conn:

@@ -4,6 +4,7 @@ by design. It is the selector model's loop with a selector that reports everythi
 
 from __future__ import annotations
 
+import os
 import selectors
 from collections.abc import Mapping
 from typing import Any
@@ -30,6 +31,9 @@ class BusySelector(selectors.BaseSelector):
         return self._keys.pop(fileobj)
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        # Still never waits, but lets another runnable process have the core between passes, so
+        # a spinning worker does not starve the rest of the machine.
+        os.sched_yield()
         return [(key, key.events) for key in self._keys.values()]
 
     def get_map(self) -> Mapping[Any, selectors.SelectorKey]:

@@ -96,7 +96,7 @@ class EventLoop:
         self.selector.unregister(self.stop)
         self.selector.unregister(self.sock)
         for conn in self.connections:
-            shutdown_read(conn.sock)
+            shutdown_read(conn.sock.fileno())
 
     # -- datagrams
 

@@ -1,0 +1,256 @@
+"""The `sockd` command line: --check, --schema, --version, usage errors, bind failures, signals."""
+
+from __future__ import annotations
+
+import json
+import signal
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import StartSockd, listener, request, run_sockd, squatting
+
+import sockd
+
+EX_USAGE = 2  # argparse
+EX_OSERR = 71
+EX_CONFIG = 78
+
+EXAMPLE = textwrap.dedent(
+    """\
+    metrics:
+      enabled: true
+      host: 127.0.0.1
+      port: 9464
+    logging:
+      level: info
+      format: json
+    shutdown_timeout: 5
+    listeners:
+      - name: web
+        protocol: tcp
+        host: 127.0.0.1
+        port: 8080
+        handler: echo
+        concurrency: thread_pool
+        threads: 8
+      - name: dns
+        protocol: udp
+        host: "::1"
+        port: 5353
+        handler: timestamp
+        timestamp_format: iso8601
+        concurrency: selector
+        selector_backend: epoll
+      - name: clock
+        protocol: tcp
+        host: 127.0.0.1
+        port: 0
+        handler: timestamp
+        concurrency: asyncio
+        event_loop: auto
+      - name: local
+        protocol: unix
+        path: /run/sockd/local.sock
+        mode: "0600"
+        handler: echo
+        concurrency: busy_poll
+        delay: 0.1
+    """
+)
+
+
+def one_listener(name: str, protocol: str, address: str) -> str:
+    host, port = address.rsplit(":", 1)
+    return textwrap.dedent(
+        f"""\
+        listeners:
+          - name: {name}
+            protocol: {protocol}
+            host: {host}
+            port: {port}
+            handler: echo
+            concurrency: threaded
+        """
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# --check
+
+
+def test_check_prints_ok_and_the_listener_count(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(EXAMPLE)
+    result = run_sockd("--check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{path}: OK, 4 listeners\n"
+    assert result.stderr == ""
+
+
+def test_check_names_the_file_as_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "config.yaml").write_text(EXAMPLE)
+    monkeypatch.chdir(tmp_path)
+    result = run_sockd("--check", "--config", "config.yaml")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "config.yaml: OK, 4 listeners\n"
+
+
+def test_check_of_a_bad_file_names_the_file_as_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "config.yaml").write_text(EXAMPLE.replace("port: 8080", "port: 80800"))
+    monkeypatch.chdir(tmp_path)
+    result = run_sockd("--check", "-c", "./config.yaml")
+    assert result.returncode == EX_CONFIG
+    assert result.stdout == ""
+    assert result.stderr == "./config.yaml:13: listeners[0].port: input should be less than or equal to 65535\n"
+
+
+def test_a_bad_config_without_check_is_the_same_error(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(EXAMPLE.replace("handler: echo", "handler: ping", 1))
+    result = run_sockd("-c", str(path))
+    assert result.returncode == EX_CONFIG
+    assert result.stderr == f"{path}:14: listeners[0].handler: input should be 'echo' or 'timestamp'\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# --schema, --version, usage
+
+
+def schema() -> dict[str, object]:
+    result = run_sockd("--schema")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    document = json.loads(result.stdout)
+    assert isinstance(document, dict)
+    return document
+
+
+def test_schema_is_a_json_schema_of_the_config() -> None:
+    document = schema()
+    assert document["type"] == "object"
+    properties = document["properties"]
+    assert isinstance(properties, dict)
+    assert set(properties) == {"metrics", "logging", "shutdown_timeout", "listeners"}
+    assert document["required"] == ["listeners"]
+    assert document["additionalProperties"] is False  # unknown keys are rejected
+    listeners = properties["listeners"]
+    assert listeners["type"] == "array"
+    assert listeners["minItems"] == 1
+    text = json.dumps(document)
+    for word in ("thread_pool", "busy_poll", "epoll", "uvloop", "iso8601", "65535"):
+        assert word in text
+
+
+def test_schema_accepts_the_example_and_rejects_a_bad_port() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    document = schema()
+    jsonschema.validators.validator_for(document).check_schema(document)
+    example = yaml.safe_load(EXAMPLE)
+    jsonschema.validate(example, document)
+    example["listeners"][0]["port"] = 70000
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(example, document)
+
+
+def test_version() -> None:
+    result = run_sockd("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"sockd {sockd.__version__}\n"
+
+
+@pytest.mark.parametrize("args", [(), ("--check",)], ids=["nothing", "check-only"])
+def test_no_config_file_is_a_usage_error(args: tuple[str, ...]) -> None:
+    result = run_sockd(*args)
+    assert result.returncode == EX_USAGE
+    assert result.stdout == ""
+    assert result.stderr.startswith("usage: sockd ")
+    assert result.stderr.splitlines()[-1] == "sockd: error: the config file is required: sockd -c FILE"
+
+
+def test_an_unknown_option_is_a_usage_error() -> None:
+    result = run_sockd("--frobnicate")
+    assert result.returncode == EX_USAGE
+    assert "unrecognized arguments: --frobnicate" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Bind failures: exit 71, one line naming the listener, the address and the reason
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "udp"])
+def test_address_in_use(tmp_path: Path, protocol: str) -> None:
+    path = tmp_path / "config.yaml"
+    with squatting(protocol) as address:
+        path.write_text(one_listener("web", protocol, address))
+        result = run_sockd("-c", str(path))
+    assert result.returncode == EX_OSERR, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"sockd: cannot bind listener 'web' to {protocol} {address}: address already in use"
+    ]
+
+
+def test_address_in_use_after_another_listener_bound(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    with squatting("udp") as address:
+        host, port = address.rsplit(":", 1)
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "listeners": [
+                        listener("first", "tcp", "echo", "asyncio"),
+                        listener("second", "udp", "echo", "selector", host, port=int(port)),
+                    ]
+                }
+            )
+        )
+        result = run_sockd("-c", str(path))
+    assert result.returncode == EX_OSERR, result.stderr
+    assert result.stderr.splitlines() == [
+        f"sockd: cannot bind listener 'second' to udp {address}: address already in use"
+    ]
+
+
+def test_unix_path_that_is_not_a_socket(tmp_path: Path, sockdir: Path) -> None:
+    taken = sockdir / "taken"
+    taken.write_text("a file somebody cares about")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"listeners": [listener("local", "unix", "echo", "threaded", taken)]}))
+    result = run_sockd("-c", str(path))
+    assert result.returncode == EX_OSERR, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"sockd: cannot bind listener 'local' to unix {taken}: ")
+    assert "not a socket" in line
+    assert taken.read_text() == "a file somebody cares about"
+
+
+def test_host_that_cannot_be_resolved(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(one_listener("web", "tcp", "no-such-host.invalid:0"))
+    result = run_sockd("-c", str(path))
+    assert result.returncode == EX_OSERR, result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.splitlines()
+    # The resolver's own words vary ("Name or service not known", "Temporary failure ..."): not pinned.
+    prefix = "sockd: cannot bind listener 'web' to tcp no-such-host.invalid:0: cannot resolve 'no-such-host.invalid': "
+    assert line.startswith(prefix)
+    assert len(line) > len(prefix)
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals
+
+
+def test_sigint_stops_the_daemon_with_exit_0(start_sockd: StartSockd) -> None:
+    daemon = start_sockd([listener("web", "tcp", "echo", "threaded")])
+    assert request(daemon.address("web"), b"hello") == b"hello"
+    assert daemon.stop(signal.SIGINT) == 0
+    assert not any("Traceback" in line for line in daemon.other_lines), daemon.other_lines
+
+
+def test_sigterm_stops_the_daemon_with_exit_0(start_sockd: StartSockd) -> None:
+    daemon = start_sockd([listener("web", "udp", "echo", "selector")])
+    daemon.address("web")
+    assert daemon.stop(signal.SIGTERM) == 0
