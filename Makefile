@@ -10,7 +10,7 @@ run: $(STAMP)
 	$(BIN)/sockd -c config/sockd.yaml
 
 test: $(STAMP) lint
-	$(BIN)/pytest -n 4 --dist loadgroup
+	$(BIN)/pytest -n 4
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
