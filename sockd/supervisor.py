@@ -75,6 +75,7 @@ class Supervisor:
             signal.signal(signum, lambda signum, _: self.signals.append(signum))
         try:
             for slot in self.slots:
+                worker = self._spawn(slot)
                 log.info(
                     "listening",
                     listener=slot.bound.listener.name,
@@ -82,8 +83,8 @@ class Supervisor:
                     address=slot.bound.address,
                     concurrency=slot.bound.listener.concurrency,
                     handler=slot.bound.listener.handler,
+                    pid=worker.process.pid,
                 )
-                self._spawn(slot)
             self._loop(wakeup_read)
         finally:
             for signum in SIGNALS:
@@ -142,7 +143,7 @@ class Supervisor:
 
     # -- workers
 
-    def _spawn(self, slot: Slot) -> None:
+    def _spawn(self, slot: Slot) -> Worker:
         slot.restart_at = None
         ours, theirs = socket.socketpair()
         with theirs:
@@ -160,6 +161,7 @@ class Supervisor:
         slot.worker = worker
         self.selector.register(ours, selectors.EVENT_READ, worker)
         log.info("worker started", listener=slot.bound.listener.name, pid=process.pid)
+        return worker
 
     def _on_message(self, worker: Worker) -> None:
         try:
