@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -95,10 +96,30 @@ class UnixListener(_ListenerBase):
 Listener = Annotated[InetListener | UnixListener, Field(discriminator="protocol")]
 
 
+# From loopback round trips (tens of microseconds) up to the slowest `delay` worth simulating.
+DEFAULT_BUCKETS = [25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3]
+DEFAULT_BUCKETS += [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+
+
 class MetricsConfig(_Frozen):
     enabled: bool = True
     host: Annotated[str, Field(min_length=1)] = "127.0.0.1"
     port: Port = 9464
+    # Upper bounds, in seconds, of sockd_request_duration_seconds's buckets (+Inf is added).
+    buckets: Annotated[list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Field(min_length=1, max_length=64)] = (
+        Field(default_factory=lambda: list(DEFAULT_BUCKETS))
+    )
+
+    @field_validator("buckets")
+    @classmethod
+    def _increasing(cls, buckets: list[float]) -> list[float]:
+        if any(a >= b for a, b in itertools.pairwise(buckets)):
+            raise ValueError("must be in increasing order, each bound once")
+        return buckets
+
+    @property
+    def bounds_ns(self) -> list[int]:
+        return [round(bound * 1e9) for bound in self.buckets]
 
 
 class LoggingConfig(_Frozen):

@@ -14,10 +14,14 @@ from sockd.config import InetListener, Listener, UnixListener
 
 
 class BindError(Exception):
-    """A listener's socket cannot be had; the message is one line naming listener, address, reason."""
+    """A socket cannot be had; the message is one line naming what it is for, the address, the reason."""
 
-    def __init__(self, listener: Listener, reason: str) -> None:
-        super().__init__(f"cannot bind listener {listener.name!r} to {listener.protocol} {listener.address}: {reason}")
+    def __init__(self, what: str, address: str, reason: str) -> None:
+        super().__init__(f"cannot bind {what} to {address}: {reason}")
+
+    @classmethod
+    def of(cls, listener: Listener, exc: OSError) -> BindError:
+        return cls(f"listener {listener.name!r}", f"{listener.protocol} {listener.address}", reason(exc))
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ def bind(listener: Listener) -> Bound:
             return _bind_unix(listener)
         return _bind_inet(listener)
     except OSError as exc:
-        raise BindError(listener, _reason(exc)) from None
+        raise BindError.of(listener, exc) from None
 
 
 def _bind_inet(listener: InetListener) -> Bound:
@@ -120,6 +124,7 @@ def _closed_on_error(sock: socket.socket) -> Iterator[None]:
         raise
 
 
-def _reason(exc: OSError) -> str:
+def reason(exc: OSError) -> str:
+    """An OSError in words that fit after a colon: "address already in use"."""
     text = exc.strerror or str(exc)
     return text[:1].lower() + text[1:]

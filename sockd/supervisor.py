@@ -15,13 +15,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
 import structlog
 
+from sockd import counters, metrics
 from sockd.config import Config
-from sockd.sockets import Bound, bind
+from sockd.sockets import BindError, Bound, bind, reason
 from sockd.worker import WorkerSpec
 
 log = structlog.get_logger()
@@ -37,6 +39,7 @@ class Worker:
     bound: Bound
     process: subprocess.Popen[bytes]
     channel: socket.socket  # the supervisor's end; closing it tells the worker to stop
+    counters: counters.Shared  # what the worker counted, readable even after it died
     started: float = field(default_factory=time.monotonic)
     ready: bool = False
 
@@ -46,15 +49,21 @@ class Slot:
     """One listener's place: its socket, its worker (if running) and its restart schedule."""
 
     bound: Bound
+    retired: counters.Totals  # what its dead workers counted
     worker: Worker | None = None
     backoff: float = 0.0
     restart_at: float | None = None
+    restarts: int = 0
 
 
 class Supervisor:
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.bucket_count = len(config.metrics.buckets) + 1
         self.slots: list[Slot] = []
+        # Held while a dead worker's counts move into its slot's `retired`, so that a scrape
+        # never sees them twice or not at all.
+        self.counting = threading.Lock()
         self.signals: collections.deque[int] = collections.deque()
         self.selector = selectors.DefaultSelector()
         self.stopping_until: float | None = None
@@ -62,9 +71,12 @@ class Supervisor:
 
     def run(self) -> int:
         """Bind everything (raising BindError before anything serves), serve until stopped."""
+        exporter = None
         try:
             for listener in self.config.listeners:
-                self.slots.append(Slot(bind(listener)))
+                self.slots.append(Slot(bind(listener), counters.Totals.zero(self.bucket_count)))
+            if self.config.metrics.enabled:
+                exporter = self._exporter()
         except BaseException:
             self._close_sockets()
             raise
@@ -74,6 +86,9 @@ class Supervisor:
         for signum in SIGNALS:
             signal.signal(signum, lambda signum, _: self.signals.append(signum))
         try:
+            if exporter is not None:
+                exporter.start()
+                log.info("metrics", address=exporter.address, path="/metrics")
             for slot in self.slots:
                 worker = self._spawn(slot)
                 log.info(
@@ -92,6 +107,8 @@ class Supervisor:
             signal.set_wakeup_fd(-1)
             os.close(wakeup_read)
             os.close(wakeup_write)
+            if exporter is not None:
+                exporter.close()
             self._close_sockets()
         log.info("stopped")
         return 0
@@ -112,6 +129,7 @@ class Supervisor:
                 self._kill_all("shutdown_timeout passed")
             for slot in self.slots:
                 if slot.restart_at is not None and now >= slot.restart_at and self.stopping_until is None:
+                    slot.restarts += 1
                     self._spawn(slot)
 
     def _timeout(self) -> float | None:
@@ -146,18 +164,26 @@ class Supervisor:
     def _spawn(self, slot: Slot) -> Worker:
         slot.restart_at = None
         ours, theirs = socket.socketpair()
-        with theirs:
+        counters_fd = counters.create(self.bucket_count)
+        try:
             spec = WorkerSpec(
                 listener=slot.bound.listener,
                 logging=self.config.logging,
                 listen_fd=slot.bound.sock.fileno(),
                 channel_fd=theirs.fileno(),
+                counters_fd=counters_fd,
+                bounds_ns=self.config.metrics.bounds_ns,
+                metrics=self.config.metrics.enabled,
             )
             process = subprocess.Popen(
                 [sys.executable, "-m", "sockd.worker", spec.model_dump_json(exclude_unset=True)],
-                pass_fds=(spec.listen_fd, spec.channel_fd),
+                pass_fds=(spec.listen_fd, spec.channel_fd, counters_fd),
             )
-        worker = Worker(slot.bound, process, ours)
+            shared = counters.Shared(counters_fd, self.bucket_count)
+        finally:
+            theirs.close()
+            os.close(counters_fd)  # the worker has its copy; our mapping outlives the descriptor
+        worker = Worker(slot.bound, process, ours, shared)
         slot.worker = worker
         self.selector.register(ours, selectors.EVENT_READ, worker)
         log.info("worker started", listener=slot.bound.listener.name, pid=process.pid)
@@ -189,7 +215,12 @@ class Supervisor:
             if worker is None or worker.process.poll() is None:
                 continue
             self._retire(worker)
-            slot.worker = None
+            final = worker.counters.read()
+            final.closed = final.connections  # a dead worker holds no connection open
+            with self.counting:
+                slot.retired.add(final)
+                slot.worker = None
+            worker.counters.close()
             code = worker.process.returncode
             name = slot.bound.listener.name
             if self.stopping_until is not None:
@@ -217,6 +248,29 @@ class Supervisor:
         for worker in self._running():
             worker.process.wait()
         self._reap()
+
+    def _exporter(self) -> metrics.Exporter:
+        settings = self.config.metrics
+        try:
+            return metrics.Exporter(settings, self.reports)
+        except OSError as exc:
+            raise BindError("the metrics endpoint", f"{settings.host}:{settings.port}", reason(exc)) from None
+
+    def reports(self) -> list[metrics.ListenerReport]:
+        """Each listener's counts as of now: its dead workers' plus its live worker's."""
+        reports = []
+        with self.counting:
+            for slot in self.slots:
+                totals = counters.Totals.zero(self.bucket_count)
+                totals.add(slot.retired)
+                worker = slot.worker
+                if worker is not None:
+                    totals.add(worker.counters.read())
+                up = worker is not None and worker.ready
+                reports.append(
+                    metrics.ListenerReport(slot.bound.listener, slot.bound.address, totals, slot.restarts, up)
+                )
+        return reports
 
     def _close_sockets(self) -> None:
         for slot in self.slots:

@@ -17,7 +17,7 @@ import threading
 import structlog
 from pydantic import BaseModel, ConfigDict
 
-from sockd import handlers, models
+from sockd import counters, handlers, models
 from sockd.config import Listener, LoggingConfig
 from sockd.logging import configure
 
@@ -31,6 +31,9 @@ class WorkerSpec(BaseModel):
     logging: LoggingConfig
     listen_fd: int
     channel_fd: int
+    counters_fd: int  # the shared memory the worker publishes its counts to
+    bounds_ns: list[int]  # the request duration histogram's bucket bounds
+    metrics: bool  # whether anybody will read the counts (else requests are not timed)
 
 
 def main(argv: list[str]) -> int:
@@ -49,12 +52,19 @@ def main(argv: list[str]) -> int:
     channel = socket.socket(fileno=spec.channel_fd)
     sock = socket.socket(fileno=spec.listen_fd)
     sock.setblocking(False)  # see sockd.models: every model takes the listener as non-blocking
-    model = models.factory(listener.concurrency)(listener, handlers.build(listener))
+    shared = counters.Shared(spec.counters_fd, len(spec.bounds_ns) + 1)
+    stats = counters.Stats(shared, spec.bounds_ns, enabled=spec.metrics)
+    model = models.factory(listener.concurrency)(listener, handlers.build(listener), stats)
     threading.Thread(target=_stop_when_closed, args=(channel, stop), daemon=True).start()
+    served = threading.Event()
+    publisher = threading.Thread(target=stats.publish_until, args=(served,), daemon=True)
+    publisher.start()
 
     channel.sendall(b"ready\n")
     log.debug("serving", concurrency=listener.concurrency, handler=listener.handler)
     model.serve(sock, stop)
+    served.set()
+    publisher.join()  # the last publication counts everything served
     log.debug("drained")
     return 0
 

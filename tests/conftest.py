@@ -122,7 +122,13 @@ class Launcher:
 
     def __call__(self, listeners: list[dict[str, Any]], wait: bool = True, **settings: Any) -> Daemon:
         """Start `sockd -c` on these listeners and top-level settings; wait until it is ready."""
-        config = {"logging": {"level": "debug", "format": "json"}, **settings, "listeners": listeners}
+        # Metrics on a port of the kernel's choosing: daemons of parallel tests never collide.
+        config = {
+            "logging": {"level": "debug", "format": "json"},
+            "metrics": {"port": 0},
+            **settings,
+            "listeners": listeners,
+        }
         path = self.directory / f"sockd-{len(self.started)}.yaml"
         path.write_text(yaml.safe_dump(config))
         process = subprocess.Popen(

@@ -32,7 +32,7 @@ def test_lines_are_json_with_the_listener_and_its_real_address(start_sockd: Laun
 
 def test_a_terminal_gets_the_console_renderer(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"listeners": [entry("echo", "tcp", "echo", "selector")]}))
+    config.write_text(yaml.safe_dump({"metrics": {"port": 0}, "listeners": [entry("echo", "tcp", "echo", "selector")]}))
     controller, terminal = pty.openpty()
     process = subprocess.Popen(sockd_command("-c", str(config)), stderr=terminal, stdout=subprocess.DEVNULL)
     os.close(terminal)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from sockd.config import Listener, ModelName
+from sockd.counters import Stats
 from sockd.handlers import Handler
 
 # Where a datagram came from, as recvfrom() says: (host, port[, ...]) or a Unix path.
@@ -56,7 +57,7 @@ class Model(Protocol):
         """Serve `sock` until `stop` is set, then finish the requests in flight and return."""
 
 
-ModelFactory = Callable[[Listener, Handler], Model]
+ModelFactory = Callable[[Listener, Handler, Stats], Model]
 
 _MODULES: dict[ModelName, str] = {
     "iterative": "sockd.models.iterative",

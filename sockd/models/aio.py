@@ -12,6 +12,7 @@ from typing import cast
 import structlog
 
 from sockd.config import EventLoop, Listener
+from sockd.counters import RESET, SEND, Stats
 from sockd.handlers import Handler
 from sockd.models import Address, Stop, shutdown_read
 
@@ -32,8 +33,9 @@ def loop_factory(choice: EventLoop) -> Callable[[], asyncio.AbstractEventLoop]:
 
 
 class Model:
-    def __init__(self, listener: Listener, handler: Handler) -> None:
+    def __init__(self, listener: Listener, handler: Handler, stats: Stats) -> None:
         self.handler = handler
+        self.stats = stats
         self.delay = listener.delay
         self.new_loop = loop_factory(listener.event_loop)
         self.busy: set[StreamProtocol] = set()  # open connections; plus datagrams waiting on a delay
@@ -41,7 +43,7 @@ class Model:
         self.idle = asyncio.Event()
 
     def serve(self, sock: socket.socket, stop: Stop) -> None:
-        with asyncio.Runner(loop_factory=self.new_loop) as runner:
+        with self.stats.recorder() as self.recorder, asyncio.Runner(loop_factory=self.new_loop) as runner:
             runner.run(self._serve(sock, stop))
 
     async def _serve(self, sock: socket.socket, stop: Stop) -> None:
@@ -78,30 +80,34 @@ class StreamProtocol(asyncio.Protocol):
         self.model = model
         self.session = model.handler.session()
         self.delay = model.delay
+        self.recorder = model.recorder
         self.delayed = 0
         self.tail: bytes | None = None  # what to send at the client's EOF, once delayed replies are out
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
         self.model.busy.add(self)
+        self.recorder.connections += 1
 
     def data_received(self, data: bytes) -> None:
+        started = self.recorder.clock()
         session = self.session
         reply = session.feed(data)
         if session.closing:
             self.transport.pause_reading()
         if self.delay:
             self.delayed += 1
-            asyncio.get_running_loop().call_later(self.delay, self._reply, reply, session.closing)
+            asyncio.get_running_loop().call_later(self.delay, self._reply, reply, session.closing, len(data), started)
         else:
-            self._reply(reply, session.closing)
+            self._reply(reply, session.closing, len(data), started)
 
-    def _reply(self, reply: bytes, closing: bool) -> None:
+    def _reply(self, reply: bytes, closing: bool, received: int, started: int) -> None:
         if self.delay:
             self.delayed -= 1
         transport = self.transport
         if reply:
             transport.write(reply)
+        self.recorder.request(received, len(reply), started)
         if closing:
             transport.close()
         elif self.tail is not None and not self.delayed:
@@ -126,7 +132,9 @@ class StreamProtocol(asyncio.Protocol):
         self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.recorder.closed += 1
         if exc is not None:
+            self.recorder.errors[RESET] += 1
             log.debug("connection lost", error=str(exc))
         self.model.busy.discard(self)
         self.model.done()
@@ -142,24 +150,30 @@ class DatagramProtocol(asyncio.DatagramProtocol):
         self.model = model
         self.handler = model.handler
         self.delay = model.delay
+        self.recorder = model.recorder
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
+        started = self.recorder.clock()
         reply = self.handler.datagram(data)
         if reply is None:
             return
         if self.delay:
             self.model.pending_datagrams += 1
-            asyncio.get_running_loop().call_later(self.delay, self._send_delayed, reply, addr)
+            asyncio.get_running_loop().call_later(self.delay, self._send_delayed, reply, addr, len(data), started)
         else:
             self.transport.sendto(reply, addr)
+            self.recorder.request(len(data), len(reply), started)
 
-    def _send_delayed(self, reply: bytes, addr: Address) -> None:
+    def _send_delayed(self, reply: bytes, addr: Address, received: int, started: int) -> None:
         self.transport.sendto(reply, addr)
+        self.recorder.request(received, len(reply), started)
         self.model.pending_datagrams -= 1
         self.model.done()
 
     def error_received(self, exc: Exception) -> None:
+        # An ICMP error for an earlier reply, or a reply the kernel would not send.
+        self.recorder.errors[SEND] += 1
         log.debug("datagram error", error=str(exc))

@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import structlog
 
+from sockd.counters import RESET, SEND, Recorder
 from sockd.handlers import Handler
 from sockd.models import BUFSIZE, Address, Stop, shutdown_read
 
@@ -56,9 +57,10 @@ class OpenConnections:
         for conn in list(self._open):
             shutdown_read(conn.fileno())
 
-    def serve(self, conn: socket.socket, handler: Handler, delay: float, stop: Stop) -> None:
+    def serve(self, conn: socket.socket, handler: Handler, delay: float, stop: Stop, recorder: Recorder) -> None:
         """Serve one connection to its end with blocking calls, then close it."""
         self._open.add(conn)
+        recorder.connections += 1
         if stop.is_set:  # accepted just as the stop came: serve what it sent, then close
             shutdown_read(conn.fileno())
         session = handler.session()
@@ -69,19 +71,32 @@ class OpenConnections:
                     if not data:
                         conn.sendall(session.eof())
                         return
+                    started = recorder.clock()
                     reply = session.feed(data)
                     if delay:
                         time.sleep(delay)
                     conn.sendall(reply)
+                    recorder.request(len(data), len(reply), started)
                     if session.closing:
                         return
         except OSError as exc:  # reset, broken pipe: the client is gone, and so is its request
+            recorder.errors[RESET] += 1
             log.debug("connection lost", error=str(exc))
         finally:
+            recorder.closed += 1
             self._open.discard(conn)
 
 
-def answer(sock: socket.socket, handler: Handler, delay: float, data: bytes, sender: Address) -> None:
+def answer(
+    sock: socket.socket,
+    handler: Handler,
+    delay: float,
+    data: bytes,
+    sender: Address,
+    *,
+    recorder: Recorder,
+    started: int,
+) -> None:
     reply = handler.datagram(data)
     if reply is None:
         return
@@ -90,7 +105,10 @@ def answer(sock: socket.socket, handler: Handler, delay: float, data: bytes, sen
     try:
         sock.sendto(reply, sender)
     except OSError as exc:  # e.g. the sender's port is gone (ECONNREFUSED from an ICMP error)
+        recorder.errors[SEND] += 1
         log.debug("datagram reply failed", error=str(exc))
+        return
+    recorder.request(len(data), len(reply), started)
 
 
 class Threads:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sockd.config import Listener
+from sockd.counters import Stats
 from sockd.handlers import Handler
 from sockd.models.selector import EventLoop
 
@@ -44,5 +45,5 @@ class BusySelector(selectors.BaseSelector):
 
 
 class Model(EventLoop):
-    def __init__(self, listener: Listener, handler: Handler) -> None:
-        super().__init__(listener, handler, BusySelector)
+    def __init__(self, listener: Listener, handler: Handler, stats: Stats) -> None:
+        super().__init__(listener, handler, stats, BusySelector)

@@ -5,21 +5,24 @@ from __future__ import annotations
 import socket
 
 from sockd.config import Listener
+from sockd.counters import Stats
 from sockd.handlers import Handler
 from sockd.models import Stop
 from sockd.models.blocking import OpenConnections, accepted, answer, received
 
 
 class Model:
-    def __init__(self, listener: Listener, handler: Handler) -> None:
+    def __init__(self, listener: Listener, handler: Handler, stats: Stats) -> None:
         self.handler = handler
         self.delay = listener.delay
+        self.stats = stats
 
     def serve(self, sock: socket.socket, stop: Stop) -> None:
-        if sock.type == socket.SOCK_DGRAM:
-            for data, sender in received(sock, stop):
-                answer(sock, self.handler, self.delay, data, sender)
-            return
-        connections = OpenConnections(stop)
-        for conn in accepted(sock, stop):
-            connections.serve(conn, self.handler, self.delay, stop)
+        with self.stats.recorder() as recorder:
+            if sock.type == socket.SOCK_DGRAM:
+                for data, sender in received(sock, stop):
+                    answer(sock, self.handler, self.delay, data, sender, recorder=recorder, started=recorder.clock())
+                return
+            connections = OpenConnections(stop)
+            for conn in accepted(sock, stop):
+                connections.serve(conn, self.handler, self.delay, stop, recorder)

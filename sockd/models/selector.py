@@ -17,6 +17,7 @@ from collections.abc import Callable
 import structlog
 
 from sockd.config import Listener, SelectorBackend
+from sockd.counters import RESET, SEND, Stats
 from sockd.handlers import Handler, Session
 from sockd.models import BUFSIZE, Address, Stop, shutdown_read
 
@@ -54,8 +55,15 @@ class Connection:
 class EventLoop:
     """Serves one socket from one thread, driven by whatever selector `make_selector` returns."""
 
-    def __init__(self, listener: Listener, handler: Handler, make_selector: Callable[[], selectors.BaseSelector]):
+    def __init__(
+        self,
+        listener: Listener,
+        handler: Handler,
+        stats: Stats,
+        make_selector: Callable[[], selectors.BaseSelector],
+    ) -> None:
         self.handler = handler
+        self.stats = stats
         self.delay = listener.delay
         self.make_selector = make_selector
         self.timers: list[tuple[float, int, Callable[[], None]]] = []
@@ -69,13 +77,14 @@ class EventLoop:
         stream = sock.type == socket.SOCK_STREAM
         self.selector.register(stop, READ, self._on_stop)
         self.selector.register(sock, READ, self._on_accept if stream else self._on_datagram)
-        try:
-            while not (stop.is_set and not self.connections and not self.timers):
-                for key, events in self.selector.select(self._timeout()):
-                    key.data(events)
-                self._run_timers()
-        finally:
-            self.selector.close()
+        with self.stats.recorder() as self.recorder:
+            try:
+                while not (stop.is_set and not self.connections and not self.timers):
+                    for key, events in self.selector.select(self._timeout()):
+                        key.data(events)
+                    self._run_timers()
+            finally:
+                self.selector.close()
 
     # -- the loop's own plumbing
 
@@ -105,19 +114,23 @@ class EventLoop:
             data, sender = self.sock.recvfrom(BUFSIZE)
         except (BlockingIOError, ConnectionRefusedError):
             return  # nothing there yet, or an ICMP error for an earlier reply
+        started = self.recorder.clock()
         reply = self.handler.datagram(data)
         if reply is None:
             return
         if self.delay:
-            self._later(lambda: self._send_datagram(reply, sender))
+            self._later(lambda: self._send_datagram(reply, sender, len(data), started))
         else:
-            self._send_datagram(reply, sender)
+            self._send_datagram(reply, sender, len(data), started)
 
-    def _send_datagram(self, reply: bytes, sender: Address) -> None:
+    def _send_datagram(self, reply: bytes, sender: Address, received: int, started: int) -> None:
         try:
             self.sock.sendto(reply, sender)
         except OSError as exc:  # a full send buffer drops the reply, as the network may
+            self.recorder.errors[SEND] += 1
             log.debug("datagram reply failed", error=str(exc))
+            return
+        self.recorder.request(received, len(reply), started)
 
     # -- streams
 
@@ -127,6 +140,7 @@ class EventLoop:
         except (BlockingIOError, ConnectionAbortedError):
             return
         client.setblocking(False)
+        self.recorder.connections += 1
         conn = Connection(client, self.handler.session(), lambda events: self._on_ready(conn, events))
         self.connections.add(conn)
         self._update(conn)
@@ -143,9 +157,9 @@ class EventLoop:
         except BlockingIOError:
             return
         except OSError as exc:
-            log.debug("connection lost", error=str(exc))
-            self._close(conn)
+            self._lost(conn, exc)
             return
+        started = self.recorder.clock()
         conn.reading = bool(data) and not conn.session.closing
         if data:
             reply, closing = conn.session.feed(data), conn.session.closing
@@ -153,25 +167,31 @@ class EventLoop:
             reply, closing = conn.session.eof(), True
         if self.delay and data:
             conn.delayed += 1
-            self._later(lambda: self._reply(conn, reply, closing, delayed=True))
+            self._later(lambda: self._reply(conn, reply, closing, received=len(data), started=started, delayed=True))
         else:
-            self._reply(conn, reply, closing)
+            self._reply(conn, reply, closing, received=len(data), started=started)
 
-    def _reply(self, conn: Connection, reply: bytes, closing: bool, delayed: bool = False) -> None:
+    def _reply(
+        self, conn: Connection, reply: bytes, closing: bool, *, received: int, started: int, delayed: bool = False
+    ) -> None:
+        """Send `reply` (what the kernel will not take yet waits in `conn.out`); `received` is the
+        size of the request it answers, 0 for what is said at the client's EOF."""
         conn.delayed -= delayed
         if conn.closed:
             return
         conn.closing = conn.closing or closing
+        size = len(reply)
         if reply and not conn.out:
             try:
                 reply = reply[conn.sock.send(reply) :]
             except BlockingIOError:
                 pass
             except OSError as exc:
-                log.debug("connection lost", error=str(exc))
-                self._close(conn)
+                self._lost(conn, exc)
                 return
         conn.out += reply
+        if received:
+            self.recorder.request(received, size, started)
         self._update(conn)
 
     def _flush(self, conn: Connection) -> None:
@@ -180,8 +200,7 @@ class EventLoop:
         except BlockingIOError:
             return
         except OSError as exc:
-            log.debug("connection lost", error=str(exc))
-            self._close(conn)
+            self._lost(conn, exc)
             return
         del conn.out[:sent]
         self._update(conn)
@@ -202,7 +221,14 @@ class EventLoop:
             self.selector.modify(conn.sock, events, conn.on_ready)
         conn.events = events
 
+    def _lost(self, conn: Connection, exc: OSError) -> None:
+        """The client reset the connection or went away mid-request."""
+        self.recorder.errors[RESET] += 1
+        log.debug("connection lost", error=str(exc))
+        self._close(conn)
+
     def _close(self, conn: Connection) -> None:
+        self.recorder.closed += 1
         if conn.events:
             self.selector.unregister(conn.sock)
         conn.events = 0
@@ -212,5 +238,5 @@ class EventLoop:
 
 
 class Model(EventLoop):
-    def __init__(self, listener: Listener, handler: Handler) -> None:
-        super().__init__(listener, handler, BACKENDS[listener.selector_backend])
+    def __init__(self, listener: Listener, handler: Handler, stats: Stats) -> None:
+        super().__init__(listener, handler, stats, BACKENDS[listener.selector_backend])

@@ -6,15 +6,16 @@ from __future__ import annotations
 import socket
 
 from sockd.config import Listener
+from sockd.counters import Stats
 from sockd.handlers import Handler
 from sockd.models import Stop, iterative
 from sockd.models.blocking import Threads
 
 
 class Model:
-    def __init__(self, listener: Listener, handler: Handler) -> None:
+    def __init__(self, listener: Listener, handler: Handler, stats: Stats) -> None:
         self.size = listener.threads
-        self.iterative = iterative.Model(listener, handler)
+        self.iterative = iterative.Model(listener, handler, stats)
 
     def serve(self, sock: socket.socket, stop: Stop) -> None:
         threads = Threads()

@@ -1,0 +1,175 @@
+"""What a worker counts, and how the count reaches the supervisor.
+
+On its hot path a worker only adds to plain Python ints on a `Recorder` (one per thread, so no
+lock and no lost update). A publisher thread copies the totals a few times a second into a shared
+memory file that the supervisor created and keeps, so what was published outlives the worker,
+even one killed with SIGKILL. Each field only ever grows, which makes every reading, even one torn
+by a concurrent write, a valid lower bound; a sequence number lets the supervisor take consistent
+snapshots of a live worker.
+"""
+
+from __future__ import annotations
+
+import array
+import bisect
+import mmap
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+ERROR_KINDS = ("reset", "send")  # sockd_errors_total{kind}: a client gone mid-request; a reply not sent
+RESET, SEND = range(len(ERROR_KINDS))
+PUBLISH_INTERVAL = 0.1  # seconds between publications: the most a SIGKILL can cost the counters
+
+# The fields after the sequence number, in shared-memory order; then one per error kind, then the
+# histogram's buckets (not cumulative; the last is +Inf).
+FIELDS = ("connections", "closed", "requests", "received", "sent", "duration_ns")
+_WORD = 8
+
+
+@dataclass(eq=False, slots=True)
+class Totals:
+    """A worker's counts at one moment (or the sum over a listener's dead workers)."""
+
+    connections: int
+    closed: int
+    requests: int
+    received: int
+    sent: int
+    duration_ns: int
+    errors: list[int]
+    buckets: list[int]
+
+    @classmethod
+    def zero(cls, bucket_count: int) -> Totals:
+        return cls(0, 0, 0, 0, 0, 0, [0] * len(ERROR_KINDS), [0] * bucket_count)
+
+    def add(self, other: Totals) -> None:
+        for name in FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.errors = [a + b for a, b in zip(self.errors, other.errors, strict=True)]
+        self.buckets = [a + b for a, b in zip(self.buckets, other.buckets, strict=True)]
+
+    def words(self) -> list[int]:
+        return [*(getattr(self, name) for name in FIELDS), *self.errors, *self.buckets]
+
+    @classmethod
+    def from_words(cls, words: Sequence[int]) -> Totals:
+        errors_at = len(FIELDS)
+        buckets_at = errors_at + len(ERROR_KINDS)
+        connections, closed, requests, received, sent, duration_ns = words[:errors_at]
+        errors, buckets = list(words[errors_at:buckets_at]), list(words[buckets_at:])
+        return cls(connections, closed, requests, received, sent, duration_ns, errors, buckets)
+
+
+class Recorder(Totals):
+    """One thread's counts. The models add to its attributes directly on their hot paths, and
+    take a request's start time from `clock`."""
+
+    __slots__ = ("bounds_ns",)
+    clock = staticmethod(time.perf_counter_ns)
+
+    def __init__(self, bounds_ns: Sequence[int]) -> None:
+        super().__init__(0, 0, 0, 0, 0, 0, [0] * len(ERROR_KINDS), [0] * (len(bounds_ns) + 1))
+        self.bounds_ns = list(bounds_ns)
+
+    def request(self, received: int, sent: int, started_ns: int) -> None:
+        """One request answered: `started_ns` is the perf_counter_ns() taken when it was read."""
+        elapsed = time.perf_counter_ns() - started_ns
+        self.requests += 1
+        self.received += received
+        self.sent += sent
+        self.duration_ns += elapsed
+        self.buckets[bisect.bisect_left(self.bounds_ns, elapsed)] += 1
+
+
+class NullRecorder(Recorder):
+    """The recorder when metrics are off: no clock read and no sum per request."""
+
+    __slots__ = ()
+    clock = staticmethod(int)  # int() is 0: a start time nobody will read, at the cost of a call
+
+    def request(self, received: int, sent: int, started_ns: int) -> None:
+        pass
+
+
+def words_needed(bucket_count: int) -> int:
+    return 1 + len(FIELDS) + len(ERROR_KINDS) + bucket_count
+
+
+def create(bucket_count: int) -> int:
+    """A new, zeroed shared-memory file for one worker's counters; the caller owns the descriptor."""
+    fd = os.memfd_create("sockd-counters", os.MFD_CLOEXEC)
+    os.ftruncate(fd, words_needed(bucket_count) * _WORD)
+    return fd
+
+
+class Shared:
+    """A view of one worker's shared counters: the worker writes, the supervisor reads."""
+
+    def __init__(self, fd: int, bucket_count: int) -> None:
+        self.bucket_count = bucket_count
+        self._map = mmap.mmap(fd, words_needed(bucket_count) * _WORD)
+        self._words = memoryview(self._map).cast("Q")
+
+    def write(self, totals: Totals) -> None:
+        words = self._words
+        words[0] += 1  # odd: a write is under way
+        words[1:] = array.array("Q", totals.words())
+        words[0] += 1
+
+    def read(self, attempts: int = 1000) -> Totals:
+        """A consistent snapshot if one can be had; else the fields as they are (still lower bounds,
+        which is all a writer that died mid-write leaves)."""
+        words = self._words
+        for _ in range(attempts):
+            before = words[0]
+            snapshot = words[1:].tolist()
+            if before % 2 == 0 and words[0] == before:
+                return Totals.from_words(snapshot)
+        return Totals.from_words(words[1:].tolist())
+
+    def close(self) -> None:
+        self._words.release()
+        self._map.close()
+
+
+class Stats:
+    """A worker's recorders, summed and published to shared memory by a background thread."""
+
+    def __init__(self, shared: Shared, bounds_ns: Sequence[int], enabled: bool = True) -> None:
+        self.shared = shared
+        self.bounds_ns = list(bounds_ns)
+        self.kind = Recorder if enabled else NullRecorder
+        self._finished = Totals.zero(shared.bucket_count)  # recorders whose thread has ended
+        self._live: set[Recorder] = set()
+        self._lock = threading.Lock()  # a recorder moves from live to finished in one step
+
+    @contextmanager
+    def recorder(self) -> Iterator[Recorder]:
+        """A recorder for the calling thread, counted until the thread is done with it and after."""
+        recorder = self.kind(self.bounds_ns)
+        with self._lock:
+            self._live.add(recorder)
+        try:
+            yield recorder
+        finally:
+            with self._lock:
+                self._live.discard(recorder)
+                self._finished.add(recorder)
+
+    def publish(self) -> None:
+        with self._lock:
+            total = Totals.zero(self.shared.bucket_count)
+            total.add(self._finished)
+            for recorder in list(self._live):
+                total.add(recorder)
+        self.shared.write(total)
+
+    def publish_until(self, stop: threading.Event) -> None:
+        while not stop.wait(PUBLISH_INTERVAL):
+            self.publish()
+        self.publish()

@@ -1,0 +1,137 @@
+"""The Prometheus endpoint: /metrics and /healthz, served by the supervisor from its own thread.
+
+The numbers come from the workers' shared counters (see counters.py), read at scrape time
+through prometheus_client's custom-collector API; nothing here is on a request's path.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from sockd import __version__
+from sockd.config import Listener, MetricsConfig
+from sockd.counters import ERROR_KINDS, Totals
+
+
+@dataclass(frozen=True)
+class ListenerReport:
+    """What the supervisor knows of one listener at a scrape."""
+
+    listener: Listener
+    address: str
+    totals: Totals  # everything its workers counted, the dead ones' included
+    restarts: int
+    up: bool
+
+
+Reports = Callable[[], list[ListenerReport]]
+
+
+class SockdCollector(Collector):
+    def __init__(self, reports: Reports, buckets: Iterable[float]) -> None:
+        self.reports = reports
+        self.bounds = [_le(bound) for bound in buckets]
+
+    def collect(self) -> Iterator[Metric]:
+        reports = self.reports()
+        label = ["listener"]
+        connections = CounterMetricFamily("sockd_connections", "Stream connections accepted.", labels=label)
+        active = GaugeMetricFamily("sockd_connections_active", "Stream connections open now.", labels=label)
+        requests = CounterMetricFamily(
+            "sockd_requests", "Requests answered: each chunk on a stream, each datagram.", labels=label
+        )
+        duration = HistogramMetricFamily(
+            "sockd_request_duration_seconds",
+            "From reading a request to writing its reply, any delay included.",
+            labels=label,
+            unit="",
+        )
+        received = CounterMetricFamily("sockd_received_bytes", "Bytes read from clients.", labels=label)
+        sent = CounterMetricFamily("sockd_sent_bytes", "Bytes written to clients.", labels=label)
+        errors = CounterMetricFamily(
+            "sockd_errors", "Connections reset mid-request, replies that could not be sent.", labels=[*label, "kind"]
+        )
+        restarts = CounterMetricFamily(
+            "sockd_worker_restarts", "Workers started again after an unexpected exit.", labels=label
+        )
+        info = GaugeMetricFamily(
+            "sockd_listener_info",
+            "What each listener is (always 1).",
+            labels=[*label, "protocol", "concurrency", "handler", "address"],
+        )
+        for report in reports:
+            name, totals = report.listener.name, report.totals
+            connections.add_metric([name], totals.connections)
+            active.add_metric([name], totals.connections - totals.closed)
+            requests.add_metric([name], totals.requests)
+            received.add_metric([name], totals.received)
+            sent.add_metric([name], totals.sent)
+            for kind, count in zip(ERROR_KINDS, totals.errors, strict=True):
+                errors.add_metric([name, kind], count)
+            restarts.add_metric([name], report.restarts)
+            cumulative, running = [], 0
+            for bound, count in zip([*self.bounds, "+Inf"], totals.buckets, strict=True):
+                running += count
+                cumulative.append((bound, running))
+            duration.add_metric([name], cumulative, totals.duration_ns / 1e9)
+            listener = report.listener
+            info.add_metric([name, listener.protocol, listener.concurrency, listener.handler, report.address], 1)
+        build = GaugeMetricFamily("sockd_build_info", "The running sockd (always 1).", labels=["version"])
+        build.add_metric([__version__], 1)
+        yield from (connections, active, requests, duration, received, sent, errors, restarts, info, build)
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+class Exporter:
+    """Binds the endpoint at construction (so a busy port fails the start) and serves it from a
+    daemon thread once started."""
+
+    def __init__(self, settings: MetricsConfig, reports: Reports) -> None:
+        registry = CollectorRegistry(auto_describe=True)
+        registry.register(SockdCollector(reports, settings.buckets))
+        ProcessCollector(registry=registry)
+        self.reports = reports
+        self._metrics = make_wsgi_app(registry)
+        family = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)[0][0]
+        server: type[_Server] = type("Server", (_Server,), {"address_family": family})
+        self.server = make_server(settings.host, settings.port, self._app, server, _QuietHandler)
+        host, port = self.server.socket.getsockname()[:2]
+        self.address = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+
+    def start(self) -> None:
+        threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/healthz":
+            down = [report.listener.name for report in self.reports() if not report.up]
+            status, body = ("503 Service Unavailable", f"down: {', '.join(down)}\n") if down else ("200 OK", "ok\n")
+            start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+            return [body.encode()]
+        response: Iterable[bytes] = self._metrics(environ, start_response)
+        return response
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not news: one per second would drown the daemon's own log."""
