@@ -1,0 +1,50 @@
+"""Run sockd with one listener on a given port, for the load generators in ../shared/bench.
+
+    compare.py tcp-echo "sockd=.venv/bin/python bench/serve.py {port} --concurrency asyncio"
+
+The benchmark harness names a free port per run; sockd takes its port from the config file, so
+this writes a one-listener config for that port and becomes sockd (exec, same pid: the harness
+measures sockd's own CPU, workers included)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+import yaml
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("port", help="a TCP/UDP port, or a Unix socket path with --protocol unix")
+    parser.add_argument("--protocol", default="tcp", choices=["tcp", "udp", "unix"])
+    parser.add_argument("--handler", default="echo", choices=["echo", "timestamp"])
+    parser.add_argument("--concurrency", default="asyncio")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="another listener key")
+    parser.add_argument("--no-metrics", action="store_true", help="metrics.enabled: false")
+    args = parser.parse_args()
+
+    listener: dict[str, object] = {"name": "bench", "protocol": args.protocol, "handler": args.handler}
+    listener["concurrency"] = args.concurrency
+    if args.protocol == "unix":
+        listener["path"] = args.port
+    else:
+        listener.update(host="127.0.0.1", port=int(args.port))
+    for option in args.option:
+        key, _, value = option.partition("=")
+        listener[key] = yaml.safe_load(value)
+    config = {
+        "logging": {"level": "warning"},
+        "metrics": {"enabled": not args.no_metrics, "port": 0},
+        "listeners": [listener],
+    }
+    path = os.path.join(tempfile.mkdtemp(prefix="sockd-bench-"), "sockd.yaml")
+    with open(path, "w") as file:
+        yaml.safe_dump(config, file)
+    os.execv(sys.executable, [sys.executable, "-m", "sockd", "-c", path])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""The Prometheus endpoint: exact counts through every model, across worker deaths, read by real
+Prometheus tools."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import Daemon, Launcher, connect, datagram, read_to_eof, request, require, run_sockd, squatting
+from conftest import listener as entry
+from prometheus_client.parser import text_string_to_metric_families
+
+MODELS = ["iterative", "threaded", "thread_pool", "busy_poll", "selector", "asyncio"]
+PUBLISHED_WITHIN = 10.0  # seconds to wait for workers' counts to reach the endpoint
+
+
+def scrape(daemon: Daemon, path: str = "/metrics") -> str:
+    address = daemon.wait_for("metrics")["address"]
+    with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as response:
+        return str(response.read().decode())
+
+
+def samples(daemon: Daemon) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of the exposition, keyed by (name, labels)."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(scrape(daemon))
+        for sample in family.samples
+    }
+
+
+def value(found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    return found[(name, frozenset(labels.items()))]
+
+
+def eventually(check: Callable[[], bool], what: str, timeout: float = PUBLISHED_WITHIN) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.05)
+
+
+def exchange(daemon: Daemon, name: str, protocol: str, payload: bytes) -> bytes:
+    """One request on its own connection (stream) or as one datagram."""
+    if protocol == "udp":
+        return datagram(daemon.address(name), payload)
+    with connect(daemon.address(name)) as sock:
+        sock.sendall(payload)
+        reply = sock.recv(65536)
+        sock.shutdown(socket.SHUT_WR)
+        return reply + read_to_eof(sock)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_counts_are_exact_and_survive_a_killed_worker(start_sockd: Launcher, sockdir: Path, model: str) -> None:
+    daemon = start_sockd(
+        [
+            entry("tcp", "tcp", "echo", model),
+            entry("udp", "udp", "echo", model),
+            entry("unix", "unix", "echo", model, sockdir / "m.sock"),
+        ]
+    )
+    sent: dict[str, int] = {}
+    history: list[dict[tuple[str, frozenset[tuple[str, str]]], float]] = []
+
+    def serve(rounds: int) -> None:
+        for name in ("tcp", "udp", "unix"):
+            for number in range(rounds):
+                payload = f"{name} request {number} ".encode() * (number + 1)
+                assert exchange(daemon, name, name, payload) == payload
+                sent[name] = sent.get(name, 0) + len(payload)
+
+    def published(name: str, requests: int) -> bool:
+        history.append(samples(daemon))
+        return value(history[-1], "sockd_requests_total", listener=name) == requests
+
+    serve(7)
+    for name in ("tcp", "udp", "unix"):
+        eventually(lambda name=name: published(name, 7), f"{name}: 7 requests")
+    now = history[-1]
+    for name in ("tcp", "udp", "unix"):
+        assert value(now, "sockd_request_duration_seconds_count", listener=name) == 7
+        assert value(now, "sockd_request_duration_seconds_bucket", listener=name, le="+Inf") == 7
+        assert value(now, "sockd_received_bytes_total", listener=name) == sent[name]
+        assert value(now, "sockd_sent_bytes_total", listener=name) == sent[name]
+    assert value(now, "sockd_connections_total", listener="tcp") == 7
+    assert value(now, "sockd_connections_total", listener="udp") == 0
+
+    # A worker killed outright: what it counted stays; the new worker's counts add on top.
+    mark = len(daemon.events)
+    os.kill(daemon.worker_pid("tcp"), signal.SIGKILL)
+    daemon.wait_for("worker started", listener="tcp", after=mark)
+    serve(5)
+    for name in ("tcp", "udp", "unix"):
+        eventually(lambda name=name: published(name, 12), f"{name}: 12 requests")
+    now = history[-1]
+    for name in ("tcp", "udp", "unix"):
+        assert value(now, "sockd_request_duration_seconds_count", listener=name) == 12
+        assert value(now, "sockd_received_bytes_total", listener=name) == sent[name]
+        assert value(now, "sockd_sent_bytes_total", listener=name) == sent[name]
+        assert value(now, "sockd_connections_active", listener=name) == 0
+    assert value(now, "sockd_connections_total", listener="tcp") == 12
+    assert value(now, "sockd_worker_restarts_total", listener="tcp") == 1
+    assert value(now, "sockd_worker_restarts_total", listener="udp") == 0
+
+    # Monotonic across every scrape taken, the worker's death included.
+    counters = [key for key in now if key[0].endswith(("_total", "_count", "_bucket", "_sum"))]
+    for key in counters:
+        seen = [scraped[key] for scraped in history if key in scraped]
+        assert seen == sorted(seen), key
+
+
+def test_an_open_connection_is_active_until_it_closes_or_its_worker_dies(start_sockd: Launcher) -> None:
+    daemon = start_sockd([entry("echo", "tcp", "echo", "asyncio")])
+
+    def active() -> float:
+        return value(samples(daemon), "sockd_connections_active", listener="echo")
+
+    with connect(daemon.address("echo")) as first, connect(daemon.address("echo")) as second:
+        for sock in (first, second):
+            sock.sendall(b"x")
+            assert sock.recv(1) == b"x"
+        eventually(lambda: active() == 2, "2 active connections")
+        second.close()
+        eventually(lambda: active() == 1, "1 active connection")
+        os.kill(daemon.worker_pid("echo"), signal.SIGKILL)
+        eventually(lambda: active() == 0, "no active connection once the worker died")
+
+
+def test_the_histogram_places_a_delayed_request_in_its_bucket(start_sockd: Launcher) -> None:
+    daemon = start_sockd(
+        [entry("slow", "tcp", "timestamp", "selector", delay=0.3)], metrics={"port": 0, "buckets": [0.1, 0.2, 1, 5]}
+    )
+    assert request(daemon.address("slow"), b"x")
+    eventually(lambda: value(samples(daemon), "sockd_request_duration_seconds_count", listener="slow") == 1, "1")
+    found = samples(daemon)
+    buckets = {
+        le: value(found, "sockd_request_duration_seconds_bucket", listener="slow", le=le)
+        for le in ("0.1", "0.2", "1.0", "5.0", "+Inf")
+    }
+    assert buckets == {"0.1": 0, "0.2": 0, "1.0": 1, "5.0": 1, "+Inf": 1}
+    assert 0.3 <= value(found, "sockd_request_duration_seconds_sum", listener="slow") < 1
+
+
+def test_listener_and_build_info(start_sockd: Launcher) -> None:
+    daemon = start_sockd([entry("echo", "udp", "echo", "thread_pool", threads=2)])
+    found = samples(daemon)
+    info = {"listener": "echo", "protocol": "udp", "concurrency": "thread_pool", "handler": "echo"}
+    assert value(found, "sockd_listener_info", address=daemon.address("echo"), **info) == 1
+    assert [key for key in found if key[0] == "sockd_build_info"]
+    assert [key for key in found if key[0] == "process_resident_memory_bytes"]
+
+
+def test_promtool_finds_nothing_to_criticise(start_sockd: Launcher) -> None:
+    promtool = require("promtool")
+    daemon = start_sockd([entry("echo", "tcp", "echo", "asyncio"), entry("u", "udp", "timestamp", "selector")])
+    request(daemon.address("echo"), b"x")
+    exposition = scrape(daemon)
+    checked = subprocess.run(
+        [promtool, "check", "metrics"], input=exposition, capture_output=True, text=True, check=False
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout + checked.stderr == ""
+
+
+def test_healthz_is_503_while_a_worker_is_down_and_200_again_after(start_sockd: Launcher) -> None:
+    daemon = start_sockd([entry("echo", "tcp", "echo", "iterative"), entry("other", "tcp", "echo", "selector")])
+
+    def health() -> tuple[int, str]:
+        try:
+            return 200, scrape(daemon, "/healthz")
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    assert health() == (200, "ok\n")
+    mark = len(daemon.events)
+    pid = daemon.worker_pid("echo")
+    os.kill(pid, signal.SIGKILL)
+    daemon.wait_for("worker died; restarting", listener="echo", after=mark)
+    states = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (not states or states[-1] != (200, "ok\n")):
+        states.append(health())
+        time.sleep(0.01)
+    assert (503, "down: echo\n") in states, states
+    assert states[-1] == (200, "ok\n")
+
+
+def test_a_busy_metrics_port_is_a_bind_error(tmp_path: Path) -> None:
+    with squatting("tcp") as taken:
+        host, port = taken.rsplit(":", 1)
+        path = tmp_path / "c.yaml"
+        config = {"metrics": {"host": host, "port": int(port)}, "listeners": [entry("echo", "tcp", "echo", "asyncio")]}
+        path.write_text(yaml.safe_dump(config))
+        done = run_sockd("-c", str(path))
+    assert done.returncode == 71
+    assert done.stderr == f"sockd: cannot bind the metrics endpoint to {taken}: address already in use\n"
+
+
+def test_metrics_can_be_turned_off(start_sockd: Launcher) -> None:
+    daemon = start_sockd([entry("echo", "tcp", "echo", "asyncio")], metrics={"enabled": False})
+    assert request(daemon.address("echo"), b"x") == b"x"
+    assert not [e for e in daemon.events if e.get("event") == "metrics"]
+
+
+def test_nothing_accumulates_in_the_supervisor_as_workers_come_and_go(start_sockd: Launcher) -> None:
+    daemon = start_sockd([entry("echo", "tcp", "echo", "selector")])
+    supervisor = daemon.process.pid
+
+    def held() -> tuple[int, int]:
+        maps = Path(f"/proc/{supervisor}/maps").read_text().count("sockd-counters")
+        return len(os.listdir(f"/proc/{supervisor}/fd")), maps
+
+    before = held()
+    pid = daemon.worker_pid("echo")
+    for _ in range(5):
+        mark = len(daemon.events)
+        os.kill(pid, signal.SIGKILL)
+        pid = daemon.worker_pid("echo", after=mark)
+    assert request(daemon.address("echo"), b"x") == b"x"
+    assert held() == before
+
+
+def test_a_real_prometheus_scrapes_sockd(start_sockd: Launcher, tmp_path: Path) -> None:
+    prometheus = require("prometheus")
+    daemon = start_sockd([entry("echo", "tcp", "echo", "asyncio")])
+    for _ in range(3):
+        request(daemon.address("echo"), b"counted")
+    target = daemon.wait_for("metrics")["address"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        web = f"127.0.0.1:{probe.getsockname()[1]}"
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "scrape_configs": [{"job_name": "sockd", "static_configs": [{"targets": [target]}]}],
+            }
+        )
+    )
+    server = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address={web}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def query(expression: str) -> list[Any]:
+        url = f"http://{web}/api/v1/query?" + urllib.parse.urlencode({"query": expression})
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                answer = json.loads(response.read())
+        except OSError:
+            return []  # not up yet
+        return list(answer["data"]["result"])
+
+    try:
+        eventually(lambda: [r["value"][1] for r in query('up{job="sockd"}')] == ["1"], "up == 1", timeout=60)
+        eventually(
+            lambda: [r["value"][1] for r in query('sockd_requests_total{listener="echo"}')] == ["3"],
+            "sockd_requests_total == 3 in Prometheus",
+            timeout=60,
+        )
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
