@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure(config.logging)
     try:
-        return Supervisor(config).run()
+        return Supervisor(config, args.config).run()
     except BindError as exc:
         print(f"sockd: {exc}", file=sys.stderr)
         return EX_OSERR

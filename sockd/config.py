@@ -45,6 +45,7 @@ class _ListenerBase(_Frozen):
     handler: HandlerName
     concurrency: ModelName
     delay: Seconds = 0.0
+    workers: Annotated[int, Field(ge=1, le=256)] = 1  # processes serving the one socket
     threads: Annotated[int, Field(ge=1, le=1024)] = 4
     selector_backend: SelectorBackend = "auto"
     event_loop: EventLoop = "auto"
@@ -131,6 +132,8 @@ class Config(_Frozen):
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
     shutdown_timeout: Seconds = 10.0
+    # A worker whose heartbeat stops (hung, stopped) for this long is killed and replaced.
+    worker_timeout: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 30.0
     listeners: Annotated[list[Listener], Field(min_length=1)]
 
 

@@ -132,6 +132,10 @@ class Shared:
         words[1:] = array.array("Q", totals.words())
         words[0] += 1
 
+    def sequence(self) -> int:
+        """Moves at every publication: the worker's heartbeat."""
+        return int(self._words[0])
+
     def read(self, attempts: int = 1000) -> Totals:
         """A consistent snapshot if one can be had; else the fields as they are (still lower bounds,
         which is all a writer that died mid-write leaves)."""

@@ -34,16 +34,30 @@ class ListenerReport:
     up: bool
 
 
-Reports = Callable[[], list[ListenerReport]]
+@dataclass(frozen=True)
+class Reloads:
+    """How the config reloads went (SIGHUP)."""
+
+    succeeded: int = 0
+    failed: int = 0
+    last_successful: bool = True
+    last_success_time: float = 0.0  # Unix time; the start counts as the first success
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    listeners: list[ListenerReport]
+    reloads: Reloads
 
 
 class SockdCollector(Collector):
-    def __init__(self, reports: Reports, buckets: Iterable[float]) -> None:
-        self.reports = reports
+    def __init__(self, snapshot: Callable[[], Snapshot], buckets: Iterable[float]) -> None:
+        self.snapshot = snapshot
         self.bounds = [_le(bound) for bound in buckets]
 
     def collect(self) -> Iterator[Metric]:
-        reports = self.reports()
+        snapshot = self.snapshot()
+        reports = snapshot.listeners
         label = ["listener"]
         connections = CounterMetricFamily("sockd_connections", "Stream connections accepted.", labels=label)
         active = GaugeMetricFamily("sockd_connections_active", "Stream connections open now.", labels=label)
@@ -89,6 +103,24 @@ class SockdCollector(Collector):
         build = GaugeMetricFamily("sockd_build_info", "The running sockd (always 1).", labels=["version"])
         build.add_metric([__version__], 1)
         yield from (connections, active, requests, duration, received, sent, errors, restarts, info, build)
+        yield from _reload_metrics(snapshot.reloads)
+
+
+def _reload_metrics(reloads: Reloads) -> Iterator[Metric]:
+    total = CounterMetricFamily("sockd_config_reloads", "Config reloads (SIGHUP) by result.", labels=["result"])
+    total.add_metric(["success"], reloads.succeeded)
+    total.add_metric(["failure"], reloads.failed)
+    yield total
+    yield GaugeMetricFamily(
+        "sockd_config_last_reload_successful",
+        "1 if the last reload (or the start) succeeded, 0 if the running config is older than the file.",
+        value=int(reloads.last_successful),
+    )
+    yield GaugeMetricFamily(
+        "sockd_config_last_reload_success_timestamp_seconds",
+        "When the running config was loaded (Unix time).",
+        value=reloads.last_success_time,
+    )
 
 
 def _le(bound: float) -> str:
@@ -99,11 +131,11 @@ class Exporter:
     """Binds the endpoint at construction (so a busy port fails the start) and serves it from a
     daemon thread once started."""
 
-    def __init__(self, settings: MetricsConfig, reports: Reports) -> None:
+    def __init__(self, settings: MetricsConfig, snapshot: Callable[[], Snapshot]) -> None:
         registry = CollectorRegistry(auto_describe=True)
-        registry.register(SockdCollector(reports, settings.buckets))
+        registry.register(SockdCollector(snapshot, settings.buckets))
         ProcessCollector(registry=registry)
-        self.reports = reports
+        self.snapshot = snapshot
         self._metrics = make_wsgi_app(registry)
         family = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)[0][0]
         server: type[_Server] = type("Server", (_Server,), {"address_family": family})
@@ -120,7 +152,7 @@ class Exporter:
 
     def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         if environ.get("PATH_INFO") == "/healthz":
-            down = [report.listener.name for report in self.reports() if not report.up]
+            down = [report.listener.name for report in self.snapshot().listeners if not report.up]
             status, body = ("503 Service Unavailable", f"down: {', '.join(down)}\n") if down else ("200 OK", "ok\n")
             start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
             return [body.encode()]

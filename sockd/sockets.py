@@ -43,6 +43,21 @@ class Bound:
         self.sock.close()
 
 
+def adopt(listener: Listener, sock: socket.socket) -> Bound:
+    """A socket systemd passed in for `listener` (socket activation), once it is checked to be of
+    the kind the listener declares."""
+    kind = socket.SOCK_DGRAM if listener.protocol == "udp" else socket.SOCK_STREAM
+    families = (socket.AF_UNIX,) if listener.protocol == "unix" else (socket.AF_INET, socket.AF_INET6)
+    name = sock.getsockname()
+    address = name if isinstance(name, str) else _inet_address(sock.family, name[0], name[1])
+    if sock.type != kind or sock.family not in families:
+        what = f"{socket.AddressFamily(sock.family).name} {socket.SocketKind(sock.type).name} {address}"
+        raise BindError(
+            f"listener {listener.name!r}", f"the socket systemd passed ({what})", f"not a {listener.protocol} socket"
+        )
+    return Bound(listener, sock, address)
+
+
 def bind(listener: Listener) -> Bound:
     try:
         if isinstance(listener, UnixListener):
@@ -71,7 +86,11 @@ def _bind_inet(listener: InetListener) -> Bound:
         if kind == socket.SOCK_STREAM:
             sock.listen(socket.SOMAXCONN)
         host, port = sock.getsockname()[:2]
-    return Bound(listener, sock, f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}")
+    return Bound(listener, sock, _inet_address(family, host, port))
+
+
+def _inet_address(family: int, host: str, port: int) -> str:
+    return f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
 
 
 def _bind_unix(listener: UnixListener) -> Bound:

@@ -1,9 +1,9 @@
-"""The supervisor: binds every listener, runs a worker process per listener, restarts the ones
-that die, and stops them all gracefully.
+"""The supervisor: binds every listener, runs its worker processes, restarts the ones that die or
+hang, reloads the config on SIGHUP, and stops them all gracefully.
 
 Signal handlers only queue the signal; the main loop takes it off the queue and calls
-`handle_<name>` (gunicorn's arbiter). The supervisor knows listeners and processes, never a
-model or a handler: those live in the worker.
+`handle_<name>` (gunicorn's arbiter). The supervisor knows listeners, sockets and processes, never
+a model or a handler: those live in the worker.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import structlog
 
-from sockd import counters, metrics
-from sockd.config import Config
-from sockd.sockets import BindError, Bound, bind, reason
+from sockd import counters, metrics, systemd
+from sockd.config import Config, ConfigError, Listener, UnixListener, load
+from sockd.sockets import BindError, Bound, adopt, bind, reason
 from sockd.worker import WorkerSpec
 
 log = structlog.get_logger()
@@ -36,47 +37,71 @@ FIRST_BACKOFF, MAX_BACKOFF, STABLE_AFTER = 0.1, 30.0, 60.0
 
 @dataclass(eq=False)
 class Worker:
-    bound: Bound
+    slot: Slot
     process: subprocess.Popen[bytes]
     channel: socket.socket  # the supervisor's end; closing it tells the worker to stop
     counters: counters.Shared  # what the worker counted, readable even after it died
     started: float = field(default_factory=time.monotonic)
     ready: bool = False
+    heartbeat: int = 0  # the counters' sequence number: it moves at every publication
+    beat_at: float = field(default_factory=time.monotonic)
+    drain_until: float | None = None  # set once told to stop: killed if still running then
 
 
-@dataclass
-class Slot:
-    """One listener's place: its socket, its worker (if running) and its restart schedule."""
+@dataclass(eq=False)
+class Place:
+    """One of a listener's `workers` positions, with its own restart schedule."""
 
-    bound: Bound
-    retired: counters.Totals  # what its dead workers counted
     worker: Worker | None = None
     backoff: float = 0.0
     restart_at: float | None = None
+
+
+@dataclass(eq=False)
+class Slot:
+    """One listener: its socket, its current workers, and the older ones still draining."""
+
+    listener: Listener
+    bound: Bound
+    retired: counters.Totals  # what its exited workers counted
+    places: list[Place] = field(default_factory=list)
+    draining: set[Worker] = field(default_factory=set)
     restarts: int = 0
+
+    def workers(self) -> Iterator[Worker]:
+        yield from (place.worker for place in self.places if place.worker is not None)
+        yield from self.draining
 
 
 class Supervisor:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, path: str | os.PathLike[str]) -> None:
         self.config = config
+        self.path = path
         self.bucket_count = len(config.metrics.buckets) + 1
-        self.slots: list[Slot] = []
-        # Held while a dead worker's counts move into its slot's `retired`, so that a scrape
-        # never sees them twice or not at all.
+        self.slots: dict[str, Slot] = {}
+        self.leaving: list[Slot] = []  # removed by a reload; their workers are still draining
+        # Held while counts move between a worker and its slot's `retired`, or slots come and go,
+        # so that a scrape never sees a count twice or not at all.
         self.counting = threading.Lock()
         self.signals: collections.deque[int] = collections.deque()
         self.selector = selectors.DefaultSelector()
-        self.stopping_until: float | None = None
+        self.notifier = systemd.Notifier()
+        self.activated = systemd.listen_fds()
+        self.stopping = False
         self.announced_ready = False
+        self.reloads = metrics.Reloads(last_success_time=time.time())
+        self.next_watchdog = time.monotonic()
 
     def run(self) -> int:
         """Bind everything (raising BindError before anything serves), serve until stopped."""
         exporter = None
         try:
             for listener in self.config.listeners:
-                self.slots.append(Slot(bind(listener), counters.Totals.zero(self.bucket_count)))
+                self._add_slot(listener, self._bind(listener))
             if self.config.metrics.enabled:
                 exporter = self._exporter()
+            for name in self.activated:
+                log.warning("systemd passed a socket that no listener is named after", name=name)
         except BaseException:
             self._close_sockets()
             raise
@@ -89,17 +114,8 @@ class Supervisor:
             if exporter is not None:
                 exporter.start()
                 log.info("metrics", address=exporter.address, path="/metrics")
-            for slot in self.slots:
-                worker = self._spawn(slot)
-                log.info(
-                    "listening",
-                    listener=slot.bound.listener.name,
-                    protocol=slot.bound.listener.protocol,
-                    address=slot.bound.address,
-                    concurrency=slot.bound.listener.concurrency,
-                    handler=slot.bound.listener.handler,
-                    pid=worker.process.pid,
-                )
+            for slot in self.slots.values():
+                self._start(slot, "listening")
             self._loop(wakeup_read)
         finally:
             for signum in SIGNALS:
@@ -113,8 +129,10 @@ class Supervisor:
         log.info("stopped")
         return 0
 
+    # -- the loop
+
     def _loop(self, wakeup: int) -> None:
-        while not (self.stopping_until is not None and not self._running()):
+        while not (self.stopping and not any(self._workers())):
             for key, _ in self.selector.select(self._timeout()):
                 if key.data is None:
                     _drain_pipe(wakeup)
@@ -125,49 +143,186 @@ class Supervisor:
                 getattr(self, f"handle_{name}")()
             self._reap()
             now = time.monotonic()
-            if self.stopping_until is not None and now >= self.stopping_until:
-                self._kill_all("shutdown_timeout passed")
-            for slot in self.slots:
-                if slot.restart_at is not None and now >= slot.restart_at and self.stopping_until is None:
-                    slot.restarts += 1
-                    self._spawn(slot)
+            self._check_heartbeats(now)
+            for worker in list(self._workers()):
+                if worker.drain_until is not None and now >= worker.drain_until:
+                    self._kill(worker, "shutdown_timeout passed")
+            for slot in self.slots.values():
+                for place in slot.places:
+                    if place.restart_at is not None and now >= place.restart_at and not self.stopping:
+                        slot.restarts += 1
+                        self._spawn(slot, place)
+            if self.notifier.watchdog_interval and now >= self.next_watchdog:
+                # Only a turning loop pings: a supervisor stuck anywhere gets restarted by systemd.
+                self.notifier.watchdog()
+                self.next_watchdog = now + self.notifier.watchdog_interval
 
-    def _timeout(self) -> float | None:
-        due = [slot.restart_at for slot in self.slots if slot.restart_at is not None]
-        if self.stopping_until is not None:
-            due.append(self.stopping_until)
-        return max(0.0, min(due) - time.monotonic()) if due else None
+    def _timeout(self) -> float:
+        due = [place.restart_at for slot in self.slots.values() for place in slot.places if place.restart_at]
+        due += [worker.drain_until for worker in self._workers() if worker.drain_until is not None]
+        if self.notifier.watchdog_interval:
+            due.append(self.next_watchdog)
+        # Heartbeats are checked at least this often.
+        due.append(time.monotonic() + min(1.0, self.config.worker_timeout / 4))
+        return max(0.0, min(due) - time.monotonic())
+
+    def _workers(self) -> Iterator[Worker]:
+        for slot in [*self.slots.values(), *self.leaving]:
+            yield from slot.workers()
 
     # -- signals
 
     def handle_term(self) -> None:
-        if self.stopping_until is not None:
-            self._kill_all("second stop signal")
+        if self.stopping:
+            for worker in list(self._workers()):
+                self._kill(worker, "second stop signal")
             return
         log.info("stopping", shutdown_timeout=self.config.shutdown_timeout)
-        self.stopping_until = time.monotonic() + self.config.shutdown_timeout
-        for slot in self.slots:
-            slot.restart_at = None
-            if slot.worker is not None:
-                self._retire(slot.worker)
+        self.notifier.stopping("stopping: draining in-flight requests")
+        self.stopping = True
+        for slot in self.slots.values():
+            for place in slot.places:
+                place.restart_at = None
+        for worker in list(self._workers()):
+            self._retire(worker)
 
     handle_int = handle_term
-
-    def handle_hup(self) -> None:
-        log.warning("SIGHUP received: reloading the config is not supported yet; still serving")
 
     def handle_chld(self) -> None:
         pass  # every turn of the loop reaps; the signal only wakes it up
 
+    def handle_hup(self) -> None:
+        if self.stopping:
+            return
+        self.notifier.reloading()
+        log.info("reloading", path=str(self.path))
+        try:
+            new = load(self.path)
+        except ConfigError as exc:
+            self._reloaded(False, f"reload failed, still serving the previous config: {exc.problems[0]}")
+            for problem in exc.problems:
+                log.error("config error", problem=problem)
+            return
+        if new.metrics != self.config.metrics:
+            # The endpoint's socket and the histogram's buckets are fixed for the process's life.
+            log.warning("metrics settings change at the next restart, not on reload")
+            new = new.model_copy(update={"metrics": self.config.metrics})
+        old, self.config = self.config, new  # the new workers start with the new settings
+        try:
+            plan = self._apply(new)
+        except BindError as exc:
+            self.config = old
+            self._reloaded(False, f"reload failed, still serving the previous config: {exc}")
+            log.error("reload rolled back", error=str(exc))
+            return
+        summary = ", ".join(f"{kind} {len(names)}" for kind, names in plan.items())
+        self._reloaded(True, f"reloaded: {summary}")
+        log.info("reloaded", **plan)
+
+    def _reloaded(self, success: bool, status: str) -> None:
+        last = self.reloads
+        self.reloads = metrics.Reloads(
+            succeeded=last.succeeded + success,
+            failed=last.failed + (not success),
+            last_successful=success,
+            last_success_time=time.time() if success else last.last_success_time,
+        )
+        self.notifier.status(status)
+        self.notifier.ready(status)
+
+    # -- reload
+
+    def _apply(self, new: Config) -> dict[str, list[str]]:
+        """Move to `new`'s listeners: every new socket is bound before anything changes, so a
+        bind failure leaves the running config untouched (BindError)."""
+        wanted = {listener.name: listener for listener in new.listeners}
+        fresh: dict[str, Bound] = {}
+        try:
+            for name, listener in wanted.items():
+                old = self.slots.get(name)
+                if old is None or _endpoint(old.listener) != _endpoint(listener):
+                    fresh[name] = self._bind(listener)
+        except BaseException:
+            for bound in fresh.values():
+                bound.close()
+            raise
+        plan: dict[str, list[str]] = {"kept": [], "restarted": [], "rebound": [], "added": [], "removed": []}
+        for name in [name for name in self.slots if name not in wanted]:
+            self._remove(self.slots[name])
+            plan["removed"].append(name)
+        for name, listener in wanted.items():
+            plan[self._renew(listener, fresh.get(name))].append(name)
+        # Keep the config file's order, for the log and the metrics.
+        with self.counting:
+            self.slots = {name: self.slots[name] for name in wanted}
+        return {kind: names for kind, names in plan.items() if names}
+
+    def _remove(self, slot: Slot) -> None:
+        """Stop accepting, let the workers drain, close the socket (and remove its file)."""
+        with self.counting:
+            del self.slots[slot.listener.name]
+            self.leaving.append(slot)
+        for worker in list(slot.workers()):
+            self._retire(worker)
+        slot.bound.close()
+
+    def _renew(self, listener: Listener, fresh: Bound | None) -> str:
+        """Bring one listener to its new config; `fresh` is its new socket if its address changed."""
+        slot = self.slots.get(listener.name)
+        if slot is None:
+            assert fresh is not None
+            self._add_slot(listener, fresh)
+            self._start(self.slots[listener.name], "listening")
+            return "added"
+        if listener == slot.listener:
+            return "kept"  # same workers, same socket, open connections untouched
+        # A new generation of workers; the old one stops accepting and drains.
+        for worker in list(slot.workers()):
+            self._retire(worker)
+        if fresh is not None:
+            slot.bound.close()
+            slot.bound, kind = fresh, "rebound"
+        else:
+            slot.bound, kind = Bound(listener, slot.bound.sock, slot.bound.address, slot.bound.file_id), "restarted"
+            if isinstance(listener, UnixListener):
+                os.chmod(listener.path, listener.mode_bits)
+        slot.listener = listener
+        self._start(slot, "listening")
+        return kind
+
     # -- workers
 
-    def _spawn(self, slot: Slot) -> Worker:
-        slot.restart_at = None
+    def _add_slot(self, listener: Listener, bound: Bound) -> None:
+        with self.counting:
+            self.slots[listener.name] = Slot(listener, bound, counters.Totals.zero(self.bucket_count))
+
+    def _bind(self, listener: Listener) -> Bound:
+        if listener.name in self.activated:
+            return adopt(listener, self.activated.pop(listener.name))
+        return bind(listener)
+
+    def _start(self, slot: Slot, event: str) -> None:
+        slot.places = [Place() for _ in range(slot.listener.workers)]
+        pids = [self._spawn(slot, place).process.pid for place in slot.places]
+        listener = slot.listener
+        log.info(
+            event,
+            listener=listener.name,
+            protocol=listener.protocol,
+            address=slot.bound.address,
+            concurrency=listener.concurrency,
+            handler=listener.handler,
+            pid=pids[0],
+            pids=pids,
+        )
+
+    def _spawn(self, slot: Slot, place: Place) -> Worker:
+        place.restart_at = None
         ours, theirs = socket.socketpair()
         counters_fd = counters.create(self.bucket_count)
         try:
             spec = WorkerSpec(
-                listener=slot.bound.listener,
+                listener=slot.listener,
                 logging=self.config.logging,
                 listen_fd=slot.bound.sock.fileno(),
                 channel_fd=theirs.fileno(),
@@ -183,10 +338,10 @@ class Supervisor:
         finally:
             theirs.close()
             os.close(counters_fd)  # the worker has its copy; our mapping outlives the descriptor
-        worker = Worker(slot.bound, process, ours, shared)
-        slot.worker = worker
+        worker = Worker(slot, process, ours, shared)
+        place.worker = worker
         self.selector.register(ours, selectors.EVENT_READ, worker)
-        log.info("worker started", listener=slot.bound.listener.name, pid=process.pid)
+        log.info("worker started", listener=slot.listener.name, pid=process.pid)
         return worker
 
     def _on_message(self, worker: Worker) -> None:
@@ -195,86 +350,110 @@ class Supervisor:
         except OSError:
             data = b""
         if not data:  # the worker is gone or going: the next reap will tell how it ended
-            self._retire(worker)
+            self._close_channel(worker)
             return
         if b"ready\n" in data and not worker.ready:
             worker.ready = True
-            if not self.announced_ready and all(s.worker and s.worker.ready for s in self.slots):
+            worker.beat_at = time.monotonic()
+            if not self.announced_ready and all(w.ready for s in self.slots.values() for w in s.workers()):
                 self.announced_ready = True
                 log.info("ready", listeners=len(self.slots))
+                self.notifier.ready(f"serving {len(self.slots)} listeners")
 
     def _retire(self, worker: Worker) -> None:
-        """Close our end of the worker's channel: the worker stops accepting, drains and exits."""
+        """Tell a worker to stop: it stops accepting, drains for up to shutdown_timeout and exits."""
+        for place in worker.slot.places:
+            if place.worker is worker:
+                place.worker = None
+                worker.slot.draining.add(worker)
+        if worker.drain_until is None:
+            worker.drain_until = time.monotonic() + self.config.shutdown_timeout
+        self._close_channel(worker)
+
+    def _close_channel(self, worker: Worker) -> None:
         if worker.channel.fileno() >= 0:
             self.selector.unregister(worker.channel)
             worker.channel.close()
 
-    def _reap(self) -> None:
-        for slot in self.slots:
-            worker = slot.worker
-            if worker is None or worker.process.poll() is None:
-                continue
-            self._retire(worker)
-            final = worker.counters.read()
-            final.closed = final.connections  # a dead worker holds no connection open
-            with self.counting:
-                slot.retired.add(final)
-                slot.worker = None
-            worker.counters.close()
-            code = worker.process.returncode
-            name = slot.bound.listener.name
-            if self.stopping_until is not None:
-                log.info("worker exited", listener=name, pid=worker.process.pid, code=code)
-                continue
-            lived = time.monotonic() - worker.started
-            doubled = min(max(slot.backoff * 2, FIRST_BACKOFF), MAX_BACKOFF)
-            slot.backoff = FIRST_BACKOFF if lived >= STABLE_AFTER else doubled
-            slot.restart_at = time.monotonic() + slot.backoff
-            log.warning(
-                "worker died; restarting",
-                listener=name,
-                pid=worker.process.pid,
-                code=code,
-                restart_in=round(slot.backoff, 3),
-            )
-
-    def _running(self) -> list[Worker]:
-        return [slot.worker for slot in self.slots if slot.worker is not None]
-
-    def _kill_all(self, why: str) -> None:
-        for worker in self._running():
-            log.warning("killing worker", listener=worker.bound.listener.name, pid=worker.process.pid, why=why)
+    def _kill(self, worker: Worker, why: str) -> None:
+        if worker.process.poll() is None:
+            log.warning("killing worker", listener=worker.slot.listener.name, pid=worker.process.pid, why=why)
             worker.process.kill()
-        for worker in self._running():
             worker.process.wait()
         self._reap()
+
+    def _check_heartbeats(self, now: float) -> None:
+        timeout = self.config.worker_timeout
+        for worker in list(self._workers()):
+            if not worker.ready:
+                continue  # still starting: its heartbeat begins once it serves
+            beat = worker.counters.sequence()
+            if beat != worker.heartbeat:
+                worker.heartbeat, worker.beat_at = beat, now
+            elif now - worker.beat_at > timeout and worker.process.poll() is None:
+                self._kill(worker, f"no heartbeat for {timeout:g} s")
+
+    def _reap(self) -> None:
+        for slot in [*self.slots.values(), *self.leaving]:
+            for worker in list(slot.workers()):
+                if worker.process.poll() is None:
+                    continue
+                self._close_channel(worker)
+                final = worker.counters.read()
+                final.closed = final.connections  # a dead worker holds no connection open
+                place = next((place for place in slot.places if place.worker is worker), None)
+                with self.counting:
+                    slot.retired.add(final)
+                    slot.draining.discard(worker)
+                    if place is not None:
+                        place.worker = None
+                    if slot in self.leaving and not any(slot.workers()):
+                        self.leaving.remove(slot)
+                worker.counters.close()
+                self._exited(slot, worker, place)
+
+    def _exited(self, slot: Slot, worker: Worker, place: Place | None) -> None:
+        name, pid, code = slot.listener.name, worker.process.pid, worker.process.returncode
+        if place is None or self.stopping:  # told to stop: this is the end it was asked for
+            log.info("worker exited", listener=name, pid=pid, code=code)
+            return
+        lived = time.monotonic() - worker.started
+        doubled = min(max(place.backoff * 2, FIRST_BACKOFF), MAX_BACKOFF)
+        place.backoff = FIRST_BACKOFF if lived >= STABLE_AFTER else doubled
+        place.restart_at = time.monotonic() + place.backoff
+        log.warning("worker died; restarting", listener=name, pid=pid, code=code, restart_in=round(place.backoff, 3))
+
+    # -- metrics
 
     def _exporter(self) -> metrics.Exporter:
         settings = self.config.metrics
         try:
-            return metrics.Exporter(settings, self.reports)
+            return metrics.Exporter(settings, self.snapshot)
         except OSError as exc:
             raise BindError("the metrics endpoint", f"{settings.host}:{settings.port}", reason(exc)) from None
 
-    def reports(self) -> list[metrics.ListenerReport]:
-        """Each listener's counts as of now: its dead workers' plus its live worker's."""
+    def snapshot(self) -> metrics.Snapshot:
+        """Each listener's counts as of now (its exited workers' plus its running ones'), and
+        how the reloads went. Called from the metrics thread."""
         reports = []
         with self.counting:
-            for slot in self.slots:
+            for slot in self.slots.values():
                 totals = counters.Totals.zero(self.bucket_count)
                 totals.add(slot.retired)
-                worker = slot.worker
-                if worker is not None:
+                for worker in slot.workers():
                     totals.add(worker.counters.read())
-                up = worker is not None and worker.ready
-                reports.append(
-                    metrics.ListenerReport(slot.bound.listener, slot.bound.address, totals, slot.restarts, up)
-                )
-        return reports
+                up = bool(slot.places) and all(p.worker is not None and p.worker.ready for p in slot.places)
+                reports.append(metrics.ListenerReport(slot.listener, slot.bound.address, totals, slot.restarts, up))
+        return metrics.Snapshot(reports, self.reloads)
 
     def _close_sockets(self) -> None:
-        for slot in self.slots:
+        for slot in self.slots.values():
             slot.bound.close()
+
+
+def _endpoint(listener: Listener) -> tuple[str, str]:
+    """What a listener's socket is bound to: a change of it needs a new socket."""
+    return listener.protocol, listener.address
 
 
 def _drain_pipe(fd: int) -> None:

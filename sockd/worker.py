@@ -8,6 +8,7 @@ the supervisor died), the worker stops accepting, drains and exits 0.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -60,7 +61,10 @@ def main(argv: list[str]) -> int:
     publisher = threading.Thread(target=stats.publish_until, args=(served,), daemon=True)
     publisher.start()
 
-    channel.sendall(b"ready\n")
+    try:
+        channel.sendall(b"ready\n")
+    except OSError:  # retired (e.g. by a quick second reload) before it began: serve nothing
+        stop.set()
     log.debug("serving", concurrency=listener.concurrency, handler=listener.handler)
     model.serve(sock, stop)
     served.set()
@@ -70,8 +74,10 @@ def main(argv: list[str]) -> int:
 
 
 def _stop_when_closed(channel: socket.socket, stop: models.Stop) -> None:
-    while channel.recv(4096):
-        pass
+    # A reset is a close too: the supervisor closed its end before reading our "ready".
+    with contextlib.suppress(OSError):
+        while channel.recv(4096):
+            pass
     stop.set()
 
 

@@ -7,9 +7,12 @@ import signal
 import socket
 import threading
 import time
+import urllib.request
+from pathlib import Path
 
 import pytest
-from conftest import Launcher, connect, read_to_eof, request
+import yaml
+from conftest import Daemon, Launcher, connect, read_to_eof, request, squatting
 from conftest import listener as entry
 
 MODELS = ["iterative", "threaded", "thread_pool", "busy_poll", "selector", "asyncio"]
@@ -128,13 +131,6 @@ def test_sigint_from_a_terminal_stops_gracefully(start_sockd: Launcher) -> None:
     assert pending.result()
 
 
-def test_sighup_does_not_kill_the_daemon(start_sockd: Launcher) -> None:
-    daemon = start_sockd([entry("echo", "tcp", "echo", "asyncio")])
-    daemon.process.send_signal(signal.SIGHUP)
-    daemon.wait_for("SIGHUP received: reloading the config is not supported yet; still serving")
-    assert request(daemon.address("echo"), b"x") == b"x"
-
-
 def test_port_zero_is_logged_with_the_real_port(start_sockd: Launcher) -> None:
     daemon = start_sockd([entry("echo", "tcp", "echo", "asyncio")])
     host, port = daemon.address("echo").rsplit(":", 1)
@@ -142,3 +138,209 @@ def test_port_zero_is_logged_with_the_real_port(start_sockd: Launcher) -> None:
     assert int(port) > 0
     with socket.create_connection((host, int(port)), timeout=5):
         pass
+
+
+class Load:
+    """Clients hammering listeners from threads, one connection per request, counting failures.
+    Bounded: it stops when told, or after `limit` seconds."""
+
+    def __init__(self, addresses: list[str], limit: float = 120) -> None:
+        self.addresses = addresses
+        self.deadline = time.monotonic() + limit
+        self.done = threading.Event()
+        self.answered = 0
+        self.failures: list[str] = []
+        self.threads = [threading.Thread(target=self._run, args=(a,)) for a in addresses for _ in range(2)]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self, address: str) -> None:
+        number = 0
+        while not self.done.is_set() and time.monotonic() < self.deadline:
+            payload = f"{address} {number}".encode()
+            try:
+                reply = request(address, payload)
+            except OSError as exc:
+                self.failures.append(f"{address}: {exc!r}")
+            else:
+                if reply == payload:
+                    self.answered += 1
+                else:
+                    self.failures.append(f"{address}: sent {payload!r}, got {reply!r}")
+            number += 1
+
+    def stop(self) -> None:
+        self.done.set()
+        for thread in self.threads:
+            thread.join(30)
+
+
+def _write_config(daemon: Daemon, listeners: list[dict[str, object]], **settings: object) -> None:
+    config = {"logging": {"level": "debug", "format": "json"}, "metrics": {"port": 0}, **settings}
+    daemon.config_path.write_text(yaml.safe_dump({**config, "listeners": listeners}))
+
+
+def _reload(daemon: Daemon) -> dict[str, object]:
+    mark = len(daemon.events)
+    daemon.process.send_signal(signal.SIGHUP)
+    return daemon.wait_for("reloaded", after=mark, timeout=30)
+
+
+def _refused(address: str) -> bool:
+    try:
+        with connect(address, timeout=5) as sock:
+            sock.sendall(b"x")
+            return sock.recv(1) == b""
+    except (ConnectionRefusedError, FileNotFoundError, ConnectionResetError):
+        return True
+
+
+def test_twenty_reloads_under_load_lose_no_request_on_the_listeners_that_stay(
+    start_sockd: Launcher, sockdir: Path
+) -> None:
+    stable = [
+        entry("stable-tcp", "tcp", "echo", "asyncio"),
+        entry("stable-unix", "unix", "echo", "selector", sockdir / "s.sock"),
+    ]
+    models = ["threaded", "selector", "asyncio", "thread_pool", "iterative", "busy_poll"]
+
+    def changing(turn: int) -> list[dict[str, object]]:
+        return [
+            # Options change on the same socket: a new generation of workers, the old one drains.
+            entry("changing", "tcp", "echo", models[turn % len(models)]),
+            # The address changes: a new socket is bound first.
+            entry("moving", "unix", "echo", "asyncio", sockdir / f"m{turn % 2}.sock"),
+            # One listener added and one removed at every turn.
+            entry(f"extra-{turn}", "tcp", "echo", "selector"),
+        ]
+
+    daemon = start_sockd([*stable, *changing(0)], shutdown_timeout=5)
+    addresses = [daemon.address("stable-tcp"), daemon.address("stable-unix"), daemon.address("changing")]
+    load = Load(addresses)
+    try:
+        for turn in range(1, 21):
+            mark = len(daemon.events)
+            _write_config(daemon, [*stable, *changing(turn)], shutdown_timeout=5)
+            plan = _reload(daemon)
+            assert plan["kept"] == ["stable-tcp", "stable-unix"], plan
+            assert plan["restarted"] == ["changing"], plan
+            assert plan["rebound"] == ["moving"], plan
+            assert plan["added"] == [f"extra-{turn}"], plan
+            assert plan["removed"] == [f"extra-{turn - 1}"], plan
+            added = daemon.wait_for("listening", listener=f"extra-{turn}", after=mark)["address"]
+            assert request(str(added), b"new") == b"new"
+            assert request(str(sockdir / f"m{turn % 2}.sock"), b"moved") == b"moved"
+            gone = daemon.wait_for("listening", listener=f"extra-{turn - 1}")["address"]
+            assert _refused(str(gone))
+            assert not (sockdir / f"m{(turn + 1) % 2}.sock").exists()
+    finally:
+        load.stop()
+    names = dict(zip(addresses, ["stable-tcp", "stable-unix", "changing"], strict=True))
+    assert load.failures == [], (names, load.failures)
+    assert load.answered > 100
+    assert daemon.address("changing") == addresses[2]  # the same socket all along
+
+
+def test_an_invalid_file_on_sighup_keeps_the_running_config(start_sockd: Launcher) -> None:
+    daemon = start_sockd([entry("echo", "tcp", "echo", "asyncio")])
+    daemon.config_path.write_text("listeners:\n  - name: [broken\n")
+    mark = len(daemon.events)
+    daemon.process.send_signal(signal.SIGHUP)
+    problem = daemon.wait_for("config error", after=mark)["problem"]
+    assert str(problem).startswith(f"{daemon.config_path}:")
+    assert request(daemon.address("echo"), b"still") == b"still"
+    exposition = _scrape(daemon)
+    assert 'sockd_config_reloads_total{result="failure"} 1.0' in exposition
+    assert "sockd_config_last_reload_successful 0.0" in exposition
+
+
+def test_a_bind_failure_during_reload_changes_nothing(start_sockd: Launcher) -> None:
+    daemon = start_sockd([entry("echo", "tcp", "echo", "asyncio"), entry("old", "tcp", "echo", "selector")])
+    workers = {name: daemon.worker_pid(name) for name in ("echo", "old")}
+    with squatting("tcp") as taken:
+        host, port = taken.rsplit(":", 1)
+        _write_config(
+            daemon,
+            [
+                entry("echo", "tcp", "echo", "threaded"),  # would restart
+                entry("new", "tcp", "echo", "asyncio", host, port=int(port)),  # cannot bind
+            ],
+        )
+        mark = len(daemon.events)
+        daemon.process.send_signal(signal.SIGHUP)
+        error = daemon.wait_for("reload rolled back", after=mark)["error"]
+    assert "'new'" in str(error)
+    assert "address already in use" in str(error)
+    for name in ("echo", "old"):
+        assert request(daemon.address(name), b"same") == b"same"
+        assert daemon.worker_pid(name) == workers[name]
+    assert not [e for e in daemon.events[mark:] if e.get("event") in ("worker started", "listening")]
+    assert 'sockd_config_reloads_total{result="failure"} 1.0' in _scrape(daemon)
+
+
+def test_a_good_reload_is_counted(start_sockd: Launcher) -> None:
+    daemon = start_sockd([entry("echo", "tcp", "echo", "asyncio")])
+    _write_config(daemon, [entry("echo", "tcp", "echo", "asyncio", delay=0.01)])
+    assert _reload(daemon)["restarted"] == ["echo"]
+    exposition = _scrape(daemon)
+    assert 'sockd_config_reloads_total{result="success"} 1.0' in exposition
+    assert "sockd_config_last_reload_successful 1.0" in exposition
+
+
+def test_a_killed_worker_under_load_is_back_without_a_refused_connection(start_sockd: Launcher) -> None:
+    daemon = start_sockd([entry("echo", "tcp", "echo", "asyncio")])
+    load = Load([daemon.address("echo")])
+    pid = daemon.worker_pid("echo")
+    try:
+        for _ in range(3):
+            mark = len(daemon.events)
+            os.kill(pid, signal.SIGKILL)
+            daemon.wait_for("worker died; restarting", listener="echo", after=mark)
+            pid = daemon.worker_pid("echo", after=mark)
+            time.sleep(0.3)
+    finally:
+        load.stop()
+    # A client whose request the killed worker held loses that connection (reset): nothing
+    # can save it. What must not happen is a refused connection: the socket stayed open.
+    assert not [f for f in load.failures if "ConnectionRefused" in f], load.failures
+    assert load.answered > 0
+
+
+def test_a_hung_worker_is_killed_and_replaced_after_worker_timeout(start_sockd: Launcher) -> None:
+    daemon = start_sockd([entry("echo", "tcp", "echo", "selector")], worker_timeout=1.5)
+    hung = daemon.worker_pid("echo")
+    mark = len(daemon.events)
+    os.kill(hung, signal.SIGSTOP)  # alive, but making no progress
+    killed = daemon.wait_for("killing worker", listener="echo", after=mark, timeout=20)
+    assert killed["pid"] == hung
+    assert str(killed["why"]).startswith("no heartbeat")
+    assert daemon.worker_pid("echo", after=mark) != hung
+    assert request(daemon.address("echo"), b"back") == b"back"
+
+
+def test_several_workers_share_one_socket(start_sockd: Launcher) -> None:
+    daemon = start_sockd([entry("echo", "tcp", "echo", "iterative", workers=3, delay=0.3)])
+    pids = daemon.wait_for("listening", listener="echo")["pids"]
+    assert isinstance(pids, list)
+    assert len(set(pids)) == 3
+    # Three iterative workers answer three delayed clients at once.
+    finished: list[float] = []
+
+    def client() -> None:
+        request(daemon.address("echo"), b"x")
+        finished.append(time.monotonic())
+
+    start = time.monotonic()
+    clients = [threading.Thread(target=client) for _ in range(3)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join(30)
+    assert len(finished) == 3
+    assert max(finished) - start < 0.3 * 2.5  # one wave, not three
+
+
+def _scrape(daemon: Daemon) -> str:
+    address = daemon.wait_for("metrics")["address"]
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        return str(response.read().decode())

@@ -79,8 +79,10 @@ def shutdown_read(fd: int) -> None:
     """End a connection's input, so the model sees EOF once what the client already sent is read.
 
     This is how every model drains: a blocked recv() wakes up, the handler answers what it has,
-    and the connection closes the way it does when the client hangs up first. It works on a
-    duplicate of the descriptor because uvloop's transport sockets refuse shutdown()."""
+    and the connection closes the way it does when the client hangs up first. Only a connection
+    that has had at least one answer is ended at once: a client that has just connected is
+    answered first, as its request may still be on its way (ending it then would reset it). It
+    works on a duplicate of the descriptor because uvloop's transport sockets refuse shutdown()."""
     # OSError: already closed or reset, so nothing is left to drain.
     with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
         sock.shutdown(socket.SHUT_RD)

@@ -41,6 +41,7 @@ class Model:
         self.busy: set[StreamProtocol] = set()  # open connections; plus datagrams waiting on a delay
         self.pending_datagrams = 0
         self.idle = asyncio.Event()
+        self.stopping = False
 
     def serve(self, sock: socket.socket, stop: Stop) -> None:
         with self.stats.recorder() as self.recorder, asyncio.Runner(loop_factory=self.new_loop) as runner:
@@ -64,8 +65,10 @@ class Model:
             server = await loop.create_server(lambda: StreamProtocol(self), sock=sock)
         await stopped.wait()
         server.close()
+        self.stopping = True
         for protocol in list(self.busy):
-            protocol.drain()
+            if protocol.answered:  # see shutdown_read: the others end after their first answer
+                protocol.drain()
         while self.busy:
             self.idle.clear()
             await self.idle.wait()
@@ -81,6 +84,7 @@ class StreamProtocol(asyncio.Protocol):
         self.session = model.handler.session()
         self.delay = model.delay
         self.recorder = model.recorder
+        self.answered = False
         self.delayed = 0
         self.tail: bytes | None = None  # what to send at the client's EOF, once delayed replies are out
 
@@ -108,6 +112,10 @@ class StreamProtocol(asyncio.Protocol):
         if reply:
             transport.write(reply)
         self.recorder.request(received, len(reply), started)
+        if not self.answered:
+            self.answered = True
+            if self.model.stopping:  # the drain passed it by while it had no answer yet
+                self.drain()
         if closing:
             transport.close()
         elif self.tail is not None and not self.delayed:

@@ -50,19 +50,16 @@ class OpenConnections:
     """The connections being served, so a stop can end their input and let them drain."""
 
     def __init__(self, stop: Stop) -> None:
-        self._open: set[socket.socket] = set()
+        self._answered: set[socket.socket] = set()  # see shutdown_read: only these end at once
         stop.on_set(self.drain)
 
     def drain(self) -> None:
-        for conn in list(self._open):
+        for conn in list(self._answered):
             shutdown_read(conn.fileno())
 
     def serve(self, conn: socket.socket, handler: Handler, delay: float, stop: Stop, recorder: Recorder) -> None:
         """Serve one connection to its end with blocking calls, then close it."""
-        self._open.add(conn)
         recorder.connections += 1
-        if stop.is_set:  # accepted just as the stop came: serve what it sent, then close
-            shutdown_read(conn.fileno())
         session = handler.session()
         try:
             with conn:
@@ -79,12 +76,16 @@ class OpenConnections:
                     recorder.request(len(data), len(reply), started)
                     if session.closing:
                         return
+                    if conn not in self._answered:
+                        self._answered.add(conn)
+                        if stop.is_set:  # the drain passed it by while it had no answer yet
+                            shutdown_read(conn.fileno())
         except OSError as exc:  # reset, broken pipe: the client is gone, and so is its request
             recorder.errors[RESET] += 1
             log.debug("connection lost", error=str(exc))
         finally:
             recorder.closed += 1
-            self._open.discard(conn)
+            self._answered.discard(conn)
 
 
 def answer(

@@ -38,7 +38,7 @@ READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 
 class Connection:
-    __slots__ = ("closed", "closing", "delayed", "events", "on_ready", "out", "reading", "session", "sock")
+    __slots__ = ("answered", "closed", "closing", "delayed", "events", "on_ready", "out", "reading", "session", "sock")
 
     def __init__(self, sock: socket.socket, session: Session, on_ready: Callable[[int], None]) -> None:
         self.sock = sock
@@ -49,6 +49,7 @@ class Connection:
         self.delayed = 0
         self.events = 0
         self.closed = False
+        self.answered = False  # see shutdown_read: only answered connections end at once on a stop
         self.on_ready = on_ready
 
 
@@ -105,7 +106,8 @@ class EventLoop:
         self.selector.unregister(self.stop)
         self.selector.unregister(self.sock)
         for conn in self.connections:
-            shutdown_read(conn.sock.fileno())
+            if conn.answered:
+                shutdown_read(conn.sock.fileno())
 
     # -- datagrams
 
@@ -192,6 +194,10 @@ class EventLoop:
         conn.out += reply
         if received:
             self.recorder.request(received, size, started)
+            if not conn.answered:
+                conn.answered = True
+                if self.stop.is_set:  # the drain passed it by while it had no answer yet
+                    shutdown_read(conn.sock.fileno())
         self._update(conn)
 
     def _flush(self, conn: Connection) -> None:

@@ -1,0 +1,73 @@
+"""systemd integration with the standard library only: sd_notify and socket activation.
+
+Both protocols are small and stable (sd_notify(3), sd_listen_fds(3)): a datagram of
+newline-separated KEY=VALUE lines to $NOTIFY_SOCKET, and descriptors from 3 on described by
+$LISTEN_PID, $LISTEN_FDS and $LISTEN_FDNAMES.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+
+LISTEN_FDS_START = 3
+
+
+class Notifier:
+    """Tells systemd how the service is doing; does nothing when not run by systemd."""
+
+    def __init__(self) -> None:
+        address = os.environ.get("NOTIFY_SOCKET", "")
+        # An address starting with "@" is in the abstract namespace: a leading NUL byte.
+        self.address = "\0" + address[1:] if address.startswith("@") else address
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) if self.address else None
+        self.watchdog_interval = _watchdog_interval()
+
+    def send(self, *lines: str) -> None:
+        if self.sock is None:
+            return
+        # OSError: systemd gone or not listening; the service itself must not care.
+        with contextlib.suppress(OSError):
+            self.sock.sendto("\n".join(lines).encode(), self.address)
+
+    def ready(self, status: str) -> None:
+        self.send("READY=1", f"STATUS={status}")
+
+    def reloading(self) -> None:
+        self.send("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+
+    def stopping(self, status: str) -> None:
+        self.send("STOPPING=1", f"STATUS={status}")
+
+    def status(self, status: str) -> None:
+        self.send(f"STATUS={status}")
+
+    def watchdog(self) -> None:
+        self.send("WATCHDOG=1")
+
+
+def _watchdog_interval() -> float | None:
+    """Half of $WATCHDOG_USEC, in seconds, when the watchdog is meant for this process."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2 / 1e6
+
+
+def listen_fds() -> dict[str, socket.socket]:
+    """The sockets systemd passed to this process, by name (their LISTEN_FDNAMES entry, else
+    "unknown", as sd_listen_fds_with_names does), and clears the variables so no child sees them."""
+    pid, count = os.environ.pop("LISTEN_PID", ""), os.environ.pop("LISTEN_FDS", "")
+    names = os.environ.pop("LISTEN_FDNAMES", "")
+    if not count or pid != str(os.getpid()):
+        return {}
+    labels = names.split(":") if names else []
+    sockets = {}
+    for index in range(int(count)):
+        fd = LISTEN_FDS_START + index
+        os.set_inheritable(fd, False)
+        sockets[labels[index] if index < len(labels) else "unknown"] = socket.socket(fileno=fd)
+    return sockets

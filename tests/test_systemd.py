@@ -1,0 +1,379 @@
+"""sockd under systemd's protocols, with real peers: sd_notify datagrams received on a real
+$NOTIFY_SOCKET (a path and the abstract namespace), the watchdog, and sockets passed by
+systemd-socket-activate (socket activation: LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import TIMEOUT, Daemon, listener, read_to_eof, request, require, sockd_command
+
+# What systemd hands a service; a test sets the ones it means, none leaks in from the outside.
+SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+# Passed on to sockd through systemd-socket-activate, which otherwise gives its child only
+# TERM, PATH, USER and HOME.
+PASSED_ON = ("PYTHONPATH", "VIRTUAL_ENV", "COVERAGE_PROCESS_START")
+STATES = ("READY", "RELOADING", "STOPPING")  # the messages that move systemd's idea of the service
+WATCHDOG_USEC = 200_000  # 0.2 s: sockd pings every 0.1 s
+
+
+def config_text(listeners: list[dict[str, Any]]) -> str:
+    config = {"logging": {"level": "debug", "format": "json"}, "metrics": {"port": 0}, "listeners": listeners}
+    return yaml.safe_dump(config)
+
+
+class Launch:
+    """conftest.Launcher with a say on the environment and the command (a prefix such as
+    systemd-socket-activate): `finish` stops every daemon still running, which must exit 0."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.started: list[Daemon] = []
+
+    def __call__(
+        self,
+        listeners: list[dict[str, Any]],
+        env: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = (),
+        wait: bool = True,
+    ) -> Daemon:
+        path = self.directory / f"sockd-{len(self.started)}.yaml"
+        path.write_text(config_text(listeners))
+        environment = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
+        environment.update(env or {})
+        process = subprocess.Popen(
+            [*prefix, *sockd_command("-c", str(path))],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env=environment,
+            start_new_session=True,
+        )
+        daemon = Daemon(process, path)
+        daemon.start_reading()
+        self.started.append(daemon)
+        if wait:
+            daemon.wait_for("ready", timeout=30)
+        return daemon
+
+    def finish(self) -> None:
+        for daemon in self.started:
+            if daemon.process.poll() is None:
+                assert daemon.stop() == 0, daemon.other_lines
+            assert not any("Traceback" in line for line in daemon.other_lines), "".join(daemon.other_lines)
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Launch]:
+    launcher = Launch(tmp_path)
+    try:
+        yield launcher
+    finally:
+        launcher.finish()
+
+
+class Notifications:
+    """A bound AF_UNIX datagram socket standing in for systemd's notification socket."""
+
+    def __init__(self, sock: socket.socket, variable: str) -> None:
+        self.sock = sock
+        self.variable = variable  # the value of $NOTIFY_SOCKET that reaches it
+        self.messages: list[dict[str, str]] = []
+
+    def receive(self, timeout: float) -> dict[str, str] | None:
+        """The next message as KEY -> VALUE, or None if none comes within `timeout` seconds."""
+        self.sock.settimeout(max(timeout, 0.001))
+        try:
+            data = self.sock.recv(65536)
+        except TimeoutError:
+            return None
+        message = dict(line.split("=", 1) for line in data.decode().split("\n"))
+        self.messages.append(message)
+        return message
+
+    def expect(self, key: str, value: str = "1", timeout: float = TIMEOUT) -> dict[str, str]:
+        """The next message that sets `key` to `value`, skipping the others (they stay in `messages`)."""
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            message = self.receive(remaining)
+            if message is not None and message.get(key) == value:
+                return message
+        raise AssertionError(f"no {key}={value} within {timeout} s; received {self.messages}")
+
+    def collect(self, seconds: float) -> list[dict[str, str]]:
+        """Every message that arrives in the next `seconds`."""
+        deadline = time.monotonic() + seconds
+        found = []
+        while (remaining := deadline - time.monotonic()) > 0:
+            message = self.receive(remaining)
+            if message is not None:
+                found.append(message)
+        return found
+
+    def states(self) -> list[str]:
+        """READY, RELOADING and STOPPING in the order they came; STATUS-only messages left out."""
+        return [key for message in self.messages for key in STATES if message.get(key) == "1"]
+
+
+@pytest.fixture
+def notify_path() -> Iterator[Notifications]:
+    directory = tempfile.mkdtemp(prefix="sn", dir="/tmp")  # short: a socket path fits in 107 bytes
+    path = os.path.join(directory, "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.bind(path)
+        yield Notifications(sock, path)
+    finally:
+        sock.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def notify_abstract() -> Iterator[Notifications]:
+    name = f"sockd-test-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        yield Notifications(sock, "@" + name)
+
+
+@pytest.fixture(params=["path", "abstract"])
+def notify(request: pytest.FixtureRequest) -> Notifications:
+    fixture: Notifications = request.getfixturevalue(f"notify_{request.param}")
+    return fixture
+
+
+def monotonic_usec() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+def echo(address: str) -> None:
+    payload = f"through {address}".encode()
+    assert request(address, payload) == payload
+
+
+# -- sd_notify
+
+
+def test_ready_reload_and_stop_are_notified_in_order(launch: Launch, notify: Notifications) -> None:
+    daemon = launch([listener("tcp-echo", "tcp", "echo", "asyncio")], env={"NOTIFY_SOCKET": notify.variable})
+    ready = notify.expect("READY")
+    assert ready["STATUS"] == "serving 1 listeners"
+
+    # The reload adds a listener: it must serve once READY=1 says the reload is done.
+    daemon.config_path.write_text(
+        config_text([listener("tcp-echo", "tcp", "echo", "asyncio"), listener("tcp-more", "tcp", "echo", "selector")])
+    )
+    daemon.process.send_signal(signal.SIGHUP)
+    reloading = notify.expect("RELOADING")
+    received_at = monotonic_usec()
+    stamp = int(reloading["MONOTONIC_USEC"])  # an integer, or this raises
+    assert received_at - 60_000_000 <= stamp <= received_at
+    reloaded = notify.expect("READY")
+    assert reloaded["STATUS"].startswith("reloaded: "), reloaded
+    assert "added 1" in reloaded["STATUS"], reloaded
+    echo(daemon.address("tcp-more"))
+    echo(daemon.address("tcp-echo"))
+
+    assert daemon.stop() == 0, daemon.other_lines
+    stopping = notify.expect("STOPPING")
+    assert stopping["STATUS"].startswith("stopping")
+    assert notify.states() == ["READY", "RELOADING", "READY", "STOPPING"], notify.messages
+
+
+def test_an_invalid_file_on_sighup_is_notified_and_the_old_config_keeps_serving(
+    launch: Launch, notify_path: Notifications
+) -> None:
+    notify = notify_path
+    daemon = launch([listener("tcp-echo", "tcp", "echo", "threaded")], env={"NOTIFY_SOCKET": notify.variable})
+    notify.expect("READY")
+
+    daemon.config_path.write_text(config_text([listener("tcp-echo", "tcp", "echo", "threaded", port=70000)]))
+    daemon.process.send_signal(signal.SIGHUP)
+    notify.expect("RELOADING")
+    ready = notify.expect("READY")
+    prefix = "reload failed, still serving the previous config: "
+    assert ready["STATUS"].startswith(prefix), ready
+    assert "port" in ready["STATUS"], ready
+    # The same STATUS was sent on its own before READY=1 (STATUS-only messages sit in between).
+    assert any(set(m) == {"STATUS"} and m["STATUS"].startswith(prefix) for m in notify.messages), notify.messages
+    daemon.wait_for("config error")
+
+    echo(daemon.address("tcp-echo"))
+    assert daemon.stop() == 0, daemon.other_lines
+    notify.expect("STOPPING")
+    assert notify.states() == ["READY", "RELOADING", "READY", "STOPPING"], notify.messages
+
+
+# -- the watchdog
+
+
+# `exec` keeps the shell's pid, so WATCHDOG_PID=$$ names sockd's own supervisor, as systemd would.
+OWN_PID = ("/bin/sh", "-c", 'WATCHDOG_PID=$$ exec "$@"', "sh")
+
+
+@pytest.mark.parametrize(
+    ("env", "prefix"),
+    [
+        pytest.param({"WATCHDOG_USEC": str(WATCHDOG_USEC)}, (), id="WATCHDOG_USEC"),
+        pytest.param({"WATCHDOG_USEC": str(WATCHDOG_USEC)}, OWN_PID, id="WATCHDOG_PID-is-sockd"),
+    ],
+)
+def test_the_watchdog_is_pinged_every_half_period(
+    launch: Launch, notify_path: Notifications, env: dict[str, str], prefix: tuple[str, ...]
+) -> None:
+    launch(
+        [listener("tcp-echo", "tcp", "echo", "asyncio")],
+        env={"NOTIFY_SOCKET": notify_path.variable, **env},
+        prefix=prefix,
+        wait=False,
+    )
+    deadline = time.monotonic() + 3
+    pings = 0
+    while pings < 3 and (remaining := deadline - time.monotonic()) > 0:
+        message = notify_path.receive(remaining)
+        pings += message is not None and message.get("WATCHDOG") == "1"
+    assert pings >= 3, notify_path.messages
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        pytest.param({}, id="no-WATCHDOG_USEC"),
+        # The pytest process: a pid that exists and is not sockd's.
+        pytest.param({"WATCHDOG_USEC": str(WATCHDOG_USEC), "WATCHDOG_PID": str(os.getpid())}, id="WATCHDOG_PID-other"),
+    ],
+)
+def test_no_watchdog_ping_unless_meant_for_sockd(
+    launch: Launch, notify_path: Notifications, env: dict[str, str]
+) -> None:
+    launch([listener("tcp-echo", "tcp", "echo", "asyncio")], env={"NOTIFY_SOCKET": notify_path.variable, **env})
+    notify_path.expect("READY")
+    notify_path.collect(1.0)
+    assert not any("WATCHDOG" in message for message in notify_path.messages), notify_path.messages
+
+
+# -- socket activation
+
+
+def free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
+    """A loopback port nobody uses right now (the kernel's pick for port 0)."""
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def activator(port: int, name: str, *options: str) -> tuple[str, ...]:
+    """The systemd-socket-activate prefix that listens on 127.0.0.1:port for the fd `name`."""
+    program = require("systemd-socket-activate")
+    passed = [arg for variable in PASSED_ON if variable in os.environ for arg in ("-E", variable)]
+    return (program, f"--listen=127.0.0.1:{port}", f"--fdname={name}", *options, *passed)
+
+
+def wait_for_line(lines: list[str] | Path, text: str, process: subprocess.Popen[str]) -> None:
+    """Wait until a line containing `text` is in `lines` (a Daemon's other lines, or a file)."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        current = lines.read_text().splitlines() if isinstance(lines, Path) else list(lines)
+        if any(text in line for line in current):
+            return
+        assert process.poll() is None, f"exited with {process.returncode} before {text!r}: {current}"
+        time.sleep(0.02)
+    raise AssertionError(f"no {text!r} within {TIMEOUT} s")
+
+
+def test_socket_activation_serves_on_the_passed_socket(launch: Launch, notify_path: Notifications) -> None:
+    port = free_port()
+    listeners = [
+        listener("tcp-echo", "tcp", "echo", "asyncio", port=port),
+        listener("tcp-bound", "tcp", "echo", "threaded"),  # not passed: sockd binds it
+    ]
+    prefix = activator(port, "tcp-echo", "-E", f"NOTIFY_SOCKET={notify_path.variable}")
+    daemon = launch(listeners, prefix=prefix, wait=False)
+    # systemd-socket-activate listens, and execs sockd at the first connection.
+    wait_for_line(daemon.other_lines, "Listening on", daemon.process)
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(b"the first connection")
+        sock.shutdown(socket.SHUT_WR)
+        assert read_to_eof(sock) == b"the first connection"
+    daemon.wait_for("ready")
+    assert daemon.address("tcp-echo") == f"127.0.0.1:{port}"
+    assert notify_path.expect("READY")["STATUS"] == "serving 2 listeners"
+    echo(daemon.address("tcp-echo"))
+    echo(daemon.address("tcp-bound"))
+
+
+def test_socket_activation_of_a_udp_listener(launch: Launch) -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    listeners = [listener("udp-echo", "udp", "echo", "selector", port=port)]
+    daemon = launch(listeners, prefix=activator(port, "udp-echo", "--datagram"), wait=False)
+    wait_for_line(daemon.other_lines, "Listening on", daemon.process)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(TIMEOUT)
+        # The datagram that starts sockd waits in the passed socket, and is answered.
+        sock.sendto(b"wake up", ("127.0.0.1", port))
+        reply, sender = sock.recvfrom(65536)
+        assert (reply, sender) == (b"wake up", ("127.0.0.1", port))
+    daemon.wait_for("ready")
+    assert daemon.address("udp-echo") == f"127.0.0.1:{port}"
+
+
+def test_a_passed_socket_of_the_wrong_kind_is_a_bind_error(tmp_path: Path) -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    config = tmp_path / "sockd.yaml"
+    config.write_text(
+        config_text(
+            [
+                listener("tcp-bound", "tcp", "echo", "threaded"),
+                listener("tcp-echo", "tcp", "echo", "asyncio", port=port),
+            ]
+        )
+    )
+    stderr = tmp_path / "stderr"
+    environment = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
+    with stderr.open("w") as output:
+        process = subprocess.Popen(
+            [*activator(port, "tcp-echo", "--datagram"), *sockd_command("-c", str(config))],
+            stderr=output,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env=environment,
+            start_new_session=True,
+        )
+    try:
+        wait_for_line(stderr, "Listening on", process)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(b"wake up", ("127.0.0.1", port))  # systemd-socket-activate execs sockd now
+        code = process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    lines = stderr.read_text().splitlines()
+    execing = [i for i, line in enumerate(lines) if line.startswith("Execing")]
+    assert execing, lines
+    ours = lines[execing[0] + 1 :]  # what sockd printed, after systemd-socket-activate's own lines
+    assert code == 71, lines
+    assert len(ours) == 1, lines
+    assert ours[0].startswith("sockd: cannot bind listener 'tcp-echo'"), ours
+    assert f"AF_INET SOCK_DGRAM 127.0.0.1:{port}" in ours[0], ours  # what was passed
+    assert ours[0].endswith("not a tcp socket"), ours
+
+
+def test_listen_fds_meant_for_another_process_are_left_alone(launch: Launch) -> None:
+    # As sd_listen_fds does: LISTEN_PID is not sockd's pid, so sockd binds its listener itself.
+    env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "tcp-echo"}
+    daemon = launch([listener("tcp-echo", "tcp", "echo", "asyncio")], env=env)
+    echo(daemon.address("tcp-echo"))
