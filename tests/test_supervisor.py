@@ -291,19 +291,40 @@ def test_a_killed_worker_under_load_is_back_without_a_refused_connection(start_s
     daemon = start_sockd([entry("echo", "tcp", "echo", "asyncio")])
     load = Load([daemon.address("echo")])
     pid = daemon.worker_pid("echo")
+    answered = [_requests(daemon)]
     try:
         for _ in range(3):
             mark = len(daemon.events)
             os.kill(pid, signal.SIGKILL)
             daemon.wait_for("worker died; restarting", listener="echo", after=mark)
             pid = daemon.worker_pid("echo", after=mark)
-            time.sleep(0.3)
+            deadline = time.monotonic() + 5  # back well within this, however loaded the machine
+            while _requests(daemon) <= answered[-1] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            answered.append(_requests(daemon))
     finally:
         load.stop()
     # A client whose request the killed worker held loses that connection (reset): nothing
     # can save it. What must not happen is a refused connection: the socket stayed open.
     assert not [f for f in load.failures if "ConnectionRefused" in f], load.failures
-    assert load.answered > 0
+    assert answered == sorted(answered)
+    assert len(set(answered)) == len(answered), "a restarted worker served nothing within 5 s"
+
+
+def test_a_crashing_worker_backs_off_and_leaves_the_others_alone(start_sockd: Launcher) -> None:
+    daemon = start_sockd([entry("crashy", "tcp", "echo", "selector"), entry("calm", "tcp", "echo", "selector")])
+    calm = daemon.worker_pid("calm")
+    pid, delays = daemon.worker_pid("crashy"), []
+    for _ in range(4):
+        mark = len(daemon.events)
+        os.kill(pid, signal.SIGKILL)
+        delays.append(daemon.wait_for("worker died; restarting", listener="crashy", after=mark)["restart_in"])
+        pid = daemon.worker_pid("crashy", after=mark)
+    assert delays == [0.1, 0.2, 0.4, 0.8]
+    assert daemon.worker_pid("calm") == calm
+    assert not [e for e in daemon.events if e.get("event") == "worker started" and e["listener"] == "calm"][1:]
+    assert request(daemon.address("calm"), b"fine") == b"fine"
+    assert 'sockd_worker_restarts_total{listener="crashy"} 4.0' in _scrape(daemon)
 
 
 def test_a_hung_worker_is_killed_and_replaced_after_worker_timeout(start_sockd: Launcher) -> None:
@@ -338,6 +359,11 @@ def test_several_workers_share_one_socket(start_sockd: Launcher) -> None:
         thread.join(30)
     assert len(finished) == 3
     assert max(finished) - start < 0.3 * 2.5  # one wave, not three
+
+
+def _requests(daemon: Daemon) -> float:
+    line = next(line for line in _scrape(daemon).splitlines() if line.startswith("sockd_requests_total{"))
+    return float(line.rsplit(" ", 1)[1])
 
 
 def _scrape(daemon: Daemon) -> str:
