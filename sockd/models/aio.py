@@ -105,7 +105,7 @@ class StreamProtocol(asyncio.Protocol):
         else:
             self._reply(reply, session.closing, len(data), started)
 
-    def _reply(self, reply: bytes, closing: bool, received: int, started: int) -> None:
+    def _reply(self, reply: bytes, closing: bool, received: int, started: float) -> None:
         if self.delay:
             self.delayed -= 1
         transport = self.transport
@@ -175,7 +175,7 @@ class DatagramProtocol(asyncio.DatagramProtocol):
             self.transport.sendto(reply, addr)
             self.recorder.request(len(data), len(reply), started)
 
-    def _send_delayed(self, reply: bytes, addr: Address, received: int, started: int) -> None:
+    def _send_delayed(self, reply: bytes, addr: Address, received: int, started: float) -> None:
         self.transport.sendto(reply, addr)
         self.recorder.request(received, len(reply), started)
         self.model.pending_datagrams -= 1

@@ -96,7 +96,7 @@ def answer(
     sender: Address,
     *,
     recorder: Recorder,
-    started: int,
+    started: float,
 ) -> None:
     reply = handler.datagram(data)
     if reply is None:

@@ -125,7 +125,7 @@ class EventLoop:
         else:
             self._send_datagram(reply, sender, len(data), started)
 
-    def _send_datagram(self, reply: bytes, sender: Address, received: int, started: int) -> None:
+    def _send_datagram(self, reply: bytes, sender: Address, received: int, started: float) -> None:
         try:
             self.sock.sendto(reply, sender)
         except OSError as exc:  # a full send buffer drops the reply, as the network may
@@ -174,7 +174,7 @@ class EventLoop:
             self._reply(conn, reply, closing, received=len(data), started=started)
 
     def _reply(
-        self, conn: Connection, reply: bytes, closing: bool, *, received: int, started: int, delayed: bool = False
+        self, conn: Connection, reply: bytes, closing: bool, *, received: int, started: float, delayed: bool = False
     ) -> None:
         """Send `reply` (what the kernel will not take yet waits in `conn.out`); `received` is the
         size of the request it answers, 0 for what is said at the client's EOF."""

@@ -35,6 +35,6 @@ class Model:
         with self.stats.recorder() as recorder:
             connections.serve(conn, self.handler, self.delay, stop, recorder)
 
-    def _answer(self, sock: socket.socket, data: bytes, sender: Address, started: int) -> None:
+    def _answer(self, sock: socket.socket, data: bytes, sender: Address, started: float) -> None:
         with self.stats.recorder() as recorder:
             answer(sock, self.handler, self.delay, data, sender, recorder=recorder, started=started)
