@@ -112,6 +112,17 @@ def sockdir() -> Iterator[Path]:
         yield path
 
 
+# What systemd hands a service: a test sets the ones it means, and none leaks in from outside.
+SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
+
+def config_text(listeners: list[dict[str, Any]], **settings: Any) -> str:
+    """A config file for tests: debug JSON logs, and metrics on a port of the kernel's choosing
+    so that daemons of parallel tests never collide."""
+    config = {"logging": {"level": "debug", "format": "json"}, "metrics": {"port": 0}, **settings}
+    return yaml.safe_dump({**config, "listeners": listeners})
+
+
 class Launcher:
     """Starts daemons on configs written into `directory`; `finish` stops the ones still running,
     which must exit 0, and fails on any traceback a daemon printed."""
@@ -120,22 +131,26 @@ class Launcher:
         self.directory = directory
         self.started: list[Daemon] = []
 
-    def __call__(self, listeners: list[dict[str, Any]], wait: bool = True, **settings: Any) -> Daemon:
-        """Start `sockd -c` on these listeners and top-level settings; wait until it is ready."""
-        # Metrics on a port of the kernel's choosing: daemons of parallel tests never collide.
-        config = {
-            "logging": {"level": "debug", "format": "json"},
-            "metrics": {"port": 0},
-            **settings,
-            "listeners": listeners,
-        }
+    def __call__(
+        self,
+        listeners: list[dict[str, Any]],
+        wait: bool = True,
+        env: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = (),
+        **settings: Any,
+    ) -> Daemon:
+        """Start `sockd -c` on these listeners and top-level settings, with `env` added to the
+        environment and `prefix` before the command (e.g. systemd-socket-activate); wait until
+        it is ready."""
         path = self.directory / f"sockd-{len(self.started)}.yaml"
-        path.write_text(yaml.safe_dump(config))
+        path.write_text(config_text(listeners, **settings))
+        environment = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
         process = subprocess.Popen(
-            sockd_command("-c", str(path)),
+            [*prefix, *sockd_command("-c", str(path))],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
+            env={**environment, **(env or {})},
             start_new_session=True,  # its own process group, as a terminal would give it
         )
         daemon = Daemon(process, path)

@@ -11,8 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import Daemon, Launcher, connect, read_to_eof, request, squatting
+from conftest import Daemon, Launcher, config_text, connect, read_to_eof, request, squatting
 from conftest import listener as entry
 
 MODELS = ["iterative", "threaded", "thread_pool", "busy_poll", "selector", "asyncio"]
@@ -176,8 +175,7 @@ class Load:
 
 
 def _write_config(daemon: Daemon, listeners: list[dict[str, object]], **settings: object) -> None:
-    config = {"logging": {"level": "debug", "format": "json"}, "metrics": {"port": 0}, **settings}
-    daemon.config_path.write_text(yaml.safe_dump({**config, "listeners": listeners}))
+    daemon.config_path.write_text(config_text(listeners, **settings))
 
 
 def _reload(daemon: Daemon) -> dict[str, object]:

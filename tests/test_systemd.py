@@ -14,74 +14,25 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
-from conftest import TIMEOUT, Daemon, listener, read_to_eof, request, require, sockd_command
+from conftest import (
+    SYSTEMD_VARIABLES,
+    TIMEOUT,
+    Launcher,
+    config_text,
+    listener,
+    read_to_eof,
+    request,
+    require,
+    sockd_command,
+)
 
-# What systemd hands a service; a test sets the ones it means, none leaks in from the outside.
-SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 # Passed on to sockd through systemd-socket-activate, which otherwise gives its child only
 # TERM, PATH, USER and HOME.
 PASSED_ON = ("PYTHONPATH", "VIRTUAL_ENV", "COVERAGE_PROCESS_START")
 STATES = ("READY", "RELOADING", "STOPPING")  # the messages that move systemd's idea of the service
 WATCHDOG_USEC = 200_000  # 0.2 s: sockd pings every 0.1 s
-
-
-def config_text(listeners: list[dict[str, Any]]) -> str:
-    config = {"logging": {"level": "debug", "format": "json"}, "metrics": {"port": 0}, "listeners": listeners}
-    return yaml.safe_dump(config)
-
-
-class Launch:
-    """conftest.Launcher with a say on the environment and the command (a prefix such as
-    systemd-socket-activate): `finish` stops every daemon still running, which must exit 0."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.started: list[Daemon] = []
-
-    def __call__(
-        self,
-        listeners: list[dict[str, Any]],
-        env: dict[str, str] | None = None,
-        prefix: tuple[str, ...] = (),
-        wait: bool = True,
-    ) -> Daemon:
-        path = self.directory / f"sockd-{len(self.started)}.yaml"
-        path.write_text(config_text(listeners))
-        environment = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
-        environment.update(env or {})
-        process = subprocess.Popen(
-            [*prefix, *sockd_command("-c", str(path))],
-            stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            text=True,
-            env=environment,
-            start_new_session=True,
-        )
-        daemon = Daemon(process, path)
-        daemon.start_reading()
-        self.started.append(daemon)
-        if wait:
-            daemon.wait_for("ready", timeout=30)
-        return daemon
-
-    def finish(self) -> None:
-        for daemon in self.started:
-            if daemon.process.poll() is None:
-                assert daemon.stop() == 0, daemon.other_lines
-            assert not any("Traceback" in line for line in daemon.other_lines), "".join(daemon.other_lines)
-
-
-@pytest.fixture
-def launch(tmp_path: Path) -> Iterator[Launch]:
-    launcher = Launch(tmp_path)
-    try:
-        yield launcher
-    finally:
-        launcher.finish()
 
 
 class Notifications:
@@ -166,8 +117,8 @@ def echo(address: str) -> None:
 # -- sd_notify
 
 
-def test_ready_reload_and_stop_are_notified_in_order(launch: Launch, notify: Notifications) -> None:
-    daemon = launch([listener("tcp-echo", "tcp", "echo", "asyncio")], env={"NOTIFY_SOCKET": notify.variable})
+def test_ready_reload_and_stop_are_notified_in_order(start_sockd: Launcher, notify: Notifications) -> None:
+    daemon = start_sockd([listener("tcp-echo", "tcp", "echo", "asyncio")], env={"NOTIFY_SOCKET": notify.variable})
     ready = notify.expect("READY")
     assert ready["STATUS"] == "serving 1 listeners"
 
@@ -193,10 +144,10 @@ def test_ready_reload_and_stop_are_notified_in_order(launch: Launch, notify: Not
 
 
 def test_an_invalid_file_on_sighup_is_notified_and_the_old_config_keeps_serving(
-    launch: Launch, notify_path: Notifications
+    start_sockd: Launcher, notify_path: Notifications
 ) -> None:
     notify = notify_path
-    daemon = launch([listener("tcp-echo", "tcp", "echo", "threaded")], env={"NOTIFY_SOCKET": notify.variable})
+    daemon = start_sockd([listener("tcp-echo", "tcp", "echo", "threaded")], env={"NOTIFY_SOCKET": notify.variable})
     notify.expect("READY")
 
     daemon.config_path.write_text(config_text([listener("tcp-echo", "tcp", "echo", "threaded", port=70000)]))
@@ -231,9 +182,9 @@ OWN_PID = ("/bin/sh", "-c", 'WATCHDOG_PID=$$ exec "$@"', "sh")
     ],
 )
 def test_the_watchdog_is_pinged_every_half_period(
-    launch: Launch, notify_path: Notifications, env: dict[str, str], prefix: tuple[str, ...]
+    start_sockd: Launcher, notify_path: Notifications, env: dict[str, str], prefix: tuple[str, ...]
 ) -> None:
-    launch(
+    start_sockd(
         [listener("tcp-echo", "tcp", "echo", "asyncio")],
         env={"NOTIFY_SOCKET": notify_path.variable, **env},
         prefix=prefix,
@@ -256,9 +207,9 @@ def test_the_watchdog_is_pinged_every_half_period(
     ],
 )
 def test_no_watchdog_ping_unless_meant_for_sockd(
-    launch: Launch, notify_path: Notifications, env: dict[str, str]
+    start_sockd: Launcher, notify_path: Notifications, env: dict[str, str]
 ) -> None:
-    launch([listener("tcp-echo", "tcp", "echo", "asyncio")], env={"NOTIFY_SOCKET": notify_path.variable, **env})
+    start_sockd([listener("tcp-echo", "tcp", "echo", "asyncio")], env={"NOTIFY_SOCKET": notify_path.variable, **env})
     notify_path.expect("READY")
     notify_path.collect(1.0)
     assert not any("WATCHDOG" in message for message in notify_path.messages), notify_path.messages
@@ -294,14 +245,14 @@ def wait_for_line(lines: list[str] | Path, text: str, process: subprocess.Popen[
     raise AssertionError(f"no {text!r} within {TIMEOUT} s")
 
 
-def test_socket_activation_serves_on_the_passed_socket(launch: Launch, notify_path: Notifications) -> None:
+def test_socket_activation_serves_on_the_passed_socket(start_sockd: Launcher, notify_path: Notifications) -> None:
     port = free_port()
     listeners = [
         listener("tcp-echo", "tcp", "echo", "asyncio", port=port),
         listener("tcp-bound", "tcp", "echo", "threaded"),  # not passed: sockd binds it
     ]
     prefix = activator(port, "tcp-echo", "-E", f"NOTIFY_SOCKET={notify_path.variable}")
-    daemon = launch(listeners, prefix=prefix, wait=False)
+    daemon = start_sockd(listeners, prefix=prefix, wait=False)
     # systemd-socket-activate listens, and execs sockd at the first connection.
     wait_for_line(daemon.other_lines, "Listening on", daemon.process)
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
@@ -315,10 +266,10 @@ def test_socket_activation_serves_on_the_passed_socket(launch: Launch, notify_pa
     echo(daemon.address("tcp-bound"))
 
 
-def test_socket_activation_of_a_udp_listener(launch: Launch) -> None:
+def test_socket_activation_of_a_udp_listener(start_sockd: Launcher) -> None:
     port = free_port(socket.SOCK_DGRAM)
     listeners = [listener("udp-echo", "udp", "echo", "selector", port=port)]
-    daemon = launch(listeners, prefix=activator(port, "udp-echo", "--datagram"), wait=False)
+    daemon = start_sockd(listeners, prefix=activator(port, "udp-echo", "--datagram"), wait=False)
     wait_for_line(daemon.other_lines, "Listening on", daemon.process)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(TIMEOUT)
@@ -372,8 +323,8 @@ def test_a_passed_socket_of_the_wrong_kind_is_a_bind_error(tmp_path: Path) -> No
     assert ours[0].endswith("not a tcp socket"), ours
 
 
-def test_listen_fds_meant_for_another_process_are_left_alone(launch: Launch) -> None:
+def test_listen_fds_meant_for_another_process_are_left_alone(start_sockd: Launcher) -> None:
     # As sd_listen_fds does: LISTEN_PID is not sockd's pid, so sockd binds its listener itself.
     env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "tcp-echo"}
-    daemon = launch([listener("tcp-echo", "tcp", "echo", "asyncio")], env=env)
+    daemon = start_sockd([listener("tcp-echo", "tcp", "echo", "asyncio")], env=env)
     echo(daemon.address("tcp-echo"))

@@ -12,7 +12,8 @@ from typing import TypeVar
 
 import structlog
 
-from sockd.counters import RESET, SEND, Recorder
+from sockd.config import Listener
+from sockd.counters import RESET, SEND, Recorder, Stats
 from sockd.handlers import Handler
 from sockd.models import BUFSIZE, Address, Stop, shutdown_read
 
@@ -110,6 +111,15 @@ def answer(
         log.debug("datagram reply failed", error=str(exc))
         return
     recorder.request(len(data), len(reply), started)
+
+
+class BlockingModel:
+    """What a blocking model is built from; `serve` says which threads run the loops above."""
+
+    def __init__(self, listener: Listener, handler: Handler, stats: Stats) -> None:
+        self.handler = handler
+        self.delay = listener.delay
+        self.stats = stats
 
 
 class Threads:

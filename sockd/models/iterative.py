@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import socket
 
-from sockd.config import Listener
-from sockd.counters import Stats
-from sockd.handlers import Handler
 from sockd.models import Stop
-from sockd.models.blocking import OpenConnections, accepted, answer, received
+from sockd.models.blocking import BlockingModel, OpenConnections, accepted, answer, received
 
 
-class Model:
-    def __init__(self, listener: Listener, handler: Handler, stats: Stats) -> None:
-        self.handler = handler
-        self.delay = listener.delay
-        self.stats = stats
-
+class Model(BlockingModel):
     def serve(self, sock: socket.socket, stop: Stop) -> None:
         with self.stats.recorder() as recorder:
             if sock.type == socket.SOCK_DGRAM:

@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import socket
 
-from sockd.config import Listener
-from sockd.counters import Stats
-from sockd.handlers import Handler
 from sockd.models import Address, Stop
-from sockd.models.blocking import OpenConnections, Threads, accepted, answer, received
+from sockd.models.blocking import BlockingModel, OpenConnections, Threads, accepted, answer, received
 
 
-class Model:
-    def __init__(self, listener: Listener, handler: Handler, stats: Stats) -> None:
-        self.handler = handler
-        self.delay = listener.delay
-        self.stats = stats
-
+class Model(BlockingModel):
     def serve(self, sock: socket.socket, stop: Stop) -> None:
         threads = Threads()
         if sock.type == socket.SOCK_DGRAM:
