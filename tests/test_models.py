@@ -164,13 +164,23 @@ def test_no_socket_or_thread_outlives_its_connection(served: Daemon, name: str) 
     address = served.address(name)
     pid = served.worker_pid(name)
     request(address, b"warm up")  # lazily created things (e.g. an executor) are not leaks
-    before = _open_fds_and_threads(pid)
+    before = _settled(pid)
     for _ in range(50):
         request(address, b"x")
-    deadline = time.monotonic() + 10
-    while _open_fds_and_threads(pid) != before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _open_fds_and_threads(pid) == before
+    assert _settled(pid) == before
+
+
+def _settled(pid: int) -> tuple[int, int]:
+    """The worker's descriptors and threads once they stop changing: a client has its reply a
+    moment before the server's thread for it has ended."""
+    last, deadline = None, time.monotonic() + 10
+    while time.monotonic() < deadline:
+        now = _open_fds_and_threads(pid)
+        if now == last:
+            return now
+        last = now
+        time.sleep(0.2)
+    raise AssertionError(f"still changing after 10 s: {last}")
 
 
 # The seed's experiment, scaled down: 6 clients at once against a 0.5 s delay. Clients answered
