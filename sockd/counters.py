@@ -23,6 +23,7 @@ from dataclasses import dataclass
 ERROR_KINDS = ("reset", "send")  # sockd_errors_total{kind}: a client gone mid-request; a reply not sent
 RESET, SEND = range(len(ERROR_KINDS))
 PUBLISH_INTERVAL = 0.1  # seconds between publications: the most a SIGKILL can cost the counters
+BEAT_INTERVAL = 0.5  # an event loop beats at least this often, busy or idle
 
 # The fields after the sequence number, in shared-memory order; then one per error kind, then the
 # histogram's buckets (not cumulative; the last is +Inf).
@@ -120,8 +121,12 @@ class NullRecorder(Recorder):
         pass
 
 
+# Before the fields: the sequence number (odd while a write is under way) and the heartbeat.
+_SEQUENCE, _HEARTBEAT, _FIRST_FIELD = 0, 1, 2
+
+
 def words_needed(bucket_count: int) -> int:
-    return 1 + len(FIELDS) + len(ERROR_KINDS) + bucket_count
+    return _FIRST_FIELD + len(FIELDS) + len(ERROR_KINDS) + bucket_count
 
 
 def create(bucket_count: int) -> int:
@@ -139,26 +144,27 @@ class Shared:
         self._map = mmap.mmap(fd, words_needed(bucket_count) * _WORD)
         self._words = memoryview(self._map).cast("Q")
 
-    def write(self, totals: Totals) -> None:
+    def write(self, totals: Totals, heartbeat: int) -> None:
         words = self._words
-        words[0] += 1  # odd: a write is under way
-        words[1:] = array.array("Q", totals.words())
-        words[0] += 1
+        words[_SEQUENCE] += 1  # odd: a write is under way
+        words[_HEARTBEAT] = heartbeat
+        words[_FIRST_FIELD:] = array.array("Q", totals.words())
+        words[_SEQUENCE] += 1
 
-    def sequence(self) -> int:
-        """Moves at every publication: the worker's heartbeat."""
-        return int(self._words[0])
+    def heartbeat(self) -> int:
+        """Moves while the worker makes progress (see Stats.beat)."""
+        return int(self._words[_HEARTBEAT])
 
     def read(self, attempts: int = 1000) -> Totals:
         """A consistent snapshot if one can be had; else the fields as they are (still lower bounds,
         which is all a writer that died mid-write leaves)."""
         words = self._words
         for _ in range(attempts):
-            before = words[0]
-            snapshot = words[1:].tolist()
-            if before % 2 == 0 and words[0] == before:
+            before = words[_SEQUENCE]
+            snapshot = words[_FIRST_FIELD:].tolist()
+            if before % 2 == 0 and words[_SEQUENCE] == before:
                 return Totals.from_words(snapshot)
-        return Totals.from_words(words[1:].tolist())
+        return Totals.from_words(words[_FIRST_FIELD:].tolist())
 
     def close(self) -> None:
         self._words.release()
@@ -175,6 +181,16 @@ class Stats:
         self._finished = Totals.zero(shared.bucket_count)  # recorders whose thread has ended
         self._live: set[Recorder] = set()
         self._lock = threading.Lock()  # a recorder moves from live to finished in one step
+        # The heartbeat the supervisor watches. An event-loop model beats from its loop, so a
+        # stuck loop stops it; otherwise every publication beats, which proves the process runs
+        # (a blocking model's thread waiting on a quiet client cannot be told from a stuck one).
+        self.beats = 0
+        self.loop_beats = False
+
+    def beat(self) -> None:
+        """Called by an event loop at least every BEAT_INTERVAL: it is turning."""
+        self.loop_beats = True
+        self.beats += 1
 
     @contextmanager
     def recorder(self) -> Iterator[Recorder]:
@@ -195,7 +211,9 @@ class Stats:
             total.add(self._finished)
             for recorder in list(self._live):
                 total.add(recorder.totals())
-        self.shared.write(total)
+        if not self.loop_beats:
+            self.beats += 1
+        self.shared.write(total, self.beats)
 
     def publish_until(self, stop: threading.Event) -> None:
         while not stop.wait(PUBLISH_INTERVAL):

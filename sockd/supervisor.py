@@ -43,7 +43,7 @@ class Worker:
     counters: counters.Shared  # what the worker counted, readable even after it died
     started: float = field(default_factory=time.monotonic)
     ready: bool = False
-    heartbeat: int = 0  # the counters' sequence number: it moves at every publication
+    heartbeat: int = 0  # the last heartbeat seen in its counters
     beat_at: float = field(default_factory=time.monotonic)
     drain_until: float | None = None  # set once told to stop: killed if still running then
 
@@ -387,7 +387,7 @@ class Supervisor:
         for worker in list(self._workers()):
             if not worker.ready:
                 continue  # still starting: its heartbeat begins once it serves
-            beat = worker.counters.sequence()
+            beat = worker.counters.heartbeat()
             if beat != worker.heartbeat:
                 worker.heartbeat, worker.beat_at = beat, now
             elif now - worker.beat_at > timeout and worker.process.poll() is None:

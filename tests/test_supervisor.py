@@ -325,8 +325,10 @@ def test_a_crashing_worker_backs_off_and_leaves_the_others_alone(start_sockd: La
     assert 'sockd_worker_restarts_total{listener="crashy"} 4.0' in _scrape(daemon)
 
 
-def test_a_hung_worker_is_killed_and_replaced_after_worker_timeout(start_sockd: Launcher) -> None:
-    daemon = start_sockd([entry("echo", "tcp", "echo", "selector")], worker_timeout=1.5)
+# The event-loop models beat from their loops, the blocking ones from their publisher thread.
+@pytest.mark.parametrize("model", ["selector", "asyncio", "busy_poll", "thread_pool"])
+def test_a_hung_worker_is_killed_and_replaced_after_worker_timeout(start_sockd: Launcher, model: str) -> None:
+    daemon = start_sockd([entry("echo", "tcp", "echo", model)], worker_timeout=1.5)
     hung = daemon.worker_pid("echo")
     mark = len(daemon.events)
     os.kill(hung, signal.SIGSTOP)  # alive, but making no progress

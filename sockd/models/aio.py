@@ -12,7 +12,7 @@ from typing import cast
 import structlog
 
 from sockd.config import EventLoop, Listener
-from sockd.counters import RESET, SEND, Stats
+from sockd.counters import BEAT_INTERVAL, RESET, SEND, Stats
 from sockd.handlers import Handler
 from sockd.models import Address, Stop, shutdown_read
 
@@ -51,6 +51,7 @@ class Model:
         loop = asyncio.get_running_loop()
         stopped = asyncio.Event()
         loop.add_reader(stop.fileno(), stopped.set)
+        self._beat(loop)
         if sock.type == socket.SOCK_DGRAM:
             transport, _ = await loop.create_datagram_endpoint(lambda: DatagramProtocol(self), sock=sock)
             await stopped.wait()
@@ -72,6 +73,10 @@ class Model:
         while self.busy:
             self.idle.clear()
             await self.idle.wait()
+
+    def _beat(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.stats.beat()
+        loop.call_later(BEAT_INTERVAL, self._beat, loop)
 
     def done(self) -> None:
         if not self.busy and not self.pending_datagrams:

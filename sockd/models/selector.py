@@ -17,7 +17,7 @@ from collections.abc import Callable
 import structlog
 
 from sockd.config import Listener, SelectorBackend
-from sockd.counters import RESET, SEND, Stats
+from sockd.counters import BEAT_INTERVAL, RESET, SEND, Stats
 from sockd.handlers import Handler, Session
 from sockd.models import BUFSIZE, Address, Stop, shutdown_read
 
@@ -84,13 +84,16 @@ class EventLoop:
                     for key, events in self.selector.select(self._timeout()):
                         key.data(events)
                     self._run_timers()
+                    self.stats.beat()
             finally:
                 self.selector.close()
 
     # -- the loop's own plumbing
 
-    def _timeout(self) -> float | None:
-        return max(0.0, self.timers[0][0] - time.monotonic()) if self.timers else None
+    def _timeout(self) -> float:
+        if not self.timers:
+            return BEAT_INTERVAL  # an idle loop still turns, to beat
+        return min(BEAT_INTERVAL, max(0.0, self.timers[0][0] - time.monotonic()))
 
     def _later(self, callback: Callable[[], None]) -> None:
         heapq.heappush(self.timers, (time.monotonic() + self.delay, next(self.sequence), callback))
