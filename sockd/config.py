@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -50,6 +51,13 @@ class _ListenerBase(_Frozen):
     selector_backend: SelectorBackend = "auto"
     event_loop: EventLoop = "auto"
     timestamp_format: TimestampFormat = "seed"
+
+    @field_validator("event_loop")
+    @classmethod
+    def _installed(cls, value: EventLoop) -> EventLoop:
+        if value == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            raise ValueError("uvloop is not installed: pip install uvloop, or use event_loop: asyncio")
+        return value
 
     @field_validator(*_option_scope)
     @classmethod

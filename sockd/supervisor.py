@@ -33,6 +33,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
 # Restart backoff: a worker that keeps dying is restarted ever less often, never in a tight loop.
 FIRST_BACKOFF, MAX_BACKOFF, STABLE_AFTER = 0.1, 30.0, 60.0
+BOOT_TIMEOUT = 30.0  # a worker gets at least this long to start before worker_timeout applies
 
 
 @dataclass(eq=False)
@@ -69,8 +70,8 @@ class Slot:
     restarts: int = 0
 
     def workers(self) -> Iterator[Worker]:
-        yield from (place.worker for place in self.places if place.worker is not None)
-        yield from self.draining
+        yield from [place.worker for place in self.places if place.worker is not None]
+        yield from list(self.draining)
 
 
 class Supervisor:
@@ -115,7 +116,7 @@ class Supervisor:
                 exporter.start()
                 log.info("metrics", address=exporter.address, path="/metrics")
             for slot in self.slots.values():
-                self._start(slot, "listening")
+                self._start(slot)
             self._loop(wakeup_read)
         finally:
             for signum in SIGNALS:
@@ -140,7 +141,10 @@ class Supervisor:
                     self._on_message(key.data)
             while self.signals:
                 name = signal.Signals(self.signals.popleft()).name.removeprefix("SIG").lower()
-                getattr(self, f"handle_{name}")()
+                try:
+                    getattr(self, f"handle_{name}")()
+                except Exception:  # a bug or a failed fork must not take every listener down
+                    log.exception("handling a signal failed", signal=name)
             self._reap()
             now = time.monotonic()
             self._check_heartbeats(now)
@@ -158,7 +162,7 @@ class Supervisor:
                 self.next_watchdog = now + self.notifier.watchdog_interval
 
     def _timeout(self) -> float:
-        due = [place.restart_at for slot in self.slots.values() for place in slot.places if place.restart_at]
+        due = [p.restart_at for slot in self.slots.values() for p in slot.places if p.restart_at is not None]
         due += [worker.drain_until for worker in self._workers() if worker.drain_until is not None]
         if self.notifier.watchdog_interval:
             due.append(self.next_watchdog)
@@ -261,7 +265,10 @@ class Supervisor:
         """Stop accepting, let the workers drain, close the socket (and remove its file)."""
         with self.counting:
             del self.slots[slot.listener.name]
-            self.leaving.append(slot)
+            if any(slot.workers()):  # it leaves once they have drained (see _reap)
+                self.leaving.append(slot)
+        for place in slot.places:
+            place.restart_at = None
         for worker in list(slot.workers()):
             self._retire(worker)
         slot.bound.close()
@@ -272,7 +279,7 @@ class Supervisor:
         if slot is None:
             assert fresh is not None
             self._add_slot(listener, fresh)
-            self._start(self.slots[listener.name], "listening")
+            self._start(self.slots[listener.name])
             return "added"
         if listener == slot.listener:
             return "kept"  # same workers, same socket, open connections untouched
@@ -285,9 +292,12 @@ class Supervisor:
         else:
             slot.bound, kind = Bound(listener, slot.bound.sock, slot.bound.address, slot.bound.file_id), "restarted"
             if isinstance(listener, UnixListener):
-                os.chmod(listener.path, listener.mode_bits)
+                try:
+                    os.chmod(listener.path, listener.mode_bits)
+                except FileNotFoundError:  # removed behind our back: the socket still serves
+                    log.warning("socket file is gone; its new mode cannot be applied", path=listener.path)
         slot.listener = listener
-        self._start(slot, "listening")
+        self._start(slot)
         return kind
 
     # -- workers
@@ -301,18 +311,17 @@ class Supervisor:
             return adopt(listener, self.activated.pop(listener.name))
         return bind(listener)
 
-    def _start(self, slot: Slot, event: str) -> None:
+    def _start(self, slot: Slot) -> None:
         slot.places = [Place() for _ in range(slot.listener.workers)]
         pids = [self._spawn(slot, place).process.pid for place in slot.places]
         listener = slot.listener
         log.info(
-            event,
+            "listening",
             listener=listener.name,
             protocol=listener.protocol,
             address=slot.bound.address,
             concurrency=listener.concurrency,
             handler=listener.handler,
-            pid=pids[0],
             pids=pids,
         )
 
@@ -329,6 +338,7 @@ class Supervisor:
                 counters_fd=counters_fd,
                 bounds_ns=self.config.metrics.bounds_ns,
                 metrics=self.config.metrics.enabled,
+                shutdown_timeout=self.config.shutdown_timeout,
             )
             process = subprocess.Popen(
                 [sys.executable, "-m", "sockd.worker", spec.model_dump_json(exclude_unset=True)],
@@ -362,10 +372,11 @@ class Supervisor:
 
     def _retire(self, worker: Worker) -> None:
         """Tell a worker to stop: it stops accepting, drains for up to shutdown_timeout and exits."""
-        for place in worker.slot.places:
-            if place.worker is worker:
-                place.worker = None
-                worker.slot.draining.add(worker)
+        with self.counting:  # a scrape must see the worker in one place or the other, always
+            for place in worker.slot.places:
+                if place.worker is worker:
+                    place.worker = None
+                    worker.slot.draining.add(worker)
         if worker.drain_until is None:
             worker.drain_until = time.monotonic() + self.config.shutdown_timeout
         self._close_channel(worker)
@@ -386,6 +397,8 @@ class Supervisor:
         timeout = self.config.worker_timeout
         for worker in list(self._workers()):
             if not worker.ready:
+                if now - worker.started > max(timeout, BOOT_TIMEOUT) and worker.process.poll() is None:
+                    self._kill(worker, "never became ready")
                 continue  # still starting: its heartbeat begins once it serves
             beat = worker.counters.heartbeat()
             if beat != worker.heartbeat:

@@ -35,6 +35,7 @@ class WorkerSpec(BaseModel):
     counters_fd: int  # the shared memory the worker publishes its counts to
     bounds_ns: list[int]  # the request duration histogram's bucket bounds
     metrics: bool  # whether anybody will read the counts (else requests are not timed)
+    shutdown_timeout: float  # how long a drain may take, even with no supervisor left to end it
 
 
 def main(argv: list[str]) -> int:
@@ -57,6 +58,7 @@ def main(argv: list[str]) -> int:
     stats = counters.Stats(shared, spec.bounds_ns, enabled=spec.metrics)
     model = models.factory(listener.concurrency)(listener, handlers.build(listener), stats)
     threading.Thread(target=_stop_when_closed, args=(channel, stop), daemon=True).start()
+    stop.on_set(lambda: _exit_after(spec.shutdown_timeout))
     served = threading.Event()
     publisher = threading.Thread(target=stats.publish_until, args=(served,), daemon=True)
     publisher.start()
@@ -71,6 +73,20 @@ def main(argv: list[str]) -> int:
     publisher.join()  # the last publication counts everything served
     log.debug("drained")
     return 0
+
+
+def _exit_after(timeout: float) -> None:
+    """End a drain that outlasts shutdown_timeout; the supervisor would kill us by then, but an
+    orphaned worker (its supervisor killed) has only this. A grace second lets the supervisor,
+    if there is one, do it first."""
+
+    def give_up() -> None:
+        log.warning("drain outlasted shutdown_timeout; exiting", shutdown_timeout=timeout)
+        os._exit(0)
+
+    timer = threading.Timer(timeout + 1.0, give_up)
+    timer.daemon = True  # a drain that ends in time must not wait for it
+    timer.start()
 
 
 def _stop_when_closed(channel: socket.socket, stop: models.Stop) -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, Launcher, config_text, connect, read_to_eof, request, squatting
+from conftest import Daemon, Launcher, config_text, connect, inet, read_to_eof, request, require, squatting
 from conftest import listener as entry
 
 MODELS = ["iterative", "threaded", "thread_pool", "busy_poll", "selector", "asyncio"]
@@ -370,3 +371,76 @@ def _scrape(daemon: Daemon) -> str:
     address = daemon.wait_for("metrics")["address"]
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
         return str(response.read().decode())
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+@pytest.mark.parametrize("model", ["asyncio", "selector", "iterative"])
+def test_a_draining_worker_waits_without_spinning(start_sockd: Launcher, model: str) -> None:
+    daemon = start_sockd([entry("echo", "tcp", "echo", model)], shutdown_timeout=30)
+    pid = daemon.worker_pid("echo")
+    with connect(daemon.address("echo")):  # connected, silent: the drain waits for its request
+        time.sleep(0.2)
+        daemon.process.send_signal(signal.SIGTERM)
+        daemon.wait_for("stopping")
+        before = _cpu_seconds(pid)
+        time.sleep(1)
+        assert _cpu_seconds(pid) - before < 0.5  # a spinning worker burns the whole second
+    assert daemon.process.wait(30) == 0
+
+
+def test_a_delayed_reply_to_a_client_that_reset_is_dropped_quietly(start_sockd: Launcher) -> None:
+    daemon = start_sockd([entry("slow", "tcp", "echo", "asyncio", delay=0.3)])
+    sock = connect(daemon.address("slow"))
+    sock.sendall(b"never mind")
+    time.sleep(0.05)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # a reset, while the reply waits out its delay
+    time.sleep(0.6)
+    assert request(daemon.address("slow"), b"next") == b"next"
+    deadline = time.monotonic() + 10
+    while _requests(daemon) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _requests(daemon) == 1  # only the answered one
+    # (the launcher fails the test on any traceback the daemon printed)
+
+
+def test_a_reload_survives_a_socket_file_removed_behind_its_back(start_sockd: Launcher, sockdir: Path) -> None:
+    path = sockdir / "u.sock"
+    daemon = start_sockd([entry("u", "unix", "echo", "selector", path)])
+    path.unlink()
+    _write_config(daemon, [entry("u", "unix", "echo", "selector", path, mode="0600")])
+    assert _reload(daemon)["restarted"] == ["u"]
+    assert daemon.wait_for("socket file is gone; its new mode cannot be applied")
+
+
+@pytest.mark.parametrize("model", ["selector", "threaded", "asyncio"])
+def test_running_out_of_descriptors_pauses_accepting_and_recovers(start_sockd: Launcher, model: str) -> None:
+    prlimit = require("prlimit")
+    # The limit is inherited by the workers: with 64 descriptors, 80 clients cannot all be had.
+    daemon = start_sockd([entry("echo", "tcp", "echo", model)], prefix=(prlimit, "--nofile=64:64", "--"))
+    address, held = daemon.address("echo"), []
+    try:
+        for _ in range(80):
+            sock = socket.create_connection(inet(address), timeout=10)
+            held.append(sock)
+        if model != "asyncio":  # asyncio pauses accepting by itself, without a word
+            daemon.wait_for("cannot accept: out of resources; pausing", listener="echo")
+    finally:
+        for sock in held:
+            sock.close()
+    assert request(address, b"recovered") == b"recovered"
+    assert not [e for e in daemon.events if e.get("event") == "worker died; restarting"]
+
+
+def test_an_orphaned_worker_still_ends_its_drain_in_time(start_sockd: Launcher) -> None:
+    daemon = start_sockd([entry("echo", "tcp", "echo", "iterative")], shutdown_timeout=1)
+    worker = daemon.worker_pid("echo")
+    with connect(daemon.address("echo")):  # a silent client keeps the drain waiting
+        time.sleep(0.2)
+        daemon.process.kill()  # no supervisor left to end the drain
+        daemon.process.wait(10)
+        assert _gone(worker, timeout=15)

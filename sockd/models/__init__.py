@@ -10,6 +10,7 @@ worker sharing the socket sees, so no model may rely on a blocking accept() or r
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import os
 import socket
@@ -22,6 +23,11 @@ from sockd.handlers import Handler
 
 # Where a datagram came from, as recvfrom() says: (host, port[, ...]) or a Unix path.
 Address = tuple[Any, ...] | str
+
+# accept() failing for want of descriptors or memory: pause accepting this long and retry, while
+# the connections already open go on being served (rather than spinning, or dying).
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+RESOURCE_PAUSE = 0.1
 
 # Large enough for any UDP datagram (65,507 bytes over IPv4), and a good read size for streams.
 BUFSIZE = 65536

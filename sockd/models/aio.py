@@ -38,7 +38,7 @@ class Model:
         self.stats = stats
         self.delay = listener.delay
         self.new_loop = loop_factory(listener.event_loop)
-        self.busy: set[StreamProtocol] = set()  # open connections; plus datagrams waiting on a delay
+        self.busy: set[StreamProtocol] = set()  # open connections
         self.pending_datagrams = 0
         self.idle = asyncio.Event()
         self.stopping = False
@@ -50,7 +50,7 @@ class Model:
     async def _serve(self, sock: socket.socket, stop: Stop) -> None:
         loop = asyncio.get_running_loop()
         stopped = asyncio.Event()
-        loop.add_reader(stop.fileno(), stopped.set)
+        loop.add_reader(stop.fileno(), self._stopped, loop, stop, stopped)
         self._beat(loop)
         if sock.type == socket.SOCK_DGRAM:
             transport, _ = await loop.create_datagram_endpoint(lambda: DatagramProtocol(self), sock=sock)
@@ -66,6 +66,7 @@ class Model:
             server = await loop.create_server(lambda: StreamProtocol(self), sock=sock)
         await stopped.wait()
         server.close()
+        await asyncio.sleep(0)  # let a connection accepted just now reach connection_made
         self.stopping = True
         for protocol in list(self.busy):
             if protocol.answered:  # see shutdown_read: the others end after their first answer
@@ -73,6 +74,11 @@ class Model:
         while self.busy:
             self.idle.clear()
             await self.idle.wait()
+
+    @staticmethod
+    def _stopped(loop: asyncio.AbstractEventLoop, stop: Stop, stopped: asyncio.Event) -> None:
+        loop.remove_reader(stop.fileno())  # it stays readable: left registered, it would spin
+        stopped.set()
 
     def _beat(self, loop: asyncio.AbstractEventLoop) -> None:
         self.stats.beat()
@@ -106,13 +112,18 @@ class StreamProtocol(asyncio.Protocol):
             self.transport.pause_reading()
         if self.delay:
             self.delayed += 1
-            asyncio.get_running_loop().call_later(self.delay, self._reply, reply, session.closing, len(data), started)
+            loop = asyncio.get_running_loop()
+            loop.call_later(self.delay, self._delayed_reply, reply, session.closing, len(data), started)
         else:
             self._reply(reply, session.closing, len(data), started)
 
+    def _delayed_reply(self, reply: bytes, closing: bool, received: int, started: float) -> None:
+        self.delayed -= 1
+        if self.transport.is_closing():  # the client reset meanwhile: nobody to answer
+            return
+        self._reply(reply, closing, received, started)
+
     def _reply(self, reply: bytes, closing: bool, received: int, started: float) -> None:
-        if self.delay:
-            self.delayed -= 1
         transport = self.transport
         if reply:
             transport.write(reply)

@@ -15,7 +15,7 @@ import structlog
 from sockd.config import Listener
 from sockd.counters import RESET, SEND, Recorder, Stats
 from sockd.handlers import Handler
-from sockd.models import BUFSIZE, Address, Stop, shutdown_read
+from sockd.models import BUFSIZE, OUT_OF_RESOURCES, RESOURCE_PAUSE, Address, Stop, shutdown_read
 
 log = structlog.get_logger()
 
@@ -38,6 +38,8 @@ def _until_stopped(sock: socket.socket, stop: Stop, take: Callable[[], T]) -> It
     waiter = select.poll()
     waiter.register(sock, select.POLLIN)
     waiter.register(stop, select.POLLIN)
+    pause = select.poll()
+    pause.register(stop, select.POLLIN)
     while not stop.is_set:
         try:
             yield take()
@@ -45,6 +47,11 @@ def _until_stopped(sock: socket.socket, stop: Stop, take: Callable[[], T]) -> It
             waiter.poll()
         except ConnectionAbortedError:
             continue  # the client gave up while queued: nothing to serve
+        except OSError as exc:
+            if exc.errno not in OUT_OF_RESOURCES:
+                raise
+            log.warning("cannot accept: out of resources; pausing", error=exc.strerror, pause=RESOURCE_PAUSE)
+            pause.poll(RESOURCE_PAUSE * 1000)
 
 
 class OpenConnections:

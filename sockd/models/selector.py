@@ -19,7 +19,7 @@ import structlog
 from sockd.config import Listener, SelectorBackend
 from sockd.counters import BEAT_INTERVAL, RESET, SEND, Stats
 from sockd.handlers import Handler, Session
-from sockd.models import BUFSIZE, Address, Stop, shutdown_read
+from sockd.models import BUFSIZE, OUT_OF_RESOURCES, RESOURCE_PAUSE, Address, Stop, shutdown_read
 
 log = structlog.get_logger()
 
@@ -95,8 +95,10 @@ class EventLoop:
             return BEAT_INTERVAL  # an idle loop still turns, to beat
         return min(BEAT_INTERVAL, max(0.0, self.timers[0][0] - time.monotonic()))
 
-    def _later(self, callback: Callable[[], None]) -> None:
-        heapq.heappush(self.timers, (time.monotonic() + self.delay, next(self.sequence), callback))
+    def _later(self, callback: Callable[[], None], after: float | None = None) -> None:
+        """Run `callback` after `after` seconds (the listener's delay by default)."""
+        when = time.monotonic() + (self.delay if after is None else after)
+        heapq.heappush(self.timers, (when, next(self.sequence), callback))
 
     def _run_timers(self) -> None:
         now = time.monotonic()
@@ -140,15 +142,28 @@ class EventLoop:
     # -- streams
 
     def _on_accept(self, events: int) -> None:
+        if self.stop.is_set:  # in the same turn as the stop, after it
+            return
         try:
             client, _ = self.sock.accept()
         except (BlockingIOError, ConnectionAbortedError):
+            return
+        except OSError as exc:
+            if exc.errno not in OUT_OF_RESOURCES:
+                raise
+            log.warning("cannot accept: out of resources; pausing", error=exc.strerror, pause=RESOURCE_PAUSE)
+            self.selector.unregister(self.sock)
+            self._later(self._resume_accepting, after=RESOURCE_PAUSE)
             return
         client.setblocking(False)
         self.recorder.connections += 1
         conn = Connection(client, self.handler.session(), lambda events: self._on_ready(conn, events))
         self.connections.add(conn)
         self._update(conn)
+
+    def _resume_accepting(self) -> None:
+        if not self.stop.is_set:
+            self.selector.register(self.sock, READ, self._on_accept)
 
     def _on_ready(self, conn: Connection, events: int) -> None:
         if events & WRITE and not conn.closed:
