@@ -339,6 +339,7 @@ class Supervisor:
                 bounds_ns=self.config.metrics.bounds_ns,
                 metrics=self.config.metrics.enabled,
                 shutdown_timeout=self.config.shutdown_timeout,
+                worker_timeout=self.config.worker_timeout,
             )
             process = subprocess.Popen(
                 [sys.executable, "-m", "sockd.worker", spec.model_dump_json(exclude_unset=True)],

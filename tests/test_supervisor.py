@@ -444,3 +444,27 @@ def test_an_orphaned_worker_still_ends_its_drain_in_time(start_sockd: Launcher) 
         daemon.process.kill()  # no supervisor left to end the drain
         daemon.process.wait(10)
         assert _gone(worker, timeout=15)
+
+
+def test_a_blocking_worker_stuck_in_one_request_is_replaced(start_sockd: Launcher) -> None:
+    # A thread that stays busy with one request (here: a delay far beyond worker_timeout) is
+    # how a stuck blocking worker looks from outside, as with gunicorn's sync workers.
+    daemon = start_sockd([entry("slow", "tcp", "timestamp", "threaded", delay=30)], worker_timeout=1)
+    stuck = daemon.worker_pid("slow")
+    mark = len(daemon.events)
+    pending = InFlight(daemon.address("slow"))
+    killed = daemon.wait_for("killing worker", listener="slow", after=mark, timeout=20)
+    assert killed["pid"] == stuck
+    assert pending.result() == b""  # its client loses the request, as it would have anyway
+    assert daemon.worker_pid("slow", after=mark) != stuck
+
+
+def test_a_blocking_worker_waiting_on_a_quiet_client_is_not_stuck(start_sockd: Launcher) -> None:
+    daemon = start_sockd([entry("echo", "tcp", "echo", "thread_pool", threads=1)], worker_timeout=1)
+    with connect(daemon.address("echo")) as quiet:
+        quiet.sendall(b"hello")
+        assert quiet.recv(5) == b"hello"
+        time.sleep(3)  # the only thread waits in recv() on this client, for three timeouts
+        quiet.sendall(b"still here")
+        assert quiet.recv(10) == b"still here"
+    assert not [e for e in daemon.events if e.get("event") == "killing worker"]

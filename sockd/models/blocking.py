@@ -77,11 +77,13 @@ class OpenConnections:
                         conn.sendall(session.eof())
                         return
                     started = recorder.clock()
+                    recorder.busy_since = time.monotonic()
                     reply = session.feed(data)
                     if delay:
                         time.sleep(delay)
                     conn.sendall(reply)
                     recorder.request(len(data), len(reply), started)
+                    recorder.busy_since = 0.0
                     if session.closing:
                         return
                     if conn not in self._answered:
@@ -93,6 +95,7 @@ class OpenConnections:
             log.debug("connection lost", error=str(exc))
         finally:
             recorder.closed += 1
+            recorder.busy_since = 0.0
             self._answered.discard(conn)
 
 
@@ -106,17 +109,20 @@ def answer(
     recorder: Recorder,
     started: float,
 ) -> None:
-    reply = handler.datagram(data)
-    if reply is None:
-        return
-    if delay:
-        time.sleep(delay)
+    recorder.busy_since = time.monotonic()
     try:
+        reply = handler.datagram(data)
+        if reply is None:
+            return
+        if delay:
+            time.sleep(delay)
         sock.sendto(reply, sender)
-    except OSError as exc:  # e.g. the sender's port is gone (ECONNREFUSED from an ICMP error)
+    except OSError as exc:  # e.g. a full send buffer
         recorder.errors[SEND] += 1
         log.debug("datagram reply failed", error=str(exc))
         return
+    finally:
+        recorder.busy_since = 0.0
     recorder.request(len(data), len(reply), started)
 
 
