@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint clean
+.PHONY: run test lint bench clean
 
 run: $(STAMP)
 	$(BIN)/sockd -c config/sockd.yaml
@@ -16,6 +16,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy sockd
+
+# The performance tables (minutes; not part of `make test`): see bench/suite.py.
+bench: $(STAMP)
+	$(BIN)/python bench/suite.py
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

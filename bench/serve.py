@@ -3,15 +3,14 @@
     compare.py tcp-echo "sockd=.venv/bin/python bench/serve.py {port} --concurrency asyncio"
 
 The benchmark harness names a free port per run; sockd takes its port from the config file, so
-this writes a one-listener config for that port and becomes sockd (exec, same pid: the harness
-measures sockd's own CPU, workers included)."""
+this writes a one-listener config for that port into an anonymous file and becomes sockd (exec,
+same pid: the harness measures sockd's own CPU, workers included; nothing is left on disk)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import tempfile
 
 import yaml
 
@@ -40,10 +39,9 @@ def main() -> None:
         "metrics": {"enabled": not args.no_metrics, "port": 0},
         "listeners": [listener],
     }
-    path = os.path.join(tempfile.mkdtemp(prefix="sockd-bench-"), "sockd.yaml")
-    with open(path, "w") as file:
-        yaml.safe_dump(config, file)
-    os.execv(sys.executable, [sys.executable, "-m", "sockd", "-c", path])
+    fd = os.memfd_create("sockd-bench.yaml", 0)  # inherited by the exec: sockd reads it by path
+    os.write(fd, yaml.safe_dump(config).encode())
+    os.execv(sys.executable, [sys.executable, "-m", "sockd", "-c", f"/proc/self/fd/{fd}"])
 
 
 if __name__ == "__main__":

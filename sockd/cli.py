@@ -1,4 +1,4 @@
-"""The `sockd` command: run, --check and --schema, with sysexits-style exit codes."""
+"""The `sockd` command: run, --check and --schema, with sysexits-style exit codes; and `sockd bench`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from sockd import __version__
+from sockd import __version__, bench
 from sockd.config import Config, ConfigError, load
 from sockd.logging import configure
 from sockd.sockets import BindError
@@ -18,7 +18,15 @@ EX_OSERR = 71  # sysexits.h: an operating system error, here a socket that canno
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sockd", description="Serve sockets declared in a YAML file.")
+    arguments = sys.argv[1:] if argv is None else argv
+    # A subcommand with a parser of its own, dispatched first so the main parser stays as it is.
+    if arguments[:1] == ["bench"]:
+        return bench.main(arguments[1:])
+    parser = argparse.ArgumentParser(
+        prog="sockd",
+        description="Serve sockets declared in a YAML file.",
+        epilog="sockd bench: measure a sockd on this machine (sockd bench --help).",
+    )
     parser.add_argument("-c", "--config", metavar="FILE", help="the config file (YAML)")
     parser.add_argument("--check", action="store_true", help="validate the config file and exit")
     parser.add_argument("--schema", action="store_true", help="print the config file's JSON Schema and exit")

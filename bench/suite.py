@@ -1,0 +1,107 @@
+"""`make bench`: the performance tables of the project, sockd's models beside the bare peers.
+
+Each workload is one run of ../shared/bench/compare.py (interleaved rounds, server on CPU 0,
+load on CPU 1), whose first server is the reference of the ratios it prints. sockd runs with
+metrics enabled, as in production. This is not part of `make test`: it takes minutes and its
+numbers belong to the machine it ran on.
+
+    .venv/bin/python bench/suite.py [--rounds 3] [--seconds 3] [WORKLOAD ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+COMPARE = HERE.parent.parent / "shared" / "bench" / "compare.py"
+SERVE = f"{shlex.quote(sys.executable)} {HERE / 'serve.py'}"
+
+
+def sockd(*options: str, where: str = "{port}") -> str:
+    return f"{SERVE} {where} {' '.join(options)}"
+
+
+def models(protocol: str, handler: str, names: list[str]) -> list[str]:
+    """sockd under each model (thread_pool sized for the load's 50 connections)."""
+    servers = []
+    for name in names:
+        extra = ["--option", "threads=50"] if name == "thread_pool" else []
+        servers.append(
+            f"sockd-{name}={sockd('--protocol', protocol, '--handler', handler, '--concurrency', name, *extra)}"
+        )
+    return servers
+
+
+WORKLOADS: dict[str, tuple[list[str], list[str]]] = {
+    # name: (compare.py arguments, servers: the first is the reference)
+    "tcp-echo": (
+        ["tcp-echo"],
+        [
+            "c",
+            "uvloop",
+            "asyncio",
+            "go",
+            "threaded",
+            *models("tcp", "echo", ["asyncio", "selector", "busy_poll", "threaded", "thread_pool"]),
+            f"sockd-asyncio-stdlib={sockd('--option', 'event_loop=asyncio')}",
+            f"sockd-asyncio-2-workers={sockd('--option', 'workers=2')}",
+        ],
+    ),
+    "udp-echo": (
+        ["udp-echo", "--conns", "20"],
+        [
+            "c-udp",
+            "python-udp",
+            "uvloop-udp",
+            "asyncio-udp",
+            *models("udp", "echo", ["iterative", "asyncio", "selector", "thread_pool"]),
+        ],
+    ),
+    "timestamp": (
+        ["timestamp"],
+        [
+            "seed-iterative",
+            "uvloop-stamp",
+            "asyncio-stamp",
+            "seed-thread",
+            *models("tcp", "timestamp", ["iterative", "asyncio", "selector", "threaded"]),
+        ],
+    ),
+    "unix-echo": (
+        ["unix-echo"],
+        [
+            f"sockd-asyncio-unix={sockd('--protocol', 'unix', where='{sock}')}",
+            f"sockd-selector-unix={sockd('--protocol', 'unix', '--concurrency', 'selector', where='{sock}')}",
+        ],
+    ),
+    "idle": (["idle", "--conns", "8000"], ["uvloop", "asyncio", "threaded", f"sockd-asyncio={sockd()}"]),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("workloads", nargs="*", metavar="WORKLOAD", help=f"{', '.join(WORKLOADS)} (default: all)")
+    parser.add_argument("--rounds", default="3")
+    parser.add_argument("--seconds", default="3")
+    args = parser.parse_args()
+    if unknown := set(args.workloads) - set(WORKLOADS):
+        parser.error(f"unknown workload: {', '.join(sorted(unknown))}")
+    if not COMPARE.exists():
+        print(f"bench: {COMPARE} is missing: the benchmark peers live in ../shared/bench", file=sys.stderr)
+        return 1
+    for name in args.workloads or WORKLOADS:
+        options, servers = WORKLOADS[name]
+        timing = ["--rounds", args.rounds, "--seconds", args.seconds]
+        print(f"== {name}", flush=True)
+        done = subprocess.run([sys.executable, str(COMPARE), *options, *timing, *servers], check=False)
+        if done.returncode:
+            return done.returncode
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

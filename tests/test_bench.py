@@ -1,0 +1,143 @@
+"""`sockd bench`, run as a user runs it (`python -m sockd bench`) against a real sockd. Only sanity:
+numbers that add up, never timings."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from typing import Any, get_args
+
+import pytest
+from conftest import Daemon, StartSockd, listener, run_sockd, short_directory
+
+from sockd.config import ModelName
+
+EX_USAGE = 2  # argparse
+SHORT = ("--duration", "1", "--processes", "2")  # every run is brief
+
+
+@pytest.fixture(scope="module")
+def daemon(start_module_sockd: StartSockd) -> Iterator[Daemon]:
+    """One sockd for the module: echo over each protocol, and the seed's timestamp server."""
+    with short_directory() as directory:
+        running = start_module_sockd(
+            [
+                listener("tcp", "tcp", "echo", "asyncio"),
+                listener("tcp6", "tcp", "echo", "selector", "::1"),
+                listener("udp", "udp", "echo", "asyncio"),
+                listener("unix", "unix", "echo", "selector", directory / "echo.sock"),
+                listener("time", "tcp", "timestamp", "threaded"),
+            ]
+        )
+        yield running
+        assert running.stop() == 0  # before its Unix socket's directory goes
+
+
+def target(daemon: Daemon, name: str) -> str:
+    address = daemon.address(name)
+    protocol = "unix" if address.startswith("/") else "udp" if name == "udp" else "tcp"
+    return f"{protocol}://{address}"
+
+
+def bench_json(*args: str, timeout: float = 60) -> dict[str, Any]:
+    result = run_sockd("bench", *args, "--json", timeout=timeout)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    report = json.loads(result.stdout)
+    assert isinstance(report, dict)
+    return report
+
+
+def assert_sane(report: dict[str, Any]) -> None:
+    assert report["requests"] > 0
+    assert report["errors"] == 0
+    assert report["requests_per_second"] > 0
+    latency = report["latency_us"]
+    assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["p99_9"]
+
+
+@pytest.mark.parametrize("name", ["tcp", "tcp6", "udp", "unix"])
+def test_echo(daemon: Daemon, name: str) -> None:
+    url = target(daemon, name)
+    report = bench_json(url, *SHORT, "--connections", "3", "--size", "100")
+    assert_sane(report)
+    assert report["target"] == url
+    assert report["mode"] == "echo"
+    assert (report["connections"], report["size"], report["processes"]) == (3, 100, 2)
+    assert report["duration"] > 0
+
+
+def test_a_reply_larger_than_a_read(daemon: Daemon) -> None:
+    report = bench_json(target(daemon, "tcp"), *SHORT, "--connections", "2", "--size", "300000")
+    assert_sane(report)
+
+
+def test_connect_mode_against_the_timestamp_server(daemon: Daemon) -> None:
+    report = bench_json(target(daemon, "time"), *SHORT, "--connections", "3", "--mode", "connect")
+    assert_sane(report)
+    assert report["mode"] == "connect"
+
+
+def test_the_human_table(daemon: Daemon) -> None:
+    result = run_sockd("bench", target(daemon, "tcp"), *SHORT, "--connections", "2")
+    assert result.returncode == 0, result.stderr
+    for word in ("requests/s", "p50", "p99", "p99.9", "errors", "connections", "processes"):
+        assert word in result.stdout
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(result.stdout)
+    assert "\r" not in result.stderr  # no progress line where stderr is not a terminal
+
+
+def test_a_closed_port_fails_every_request() -> None:
+    # Bound but not listening: the port is refused, and nobody else can take it meanwhile.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+        result = run_sockd("bench", url, *SHORT, "--connections", "2", "--json")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert report["requests"] == 0
+    assert report["errors"] > 0
+    assert report["latency_us"]["p50"] is None
+    assert result.stderr.splitlines() == [
+        f"sockd bench: no request succeeded: {report['errors']} errors (connection refused: {report['errors']})"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("udp://127.0.0.1:9", "--mode", "connect"), "--mode connect needs a stream"),
+        ((), "a target is required"),
+        (("tcp://192.0.2.1:80",), "is not a loopback address"),
+        (("tcp://127.0.0.1",), "a target is tcp://HOST:PORT"),
+        (("unix://relative.sock",), "an absolute path"),
+        (("udp://127.0.0.1:9", "--size", "70000"), "at most 65507 bytes over UDP"),
+        (("tcp://127.0.0.1:9", "--delay", "1"), "--delay: only with --models"),
+        (("--models", "tcp://127.0.0.1:9"), "give no target"),
+        (("--models", "--mode", "connect"), "takes the mode from --handler"),
+        (("tcp://127.0.0.1:9", "--connections", "0"), "must be from 1"),
+        (("tcp://127.0.0.1:9", "--duration", "nan"), "must be above 0"),
+    ],
+)
+def test_usage_errors(args: tuple[str, ...], message: str) -> None:
+    result = run_sockd("bench", *args)
+    assert result.returncode == EX_USAGE
+    assert result.stdout == ""
+    assert result.stderr.startswith("usage: sockd bench ")
+    assert message in result.stderr.splitlines()[-1]
+
+
+def test_models_side_by_side() -> None:
+    """Six daemons, one after the other: one test, kept short."""
+    result = run_sockd("bench", "--models", "--duration", "0.5", "--connections", "4", "--json", timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    reports = json.loads(result.stdout)
+    assert [report["model"] for report in reports] == list(get_args(ModelName))
+    for report in reports:
+        assert report["requests"] > 0, report
+        assert report["errors"] == 0, report
+        assert report["mode"] == "echo"
+        assert report["target"].startswith("tcp://127.0.0.1:")
