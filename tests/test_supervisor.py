@@ -432,7 +432,16 @@ def test_running_out_of_descriptors_pauses_accepting_and_recovers(start_sockd: L
     finally:
         for sock in held:
             sock.close()
-    assert request(address, b"recovered") == b"recovered"
+    # Recovered by itself once descriptors are free again. (uvloop sheds the connections it
+    # cannot accept while out of descriptors: one arriving as it frees them may still be reset.)
+    answers: list[bytes] = []
+    deadline = time.monotonic() + 10
+    while answers[-1:] != [b"recovered"] and time.monotonic() < deadline:
+        try:
+            answers.append(request(address, b"recovered"))
+        except ConnectionResetError:
+            time.sleep(0.1)
+    assert answers[-1:] == [b"recovered"]
     assert not [e for e in daemon.events if e.get("event") == "worker died; restarting"]
 
 
