@@ -37,6 +37,8 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, Literal, TextIO, cast, get_args
 
+from sockd.stdout import emit
+
 Protocol = Literal["tcp", "udp", "unix"]
 Mode = Literal["echo", "connect"]
 HandlerName = Literal["echo", "timestamp"]
@@ -595,15 +597,6 @@ def _models_table(caption: str, reports: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _emit(text: str) -> None:
-    """Print to stdout; a reader that stops early (`| head`) is not an error."""
-    try:
-        print(text, flush=True)
-    except BrokenPipeError:
-        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
 # ---------------------------------------------------------------------------------------------
 # --models: a sockd per concurrency model
 
@@ -709,13 +702,13 @@ def _run_models(args: argparse.Namespace) -> int:
             reports.append({"model": model, **summary(load, tally)})
             status = max(status, _verdict(tally, f"{model}: "))
     if args.json:
-        _emit(json.dumps(reports))
+        emit(json.dumps(reports))
     else:
         caption = (
             f"{protocol} {handler} (mode {mode}), delay {delay:g} s: {args.connections} connections, "
             f"{args.size} bytes, {args.duration:g} s per model, {min(args.processes, args.connections)} processes"
         )
-        _emit(_models_table(caption, reports))
+        emit(_models_table(caption, reports))
     return status
 
 
@@ -851,5 +844,5 @@ def _run_one(args: argparse.Namespace, target: Target) -> int:
     )
     tally = _measure(load)
     report = summary(load, tally)
-    _emit(json.dumps(report) if args.json else _table(report))
+    emit(json.dumps(report) if args.json else _table(report))
     return _verdict(tally)

@@ -7,10 +7,11 @@ import json
 import os
 import sys
 
-from sockd import __version__, bench
+from sockd import __version__
 from sockd.config import Config, ConfigError, load
 from sockd.logging import configure
 from sockd.sockets import BindError
+from sockd.stdout import emit
 from sockd.supervisor import Supervisor
 
 EX_CONFIG = 78  # sysexits.h: configuration error
@@ -21,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else argv
     # A subcommand with a parser of its own, dispatched first so the main parser stays as it is.
     if arguments[:1] == ["bench"]:
+        from sockd import bench  # noqa: PLC0415 (imported here: the daemon never needs it)
+
         return bench.main(arguments[1:])
     parser = argparse.ArgumentParser(
         prog="sockd",
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.schema:
         schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **Config.model_json_schema()}
-        _print(json.dumps(schema, indent=2))
+        emit(json.dumps(schema, indent=2))
         return os.EX_OK
     if args.config is None:
         parser.error("the config file is required: sockd -c FILE")
@@ -46,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return EX_CONFIG
     if args.check:
         count = len(config.listeners)
-        _print(f"{args.config}: OK, {count} listener{'s' if count != 1 else ''}")
+        emit(f"{args.config}: OK, {count} listener{'s' if count != 1 else ''}")
         return os.EX_OK
 
     configure(config.logging)
@@ -55,12 +58,3 @@ def main(argv: list[str] | None = None) -> int:
     except BindError as exc:
         print(f"sockd: {exc}", file=sys.stderr)
         return EX_OSERR
-
-
-def _print(text: str) -> None:
-    """Print to stdout; a reader that stops early (`sockd --schema | head`) is not an error."""
-    try:
-        print(text, flush=True)
-    except BrokenPipeError:
-        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

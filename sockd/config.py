@@ -126,10 +126,6 @@ class MetricsConfig(_Frozen):
             raise ValueError("must be in increasing order, each bound once")
         return buckets
 
-    @property
-    def bounds_ns(self) -> list[int]:
-        return [round(bound * 1e9) for bound in self.buckets]
-
 
 class LoggingConfig(_Frozen):
     level: Literal["debug", "info", "warning", "error"] = "info"

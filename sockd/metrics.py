@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 from sockd import __version__
 from sockd.config import Listener, MetricsConfig
 from sockd.counters import ERROR_KINDS, Totals
+from sockd.sockets import inet_address
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ class Exporter:
         server: type[_Server] = type("Server", (_Server,), {"address_family": family})
         self.server = make_server(settings.host, settings.port, self._app, server, _QuietHandler)
         host, port = self.server.socket.getsockname()[:2]
-        self.address = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        self.address = inet_address(family, host, port)
 
     def start(self) -> None:
         threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True).start()

@@ -49,7 +49,7 @@ def adopt(listener: Listener, sock: socket.socket) -> Bound:
     kind = socket.SOCK_DGRAM if listener.protocol == "udp" else socket.SOCK_STREAM
     families = (socket.AF_UNIX,) if listener.protocol == "unix" else (socket.AF_INET, socket.AF_INET6)
     name = sock.getsockname()
-    address = name if isinstance(name, str) else _inet_address(sock.family, name[0], name[1])
+    address = name if isinstance(name, str) else inet_address(sock.family, name[0], name[1])
     if sock.type != kind or sock.family not in families:
         what = f"{socket.AddressFamily(sock.family).name} {socket.SocketKind(sock.type).name} {address}"
         raise BindError(
@@ -86,10 +86,10 @@ def _bind_inet(listener: InetListener) -> Bound:
         if kind == socket.SOCK_STREAM:
             sock.listen(socket.SOMAXCONN)
         host, port = sock.getsockname()[:2]
-    return Bound(listener, sock, _inet_address(family, host, port))
+    return Bound(listener, sock, inet_address(family, host, port))
 
 
-def _inet_address(family: int, host: str, port: int) -> str:
+def inet_address(family: int, host: str, port: int) -> str:
     return f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
 
 

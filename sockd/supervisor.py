@@ -231,6 +231,8 @@ class Supervisor:
             last_successful=success,
             last_success_time=time.time() if success else last.last_success_time,
         )
+        # The reason on its own first, then READY=1 carrying it again, so that `systemctl status`
+        # shows why before the reload ends and after.
         self.notifier.status(status)
         self.notifier.ready(status)
 
@@ -336,7 +338,7 @@ class Supervisor:
                 listen_fd=slot.bound.sock.fileno(),
                 channel_fd=theirs.fileno(),
                 counters_fd=counters_fd,
-                bounds_ns=self.config.metrics.bounds_ns,
+                buckets=self.config.metrics.buckets,
                 metrics=self.config.metrics.enabled,
                 shutdown_timeout=self.config.shutdown_timeout,
                 worker_timeout=self.config.worker_timeout,
@@ -391,20 +393,19 @@ class Supervisor:
         if worker.process.poll() is None:
             log.warning("killing worker", listener=worker.slot.listener.name, pid=worker.process.pid, why=why)
             worker.process.kill()
-            worker.process.wait()
-        self._reap()
+            worker.process.wait()  # the next turn of the loop reaps it
 
     def _check_heartbeats(self, now: float) -> None:
         timeout = self.config.worker_timeout
         for worker in list(self._workers()):
             if not worker.ready:
-                if now - worker.started > max(timeout, BOOT_TIMEOUT) and worker.process.poll() is None:
+                if now - worker.started > max(timeout, BOOT_TIMEOUT):
                     self._kill(worker, "never became ready")
                 continue  # still starting: its heartbeat begins once it serves
             beat = worker.counters.heartbeat()
             if beat != worker.heartbeat:
                 worker.heartbeat, worker.beat_at = beat, now
-            elif now - worker.beat_at > timeout and worker.process.poll() is None:
+            elif now - worker.beat_at > timeout:
                 self._kill(worker, f"no heartbeat for {timeout:g} s")
 
     def _reap(self) -> None:

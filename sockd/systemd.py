@@ -38,11 +38,11 @@ class Notifier:
     def reloading(self) -> None:
         self.send("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
 
-    def stopping(self, status: str) -> None:
-        self.send("STOPPING=1", f"STATUS={status}")
-
     def status(self, status: str) -> None:
         self.send(f"STATUS={status}")
+
+    def stopping(self, status: str) -> None:
+        self.send("STOPPING=1", f"STATUS={status}")
 
     def watchdog(self) -> None:
         self.send("WATCHDOG=1")

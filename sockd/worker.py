@@ -33,7 +33,7 @@ class WorkerSpec(BaseModel):
     listen_fd: int
     channel_fd: int
     counters_fd: int  # the shared memory the worker publishes its counts to
-    bounds_ns: list[int]  # the request duration histogram's bucket bounds
+    buckets: list[float]  # the request duration histogram's bucket bounds, in seconds
     metrics: bool  # whether anybody will read the counts (else requests are not timed)
     shutdown_timeout: float  # how long a drain may take, even with no supervisor left to end it
     worker_timeout: float  # a request busy for half of this stops the heartbeat (blocking models)
@@ -55,8 +55,8 @@ def main(argv: list[str]) -> int:
     channel = socket.socket(fileno=spec.channel_fd)
     sock = socket.socket(fileno=spec.listen_fd)
     sock.setblocking(False)  # see sockd.models: every model takes the listener as non-blocking
-    shared = counters.Shared(spec.counters_fd, len(spec.bounds_ns) + 1)
-    stats = counters.Stats(shared, spec.bounds_ns, enabled=spec.metrics, stuck_after=spec.worker_timeout / 2)
+    shared = counters.Shared(spec.counters_fd, len(spec.buckets) + 1)
+    stats = counters.Stats(shared, spec.buckets, enabled=spec.metrics, stuck_after=spec.worker_timeout / 2)
     model = models.factory(listener.concurrency)(listener, handlers.build(listener), stats)
     threading.Thread(target=_stop_when_closed, args=(channel, stop), daemon=True).start()
     stop.on_set(lambda: _exit_after(spec.shutdown_timeout))

@@ -24,9 +24,7 @@ def loop_factory(choice: EventLoop) -> Callable[[], asyncio.AbstractEventLoop]:
         return asyncio.new_event_loop
     try:
         uvloop = importlib.import_module("uvloop")
-    except ImportError:  # optional: it has wheels for Linux and macOS only
-        if choice == "uvloop":
-            raise
+    except ImportError:  # optional (wheels for Linux and macOS); config refuses event_loop: uvloop then
         return asyncio.new_event_loop
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory

@@ -69,6 +69,7 @@ class OpenConnections:
         """Serve one connection to its end with blocking calls, then close it."""
         recorder.connections += 1
         session = handler.session()
+        answered = False
         try:
             with conn:
                 while True:
@@ -76,8 +77,9 @@ class OpenConnections:
                     if not data:
                         conn.sendall(session.eof())
                         return
-                    started = recorder.clock()
-                    recorder.busy_since = time.monotonic()
+                    # One clock read for both the histogram and the heartbeat (see Stats.publish),
+                    # which must tell time even when metrics are off.
+                    started = recorder.busy_since = time.monotonic()
                     reply = session.feed(data)
                     if delay:
                         time.sleep(delay)
@@ -86,7 +88,8 @@ class OpenConnections:
                     recorder.busy_since = 0.0
                     if session.closing:
                         return
-                    if conn not in self._answered:
+                    if not answered:
+                        answered = True
                         self._answered.add(conn)
                         if stop.is_set:  # the drain passed it by while it had no answer yet
                             shutdown_read(conn.fileno())
@@ -109,7 +112,8 @@ def answer(
     recorder: Recorder,
     started: float,
 ) -> None:
-    recorder.busy_since = time.monotonic()
+    """Answer one datagram; `started` is the time.monotonic() of its arrival."""
+    recorder.busy_since = started
     try:
         reply = handler.datagram(data)
         if reply is None:

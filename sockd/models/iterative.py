@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 from sockd.models import Stop
 from sockd.models.blocking import BlockingModel, OpenConnections, accepted, answer, received
@@ -13,7 +14,7 @@ class Model(BlockingModel):
         with self.stats.recorder() as recorder:
             if sock.type == socket.SOCK_DGRAM:
                 for data, sender in received(sock, stop):
-                    answer(sock, self.handler, self.delay, data, sender, recorder=recorder, started=recorder.clock())
+                    answer(sock, self.handler, self.delay, data, sender, recorder=recorder, started=time.monotonic())
                 return
             connections = OpenConnections(stop)
             for conn in accepted(sock, stop):

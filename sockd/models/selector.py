@@ -109,7 +109,8 @@ class EventLoop:
         if not self.stop.is_set:
             return  # the busy selector reports the stop as ready on every turn
         self.selector.unregister(self.stop)
-        self.selector.unregister(self.sock)
+        if self.sock in self.selector.get_map():  # not while accepting is paused (out of resources)
+            self.selector.unregister(self.sock)
         for conn in self.connections:
             if conn.answered:
                 shutdown_read(conn.sock.fileno())

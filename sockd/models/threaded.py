@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 from sockd.models import Address, Stop
 from sockd.models.blocking import BlockingModel, OpenConnections, Threads, accepted, answer, received
@@ -12,9 +13,8 @@ class Model(BlockingModel):
     def serve(self, sock: socket.socket, stop: Stop) -> None:
         threads = Threads()
         if sock.type == socket.SOCK_DGRAM:
-            clock = self.stats.kind.clock
             for data, sender in received(sock, stop):
-                threads.start(self._answer, sock, data, sender, clock())
+                threads.start(self._answer, sock, data, sender, time.monotonic())
         else:
             connections = OpenConnections(stop)
             for conn in accepted(sock, stop):
