@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_core import ErrorDetails
 
 Protocol = Literal["tcp", "udp", "unix"]
-HandlerName = Literal["echo", "timestamp"]
+HandlerName = Literal["echo", "timestamp", "discard", "daytime", "time"]
 ModelName = Literal["iterative", "threaded", "thread_pool", "busy_poll", "selector", "asyncio"]
 SelectorBackend = Literal["auto", "select", "poll", "epoll"]
 EventLoop = Literal["auto", "asyncio", "uvloop"]

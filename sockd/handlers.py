@@ -1,8 +1,9 @@
 """Sans-IO handlers: bytes in, reply bytes out. No handler touches a socket.
 
-A stream connection gets a `Session` from `Handler.session()`: the model feeds it each chunk it
-reads and writes back what `feed` returns; once `closing` is true the model writes that last reply
-and closes. At the client's EOF the model writes what `eof()` returns and closes. A datagram is
+A stream connection gets a `Session` from `Handler.session()`. If its `greeting()` is not None,
+the model writes it at once and closes. Otherwise the model feeds it each chunk it reads and
+writes back what `feed` returns; once `closing` is true the model writes that last reply and
+closes. At the client's EOF the model writes what `eof()` returns and closes. A datagram is
 answered with whatever `Handler.datagram` returns (None: no reply).
 """
 
@@ -13,12 +14,14 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from sockd.config import Listener, TimestampFormat
+from sockd.config import HandlerName, Listener, TimestampFormat
 
 
 class Session(Protocol):
     @property
     def closing(self) -> bool: ...
+
+    def greeting(self) -> bytes | None: ...
 
     def feed(self, data: bytes) -> bytes: ...
 
@@ -31,27 +34,41 @@ class Handler(Protocol):
     def datagram(self, data: bytes) -> bytes | None: ...
 
 
-class Echo:
-    """Every byte comes back; a stream stays open until the client closes its side."""
+class Stateless:
+    """A handler that keeps no per-connection state is its own session: no allocation per
+    accept on the hot path. By default it says nothing and answers nothing."""
 
     closing = False
 
-    # Echo keeps no per-connection state, so one session serves every connection: no allocation
-    # per accept on the hot path.
-    def session(self) -> Echo:
+    def session(self) -> Stateless:
         return self
 
+    def greeting(self) -> bytes | None:
+        """What to say at connect, before any request; a session that greets says all it has
+        then, and the connection closes (the RFC services). None: wait for requests."""
+        return None
+
     def feed(self, data: bytes) -> bytes:
-        return data
+        return b""
 
     def eof(self) -> bytes:
         return b""
+
+    def datagram(self, data: bytes) -> bytes | None:
+        return None
+
+
+class Echo(Stateless):
+    """Every byte comes back; a stream stays open until the client closes its side."""
+
+    def feed(self, data: bytes) -> bytes:
+        return data
 
     def datagram(self, data: bytes) -> bytes:
         return data
 
 
-class Timestamp:
+class Timestamp(Stateless):
     """The seed's server: the current time after the first chunk, then close; one per datagram."""
 
     closing = True
@@ -59,17 +76,43 @@ class Timestamp:
     def __init__(self, clock: Callable[[], str]) -> None:
         self.stamp = clock
 
-    def session(self) -> Timestamp:
-        return self
-
     def feed(self, data: bytes) -> bytes:
         return self.stamp().encode()
 
-    def eof(self) -> bytes:
-        return b""
-
     def datagram(self, data: bytes) -> bytes:
         return self.stamp().encode()
+
+
+class Discard(Stateless):
+    """RFC 863: reads and drops everything; no datagram is answered."""
+
+
+class Announce(Stateless):
+    """Says one thing at connect and closes; answers any datagram with it (RFC 867, RFC 868)."""
+
+    def __init__(self, say: Callable[[], bytes]) -> None:
+        self.say = say
+
+    def greeting(self) -> bytes:
+        return self.say()
+
+    def datagram(self, data: bytes) -> bytes:
+        return self.say()
+
+
+# RFC 868 counts seconds since 1900-01-01 00:00 UTC, not since 1970 (70 years, 17 of them leap).
+SECONDS_1900_TO_1970 = 2_208_988_800
+
+
+def rfc868_time() -> bytes:
+    """The time as a 32-bit big-endian count of seconds since 1900 (it wraps in 2036)."""
+    return ((int(time.time()) + SECONDS_1900_TO_1970) % 2**32).to_bytes(4, "big")
+
+
+def daytime() -> bytes:
+    """RFC 867 leaves the form free; this is the one it suggests: "Weekday, Month Day, Year
+    Time-Zone", in local time."""
+    return time.strftime("%A, %B %d, %Y %H:%M:%S-%Z\r\n").encode()
 
 
 CLOCKS: dict[TimestampFormat, Callable[[], str]] = {
@@ -78,8 +121,14 @@ CLOCKS: dict[TimestampFormat, Callable[[], str]] = {
     "unix": lambda: f"{time.time():.6f}",
 }
 
+HANDLERS: dict[HandlerName, Callable[[Listener], Handler]] = {
+    "echo": lambda listener: Echo(),
+    "timestamp": lambda listener: Timestamp(CLOCKS[listener.timestamp_format]),
+    "discard": lambda listener: Discard(),
+    "daytime": lambda listener: Announce(daytime),
+    "time": lambda listener: Announce(rfc868_time),
+}
+
 
 def build(listener: Listener) -> Handler:
-    if listener.handler == "timestamp":
-        return Timestamp(CLOCKS[listener.timestamp_format])
-    return Echo()
+    return HANDLERS[listener.handler](listener)

@@ -111,7 +111,8 @@ def test_a_bad_config_without_check_is_the_same_error(tmp_path: Path) -> None:
     path.write_text(EXAMPLE.replace("handler: echo", "handler: ping", 1))
     result = run_sockd("-c", str(path))
     assert result.returncode == EX_CONFIG
-    assert result.stderr == f"{path}:14: listeners[0].handler: input should be 'echo' or 'timestamp'\n"
+    expected = "input should be 'echo', 'timestamp', 'discard', 'daytime' or 'time'"
+    assert result.stderr == f"{path}:14: listeners[0].handler: {expected}\n"
 
 
 # ---------------------------------------------------------------------------------------------

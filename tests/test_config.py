@@ -459,7 +459,7 @@ def test_unknown_handler(tmp_path: Path) -> None:
             handler: reverse
             concurrency: threaded
         """,
-        (6, "listeners[0].handler", "input should be 'echo' or 'timestamp'"),
+        (6, "listeners[0].handler", "input should be 'echo', 'timestamp', 'discard', 'daytime' or 'time'"),
     )
 
 
@@ -846,7 +846,7 @@ def test_every_problem_is_reported_in_line_order(tmp_path: Path) -> None:
         """,
         (8, "listeners[1].host", "required"),
         (10, "listeners[1].port", "input should be less than or equal to 65535"),
-        (11, "listeners[1].handler", "input should be 'echo' or 'timestamp'"),
+        (11, "listeners[1].handler", "input should be 'echo', 'timestamp', 'discard', 'daytime' or 'time'"),
         (14, "logging.level", "input should be 'debug', 'info', 'warning' or 'error'"),
     )
 

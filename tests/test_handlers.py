@@ -61,3 +61,35 @@ def test_iso8601_is_utc_with_an_explicit_offset() -> None:
 
 def test_build_picks_the_handler_by_name() -> None:
     assert isinstance(build(_listener(handler="echo")), Echo)
+
+
+def test_discard_answers_nothing() -> None:
+    session = build(_listener(handler="discard")).session()
+    assert session.greeting() is None
+    assert session.feed(b"anything") == b""
+    assert not session.closing
+    assert build(_listener(handler="discard")).datagram(b"dropped") is None
+
+
+def test_time_counts_seconds_since_1900_big_endian() -> None:
+    # RFC 868's own examples: 2,208,988,800 is 1970-01-01 00:00 GMT.
+    epoch_1970 = datetime.datetime(1970, 1, 1) - datetime.datetime(1900, 1, 1)
+    assert epoch_1970.total_seconds() == 2_208_988_800
+    handler = build(_listener(handler="time"))
+    said = handler.session().greeting()
+    assert said is not None
+    assert len(said) == 4
+    assert abs(int.from_bytes(said, "big") - (time.time() + 2_208_988_800)) < 2
+    assert (
+        handler.datagram(b"") == said
+        or abs(int.from_bytes(handler.datagram(b"") or b"", "big") - int.from_bytes(said, "big")) <= 1
+    )
+
+
+def test_daytime_is_one_readable_line() -> None:
+    said = build(_listener(handler="daytime")).session().greeting()
+    assert said is not None
+    assert said.endswith(b"\r\n")
+    assert b"\n" not in said[:-1]
+    when = datetime.datetime.strptime(said.decode().rstrip("\r\n").rsplit("-", 1)[0], "%A, %B %d, %Y %H:%M:%S")
+    assert abs(when - datetime.datetime.now()) < datetime.timedelta(minutes=1)

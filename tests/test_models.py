@@ -18,6 +18,7 @@ from conftest import (
     Launcher,
     connect,
     datagram,
+    inet,
     read_to_eof,
     request,
     short_directory,
@@ -225,3 +226,36 @@ def test_concurrency_experiment_groups_clients_as_the_seed_shows(
     waves = 1 + sum(1 for a, b in itertools.pairwise(times) if b - a > DELAY / 2)
     print(f"{model} {protocol}: {CLIENTS} clients done in {times[-1]:.2f}s, waves at {[round(t, 2) for t in times]}")
     assert waves == WAVES[model], times
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_the_inetd_services(start_sockd: Launcher, model: str) -> None:
+    daemon = start_sockd(
+        [
+            entry(f"{protocol}-{name}", protocol, name, model)
+            for protocol in ("tcp", "udp")
+            for name in ("discard", "daytime", "time")
+        ]
+    )
+
+    def told(name: str) -> bytes:
+        """What a stream service says unasked before it closes; a datagram service's answer."""
+        if name.startswith("udp"):
+            return datagram(daemon.address(name), b"?")
+        with connect(daemon.address(name)) as sock:
+            return read_to_eof(sock)
+
+    now_since_1900 = time.time() + 2_208_988_800
+    for protocol in ("tcp", "udp"):
+        said = told(f"{protocol}-time")
+        assert len(said) == 4
+        assert abs(int.from_bytes(said, "big") - now_since_1900) < 5
+        line = told(f"{protocol}-daytime")
+        assert line.endswith(b"\r\n")
+        assert str(time.localtime().tm_year).encode() in line
+    assert request(daemon.address("tcp-discard"), os.urandom(256 << 10)) == b""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.5)
+        sock.sendto(b"into the void", inet(daemon.address("udp-discard")))
+        with pytest.raises(TimeoutError):
+            sock.recv(1)

@@ -101,6 +101,9 @@ class StreamProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
         self.model.busy.add(self)
         self.recorder.connections += 1
+        greeting = self.session.greeting()
+        if greeting is not None:  # it says all it has at connect, then closes
+            self._reply(greeting, True, 0, self.recorder.clock())
 
     def data_received(self, data: bytes) -> None:
         started = self.recorder.clock()

@@ -72,6 +72,12 @@ class OpenConnections:
         answered = False
         try:
             with conn:
+                greeting = session.greeting()
+                if greeting is not None:  # it says all it has at connect, then closes
+                    started = time.monotonic()
+                    conn.sendall(greeting)
+                    recorder.request(0, len(greeting), started)
+                    return
                 while True:
                     data = conn.recv(BUFSIZE)
                     if not data:

@@ -160,7 +160,12 @@ class EventLoop:
         self.recorder.connections += 1
         conn = Connection(client, self.handler.session(), lambda events: self._on_ready(conn, events))
         self.connections.add(conn)
-        self._update(conn)
+        greeting = conn.session.greeting()
+        if greeting is None:
+            self._update(conn)
+        else:  # it says all it has at connect, then closes
+            conn.reading = False
+            self._reply(conn, greeting, True, received=0, started=self.recorder.clock())
 
     def _resume_accepting(self) -> None:
         if not self.stop.is_set:
@@ -186,17 +191,25 @@ class EventLoop:
             reply, closing = conn.session.feed(data), conn.session.closing
         else:
             reply, closing = conn.session.eof(), True
+        received = len(data) if data else None  # what is said at EOF answers no request
         if self.delay and data:
             conn.delayed += 1
-            self._later(lambda: self._reply(conn, reply, closing, received=len(data), started=started, delayed=True))
+            self._later(lambda: self._reply(conn, reply, closing, received=received, started=started, delayed=True))
         else:
-            self._reply(conn, reply, closing, received=len(data), started=started)
+            self._reply(conn, reply, closing, received=received, started=started)
 
     def _reply(
-        self, conn: Connection, reply: bytes, closing: bool, *, received: int, started: float, delayed: bool = False
+        self,
+        conn: Connection,
+        reply: bytes,
+        closing: bool,
+        *,
+        received: int | None,
+        started: float,
+        delayed: bool = False,
     ) -> None:
         """Send `reply` (what the kernel will not take yet waits in `conn.out`); `received` is the
-        size of the request it answers, 0 for what is said at the client's EOF."""
+        size of the request it answers (0 for a greeting), None for what is said at the client's EOF."""
         conn.delayed -= delayed
         if conn.closed:
             return
@@ -211,7 +224,7 @@ class EventLoop:
                 self._lost(conn, exc)
                 return
         conn.out += reply
-        if received:
+        if received is not None:
             self.recorder.request(received, size, started)
             if not conn.answered:
                 conn.answered = True
