@@ -409,23 +409,23 @@ class Supervisor:
                 self._kill(worker, f"no heartbeat for {timeout:g} s")
 
     def _reap(self) -> None:
-        for slot in [*self.slots.values(), *self.leaving]:
-            for worker in list(slot.workers()):
-                if worker.process.poll() is None:
-                    continue
-                self._close_channel(worker)
-                final = worker.counters.read()
-                final.closed = final.connections  # a dead worker holds no connection open
-                place = next((place for place in slot.places if place.worker is worker), None)
-                with self.counting:
-                    slot.retired.add(final)
-                    slot.draining.discard(worker)
-                    if place is not None:
-                        place.worker = None
-                    if slot in self.leaving and not any(slot.workers()):
-                        self.leaving.remove(slot)
-                worker.counters.close()
-                self._exited(slot, worker, place)
+        for worker in list(self._workers()):
+            if worker.process.poll() is None:
+                continue
+            slot = worker.slot
+            self._close_channel(worker)
+            final = worker.counters.read()
+            final.closed = final.connections  # a dead worker holds no connection open
+            place = next((place for place in slot.places if place.worker is worker), None)
+            with self.counting:
+                slot.retired.add(final)
+                slot.draining.discard(worker)
+                if place is not None:
+                    place.worker = None
+                if slot in self.leaving and not any(slot.workers()):
+                    self.leaving.remove(slot)
+            worker.counters.close()
+            self._exited(slot, worker, place)
 
     def _exited(self, slot: Slot, worker: Worker, place: Place | None) -> None:
         name, pid, code = slot.listener.name, worker.process.pid, worker.process.returncode

@@ -17,9 +17,13 @@ import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import structlog
+
 from sockd.config import Listener, ModelName
 from sockd.counters import Stats
 from sockd.handlers import Handler
+
+log = structlog.get_logger()
 
 # Where a datagram came from, as recvfrom() says: (host, port[, ...]) or a Unix path.
 Address = tuple[Any, ...] | str
@@ -28,6 +32,15 @@ Address = tuple[Any, ...] | str
 # the connections already open go on being served (rather than spinning, or dying).
 OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 RESOURCE_PAUSE = 0.1
+
+
+def accept_failed(exc: OSError) -> None:
+    """Re-raise what accept() failed with, unless it is running out of resources: then say so;
+    the caller pauses accepting for RESOURCE_PAUSE in its own idiom."""
+    if exc.errno not in OUT_OF_RESOURCES:
+        raise exc
+    log.warning("cannot accept: out of resources; pausing", error=exc.strerror, pause=RESOURCE_PAUSE)
+
 
 # Large enough for any UDP datagram (65,507 bytes over IPv4), and a good read size for streams.
 BUFSIZE = 65536

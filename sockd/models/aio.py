@@ -53,9 +53,7 @@ class Model:
         if sock.type == socket.SOCK_DGRAM:
             transport, _ = await loop.create_datagram_endpoint(lambda: DatagramProtocol(self), sock=sock)
             await stopped.wait()
-            while self.pending_datagrams:
-                self.idle.clear()
-                await self.idle.wait()
+            await self._drained()
             transport.close()
             return
         if sock.family == socket.AF_UNIX:
@@ -69,7 +67,11 @@ class Model:
         for protocol in list(self.busy):
             if protocol.answered:  # see shutdown_read: the others end after their first answer
                 protocol.drain()
-        while self.busy:
+        await self._drained()
+
+    async def _drained(self) -> None:
+        """Until no connection is open and no delayed datagram reply is due (see done)."""
+        while self.busy or self.pending_datagrams:
             self.idle.clear()
             await self.idle.wait()
 

@@ -15,7 +15,7 @@ import structlog
 from sockd.config import Listener
 from sockd.counters import RESET, SEND, Recorder, Stats
 from sockd.handlers import Handler
-from sockd.models import BUFSIZE, OUT_OF_RESOURCES, RESOURCE_PAUSE, Address, Stop, shutdown_read
+from sockd.models import BUFSIZE, RESOURCE_PAUSE, Address, Stop, accept_failed, shutdown_read
 
 log = structlog.get_logger()
 
@@ -48,9 +48,7 @@ def _until_stopped(sock: socket.socket, stop: Stop, take: Callable[[], T]) -> It
         except ConnectionAbortedError:
             continue  # the client gave up while queued: nothing to serve
         except OSError as exc:
-            if exc.errno not in OUT_OF_RESOURCES:
-                raise
-            log.warning("cannot accept: out of resources; pausing", error=exc.strerror, pause=RESOURCE_PAUSE)
+            accept_failed(exc)
             pause.poll(RESOURCE_PAUSE * 1000)
 
 

@@ -19,7 +19,7 @@ import structlog
 from sockd.config import Listener, SelectorBackend
 from sockd.counters import BEAT_INTERVAL, RESET, SEND, Stats
 from sockd.handlers import Handler, Session
-from sockd.models import BUFSIZE, OUT_OF_RESOURCES, RESOURCE_PAUSE, Address, Stop, shutdown_read
+from sockd.models import BUFSIZE, RESOURCE_PAUSE, Address, Stop, accept_failed, shutdown_read
 
 log = structlog.get_logger()
 
@@ -150,9 +150,7 @@ class EventLoop:
         except (BlockingIOError, ConnectionAbortedError):
             return
         except OSError as exc:
-            if exc.errno not in OUT_OF_RESOURCES:
-                raise
-            log.warning("cannot accept: out of resources; pausing", error=exc.strerror, pause=RESOURCE_PAUSE)
+            accept_failed(exc)
             self.selector.unregister(self.sock)
             self._later(self._resume_accepting, after=RESOURCE_PAUSE)
             return
@@ -186,11 +184,12 @@ class EventLoop:
             self._lost(conn, exc)
             return
         started = self.recorder.clock()
-        conn.reading = bool(data) and not conn.session.closing
         if data:
-            reply, closing = conn.session.feed(data), conn.session.closing
+            reply = conn.session.feed(data)
+            closing = conn.session.closing
         else:
             reply, closing = conn.session.eof(), True
+        conn.reading = not closing
         received = len(data) if data else None  # what is said at EOF answers no request
         if self.delay and data:
             conn.delayed += 1
