@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -10,7 +11,17 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+)
 from pydantic_core import ErrorDetails
 
 Protocol = Literal["tcp", "udp", "unix"]
@@ -25,6 +36,28 @@ MODE_PATTERN = r"^0?[0-7]{3}$"
 ListenerName = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
 Port = Annotated[int, Field(ge=0, le=65535)]
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Timeout = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Count = Annotated[int, Field(ge=1)]
+
+
+def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if not isinstance(value, str):
+        raise ValueError("should be an address block, as in 10.0.0.0/8 or 2001:db8::/32")
+    try:
+        return ipaddress.ip_network(value)
+    except ValueError as exc:
+        raise ValueError(f"not an address block: {exc}") from None
+
+
+Network = Annotated[
+    ipaddress.IPv4Network | ipaddress.IPv6Network,
+    PlainValidator(_network),
+    PlainSerializer(str),
+    WithJsonSchema({"type": "string", "description": "an address block, as in 10.0.0.0/8"}),
+]
+# The most a model reads at once: large enough for any UDP datagram (65,507 bytes over IPv4), and
+# a good read size for streams.
+BUFSIZE = 65536
 
 
 class _Frozen(BaseModel):
@@ -32,16 +65,32 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
+STREAM, INET, TCP, UNIX = ("tcp", "unix"), ("tcp", "udp"), ("tcp",), ("unix",)
+
+
 class _ListenerBase(_Frozen):
-    # An option that only makes sense beside one value of another field, e.g. `threads` only with
-    # `concurrency: thread_pool`. Checked when the option is written, so defaults never trip it.
-    _option_scope: ClassVar[dict[str, tuple[str, str]]] = {
-        "threads": ("concurrency", "thread_pool"),
-        "selector_backend": ("concurrency", "selector"),
-        "event_loop": ("concurrency", "asyncio"),
-        "timestamp_format": ("handler", "timestamp"),
+    # An option that only makes sense beside some values of another field, e.g. `threads` only
+    # with `concurrency: thread_pool`. Checked when the option is written, so defaults never trip
+    # it; the owner is validated first (field order), so its value is known by then.
+    _option_scope: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {
+        "threads": ("concurrency", ("thread_pool",)),
+        "selector_backend": ("concurrency", ("selector",)),
+        "event_loop": ("concurrency", ("asyncio",)),
+        "timestamp_format": ("handler", ("timestamp",)),
+        "max_connections": ("protocol", STREAM),
+        "idle_timeout": ("protocol", STREAM),
+        "first_byte_timeout": ("protocol", STREAM),
+        "max_connections_per_source": ("protocol", TCP),
+        "connection_rate": ("protocol", TCP),
+        "connection_burst": ("protocol", TCP),
+        "nodelay": ("protocol", TCP),
+        "keepalive": ("protocol", TCP),
+        "backlog": ("protocol", STREAM),
+        "allow_uids": ("protocol", UNIX),
+        "allow_gids": ("protocol", UNIX),
     }
 
+    protocol: Protocol
     name: ListenerName
     handler: HandlerName
     concurrency: ModelName
@@ -51,6 +100,25 @@ class _ListenerBase(_Frozen):
     selector_backend: SelectorBackend = "auto"
     event_loop: EventLoop = "auto"
     timestamp_format: TimestampFormat = "seed"
+
+    # Limits, each per worker process (as gunicorn's worker_connections); None: no limit.
+    max_connections: Count | None = None
+    max_connections_per_source: Count | None = None
+    connection_rate: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None  # per source, per second
+    connection_burst: Count | None = None  # the rate's bucket size; default: the rate, at least 1
+    allow_uids: list[Annotated[int, Field(ge=0)]] = []
+    allow_gids: list[Annotated[int, Field(ge=0)]] = []
+    idle_timeout: Timeout | None = None  # no byte either way for this long: close
+    first_byte_timeout: Timeout | None = None  # connected, and not a byte sent yet
+    max_message_size: Annotated[int, Field(ge=1, le=BUFSIZE)] | None = None
+
+    # Socket options; None: the kernel's default.
+    backlog: Annotated[int, Field(ge=1, le=65535)] = 4096
+    reuse_port: bool = False
+    nodelay: bool = True
+    keepalive: bool = False
+    recv_buffer: Annotated[int, Field(ge=1024, le=1 << 30)] | None = None
+    send_buffer: Annotated[int, Field(ge=1024, le=1 << 30)] | None = None
 
     @field_validator("event_loop")
     @classmethod
@@ -65,15 +133,26 @@ class _ListenerBase(_Frozen):
         assert info.field_name is not None
         owner, wanted = cls._option_scope[info.field_name]
         actual = info.data.get(owner)
-        if actual is not None and actual != wanted:
-            raise ValueError(f"only valid with {owner}: {wanted} (this listener has {owner}: {actual})")
+        if actual is not None and actual not in wanted:
+            allowed = " or ".join(wanted)
+            raise ValueError(f"only valid with {owner}: {allowed} (this listener has {owner}: {actual})")
         return value
+
+    @property
+    def streams(self) -> bool:
+        return self.protocol in STREAM
 
 
 class InetListener(_ListenerBase):
     protocol: Literal["tcp", "udp"]
     host: Annotated[str, Field(min_length=1)]
     port: Port
+    # Access by source address: the longest matching prefix of the two lists decides (deny on a
+    # tie), as xinetd's only_from/no_access; with `allow` given, a source it does not match is denied.
+    allow: list[Network] = []
+    deny: list[Network] = []
+    ipv6_only: bool | None = None  # IPV6_V6ONLY for an IPv6 host; None: the system default
+    freebind: bool = False  # IP_FREEBIND: bind an address that is not (yet) on this host
 
     @property
     def address(self) -> str:
@@ -222,6 +301,8 @@ def _conflicts(config: Config) -> Iterator[Problem]:
         first = names.setdefault(listener.name, index)
         if first != index:
             yield ("listeners", index, "name"), f"{listener.name!r} is already the name of listeners[{first}]"
+        if listener.connection_burst is not None and listener.connection_rate is None:
+            yield ("listeners", index, "connection_burst"), "only valid with connection_rate"
         if isinstance(listener, InetListener) and listener.port == 0:
             continue  # port 0 asks the kernel for a fresh port: it cannot clash
         key = (listener.protocol, listener.address)

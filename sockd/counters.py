@@ -20,14 +20,19 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-ERROR_KINDS = ("reset", "send")  # sockd_errors_total{kind}: a client gone mid-request; a reply not sent
-RESET, SEND = range(len(ERROR_KINDS))
+# sockd_errors_total{kind}: a client gone mid-request; a reply not sent; a connection ended by
+# idle_timeout or first_byte_timeout; a message over max_message_size; accept() out of descriptors.
+ERROR_KINDS = ("reset", "send", "timeout", "too_large", "resources")
+RESET, SEND, TIMEOUT, TOO_LARGE, RESOURCES = range(len(ERROR_KINDS))
+# sockd_connections_rejected_total{reason}: closed at once, or a datagram dropped, by a limit.
+REJECT_REASONS = ("max_connections", "max_connections_per_source", "connection_rate", "acl")
 PUBLISH_INTERVAL = 0.1  # seconds between publications: the most a SIGKILL can cost the counters
 BEAT_INTERVAL = 0.5  # an event loop beats at least this often, busy or idle
 
-# The fields after the sequence number, in shared-memory order; then one per error kind, then the
-# histogram's buckets (not cumulative; the last is +Inf).
+# The fields after the sequence number, in shared-memory order; then one per error kind, one per
+# reject reason, then the histogram's buckets (not cumulative; the last is +Inf).
 FIELDS = ("connections", "closed", "received", "sent", "duration_ns")
+LISTS = ("errors", "rejected", "buckets")
 _WORD = 8
 # Module-level names: a global lookup is cheaper than an attribute chain on the hot path.
 _clock = time.monotonic
@@ -44,6 +49,7 @@ class Totals:
     sent: int
     duration_ns: int
     errors: list[int]
+    rejected: list[int]
     buckets: list[int]
 
     @property
@@ -53,24 +59,25 @@ class Totals:
 
     @classmethod
     def zero(cls, bucket_count: int) -> Totals:
-        return cls(0, 0, 0, 0, 0, [0] * len(ERROR_KINDS), [0] * bucket_count)
+        return cls(0, 0, 0, 0, 0, [0] * len(ERROR_KINDS), [0] * len(REJECT_REASONS), [0] * bucket_count)
 
     def add(self, other: Totals) -> None:
         for name in FIELDS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.errors = [a + b for a, b in zip(self.errors, other.errors, strict=True)]
-        self.buckets = [a + b for a, b in zip(self.buckets, other.buckets, strict=True)]
+        for name in LISTS:
+            setattr(self, name, [a + b for a, b in zip(getattr(self, name), getattr(other, name), strict=True)])
 
     def words(self) -> list[int]:
-        return [*(getattr(self, name) for name in FIELDS), *self.errors, *self.buckets]
+        return [*(getattr(self, name) for name in FIELDS), *self.errors, *self.rejected, *self.buckets]
 
     @classmethod
     def from_words(cls, words: Sequence[int]) -> Totals:
         errors_at = len(FIELDS)
-        buckets_at = errors_at + len(ERROR_KINDS)
+        rejected_at = errors_at + len(ERROR_KINDS)
+        buckets_at = rejected_at + len(REJECT_REASONS)
         connections, closed, received, sent, duration_ns = words[:errors_at]
-        errors, buckets = list(words[errors_at:buckets_at]), list(words[buckets_at:])
-        return cls(connections, closed, received, sent, duration_ns, errors, buckets)
+        errors, rejected = list(words[errors_at:rejected_at]), list(words[rejected_at:buckets_at])
+        return cls(connections, closed, received, sent, duration_ns, errors, rejected, list(words[buckets_at:]))
 
 
 class Recorder:
@@ -91,6 +98,7 @@ class Recorder:
         "errors",
         "first_bound",
         "received",
+        "rejected",
         "seconds",
         "sent",
     )
@@ -104,6 +112,7 @@ class Recorder:
         # for a client. See Stats.publish.
         self.busy_since = 0.0
         self.errors = [0] * len(ERROR_KINDS)
+        self.rejected = [0] * len(REJECT_REASONS)
         self.buckets = [0] * (len(bounds) + 1)
         self.bounds = bounds
         self.first_bound = bounds[0]
@@ -123,7 +132,14 @@ class Recorder:
     def totals(self) -> Totals:
         duration_ns = round(self.seconds * 1e9)
         return Totals(
-            self.connections, self.closed, self.received, self.sent, duration_ns, [*self.errors], [*self.buckets]
+            self.connections,
+            self.closed,
+            self.received,
+            self.sent,
+            duration_ns,
+            [*self.errors],
+            [*self.rejected],
+            [*self.buckets],
         )
 
 
@@ -142,7 +158,7 @@ _SEQUENCE, _HEARTBEAT, _FIRST_FIELD = 0, 1, 2
 
 
 def words_needed(bucket_count: int) -> int:
-    return _FIRST_FIELD + len(FIELDS) + len(ERROR_KINDS) + bucket_count
+    return _FIRST_FIELD + len(FIELDS) + len(ERROR_KINDS) + len(REJECT_REASONS) + bucket_count
 
 
 def create(bucket_count: int) -> int:

@@ -5,6 +5,9 @@ the model writes it at once and closes. Otherwise the model feeds it each chunk 
 writes back what `feed` returns; once `closing` is true the model writes that last reply and
 closes. At the client's EOF the model writes what `eof()` returns and closes. A datagram is
 answered with whatever `Handler.datagram` returns (None: no reply).
+
+A request over the listener's `max_message_size` raises `TooLarge` from `feed` or `datagram`;
+the model counts it and closes the connection or drops the datagram.
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ from collections.abc import Callable
 from typing import Protocol
 
 from sockd.config import HandlerName, Listener, TimestampFormat
+
+
+class TooLarge(Exception):
+    """A request over max_message_size."""
 
 
 class Session(Protocol):
@@ -29,6 +36,10 @@ class Session(Protocol):
 
 
 class Handler(Protocol):
+    # Whether a stream's bytes are taken in chunks of any size (echo, discard) rather than read
+    # as requests (timestamp): max_message_size bounds requests, not a stream's chunks.
+    chunked: bool
+
     def session(self) -> Session: ...
 
     def datagram(self, data: bytes) -> bytes | None: ...
@@ -39,6 +50,7 @@ class Stateless:
     accept on the hot path. By default it says nothing and answers nothing."""
 
     closing = False
+    chunked = True
 
     def session(self) -> Stateless:
         return self
@@ -72,6 +84,7 @@ class Timestamp(Stateless):
     """The seed's server: the current time after the first chunk, then close; one per datagram."""
 
     closing = True
+    chunked = False
 
     def __init__(self, clock: Callable[[], str]) -> None:
         self.stamp = clock
@@ -130,5 +143,47 @@ HANDLERS: dict[HandlerName, Callable[[Listener], Handler]] = {
 }
 
 
+class Limited:
+    """A handler whose requests may be at most `limit` bytes."""
+
+    def __init__(self, handler: Handler, limit: int) -> None:
+        self.handler = handler
+        self.limit = limit
+        self.chunked = handler.chunked
+
+    def session(self) -> Session:
+        session = self.handler.session()
+        return session if self.chunked else LimitedSession(session, self.limit)
+
+    def datagram(self, data: bytes) -> bytes | None:
+        if len(data) > self.limit:
+            raise TooLarge
+        return self.handler.datagram(data)
+
+
+class LimitedSession:
+    def __init__(self, session: Session, limit: int) -> None:
+        self.session = session
+        self.limit = limit
+
+    @property
+    def closing(self) -> bool:
+        return self.session.closing
+
+    def greeting(self) -> bytes | None:
+        return self.session.greeting()
+
+    def feed(self, data: bytes) -> bytes:
+        if len(data) > self.limit:
+            raise TooLarge
+        return self.session.feed(data)
+
+    def eof(self) -> bytes:
+        return self.session.eof()
+
+
 def build(listener: Listener) -> Handler:
-    return HANDLERS[listener.handler](listener)
+    handler = HANDLERS[listener.handler](listener)
+    if listener.max_message_size is None:
+        return handler
+    return Limited(handler, listener.max_message_size)

@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 
 from sockd import __version__
 from sockd.config import Listener, MetricsConfig
-from sockd.counters import ERROR_KINDS, Totals
+from sockd.counters import ERROR_KINDS, REJECT_REASONS, Totals
 from sockd.sockets import inet_address
 
 
@@ -74,7 +74,14 @@ class SockdCollector(Collector):
         received = CounterMetricFamily("sockd_received_bytes", "Bytes read from clients.", labels=label)
         sent = CounterMetricFamily("sockd_sent_bytes", "Bytes written to clients.", labels=label)
         errors = CounterMetricFamily(
-            "sockd_errors", "Connections reset mid-request, replies that could not be sent.", labels=[*label, "kind"]
+            "sockd_errors",
+            "Clients gone mid-request, replies not sent, timeouts, oversized messages, accept() out of descriptors.",
+            labels=[*label, "kind"],
+        )
+        rejected = CounterMetricFamily(
+            "sockd_connections_rejected",
+            "Connections closed at once and datagrams dropped by a limit or an access rule.",
+            labels=[*label, "reason"],
         )
         restarts = CounterMetricFamily(
             "sockd_worker_restarts", "Workers started again after an unexpected exit.", labels=label
@@ -93,6 +100,8 @@ class SockdCollector(Collector):
             sent.add_metric([name], totals.sent)
             for kind, count in zip(ERROR_KINDS, totals.errors, strict=True):
                 errors.add_metric([name, kind], count)
+            for reason, count in zip(REJECT_REASONS, totals.rejected, strict=True):
+                rejected.add_metric([name, reason], count)
             restarts.add_metric([name], report.restarts)
             cumulative, running = [], 0
             for bound, count in zip([*self.bounds, "+Inf"], totals.buckets, strict=True):
@@ -103,7 +112,7 @@ class SockdCollector(Collector):
             info.add_metric([name, listener.protocol, listener.concurrency, listener.handler, report.address], 1)
         build = GaugeMetricFamily("sockd_build_info", "The running sockd (always 1).", labels=["version"])
         build.add_metric([__version__], 1)
-        yield from (connections, active, requests, duration, received, sent, errors, restarts, info, build)
+        yield from (connections, active, requests, duration, received, sent, errors, rejected, restarts, info, build)
         yield from _reload_metrics(snapshot.reloads)
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from sockd.config import InetListener, Listener, UnixListener
 
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # <linux/in.h>; Python names it only on some builds
+
 
 class BindError(Exception):
     """A socket cannot be had; the message is one line naming what it is for, the address, the reason."""
@@ -55,7 +57,28 @@ def adopt(listener: Listener, sock: socket.socket) -> Bound:
         raise BindError(
             f"listener {listener.name!r}", f"the socket systemd passed ({what})", f"not a {listener.protocol} socket"
         )
+    tune(sock, listener)
     return Bound(listener, sock, address)
+
+
+def tune(sock: socket.socket, listener: Listener) -> None:
+    """The options that may be set on a bound socket (also one systemd passed in). Linux hands a
+    listening socket's TCP_NODELAY, SO_KEEPALIVE and buffer sizes on to every connection accepted
+    from it, so no model pays a setsockopt() per connection for them."""
+    if listener.protocol == "tcp":
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, listener.nodelay)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, listener.keepalive)
+    if listener.recv_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, listener.recv_buffer)
+    if listener.send_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, listener.send_buffer)
+
+
+def retune(sock: socket.socket, listener: Listener) -> None:
+    """Apply a reloaded listener's options to the socket it keeps."""
+    tune(sock, listener)
+    if listener.streams:
+        sock.listen(listener.backlog)  # Linux takes a second listen() as a new backlog
 
 
 def bind(listener: Listener) -> Bound:
@@ -78,13 +101,18 @@ def _bind_inet(listener: InetListener) -> Bound:
     sock = socket.socket(family, kind, proto)
     with _closed_on_error(sock):
         if kind == socket.SOCK_STREAM:
-            # A restarted sockd must not wait out TIME_WAIT; and Linux hands TCP_NODELAY on to every
-            # accepted connection, so no model pays a setsockopt() per connection for it.
+            # A restarted sockd must not wait out TIME_WAIT.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if listener.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6 and listener.ipv6_only is not None:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, listener.ipv6_only)
+        if listener.freebind:
+            sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+        tune(sock, listener)
         sock.bind(address)
         if kind == socket.SOCK_STREAM:
-            sock.listen(socket.SOMAXCONN)
+            sock.listen(listener.backlog)
         host, port = sock.getsockname()[:2]
     return Bound(listener, sock, inet_address(family, host, port))
 
@@ -108,7 +136,8 @@ def _bind_unix(listener: UnixListener) -> Bound:
             os.umask(old)
         os.chmod(path, listener.mode_bits)
         info = os.lstat(path)
-        sock.listen(socket.SOMAXCONN)
+        tune(sock, listener)
+        sock.listen(listener.backlog)
     return Bound(listener, sock, path, (info.st_dev, info.st_ino))
 
 

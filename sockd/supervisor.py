@@ -24,7 +24,7 @@ import structlog
 
 from sockd import counters, metrics, systemd
 from sockd.config import Config, ConfigError, Listener, UnixListener, load
-from sockd.sockets import BindError, Bound, adopt, bind, reason
+from sockd.sockets import BindError, Bound, adopt, bind, reason, retune
 from sockd.worker import WorkerSpec
 
 log = structlog.get_logger()
@@ -293,6 +293,9 @@ class Supervisor:
             slot.bound, kind = fresh, "rebound"
         else:
             slot.bound, kind = Bound(listener, slot.bound.sock, slot.bound.address, slot.bound.file_id), "restarted"
+            retune(slot.bound.sock, listener)
+            if _bind_options(listener) != _bind_options(slot.listener):
+                log.warning("reuse_port, ipv6_only and freebind apply when a socket is bound", listener=listener.name)
             if isinstance(listener, UnixListener):
                 try:
                     os.chmod(listener.path, listener.mode_bits)
@@ -469,6 +472,14 @@ class Supervisor:
 def _endpoint(listener: Listener) -> tuple[str, str]:
     """What a listener's socket is bound to: a change of it needs a new socket."""
     return listener.protocol, listener.address
+
+
+def _bind_options(listener: Listener) -> tuple[object, ...]:
+    """What only a new socket can change (and a new socket on the same address cannot be bound
+    while the old one serves): these apply at the next start or change of address."""
+    if isinstance(listener, UnixListener):
+        return ()
+    return listener.reuse_port, listener.ipv6_only, listener.freebind
 
 
 def _drain_pipe(fd: int) -> None:

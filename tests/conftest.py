@@ -13,16 +13,20 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 10.0  # seconds any single wait in a test may take before it fails
+MODELS = ["iterative", "threaded", "thread_pool", "busy_poll", "selector", "asyncio"]
+PUBLISHED_WITHIN = 10.0  # seconds to wait for workers' counts to reach the endpoint
 
 
 def require(program: str) -> str:
@@ -246,3 +250,30 @@ def squatting(protocol: str) -> Iterator[str]:
         if kind == socket.SOCK_STREAM:
             sock.listen()
         yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def scrape(daemon: Daemon, path: str = "/metrics") -> str:
+    address = daemon.wait_for("metrics")["address"]
+    with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as response:
+        return str(response.read().decode())
+
+
+def samples(daemon: Daemon) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of the exposition, keyed by (name, labels)."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(scrape(daemon))
+        for sample in family.samples
+    }
+
+
+def value(found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    return found[(name, frozenset(labels.items()))]
+
+
+def eventually(check: Callable[[], bool], what: str, timeout: float = PUBLISHED_WITHIN) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.05)

@@ -12,45 +12,28 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from conftest import Daemon, Launcher, connect, datagram, read_to_eof, request, require, run_sockd, squatting
+from conftest import (
+    MODELS,
+    Daemon,
+    Launcher,
+    connect,
+    datagram,
+    eventually,
+    read_to_eof,
+    request,
+    require,
+    run_sockd,
+    samples,
+    scrape,
+    squatting,
+    value,
+)
 from conftest import listener as entry
-from prometheus_client.parser import text_string_to_metric_families
-
-MODELS = ["iterative", "threaded", "thread_pool", "busy_poll", "selector", "asyncio"]
-PUBLISHED_WITHIN = 10.0  # seconds to wait for workers' counts to reach the endpoint
-
-
-def scrape(daemon: Daemon, path: str = "/metrics") -> str:
-    address = daemon.wait_for("metrics")["address"]
-    with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as response:
-        return str(response.read().decode())
-
-
-def samples(daemon: Daemon) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Every sample of the exposition, keyed by (name, labels)."""
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(scrape(daemon))
-        for sample in family.samples
-    }
-
-
-def value(found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
-    return found[(name, frozenset(labels.items()))]
-
-
-def eventually(check: Callable[[], bool], what: str, timeout: float = PUBLISHED_WITHIN) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.05)
 
 
 def exchange(daemon: Daemon, name: str, protocol: str, payload: bytes) -> bytes:

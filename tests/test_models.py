@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    MODELS,
     Daemon,
     Launcher,
     connect,
@@ -25,7 +26,6 @@ from conftest import (
 )
 from conftest import listener as entry
 
-MODELS = ["iterative", "threaded", "thread_pool", "busy_poll", "selector", "asyncio"]
 STREAMS = ["tcp-echo", "tcp6-echo", "unix-echo"]
 
 

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pytest
-from conftest import StartSockd, listener, require
+from conftest import MODELS, StartSockd, listener, require
 
-MODELS = ("iterative", "threaded", "thread_pool", "busy_poll", "selector", "asyncio")
 STREAM_SIZES = {"1B": 1, "64KiB": 64 << 10, "1MiB": 1 << 20}
 # The largest UDP payload over IPv4: 65535 - 20 (IP header) - 8 (UDP header). A 1 MiB datagram
 # cannot exist, so none is tried.

@@ -23,10 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import StartSockd, listener, require
+from conftest import MODELS, StartSockd, listener, require
 
 SEED = Path(__file__).resolve().parent / "seed"
-MODELS = ("iterative", "threaded", "thread_pool", "busy_poll", "selector", "asyncio")
 
 PORT = 50000  # every seed client but the C TCP one
 # The C TCP client's port: without htons(), 50000 goes on the wire in host byte order.

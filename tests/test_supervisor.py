@@ -13,10 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, Launcher, config_text, connect, inet, read_to_eof, request, require, squatting
+from conftest import MODELS, Daemon, Launcher, config_text, connect, inet, read_to_eof, request, require, squatting
 from conftest import listener as entry
-
-MODELS = ["iterative", "threaded", "thread_pool", "busy_poll", "selector", "asyncio"]
 
 
 def _gone(pid: int, timeout: float = 10) -> bool:

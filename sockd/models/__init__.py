@@ -9,7 +9,6 @@ worker sharing the socket sees, so no model may rely on a blocking accept() or r
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import importlib
 import os
@@ -20,8 +19,9 @@ from typing import Any, Protocol
 import structlog
 
 from sockd.config import Listener, ModelName
-from sockd.counters import Stats
+from sockd.counters import RESOURCES, Recorder, Stats
 from sockd.handlers import Handler
+from sockd.limits import Throttled
 
 log = structlog.get_logger()
 
@@ -34,16 +34,16 @@ OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.E
 RESOURCE_PAUSE = 0.1
 
 
-def accept_failed(exc: OSError) -> None:
-    """Re-raise what accept() failed with, unless it is running out of resources: then say so;
-    the caller pauses accepting for RESOURCE_PAUSE in its own idiom."""
+def accept_failed(exc: OSError, recorder: Recorder) -> None:
+    """Re-raise what accept() failed with, unless it is running out of resources: then count it
+    and say so; the caller pauses accepting for RESOURCE_PAUSE in its own idiom."""
     if exc.errno not in OUT_OF_RESOURCES:
         raise exc
-    log.warning("cannot accept: out of resources; pausing", error=exc.strerror, pause=RESOURCE_PAUSE)
+    recorder.errors[RESOURCES] += 1
+    _out_of_resources(error=exc.strerror, pause=RESOURCE_PAUSE)
 
 
-# Large enough for any UDP datagram (65,507 bytes over IPv4), and a good read size for streams.
-BUFSIZE = 65536
+_out_of_resources = Throttled("cannot accept: out of resources; pausing")
 
 
 class Stop:
@@ -101,7 +101,15 @@ def shutdown_read(fd: int) -> None:
     and the connection closes the way it does when the client hangs up first. Only a connection
     that has had at least one answer is ended at once: a client that has just connected is
     answered first, as its request may still be on its way (ending it then would reset it). It
-    works on a duplicate of the descriptor because uvloop's transport sockets refuse shutdown()."""
-    # OSError: already closed or reset, so nothing is left to drain.
-    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
+    works on the bare descriptor because uvloop's transport sockets refuse shutdown(), and without
+    dup(), which fails when descriptors have run out (when a drain matters most)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except (OSError, ValueError):  # already closed (its fileno() is -1 then)
+        return
+    try:
         sock.shutdown(socket.SHUT_RD)
+    except OSError:  # reset: nothing is left to drain
+        pass
+    finally:
+        sock.detach()  # the descriptor stays its owner's

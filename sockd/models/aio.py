@@ -12,11 +12,16 @@ from typing import cast
 import structlog
 
 from sockd.config import EventLoop, Listener
-from sockd.counters import BEAT_INTERVAL, RESET, SEND, Stats
-from sockd.handlers import Handler
-from sockd.models import Address, Stop, shutdown_read
+from sockd.counters import BEAT_INTERVAL, RESET, SEND, TIMEOUT, TOO_LARGE, Stats
+from sockd.handlers import Handler, TooLarge
+from sockd.limits import Admission, Timeouts, source_of
+from sockd.models import RESOURCE_PAUSE, Address, Stop, accept_failed, shutdown_read
 
 log = structlog.get_logger()
+
+# Connections taken per readiness of the listening socket, as asyncio's own server does: a burst
+# is accepted in one turn without starving the connections already open.
+ACCEPT_BATCH = 100
 
 
 def loop_factory(choice: EventLoop) -> Callable[[], asyncio.AbstractEventLoop]:
@@ -32,14 +37,22 @@ def loop_factory(choice: EventLoop) -> Callable[[], asyncio.AbstractEventLoop]:
 
 class Model:
     def __init__(self, listener: Listener, handler: Handler, stats: Stats) -> None:
+        self.listener = listener
         self.handler = handler
         self.stats = stats
         self.delay = listener.delay
+        self.admission = Admission.of(listener)
+        self.timeouts = Timeouts(listener)
+        # asyncio and uvloop set TCP_NODELAY on every connection themselves: undo it if asked.
+        self.nagle = listener.protocol == "tcp" and not listener.nodelay
         self.new_loop = loop_factory(listener.event_loop)
         self.busy: set[StreamProtocol] = set()  # open connections
+        self.connecting: set[asyncio.Task[None]] = set()  # accepted, their transports not made yet
+        self.paused: asyncio.TimerHandle | None = None  # accepting, while out of descriptors
         self.pending_datagrams = 0
         self.idle = asyncio.Event()
-        self.stopping = False
+        self.stopped = False  # accepts no more
+        self.stopping = False  # and has drained the connections it had
 
     def serve(self, sock: socket.socket, stop: Stop) -> None:
         with self.stats.recorder() as self.recorder, asyncio.Runner(loop_factory=self.new_loop) as runner:
@@ -50,24 +63,61 @@ class Model:
         stopped = asyncio.Event()
         loop.add_reader(stop.fileno(), self._stopped, loop, stop, stopped)
         self._beat(loop)
+        if self.timeouts.interval is not None:
+            self._sweep(loop, self.timeouts.interval)
         if sock.type == socket.SOCK_DGRAM:
             transport, _ = await loop.create_datagram_endpoint(lambda: DatagramProtocol(self), sock=sock)
             await stopped.wait()
             await self._drained()
             transport.close()
             return
-        if sock.family == socket.AF_UNIX:
-            server = await loop.create_unix_server(lambda: StreamProtocol(self), sock=sock)
-        else:
-            server = await loop.create_server(lambda: StreamProtocol(self), sock=sock)
+        # sockd accepts, not the loop's server: on running out of descriptors uvloop closes the
+        # connections waiting in the backlog and asyncio pauses a second (and trips over its own
+        # closed server later); this way every model counts it, pauses, and resumes alike.
+        loop.add_reader(sock.fileno(), self._accept, loop, sock)
         await stopped.wait()
-        server.close()
-        await asyncio.sleep(0)  # let a connection accepted just now reach connection_made
+        if not self.paused:
+            loop.remove_reader(sock.fileno())
+        while self.connecting:  # connections accepted just now: to be drained like the others
+            await asyncio.wait(set(self.connecting))
         self.stopping = True
         for protocol in list(self.busy):
             if protocol.answered:  # see shutdown_read: the others end after their first answer
                 protocol.drain()
         await self._drained()
+
+    def _accept(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, address = sock.accept()
+            except (BlockingIOError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                accept_failed(exc, self.recorder)
+                loop.remove_reader(sock.fileno())
+                self.paused = loop.call_later(RESOURCE_PAUSE, self._resume_accepting, loop, sock)
+                return
+            source = source_of(self.listener, address)
+            if self.admission is not None and not self.admission.admit(conn, source, self.recorder):
+                conn.close()
+                continue
+            conn.setblocking(False)
+            task = loop.create_task(self._connect(loop, conn, source))
+            self.connecting.add(task)
+            task.add_done_callback(self.connecting.discard)
+
+    def _resume_accepting(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        self.paused = None
+        if not self.stopped:
+            loop.add_reader(sock.fileno(), self._accept, loop, sock)
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, source: str) -> None:
+        try:
+            await loop.connect_accepted_socket(lambda: StreamProtocol(self, source), conn)
+        except OSError as exc:  # the client left before its transport was made
+            self.recorder.errors[RESET] += 1
+            log.debug("connection lost", error=str(exc))
+            conn.close()
 
     async def _drained(self) -> None:
         """Until no connection is open and no delayed datagram reply is due (see done)."""
@@ -75,14 +125,26 @@ class Model:
             self.idle.clear()
             await self.idle.wait()
 
-    @staticmethod
-    def _stopped(loop: asyncio.AbstractEventLoop, stop: Stop, stopped: asyncio.Event) -> None:
+    def _stopped(self, loop: asyncio.AbstractEventLoop, stop: Stop, stopped: asyncio.Event) -> None:
         loop.remove_reader(stop.fileno())  # it stays readable: left registered, it would spin
+        self.stopped = True
         stopped.set()
 
     def _beat(self, loop: asyncio.AbstractEventLoop) -> None:
         self.stats.beat()
         loop.call_later(BEAT_INTERVAL, self._beat, loop)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
+        """End the connections past first_byte_timeout or idle_timeout (see Timeouts). A transport
+        does not say when its buffer drains, so a buffer that changed size counts as activity."""
+        for protocol in self.busy:
+            buffered = protocol.transport.get_write_buffer_size()
+            if buffered != protocol.buffered:
+                protocol.buffered, protocol.active = buffered, True
+        for protocol in self.timeouts.expired(self.busy, loop.time()):
+            self.recorder.errors[TIMEOUT] += 1
+            protocol.expire()
+        loop.call_later(interval, self._sweep, loop, interval)
 
     def done(self) -> None:
         if not self.busy and not self.pending_datagrams:
@@ -90,18 +152,26 @@ class Model:
 
 
 class StreamProtocol(asyncio.Protocol):
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: Model, source: str) -> None:
         self.model = model
+        self.source = source  # see limits.source_of
         self.session = model.handler.session()
         self.delay = model.delay
         self.recorder = model.recorder
         self.answered = False
         self.delayed = 0
         self.tail: bytes | None = None  # what to send at the client's EOF, once delayed replies are out
+        self.active = False  # see Timeouts
+        self.deadline = 0.0
+        self.buffered = 0  # the write buffer's size at the last sweep
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
-        self.model.busy.add(self)
+        model = self.model
+        if model.nagle:
+            transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+        model.timeouts.started(self, asyncio.get_running_loop().time())
+        model.busy.add(self)
         self.recorder.connections += 1
         greeting = self.session.greeting()
         if greeting is not None:  # it says all it has at connect, then closes
@@ -109,8 +179,14 @@ class StreamProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         started = self.recorder.clock()
+        self.active = True
         session = self.session
-        reply = session.feed(data)
+        try:
+            reply = session.feed(data)
+        except TooLarge:
+            self.recorder.errors[TOO_LARGE] += 1
+            self.transport.close()
+            return
         if session.closing:
             self.transport.pause_reading()
         if self.delay:
@@ -158,7 +234,16 @@ class StreamProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.transport.resume_reading()
 
+    def expire(self) -> None:
+        # Replies the client never read would hold close() open for ever: those connections reset.
+        if self.buffered:
+            self.transport.abort()
+        else:
+            self.transport.close()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.model.admission is not None:
+            self.model.admission.release(self.source)
         self.recorder.closed += 1
         if exc is not None:
             self.recorder.errors[RESET] += 1
@@ -183,8 +268,15 @@ class DatagramProtocol(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
+        admission = self.model.admission
+        if admission is not None and not admission.allows_datagram(source_of(self.model.listener, addr), self.recorder):
+            return
         started = self.recorder.clock()
-        reply = self.handler.datagram(data)
+        try:
+            reply = self.handler.datagram(data)
+        except TooLarge:
+            self.recorder.errors[TOO_LARGE] += 1
+            return
         if reply is None:
             return
         if self.delay:

@@ -12,28 +12,29 @@ from typing import TypeVar
 
 import structlog
 
-from sockd.config import Listener
-from sockd.counters import RESET, SEND, Recorder, Stats
-from sockd.handlers import Handler
-from sockd.models import BUFSIZE, RESOURCE_PAUSE, Address, Stop, accept_failed, shutdown_read
+from sockd.config import BUFSIZE, Listener
+from sockd.counters import RESET, SEND, TIMEOUT, TOO_LARGE, Recorder, Stats
+from sockd.handlers import Handler, TooLarge
+from sockd.limits import Admission, source_of
+from sockd.models import RESOURCE_PAUSE, Address, Stop, accept_failed, shutdown_read
 
 log = structlog.get_logger()
 
 T = TypeVar("T")
 
 
-def accepted(sock: socket.socket, stop: Stop) -> Iterator[socket.socket]:
-    """Accepted connections until `stop` is set; blocks in poll() while there are none."""
-    for conn in _until_stopped(sock, stop, sock.accept):
-        yield conn[0]
+def accepted(sock: socket.socket, stop: Stop, recorder: Recorder) -> Iterator[tuple[socket.socket, Address]]:
+    """Accepted connections and their addresses until `stop` is set; blocks in poll() while there
+    are none."""
+    yield from _until_stopped(sock, stop, sock.accept, recorder)
 
 
-def received(sock: socket.socket, stop: Stop) -> Iterator[tuple[bytes, Address]]:
+def received(sock: socket.socket, stop: Stop, recorder: Recorder) -> Iterator[tuple[bytes, Address]]:
     """Datagrams and their senders until `stop` is set; blocks in poll() while there are none."""
-    yield from _until_stopped(sock, stop, lambda: sock.recvfrom(BUFSIZE))
+    yield from _until_stopped(sock, stop, lambda: sock.recvfrom(BUFSIZE), recorder)
 
 
-def _until_stopped(sock: socket.socket, stop: Stop, take: Callable[[], T]) -> Iterator[T]:
+def _until_stopped(sock: socket.socket, stop: Stop, take: Callable[[], T], recorder: Recorder) -> Iterator[T]:
     # Try first and wait only when there is nothing: under load this costs no poll() per item.
     waiter = select.poll()
     waiter.register(sock, select.POLLIN)
@@ -48,14 +49,55 @@ def _until_stopped(sock: socket.socket, stop: Stop, take: Callable[[], T]) -> It
         except ConnectionAbortedError:
             continue  # the client gave up while queued: nothing to serve
         except OSError as exc:
-            accept_failed(exc)
+            accept_failed(exc, recorder)
             pause.poll(RESOURCE_PAUSE * 1000)
+
+
+class BlockingModel:
+    """What the blocking models share: serving one connection or one datagram with blocking calls.
+    Each model's `serve` says which threads run these."""
+
+    def __init__(self, listener: Listener, handler: Handler, stats: Stats) -> None:
+        self.listener = listener
+        self.handler = handler
+        self.delay = listener.delay
+        self.stats = stats
+        self.admission = Admission.of(listener)
+        # A socket timeout on each recv() and send() is the whole of first_byte_timeout and idle_timeout.
+        self.first_timeout = listener.first_byte_timeout or listener.idle_timeout
+        self.idle_timeout = listener.idle_timeout
+
+    def answer(self, sock: socket.socket, data: bytes, sender: Address, recorder: Recorder, started: float) -> None:
+        """Answer one datagram; `started` is the time.monotonic() of its arrival."""
+        admission = self.admission
+        if admission is not None and not admission.allows_datagram(source_of(self.listener, sender), recorder):
+            return
+        recorder.busy_since = started
+        try:
+            reply = self.handler.datagram(data)
+            if reply is None:
+                return
+            if self.delay:
+                time.sleep(self.delay)
+            sock.sendto(reply, sender)
+        except TooLarge:
+            recorder.errors[TOO_LARGE] += 1
+            return
+        except OSError as exc:  # e.g. a full send buffer
+            recorder.errors[SEND] += 1
+            log.debug("datagram reply failed", error=str(exc))
+            return
+        finally:
+            recorder.busy_since = 0.0
+        recorder.request(len(data), len(reply), started)
 
 
 class OpenConnections:
     """The connections being served, so a stop can end their input and let them drain."""
 
-    def __init__(self, stop: Stop) -> None:
+    def __init__(self, model: BlockingModel, stop: Stop) -> None:
+        self.model = model
+        self.stop = stop
         self._answered: set[socket.socket] = set()  # see shutdown_read: only these end at once
         stop.on_set(self.drain)
 
@@ -63,40 +105,37 @@ class OpenConnections:
         for conn in list(self._answered):
             shutdown_read(conn.fileno())
 
-    def serve(self, conn: socket.socket, handler: Handler, delay: float, stop: Stop, recorder: Recorder) -> None:
-        """Serve one connection to its end with blocking calls, then close it."""
+    def serve(self, conn: socket.socket, address: Address, recorder: Recorder) -> None:
+        """Admit one connection and serve it to its end with blocking calls, then close it."""
+        source = self.admit(conn, address, recorder)
+        if source is not None:
+            self.serve_admitted(conn, source, recorder)
+
+    def admit(self, conn: socket.socket, address: Address, recorder: Recorder) -> str | None:
+        """The connection's source if the listener's limits let it in; else it is closed, and None."""
+        source = source_of(self.model.listener, address)
+        admission = self.model.admission
+        if admission is None or admission.admit(conn, source, recorder):
+            return source
+        conn.close()
+        return None
+
+    def serve_admitted(self, conn: socket.socket, source: str, recorder: Recorder) -> None:
+        try:
+            self._serve(conn, recorder)
+        finally:
+            if self.model.admission is not None:
+                self.model.admission.release(source)
+
+    def _serve(self, conn: socket.socket, recorder: Recorder) -> None:
         recorder.connections += 1
-        session = handler.session()
-        answered = False
         try:
             with conn:
-                greeting = session.greeting()
-                if greeting is not None:  # it says all it has at connect, then closes
-                    started = time.monotonic()
-                    conn.sendall(greeting)
-                    recorder.request(0, len(greeting), started)
-                    return
-                while True:
-                    data = conn.recv(BUFSIZE)
-                    if not data:
-                        conn.sendall(session.eof())
-                        return
-                    # One clock read for both the histogram and the heartbeat (see Stats.publish),
-                    # which must tell time even when metrics are off.
-                    started = recorder.busy_since = time.monotonic()
-                    reply = session.feed(data)
-                    if delay:
-                        time.sleep(delay)
-                    conn.sendall(reply)
-                    recorder.request(len(data), len(reply), started)
-                    recorder.busy_since = 0.0
-                    if session.closing:
-                        return
-                    if not answered:
-                        answered = True
-                        self._answered.add(conn)
-                        if stop.is_set:  # the drain passed it by while it had no answer yet
-                            shutdown_read(conn.fileno())
+                self._exchange(conn, recorder)
+        except TooLarge:
+            recorder.errors[TOO_LARGE] += 1
+        except TimeoutError:
+            recorder.errors[TIMEOUT] += 1
         except OSError as exc:  # reset, broken pipe: the client is gone, and so is its request
             recorder.errors[RESET] += 1
             log.debug("connection lost", error=str(exc))
@@ -105,42 +144,42 @@ class OpenConnections:
             recorder.busy_since = 0.0
             self._answered.discard(conn)
 
-
-def answer(
-    sock: socket.socket,
-    handler: Handler,
-    delay: float,
-    data: bytes,
-    sender: Address,
-    *,
-    recorder: Recorder,
-    started: float,
-) -> None:
-    """Answer one datagram; `started` is the time.monotonic() of its arrival."""
-    recorder.busy_since = started
-    try:
-        reply = handler.datagram(data)
-        if reply is None:
+    def _exchange(self, conn: socket.socket, recorder: Recorder) -> None:
+        """Requests and replies until the client's EOF or the handler's last word."""
+        model = self.model
+        session = model.handler.session()
+        greeting = session.greeting()
+        if greeting is not None:  # it says all it has at connect, then closes
+            started = time.monotonic()
+            conn.sendall(greeting)
+            recorder.request(0, len(greeting), started)
             return
-        if delay:
-            time.sleep(delay)
-        sock.sendto(reply, sender)
-    except OSError as exc:  # e.g. a full send buffer
-        recorder.errors[SEND] += 1
-        log.debug("datagram reply failed", error=str(exc))
-        return
-    finally:
-        recorder.busy_since = 0.0
-    recorder.request(len(data), len(reply), started)
-
-
-class BlockingModel:
-    """What a blocking model is built from; `serve` says which threads run the loops above."""
-
-    def __init__(self, listener: Listener, handler: Handler, stats: Stats) -> None:
-        self.handler = handler
-        self.delay = listener.delay
-        self.stats = stats
+        if model.first_timeout is not None:
+            conn.settimeout(model.first_timeout)
+        answered = False
+        while True:
+            data = conn.recv(BUFSIZE)
+            if not data:
+                conn.sendall(session.eof())
+                return
+            # One clock read for both the histogram and the heartbeat (see Stats.publish), which
+            # must tell time even when metrics are off.
+            started = recorder.busy_since = time.monotonic()
+            reply = session.feed(data)
+            if model.delay:
+                time.sleep(model.delay)
+            conn.sendall(reply)
+            recorder.request(len(data), len(reply), started)
+            recorder.busy_since = 0.0
+            if session.closing:
+                return
+            if not answered:
+                answered = True
+                if model.idle_timeout != model.first_timeout:
+                    conn.settimeout(model.idle_timeout)
+                self._answered.add(conn)
+                if self.stop.is_set:  # the drain passed it by while it had no answer yet
+                    shutdown_read(conn.fileno())
 
 
 class Threads:

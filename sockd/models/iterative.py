@@ -6,16 +6,16 @@ import socket
 import time
 
 from sockd.models import Stop
-from sockd.models.blocking import BlockingModel, OpenConnections, accepted, answer, received
+from sockd.models.blocking import BlockingModel, OpenConnections, accepted, received
 
 
 class Model(BlockingModel):
     def serve(self, sock: socket.socket, stop: Stop) -> None:
         with self.stats.recorder() as recorder:
             if sock.type == socket.SOCK_DGRAM:
-                for data, sender in received(sock, stop):
-                    answer(sock, self.handler, self.delay, data, sender, recorder=recorder, started=time.monotonic())
+                for data, sender in received(sock, stop, recorder):
+                    self.answer(sock, data, sender, recorder, time.monotonic())
                 return
-            connections = OpenConnections(stop)
-            for conn in accepted(sock, stop):
-                connections.serve(conn, self.handler, self.delay, stop, recorder)
+            connections = OpenConnections(self, stop)
+            for conn, address in accepted(sock, stop, recorder):
+                connections.serve(conn, address, recorder)

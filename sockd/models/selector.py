@@ -16,10 +16,11 @@ from collections.abc import Callable
 
 import structlog
 
-from sockd.config import Listener, SelectorBackend
-from sockd.counters import BEAT_INTERVAL, RESET, SEND, Stats
-from sockd.handlers import Handler, Session
-from sockd.models import BUFSIZE, RESOURCE_PAUSE, Address, Stop, accept_failed, shutdown_read
+from sockd.config import BUFSIZE, Listener, SelectorBackend
+from sockd.counters import BEAT_INTERVAL, RESET, SEND, TIMEOUT, TOO_LARGE, Stats
+from sockd.handlers import Handler, Session, TooLarge
+from sockd.limits import Admission, Timeouts, source_of
+from sockd.models import RESOURCE_PAUSE, Address, Stop, accept_failed, shutdown_read
 
 log = structlog.get_logger()
 
@@ -38,11 +39,28 @@ READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 
 class Connection:
-    __slots__ = ("answered", "closed", "closing", "delayed", "events", "on_ready", "out", "reading", "session", "sock")
+    __slots__ = (
+        "active",
+        "answered",
+        "closed",
+        "closing",
+        "deadline",
+        "delayed",
+        "events",
+        "on_ready",
+        "out",
+        "reading",
+        "session",
+        "sock",
+        "source",
+    )
 
-    def __init__(self, sock: socket.socket, session: Session, on_ready: Callable[[int], None]) -> None:
+    def __init__(self, sock: socket.socket, source: str, session: Session, on_ready: Callable[[int], None]) -> None:
         self.sock = sock
+        self.source = source
         self.session = session
+        self.active = False  # see Timeouts
+        self.deadline = 0.0
         self.out = bytearray()
         self.reading = True
         self.closing = False  # close once `out` is written and no delayed reply is due
@@ -63,9 +81,12 @@ class EventLoop:
         stats: Stats,
         make_selector: Callable[[], selectors.BaseSelector],
     ) -> None:
+        self.listener = listener
         self.handler = handler
         self.stats = stats
         self.delay = listener.delay
+        self.admission = Admission.of(listener)
+        self.timeouts = Timeouts(listener)
         self.make_selector = make_selector
         self.timers: list[tuple[float, int, Callable[[], None]]] = []
         self.sequence = itertools.count()
@@ -78,6 +99,8 @@ class EventLoop:
         stream = sock.type == socket.SOCK_STREAM
         self.selector.register(stop, READ, self._on_stop)
         self.selector.register(sock, READ, self._on_accept if stream else self._on_datagram)
+        if self.timeouts.interval is not None:
+            self._later(self._sweep, after=self.timeouts.interval)
         with self.stats.recorder() as self.recorder:
             try:
                 while not (stop.is_set and not self.connections and not self.timers):
@@ -105,6 +128,15 @@ class EventLoop:
         while self.timers and self.timers[0][0] <= now:
             heapq.heappop(self.timers)[2]()
 
+    def _sweep(self) -> None:
+        """End the connections past first_byte_timeout or idle_timeout (see Timeouts)."""
+        for conn in self.timeouts.expired(self.connections, time.monotonic()):
+            self.recorder.errors[TIMEOUT] += 1
+            self._close(conn)
+        if not (self.stop.is_set and not self.connections):  # else the loop could never end
+            assert self.timeouts.interval is not None
+            self._later(self._sweep, after=self.timeouts.interval)
+
     def _on_stop(self, events: int) -> None:
         if not self.stop.is_set:
             return  # the busy selector reports the stop as ready on every turn
@@ -122,8 +154,15 @@ class EventLoop:
             data, sender = self.sock.recvfrom(BUFSIZE)
         except (BlockingIOError, ConnectionRefusedError):
             return  # nothing there yet, or an ICMP error for an earlier reply
+        admission = self.admission
+        if admission is not None and not admission.allows_datagram(source_of(self.listener, sender), self.recorder):
+            return
         started = self.recorder.clock()
-        reply = self.handler.datagram(data)
+        try:
+            reply = self.handler.datagram(data)
+        except TooLarge:
+            self.recorder.errors[TOO_LARGE] += 1
+            return
         if reply is None:
             return
         if self.delay:
@@ -146,17 +185,22 @@ class EventLoop:
         if self.stop.is_set:  # in the same turn as the stop, after it
             return
         try:
-            client, _ = self.sock.accept()
+            client, address = self.sock.accept()
         except (BlockingIOError, ConnectionAbortedError):
             return
         except OSError as exc:
-            accept_failed(exc)
+            accept_failed(exc, self.recorder)
             self.selector.unregister(self.sock)
             self._later(self._resume_accepting, after=RESOURCE_PAUSE)
             return
+        source = source_of(self.listener, address)
+        if self.admission is not None and not self.admission.admit(client, source, self.recorder):
+            client.close()
+            return
         client.setblocking(False)
         self.recorder.connections += 1
-        conn = Connection(client, self.handler.session(), lambda events: self._on_ready(conn, events))
+        conn = Connection(client, source, self.handler.session(), lambda events: self._on_ready(conn, events))
+        self.timeouts.started(conn, time.monotonic())
         self.connections.add(conn)
         greeting = conn.session.greeting()
         if greeting is None:
@@ -185,7 +229,13 @@ class EventLoop:
             return
         started = self.recorder.clock()
         if data:
-            reply = conn.session.feed(data)
+            conn.active = True
+            try:
+                reply = conn.session.feed(data)
+            except TooLarge:
+                self.recorder.errors[TOO_LARGE] += 1
+                self._close(conn)
+                return
             closing = conn.session.closing
         else:
             reply, closing = conn.session.eof(), True
@@ -240,6 +290,7 @@ class EventLoop:
             self._lost(conn, exc)
             return
         del conn.out[:sent]
+        conn.active = True
         self._update(conn)
 
     def _update(self, conn: Connection) -> None:
@@ -272,6 +323,8 @@ class EventLoop:
         conn.closed = True
         conn.sock.close()
         self.connections.discard(conn)
+        if self.admission is not None:
+            self.admission.release(conn.source)
 
 
 class Model(EventLoop):

@@ -6,27 +6,31 @@ import socket
 import time
 
 from sockd.models import Address, Stop
-from sockd.models.blocking import BlockingModel, OpenConnections, Threads, accepted, answer, received
+from sockd.models.blocking import BlockingModel, OpenConnections, Threads, accepted, received
 
 
 class Model(BlockingModel):
     def serve(self, sock: socket.socket, stop: Stop) -> None:
         threads = Threads()
-        if sock.type == socket.SOCK_DGRAM:
-            for data, sender in received(sock, stop):
-                threads.start(self._answer, sock, data, sender, time.monotonic())
-        else:
-            connections = OpenConnections(stop)
-            for conn in accepted(sock, stop):
-                threads.start(self._serve, connections, conn, stop)
+        # The accepting thread counts what it refuses on a recorder of its own; each thread it
+        # starts counts on another: no lock on the hot path, no lost update.
+        with self.stats.recorder() as recorder:
+            if sock.type == socket.SOCK_DGRAM:
+                for data, sender in received(sock, stop, recorder):
+                    threads.start(self._answer, sock, data, sender, time.monotonic())
+            else:
+                connections = OpenConnections(self, stop)
+                for conn, address in accepted(sock, stop, recorder):
+                    # Refused before a thread is started for it: a flood costs no threads.
+                    source = connections.admit(conn, address, recorder)
+                    if source is not None:
+                        threads.start(self._serve, connections, conn, source)
         threads.join()
 
-    # Each thread counts on a recorder of its own: no lock on the hot path, no lost update.
-
-    def _serve(self, connections: OpenConnections, conn: socket.socket, stop: Stop) -> None:
+    def _serve(self, connections: OpenConnections, conn: socket.socket, source: str) -> None:
         with self.stats.recorder() as recorder:
-            connections.serve(conn, self.handler, self.delay, stop, recorder)
+            connections.serve_admitted(conn, source, recorder)
 
     def _answer(self, sock: socket.socket, data: bytes, sender: Address, started: float) -> None:
         with self.stats.recorder() as recorder:
-            answer(sock, self.handler, self.delay, data, sender, recorder=recorder, started=started)
+            self.answer(sock, data, sender, recorder, started)

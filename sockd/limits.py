@@ -1,0 +1,230 @@
+"""What a listener lets in and how long it lets a connection sit: access rules, peer credentials,
+connection counts and rates, timeouts. Sans-IO, like the handlers: the models ask and act.
+
+Everything here is per worker process, as gunicorn's worker_connections is: a listener with
+`workers: 3` and `max_connections: 100` serves up to 300 connections.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Protocol, TypeVar
+
+import structlog
+
+from sockd.config import InetListener, Listener, Network, UnixListener
+from sockd.counters import REJECT_REASONS, Recorder
+
+log = structlog.get_logger()
+
+MAX_CONNECTIONS, PER_SOURCE, RATE, ACL = range(len(REJECT_REASONS))
+# Sources remembered for rates and access decisions: past this many, forgotten (the quiet first),
+# so a flood from many addresses costs bounded memory.
+MEMORY = 4096
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class Throttled:
+    """A warning said at most once per `every` seconds, with how often it happened meanwhile: a
+    flood must not turn into a flood of log lines."""
+
+    def __init__(self, event: str, every: float = 10.0) -> None:
+        self.event = event
+        self.every = every
+        self.said_at = -math.inf
+        self.unsaid = 0
+
+    def __call__(self, **details: object) -> None:
+        self.unsaid += 1
+        now = time.monotonic()
+        if now - self.said_at >= self.every:
+            log.warning(self.event, count=self.unsaid, **details)
+            self.said_at, self.unsaid = now, 0
+
+
+class AccessList:
+    """allow/deny by source address: the longest matching block decides, deny on a tie; a source no
+    block matches is let in unless there is an `allow` list."""
+
+    def __init__(self, allow: Iterable[Network], deny: Iterable[Network]) -> None:
+        rules = [(net, True) for net in allow] + [(net, False) for net in deny]
+        # Longest prefix first; on a tie, deny (False) sorts first.
+        self.rules = sorted(rules, key=lambda rule: (-rule[0].prefixlen, rule[1]))
+        self.default = not any(allowed for _, allowed in rules)
+        self.decided: dict[str, bool] = {}
+
+    def allows(self, host: str) -> bool:
+        decision = self.decided.get(host)
+        if decision is None:
+            decision = self._decide(host)
+            if len(self.decided) >= MEMORY:
+                self.decided.clear()
+            self.decided[host] = decision
+        return decision
+
+    def _decide(self, host: str) -> bool:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(host.partition("%")[0])
+        # A dual-stack IPv6 socket sees IPv4 clients as ::ffff:a.b.c.d; the rules name them as IPv4.
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        for network, allowed in self.rules:
+            if address in network:
+                return allowed
+        return self.default
+
+
+class Admission:
+    """Decides whether a new connection or datagram is served, and counts and logs it when not.
+
+    Shared by a worker's threads (the blocking models accept and close in different threads), so
+    its state is under a lock; a listener with no limits has no Admission at all (see `of`)."""
+
+    def __init__(self, listener: Listener) -> None:
+        self.max_connections = listener.max_connections or math.inf
+        self.per_source = listener.max_connections_per_source or math.inf
+        self.rate = listener.connection_rate
+        self.burst = listener.connection_burst or max(1, math.ceil(self.rate or 1))
+        self.access = AccessList(listener.allow, listener.deny) if isinstance(listener, InetListener) else None
+        self.uids = set(listener.allow_uids)
+        self.gids = set(listener.allow_gids)
+        self.open = 0
+        self.by_source: dict[str, int] = {}
+        self.buckets: dict[str, tuple[float, float]] = {}  # source: (tokens, when counted)
+        self.lock = threading.Lock()
+        self.warn = Throttled("rejected")
+
+    @staticmethod
+    def of(listener: Listener) -> Admission | None:
+        """The admission rules of `listener`, or None when it has none: nothing to pay per connection."""
+        limited: tuple[object, ...] = (
+            listener.max_connections,
+            listener.max_connections_per_source,
+            listener.connection_rate,
+            listener.allow_uids,
+            listener.allow_gids,
+        )
+        if isinstance(listener, InetListener):
+            limited += (listener.allow, listener.deny)
+        return Admission(listener) if any(limited) else None
+
+    def admit(self, sock: socket.socket, source: str, recorder: Recorder) -> bool:
+        """Whether to serve a just-accepted connection from `source` (its IP, or "" over Unix).
+        If so, the caller must `release(source)` when it closes; if not, close it at once."""
+        reason = self._refusal(sock, source)
+        if reason is None:
+            return True
+        recorder.rejected[reason] += 1
+        self.warn(reason=REJECT_REASONS[reason], source=source or _credentials(sock))
+        return False
+
+    def allows_datagram(self, source: str, recorder: Recorder) -> bool:
+        if self.access is None or self.access.allows(source):
+            return True
+        recorder.rejected[ACL] += 1
+        self.warn(reason=REJECT_REASONS[ACL], source=source)
+        return False
+
+    def release(self, source: str) -> None:
+        with self.lock:
+            self.open -= 1
+            left = self.by_source.pop(source) - 1
+            if left:
+                self.by_source[source] = left
+
+    def _refusal(self, sock: socket.socket, source: str) -> int | None:
+        if self.access is not None and not self.access.allows(source):
+            return ACL
+        if (self.uids or self.gids) and not self._credentials_allowed(sock):
+            return ACL
+        with self.lock:
+            if self.open >= self.max_connections:
+                return MAX_CONNECTIONS
+            count = self.by_source.get(source, 0)
+            if count >= self.per_source:
+                return PER_SOURCE
+            if self.rate is not None and not self._take_token(source):
+                return RATE
+            self.open += 1
+            self.by_source[source] = count + 1
+        return None
+
+    def _credentials_allowed(self, sock: socket.socket) -> bool:
+        _, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        return uid in self.uids or gid in self.gids
+
+    def _take_token(self, source: str) -> bool:
+        """The token bucket of `source`: `burst` tokens, refilled at `rate` per second."""
+        assert self.rate is not None
+        now = time.monotonic()
+        tokens, then = self.buckets.pop(source, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.rate)
+        if len(self.buckets) >= MEMORY:
+            self._forget_full(now)
+        self.buckets[source] = (tokens - 1 if tokens >= 1 else tokens, now)  # reinserted: most recent last
+        return tokens >= 1
+
+    def _forget_full(self, now: float) -> None:
+        """Drop the buckets that have refilled (they hold nothing a new one would not), and if that is
+        not enough, the least recently used half."""
+        assert self.rate is not None
+        for source, (tokens, then) in list(self.buckets.items()):
+            if tokens + (now - then) * self.rate >= self.burst:
+                del self.buckets[source]
+        if len(self.buckets) >= MEMORY:
+            for source in list(self.buckets)[: MEMORY // 2]:
+                del self.buckets[source]
+
+
+def _credentials(sock: socket.socket) -> str:
+    pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    return f"pid={pid} uid={uid} gid={gid}"
+
+
+def source_of(listener: Listener, address: object) -> str:
+    """The key limits count by: a client's IP, or "" for a Unix socket's peers (all one machine)."""
+    if isinstance(listener, UnixListener) or not isinstance(address, tuple):
+        return ""
+    return str(address[0])
+
+
+class Timed(Protocol):
+    """A connection as the timeout sweep sees it (the event-loop models' connection objects)."""
+
+    active: bool  # moved a byte since the last sweep: set by the model, cleared by the sweep
+    deadline: float
+    delayed: int  # replies due later: the server, not the client, is what it waits for
+
+
+T = TypeVar("T", bound=Timed)
+
+
+class Timeouts:
+    """first_byte_timeout and idle_timeout for the event-loop models, which mark activity with one
+    attribute store per read or write. A sweep every quarter of the shorter timeout finds the
+    expired, so a connection ends between its timeout and a quarter of it later.
+
+    (The blocking models need none of this: a socket timeout on each recv() and send() does it.)"""
+
+    def __init__(self, listener: Listener) -> None:
+        self.first_byte = listener.first_byte_timeout or listener.idle_timeout or math.inf
+        self.idle = listener.idle_timeout or math.inf
+        shortest = min(self.first_byte, self.idle)
+        self.interval = max(0.01, shortest / 4) if shortest < math.inf else None
+
+    def started(self, conn: Timed, now: float) -> None:
+        conn.active = False
+        conn.deadline = now + self.first_byte
+
+    def expired(self, connections: Iterable[T], now: float) -> Iterator[T]:
+        for conn in list(connections):
+            if conn.active:
+                conn.active = False
+                conn.deadline = now + self.idle
+            elif now >= conn.deadline and not conn.delayed:
+                yield conn
