@@ -25,13 +25,15 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 Protocol = Literal["tcp", "udp", "unix"]
-HandlerName = Literal["echo", "timestamp", "discard", "daytime", "time"]
+HandlerName = Literal["echo", "timestamp", "discard", "daytime", "time", "relay"]
 ModelName = Literal["iterative", "threaded", "thread_pool", "busy_poll", "selector", "asyncio"]
 SelectorBackend = Literal["auto", "select", "poll", "epoll"]
 EventLoop = Literal["auto", "asyncio", "uvloop"]
 TimestampFormat = Literal["seed", "iso8601", "unix"]
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+UPSTREAM_PATTERN = r"^((tcp|udp)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])|unix:///.{1,106})$"
+RELAY_MODELS = ("selector", "busy_poll", "asyncio")  # the models that hold two sockets per client
 MODE_PATTERN = r"^0?[0-7]{3}$"
 ListenerName = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
 Port = Annotated[int, Field(ge=0, le=65535)]
@@ -77,8 +79,10 @@ class _ListenerBase(_Frozen):
         "selector_backend": ("concurrency", ("selector",)),
         "event_loop": ("concurrency", ("asyncio",)),
         "timestamp_format": ("handler", ("timestamp",)),
+        "upstream": ("handler", ("relay",)),
+        "connect_timeout": ("handler", ("relay",)),
+        "half_close_timeout": ("handler", ("relay",)),
         "max_connections": ("protocol", STREAM),
-        "idle_timeout": ("protocol", STREAM),
         "first_byte_timeout": ("protocol", STREAM),
         "max_connections_per_source": ("protocol", TCP),
         "connection_rate": ("protocol", TCP),
@@ -86,6 +90,7 @@ class _ListenerBase(_Frozen):
         "nodelay": ("protocol", TCP),
         "keepalive": ("protocol", TCP),
         "backlog": ("protocol", STREAM),
+        "reuse_port": ("protocol", INET),
         "allow_uids": ("protocol", UNIX),
         "allow_gids": ("protocol", UNIX),
     }
@@ -100,6 +105,11 @@ class _ListenerBase(_Frozen):
     selector_backend: SelectorBackend = "auto"
     event_loop: EventLoop = "auto"
     timestamp_format: TimestampFormat = "seed"
+    # handler: relay. Where each client is joined to: tcp://host:port, unix:///path or udp://host:port.
+    upstream: Annotated[str, Field(pattern=UPSTREAM_PATTERN)] | None = None
+    connect_timeout: Timeout = 5.0
+    # Once one side has ended, how long the other may still send (socat's -t).
+    half_close_timeout: Seconds = 0.5
 
     # Limits, each per worker process (as gunicorn's worker_connections); None: no limit.
     max_connections: Count | None = None
@@ -108,7 +118,7 @@ class _ListenerBase(_Frozen):
     connection_burst: Count | None = None  # the rate's bucket size; default: the rate, at least 1
     allow_uids: list[Annotated[int, Field(ge=0)]] = []
     allow_gids: list[Annotated[int, Field(ge=0)]] = []
-    idle_timeout: Timeout | None = None  # no byte either way for this long: close
+    idle_timeout: Timeout | None = None  # no byte either way for this long: close (a relay's UDP session: forget)
     first_byte_timeout: Timeout | None = None  # connected, and not a byte sent yet
     max_message_size: Annotated[int, Field(ge=1, le=BUFSIZE)] | None = None
 
@@ -134,13 +144,22 @@ class _ListenerBase(_Frozen):
         owner, wanted = cls._option_scope[info.field_name]
         actual = info.data.get(owner)
         if actual is not None and actual not in wanted:
-            allowed = " or ".join(wanted)
-            raise ValueError(f"only valid with {owner}: {allowed} (this listener has {owner}: {actual})")
+            raise ValueError(f"only valid with {owner}: {alternatives(wanted)} (this listener has {owner}: {actual})")
         return value
 
     @property
     def streams(self) -> bool:
         return self.protocol in STREAM
+
+    @property
+    def upstream_endpoint(self) -> tuple[str, str | tuple[str, int]]:
+        """The relay's upstream as (scheme, path) or (scheme, (host, port))."""
+        assert self.upstream is not None
+        scheme, _, rest = self.upstream.partition("://")
+        if scheme == "unix":
+            return scheme, rest
+        host, _, port = rest.rpartition(":")
+        return scheme, (host.strip("[]"), int(port))
 
 
 class InetListener(_ListenerBase):
@@ -241,11 +260,12 @@ def load(path: str | os.PathLike[str]) -> Config:
 def parse(text: str, shown: str) -> Config:
     """Validate YAML `text`; `shown` is the file name the errors start with."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        root, data = _read_yaml(text)
     except yaml.YAMLError as exc:
         line, message = _yaml_problem(exc, text)
         raise ConfigError([f"{shown}:{line}: invalid YAML: {_one_line(message)}"]) from None
+    except _Unreadable as exc:
+        raise ConfigError([f"{shown}:{exc.line}: invalid YAML: {_one_line(exc.message)}"]) from None
 
     found: list[tuple[int, str, str]] = [(line, field, "duplicate key") for line, field in _duplicate_keys(root)]
     config = None
@@ -267,9 +287,96 @@ def parse(text: str, shown: str) -> Config:
 
 Problem = tuple[tuple[str | int, ...], str]
 
+# A config is tens of values; aliases may repeat a part, but not blow the whole past this (a
+# "billion laughs" of a few hundred bytes would otherwise take gigabytes to validate and report).
+MAX_VALUES = 100_000
+
+
+class _Unreadable(Exception):
+    """YAML that parses but cannot be read as a config's data."""
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line, self.message = line, message
+
+
+def _read_yaml(text: str) -> tuple[yaml.Node | None, Any]:
+    """The document's node tree (for lines) and its data."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:  # PyYAML composes and constructs recursively: some 500 levels deep
+        raise _Unreadable(1, "nested too deeply") from None
+    _bounded(root)
+    try:
+        return root, yaml.safe_load(text)
+    except RecursionError:
+        raise _Unreadable(1, "nested too deeply") from None
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError, OverflowError):
+        # PyYAML's constructors for the standard tags (!!int, !!float, !!bool, !!timestamp, …)
+        # raise plain Python errors on a value they cannot read.
+        line, tag, value = _unreadable_scalar(root)
+        raise _Unreadable(line, f"{value[:40]!r} cannot be read as {tag}") from None
+
+
+def _bounded(root: yaml.Node | None) -> None:
+    """Refuse a document whose aliases expand it past MAX_VALUES, before anything expands it."""
+    sizes: dict[int, int] = {}
+    visiting: set[int] = set()  # an alias of a node inside itself loops: counted once
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)] if root is not None else []
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = _children(node)
+        if not children_done:
+            if id(node) in visiting:
+                continue
+            visiting.add(id(node))
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if id(child) not in sizes and id(child) not in visiting)
+            continue
+        sizes[id(node)] = size = 1 + sum(sizes.get(id(child), 0) for child in children)
+        if size > MAX_VALUES:
+            line = node.start_mark.line + 1
+            raise _Unreadable(line, f"aliases expand this to more than {MAX_VALUES} values")
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def _unreadable_scalar(root: yaml.Node | None) -> tuple[int, str, str]:
+    """The first scalar with a tag whose constructor fails on it: (line, tag, value)."""
+    constructor = yaml.SafeLoader("")
+    stack = [root] if root is not None else []
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                constructor.construct_object(node)
+            except (ValueError, KeyError, IndexError, AttributeError, TypeError, OverflowError):
+                tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+                return node.start_mark.line + 1, tag, str(node.value)
+        stack.extend(reversed(_children(node)))
+    return 1, "data", ""
+
 
 def _locate(root: yaml.Node | None, problems: Iterable[Problem]) -> list[tuple[int, str, str]]:
     return [(_line(root, loc), _field(root, loc), message) for loc, message in problems]
+
+
+def _shown(value: object, limit: int = 40) -> str:
+    """A value as a message quotes it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _one_line(text: str) -> str:
@@ -301,8 +408,7 @@ def _conflicts(config: Config) -> Iterator[Problem]:
         first = names.setdefault(listener.name, index)
         if first != index:
             yield ("listeners", index, "name"), f"{listener.name!r} is already the name of listeners[{first}]"
-        if listener.connection_burst is not None and listener.connection_rate is None:
-            yield ("listeners", index, "connection_burst"), "only valid with connection_rate"
+        yield from (((("listeners", index, *loc), message)) for loc, message in _combinations(listener))
         if isinstance(listener, InetListener) and listener.port == 0:
             continue  # port 0 asks the kernel for a fresh port: it cannot clash
         key = (listener.protocol, listener.address)
@@ -315,6 +421,30 @@ def _conflicts(config: Config) -> Iterator[Problem]:
             )
 
 
+def alternatives(words: Sequence[str]) -> str:
+    """ "a", "a or b", "a, b or c"."""
+    return " or ".join([", ".join(words[:-1]), words[-1]]) if len(words) > 1 else words[0]
+
+
+def _combinations(listener: Listener) -> Iterator[Problem]:
+    """Rules on how one listener's settings go together."""
+    if listener.connection_burst is not None and listener.connection_rate is None:
+        yield ("connection_burst",), "only valid with connection_rate"
+    if listener.idle_timeout is not None and not (listener.streams or listener.handler == "relay"):
+        yield ("idle_timeout",), "only valid with protocol: tcp or unix, or handler: relay"
+    if listener.handler != "relay":
+        return
+    if listener.max_message_size is not None:
+        yield ("max_message_size",), "not valid with handler: relay (it passes bytes through)"
+    if listener.concurrency not in RELAY_MODELS:
+        models = alternatives(RELAY_MODELS)
+        yield ("concurrency",), f"handler: relay needs concurrency: {models} (not {listener.concurrency})"
+    if listener.upstream is None:
+        yield ("upstream",), "required with handler: relay"
+    elif (listener.upstream_endpoint[0] == "udp") != (listener.protocol == "udp"):
+        yield ("upstream",), "a udp listener relays to a udp upstream, a stream listener to tcp or unix"
+
+
 def _explain(error: ErrorDetails) -> Problem:
     """Turn one pydantic error into (location, message) in the words of this file's format."""
     loc, kind = tuple(error["loc"]), error["type"]
@@ -322,7 +452,7 @@ def _explain(error: ErrorDetails) -> Problem:
         loc += ("protocol",)
         if kind == "union_tag_not_found":
             return loc, "required"
-        return loc, f"input should be 'tcp', 'udp' or 'unix', not {error['input']['protocol']!r}"
+        return loc, f"input should be 'tcp', 'udp' or 'unix', not {_shown(error['input']['protocol'])}"
     if kind == "missing":
         return loc, "required"
     if kind == "extra_forbidden":
@@ -344,6 +474,7 @@ def _explain(error: ErrorDetails) -> Problem:
 _PATTERN_MEANINGS = {
     NAME_PATTERN: "may hold only letters, digits, '_', '.' and '-'",
     MODE_PATTERN: 'should be octal permission bits, as in "0660"',
+    UPSTREAM_PATTERN: "should be tcp://host:port, udp://host:port or unix:///path",
 }
 
 

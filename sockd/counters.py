@@ -21,9 +21,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 # sockd_errors_total{kind}: a client gone mid-request; a reply not sent; a connection ended by
-# idle_timeout or first_byte_timeout; a message over max_message_size; accept() out of descriptors.
-ERROR_KINDS = ("reset", "send", "timeout", "too_large", "resources")
-RESET, SEND, TIMEOUT, TOO_LARGE, RESOURCES = range(len(ERROR_KINDS))
+# idle_timeout or first_byte_timeout; a message over max_message_size; accept() out of descriptors;
+# a relay's upstream refused, unreachable or failing.
+ERROR_KINDS = ("reset", "send", "timeout", "too_large", "resources", "upstream")
+RESET, SEND, TIMEOUT, TOO_LARGE, RESOURCES, UPSTREAM = range(len(ERROR_KINDS))
 # sockd_connections_rejected_total{reason}: closed at once, or a datagram dropped, by a limit.
 REJECT_REASONS = ("max_connections", "max_connections_per_source", "connection_rate", "acl")
 PUBLISH_INTERVAL = 0.1  # seconds between publications: the most a SIGKILL can cost the counters

@@ -128,6 +128,25 @@ def daytime() -> bytes:
     return time.strftime("%A, %B %d, %Y %H:%M:%S-%Z\r\n").encode()
 
 
+# How long a relay keeps a UDP client's upstream socket after its last datagram, if the listener
+# sets no idle_timeout.
+UDP_SESSION_TIMEOUT = 60.0
+
+
+class Relay(Stateless):
+    """`handler: relay`: not bytes in, bytes out, but each client joined to an upstream. It answers
+    nothing itself; the models that can relay (config allows no other) see it and connect each
+    client to `upstream`, copying both ways."""
+
+    def __init__(self, listener: Listener) -> None:
+        assert listener.upstream is not None
+        self.upstream = listener.upstream
+        self.scheme, self.where = listener.upstream_endpoint
+        self.connect_timeout = listener.connect_timeout
+        self.half_close_timeout = listener.half_close_timeout
+        self.session_timeout = listener.idle_timeout or UDP_SESSION_TIMEOUT
+
+
 CLOCKS: dict[TimestampFormat, Callable[[], str]] = {
     "seed": lambda: str(datetime.datetime.now()),
     "iso8601": lambda: datetime.datetime.now(datetime.UTC).isoformat(),
@@ -140,6 +159,7 @@ HANDLERS: dict[HandlerName, Callable[[Listener], Handler]] = {
     "discard": lambda listener: Discard(),
     "daytime": lambda listener: Announce(daytime),
     "time": lambda listener: Announce(rfc868_time),
+    "relay": Relay,
 }
 
 

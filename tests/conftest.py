@@ -94,6 +94,17 @@ class Daemon:
     def worker_pid(self, listener: str, after: int = 0) -> int:
         return int(self.wait_for("worker started", listener=listener, after=after)["pid"])
 
+    def write_config(self, listeners: list[dict[str, Any]], **settings: Any) -> None:
+        """Replace the config file it was started with (it takes it up at the next SIGHUP)."""
+        self.config_path.write_text(config_text(listeners, **settings))
+
+    def reload(self, listeners: list[dict[str, Any]], **settings: Any) -> dict[str, Any]:
+        """Write a new config, send SIGHUP and return the "reloaded" event (its plan)."""
+        self.write_config(listeners, **settings)
+        mark = len(self.events)
+        self.process.send_signal(signal.SIGHUP)
+        return self.wait_for("reloaded", after=mark, timeout=30)
+
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signum)
@@ -277,3 +288,17 @@ def eventually(check: Callable[[], bool], what: str, timeout: float = PUBLISHED_
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout} s: {what}")
         time.sleep(0.05)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process has used, user and system."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident memory."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")

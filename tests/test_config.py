@@ -6,17 +6,29 @@ command line, so these tests pin exactly what a person sees on stderr, and the e
 from __future__ import annotations
 
 import re
+import string
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 import yaml
 from conftest import run_sockd
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from sockd.config import Config, ConfigError, parse
+from sockd.config import (
+    Config,
+    ConfigError,
+    HandlerName,
+    InetListener,
+    LoggingConfig,
+    MetricsConfig,
+    ModelName,
+    Protocol,
+    UnixListener,
+    parse,
+)
 
 EX_CONFIG = 78
 
@@ -459,7 +471,7 @@ def test_unknown_handler(tmp_path: Path) -> None:
             handler: reverse
             concurrency: threaded
         """,
-        (6, "listeners[0].handler", "input should be 'echo', 'timestamp', 'discard', 'daytime' or 'time'"),
+        (6, "listeners[0].handler", "input should be 'echo', 'timestamp', 'discard', 'daytime', 'time' or 'relay'"),
     )
 
 
@@ -846,7 +858,7 @@ def test_every_problem_is_reported_in_line_order(tmp_path: Path) -> None:
         """,
         (8, "listeners[1].host", "required"),
         (10, "listeners[1].port", "input should be less than or equal to 65535"),
-        (11, "listeners[1].handler", "input should be 'echo', 'timestamp', 'discard', 'daytime' or 'time'"),
+        (11, "listeners[1].handler", "input should be 'echo', 'timestamp', 'discard', 'daytime', 'time' or 'relay'"),
         (14, "logging.level", "input should be 'debug', 'info', 'warning' or 'error'"),
     )
 
@@ -1052,8 +1064,8 @@ KNOWN_KEYS = sorted(
     | {key for entry in VALID["listeners"] for key in entry}
 )
 
-# Text that splitlines() would break is left out here: a key with a newline is a known bug,
-# pinned above by test_unknown_key_with_a_newline_is_one_line.
+# Keys hold no line breaks here: PyYAML counts a line at each of these, the checks below at "\n"
+# only (test_unknown_key_with_a_newline_is_one_line covers a key with one).
 LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 texts = st.text(alphabet=st.characters(blacklist_characters=LINE_BREAKS, blacklist_categories=["Cs"]), max_size=12)
 scalars = st.one_of(
@@ -1159,3 +1171,336 @@ def test_a_mutated_config_through_the_command_line(tmp_path_factory: pytest.Temp
         assert result.stderr
         for line in result.stderr.splitlines():
             assert line.startswith(f"{path}:"), line
+
+
+# ---------------------------------------------------------------------------------------------
+# Property: any YAML document at all, and any text at all, gives a Config or one-line problems.
+
+# Every key the file format knows, at any level, so that documents often reach the validators.
+FORMAT_KEYS = sorted(
+    set(Config.model_fields)
+    | set(MetricsConfig.model_fields)
+    | set(LoggingConfig.model_fields)
+    | set(InetListener.model_fields)
+    | set(UnixListener.model_fields)
+)
+LISTENER_KEYS = sorted(set(InetListener.model_fields) | set(UnixListener.model_fields))
+WORDS = [
+    *("tcp", "udp", "unix", "sctp", "echo", "timestamp", "discard", "daytime", "time"),
+    *("iterative", "threaded", "thread_pool", "busy_poll", "selector", "asyncio", "forking"),
+    *("auto", "select", "poll", "epoll", "uvloop", "seed", "iso8601", "debug", "info", "json", "console"),
+    *("127.0.0.1", "::1", "::", "localhost", "", "/tmp/sockd-p.sock", "0660", "0600", "999"),
+    *("10.0.0.0/8", "::/0", "1.2.3.4/99", "web", "dns", "a.b-c_d", "two words"),
+]
+words = st.sampled_from(WORDS)
+leaves = st.one_of(scalars, words, st.integers(min_value=0, max_value=70000), st.floats(min_value=0, max_value=100))
+# Keys a YAML mapping can have and a Python dict can hold; line breaks left out as in `texts`.
+document_keys = st.one_of(
+    st.sampled_from(FORMAT_KEYS), texts, st.integers(min_value=-3, max_value=3), st.booleans(), st.none(), st.floats()
+)
+documents = st.recursive(
+    leaves,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.dictionaries(document_keys, children, max_size=6),
+    ),
+    max_leaves=25,
+)
+# Values that fit a key, so that some listeners are valid and the rules across them are reached.
+FITTING: dict[str, st.SearchStrategy[Any]] = {
+    "name": st.sampled_from(["web", "dns", "a.b-c_d", "two words", ""]),
+    "protocol": st.sampled_from(get_args(Protocol)),
+    "handler": st.sampled_from(get_args(HandlerName)),
+    "concurrency": st.sampled_from(get_args(ModelName)),
+    "host": st.sampled_from(["127.0.0.1", "::1", "localhost", "0.0.0.0"]),
+    "port": st.sampled_from([0, 0, 80, 8080, 65535, 65536]),
+    "path": st.sampled_from(["/tmp/sockd-a.sock", "/tmp/sockd-b.sock", "/" + "x" * 107]),
+    "mode": st.sampled_from(["0660", "600", "0999"]),
+    "upstream": st.sampled_from(["tcp://127.0.0.1:9", "udp://[::1]:53", "unix:///tmp/sockd-u.sock", "http://x"]),
+    "allow": st.lists(st.sampled_from(["10.0.0.0/8", "::/0", "1.2.3.4/99"]), max_size=2),
+    "buckets": st.lists(st.floats(min_value=0, max_value=10), max_size=3),
+}
+
+
+def fitting(key: str) -> st.SearchStrategy[Any]:
+    return st.one_of(FITTING.get(key, leaves), leaves, documents)
+
+
+REQUIRED_LISTENER_KEYS = ("name", "protocol", "handler", "concurrency")
+listener_entries = st.fixed_dictionaries(
+    {key: fitting(key) for key in REQUIRED_LISTENER_KEYS},
+    optional={key: fitting(key) for key in LISTENER_KEYS if key not in REQUIRED_LISTENER_KEYS} | {"colour": leaves},
+)
+config_documents = st.fixed_dictionaries(
+    {"listeners": st.one_of(st.lists(listener_entries, max_size=3), documents)},
+    optional={
+        "metrics": st.one_of(
+            st.fixed_dictionaries({}, optional={key: fitting(key) for key in MetricsConfig.model_fields}), documents
+        ),
+        "logging": st.one_of(
+            st.fixed_dictionaries({}, optional={key: fitting(key) for key in LoggingConfig.model_fields}), documents
+        ),
+        "shutdown_timeout": leaves,
+        "worker_timeout": leaves,
+        "verbose": leaves,
+    },
+)
+
+
+@st.composite
+def dumped_documents(draw: st.DrawFn) -> str:
+    document = draw(st.one_of(config_documents, documents))
+    return yaml.safe_dump(
+        document,
+        default_flow_style=draw(st.sampled_from([False, True, None])),
+        allow_unicode=draw(st.booleans()),
+        sort_keys=draw(st.booleans()),
+        indent=draw(st.sampled_from([2, 4])),
+    )
+
+
+# Raw text: YAML's punctuation, indentation and the words of the format, in any order. Line
+# breaks other than "\n" are left out, so that "\n" counts the lines as PyYAML does.
+YAML_PUNCTUATION = ":-[]{}&*!|>'\"%@#,?.~=/\\`<+"
+RAW_ALPHABET = string.ascii_letters + string.digits + " \t\n" + YAML_PUNCTUATION + "é中\x00\x7f\ufeff"
+TOKENS = [
+    *(f"{key}: " for key in FORMAT_KEYS),
+    *("\n", "\n  ", "\n    ", "\n  - ", "- ", "? ", ": ", ", ", "[", "]", "{", "}", "'", '"', "#", "\t"),
+    *("&a ", "*a", "&b ", "*b", "<<: ", "<<: *a", "---\n", "...\n", "%YAML 1.1\n", "%TAG !e! tag:e.org,2000:\n"),
+    *("!!str ", "!!int ", "!!float ", "!!bool ", "!!null ", "!!binary ", "!!set ", "!!omap ", "!!pairs ", "!!map "),
+    *("!!seq ", "!!timestamp ", "!!python/name:os.system ", "!!python/object/apply:os.system ", "!e!x ", "!local "),
+    *("|\n", "|-\n", ">+\n", "\\x00", "\\u2028", "\\N", "0o17", "0x1F", "017", "1_000", "1e3", ".inf", "-.nan"),
+    *("~", "null", "yes", "off", "2001-12-14", "2001-12-14t21:59:43.10-05:00", "12:30:45"),
+    *WORDS,
+]
+raw_texts = st.one_of(
+    st.text(alphabet=RAW_ALPHABET, max_size=200),
+    st.lists(st.one_of(st.sampled_from(TOKENS), st.text(alphabet=RAW_ALPHABET, max_size=4)), max_size=40).map("".join),
+)
+any_texts = st.one_of(dumped_documents(), raw_texts)
+
+
+def assert_config_or_one_line_problems(text: str) -> None:
+    """`parse` returns a Config, or raises ConfigError whose problems are one line each, each on
+    a line of the text, in line order."""
+    try:
+        result = parse(text, "c.yaml")
+    except ConfigError as exc:
+        problems = exc.problems
+    else:
+        assert isinstance(result, Config)
+        assert result.listeners
+        event("valid")
+        return
+    event("rejected")
+    assert problems, text
+    last = text.count("\n") + 1
+    seen = []
+    for problem in problems:
+        match = PROBLEM.fullmatch(problem)
+        assert match, (problem, text)
+        seen.append(int(match["line"]))
+        assert 1 <= seen[-1] <= last, (problem, text)
+    assert seen == sorted(seen), (problems, text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(dumped_documents())
+def test_a_random_yaml_document_is_valid_or_rejected_in_one_line_problems(text: str) -> None:
+    assert_config_or_one_line_problems(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw_texts)
+def test_random_text_is_valid_or_rejected_in_one_line_problems(text: str) -> None:
+    assert_config_or_one_line_problems(text)
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=any_texts)
+def test_a_random_document_through_the_command_line(tmp_path_factory: pytest.TempPathFactory, text: str) -> None:
+    path = tmp_path_factory.mktemp("random") / "c.yaml"
+    path.write_text(text, encoding="utf-8")
+    result = run_sockd("--check", "-c", str(path))
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode in (0, EX_CONFIG), result.stderr
+    if result.returncode == 0:
+        assert re.fullmatch(rf"{re.escape(str(path))}: OK, \d+ listeners?\n", result.stdout)
+        assert result.stderr == ""
+    else:
+        assert result.stdout == ""
+        assert result.stderr
+        for line in result.stderr.splitlines():
+            assert line.startswith(f"{path}:"), line
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile files the properties above found or led to: each once crashed sockd or blew up its
+# answer, and stays here so it never does again.
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'listeners: !!int ""\n',  # IndexError in PyYAML's construct_yaml_int
+        "listeners: !!int 0x\n",  # ValueError
+        "shutdown_timeout: !!float .\n",  # ValueError
+        "metrics: {enabled: !!bool maybe}\n",  # KeyError
+        "listeners: !!timestamp x\n",  # AttributeError
+        "listeners: !<tag:yaml.org,2002:int> x\n",  # the same, with a verbatim tag
+    ],
+)
+def test_a_standard_tag_on_a_value_it_cannot_read_is_one_line(text: str) -> None:
+    """PyYAML's constructors for the standard scalar tags raise plain Python errors, not
+    YAMLError, on a value they cannot read: still one line, naming the value's line."""
+    with pytest.raises(ConfigError) as caught:
+        parse(text, "c.yaml")
+    assert len(caught.value.problems) == 1
+    assert PROBLEM.fullmatch(caught.value.problems[0])
+
+
+@pytest.mark.parametrize("text", ["[" * 1000 + "]" * 1000, "- " * 1000 + "x\n", "{a: " * 1000 + "1" + "}" * 1000])
+def test_deeply_nested_yaml_is_one_line(text: str) -> None:
+    """PyYAML composes and constructs recursively: about 500 levels of nesting (a 1 KB file)
+    exhaust Python's recursion limit; that is one line too."""
+    with pytest.raises(ConfigError) as caught:
+        parse(text, "c.yaml")
+    assert all(PROBLEM.fullmatch(problem) for problem in caught.value.problems)
+
+
+def alias_bomb(levels: int) -> str:
+    """A 'billion laughs': each anchor a list of ten aliases of the one before, ten to the
+    `levels` strings in all, as the value of a listener's `protocol`."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join([*lines, "listeners:", f"  - protocol: *a{levels - 1}", ""])
+
+
+def test_an_alias_bomb_gets_a_short_answer() -> None:
+    """Six levels (a 480-byte file) expand to a million values: refused before anything expands
+    them, in one short line (unbounded, the answer took seconds and gigabytes)."""
+    text = alias_bomb(6)
+    assert len(text) < 500
+    with pytest.raises(ConfigError) as caught:
+        parse(text, "c.yaml")
+    assert sum(len(problem) for problem in caught.value.problems) < 10_000
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits, socket options and the relay: where each applies, and how they go together.
+
+ONE = "listeners:\n  - {name: x, handler: %s, concurrency: %s, %s}\n"
+TCP, UDP, UNIX = (
+    "protocol: tcp, host: 127.0.0.1, port: 1",
+    "protocol: udp, host: 127.0.0.1, port: 1",
+    ("protocol: unix, path: /tmp/x.sock"),
+)
+
+
+@pytest.mark.parametrize(
+    ("handler", "model", "keys", "field", "message"),
+    [
+        ("echo", "selector", f"{UDP}, max_connections: 5", "max_connections", "only valid with protocol: tcp or unix"),
+        ("echo", "selector", f"{UNIX}, connection_rate: 5", "connection_rate", "only valid with protocol: tcp"),
+        ("echo", "selector", f"{TCP}, connection_burst: 5", "connection_burst", "only valid with connection_rate"),
+        ("echo", "selector", f"{TCP}, allow_uids: [0]", "allow_uids", "only valid with protocol: unix"),
+        ("echo", "selector", f"{UNIX}, allow: [10.0.0.0/8]", "allow", "only valid with protocol: tcp or udp"),
+        (
+            "echo",
+            "selector",
+            f"{TCP}, deny: [10.0.0.1/8]",
+            "deny[0]",
+            "not an address block: 10.0.0.1/8 has host bits set",
+        ),
+        (
+            "echo",
+            "selector",
+            f"{TCP}, allow: [42]",
+            "allow[0]",
+            "should be an address block, as in 10.0.0.0/8 or 2001:db8::/32",
+        ),
+        (
+            "echo",
+            "selector",
+            f"{UDP}, idle_timeout: 5",
+            "idle_timeout",
+            "only valid with protocol: tcp or unix, or handler: relay",
+        ),
+        ("echo", "selector", f"{TCP}, first_byte_timeout: 0", "first_byte_timeout", "input should be greater than 0"),
+        (
+            "echo",
+            "selector",
+            f"{TCP}, max_message_size: 70000",
+            "max_message_size",
+            "input should be less than or equal to 65536",
+        ),
+        ("echo", "selector", f"{UNIX}, keepalive: true", "keepalive", "only valid with protocol: tcp"),
+        ("echo", "selector", f"{UNIX}, reuse_port: true", "reuse_port", "only valid with protocol: tcp or udp"),
+        ("echo", "selector", f"{UDP}, backlog: 10", "backlog", "only valid with protocol: tcp or unix"),
+        ("echo", "selector", f"{UNIX}, freebind: true", "freebind", "only valid with protocol: tcp or udp"),
+        ("echo", "selector", f"{TCP}, upstream: 'tcp://h:1'", "upstream", "only valid with handler: relay"),
+        ("relay", "selector", TCP, "upstream", "required with handler: relay"),
+        (
+            "relay",
+            "threaded",
+            f"{TCP}, upstream: 'tcp://h:1'",
+            "concurrency",
+            "handler: relay needs concurrency: selector, busy_poll or asyncio (not threaded)",
+        ),
+        (
+            "relay",
+            "asyncio",
+            f"{TCP}, upstream: 'udp://h:1'",
+            "upstream",
+            "a udp listener relays to a udp upstream, a stream listener to tcp or unix",
+        ),
+        (
+            "relay",
+            "asyncio",
+            f"{TCP}, upstream: 'http://h:1'",
+            "upstream",
+            "should be tcp://host:port, udp://host:port or unix:///path",
+        ),
+        (
+            "relay",
+            "asyncio",
+            f"{TCP}, upstream: 'tcp://h:65536'",
+            "upstream",
+            "should be tcp://host:port, udp://host:port or unix:///path",
+        ),
+        (
+            "relay",
+            "asyncio",
+            f"{UDP}, upstream: 'udp://h:1', max_message_size: 9",
+            "max_message_size",
+            "not valid with handler: relay (it passes bytes through)",
+        ),
+    ],
+)
+def test_where_limits_options_and_the_relay_apply(
+    handler: str, model: str, keys: str, field: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(ONE % (handler, model, keys), "c.yaml")
+    [problem] = caught.value.problems
+    assert problem.startswith(f"c.yaml:2: listeners[0].{field}: {message}"), problem  # then which value it has
+
+
+def test_every_limit_option_and_the_relay_together_are_valid() -> None:
+    text = """
+listeners:
+  - {name: a, protocol: tcp, host: "::", port: 0, handler: echo, concurrency: asyncio,
+     max_connections: 100, max_connections_per_source: 10, connection_rate: 5.5, connection_burst: 20,
+     allow: [10.0.0.0/8, "2001:db8::/32"], deny: [10.9.0.0/16], idle_timeout: 300, first_byte_timeout: 5,
+     max_message_size: 1024, backlog: 128, reuse_port: true, nodelay: false, keepalive: true,
+     recv_buffer: 65536, send_buffer: 65536, ipv6_only: false, freebind: true}
+  - {name: b, protocol: unix, path: /tmp/b.sock, handler: relay, concurrency: selector,
+     upstream: "tcp://[::1]:8080", connect_timeout: 2, half_close_timeout: 1, allow_uids: [0], allow_gids: [0]}
+  - {name: c, protocol: udp, host: 127.0.0.1, port: 0, handler: relay, concurrency: busy_poll,
+     upstream: "udp://127.0.0.1:53", idle_timeout: 30}
+"""
+    a, b, c = parse(text, "c.yaml").listeners
+    assert isinstance(a, InetListener)
+    assert [str(block) for block in a.allow] == ["10.0.0.0/8", "2001:db8::/32"]
+    assert b.upstream_endpoint == ("tcp", ("::1", 8080))
+    assert c.upstream_endpoint == ("udp", ("127.0.0.1", 53))

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from sockd.config import InetListener
-from sockd.handlers import Echo, Timestamp, build
+from sockd.handlers import Echo, Timestamp, TooLarge, build
 
 
 def _listener(**options: object) -> InetListener:
@@ -93,3 +93,17 @@ def test_daytime_is_one_readable_line() -> None:
     assert b"\n" not in said[:-1]
     when = datetime.datetime.strptime(said.decode().rstrip("\r\n").rsplit("-", 1)[0], "%A, %B %d, %Y %H:%M:%S")
     assert abs(when - datetime.datetime.now()) < datetime.timedelta(minutes=1)
+
+
+def test_max_message_size_bounds_requests_and_datagrams_not_a_streams_chunks() -> None:
+    stamp = build(_listener(handler="timestamp", max_message_size=10))
+    assert stamp.session().feed(b"x" * 10)
+    with pytest.raises(TooLarge):
+        stamp.session().feed(b"x" * 11)
+    with pytest.raises(TooLarge):
+        stamp.datagram(b"x" * 11)
+    echo = build(_listener(handler="echo", max_message_size=10))
+    assert echo.session().feed(b"y" * 1000) == b"y" * 1000  # a chunk of a stream, not a request
+    assert echo.datagram(b"y" * 10) == b"y" * 10
+    with pytest.raises(TooLarge):
+        echo.datagram(b"y" * 11)

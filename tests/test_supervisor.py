@@ -9,11 +9,22 @@ import socket
 import struct
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import MODELS, Daemon, Launcher, config_text, connect, inet, read_to_eof, request, require, squatting
+from conftest import (
+    MODELS,
+    Daemon,
+    Launcher,
+    connect,
+    cpu_seconds,
+    inet,
+    read_to_eof,
+    request,
+    require,
+    scrape,
+    squatting,
+)
 from conftest import listener as entry
 
 
@@ -174,16 +185,6 @@ class Load:
             thread.join(30)
 
 
-def _write_config(daemon: Daemon, listeners: list[dict[str, object]], **settings: object) -> None:
-    daemon.config_path.write_text(config_text(listeners, **settings))
-
-
-def _reload(daemon: Daemon) -> dict[str, object]:
-    mark = len(daemon.events)
-    daemon.process.send_signal(signal.SIGHUP)
-    return daemon.wait_for("reloaded", after=mark, timeout=30)
-
-
 def _refused(address: str) -> bool:
     try:
         with connect(address, timeout=5) as sock:
@@ -218,8 +219,7 @@ def test_twenty_reloads_under_load_lose_no_request_on_the_listeners_that_stay(
     try:
         for turn in range(1, 21):
             mark = len(daemon.events)
-            _write_config(daemon, [*stable, *changing(turn)], shutdown_timeout=5)
-            plan = _reload(daemon)
+            plan = daemon.reload([*stable, *changing(turn)], shutdown_timeout=5)
             assert plan["kept"] == ["stable-tcp", "stable-unix"], plan
             assert plan["restarted"] == ["changing"], plan
             assert plan["rebound"] == ["moving"], plan
@@ -247,7 +247,7 @@ def test_an_invalid_file_on_sighup_keeps_the_running_config(start_sockd: Launche
     problem = daemon.wait_for("config error", after=mark)["problem"]
     assert str(problem).startswith(f"{daemon.config_path}:")
     assert request(daemon.address("echo"), b"still") == b"still"
-    exposition = _scrape(daemon)
+    exposition = scrape(daemon)
     assert 'sockd_config_reloads_total{result="failure"} 1.0' in exposition
     assert "sockd_config_last_reload_successful 0.0" in exposition
 
@@ -257,8 +257,7 @@ def test_a_bind_failure_during_reload_changes_nothing(start_sockd: Launcher) -> 
     workers = {name: daemon.worker_pid(name) for name in ("echo", "old")}
     with squatting("tcp") as taken:
         host, port = taken.rsplit(":", 1)
-        _write_config(
-            daemon,
+        daemon.write_config(
             [
                 entry("echo", "tcp", "echo", "threaded"),  # would restart
                 entry("new", "tcp", "echo", "asyncio", host, port=int(port)),  # cannot bind
@@ -273,14 +272,13 @@ def test_a_bind_failure_during_reload_changes_nothing(start_sockd: Launcher) -> 
         assert request(daemon.address(name), b"same") == b"same"
         assert daemon.worker_pid(name) == workers[name]
     assert not [e for e in daemon.events[mark:] if e.get("event") in ("worker started", "listening")]
-    assert 'sockd_config_reloads_total{result="failure"} 1.0' in _scrape(daemon)
+    assert 'sockd_config_reloads_total{result="failure"} 1.0' in scrape(daemon)
 
 
 def test_a_good_reload_is_counted(start_sockd: Launcher) -> None:
     daemon = start_sockd([entry("echo", "tcp", "echo", "asyncio")])
-    _write_config(daemon, [entry("echo", "tcp", "echo", "asyncio", delay=0.01)])
-    assert _reload(daemon)["restarted"] == ["echo"]
-    exposition = _scrape(daemon)
+    assert daemon.reload([entry("echo", "tcp", "echo", "asyncio", delay=0.01)])["restarted"] == ["echo"]
+    exposition = scrape(daemon)
     assert 'sockd_config_reloads_total{result="success"} 1.0' in exposition
     assert "sockd_config_last_reload_successful 1.0" in exposition
 
@@ -322,7 +320,7 @@ def test_a_crashing_worker_backs_off_and_leaves_the_others_alone(start_sockd: La
     assert daemon.worker_pid("calm") == calm
     assert not [e for e in daemon.events if e.get("event") == "worker started" and e["listener"] == "calm"][1:]
     assert request(daemon.address("calm"), b"fine") == b"fine"
-    assert 'sockd_worker_restarts_total{listener="crashy"} 4.0' in _scrape(daemon)
+    assert 'sockd_worker_restarts_total{listener="crashy"} 4.0' in scrape(daemon)
 
 
 # The event-loop models beat from their loops, the blocking ones from their publisher thread.
@@ -363,19 +361,8 @@ def test_several_workers_share_one_socket(start_sockd: Launcher) -> None:
 
 
 def _requests(daemon: Daemon) -> float:
-    line = next(line for line in _scrape(daemon).splitlines() if line.startswith("sockd_requests_total{"))
+    line = next(line for line in scrape(daemon).splitlines() if line.startswith("sockd_requests_total{"))
     return float(line.rsplit(" ", 1)[1])
-
-
-def _scrape(daemon: Daemon) -> str:
-    address = daemon.wait_for("metrics")["address"]
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
-        return str(response.read().decode())
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 @pytest.mark.parametrize("model", ["asyncio", "selector", "iterative"])
@@ -386,9 +373,9 @@ def test_a_draining_worker_waits_without_spinning(start_sockd: Launcher, model: 
         time.sleep(0.2)
         daemon.process.send_signal(signal.SIGTERM)
         daemon.wait_for("stopping")
-        before = _cpu_seconds(pid)
+        before = cpu_seconds(pid)
         time.sleep(1)
-        assert _cpu_seconds(pid) - before < 0.5  # a spinning worker burns the whole second
+        assert cpu_seconds(pid) - before < 0.5  # a spinning worker burns the whole second
     assert daemon.process.wait(30) == 0
 
 
@@ -412,8 +399,7 @@ def test_a_reload_survives_a_socket_file_removed_behind_its_back(start_sockd: La
     path = sockdir / "u.sock"
     daemon = start_sockd([entry("u", "unix", "echo", "selector", path)])
     path.unlink()
-    _write_config(daemon, [entry("u", "unix", "echo", "selector", path, mode="0600")])
-    assert _reload(daemon)["restarted"] == ["u"]
+    assert daemon.reload([entry("u", "unix", "echo", "selector", path, mode="0600")])["restarted"] == ["u"]
     assert daemon.wait_for("socket file is gone; its new mode cannot be applied")
 
 

@@ -33,6 +33,10 @@ Address = tuple[Any, ...] | str
 OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 RESOURCE_PAUSE = 0.1
 
+# Stop reading from a peer whose counterpart has this many bytes waiting for it, until they are
+# taken: a client that sends but never reads gets back-pressure, not a server that grows without bound.
+HIGH_WATER = 1 << 20
+
 
 def accept_failed(exc: OSError, recorder: Recorder) -> None:
     """Re-raise what accept() failed with, unless it is running out of resources: then count it

@@ -12,9 +12,9 @@ from typing import cast
 import structlog
 
 from sockd.config import EventLoop, Listener
-from sockd.counters import BEAT_INTERVAL, RESET, SEND, TIMEOUT, TOO_LARGE, Stats
-from sockd.handlers import Handler, TooLarge
-from sockd.limits import Admission, Timeouts, source_of
+from sockd.counters import BEAT_INTERVAL, RESET, SEND, TIMEOUT, TOO_LARGE, UPSTREAM, Recorder, Stats
+from sockd.handlers import Handler, Relay, TooLarge
+from sockd.limits import Admission, Throttled, Timeouts, source_of
 from sockd.models import RESOURCE_PAUSE, Address, Stop, accept_failed, shutdown_read
 
 log = structlog.get_logger()
@@ -46,7 +46,8 @@ class Model:
         # asyncio and uvloop set TCP_NODELAY on every connection themselves: undo it if asked.
         self.nagle = listener.protocol == "tcp" and not listener.nodelay
         self.new_loop = loop_factory(listener.event_loop)
-        self.busy: set[StreamProtocol] = set()  # open connections
+        self.relay = handler if isinstance(handler, Relay) else None
+        self.busy: set[StreamProtocol | RelayProtocol] = set()  # open connections
         self.connecting: set[asyncio.Task[None]] = set()  # accepted, their transports not made yet
         self.paused: asyncio.TimerHandle | None = None  # accepting, while out of descriptors
         self.pending_datagrams = 0
@@ -59,6 +60,7 @@ class Model:
             runner.run(self._serve(sock, stop))
 
     async def _serve(self, sock: socket.socket, stop: Stop) -> None:
+        self.sock = sock
         loop = asyncio.get_running_loop()
         stopped = asyncio.Event()
         loop.add_reader(stop.fileno(), self._stopped, loop, stop, stopped)
@@ -66,10 +68,11 @@ class Model:
         if self.timeouts.interval is not None:
             self._sweep(loop, self.timeouts.interval)
         if sock.type == socket.SOCK_DGRAM:
-            transport, _ = await loop.create_datagram_endpoint(lambda: DatagramProtocol(self), sock=sock)
+            kind = DatagramProtocol if self.relay is None else DatagramRelayProtocol
+            _, datagrams = await loop.create_datagram_endpoint(lambda: kind(self), sock=sock)
             await stopped.wait()
             await self._drained()
-            transport.close()
+            datagrams.close()
             return
         # sockd accepts, not the loop's server: on running out of descriptors uvloop closes the
         # connections waiting in the backlog and asyncio pauses a second (and trips over its own
@@ -113,7 +116,11 @@ class Model:
 
     async def _connect(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, source: str) -> None:
         try:
-            await loop.connect_accepted_socket(lambda: StreamProtocol(self, source), conn)
+            if self.relay is None:
+                await loop.connect_accepted_socket(lambda: StreamProtocol(self, source), conn)
+            else:
+                relay = self.relay
+                await loop.connect_accepted_socket(lambda: RelayProtocol(self, relay, source), conn)
         except OSError as exc:  # the client left before its transport was made
             self.recorder.errors[RESET] += 1
             log.debug("connection lost", error=str(exc))
@@ -283,16 +290,298 @@ class DatagramProtocol(asyncio.DatagramProtocol):
             self.model.pending_datagrams += 1
             asyncio.get_running_loop().call_later(self.delay, self._send_delayed, reply, addr, len(data), started)
         else:
-            self.transport.sendto(reply, addr)
+            self._send(reply, addr)
             self.recorder.request(len(data), len(reply), started)
 
     def _send_delayed(self, reply: bytes, addr: Address, received: int, started: float) -> None:
-        self.transport.sendto(reply, addr)
+        self._send(reply, addr)
         self.recorder.request(received, len(reply), started)
         self.model.pending_datagrams -= 1
         self.model.done()
+
+    def _send(self, reply: bytes, addr: Address) -> None:
+        if reply:
+            self.transport.sendto(reply, addr)
+            return
+        # An empty datagram is a datagram (echo answers one with one), but asyncio's and uvloop's
+        # sendto() drop empty data without a word: it goes out through the socket itself.
+        try:
+            self.model.sock.sendto(reply, addr)
+        except OSError as exc:
+            self.error_received(exc)
 
     def error_received(self, exc: Exception) -> None:
         # An ICMP error for an earlier reply, or a reply the kernel would not send.
         self.recorder.errors[SEND] += 1
         log.debug("datagram error", error=str(exc))
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+# -- relay: each client joined to the upstream, bytes copied both ways as they come
+
+
+def upstream_failed(relay: Relay, recorder: Recorder, exc: BaseException) -> None:
+    recorder.errors[UPSTREAM] += 1
+    _upstream_warning(upstream=relay.upstream, error=str(exc) or type(exc).__name__)
+
+
+_upstream_warning = Throttled("upstream failed")
+
+
+async def open_upstream(
+    loop: asyncio.AbstractEventLoop, relay: Relay, factory: Callable[[], asyncio.BaseProtocol]
+) -> asyncio.BaseTransport:
+    where = relay.where
+    async with asyncio.timeout(relay.connect_timeout):
+        if isinstance(where, str):
+            return (await loop.create_unix_connection(cast(Callable[[], asyncio.Protocol], factory), where))[0]
+        if relay.scheme == "tcp":
+            return (await loop.create_connection(cast(Callable[[], asyncio.Protocol], factory), *where))[0]
+        datagrams = cast(Callable[[], asyncio.DatagramProtocol], factory)
+        return (await loop.create_datagram_endpoint(datagrams, remote_addr=where))[0]
+
+
+class RelayProtocol(asyncio.Protocol):
+    """A client of a relay: what it sends goes to its upstream connection, and back. When one side
+    ends its output, the other side's output is ended (shutdown(SHUT_WR), after what is buffered)
+    and copying goes on the other way until that side ends too or is quiet for half_close_timeout:
+    socat's half-close. Each side's transport pauses reading while the other's buffer is full."""
+
+    def __init__(self, model: Model, relay: Relay, source: str) -> None:
+        self.model = model
+        self.relay = relay
+        self.source = source
+        self.recorder = model.recorder
+        self.upstream: UpstreamProtocol | None = None
+        # What the client said before the upstream answered (None: its end, too); passed on then.
+        self.early: list[bytes | None] = []
+        self.ended = 0  # sides whose output has ended
+        self.moved = 0  # bytes copied either way (see side_ended)
+        self.answered = True  # a stop may end its input at once: the end is passed on as a half-close
+        self.delayed = 0
+        self.active = False  # see Timeouts
+        self.deadline = 0.0
+        self.buffered = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.pause_reading()  # until the upstream answers
+        model = self.model
+        model.timeouts.started(self, asyncio.get_running_loop().time())
+        model.busy.add(self)
+        self.recorder.connections += 1
+        self.connecting = asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await open_upstream(loop, self.relay, lambda: UpstreamProtocol(self))
+        except (OSError, TimeoutError) as exc:
+            upstream_failed(self.relay, self.recorder, exc)
+            self.transport.close()  # the client sees EOF at once
+            return
+        if self.transport.is_closing():  # the client gave up meanwhile
+            transport.close()
+            return
+        self.upstream = cast(UpstreamProtocol, transport.get_protocol())
+        for data in self.early:
+            if data is None:
+                self.eof_received()
+            else:
+                self.data_received(data)
+        self.early.clear()
+        if not self.ended:
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.upstream is None:  # the loop began reading before connection_made could pause it
+            self.early.append(data)
+            self.transport.pause_reading()
+            return
+        self.active = True
+        self.moved += len(data)
+        self.recorder.received += len(data)
+        self.upstream.transport.write(data)
+
+    def eof_received(self) -> bool:
+        if self.upstream is None:
+            self.early.append(None)
+            return True
+        self.upstream.transport.write_eof()
+        self.side_ended()
+        return True  # the other way may go on
+
+    def side_ended(self) -> None:
+        self.ended += 1
+        if self.ended == 2:
+            self.close()
+        else:
+            self._close_if_quiet(-1)
+
+    def _close_if_quiet(self, moved: int) -> None:
+        """Half-closed: as socat's -t, give up on the other side once it has been quiet for
+        half_close_timeout (a long transfer the other way is not cut short)."""
+        if self.moved == moved:
+            self.close()
+        else:
+            loop = asyncio.get_running_loop()
+            loop.call_later(self.relay.half_close_timeout, self._close_if_quiet, self.moved)
+
+    def close(self) -> None:
+        self.transport.close()
+        if self.upstream is not None:
+            self.upstream.transport.close()
+
+    # Back-pressure: a side that cannot take more stops the other side's reading.
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.transport.resume_reading()
+
+    def expire(self) -> None:
+        self.transport.abort()
+        if self.upstream is not None:
+            self.upstream.transport.abort()
+
+    def drain(self) -> None:
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            shutdown_read(sock.fileno())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connecting.cancel()
+        if self.upstream is not None:
+            self.upstream.transport.close()
+        if self.model.admission is not None:
+            self.model.admission.release(self.source)
+        self.recorder.closed += 1
+        if exc is not None:
+            self.recorder.errors[RESET] += 1
+        self.model.busy.discard(self)
+        self.model.done()
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    """The upstream side of one relayed client."""
+
+    def __init__(self, client: RelayProtocol) -> None:
+        self.client = client
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        client.active = True
+        client.moved += len(data)
+        client.recorder.sent += len(data)
+        client.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.client.transport.write_eof()
+        self.client.side_ended()
+        return True
+
+    def pause_writing(self) -> None:
+        self.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.client.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:  # reset mid-stream: the client cannot be told more than that it ended
+            upstream_failed(self.client.relay, self.client.recorder, exc)
+            self.client.transport.abort()
+        else:
+            self.client.transport.close()
+
+
+class DatagramRelayProtocol(asyncio.DatagramProtocol):
+    """A UDP relay: a session per client address, each with its own upstream socket (so replies
+    find their way back), forgotten after session_timeout without a datagram."""
+
+    def __init__(self, model: Model) -> None:
+        assert model.relay is not None
+        self.model = model
+        self.relay = model.relay
+        self.recorder = model.recorder
+        self.sessions: dict[Address, DatagramSession] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+        loop = asyncio.get_running_loop()
+        self.sweeper = loop.call_later(self.relay.session_timeout / 4, self._forget_idle, loop)
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        admission = self.model.admission
+        if admission is not None and not admission.allows_datagram(source_of(self.model.listener, addr), self.recorder):
+            return
+        self.recorder.received += len(data)
+        session = self.sessions.get(addr)
+        if session is None:
+            session = self.sessions[addr] = DatagramSession(self, addr)
+        session.send(data)
+
+    def _forget_idle(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        for addr, session in list(self.sessions.items()):
+            if now - session.last_seen >= self.relay.session_timeout:
+                session.close()
+                del self.sessions[addr]
+        self.sweeper = loop.call_later(self.relay.session_timeout / 4, self._forget_idle, loop)
+
+    def close(self) -> None:
+        self.sweeper.cancel()
+        for session in self.sessions.values():
+            session.close()
+        self.transport.close()
+
+
+class DatagramSession(asyncio.DatagramProtocol):
+    def __init__(self, listener: DatagramRelayProtocol, client: Address) -> None:
+        self.listener = listener
+        self.client = client
+        self.last_seen = asyncio.get_running_loop().time()
+        self.waiting: list[bytes] | None = []  # datagrams that came before the upstream socket
+        self.transport: asyncio.DatagramTransport | None = None
+        self.opening = asyncio.get_running_loop().create_task(self._open())
+
+    async def _open(self) -> None:
+        try:
+            await open_upstream(asyncio.get_running_loop(), self.listener.relay, lambda: self)
+        except (OSError, TimeoutError) as exc:
+            upstream_failed(self.listener.relay, self.listener.recorder, exc)
+            self.listener.sessions.pop(self.client, None)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+        for data in self.waiting or ():
+            self.transport.sendto(data)
+        self.waiting = None
+
+    def send(self, data: bytes) -> None:
+        self.last_seen = asyncio.get_running_loop().time()
+        if self.transport is None:
+            assert self.waiting is not None
+            self.waiting.append(data)
+        else:
+            self.transport.sendto(data)
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        self.last_seen = asyncio.get_running_loop().time()
+        self.listener.recorder.sent += len(data)
+        self.listener.transport.sendto(data, self.client)
+
+    def error_received(self, exc: Exception) -> None:
+        upstream_failed(self.listener.relay, self.listener.recorder, exc)  # e.g. ICMP port unreachable
+
+    def close(self) -> None:
+        self.opening.cancel()
+        if self.transport is not None:
+            self.transport.close()

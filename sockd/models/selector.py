@@ -18,9 +18,10 @@ import structlog
 
 from sockd.config import BUFSIZE, Listener, SelectorBackend
 from sockd.counters import BEAT_INTERVAL, RESET, SEND, TIMEOUT, TOO_LARGE, Stats
-from sockd.handlers import Handler, Session, TooLarge
+from sockd.handlers import Handler, Relay, Session, TooLarge
 from sockd.limits import Admission, Timeouts, source_of
-from sockd.models import RESOURCE_PAUSE, Address, Stop, accept_failed, shutdown_read
+from sockd.models import HIGH_WATER, RESOURCE_PAUSE, Address, Stop, accept_failed, shutdown_read
+from sockd.models.relay import DatagramSessions, Splice, upstream_failed, upstream_socket
 
 log = structlog.get_logger()
 
@@ -30,10 +31,6 @@ BACKENDS: dict[SelectorBackend, Callable[[], selectors.BaseSelector]] = {
     "poll": selectors.PollSelector,
     "epoll": selectors.EpollSelector,
 }
-
-# Stop reading from a client whose replies have piled up this high until it reads them: a client
-# that sends but never reads gets back-pressure instead of a server that grows without bound.
-HIGH_WATER = 1 << 20
 
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
@@ -88,9 +85,13 @@ class EventLoop:
         self.admission = Admission.of(listener)
         self.timeouts = Timeouts(listener)
         self.make_selector = make_selector
+        # (when, tie-break, callback). The loop's other timers (sweeps, pauses, a relay's timeouts)
+        # need not run once it stops: it ends when no connection is open and no delayed reply is due.
         self.timers: list[tuple[float, int, Callable[[], None]]] = []
+        self.pending_datagrams = 0
         self.sequence = itertools.count()
-        self.connections: set[Connection] = set()
+        self.connections: set[Connection | Splice] = set()
+        self.relay = handler if isinstance(handler, Relay) else None
 
     def serve(self, sock: socket.socket, stop: Stop) -> None:
         self.selector = self.make_selector()
@@ -100,10 +101,13 @@ class EventLoop:
         self.selector.register(stop, READ, self._on_stop)
         self.selector.register(sock, READ, self._on_accept if stream else self._on_datagram)
         if self.timeouts.interval is not None:
-            self._later(self._sweep, after=self.timeouts.interval)
+            self.later(self._sweep, after=self.timeouts.interval)
+        self.sessions = DatagramSessions(self, self.relay) if self.relay is not None and not stream else None
+        if self.sessions is not None:
+            self.sessions.start()
         with self.stats.recorder() as self.recorder:
             try:
-                while not (stop.is_set and not self.connections and not self.timers):
+                while not (stop.is_set and not self.connections and not self.pending_datagrams):
                     for key, events in self.selector.select(self._timeout()):
                         key.data(events)
                     self._run_timers()
@@ -118,7 +122,7 @@ class EventLoop:
             return BEAT_INTERVAL  # an idle loop still turns, to beat
         return min(BEAT_INTERVAL, max(0.0, self.timers[0][0] - time.monotonic()))
 
-    def _later(self, callback: Callable[[], None], after: float | None = None) -> None:
+    def later(self, callback: Callable[[], None], after: float | None = None) -> None:
         """Run `callback` after `after` seconds (the listener's delay by default)."""
         when = time.monotonic() + (self.delay if after is None else after)
         heapq.heappush(self.timers, (when, next(self.sequence), callback))
@@ -132,10 +136,13 @@ class EventLoop:
         """End the connections past first_byte_timeout or idle_timeout (see Timeouts)."""
         for conn in self.timeouts.expired(self.connections, time.monotonic()):
             self.recorder.errors[TIMEOUT] += 1
-            self._close(conn)
+            if isinstance(conn, Splice):
+                conn.close()
+            else:
+                self._close(conn)
         if not (self.stop.is_set and not self.connections):  # else the loop could never end
             assert self.timeouts.interval is not None
-            self._later(self._sweep, after=self.timeouts.interval)
+            self.later(self._sweep, after=self.timeouts.interval)
 
     def _on_stop(self, events: int) -> None:
         if not self.stop.is_set:
@@ -157,6 +164,9 @@ class EventLoop:
         admission = self.admission
         if admission is not None and not admission.allows_datagram(source_of(self.listener, sender), self.recorder):
             return
+        if self.sessions is not None:
+            self.sessions.forward(data, sender)
+            return
         started = self.recorder.clock()
         try:
             reply = self.handler.datagram(data)
@@ -166,18 +176,26 @@ class EventLoop:
         if reply is None:
             return
         if self.delay:
-            self._later(lambda: self._send_datagram(reply, sender, len(data), started))
+            self.pending_datagrams += 1
+            self.later(lambda: self._send_datagram(reply, sender, len(data), started, delayed=True))
         else:
             self._send_datagram(reply, sender, len(data), started)
 
-    def _send_datagram(self, reply: bytes, sender: Address, received: int, started: float) -> None:
+    def _send_datagram(
+        self, reply: bytes, sender: Address, received: int, started: float, delayed: bool = False
+    ) -> None:
+        self.pending_datagrams -= delayed
+        if self.send_datagram_to(reply, sender):
+            self.recorder.request(received, len(reply), started)
+
+    def send_datagram_to(self, data: bytes, client: Address) -> bool:
         try:
-            self.sock.sendto(reply, sender)
+            self.sock.sendto(data, client)
         except OSError as exc:  # a full send buffer drops the reply, as the network may
             self.recorder.errors[SEND] += 1
             log.debug("datagram reply failed", error=str(exc))
-            return
-        self.recorder.request(received, len(reply), started)
+            return False
+        return True
 
     # -- streams
 
@@ -191,7 +209,7 @@ class EventLoop:
         except OSError as exc:
             accept_failed(exc, self.recorder)
             self.selector.unregister(self.sock)
-            self._later(self._resume_accepting, after=RESOURCE_PAUSE)
+            self.later(self._resume_accepting, after=RESOURCE_PAUSE)
             return
         source = source_of(self.listener, address)
         if self.admission is not None and not self.admission.admit(client, source, self.recorder):
@@ -199,6 +217,9 @@ class EventLoop:
             return
         client.setblocking(False)
         self.recorder.connections += 1
+        if self.relay is not None:
+            self._splice(client, source, self.relay)
+            return
         conn = Connection(client, source, self.handler.session(), lambda events: self._on_ready(conn, events))
         self.timeouts.started(conn, time.monotonic())
         self.connections.add(conn)
@@ -208,6 +229,30 @@ class EventLoop:
         else:  # it says all it has at connect, then closes
             conn.reading = False
             self._reply(conn, greeting, True, received=0, started=self.recorder.clock())
+
+    def _splice(self, client: socket.socket, source: str, relay: Relay) -> None:
+        try:
+            upstream = upstream_socket(relay)
+        except OSError as exc:
+            upstream_failed(relay, self.recorder, str(exc))
+            client.close()
+            self.recorder.closed += 1
+            self._release(source)
+            return
+        splice = Splice(self, client, upstream, source)
+        self.timeouts.started(splice, time.monotonic())
+        self.connections.add(splice)
+        splice.start(relay.connect_timeout)
+
+    def forget(self, splice: Splice) -> None:
+        """A relayed client is gone: both of its sockets are closed."""
+        self.recorder.closed += 1
+        self.connections.discard(splice)
+        self._release(splice.source)
+
+    def _release(self, source: str) -> None:
+        if self.admission is not None:
+            self.admission.release(source)
 
     def _resume_accepting(self) -> None:
         if not self.stop.is_set:
@@ -243,7 +288,7 @@ class EventLoop:
         received = len(data) if data else None  # what is said at EOF answers no request
         if self.delay and data:
             conn.delayed += 1
-            self._later(lambda: self._reply(conn, reply, closing, received=received, started=started, delayed=True))
+            self.later(lambda: self._reply(conn, reply, closing, received=received, started=started, delayed=True))
         else:
             self._reply(conn, reply, closing, received=received, started=started)
 
@@ -323,8 +368,7 @@ class EventLoop:
         conn.closed = True
         conn.sock.close()
         self.connections.discard(conn)
-        if self.admission is not None:
-            self.admission.release(conn.source)
+        self._release(conn.source)
 
 
 class Model(EventLoop):

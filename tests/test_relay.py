@@ -1,0 +1,354 @@
+"""handler: relay, in every model that can relay, held to socat's behaviour: the same tests run
+against `socat TCP-LISTEN,fork TCP:upstream` as the reference."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import (
+    TIMEOUT,
+    Daemon,
+    Launcher,
+    connect,
+    eventually,
+    inet,
+    read_to_eof,
+    require,
+    rss_bytes,
+    run_sockd,
+    samples,
+    value,
+)
+from conftest import listener as entry
+
+RELAY_MODELS = ["selector", "busy_poll", "asyncio"]
+EX_CONFIG = 78
+CHUNK = 1 << 16
+
+
+class Upstream:
+    """A TCP or Unix server run by the test, playing the far side: each connection is handed to
+    `serve` in a thread of its own."""
+
+    def __init__(self, serve: Callable[[socket.socket], None], path: Path | None = None) -> None:
+        if path is None:
+            self.sock = socket.socket()
+            self.sock.bind(("127.0.0.1", 0))
+            self.url = f"tcp://127.0.0.1:{self.sock.getsockname()[1]}"
+        else:
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.bind(str(path))
+            self.url = f"unix://{path}"
+        self.sock.listen(64)
+        self.sock.settimeout(TIMEOUT)
+        self.serve = serve
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.sock.accept()
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(TIMEOUT)
+        try:
+            with conn:
+                self.serve(conn)
+        except BaseException as exc:  # reported by the test through `errors`
+            self.errors.append(exc)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def upstream(serve: Callable[[socket.socket], None], path: Path | None = None) -> Iterator[Upstream]:
+    server = Upstream(serve, path)
+    try:
+        yield server
+    finally:
+        server.close()
+    assert not server.errors, server.errors
+
+
+@contextlib.contextmanager
+def relay(
+    kind: str, start_sockd: Launcher, target: str, half_close_timeout: float = 5.0
+) -> Iterator[tuple[str, Daemon | None]]:
+    """A relay to `target` (an upstream URL), listening on loopback TCP: sockd in a model, or socat
+    (whose -t is half_close_timeout)."""
+    if kind != "socat":
+        daemon = start_sockd([entry("r", "tcp", "relay", kind, upstream=target, half_close_timeout=half_close_timeout)])
+        yield daemon.address("r"), daemon
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    far = target.replace("tcp://", "TCP:").replace("unix://", "UNIX-CONNECT:")
+    process = subprocess.Popen(
+        [require("socat"), "-t", str(half_close_timeout), f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork", far]
+    )
+    try:
+        eventually(lambda: _listening(port), "socat listening", timeout=TIMEOUT)
+        yield f"127.0.0.1:{port}", None
+    finally:
+        process.terminate()
+        process.wait(TIMEOUT)
+
+
+def _listening(port: int) -> bool:
+    # Asked of the kernel, not by connecting: socat would relay a probe to the upstream.
+    shown = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True)
+    return bool(shown.stdout.strip())
+
+
+def stream(seed: int, size: int) -> Iterator[bytes]:
+    """`size` pseudo-random bytes in chunks, the same for the same seed."""
+    generator = random.Random(seed)
+    for start in range(0, size, CHUNK):
+        yield generator.randbytes(min(CHUNK, size - start))
+
+
+def digest(seed: int, size: int) -> str:
+    hashed = hashlib.sha256()
+    for chunk in stream(seed, size):
+        hashed.update(chunk)
+    return hashed.hexdigest()
+
+
+def send_then_shut(sock: socket.socket, seed: int, size: int) -> None:
+    for chunk in stream(seed, size):
+        sock.sendall(chunk)
+    sock.shutdown(socket.SHUT_WR)
+
+
+def hash_to_eof(sock: socket.socket) -> tuple[int, str]:
+    hashed, size = hashlib.sha256(), 0
+    while chunk := sock.recv(CHUNK):
+        hashed.update(chunk)
+        size += len(chunk)
+    return size, hashed.hexdigest()
+
+
+KINDS = [*RELAY_MODELS, "socat"]
+SIZE = 100 << 20
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_hundred_mebibytes_each_way_at_once_arrive_intact(start_sockd: Launcher, kind: str) -> None:
+    far: list[tuple[int, str]] = []
+
+    def serve(conn: socket.socket) -> None:
+        sender = threading.Thread(target=send_then_shut, args=(conn, 2, SIZE))
+        sender.start()
+        far.append(hash_to_eof(conn))
+        sender.join(TIMEOUT * 6)
+
+    with (
+        upstream(serve) as server,
+        relay(kind, start_sockd, server.url) as (address, daemon),
+        connect(address, timeout=TIMEOUT * 6) as client,
+    ):
+        sender = threading.Thread(target=send_then_shut, args=(client, 1, SIZE))
+        sender.start()
+        near = hash_to_eof(client)
+        sender.join(TIMEOUT * 6)
+    assert near == (SIZE, digest(2, SIZE))
+    eventually(lambda: bool(far), "the upstream read to its end")
+    assert far == [(SIZE, digest(1, SIZE))]
+    if daemon is not None:  # both directions counted
+        eventually(lambda: value(samples(daemon), "sockd_received_bytes_total", listener="r") == SIZE, "bytes in")
+        assert value(samples(daemon), "sockd_sent_bytes_total", listener="r") == SIZE
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_client_ends_first_and_still_gets_the_answer(start_sockd: Launcher, kind: str) -> None:
+    def serve(conn: socket.socket) -> None:
+        question = read_to_eof(conn)  # the client's end reached the upstream as EOF
+        conn.sendall(b"answer to " + question)
+
+    with upstream(serve) as server, relay(kind, start_sockd, server.url) as (address, _), connect(address) as client:
+        client.sendall(b"question")
+        client.shutdown(socket.SHUT_WR)
+        assert read_to_eof(client) == b"answer to question"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_upstream_ends_first_and_still_gets_the_clients_words(start_sockd: Launcher, kind: str) -> None:
+    heard: list[bytes] = []
+
+    def serve(conn: socket.socket) -> None:
+        conn.sendall(b"hello, then nothing more")
+        conn.shutdown(socket.SHUT_WR)
+        heard.append(read_to_eof(conn))
+
+    with upstream(serve) as server, relay(kind, start_sockd, server.url) as (address, _), connect(address) as client:
+        assert read_to_eof(client) == b"hello, then nothing more"  # the upstream's end passed on
+        client.sendall(b"still talking")  # the other way is still open
+        client.shutdown(socket.SHUT_WR)
+        assert read_to_eof(client) == b""
+    eventually(lambda: heard == [b"still talking"], "the client's words reached the upstream")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_half_close_timeout_ends_a_side_that_goes_quiet(start_sockd: Launcher, kind: str) -> None:
+    def serve(conn: socket.socket) -> None:
+        conn.shutdown(socket.SHUT_WR)  # the upstream ends at once
+        read_to_eof(conn)  # and waits for the relay to end its side
+
+    with (
+        upstream(serve) as server,
+        relay(kind, start_sockd, server.url, half_close_timeout=0.5) as (address, _),
+        connect(address) as client,
+    ):
+        assert read_to_eof(client) == b""
+        for _ in range(15):  # talking the other way, for three times half_close_timeout: kept open
+            client.sendall(b"still here")
+            time.sleep(0.1)
+        time.sleep(1.5)  # then quiet: the relay gives up on it
+
+        def closed() -> bool:
+            try:
+                client.sendall(b"are you there?")
+            except (BrokenPipeError, ConnectionResetError):
+                return True
+            return False
+
+        eventually(closed, "the relay closed the connection")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_refused_upstream_closes_the_client_at_once(start_sockd: Launcher, kind: str) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        target = f"tcp://127.0.0.1:{closed.getsockname()[1]}"
+        with (
+            relay(kind, start_sockd, target) as (address, daemon),
+            connect(address) as client,
+            contextlib.suppress(ConnectionResetError),
+        ):
+            assert client.recv(1) == b""
+    if daemon is not None:
+        eventually(lambda: value(samples(daemon), "sockd_errors_total", listener="r", kind="upstream") == 1, "counted")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_upstream_that_closes_mid_stream_ends_the_client(start_sockd: Launcher, kind: str) -> None:
+    def serve(conn: socket.socket) -> None:
+        conn.recv(10)
+        conn.sendall(b"partial")
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # reset
+
+    with upstream(serve) as server, relay(kind, start_sockd, server.url) as (address, _), connect(address) as client:
+        client.sendall(b"0123456789" * 100)
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            received = read_to_eof(client)
+        assert b"partial".startswith(received) or received == b"partial"
+
+
+@pytest.mark.parametrize("model", RELAY_MODELS)
+def test_unix_to_tcp_and_tcp_to_unix(start_sockd: Launcher, sockdir: Path, model: str) -> None:
+    def serve(conn: socket.socket) -> None:
+        conn.sendall(read_to_eof(conn)[::-1])
+
+    with upstream(serve) as tcp_server, upstream(serve, sockdir / "up.sock") as unix_server:
+        daemon = start_sockd(
+            [
+                entry("from-unix", "unix", "relay", model, sockdir / "r.sock", upstream=tcp_server.url),
+                entry("to-unix", "tcp", "relay", model, upstream=unix_server.url),
+            ]
+        )
+        for name in ("from-unix", "to-unix"):
+            with connect(daemon.address(name)) as client:
+                client.sendall(b"stressed")
+                client.shutdown(socket.SHUT_WR)
+                assert read_to_eof(client) == b"desserts", name
+
+
+@pytest.mark.parametrize("model", RELAY_MODELS)
+def test_udp_relay_keeps_a_session_per_client(start_sockd: Launcher, model: str) -> None:
+    with socket.socket(type=socket.SOCK_DGRAM) as far:
+        far.bind(("127.0.0.1", 0))
+        far.settimeout(TIMEOUT)
+        daemon = start_sockd(
+            [entry("u", "udp", "relay", model, upstream=f"udp://127.0.0.1:{far.getsockname()[1]}", idle_timeout=0.5)]
+        )
+        relay_address = inet(daemon.address("u"))
+        seen_from: dict[bytes, tuple[str, int]] = {}
+        with socket.socket(type=socket.SOCK_DGRAM) as one, socket.socket(type=socket.SOCK_DGRAM) as two:
+            for client, name in ((one, b"one"), (two, b"two"), (one, b"one")):
+                client.settimeout(TIMEOUT)
+                client.sendto(name, relay_address)
+                data, sender = far.recvfrom(100)
+                assert data == name
+                assert seen_from.setdefault(name, sender) == sender  # the same session each time
+                far.sendto(b"re: " + data, sender)
+                assert client.recvfrom(100) == (b"re: " + name, relay_address)
+            assert seen_from[b"one"] != seen_from[b"two"]  # a session, an upstream socket, per client
+
+            time.sleep(2.0)  # quiet for four times idle_timeout: the session is forgotten
+            one.sendto(b"one", relay_address)
+            data, sender = far.recvfrom(100)
+            assert (data, sender != seen_from[b"one"]) == (b"one", True)  # a new upstream socket
+
+
+@pytest.mark.parametrize("model", ["iterative", "threaded", "thread_pool"])
+def test_models_that_cannot_relay_are_refused(tmp_path: Path, model: str) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "listeners:\n"
+        f"  - {{name: r, protocol: tcp, host: 127.0.0.1, port: 0, handler: relay, concurrency: {model},\n"
+        "     upstream: 'tcp://127.0.0.1:9'}\n"
+    )
+    result = run_sockd("--check", "-c", str(config))
+    assert result.returncode == EX_CONFIG
+    assert result.stderr == (
+        f"{config}:2: listeners[0].concurrency: handler: relay needs concurrency: selector, busy_poll or asyncio"
+        f" (not {model})\n"
+    )
+
+
+@pytest.mark.parametrize("model", RELAY_MODELS)
+@pytest.mark.parametrize("slow", ["client", "upstream"])
+def test_a_side_that_never_reads_stops_the_other_not_the_memory(start_sockd: Launcher, model: str, slow: str) -> None:
+    sent: list[int] = []
+
+    def flood(sock: socket.socket) -> None:
+        total = 0
+        sock.settimeout(1.0)
+        with contextlib.suppress(TimeoutError):
+            for _ in range(4096):  # at most 256 MiB: far more than any buffer on the way
+                total += sock.send(bytes(CHUNK))
+        sent.append(total)
+
+    def serve(conn: socket.socket) -> None:
+        if slow == "client":
+            flood(conn)
+        else:
+            time.sleep(3.0)  # reads nothing while the client floods it
+
+    with upstream(serve) as server:
+        daemon = start_sockd([entry("r", "tcp", "relay", model, upstream=server.url)])
+        pid = daemon.worker_pid("r")
+        before = rss_bytes(pid)
+        with connect(daemon.address("r")) as client:
+            if slow == "upstream":
+                flood(client)
+            else:
+                eventually(lambda: bool(sent), "the upstream was stopped")
+            grown = rss_bytes(pid) - before
+    assert sent[0] < 64 << 20, sent  # the flood was held back: nobody took it all in
+    assert grown < 16 << 20, grown
