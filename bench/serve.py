@@ -19,7 +19,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("port", help="a TCP/UDP port, or a Unix socket path with --protocol unix")
     parser.add_argument("--protocol", default="tcp", choices=["tcp", "udp", "unix"])
-    parser.add_argument("--handler", default="echo", choices=["echo", "timestamp"])
+    parser.add_argument("--handler", default="echo", choices=["echo", "timestamp", "relay"])
     parser.add_argument("--concurrency", default="asyncio")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="another listener key")
     parser.add_argument("--no-metrics", action="store_true", help="metrics.enabled: false")

@@ -36,6 +36,13 @@ def models(protocol: str, handler: str, names: list[str]) -> list[str]:
     return servers
 
 
+def relays() -> list[str]:
+    """socat and sockd's relay, each in front of the C echo server (see relay.py)."""
+    relay = f"{shlex.quote(sys.executable)} {HERE / 'relay.py'} {{port}} {{build}}"
+    kinds = [("socat-relay", "socat"), ("sockd-relay-asyncio", "asyncio"), ("sockd-relay-selector", "selector")]
+    return [f"{name}={relay} {kind}" for name, kind in kinds]
+
+
 WORKLOADS: dict[str, tuple[list[str], list[str]]] = {
     # name: (compare.py arguments, servers: the first is the reference)
     "tcp-echo": (
@@ -79,6 +86,9 @@ WORKLOADS: dict[str, tuple[list[str], list[str]]] = {
         ],
     ),
     "idle": (["idle", "--conns", "8000"], ["uvloop", "asyncio", "threaded", f"sockd-asyncio={sockd()}"]),
+    # A relay in front of the C echo server: requests/s against a direct connection to it.
+    "relay": (["tcp-echo"], ["c", *relays()]),
+    "relay-bulk": (["tcp-echo", "--size", str(1 << 20), "--conns", "8"], ["c", *relays()]),
 }
 
 

@@ -443,6 +443,11 @@ def _combinations(listener: Listener) -> Iterator[Problem]:
         yield ("upstream",), "required with handler: relay"
     elif (listener.upstream_endpoint[0] == "udp") != (listener.protocol == "udp"):
         yield ("upstream",), "a udp listener relays to a udp upstream, a stream listener to tcp or unix"
+    elif isinstance(where := listener.upstream_endpoint[1], tuple):
+        try:
+            where[0].encode("idna")
+        except UnicodeError as exc:
+            yield ("upstream",), f"not a valid host name: {exc}"
 
 
 def _explain(error: ErrorDetails) -> Problem:

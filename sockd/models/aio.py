@@ -12,10 +12,11 @@ from typing import cast
 import structlog
 
 from sockd.config import EventLoop, Listener
-from sockd.counters import BEAT_INTERVAL, RESET, SEND, TIMEOUT, TOO_LARGE, UPSTREAM, Recorder, Stats
+from sockd.counters import BEAT_INTERVAL, RESET, SEND, TIMEOUT, TOO_LARGE, Stats
 from sockd.handlers import Handler, Relay, TooLarge
-from sockd.limits import Admission, Throttled, Timeouts, source_of
+from sockd.limits import Admission, Timeouts, source_of
 from sockd.models import RESOURCE_PAUSE, Address, Stop, accept_failed, shutdown_read
+from sockd.models.relay import MAX_SESSIONS, sessions_warning, upstream_failed
 
 log = structlog.get_logger()
 
@@ -91,6 +92,8 @@ class Model:
 
     def _accept(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
+            if self.stopped:  # in the same turn as the stop, after it
+                return
             try:
                 conn, address = sock.accept()
             except (BlockingIOError, ConnectionAbortedError):
@@ -125,6 +128,8 @@ class Model:
             self.recorder.errors[RESET] += 1
             log.debug("connection lost", error=str(exc))
             conn.close()
+            if self.admission is not None:
+                self.admission.release(source)
 
     async def _drained(self) -> None:
         """Until no connection is open and no delayed datagram reply is due (see done)."""
@@ -145,7 +150,7 @@ class Model:
         """End the connections past first_byte_timeout or idle_timeout (see Timeouts). A transport
         does not say when its buffer drains, so a buffer that changed size counts as activity."""
         for protocol in self.busy:
-            buffered = protocol.transport.get_write_buffer_size()
+            buffered = protocol.write_buffered()
             if buffered != protocol.buffered:
                 protocol.buffered, protocol.active = buffered, True
         for protocol in self.timeouts.expired(self.busy, loop.time()):
@@ -241,6 +246,9 @@ class StreamProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.transport.resume_reading()
 
+    def write_buffered(self) -> int:
+        return self.transport.get_write_buffer_size()
+
     def expire(self) -> None:
         # Replies the client never read would hold close() open for ever: those connections reset.
         if self.buffered:
@@ -322,12 +330,8 @@ class DatagramProtocol(asyncio.DatagramProtocol):
 # -- relay: each client joined to the upstream, bytes copied both ways as they come
 
 
-def upstream_failed(relay: Relay, recorder: Recorder, exc: BaseException) -> None:
-    recorder.errors[UPSTREAM] += 1
-    _upstream_warning(upstream=relay.upstream, error=str(exc) or type(exc).__name__)
-
-
-_upstream_warning = Throttled("upstream failed")
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__  # a TimeoutError says nothing
 
 
 async def open_upstream(
@@ -357,6 +361,7 @@ class RelayProtocol(asyncio.Protocol):
         self.upstream: UpstreamProtocol | None = None
         # What the client said before the upstream answered (None: its end, too); passed on then.
         self.early: list[bytes | None] = []
+        self.client_ended = False
         self.ended = 0  # sides whose output has ended
         self.moved = 0  # bytes copied either way (see side_ended)
         self.answered = True  # a stop may end its input at once: the end is passed on as a half-close
@@ -378,21 +383,23 @@ class RelayProtocol(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         try:
             transport = await open_upstream(loop, self.relay, lambda: UpstreamProtocol(self))
-        except (OSError, TimeoutError) as exc:
-            upstream_failed(self.relay, self.recorder, exc)
+        except (OSError, TimeoutError, ValueError) as exc:  # ValueError: a name IDNA cannot encode
+            upstream_failed(self.relay, self.recorder, _reason(exc))
             self.transport.close()  # the client sees EOF at once
             return
         if self.transport.is_closing():  # the client gave up meanwhile
             transport.close()
-            return
-        self.upstream = cast(UpstreamProtocol, transport.get_protocol())
+
+    def upstream_ready(self, upstream: UpstreamProtocol) -> None:
+        """The upstream answered: pass on what the client said meanwhile, then copy as it comes."""
+        self.upstream = upstream
         for data in self.early:
             if data is None:
                 self.eof_received()
             else:
                 self.data_received(data)
         self.early.clear()
-        if not self.ended:
+        if not self.client_ended:
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
@@ -406,6 +413,7 @@ class RelayProtocol(asyncio.Protocol):
         self.upstream.transport.write(data)
 
     def eof_received(self) -> bool:
+        self.client_ended = True
         if self.upstream is None:
             self.early.append(None)
             return True
@@ -429,10 +437,27 @@ class RelayProtocol(asyncio.Protocol):
             loop = asyncio.get_running_loop()
             loop.call_later(self.relay.half_close_timeout, self._close_if_quiet, self.moved)
 
+    def write_buffered(self) -> int:
+        """Bytes either transport still has to write (see Model._sweep)."""
+        upstream = 0 if self.upstream is None else self.upstream.transport.get_write_buffer_size()
+        return self.transport.get_write_buffer_size() + upstream
+
     def close(self) -> None:
+        """Close both sides once they have written what they hold; a side that takes nothing for
+        half_close_timeout is reset instead, so a stuck peer cannot keep either open."""
         self.transport.close()
         if self.upstream is not None:
             self.upstream.transport.close()
+        self._abort_if_stuck(-1)
+
+    def _abort_if_stuck(self, buffered: int) -> None:
+        now = self.write_buffered()
+        if not now:
+            return
+        if now == buffered:
+            self.expire()
+        else:
+            asyncio.get_running_loop().call_later(self.relay.half_close_timeout, self._abort_if_stuck, now)
 
     # Back-pressure: a side that cannot take more stops the other side's reading.
 
@@ -458,6 +483,7 @@ class RelayProtocol(asyncio.Protocol):
         self.connecting.cancel()
         if self.upstream is not None:
             self.upstream.transport.close()
+            self._abort_if_stuck(-1)
         if self.model.admission is not None:
             self.model.admission.release(self.source)
         self.recorder.closed += 1
@@ -475,6 +501,7 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.client.upstream_ready(self)
 
     def data_received(self, data: bytes) -> None:
         client = self.client
@@ -496,7 +523,7 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:  # reset mid-stream: the client cannot be told more than that it ended
-            upstream_failed(self.client.relay, self.client.recorder, exc)
+            upstream_failed(self.client.relay, self.client.recorder, _reason(exc))
             self.client.transport.abort()
         else:
             self.client.transport.close()
@@ -522,10 +549,13 @@ class DatagramRelayProtocol(asyncio.DatagramProtocol):
         admission = self.model.admission
         if admission is not None and not admission.allows_datagram(source_of(self.model.listener, addr), self.recorder):
             return
-        self.recorder.received += len(data)
         session = self.sessions.get(addr)
         if session is None:
+            if len(self.sessions) >= MAX_SESSIONS:
+                sessions_warning(sessions=MAX_SESSIONS)
+                return
             session = self.sessions[addr] = DatagramSession(self, addr)
+        self.recorder.received += len(data)
         session.send(data)
 
     def _forget_idle(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -556,7 +586,7 @@ class DatagramSession(asyncio.DatagramProtocol):
         try:
             await open_upstream(asyncio.get_running_loop(), self.listener.relay, lambda: self)
         except (OSError, TimeoutError) as exc:
-            upstream_failed(self.listener.relay, self.listener.recorder, exc)
+            upstream_failed(self.listener.relay, self.listener.recorder, _reason(exc))
             self.listener.sessions.pop(self.client, None)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -579,7 +609,7 @@ class DatagramSession(asyncio.DatagramProtocol):
         self.listener.transport.sendto(data, self.client)
 
     def error_received(self, exc: Exception) -> None:
-        upstream_failed(self.listener.relay, self.listener.recorder, exc)  # e.g. ICMP port unreachable
+        upstream_failed(self.listener.relay, self.listener.recorder, _reason(exc))  # e.g. ICMP port unreachable
 
     def close(self) -> None:
         self.opening.cancel()

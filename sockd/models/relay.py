@@ -9,14 +9,16 @@ whichever side is slow.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
 import selectors
 import socket
+import struct
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -34,6 +36,11 @@ log = structlog.get_logger()
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 _upstream_warning = Throttled("upstream failed")
+sessions_warning = Throttled("too many relay sessions; dropping datagrams from new clients")
+RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+# UDP relay sessions per worker: past this, datagrams from new clients are dropped (each session
+# holds a descriptor, and a flood from many addresses must not take them all).
+MAX_SESSIONS = 4096
 
 
 def upstream_failed(relay: Relay, recorder: Recorder, error: str) -> None:
@@ -42,22 +49,35 @@ def upstream_failed(relay: Relay, recorder: Recorder, error: str) -> None:
 
 
 def upstream_socket(relay: Relay) -> socket.socket:
-    """A non-blocking socket for the upstream, its connect() started."""
+    """A non-blocking socket for the upstream, its connect() started. A name is resolved here, in
+    the loop (an IP literal costs nothing); each address it has is tried until one does not fail
+    at once, but a connect still in progress when it fails cannot move on to the next."""
     if isinstance(relay.where, str):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        addresses = [(socket.AF_UNIX, socket.SOCK_STREAM, 0, relay.where)]
     else:
         kind = socket.SOCK_DGRAM if relay.scheme == "udp" else socket.SOCK_STREAM
-        family, kind, proto, _, _ = socket.getaddrinfo(*relay.where, type=kind)[0]
+        addresses = [(family, kind, proto, where) for family, kind, proto, _, where in _resolve(relay.where, kind)]
+    failure: OSError = OSError(errno.EADDRNOTAVAIL, "no address")
+    for family, kind, proto, where in addresses:
         sock = socket.socket(family, kind, proto)
-    sock.setblocking(False)
+        sock.setblocking(False)
+        try:
+            sock.connect(where)
+        except BlockingIOError:  # in progress: writable once done
+            return sock
+        except OSError as exc:
+            sock.close()
+            failure = exc
+            continue
+        return sock
+    raise failure
+
+
+def _resolve(where: tuple[str, int], kind: int) -> list[tuple[Any, ...]]:
     try:
-        sock.connect(relay.where)
-    except BlockingIOError:  # in progress: writable once done
-        pass
-    except OSError:
-        sock.close()
-        raise
-    return sock
+        return socket.getaddrinfo(*where, type=kind)
+    except UnicodeError as exc:  # a name IDNA cannot encode (config refuses most of them)
+        raise OSError(errno.EINVAL, f"bad host name: {exc}") from None
 
 
 class End:
@@ -102,7 +122,7 @@ class Splice:
         self.client.peer, self.upstream.peer = self.upstream, self.client
         self.connected = False
         self.ended = 0  # sides that have ended their output
-        self.moved = 0  # bytes copied either way (see _close_if_quiet)
+        self.moved = 0  # bytes read or written either way (see _close_if_quiet)
         self.closed = False
         self.active = False  # see Timeouts
         self.deadline = 0.0
@@ -119,7 +139,7 @@ class Splice:
 
     def _connect_timed_out(self) -> None:
         if not self.connected and not self.closed:
-            self._upstream_failed(os_error(errno.ETIMEDOUT))
+            self._upstream_failed(os.strerror(errno.ETIMEDOUT))
 
     def _upstream_failed(self, error: str) -> None:
         upstream_failed(self.relay, self.loop.recorder, error)
@@ -131,7 +151,11 @@ class Splice:
         if not self.connected:
             error = end.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
-                self._upstream_failed(os_error(error))
+                self._upstream_failed(os.strerror(error))
+                return
+            try:
+                end.sock.getpeername()
+            except OSError:  # still connecting (the busy-poll selector says "ready" regardless)
                 return
             self.connected = True
             self.client.reading = True
@@ -178,6 +202,7 @@ class Splice:
                 self._lost(end, exc)
                 return
             del end.out[:sent]
+            self.moved += sent
             self.active = self.active or sent > 0
         if not end.out and end.shut_when_flushed:
             end.shut_when_flushed = False
@@ -238,7 +263,8 @@ class Splice:
         end.events = events
 
     def close(self) -> None:
-        """End both sides, what is still buffered with them (a relay that gave up is not waited for)."""
+        """End both sides. Bytes still waiting for a side are dropped, and that side is reset rather
+        than closed, so it cannot take a cut-short stream for a whole one."""
         if self.closed:
             return
         self.closed = True
@@ -246,12 +272,11 @@ class Splice:
             if end.events:
                 self.loop.selector.unregister(end.sock)
             end.events = 0
+            if end.out or end.shut_when_flushed:
+                with contextlib.suppress(OSError):
+                    end.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
             end.sock.close()
         self.loop.forget(self)
-
-
-def os_error(number: int) -> str:
-    return os.strerror(number)
 
 
 class DatagramSessions:
@@ -269,6 +294,9 @@ class DatagramSessions:
     def forward(self, data: bytes, client: Address) -> None:
         session = self.sessions.get(client)
         if session is None:
+            if len(self.sessions) >= MAX_SESSIONS:
+                sessions_warning(sessions=MAX_SESSIONS)
+                return
             try:
                 sock = upstream_socket(self.relay)
             except OSError as exc:
@@ -298,6 +326,11 @@ class DatagramSessions:
             self.loop.send_datagram_to(data, client)
 
         return relay_back
+
+    def close(self) -> None:
+        for sock, _ in self.sessions.values():
+            sock.close()
+        self.sessions.clear()
 
     def _forget_idle(self) -> None:
         now = time.monotonic()

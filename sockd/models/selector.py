@@ -113,6 +113,8 @@ class EventLoop:
                     self._run_timers()
                     self.stats.beat()
             finally:
+                if self.sessions is not None:
+                    self.sessions.close()
                 self.selector.close()
 
     # -- the loop's own plumbing

@@ -5,8 +5,12 @@ from __future__ import annotations
 import socket
 import time
 
+from sockd.counters import RESOURCES, Recorder
+from sockd.limits import Throttled
 from sockd.models import Address, Stop
 from sockd.models.blocking import BlockingModel, OpenConnections, Threads, accepted, received
+
+_no_thread = Throttled("cannot start a thread for a connection; closed it")
 
 
 class Model(BlockingModel):
@@ -24,8 +28,20 @@ class Model(BlockingModel):
                     # Refused before a thread is started for it: a flood costs no threads.
                     source = connections.admit(conn, address, recorder)
                     if source is not None:
-                        threads.start(self._serve, connections, conn, source)
+                        self._start(threads, connections, conn, source, recorder)
         threads.join()
+
+    def _start(
+        self, threads: Threads, connections: OpenConnections, conn: socket.socket, source: str, recorder: Recorder
+    ) -> None:
+        try:
+            threads.start(self._serve, connections, conn, source)
+        except RuntimeError as exc:  # "can't start new thread": out of memory or of a limit
+            recorder.errors[RESOURCES] += 1
+            _no_thread(error=str(exc))
+            conn.close()
+            if self.admission is not None:
+                self.admission.release(source)
 
     def _serve(self, connections: OpenConnections, conn: socket.socket, source: str) -> None:
         with self.stats.recorder() as recorder:
