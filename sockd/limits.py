@@ -181,6 +181,20 @@ class Admission:
                 del self.buckets[source]
 
 
+def admitted(
+    admission: Admission | None, listener: Listener, conn: socket.socket, address: object, recorder: Recorder
+) -> str | None:
+    """What a model asks of each connection it accepts: the source to release it by later ("" if
+    nothing counts by source), or None if a limit refused it; it is closed then."""
+    if admission is None:
+        return ""  # no limits: not even a string per connection
+    source = source_of(listener, address)
+    if admission.admit(conn, source, recorder):
+        return source
+    conn.close()
+    return None
+
+
 def _credentials(sock: socket.socket) -> str:
     pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
     return f"pid={pid} uid={uid} gid={gid}"
@@ -219,7 +233,8 @@ class Timeouts:
 
     def started(self, conn: Timed, now: float) -> None:
         conn.active = False
-        conn.deadline = now + self.first_byte
+        if self.interval is not None:  # no float per connection when nothing times out
+            conn.deadline = now + self.first_byte
 
     def expired(self, connections: Iterable[T], now: float) -> Iterator[T]:
         for conn in list(connections):

@@ -15,7 +15,7 @@ import structlog
 from sockd.config import BUFSIZE, Listener
 from sockd.counters import RESET, SEND, TIMEOUT, TOO_LARGE, Recorder, Stats
 from sockd.handlers import Handler, TooLarge
-from sockd.limits import Admission, source_of
+from sockd.limits import Admission, admitted, source_of
 from sockd.models import RESOURCE_PAUSE, Address, Stop, accept_failed, shutdown_read
 
 log = structlog.get_logger()
@@ -112,13 +112,8 @@ class OpenConnections:
             self.serve_admitted(conn, source, recorder)
 
     def admit(self, conn: socket.socket, address: Address, recorder: Recorder) -> str | None:
-        """The connection's source if the listener's limits let it in; else it is closed, and None."""
-        source = source_of(self.model.listener, address)
-        admission = self.model.admission
-        if admission is None or admission.admit(conn, source, recorder):
-            return source
-        conn.close()
-        return None
+        """See limits.admitted."""
+        return admitted(self.model.admission, self.model.listener, conn, address, recorder)
 
     def serve_admitted(self, conn: socket.socket, source: str, recorder: Recorder) -> None:
         try:

@@ -19,7 +19,7 @@ import structlog
 from sockd.config import BUFSIZE, Listener, SelectorBackend
 from sockd.counters import BEAT_INTERVAL, RESET, SEND, TIMEOUT, TOO_LARGE, Stats
 from sockd.handlers import Handler, Relay, Session, TooLarge
-from sockd.limits import Admission, Timeouts, source_of
+from sockd.limits import Admission, Timeouts, admitted, source_of
 from sockd.models import HIGH_WATER, RESOURCE_PAUSE, Address, Stop, accept_failed, shutdown_read
 from sockd.models.relay import DatagramSessions, Splice, upstream_failed, upstream_socket
 
@@ -213,9 +213,8 @@ class EventLoop:
             self.selector.unregister(self.sock)
             self.later(self._resume_accepting, after=RESOURCE_PAUSE)
             return
-        source = source_of(self.listener, address)
-        if self.admission is not None and not self.admission.admit(client, source, self.recorder):
-            client.close()
+        source = admitted(self.admission, self.listener, client, address, self.recorder)
+        if source is None:
             return
         client.setblocking(False)
         self.recorder.connections += 1
