@@ -25,12 +25,15 @@ def main() -> None:
     parser.add_argument("port", help="where the relay listens")
     parser.add_argument("build", type=Path, help="compare.py's build directory, with c_epoll_echo")
     parser.add_argument("relay", choices=["socat", "selector", "busy_poll", "asyncio"])
+    parser.add_argument("--upstream-cpus", help="CPUs for the echo server (default: the relay's)")
     args = parser.parse_args()
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         upstream = probe.getsockname()[1]
-    subprocess.Popen([str(args.build / "c_epoll_echo"), str(upstream)])
+    echo = subprocess.Popen([str(args.build / "c_epoll_echo"), str(upstream)])
+    if args.upstream_cpus:
+        os.sched_setaffinity(echo.pid, {int(cpu) for cpu in args.upstream_cpus.split(",")})
     for _ in range(100):  # at most 5 s for it to listen
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", upstream)) == 0:

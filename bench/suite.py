@@ -37,10 +37,12 @@ def models(protocol: str, handler: str, names: list[str]) -> list[str]:
 
 
 def relays() -> list[str]:
-    """socat and sockd's relay, each in front of the C echo server (see relay.py)."""
+    """socat and sockd's relay, each in front of the C echo server (see relay.py). The relay has
+    the server's CPU to itself; the echo server runs beside the load generator, as the separate
+    service an upstream is."""
     relay = f"{shlex.quote(sys.executable)} {HERE / 'relay.py'} {{port}} {{build}}"
     kinds = [("socat-relay", "socat"), ("sockd-relay-asyncio", "asyncio"), ("sockd-relay-selector", "selector")]
-    return [f"{name}={relay} {kind}" for name, kind in kinds]
+    return [f"{name}={relay} {kind} --upstream-cpus 1" for name, kind in kinds]
 
 
 WORKLOADS: dict[str, tuple[list[str], list[str]]] = {
