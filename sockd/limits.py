@@ -195,6 +195,17 @@ def admitted(
     return None
 
 
+def datagram_allowed(admission: Admission | None, listener: Listener, sender: object, recorder: Recorder) -> bool:
+    """Whether a model answers a datagram from `sender` (a refused one is counted and dropped)."""
+    return admission is None or admission.allows_datagram(source_of(listener, sender), recorder)
+
+
+def released(admission: Admission | None, source: str) -> None:
+    """What a model does when a connection `admitted` let in closes."""
+    if admission is not None:
+        admission.release(source)
+
+
 def _credentials(sock: socket.socket) -> str:
     pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
     return f"pid={pid} uid={uid} gid={gid}"

@@ -14,7 +14,7 @@ import structlog
 from sockd.config import EventLoop, Listener
 from sockd.counters import BEAT_INTERVAL, RESET, SEND, TIMEOUT, TOO_LARGE, Stats
 from sockd.handlers import Handler, Relay, TooLarge
-from sockd.limits import Admission, Timeouts, admitted, source_of
+from sockd.limits import Admission, Timeouts, admitted, datagram_allowed, released
 from sockd.models import RESOURCE_PAUSE, Address, Stop, accept_failed, shutdown_read
 from sockd.models.relay import MAX_SESSIONS, sessions_warning, upstream_failed
 
@@ -127,8 +127,7 @@ class Model:
             self.recorder.errors[RESET] += 1
             log.debug("connection lost", error=str(exc))
             conn.close()
-            if self.admission is not None:
-                self.admission.release(source)
+            released(self.admission, source)
 
     async def _drained(self) -> None:
         """Until no connection is open and no delayed datagram reply is due (see done)."""
@@ -273,8 +272,7 @@ class StreamProtocol(asyncio.Protocol):
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.model.admission is not None:
-            self.model.admission.release(self.source)
+        released(self.model.admission, self.source)
         self.recorder.closed += 1
         if exc is not None:
             self.recorder.errors[RESET] += 1
@@ -299,8 +297,7 @@ class DatagramProtocol(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
-        admission = self.model.admission
-        if admission is not None and not admission.allows_datagram(source_of(self.model.listener, addr), self.recorder):
+        if not datagram_allowed(self.model.admission, self.model.listener, addr, self.recorder):
             return
         started = self.recorder.clock()
         try:
@@ -520,8 +517,7 @@ class RelayProtocol(asyncio.Protocol):
         if self.upstream is not None:
             self.upstream.transport.close()
             self._abort_if_stuck(-1)
-        if self.model.admission is not None:
-            self.model.admission.release(self.source)
+        released(self.model.admission, self.source)
         self.recorder.closed += 1
         if exc is not None:
             self.recorder.errors[RESET] += 1
@@ -584,8 +580,7 @@ class DatagramRelayProtocol(asyncio.DatagramProtocol):
         self.sweeper = loop.call_later(self.relay.session_timeout / 4, self._forget_idle, loop)
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
-        admission = self.model.admission
-        if admission is not None and not admission.allows_datagram(source_of(self.model.listener, addr), self.recorder):
+        if not datagram_allowed(self.model.admission, self.model.listener, addr, self.recorder):
             return
         session = self.sessions.get(addr)
         if session is None:

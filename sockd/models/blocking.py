@@ -15,7 +15,7 @@ import structlog
 from sockd.config import BUFSIZE, Listener
 from sockd.counters import RESET, SEND, TIMEOUT, TOO_LARGE, Recorder, Stats
 from sockd.handlers import Handler, TooLarge
-from sockd.limits import Admission, admitted, source_of
+from sockd.limits import Admission, admitted, datagram_allowed, released
 from sockd.models import RESOURCE_PAUSE, Address, Stop, accept_failed, shutdown_read
 
 log = structlog.get_logger()
@@ -69,8 +69,7 @@ class BlockingModel:
 
     def answer(self, sock: socket.socket, data: bytes, sender: Address, recorder: Recorder, started: float) -> None:
         """Answer one datagram; `started` is the time.monotonic() of its arrival."""
-        admission = self.admission
-        if admission is not None and not admission.allows_datagram(source_of(self.listener, sender), recorder):
+        if not datagram_allowed(self.admission, self.listener, sender, recorder):
             return
         recorder.busy_since = started
         try:
@@ -119,8 +118,7 @@ class OpenConnections:
         try:
             self._serve(conn, recorder)
         finally:
-            if self.model.admission is not None:
-                self.model.admission.release(source)
+            released(self.model.admission, source)
 
     def _serve(self, conn: socket.socket, recorder: Recorder) -> None:
         recorder.connections += 1

@@ -19,7 +19,7 @@ import structlog
 from sockd.config import BUFSIZE, Listener, SelectorBackend
 from sockd.counters import BEAT_INTERVAL, RESET, SEND, TIMEOUT, TOO_LARGE, Stats
 from sockd.handlers import Handler, Relay, Session, TooLarge
-from sockd.limits import Admission, Timeouts, admitted, source_of
+from sockd.limits import Admission, Timeouts, admitted, datagram_allowed, released
 from sockd.models import HIGH_WATER, RESOURCE_PAUSE, Address, Stop, accept_failed, shutdown_read
 from sockd.models.relay import DatagramSessions, Splice, upstream_failed, upstream_socket
 
@@ -163,8 +163,7 @@ class EventLoop:
             data, sender = self.sock.recvfrom(BUFSIZE)
         except (BlockingIOError, ConnectionRefusedError):
             return  # nothing there yet, or an ICMP error for an earlier reply
-        admission = self.admission
-        if admission is not None and not admission.allows_datagram(source_of(self.listener, sender), self.recorder):
+        if not datagram_allowed(self.admission, self.listener, sender, self.recorder):
             return
         if self.sessions is not None:
             self.sessions.forward(data, sender)
@@ -238,7 +237,7 @@ class EventLoop:
             upstream_failed(relay, self.recorder, str(exc))
             client.close()
             self.recorder.closed += 1
-            self._release(source)
+            released(self.admission, source)
             return
         splice = Splice(self, client, upstream, source)
         self.timeouts.started(splice, time.monotonic())
@@ -249,11 +248,7 @@ class EventLoop:
         """A relayed client is gone: both of its sockets are closed."""
         self.recorder.closed += 1
         self.connections.discard(splice)
-        self._release(splice.source)
-
-    def _release(self, source: str) -> None:
-        if self.admission is not None:
-            self.admission.release(source)
+        released(self.admission, splice.source)
 
     def _resume_accepting(self) -> None:
         if not self.stop.is_set:
@@ -369,7 +364,7 @@ class EventLoop:
         conn.closed = True
         conn.sock.close()
         self.connections.discard(conn)
-        self._release(conn.source)
+        released(self.admission, conn.source)
 
 
 class Model(EventLoop):

@@ -6,7 +6,7 @@ import socket
 import time
 
 from sockd.counters import RESOURCES, Recorder
-from sockd.limits import Throttled
+from sockd.limits import Throttled, released
 from sockd.models import Address, Stop
 from sockd.models.blocking import BlockingModel, OpenConnections, Threads, accepted, received
 
@@ -40,8 +40,7 @@ class Model(BlockingModel):
             recorder.errors[RESOURCES] += 1
             _no_thread(error=str(exc))
             conn.close()
-            if self.admission is not None:
-                self.admission.release(source)
+            released(self.admission, source)
 
     def _serve(self, connections: OpenConnections, conn: socket.socket, source: str) -> None:
         with self.stats.recorder() as recorder:
