@@ -19,8 +19,8 @@ from typing import Any, Protocol
 import structlog
 
 from sockd.config import Listener, ModelName
-from sockd.counters import RESOURCES, Recorder, Stats
-from sockd.handlers import Handler
+from sockd.counters import RESOURCES, TOO_LARGE, Recorder, Stats
+from sockd.handlers import Handler, TooLarge
 from sockd.limits import Throttled
 
 log = structlog.get_logger()
@@ -48,6 +48,16 @@ def accept_failed(exc: OSError, recorder: Recorder) -> None:
 
 
 _out_of_resources = Throttled("cannot accept: out of resources; pausing")
+
+
+def datagram_reply(handler: Handler, data: bytes, recorder: Recorder) -> bytes | None:
+    """The handler's reply to a datagram: None for none, and for a datagram over
+    max_message_size (counted), which is dropped."""
+    try:
+        return handler.datagram(data)
+    except TooLarge:
+        recorder.errors[TOO_LARGE] += 1
+        return None
 
 
 class Stop:

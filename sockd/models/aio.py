@@ -15,7 +15,7 @@ from sockd.config import EventLoop, Listener
 from sockd.counters import BEAT_INTERVAL, RESET, SEND, TIMEOUT, TOO_LARGE, Stats
 from sockd.handlers import Handler, Relay, TooLarge
 from sockd.limits import Admission, Timeouts, admitted, datagram_allowed, released
-from sockd.models import RESOURCE_PAUSE, Address, Stop, accept_failed, shutdown_read
+from sockd.models import RESOURCE_PAUSE, Address, Stop, accept_failed, datagram_reply, shutdown_read
 from sockd.models.relay import MAX_SESSIONS, sessions_warning, upstream_failed
 
 log = structlog.get_logger()
@@ -300,11 +300,7 @@ class DatagramProtocol(asyncio.DatagramProtocol):
         if not datagram_allowed(self.model.admission, self.model.listener, addr, self.recorder):
             return
         started = self.recorder.clock()
-        try:
-            reply = self.handler.datagram(data)
-        except TooLarge:
-            self.recorder.errors[TOO_LARGE] += 1
-            return
+        reply = datagram_reply(self.handler, data, self.recorder)
         if reply is None:
             return
         if self.delay:

@@ -16,7 +16,7 @@ from sockd.config import BUFSIZE, Listener
 from sockd.counters import RESET, SEND, TIMEOUT, TOO_LARGE, Recorder, Stats
 from sockd.handlers import Handler, TooLarge
 from sockd.limits import Admission, admitted, datagram_allowed, released
-from sockd.models import RESOURCE_PAUSE, Address, Stop, accept_failed, shutdown_read
+from sockd.models import RESOURCE_PAUSE, Address, Stop, accept_failed, datagram_reply, shutdown_read
 
 log = structlog.get_logger()
 
@@ -73,15 +73,12 @@ class BlockingModel:
             return
         recorder.busy_since = started
         try:
-            reply = self.handler.datagram(data)
+            reply = datagram_reply(self.handler, data, recorder)
             if reply is None:
                 return
             if self.delay:
                 time.sleep(self.delay)
             sock.sendto(reply, sender)
-        except TooLarge:
-            recorder.errors[TOO_LARGE] += 1
-            return
         except OSError as exc:  # e.g. a full send buffer
             recorder.errors[SEND] += 1
             log.debug("datagram reply failed", error=str(exc))

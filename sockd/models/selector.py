@@ -20,7 +20,7 @@ from sockd.config import BUFSIZE, Listener, SelectorBackend
 from sockd.counters import BEAT_INTERVAL, RESET, SEND, TIMEOUT, TOO_LARGE, Stats
 from sockd.handlers import Handler, Relay, Session, TooLarge
 from sockd.limits import Admission, Timeouts, admitted, datagram_allowed, released
-from sockd.models import HIGH_WATER, RESOURCE_PAUSE, Address, Stop, accept_failed, shutdown_read
+from sockd.models import HIGH_WATER, RESOURCE_PAUSE, Address, Stop, accept_failed, datagram_reply, shutdown_read
 from sockd.models.relay import DatagramSessions, Splice, upstream_failed, upstream_socket
 
 log = structlog.get_logger()
@@ -169,11 +169,7 @@ class EventLoop:
             self.sessions.forward(data, sender)
             return
         started = self.recorder.clock()
-        try:
-            reply = self.handler.datagram(data)
-        except TooLarge:
-            self.recorder.errors[TOO_LARGE] += 1
-            return
+        reply = datagram_reply(self.handler, data, self.recorder)
         if reply is None:
             return
         if self.delay:
