@@ -292,6 +292,11 @@ Problem = tuple[tuple[str | int, ...], str]
 MAX_VALUES = 100_000
 
 
+# PyYAML's constructors for the standard tags (!!int, !!float, !!bool, !!timestamp, …) raise
+# these plain Python errors, not YAMLError, on a value they cannot read.
+CONSTRUCTOR_ERRORS = (ValueError, KeyError, IndexError, AttributeError, TypeError, OverflowError)
+
+
 class _Unreadable(Exception):
     """YAML that parses but cannot be read as a config's data."""
 
@@ -311,9 +316,7 @@ def _read_yaml(text: str) -> tuple[yaml.Node | None, Any]:
         return root, yaml.safe_load(text)
     except RecursionError:
         raise _Unreadable(1, "nested too deeply") from None
-    except (ValueError, KeyError, IndexError, AttributeError, TypeError, OverflowError):
-        # PyYAML's constructors for the standard tags (!!int, !!float, !!bool, !!timestamp, …)
-        # raise plain Python errors on a value they cannot read.
+    except CONSTRUCTOR_ERRORS:
         line, tag, value = _unreadable_scalar(root)
         raise _Unreadable(line, f"{value[:40]!r} cannot be read as {tag}") from None
 
@@ -362,7 +365,7 @@ def _unreadable_scalar(root: yaml.Node | None) -> tuple[int, str, str]:
         if isinstance(node, yaml.ScalarNode):
             try:
                 constructor.construct_object(node)
-            except (ValueError, KeyError, IndexError, AttributeError, TypeError, OverflowError):
+            except CONSTRUCTOR_ERRORS:
                 tag = node.tag.replace("tag:yaml.org,2002:", "!!")
                 return node.start_mark.line + 1, tag, str(node.value)
         stack.extend(reversed(_children(node)))

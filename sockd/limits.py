@@ -242,12 +242,13 @@ class Timeouts:
         shortest = min(self.first_byte, self.idle)
         self.interval = max(0.01, shortest / 4) if shortest < math.inf else None
 
-    def started(self, conn: Timed, now: float) -> None:
+    def started(self, conn: Timed) -> None:
         conn.active = False
-        if self.interval is not None:  # no float per connection when nothing times out
-            conn.deadline = now + self.first_byte
+        if self.interval is not None:  # no clock read, no float per connection when nothing times out
+            conn.deadline = time.monotonic() + self.first_byte
 
-    def expired(self, connections: Iterable[T], now: float) -> Iterator[T]:
+    def expired(self, connections: Iterable[T]) -> Iterator[T]:
+        now = time.monotonic()
         for conn in list(connections):
             if conn.active:
                 conn.active = False

@@ -151,7 +151,7 @@ class Model:
             buffered = protocol.write_buffered()
             if buffered != protocol.buffered:
                 protocol.buffered, protocol.active = buffered, True
-        for protocol in self.timeouts.expired(self.busy, loop.time()):
+        for protocol in self.timeouts.expired(self.busy):
             self.recorder.errors[TIMEOUT] += 1
             protocol.expire()
         loop.call_later(interval, self._sweep, loop, interval)
@@ -197,7 +197,7 @@ class StreamProtocol(asyncio.Protocol):
         model = self.model
         if model.nagle:
             transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
-        model.timeouts.started(self, asyncio.get_running_loop().time())
+        model.timeouts.started(self)
         model.busy.add(self)
         self.recorder.connections += 1
         greeting = self.session.greeting()
@@ -402,7 +402,7 @@ class RelayProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.transport.pause_reading()  # until the upstream answers
         model = self.model
-        model.timeouts.started(self, asyncio.get_running_loop().time())
+        model.timeouts.started(self)
         model.busy.add(self)
         self.recorder.connections += 1
         self.connecting = asyncio.get_running_loop().create_task(self._connect())

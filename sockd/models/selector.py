@@ -136,7 +136,7 @@ class EventLoop:
 
     def _sweep(self) -> None:
         """End the connections past first_byte_timeout or idle_timeout (see Timeouts)."""
-        for conn in self.timeouts.expired(self.connections, time.monotonic()):
+        for conn in self.timeouts.expired(self.connections):
             self.recorder.errors[TIMEOUT] += 1
             if isinstance(conn, Splice):
                 conn.close()
@@ -217,7 +217,7 @@ class EventLoop:
             self._splice(client, source, self.relay)
             return
         conn = Connection(client, source, self.handler.session(), lambda events: self._on_ready(conn, events))
-        self.timeouts.started(conn, time.monotonic())
+        self.timeouts.started(conn)
         self.connections.add(conn)
         greeting = conn.session.greeting()
         if greeting is None:
@@ -236,7 +236,7 @@ class EventLoop:
             released(self.admission, source)
             return
         splice = Splice(self, client, upstream, source)
-        self.timeouts.started(splice, time.monotonic())
+        self.timeouts.started(splice)
         self.connections.add(splice)
         splice.start(relay.connect_timeout)
 
