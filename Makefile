@@ -17,11 +17,11 @@ test: $(STAMP) lint
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy sockd
+	$(BIN)/mypy sockd sockd_bench
 
-# The performance tables (minutes; not part of `make test`): see bench/suite.py.
+# The performance tables (minutes; not part of `make test`): see sockd_bench/suite.py.
 bench: $(STAMP)
-	$(BIN)/python bench/suite.py
+	$(BIN)/python -m sockd_bench.suite
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

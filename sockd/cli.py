@@ -22,9 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else argv
     # A subcommand with a parser of its own, dispatched first so the main parser stays as it is.
     if arguments[:1] == ["bench"]:
-        from sockd import bench  # noqa: PLC0415 (imported here: the daemon never needs it)
+        from sockd_bench import runner  # noqa: PLC0415 (imported here: the daemon never needs it)
 
-        return bench.main(arguments[1:])
+        return runner.main(arguments[1:])
     parser = argparse.ArgumentParser(
         prog="sockd",
         description="Serve sockets declared in a YAML file.",

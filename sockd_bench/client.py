@@ -1,9 +1,8 @@
-"""`sockd bench`: a closed-loop load generator for one's own sockd, as redis-benchmark is for Redis.
+"""The client processes of `sockd bench`: what generates the load, and nothing of what is shown.
 
 Client processes (one per core unless told) each run their share of the connections in one
 selector loop: a connection sends its request, waits for the whole reply, records the round trip
-and sends the next one. Each process returns its counts and a latency histogram; the parent
-merges them. `--models` starts sockd once per concurrency model and runs the same load on each.
+and sends the next one. Each process returns its Tally (report.py); the parent merges them.
 
 Targets are loopback addresses and Unix socket paths only: this measures a deployment on this
 machine, and cannot be turned on somebody else's.
@@ -11,50 +10,38 @@ machine, and cannot be turned on somebody else's.
 
 from __future__ import annotations
 
-import argparse
-import bisect
 import contextlib
 import dataclasses
 import errno
 import ipaddress
-import itertools
-import json
 import multiprocessing
 import os
 import random
 import selectors
 import signal
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from pathlib import Path
-from typing import Any, Literal, TextIO, cast, get_args
+from typing import TYPE_CHECKING, Literal, TextIO, cast
 
-from sockd.stdout import emit
+from sockd_bench.report import Tally
 
-Protocol = Literal["tcp", "udp", "unix"]
+if TYPE_CHECKING:
+    # For the annotations only: client processes import this module, and need not load pydantic.
+    from sockd.config import Protocol
+
 Mode = Literal["echo", "connect"]
-HandlerName = Literal["echo", "timestamp"]
 
 MAX_FAILURES = 100  # consecutive failures after which a connection is no longer reopened
 UDP_MAX = 65507  # the largest payload of an IPv4 UDP datagram
 UNIX_PATH_MAX = 107  # sun_path's 108 bytes, less the terminating NUL
 START_TIMEOUT = 30.0  # seconds client processes, or a sockd, get to start, and to finish after the run
-POLL = 0.05  # seconds between looks at a starting sockd's log
 PROGRESS_NS = 500_000_000  # how often a client process reports its count to the parent
 SWEEP_NS = 50_000_000  # how often UDP requests are checked for a lost datagram
 RECV_SIZE = 65536
-BUSY = 0.9  # the share of their time the client processes may compute before they are the bottleneck
-BITS = 10  # the latency histogram's precision: 1/2**BITS of a value
-PERCENTILES = {"p50": 500, "p90": 900, "p99": 990, "p99_9": 999}  # JSON key: permille
-INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 BOTH = selectors.EVENT_READ | selectors.EVENT_WRITE
 
@@ -111,69 +98,6 @@ class Load:
     processes: int
     timeout: float  # UDP: a reply not back within this many seconds is a lost datagram
     check_echo: bool  # UDP: a reply must equal its request (False against a timestamp server)
-
-
-class Histogram:
-    """Latencies in nanoseconds, each kept to within 1/1024 of its value (HdrHistogram's idea): a
-    few thousand counters at most however many requests, so a client process's result stays small."""
-
-    def __init__(self) -> None:
-        self.counts: dict[int, int] = {}
-
-    def record(self, ns: int) -> None:
-        # Below 2**BITS ns every value has its own bucket; above, the top BITS bits of the value pick
-        # one of 2**(BITS-1) buckets per power of two, none wider than 1/2**(BITS-1) of its values.
-        if ns < 1 << BITS:
-            index = ns
-        else:
-            shift = ns.bit_length() - BITS
-            index = (shift << (BITS - 1)) + (ns >> shift)
-        self.counts[index] = self.counts.get(index, 0) + 1
-
-    def merge(self, other: Histogram) -> None:
-        for index, count in other.counts.items():
-            self.counts[index] = self.counts.get(index, 0) + count
-
-    def percentiles_us(self) -> dict[str, float | None]:
-        """PERCENTILES in microseconds (None without a single sample); the nearest-rank method,
-        so a higher percentile is never below a lower one."""
-        indices = sorted(self.counts)
-        cumulative = list(itertools.accumulate(self.counts[index] for index in indices))
-        total = cumulative[-1] if cumulative else 0
-        shown: dict[str, float | None] = {}
-        for key, permille in PERCENTILES.items():
-            rank = -(-total * permille // 1000)  # ceiling, in integers: no rounding at 99.9
-            found = indices[bisect.bisect_left(cumulative, max(rank, 1))] if total else None
-            shown[key] = None if found is None else round(_midpoint(found) / 1000, 1)
-        return shown
-
-
-def _midpoint(index: int) -> float:
-    if index < 1 << BITS:
-        return float(index)
-    shift = (index >> (BITS - 1)) - 1
-    low = (index - (shift << (BITS - 1))) << shift
-    return low + ((1 << shift) - 1) / 2
-
-
-@dataclasses.dataclass
-class Tally:
-    """What client processes measured; tallies of several processes add up."""
-
-    requests: int = 0
-    errors: Counter[str] = dataclasses.field(default_factory=Counter)
-    latencies: Histogram = dataclasses.field(default_factory=Histogram)
-    cpu: float = 0.0  # CPU seconds the processes used while the load ran
-    wall: float = 0.0  # the sum of their run times
-    elapsed: float = 0.0  # the longest run
-
-    def merge(self, other: Tally) -> None:
-        self.requests += other.requests
-        self.errors += other.errors
-        self.latencies.merge(other.latencies)
-        self.cpu += other.cpu
-        self.wall += other.wall
-        self.elapsed = max(self.elapsed, other.elapsed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,334 +439,11 @@ def _collect(channels: list[Connection], duration: float, progress: Progress | N
     return total
 
 
-def _measure(load: Load, label: str = "") -> Tally:
+def measure(load: Load, label: str = "") -> Tally:
+    """`run_load`, with its progress line on stderr when stderr is a terminal."""
     progress = Progress(sys.stderr, label) if sys.stderr.isatty() else None
     try:
         return run_load(load, progress)
     finally:
         if progress is not None:
             progress.clear()
-
-
-def summary(load: Load, tally: Tally) -> dict[str, Any]:
-    """The result as `--json` prints it."""
-    return {
-        "target": load.target.url,
-        "mode": load.mode,
-        "connections": load.connections,
-        "size": load.size,
-        "duration": round(tally.elapsed, 3),
-        "processes": min(load.processes, load.connections),
-        "requests": tally.requests,
-        "requests_per_second": round(tally.requests / tally.elapsed, 1) if tally.elapsed else 0.0,
-        "latency_us": tally.latencies.percentiles_us(),
-        "errors": sum(tally.errors.values()),
-    }
-
-
-def _verdict(tally: Tally, label: str = "") -> int:
-    """Warnings on stderr, one line each; the exit status: 1 when not one request succeeded."""
-    errors = sum(tally.errors.values())
-    kinds = ", ".join(f"{why}: {count}" for why, count in tally.errors.most_common())
-    if tally.requests == 0:
-        if errors:
-            _warn(f"{label}no request succeeded: {errors} errors ({kinds})")
-        else:
-            _warn(f"{label}no request completed within {tally.elapsed:g} s")
-        return 1
-    if errors:
-        _warn(f"{label}{errors} errors ({kinds})")
-    if tally.wall and tally.cpu >= BUSY * tally.wall:
-        _warn(
-            f"{label}the client processes were on a CPU {tally.cpu / tally.wall:.0%} of the run: the client is "
-            "probably the bottleneck, not the server (more --processes may help if cores are idle)"
-        )
-    return 0
-
-
-def _warn(text: str) -> None:
-    print(f"sockd bench: {text}", file=sys.stderr, flush=True)
-
-
-def _us(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.1f}"
-
-
-def _table(report: dict[str, Any]) -> str:
-    rows: list[tuple[str, object]] = [
-        ("target", report["target"]),
-        ("mode", report["mode"]),
-        ("connections", report["connections"]),
-        ("size", f"{report['size']} bytes"),
-        ("duration", f"{report['duration']:.2f} s"),
-        ("processes", report["processes"]),
-        ("requests", f"{report['requests']:,}"),
-        ("requests/s", f"{report['requests_per_second']:,.1f}"),
-    ]
-    rows += [
-        (key.replace("_", "."), _us(value) + " µs" * (value is not None)) for key, value in report["latency_us"].items()
-    ]
-    rows.append(("errors", report["errors"]))
-    return "\n".join(f"{name:<12} {value}" for name, value in rows)
-
-
-def _models_table(caption: str, reports: list[dict[str, Any]]) -> str:
-    lines = [caption, f"{'model':<12} {'requests/s':>12} {'p50 (µs)':>12} {'p99 (µs)':>12} {'errors':>8}"]
-    for report in reports:
-        latency = report["latency_us"]
-        lines.append(
-            f"{report['model']:<12} {report['requests_per_second']:>12,.1f} "
-            f"{_us(latency['p50']):>12} {_us(latency['p99']):>12} {report['errors']:>8}"
-        )
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# --models: a sockd per concurrency model
-
-
-@contextlib.contextmanager
-def _serving(model: str, protocol: Protocol, handler: HandlerName, delay: float, directory: Path) -> Iterator[Target]:
-    """sockd serving one listener under `model`, on a port the kernel picks or a new Unix path;
-    stopped with SIGTERM afterwards."""
-    where: dict[str, object] = (
-        {"path": str(directory / f"{model}.sock")} if protocol == "unix" else {"host": "127.0.0.1", "port": 0}
-    )
-    config = {
-        "logging": {"level": "info", "format": "json"},
-        "metrics": {"enabled": True, "port": 0},
-        "shutdown_timeout": delay + 1,
-        # A blocking model's heartbeat pauses while a thread sleeps through `delay`: room for it.
-        "worker_timeout": max(30.0, 4 * delay),
-        "listeners": [
-            {"name": "bench", "protocol": protocol, "handler": handler, "concurrency": model, "delay": delay, **where}
-        ],
-    }
-    path = directory / f"{model}.yaml"
-    path.write_text(json.dumps(config, indent=2))  # JSON is YAML
-    log_path = directory / f"{model}.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "sockd", "-c", str(path)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=log,  # a file, not a pipe: sockd never blocks on a log line nobody reads
-            start_new_session=True,  # Ctrl-C is ours to handle: sockd gets its SIGTERM below
-        )
-    try:
-        address = _await_listening(process, log_path, model)
-        yield parse_target(f"{protocol}://{address}")
-    finally:
-        _stop(process, model, delay + 1 + START_TIMEOUT)
-
-
-def _await_listening(process: subprocess.Popen[bytes], log_path: Path, model: str) -> str:
-    """The address sockd logs for its listener, once it has logged that it is ready."""
-    for _ in range(round(START_TIMEOUT / POLL)):
-        lines = log_path.read_text(errors="replace").splitlines()
-        address = None
-        for event in map(_json_object, lines):
-            if event.get("event") == "listening":
-                address = event.get("address")
-            elif event.get("event") == "ready" and address is not None:
-                return str(address)
-        if process.poll() is not None:
-            said = "; ".join(line for line in lines[-3:] if line.strip()) or "nothing"
-            raise BenchError(f"sockd ({model}) exited with code {process.returncode} before it was ready: {said}")
-        time.sleep(POLL)
-    raise BenchError(f"sockd ({model}) was not ready within {START_TIMEOUT:g} s (its log: {log_path})")
-
-
-def _json_object(line: str) -> dict[str, Any]:
-    try:
-        value = json.loads(line)
-    except json.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _stop(process: subprocess.Popen[bytes], model: str, timeout: float) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        code = process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()  # its workers exit by themselves when their supervisor is gone
-        code = process.wait(timeout)
-    if code != 0:
-        _warn(f"sockd ({model}) exited with code {code} when stopped")
-
-
-def _run_models(args: argparse.Namespace) -> int:
-    # The config's own list of models; imported here so that client processes, which import this
-    # module, need not load pydantic.
-    from sockd.config import ModelName  # noqa: PLC0415
-
-    protocol: Protocol = args.protocol or "tcp"
-    handler: HandlerName = args.handler or "echo"
-    delay: float = args.delay or 0.0
-    # A timestamp server answers once and closes: a request per connection, except over UDP.
-    mode: Mode = "connect" if handler == "timestamp" and protocol != "udp" else "echo"
-    reports: list[dict[str, Any]] = []
-    status = 0
-    with tempfile.TemporaryDirectory(prefix="sockd-models-") as directory:
-        for model in get_args(ModelName):
-            with _serving(model, protocol, handler, delay, Path(directory)) as target:
-                load = Load(
-                    target,
-                    mode,
-                    args.connections,
-                    args.size,
-                    args.duration,
-                    args.processes,
-                    args.timeout or (1.0 + delay),
-                    check_echo=handler == "echo",
-                )
-                tally = _measure(load, f"{model}: ")
-            reports.append({"model": model, **summary(load, tally)})
-            status = max(status, _verdict(tally, f"{model}: "))
-    if args.json:
-        emit(json.dumps(reports))
-    else:
-        caption = (
-            f"{protocol} {handler} (mode {mode}), delay {delay:g} s: {args.connections} connections, "
-            f"{args.size} bytes, {args.duration:g} s per model, {min(args.processes, args.connections)} processes"
-        )
-        emit(_models_table(caption, reports))
-    return status
-
-
-# ---------------------------------------------------------------------------------------------
-# The command line
-
-
-def _count(high: int) -> Callable[[str], int]:
-    def convert(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if not 1 <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be from 1 to {high}")
-        return value
-
-    return convert
-
-
-def _seconds(high: float, zero: bool = False) -> Callable[[str], float]:
-    def convert(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-        if not (value >= 0 if zero else value > 0) or value > high:  # also rejects nan
-            raise argparse.ArgumentTypeError(f"must be {'at least 0' if zero else 'above 0'} and at most {high:g}")
-        return value
-
-    return convert
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sockd bench",
-        description="Measure a sockd on this machine: closed-loop requests over many connections, "
-        "from one client process per core; requests per second and latency percentiles.",
-        epilog="Exit status: 0, 1 when not one request succeeded, 2 for a usage error.",
-    )
-    parser.add_argument("target", nargs="?", help="tcp://HOST:PORT, tcp://[::1]:PORT, udp://HOST:PORT or unix:///PATH")
-    parser.add_argument(
-        "--mode",
-        choices=get_args(Mode),
-        help="echo (default): each connection sends SIZE bytes, waits for them to come back, again; "
-        "connect: a connection per request (connect, send, half-close, read to EOF), tcp and unix only",
-    )
-    parser.add_argument("--connections", type=_count(100_000), default=50, metavar="N", help="(default 50)")
-    parser.add_argument("--size", type=_count(1 << 24), default=64, metavar="BYTES", help="(default 64)")
-    parser.add_argument("--duration", type=_seconds(86400), default=10.0, metavar="SECONDS", help="(default 10)")
-    parser.add_argument(
-        "--processes",
-        type=_count(1024),
-        default=os.cpu_count() or 1,
-        metavar="N",
-        help="client processes (default: one per core)",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=_seconds(3600),
-        metavar="SECONDS",
-        help="UDP: a reply not back by then is lost: an error, and the request is sent again "
-        "(default 1, plus --delay with --models)",
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object (a list with --models)")
-    models = parser.add_argument_group("--models: start sockd once per concurrency model and compare them")
-    models.add_argument("--models", action="store_true", help="instead of a target")
-    models.add_argument("--protocol", choices=get_args(Protocol), help="(default tcp)")
-    models.add_argument(
-        "--handler", choices=get_args(HandlerName), help="echo (default; mode echo) or timestamp (mode connect)"
-    )
-    models.add_argument(
-        "--delay", type=_seconds(3600, zero=True), metavar="SECONDS", help="the listener's simulated work (default 0)"
-    )
-    return parser
-
-
-def main(argv: Sequence[str]) -> int:
-    """`sockd bench ARGV`; returns the exit status (argparse exits 2 by itself on a usage error)."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        if args.models:
-            _check_models_usage(parser, args)
-            return _run_models(args)
-        return _run_one(args, _check_usage(parser, args))
-    except BenchError as exc:
-        _warn(str(exc))
-        return 1
-    except KeyboardInterrupt:
-        return INTERRUPTED
-
-
-def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Target:
-    given = [f"--{name}" for name in ("protocol", "handler", "delay") if getattr(args, name) is not None]
-    if given:
-        parser.error(f"{', '.join(given)}: only with --models")
-    if args.target is None:
-        parser.error("a target is required (tcp://HOST:PORT, udp://HOST:PORT, unix:///PATH), or --models")
-    try:
-        target = parse_target(args.target)
-    except ValueError as exc:
-        parser.error(str(exc))
-    if args.mode == "connect" and target.protocol == "udp":
-        parser.error("--mode connect needs a stream (tcp or unix): UDP has no connection to open; use --mode echo")
-    _check_size(parser, target.protocol, args.size)
-    return target
-
-
-def _check_models_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.target is not None:
-        parser.error("--models starts its own sockd: give no target")
-    if args.mode is not None:
-        parser.error("--models takes the mode from --handler: echo for echo, connect for timestamp")
-    _check_size(parser, args.protocol or "tcp", args.size)
-
-
-def _check_size(parser: argparse.ArgumentParser, protocol: str, size: int) -> None:
-    if protocol == "udp" and size > UDP_MAX:
-        parser.error(f"--size: at most {UDP_MAX} bytes over UDP (one datagram)")
-
-
-def _run_one(args: argparse.Namespace, target: Target) -> int:
-    load = Load(
-        target,
-        args.mode or "echo",
-        args.connections,
-        args.size,
-        args.duration,
-        args.processes,
-        args.timeout or 1.0,
-        check_echo=True,
-    )
-    tally = _measure(load)
-    report = summary(load, tally)
-    emit(json.dumps(report) if args.json else _table(report))
-    return _verdict(tally)

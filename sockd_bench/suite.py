@@ -5,7 +5,7 @@ load on CPU 1), whose first server is the reference of the ratios it prints. soc
 metrics enabled, as in production. This is not part of `make test`: it takes minutes and its
 numbers belong to the machine it ran on.
 
-    .venv/bin/python bench/suite.py [--rounds 3] [--seconds 3] [WORKLOAD ...]
+    .venv/bin/python -m sockd_bench.suite [--rounds 3] [--seconds 3] [WORKLOAD ...]
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-COMPARE = HERE.parent.parent / "shared" / "bench" / "compare.py"
-SERVE = f"{shlex.quote(sys.executable)} {HERE / 'serve.py'}"
+ROOT = Path(__file__).resolve().parents[1]  # the checkout, beside ../shared
+COMPARE = ROOT.parent / "shared" / "bench" / "compare.py"
+PYTHON = shlex.quote(sys.executable)
+SERVE = f"{PYTHON} -m sockd_bench.serve"
 
 
 def sockd(*options: str, where: str = "{port}") -> str:
@@ -40,7 +41,7 @@ def relays() -> list[str]:
     """socat and sockd's relay, each in front of the C echo server (see relay.py). The relay has
     the server's CPU to itself; the echo server runs beside the load generator, as the separate
     service an upstream is."""
-    relay = f"{shlex.quote(sys.executable)} {HERE / 'relay.py'} {{port}} {{build}}"
+    relay = f"{PYTHON} -m sockd_bench.relay {{port}} {{build}}"
     kinds = [("socat-relay", "socat"), ("sockd-relay-asyncio", "asyncio"), ("sockd-relay-selector", "selector")]
     return [f"{name}={relay} {kind} --upstream-cpus 1" for name, kind in kinds]
 

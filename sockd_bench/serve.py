@@ -1,6 +1,6 @@
 """Run sockd with one listener on a given port, for the load generators in ../shared/bench.
 
-    compare.py tcp-echo "sockd=.venv/bin/python bench/serve.py {port} --concurrency asyncio"
+    compare.py tcp-echo "sockd=.venv/bin/python -m sockd_bench.serve {port} --concurrency asyncio"
 
 The benchmark harness names a free port per run; sockd takes its port from the config file, so
 this writes a one-listener config for that port into an anonymous file and becomes sockd (exec,
@@ -11,15 +11,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import get_args
 
 import yaml
+
+from sockd.config import HandlerName, Protocol
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("port", help="a TCP/UDP port, or a Unix socket path with --protocol unix")
-    parser.add_argument("--protocol", default="tcp", choices=["tcp", "udp", "unix"])
-    parser.add_argument("--handler", default="echo", choices=["echo", "timestamp", "relay"])
+    parser.add_argument("--protocol", default="tcp", choices=get_args(Protocol))
+    parser.add_argument("--handler", default="echo", choices=get_args(HandlerName))
     parser.add_argument("--concurrency", default="asyncio")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="another listener key")
     parser.add_argument("--no-metrics", action="store_true", help="metrics.enabled: false")
