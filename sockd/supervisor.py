@@ -25,7 +25,7 @@ import structlog
 from sockd import counters, metrics, systemd
 from sockd.config import Config, ConfigError, Listener, UnixListener, load
 from sockd.sockets import BindError, Bound, adopt, bind, reason, retune
-from sockd.worker import WorkerSpec
+from sockd.spec import WorkerSpec
 
 log = structlog.get_logger()
 

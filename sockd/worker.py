@@ -16,27 +16,12 @@ import sys
 import threading
 
 import structlog
-from pydantic import BaseModel, ConfigDict
 
 from sockd import counters, handlers, models
-from sockd.config import Listener, LoggingConfig
 from sockd.logging import configure
+from sockd.spec import WorkerSpec
 
 log = structlog.get_logger()
-
-
-class WorkerSpec(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    listener: Listener
-    logging: LoggingConfig
-    listen_fd: int
-    channel_fd: int
-    counters_fd: int  # the shared memory the worker publishes its counts to
-    buckets: list[float]  # the request duration histogram's bucket bounds, in seconds
-    metrics: bool  # whether anybody will read the counts (else requests are not timed)
-    shutdown_timeout: float  # how long a drain may take, even with no supervisor left to end it
-    worker_timeout: float  # a request busy for half of this stops the heartbeat (blocking models)
 
 
 def main(argv: list[str]) -> int:
