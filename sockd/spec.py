@@ -1,5 +1,6 @@
 """What the supervisor tells a worker process when it starts it: `WorkerSpec`, sent as JSON on the
-worker's command line.
+worker's command line, and `WorkerSettings`, the part of it that is the same for every worker of a
+config.
 
 Apart from sockd.worker so that the supervisor can write a spec without importing a model or a
 handler: this module needs only the config's models.
@@ -7,9 +8,11 @@ handler: this module needs only the config's models.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pydantic import BaseModel, ConfigDict
 
-from sockd.config import Listener, LoggingConfig
+from sockd.config import Config, Listener, LoggingConfig
 
 
 class WorkerSpec(BaseModel):
@@ -24,3 +27,43 @@ class WorkerSpec(BaseModel):
     metrics: bool  # whether anybody will read the counts (else requests are not timed)
     shutdown_timeout: float  # how long a drain may take, even with no supervisor left to end it
     worker_timeout: float  # a request busy for half of this stops the heartbeat (blocking models)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """The config's settings that every worker gets, whatever its listener; the supervisor also
+    times its workers' drains and heartbeats by them."""
+
+    logging: LoggingConfig
+    buckets: tuple[float, ...]
+    metrics: bool
+    shutdown_timeout: float
+    worker_timeout: float
+
+    @classmethod
+    def of(cls, config: Config) -> WorkerSettings:
+        return cls(
+            logging=config.logging,
+            buckets=tuple(config.metrics.buckets),
+            metrics=config.metrics.enabled,
+            shutdown_timeout=config.shutdown_timeout,
+            worker_timeout=config.worker_timeout,
+        )
+
+    @property
+    def bucket_count(self) -> int:
+        """The histogram's buckets in the shared counters: one per bound, and +Inf."""
+        return len(self.buckets) + 1
+
+    def spec(self, listener: Listener, listen_fd: int, channel_fd: int, counters_fd: int) -> WorkerSpec:
+        return WorkerSpec(
+            listener=listener,
+            logging=self.logging,
+            listen_fd=listen_fd,
+            channel_fd=channel_fd,
+            counters_fd=counters_fd,
+            buckets=list(self.buckets),
+            metrics=self.metrics,
+            shutdown_timeout=self.shutdown_timeout,
+            worker_timeout=self.worker_timeout,
+        )

@@ -1,0 +1,267 @@
+"""One listener's worker processes, from their start to their last count.
+
+A `Group` starts its listener's `workers` processes on the listener's socket, hears when each
+serves, watches their heartbeats, restarts the ones that die (backing off from 0.1 s to 30 s for
+one that keeps dying), drains and kills them, and keeps what the exited ones counted. The
+supervisor decides when groups come, change and go, and tends each on every turn of its loop;
+each worker's channel is registered with the loop's selector, its data a callable that reads the
+channel and returns True when the worker has just become ready.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import selectors
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import structlog
+
+from sockd import counters, metrics
+from sockd.config import Listener, UnixListener
+from sockd.sockets import Bound, retune
+from sockd.spec import WorkerSettings
+
+log = structlog.get_logger()
+
+# Restart backoff: a worker that keeps dying is restarted ever less often, never in a tight loop.
+FIRST_BACKOFF, MAX_BACKOFF, STABLE_AFTER = 0.1, 30.0, 60.0
+BOOT_TIMEOUT = 30.0  # a worker gets at least this long to start before worker_timeout applies
+
+
+@dataclass(eq=False)
+class Worker:
+    process: subprocess.Popen[bytes]
+    channel: socket.socket  # the supervisor's end; closing it tells the worker to stop
+    counters: counters.Shared  # what the worker counted, readable even after it died
+    started: float = field(default_factory=time.monotonic)
+    ready: bool = False
+    heartbeat: int = 0  # the last heartbeat seen in its counters
+    beat_at: float = field(default_factory=time.monotonic)
+    drain_until: float | None = None  # set once told to stop: killed if still running then
+
+
+@dataclass(eq=False)
+class Place:
+    """One of a listener's `workers` positions, with its own restart schedule."""
+
+    worker: Worker | None = None
+    backoff: float = 0.0
+    restart_at: float | None = None
+
+
+class Group:
+    """One listener: its socket, its current workers (one per place), the older ones still
+    draining, and the counts of those that exited."""
+
+    def __init__(
+        self, listener: Listener, bound: Bound, settings: WorkerSettings, selector: selectors.BaseSelector
+    ) -> None:
+        self.listener = listener
+        self.bound = bound
+        # What its workers start with and are timed by; a reload hands every group the new ones.
+        self.settings = settings
+        self.selector = selector
+        self.places: list[Place] = []
+        self.draining: set[Worker] = set()
+        self.retired = counters.Totals.zero(settings.bucket_count)  # what its exited workers counted
+        self.restarts = 0
+        # Held while a worker moves between a place, `draining` and `retired`, so that a scrape
+        # never sees a count twice or not at all.
+        self.counting = threading.Lock()
+
+    def workers(self) -> Iterator[Worker]:
+        yield from [place.worker for place in self.places if place.worker is not None]
+        yield from list(self.draining)
+
+    def ready(self) -> bool:
+        """Whether every worker it has, draining ones included, has said it serves."""
+        return all(worker.ready for worker in self.workers())
+
+    # -- generations
+
+    def start(self) -> None:
+        """A generation of `workers` processes, one per place."""
+        self.places = [Place() for _ in range(self.listener.workers)]
+        pids = [self._spawn(place).process.pid for place in self.places]
+        listener = self.listener
+        log.info(
+            "listening",
+            listener=listener.name,
+            protocol=listener.protocol,
+            address=self.bound.address,
+            concurrency=listener.concurrency,
+            handler=listener.handler,
+            pids=pids,
+        )
+
+    def renew(self, listener: Listener, bound: Bound | None) -> None:
+        """A new generation for a changed listener, on `bound` when its address changed (the old
+        socket is closed), else on the socket it has; the old generation drains."""
+        self.retire()
+        if bound is not None:
+            self.bound.close()
+            self.bound = bound
+        else:
+            self.bound = Bound(listener, self.bound.sock, self.bound.address, self.bound.file_id)
+            retune(self.bound.sock, listener)
+            if isinstance(listener, UnixListener):
+                try:
+                    os.chmod(listener.path, listener.mode_bits)
+                except FileNotFoundError:  # removed behind our back: the socket still serves
+                    log.warning("socket file is gone; its new mode cannot be applied", path=listener.path)
+        self.listener = listener
+        self.start()
+
+    def retire(self) -> None:
+        """Tell every worker to stop, and restart none: they stop accepting, drain for up to
+        shutdown_timeout and exit."""
+        for place in self.places:
+            place.restart_at = None
+        for worker in list(self.workers()):
+            self._retire(worker)
+
+    def close(self) -> None:
+        """Its listener is gone: the workers drain, the socket is closed (and its file removed)."""
+        self.retire()
+        self.bound.close()
+
+    def kill(self, why: str) -> None:
+        for worker in list(self.workers()):
+            self._kill(worker, why)
+
+    # -- every turn of the supervisor's loop
+
+    def tend(self, now: float) -> None:
+        """Reap the workers that exited, kill the hung and the overdue, start the ones due again."""
+        self._reap()
+        self._check_heartbeats(now)
+        for worker in list(self.workers()):
+            if worker.drain_until is not None and now >= worker.drain_until:
+                self._kill(worker, "shutdown_timeout passed")
+        for place in self.places:
+            if place.restart_at is not None and now >= place.restart_at:
+                self.restarts += 1
+                self._spawn(place)
+
+    def due(self) -> float | None:
+        """The next restart or end of a drain, when `tend` must run at the latest."""
+        times = [place.restart_at for place in self.places if place.restart_at is not None]
+        times += [worker.drain_until for worker in self.workers() if worker.drain_until is not None]
+        return min(times, default=None)
+
+    def report(self) -> metrics.ListenerReport:
+        """Its counts as of now, its exited workers' and its running ones'. Called from the
+        metrics thread."""
+        with self.counting:
+            totals = counters.Totals.zero(self.settings.bucket_count)
+            totals.add(self.retired)
+            for worker in self.workers():
+                totals.add(worker.counters.read())
+            up = bool(self.places) and all(p.worker is not None and p.worker.ready for p in self.places)
+            return metrics.ListenerReport(self.listener, self.bound.address, totals, self.restarts, up)
+
+    # -- one worker
+
+    def _spawn(self, place: Place) -> Worker:
+        place.restart_at = None
+        ours, theirs = socket.socketpair()
+        bucket_count = self.settings.bucket_count
+        counters_fd = counters.create(bucket_count)
+        try:
+            spec = self.settings.spec(self.listener, self.bound.sock.fileno(), theirs.fileno(), counters_fd)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "sockd.worker", spec.model_dump_json(exclude_unset=True)],
+                pass_fds=(spec.listen_fd, spec.channel_fd, counters_fd),
+            )
+            shared = counters.Shared(counters_fd, bucket_count)
+        finally:
+            theirs.close()
+            os.close(counters_fd)  # the worker has its copy; our mapping outlives the descriptor
+        worker = Worker(process, ours, shared)
+        place.worker = worker
+        self.selector.register(ours, selectors.EVENT_READ, functools.partial(self._hear, worker))
+        log.info("worker started", listener=self.listener.name, pid=process.pid)
+        return worker
+
+    def _hear(self, worker: Worker) -> bool:
+        """Read what a worker said on its channel: True when it has just said it serves."""
+        try:
+            data = worker.channel.recv(4096)
+        except OSError:
+            data = b""
+        if not data:  # the worker is gone or going: the next reap will tell how it ended
+            self._hang_up(worker)
+            return False
+        if b"ready\n" in data and not worker.ready:
+            worker.ready = True
+            worker.beat_at = time.monotonic()
+            return True
+        return False
+
+    def _retire(self, worker: Worker) -> None:
+        with self.counting:  # a scrape must see the worker in one place or the other, always
+            for place in self.places:
+                if place.worker is worker:
+                    place.worker = None
+                    self.draining.add(worker)
+        if worker.drain_until is None:
+            worker.drain_until = time.monotonic() + self.settings.shutdown_timeout
+        self._hang_up(worker)
+
+    def _hang_up(self, worker: Worker) -> None:
+        if worker.channel.fileno() >= 0:
+            self.selector.unregister(worker.channel)
+            worker.channel.close()
+
+    def _kill(self, worker: Worker, why: str) -> None:
+        if worker.process.poll() is None:
+            log.warning("killing worker", listener=self.listener.name, pid=worker.process.pid, why=why)
+            worker.process.kill()
+            worker.process.wait()  # the next turn of the loop reaps it
+
+    def _check_heartbeats(self, now: float) -> None:
+        timeout = self.settings.worker_timeout
+        for worker in list(self.workers()):
+            if not worker.ready:
+                if now - worker.started > max(timeout, BOOT_TIMEOUT):
+                    self._kill(worker, "never became ready")
+                continue  # still starting: its heartbeat begins once it serves
+            beat = worker.counters.heartbeat()
+            if beat != worker.heartbeat:
+                worker.heartbeat, worker.beat_at = beat, now
+            elif now - worker.beat_at > timeout:
+                self._kill(worker, f"no heartbeat for {timeout:g} s")
+
+    def _reap(self) -> None:
+        for worker in list(self.workers()):
+            if worker.process.poll() is None:
+                continue
+            self._hang_up(worker)
+            final = worker.counters.read()
+            final.closed = final.connections  # a dead worker holds no connection open
+            place = next((place for place in self.places if place.worker is worker), None)
+            with self.counting:
+                self.retired.add(final)
+                self.draining.discard(worker)
+                if place is not None:
+                    place.worker = None
+            worker.counters.close()
+            self._exited(worker, place)
+
+    def _exited(self, worker: Worker, place: Place | None) -> None:
+        name, pid, code = self.listener.name, worker.process.pid, worker.process.returncode
+        if place is None:  # retired: this is the end it was asked for
+            log.info("worker exited", listener=name, pid=pid, code=code)
+            return
+        lived = time.monotonic() - worker.started
+        doubled = min(max(place.backoff * 2, FIRST_BACKOFF), MAX_BACKOFF)
+        place.backoff = FIRST_BACKOFF if lived >= STABLE_AFTER else doubled
+        place.restart_at = time.monotonic() + place.backoff
+        log.warning("worker died; restarting", listener=name, pid=pid, code=code, restart_in=round(place.backoff, 3))
