@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any, get_args
 
 import pytest
-from conftest import Daemon, StartSockd, listener, run_sockd, short_directory
+from support import Daemon, StartSockd, listener, run_sockd, short_directory
 
 from sockd.config import ModelName
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import StartSockd, listener, request, run_sockd, squatting
+from support import StartSockd, listener, request, run_sockd, squatting
 
 import sockd
 

@@ -13,9 +13,9 @@ from typing import Any, get_args
 
 import pytest
 import yaml
-from conftest import run_sockd
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from support import run_sockd
 
 from sockd.config import (
     Config,

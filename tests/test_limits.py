@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import (
+from support import (
     MODELS,
     TIMEOUT,
     Daemon,
@@ -28,7 +28,7 @@ from conftest import (
     samples,
     value,
 )
-from conftest import listener as entry
+from support import listener as entry
 
 from sockd.config import InetListener
 from sockd.limits import MEMORY, AccessList, Admission

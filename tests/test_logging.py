@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import yaml
-from conftest import Launcher, request, sockd_command
-from conftest import listener as entry
+from support import Launcher, request, sockd_command
+from support import listener as entry
 
 
 def test_lines_are_json_with_the_listener_and_its_real_address(start_sockd: Launcher) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import (
+from support import (
     MODELS,
     Daemon,
     Launcher,
@@ -33,7 +33,7 @@ from conftest import (
     squatting,
     value,
 )
-from conftest import listener as entry
+from support import listener as entry
 
 
 def exchange(daemon: Daemon, name: str, protocol: str, payload: bytes) -> bytes:

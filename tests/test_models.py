@@ -15,7 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import (
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support import (
     MODELS,
     TIMEOUT,
     Daemon,
@@ -27,9 +29,7 @@ from conftest import (
     request,
     short_directory,
 )
-from conftest import listener as entry
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from support import listener as entry
 
 STREAMS = ["tcp-echo", "tcp6-echo", "unix-echo"]
 

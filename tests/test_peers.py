@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pytest
-from conftest import MODELS, StartSockd, listener, require
+from support import MODELS, StartSockd, listener, require
 
 STREAM_SIZES = {"1B": 1, "64KiB": 64 << 10, "1MiB": 1 << 20}
 # The largest UDP payload over IPv4: 65535 - 20 (IP header) - 8 (UDP header). A 1 MiB datagram

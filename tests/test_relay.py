@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import (
+from support import (
     TIMEOUT,
     Daemon,
     Launcher,
@@ -28,7 +28,7 @@ from conftest import (
     samples,
     value,
 )
-from conftest import listener as entry
+from support import listener as entry
 
 RELAY_MODELS = ["selector", "busy_poll", "asyncio"]
 EX_CONFIG = 78

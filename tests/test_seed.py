@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import MODELS, StartSockd, listener, require
+from support import MODELS, StartSockd, listener, require
 
 SEED = Path(__file__).resolve().parent / "seed"
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from conftest import Daemon, Launcher, config_text, connect, inet, listener
+from support import Daemon, Launcher, config_text, connect, inet, listener
 
 SECONDS = float(os.environ.get("SOCKD_SOAK_SECONDS", "60"))
 DISTURB_EVERY = 5.0  # seconds between disturbances, alternately a reload and a worker kill

@@ -8,8 +8,8 @@ import stat
 from pathlib import Path
 
 import yaml
-from conftest import Launcher, request, run_sockd
-from conftest import listener as entry
+from support import Launcher, request, run_sockd
+from support import listener as entry
 
 
 def _start_failing(tmp_path: Path, listener: dict[str, object]) -> tuple[int, str]:

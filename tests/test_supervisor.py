@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import (
+from support import (
     MODELS,
     Daemon,
     Launcher,
@@ -25,7 +25,7 @@ from conftest import (
     scrape,
     squatting,
 )
-from conftest import listener as entry
+from support import listener as entry
 
 
 def _gone(pid: int, timeout: float = 10) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, require
+from support import ROOT, require
 
 UNITS = ROOT / "systemd"
 SERVICE = UNITS / "sockd.service"

@@ -1,0 +1,283 @@
+"""What the tests share, as a plain module (`from support import ...`; conftest.py holds only the
+fixtures): the real daemon as a subprocess, short Unix socket paths, loopback clients, metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 10.0  # seconds any single wait in a test may take before it fails
+MODELS = ["iterative", "threaded", "thread_pool", "busy_poll", "selector", "asyncio"]
+PUBLISHED_WITHIN = 10.0  # seconds to wait for workers' counts to reach the endpoint
+
+
+def require(program: str) -> str:
+    """The path of an external program a test needs: skipped on a developer machine without it,
+    a failure in CI, where .ci/run installs everything (so nothing is silently not tested)."""
+    path = shutil.which(program)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{program} is not installed; .ci/run should have installed it")
+        pytest.skip(f"{program} is not installed")
+    return path
+
+
+def sockd_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sockd", *args]
+
+
+def run_sockd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run a command of sockd that exits by itself (--check, --schema, a failing start)."""
+    return subprocess.run(sockd_command(*args), capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@dataclass
+class Daemon:
+    """A running `sockd -c FILE`, with its stderr JSON log lines collected as they come."""
+
+    process: subprocess.Popen[str]
+    config_path: Path
+    events: list[dict[str, Any]] = field(default_factory=list)
+    other_lines: list[str] = field(default_factory=list)
+    _changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def start_reading(self) -> None:
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self._changed:
+                try:
+                    self.events.append(json.loads(line))
+                except json.JSONDecodeError:
+                    self.other_lines.append(line)
+                self._changed.notify_all()
+
+    def wait_for(self, event: str, timeout: float = TIMEOUT, after: int = 0, **fields: Any) -> dict[str, Any]:
+        """The first log event named `event` (from index `after` on) whose fields match `fields`."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for entry in self.events[after:]:
+                    if entry.get("event") == event and all(entry.get(k) == v for k, v in fields.items()):
+                        return entry
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.process.poll() is not None and not self._pending()):
+                    raise AssertionError(f"no {event!r} {fields} in the log: {self.events}{self.other_lines}")
+                self._changed.wait(min(remaining, 0.1))
+
+    def _pending(self) -> bool:
+        return self.process.stderr is not None and not self.process.stderr.closed
+
+    def address(self, listener: str) -> str:
+        return str(self.wait_for("listening", listener=listener)["address"])
+
+    def worker_pid(self, listener: str, after: int = 0) -> int:
+        return int(self.wait_for("worker started", listener=listener, after=after)["pid"])
+
+    def write_config(self, listeners: list[dict[str, Any]], **settings: Any) -> None:
+        """Replace the config file it was started with (it takes it up at the next SIGHUP)."""
+        self.config_path.write_text(config_text(listeners, **settings))
+
+    def reload(self, listeners: list[dict[str, Any]], **settings: Any) -> dict[str, Any]:
+        """Write a new config, send SIGHUP and return the "reloaded" event (its plan)."""
+        self.write_config(listeners, **settings)
+        mark = len(self.events)
+        self.process.send_signal(signal.SIGHUP)
+        return self.wait_for("reloaded", after=mark, timeout=30)
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        return self.process.wait(timeout)
+
+
+@contextlib.contextmanager
+def short_directory() -> Iterator[Path]:
+    """A directory with a short path: a Unix socket path must fit in 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="sk", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# What systemd hands a service: a test sets the ones it means, and none leaks in from outside.
+SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
+
+def config_text(listeners: list[dict[str, Any]], **settings: Any) -> str:
+    """A config file for tests: debug JSON logs, and metrics on a port of the kernel's choosing
+    so that daemons of parallel tests never collide."""
+    config = {"logging": {"level": "debug", "format": "json"}, "metrics": {"port": 0}, **settings}
+    return yaml.safe_dump({**config, "listeners": listeners})
+
+
+class Launcher:
+    """Starts daemons on configs written into `directory`; `finish` stops the ones still running,
+    which must exit 0, and fails on any traceback a daemon printed."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.started: list[Daemon] = []
+
+    def __call__(
+        self,
+        listeners: list[dict[str, Any]],
+        wait: bool = True,
+        env: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = (),
+        **settings: Any,
+    ) -> Daemon:
+        """Start `sockd -c` on these listeners and top-level settings, with `env` added to the
+        environment and `prefix` before the command (e.g. systemd-socket-activate); wait until
+        it is ready."""
+        path = self.directory / f"sockd-{len(self.started)}.yaml"
+        path.write_text(config_text(listeners, **settings))
+        environment = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
+        process = subprocess.Popen(
+            [*prefix, *sockd_command("-c", str(path))],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env={**environment, **(env or {})},
+            start_new_session=True,  # its own process group, as a terminal would give it
+        )
+        daemon = Daemon(process, path)
+        daemon.start_reading()
+        self.started.append(daemon)
+        if wait:
+            daemon.wait_for("ready", timeout=30)
+        return daemon
+
+    def finish(self) -> None:
+        for daemon in self.started:
+            if daemon.process.poll() is None:
+                assert daemon.stop() == 0, daemon.other_lines
+            assert not any("Traceback" in line for line in daemon.other_lines), "".join(daemon.other_lines)
+
+
+StartSockd = Launcher
+
+
+def listener(
+    name: str, protocol: str, handler: str, concurrency: str, where: str | Path = "127.0.0.1", **options: Any
+) -> dict[str, Any]:
+    """One listener's config: `where` is a host for tcp/udp (port 0) and a path for unix."""
+    entry: dict[str, Any] = {"name": name, "protocol": protocol, "handler": handler, "concurrency": concurrency}
+    entry.update({"path": str(where)} if protocol == "unix" else {"host": str(where), "port": 0})
+    entry.update(options)
+    return entry
+
+
+def connect(address: str, timeout: float = TIMEOUT) -> socket.socket:
+    """A stream connection to a listener's logged address: host:port, [v6]:port or a path."""
+    if address.startswith("/"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(address)
+        return sock
+    return socket.create_connection(inet(address), timeout=timeout)
+
+
+def inet(address: str) -> tuple[str, int]:
+    host, port = address.rsplit(":", 1)
+    return host.strip("[]"), int(port)
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def request(address: str, payload: bytes) -> bytes:
+    """Send `payload`, half-close, and read everything the server sends until it closes."""
+    with connect(address) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        return read_to_eof(sock)
+
+
+def datagram(address: str, payload: bytes, timeout: float = TIMEOUT) -> bytes:
+    host, port = inet(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(payload, (host, port))
+        reply, sender = sock.recvfrom(65536)
+        assert sender[:2] == (host, port)
+        return reply
+
+
+@contextlib.contextmanager
+def squatting(protocol: str) -> Iterator[str]:
+    """A loopback port held by someone else, as a listener address."""
+    kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        if kind == socket.SOCK_STREAM:
+            sock.listen()
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def scrape(daemon: Daemon, path: str = "/metrics") -> str:
+    address = daemon.wait_for("metrics")["address"]
+    with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as response:
+        return str(response.read().decode())
+
+
+def samples(daemon: Daemon) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of the exposition, keyed by (name, labels)."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(scrape(daemon))
+        for sample in family.samples
+    }
+
+
+def value(found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    return found[(name, frozenset(labels.items()))]
+
+
+def eventually(check: Callable[[], bool], what: str, timeout: float = PUBLISHED_WITHIN) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.05)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process has used, user and system."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident memory."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
