@@ -18,15 +18,17 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from sockd.config import ModelName
+
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 10.0  # seconds any single wait in a test may take before it fails
-MODELS = ["iterative", "threaded", "thread_pool", "busy_poll", "selector", "asyncio"]
+MODELS: list[str] = list(get_args(ModelName))  # every concurrency model, in the order sockd declares them
 PUBLISHED_WITHIN = 10.0  # seconds to wait for workers' counts to reach the endpoint
 
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from support import run_sockd
+from support import MODELS, run_sockd
 
 from sockd.config import (
     Config,
@@ -1180,7 +1180,8 @@ FORMAT_KEYS = sorted(
 LISTENER_KEYS = sorted(set(InetListener.model_fields) | set(UnixListener.model_fields))
 WORDS = [
     *("tcp", "udp", "unix", "sctp", "echo", "timestamp", "discard", "daytime", "time"),
-    *("iterative", "threaded", "thread_pool", "busy_poll", "selector", "asyncio", "forking"),
+    *MODELS,
+    "forking",  # no such model
     *("auto", "select", "poll", "epoll", "uvloop", "seed", "iso8601", "debug", "info", "json", "console"),
     *("127.0.0.1", "::1", "::", "localhost", "", "/tmp/sockd-p.sock", "0660", "0600", "999"),
     *("10.0.0.0/8", "::/0", "1.2.3.4/99", "web", "dns", "a.b-c_d", "two words"),

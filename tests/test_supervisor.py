@@ -201,12 +201,11 @@ def test_twenty_reloads_under_load_lose_no_request_on_the_listeners_that_stay(
         entry("stable-tcp", "tcp", "echo", "asyncio"),
         entry("stable-unix", "unix", "echo", "selector", sockdir / "s.sock"),
     ]
-    models = ["threaded", "selector", "asyncio", "thread_pool", "iterative", "busy_poll"]
 
     def changing(turn: int) -> list[dict[str, object]]:
         return [
             # Options change on the same socket: a new generation of workers, the old one drains.
-            entry("changing", "tcp", "echo", models[turn % len(models)]),
+            entry("changing", "tcp", "echo", MODELS[turn % len(MODELS)]),
             # The address changes: a new socket is bound first.
             entry("moving", "unix", "echo", "asyncio", sockdir / f"m{turn % 2}.sock"),
             # One listener added and one removed at every turn.
