@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import StartSockd, listener, request, run_sockd, squatting
+from support import StartSockd, check, listener, request, run_sockd, squatting, stderr_of, write_config
 
 import sockd
 
@@ -113,6 +113,84 @@ def test_a_bad_config_without_check_is_the_same_error(tmp_path: Path) -> None:
     assert result.returncode == EX_CONFIG
     expected = "input should be 'echo', 'timestamp', 'discard', 'daytime', 'time' or 'relay'"
     assert result.stderr == f"{path}:14: listeners[0].handler: {expected}\n"
+
+
+# What the config tests (test_config_schema.py, test_config_loader.py) rely on when they read the
+# problems of sockd.config.load in-process: the command prints exactly those, one per line, on
+# stderr, nothing on stdout, no traceback, and exits 78; or the OK line and exits 0.
+
+
+def test_check_prints_every_problem_on_a_line_of_its_own_in_line_order(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        """
+        listeners:
+          - name: web
+            protocol: tcp
+            host: 127.0.0.1
+            port: 80
+            handler: echo
+            concurrency: threaded
+          - name: dns
+            protocol: udp
+            port: 70000
+            handler: reply
+            concurrency: threaded
+        logging:
+          level: loud
+        """,
+    )
+    result = run_sockd("--check", "-c", str(path))
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == EX_CONFIG, result.stderr
+    assert result.stdout == ""
+    handlers = "'echo', 'timestamp', 'discard', 'daytime', 'time' or 'relay'"
+    assert result.stderr.splitlines() == [
+        f"{path}:8: listeners[1].host: required",
+        f"{path}:10: listeners[1].port: input should be less than or equal to 65535",
+        f"{path}:11: listeners[1].handler: input should be {handlers}",
+        f"{path}:14: logging.level: input should be 'debug', 'info', 'warning' or 'error'",
+    ]
+    assert result.stderr == stderr_of(check(path)[1])
+
+
+def test_check_of_a_file_that_is_not_yaml(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "listeners:\n\t- name: web\n")
+    result = run_sockd("--check", "-c", str(path))
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == EX_CONFIG, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"{path}:2: invalid YAML: found character '\\t' that cannot start any token (while scanning for the next token)"
+    ]
+    assert result.stderr == stderr_of(check(path)[1])
+
+
+def test_check_of_a_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere.yaml"
+    result = run_sockd("--check", "-c", str(path))
+    assert result.returncode == EX_CONFIG
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [f"{path}: cannot read: no such file or directory"]
+
+
+def test_check_of_a_valid_file_with_one_listener(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        """
+        listeners:
+          - name: web
+            protocol: tcp
+            host: 127.0.0.1
+            port: 8080
+            handler: echo
+            concurrency: threaded
+        """,
+    )
+    result = run_sockd("--check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout == f"{path}: OK, 1 listener\n"
 
 
 # ---------------------------------------------------------------------------------------------

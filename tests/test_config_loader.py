@@ -1,0 +1,282 @@
+"""Reading the config file's YAML: what is not a config at all (syntax errors, tags, files that
+cannot be read), duplicate keys, aliases and nesting, and where each problem is placed: its
+`FILE:LINE`, one line per problem, in line order.
+
+Checked in-process with sockd.config.load and parse (see support.check), as in
+test_config_schema.py; test_cli.py pins what the command prints for them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from support import PROBLEM, Expected, assert_rejected, assert_rejected_raw, check, stderr_of, write_config
+
+from sockd.config import ConfigError, parse
+
+# ---------------------------------------------------------------------------------------------
+# Files that are not a config at all
+
+NOT_A_CONFIG = [
+    pytest.param(
+        """
+        listeners:
+          - name: web
+            protocol: tcp
+           host: 127.0.0.1
+            port: 80
+        """,
+        [
+            "{path}:4: invalid YAML: expected <block end>, but found '<block mapping start>'"
+            " (while parsing a block collection started at line 2)"
+        ],
+        id="malformed_yaml_bad_indentation",
+    ),
+    # The file has 2 lines; PyYAML notices at the end of the stream, on line 3.
+    pytest.param(
+        """
+        listeners: [
+          {name: web, protocol: tcp,
+        """,
+        ["{path}:3: invalid YAML: expected the node content, but found '<stream end>' (while parsing a flow node)"],
+        id="malformed_yaml_unclosed_bracket",
+    ),
+    pytest.param(
+        "listeners:\n\t- name: web\n",
+        [
+            "{path}:2: invalid YAML: found character '\\t' that cannot start any token"
+            " (while scanning for the next token)"
+        ],
+        id="malformed_yaml_tab_indentation",
+    ),
+    pytest.param(
+        """
+        listeners: !!python/object/apply:os.system ["true"]
+        """,
+        [
+            "{path}:1: invalid YAML: could not determine a constructor for the tag "
+            "'tag:yaml.org,2002:python/object/apply:os.system'"
+        ],
+        id="yaml_with_a_python_tag_is_not_executed",
+    ),
+    pytest.param(
+        """
+        - name: web
+          protocol: tcp
+        """,
+        ["{path}:1: (top level): the file must be a mapping with a `listeners` list"],
+        id="file_that_is_a_list",
+    ),
+    pytest.param(
+        "",
+        ["{path}:1: (top level): the file must be a mapping with a `listeners` list"],
+        id="empty_file-empty",
+    ),
+    pytest.param(
+        "# nothing here yet\n",
+        ["{path}:1: (top level): the file must be a mapping with a `listeners` list"],
+        id="empty_file-only-a-comment",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "lines"), NOT_A_CONFIG)
+def test_not_a_config(tmp_path: Path, text: str, lines: list[str]) -> None:
+    assert_rejected_raw(tmp_path, text, *lines)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere.yaml"
+    config, problems = check(path)
+    assert config is None
+    assert problems == [f"{path}: cannot read: no such file or directory"]
+
+
+def test_file_that_is_a_directory(tmp_path: Path) -> None:
+    config, problems = check(tmp_path)
+    assert config is None
+    assert problems == [f"{tmp_path}: cannot read: is a directory"]
+
+
+def test_file_that_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"listeners: \xff\n")
+    config, problems = check(path)
+    assert config is None
+    stderr = stderr_of(problems)
+    assert len(stderr.splitlines()) == 1
+    assert stderr.startswith(f"{path}: cannot read: ")
+
+
+# ---------------------------------------------------------------------------------------------
+# Duplicate keys, and problems in line order
+
+DUPLICATES_AND_LINE_ORDER = [
+    pytest.param(
+        """
+        listeners:
+          - name: web
+            protocol: tcp
+            host: 127.0.0.1
+            port: 80
+            handler: echo
+            concurrency: threaded
+            port: 81
+        """,
+        [(8, "listeners[0].port", "duplicate key")],
+        id="duplicate_key",
+    ),
+    pytest.param(
+        """
+        shutdown_timeout: 5
+        listeners:
+          - name: web
+            protocol: tcp
+            host: 127.0.0.1
+            port: 80
+            handler: echo
+            concurrency: threaded
+        shutdown_timeout: 1
+        """,
+        [(9, "shutdown_timeout", "duplicate key")],
+        id="duplicate_top_level_key",
+    ),
+    pytest.param(
+        """
+        logging:
+          level: verbose
+        listeners:
+          - name: web
+            protocol: tcp
+            host: 127.0.0.1
+            port: 80
+            handler: echo
+            concurrency: threaded
+            port: 81
+        """,
+        [
+            (2, "logging.level", "input should be 'debug', 'info', 'warning' or 'error'"),
+            (10, "listeners[0].port", "duplicate key"),
+        ],
+        id="duplicate_key_lines_are_sorted_with_the_others",
+    ),
+    pytest.param(
+        """
+        listeners:
+          - name: web
+            protocol: tcp
+            host: 127.0.0.1
+            port: 80
+            handler: echo
+            concurrency: threaded
+          - name: dns
+            protocol: udp
+            port: 70000
+            handler: reply
+            concurrency: threaded
+        logging:
+          level: loud
+        """,
+        [
+            (8, "listeners[1].host", "required"),
+            (10, "listeners[1].port", "input should be less than or equal to 65535"),
+            (
+                11,
+                "listeners[1].handler",
+                "input should be 'echo', 'timestamp', 'discard', 'daytime', 'time' or 'relay'",
+            ),
+            (14, "logging.level", "input should be 'debug', 'info', 'warning' or 'error'"),
+        ],
+        id="every_problem_is_reported_in_line_order",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), DUPLICATES_AND_LINE_ORDER)
+def test_duplicate_keys_and_line_order(tmp_path: Path, text: str, expected: list[Expected]) -> None:
+    assert_rejected(tmp_path, text, *expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile or odd files: each still gives one line per problem, in line order.
+
+
+def test_nul_byte_is_one_line(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "listeners: []\nlogging: {}\n\x00\n")
+    config, problems = check(path)
+    assert config is None
+    stderr = stderr_of(problems)
+    assert len(stderr.splitlines()) == 1, stderr
+    assert re.fullmatch(rf"{re.escape(str(path))}:3: invalid YAML: [^\n]+\n", stderr), stderr
+
+
+def test_recursive_alias_is_one_line(tmp_path: Path) -> None:
+    config, problems = check(write_config(tmp_path, "listeners: &loop [*loop]\n"))
+    assert config is None
+    assert len(stderr_of(problems).splitlines()) == 1, problems
+
+
+def test_unknown_key_with_a_newline_is_one_line(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        """
+        "bad\\nkey": 1
+        listeners: []
+        """,
+    )
+    config, problems = check(path)
+    assert config is None
+    assert len(stderr_of(problems).splitlines()) == 2, problems  # the unknown key, the empty list
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile files the properties (test_config_properties.py) found or led to: each once crashed
+# sockd or blew up its answer, and stays here so it never does again.
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'listeners: !!int ""\n',  # IndexError in PyYAML's construct_yaml_int
+        "listeners: !!int 0x\n",  # ValueError
+        "shutdown_timeout: !!float .\n",  # ValueError
+        "metrics: {enabled: !!bool maybe}\n",  # KeyError
+        "listeners: !!timestamp x\n",  # AttributeError
+        "listeners: !<tag:yaml.org,2002:int> x\n",  # the same, with a verbatim tag
+    ],
+)
+def test_a_standard_tag_on_a_value_it_cannot_read_is_one_line(text: str) -> None:
+    """PyYAML's constructors for the standard scalar tags raise plain Python errors, not
+    YAMLError, on a value they cannot read: still one line, naming the value's line."""
+    with pytest.raises(ConfigError) as caught:
+        parse(text, "c.yaml")
+    assert len(caught.value.problems) == 1
+    assert PROBLEM.fullmatch(caught.value.problems[0])
+
+
+@pytest.mark.parametrize("text", ["[" * 1000 + "]" * 1000, "- " * 1000 + "x\n", "{a: " * 1000 + "1" + "}" * 1000])
+def test_deeply_nested_yaml_is_one_line(text: str) -> None:
+    """PyYAML composes and constructs recursively: about 500 levels of nesting (a 1 KB file)
+    exhaust Python's recursion limit; that is one line too."""
+    with pytest.raises(ConfigError) as caught:
+        parse(text, "c.yaml")
+    assert all(PROBLEM.fullmatch(problem) for problem in caught.value.problems)
+
+
+def alias_bomb(levels: int) -> str:
+    """A 'billion laughs': each anchor a list of ten aliases of the one before, ten to the
+    `levels` strings in all, as the value of a listener's `protocol`."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join([*lines, "listeners:", f"  - protocol: *a{levels - 1}", ""])
+
+
+def test_an_alias_bomb_gets_a_short_answer() -> None:
+    """Six levels (a 480-byte file) expand to a million values: refused before anything expands
+    them, in one short line (unbounded, the answer took seconds and gigabytes)."""
+    text = alias_bomb(6)
+    assert len(text) < 500
+    with pytest.raises(ConfigError) as caught:
+        parse(text, "c.yaml")
+    assert sum(len(problem) for problem in caught.value.problems) < 10_000
