@@ -24,6 +24,8 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from sockd.models import MODELS
+
 Protocol = Literal["tcp", "udp", "unix"]
 HandlerName = Literal["echo", "timestamp", "discard", "daytime", "time", "relay"]
 ModelName = Literal["iterative", "threaded", "thread_pool", "busy_poll", "selector", "asyncio"]
@@ -33,7 +35,6 @@ TimestampFormat = Literal["seed", "iso8601", "unix"]
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 UPSTREAM_PATTERN = r"^((tcp|udp)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])|unix:///.{1,106})$"
-RELAY_MODELS = ("selector", "busy_poll", "asyncio")  # the models that hold two sockets per client
 MODE_PATTERN = r"^0?[0-7]{3}$"
 ListenerName = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
 Port = Annotated[int, Field(ge=0, le=65535)]
@@ -439,8 +440,9 @@ def _combinations(listener: Listener) -> Iterator[Problem]:
         return
     if listener.max_message_size is not None:
         yield ("max_message_size",), "not valid with handler: relay (it passes bytes through)"
-    if listener.concurrency not in RELAY_MODELS:
-        models = alternatives(RELAY_MODELS)
+    relaying = [name for name, kind in MODELS.items() if kind.relays]
+    if listener.concurrency not in relaying:
+        models = alternatives(relaying)
         yield ("concurrency",), f"handler: relay needs concurrency: {models} (not {listener.concurrency})"
     if listener.upstream is None:
         yield ("upstream",), "required with handler: relay"

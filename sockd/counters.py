@@ -82,8 +82,8 @@ class Totals:
 
 
 class Recorder:
-    """One thread's counts. The models add to its attributes directly on their hot paths, and
-    take a request's start time from `clock`.
+    """One thread's counts. The connection lifecycle and the models add to its attributes directly
+    on their hot paths, and take a request's start time from `clock`.
 
     Time is a float of seconds from time.monotonic(), not integer nanoseconds: perf_counter_ns()
     allocates a new int object at every call and a float comes from a free list, which matters at

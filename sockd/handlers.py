@@ -1,13 +1,14 @@
 """Sans-IO handlers: bytes in, reply bytes out. No handler touches a socket.
 
-A stream connection gets a `Session` from `Handler.session()`. If its `greeting()` is not None,
-the model writes it at once and closes. Otherwise the model feeds it each chunk it reads and
-writes back what `feed` returns; once `closing` is true the model writes that last reply and
-closes. At the client's EOF the model writes what `eof()` returns and closes. A datagram is
-answered with whatever `Handler.datagram` returns (None: no reply).
+A stream connection gets a `Session` from `Handler.session()`, and its lifecycle (sockd.lifecycle)
+drives it: if `greeting()` is not None, that is written at once and the connection closes.
+Otherwise each chunk read is fed to `feed` and what it returns is written back; once `closing`
+is true that last reply is written and the connection closes. At the client's EOF, what `eof()`
+returns is written and the connection closes. A datagram is answered with whatever
+`Handler.datagram` returns (None: no reply).
 
 A request over the listener's `max_message_size` raises `TooLarge` from `feed` or `datagram`;
-the model counts it and closes the connection or drops the datagram.
+the lifecycle counts it and closes the connection or drops the datagram.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """What a listener lets in and how long it lets a connection sit: access rules, peer credentials,
-connection counts and rates, timeouts. Sans-IO, like the handlers: the models ask and act.
+connection counts and rates, timeouts. Sans-IO, like the handlers: it is told addresses,
+credentials and times, never given a socket; the connection lifecycle asks and the models act.
 
 Everything here is per worker process, as gunicorn's worker_connections is: a listener with
 `workers: 3` and `max_connections: 100` serves up to 300 connections.
@@ -9,8 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import math
-import socket
-import struct
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -27,7 +26,6 @@ MAX_CONNECTIONS, PER_SOURCE, RATE, ACL = range(len(REJECT_REASONS))
 # Sources remembered for rates and access decisions: past this many, forgotten (the quiet first),
 # so a flood from many addresses costs bounded memory.
 MEMORY = 4096
-_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 class Throttled:
@@ -79,13 +77,51 @@ class AccessList:
         return self.default
 
 
+Credentials = tuple[int, int, int]  # a Unix peer's pid, uid and gid (SO_PEERCRED)
+
+
+class Ticket:
+    """A connection's place under its listener's limits, given back exactly once: by the
+    connection's lifecycle when it closes, or by whoever gives up on it before it opens."""
+
+    __slots__ = ("admission", "source")
+
+    def __init__(self, admission: Admission | None, source: str) -> None:
+        self.admission = admission
+        self.source = source
+
+    def release(self) -> None:
+        admission, self.admission = self.admission, None
+        if admission is not None:
+            admission.release(self.source)
+
+
+# The one ticket of every connection of a listener without limits: nothing to give back, and
+# nothing allocated per connection.
+FREE = Ticket(None, "")
+
+
+class Unlimited:
+    """The admission of a listener with no limits: everything is let in, at no cost per connection."""
+
+    wants_credentials = False
+
+    def admit(self, address: object, credentials: Credentials | None, recorder: Recorder) -> Ticket | None:
+        return FREE
+
+    def allows_datagram(self, address: object, recorder: Recorder) -> bool:
+        return True
+
+
 class Admission:
     """Decides whether a new connection or datagram is served, and counts and logs it when not.
 
     Shared by a worker's threads (the blocking models accept and close in different threads), so
-    its state is under a lock; a listener with no limits has no Admission at all (see `of`)."""
+    its state is under a lock. It asks nothing of a socket: a Unix listener's model reads the
+    peer's credentials for it (`wants_credentials`)."""
 
     def __init__(self, listener: Listener) -> None:
+        self.unix = isinstance(listener, UnixListener)
         self.max_connections = listener.max_connections or math.inf
         self.per_source = listener.max_connections_per_source or math.inf
         self.rate = listener.connection_rate
@@ -93,37 +129,28 @@ class Admission:
         self.access = AccessList(listener.allow, listener.deny) if isinstance(listener, InetListener) else None
         self.uids = set(listener.allow_uids)
         self.gids = set(listener.allow_gids)
+        # A refused Unix peer is logged by its credentials: it has no address to name it by.
+        self.wants_credentials = self.unix
         self.open = 0
         self.by_source: dict[str, int] = {}
         self.buckets: dict[str, tuple[float, float]] = {}  # source: (tokens, when counted)
         self.lock = threading.Lock()
         self.warn = Throttled("rejected")
 
-    @staticmethod
-    def of(listener: Listener) -> Admission | None:
-        """The admission rules of `listener`, or None when it has none: nothing to pay per connection."""
-        limited: tuple[object, ...] = (
-            listener.max_connections,
-            listener.max_connections_per_source,
-            listener.connection_rate,
-            listener.allow_uids,
-            listener.allow_gids,
-        )
-        if isinstance(listener, InetListener):
-            limited += (listener.allow, listener.deny)
-        return Admission(listener) if any(limited) else None
-
-    def admit(self, sock: socket.socket, source: str, recorder: Recorder) -> bool:
-        """Whether to serve a just-accepted connection from `source` (its IP, or "" over Unix).
-        If so, the caller must `release(source)` when it closes; if not, close it at once."""
-        reason = self._refusal(sock, source)
+    def admit(self, address: object, credentials: Credentials | None, recorder: Recorder) -> Ticket | None:
+        """A ticket for a just-accepted connection from `address` (`credentials`: its Unix peer's),
+        or None if a limit refuses it (counted and logged; the model closes it at once)."""
+        source = "" if self.unix else source_of(address)
+        reason = self._refusal(source, credentials)
         if reason is None:
-            return True
+            return Ticket(self, source)
         recorder.rejected[reason] += 1
-        self.warn(reason=REJECT_REASONS[reason], source=source or _credentials(sock))
-        return False
+        shown = "pid={} uid={} gid={}".format(*credentials) if credentials is not None else source
+        self.warn(reason=REJECT_REASONS[reason], source=shown)
+        return None
 
-    def allows_datagram(self, source: str, recorder: Recorder) -> bool:
+    def allows_datagram(self, address: object, recorder: Recorder) -> bool:
+        source = source_of(address)
         if self.access is None or self.access.allows(source):
             return True
         recorder.rejected[ACL] += 1
@@ -137,10 +164,10 @@ class Admission:
             if left:
                 self.by_source[source] = left
 
-    def _refusal(self, sock: socket.socket, source: str) -> int | None:
+    def _refusal(self, source: str, credentials: Credentials | None) -> int | None:
         if self.access is not None and not self.access.allows(source):
             return ACL
-        if (self.uids or self.gids) and not self._credentials_allowed(sock):
+        if (self.uids or self.gids) and not self._credentials_allowed(credentials):
             return ACL
         with self.lock:
             if self.open >= self.max_connections:
@@ -154,8 +181,10 @@ class Admission:
             self.by_source[source] = count + 1
         return None
 
-    def _credentials_allowed(self, sock: socket.socket) -> bool:
-        _, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    def _credentials_allowed(self, credentials: Credentials | None) -> bool:
+        if credentials is None:
+            return False
+        _, uid, gid = credentials
         return uid in self.uids or gid in self.gids
 
     def _take_token(self, source: str) -> bool:
@@ -181,41 +210,23 @@ class Admission:
                 del self.buckets[source]
 
 
-def admitted(
-    admission: Admission | None, listener: Listener, conn: socket.socket, address: object, recorder: Recorder
-) -> str | None:
-    """What a model asks of each connection it accepts: the source to release it by later ("" if
-    nothing counts by source), or None if a limit refused it; it is closed then."""
-    if admission is None:
-        return ""  # no limits: not even a string per connection
-    source = source_of(listener, address)
-    if admission.admit(conn, source, recorder):
-        return source
-    conn.close()
-    return None
+def admission_for(listener: Listener) -> Admission | Unlimited:
+    """The admission rules of `listener`; a listener with none pays nothing per connection."""
+    limited: tuple[object, ...] = (
+        listener.max_connections,
+        listener.max_connections_per_source,
+        listener.connection_rate,
+        listener.allow_uids,
+        listener.allow_gids,
+    )
+    if isinstance(listener, InetListener):
+        limited += (listener.allow, listener.deny)
+    return Admission(listener) if any(limited) else Unlimited()
 
 
-def datagram_allowed(admission: Admission | None, listener: Listener, sender: object, recorder: Recorder) -> bool:
-    """Whether a model answers a datagram from `sender` (a refused one is counted and dropped)."""
-    return admission is None or admission.allows_datagram(source_of(listener, sender), recorder)
-
-
-def released(admission: Admission | None, source: str) -> None:
-    """What a model does when a connection `admitted` let in closes."""
-    if admission is not None:
-        admission.release(source)
-
-
-def _credentials(sock: socket.socket) -> str:
-    pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-    return f"pid={pid} uid={uid} gid={gid}"
-
-
-def source_of(listener: Listener, address: object) -> str:
-    """The key limits count by: a client's IP, or "" for a Unix socket's peers (all one machine)."""
-    if isinstance(listener, UnixListener) or not isinstance(address, tuple):
-        return ""
-    return str(address[0])
+def source_of(address: object) -> str:
+    """The key limits count by: a client's IP ("" for what has none, a Unix socket's peers)."""
+    return str(address[0]) if isinstance(address, tuple) else ""
 
 
 class Timed(Protocol):

@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
     sock.setblocking(False)  # see sockd.models: every model takes the listener as non-blocking
     shared = counters.Shared(spec.counters_fd, len(spec.buckets) + 1)
     stats = counters.Stats(shared, spec.buckets, enabled=spec.metrics, stuck_after=spec.worker_timeout / 2)
-    model = models.factory(listener.concurrency)(listener, handlers.build(listener), stats)
+    model = models.load(listener.concurrency)(listener, handlers.build(listener), stats)
     threading.Thread(target=_stop_when_closed, args=(channel, stop), daemon=True).start()
     stop.on_set(lambda: _exit_after(spec.shutdown_timeout))
     served = threading.Event()

@@ -9,9 +9,10 @@ from collections.abc import Iterator
 from typing import Any, get_args
 
 import pytest
-from support import Daemon, StartSockd, listener, run_sockd, short_directory
 
 from sockd.config import ModelName
+
+from support import Daemon, StartSockd, listener, run_sockd, short_directory
 
 EX_USAGE = 2  # argparse
 SHORT = ("--duration", "1", "--processes", "2")  # every run is brief

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import StartSockd, check, listener, request, run_sockd, squatting, stderr_of, write_config
 
 import sockd
+
+from support import StartSockd, check, listener, request, run_sockd, squatting, stderr_of, write_config
 
 EX_USAGE = 2  # argparse
 EX_OSERR = 71

@@ -11,9 +11,10 @@ import re
 from pathlib import Path
 
 import pytest
-from support import PROBLEM, Expected, assert_rejected, assert_rejected_raw, check, stderr_of, write_config
 
 from sockd.config import ConfigError, parse
+
+from support import PROBLEM, Expected, assert_rejected, assert_rejected_raw, check, stderr_of, write_config
 
 # ---------------------------------------------------------------------------------------------
 # Files that are not a config at all

@@ -13,7 +13,6 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from support import MODELS, PROBLEM, run_sockd
 
 from sockd.config import (
     Config,
@@ -27,6 +26,8 @@ from sockd.config import (
     UnixListener,
     parse,
 )
+
+from support import MODELS, PROBLEM, run_sockd
 
 EX_CONFIG = 78
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support import Expected, assert_accepted, assert_rejected
 
 from sockd.config import ConfigError, InetListener, parse
+
+from support import Expected, assert_accepted, assert_rejected
 
 # ---------------------------------------------------------------------------------------------
 # The issue's own example, and valid files

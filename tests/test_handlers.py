@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import datetime
 import time
+from typing import get_args
 
 import pytest
 
-from sockd.config import InetListener
-from sockd.handlers import Echo, Timestamp, TooLarge, build
+from sockd.config import HandlerName, InetListener
+from sockd.handlers import HANDLERS, Echo, Timestamp, TooLarge, build
 
 
 def _listener(**options: object) -> InetListener:
@@ -107,3 +108,7 @@ def test_max_message_size_bounds_requests_and_datagrams_not_a_streams_chunks() -
     assert echo.datagram(b"y" * 10) == b"y" * 10
     with pytest.raises(TooLarge):
         echo.datagram(b"y" * 11)
+
+
+def test_every_handler_name_has_a_handler_and_every_handler_a_name() -> None:
+    assert set(get_args(HandlerName)) == set(HANDLERS)

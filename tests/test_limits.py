@@ -13,6 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+
+from sockd.config import InetListener
+from sockd.limits import MEMORY, AccessList, Admission
+
 from support import (
     MODELS,
     TIMEOUT,
@@ -29,9 +33,6 @@ from support import (
     value,
 )
 from support import listener as entry
-
-from sockd.config import InetListener
-from sockd.limits import MEMORY, AccessList, Admission
 
 EX_UNAVAILABLE = 71
 # The models that serve many connections at once (iterative serves one: the rest wait in the

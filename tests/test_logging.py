@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import yaml
+
 from support import Launcher, request, sockd_command
 from support import listener as entry
 

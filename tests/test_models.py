@@ -13,10 +13,16 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from sockd.config import ConfigError, ModelName, parse
+from sockd.models import MODELS as MODEL_REGISTRY
+from sockd.models import load as load_model
+
 from support import (
     MODELS,
     TIMEOUT,
@@ -420,3 +426,24 @@ def test_random_byte_streams_get_one_timestamp_and_a_close(served: Daemon) -> No
     round_trip()
     assert_unharmed(served, name, pid)
     assert request(address, b"x")
+
+
+def test_every_model_name_has_a_model_and_every_model_a_name() -> None:
+    assert set(get_args(ModelName)) == set(MODEL_REGISTRY)
+    for name in MODEL_REGISTRY:
+        model = load_model(name)
+        assert callable(model.serve), name
+
+
+@pytest.mark.parametrize("name", list(MODEL_REGISTRY))
+def test_a_relay_is_accepted_exactly_by_the_models_declared_to_relay(name: ModelName) -> None:
+    text = f"""
+listeners:
+  - {{name: r, protocol: tcp, host: 127.0.0.1, port: 0, handler: relay, concurrency: {name},
+     upstream: "tcp://127.0.0.1:1"}}
+"""
+    if MODEL_REGISTRY[name].relays:
+        assert parse(text, "c.yaml").listeners[0].concurrency == name
+    else:
+        with pytest.raises(ConfigError, match=f"handler: relay needs concurrency: .*not {name}"):
+            parse(text, "c.yaml")

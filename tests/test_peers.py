@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pytest
+
 from support import MODELS, StartSockd, listener, require
 
 STREAM_SIZES = {"1B": 1, "64KiB": 64 << 10, "1MiB": 1 << 20}

@@ -14,8 +14,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from support import (
     MODELS,
+    RELAY_MODELS,
     TIMEOUT,
     Daemon,
     Launcher,
@@ -31,9 +33,6 @@ from support import (
 )
 from support import listener as entry
 
-# The models that can relay, each holding two sockets per client (a subset that sockd.config
-# declares too, as RELAY_MODELS: written out here, as the messages below spell it).
-RELAY_MODELS = ["selector", "busy_poll", "asyncio"]
 NON_RELAY_MODELS = [model for model in MODELS if model not in RELAY_MODELS]
 EX_CONFIG = 78
 CHUNK = 1 << 16

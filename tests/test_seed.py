@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from support import MODELS, StartSockd, listener, require
 
 SEED = Path(__file__).resolve().parent / "seed"

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+
 from support import Daemon, Launcher, config_text, connect, inet, listener
 
 SECONDS = float(os.environ.get("SOCKD_SOAK_SECONDS", "60"))

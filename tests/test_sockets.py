@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 import yaml
+
 from support import Launcher, request, run_sockd
 from support import listener as entry
 

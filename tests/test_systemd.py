@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from support import (
     SYSTEMD_VARIABLES,
     TIMEOUT,

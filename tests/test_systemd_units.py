@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from support import ROOT, require
 
 UNITS = ROOT / "systemd"

@@ -1,63 +1,43 @@
-"""Concurrency models: one small interface, one module each.
+"""Concurrency models: one small interface, one module each, and the registry of their names.
 
-A model serves one listening socket with one handler until `stop` is set, then stops accepting,
-finishes what is in flight and returns. It owns every thread, timer and connection it creates;
-the worker process only builds it and calls `serve`. Whatever the model, the listening socket is
-treated as non-blocking: its O_NONBLOCK flag lives on the open file description, which every
-worker sharing the socket sees, so no model may rely on a blocking accept() or recvfrom().
+A model serves one listening socket with one listener's handler until `stop` is set. What a
+connection's life is (admission, the handler, delays, timeouts, the drain, counting) is decided
+by sockd.lifecycle; a model only waits and moves bytes, and owns every thread, timer and
+connection it creates. Its duties, whichever way it waits:
+
+1. Take the listening socket as non-blocking: its O_NONBLOCK flag lives on the open file
+   description, which every worker sharing the socket sees, so no model may rely on a blocking
+   accept() or recvfrom(). Wait for work without spinning (busy_poll excepted: spinning is its
+   point).
+2. Accept through `shared.admit` (the listener's limits; a refused connection is closed at once),
+   then drive a `lifecycle.Stream` per connection, giving it a transport; feed datagrams to a
+   `lifecycle.Datagrams`. A relaying model joins each client to its upstream (sockd.relay).
+3. When accept() fails for want of descriptors (`shared.accept_failed`), keep serving the open
+   connections and accept again after RESOURCE_PAUSE.
+4. Count on a Recorder from `stats.recorder()`, one per thread. Beat: an event loop calls
+   `stats.beat()` at least every BEAT_INTERVAL; a blocking thread marks `recorder.busy_since`
+   while it works on a request, so a stuck request stops the heartbeat.
+5. On `stop`: accept no more, call `Service.stop()` (the drain), and return once no connection
+   is open and no delayed reply is due.
+
+The registry below is the one list of models: config.py takes the names that can relay from it,
+and a test checks it against the `ModelName` the config file accepts. Modules are imported only
+when used (so uvloop loads only where asked for, and the supervisor loads none).
 """
 
 from __future__ import annotations
 
-import errno
 import importlib
 import os
 import socket
 from collections.abc import Callable
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
-import structlog
-
-from sockd.config import Listener, ModelName
-from sockd.counters import RESOURCES, TOO_LARGE, Recorder, Stats
-from sockd.handlers import Handler, TooLarge
-from sockd.limits import Throttled
-
-log = structlog.get_logger()
-
-# Where a datagram came from, as recvfrom() says: (host, port[, ...]) or a Unix path.
-Address = tuple[Any, ...] | str
-
-# accept() failing for want of descriptors or memory: pause accepting this long and retry, while
-# the connections already open go on being served (rather than spinning, or dying).
-OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-RESOURCE_PAUSE = 0.1
-
-# Stop reading from a peer whose counterpart has this many bytes waiting for it, until they are
-# taken: a client that sends but never reads gets back-pressure, not a server that grows without bound.
-HIGH_WATER = 1 << 20
-
-
-def accept_failed(exc: OSError, recorder: Recorder) -> None:
-    """Re-raise what accept() failed with, unless it is running out of resources: then count it
-    and say so; the caller pauses accepting for RESOURCE_PAUSE in its own idiom."""
-    if exc.errno not in OUT_OF_RESOURCES:
-        raise exc
-    recorder.errors[RESOURCES] += 1
-    _out_of_resources(error=exc.strerror, pause=RESOURCE_PAUSE)
-
-
-_out_of_resources = Throttled("cannot accept: out of resources; pausing")
-
-
-def datagram_reply(handler: Handler, data: bytes, recorder: Recorder) -> bytes | None:
-    """The handler's reply to a datagram: None for none, and for a datagram over
-    max_message_size (counted), which is dropped."""
-    try:
-        return handler.datagram(data)
-    except TooLarge:
-        recorder.errors[TOO_LARGE] += 1
-        return None
+if TYPE_CHECKING:
+    from sockd.config import Listener, ModelName
+    from sockd.counters import Stats
+    from sockd.handlers import Handler
 
 
 class Stop:
@@ -86,44 +66,31 @@ class Stop:
 
 
 class Model(Protocol):
+    def __init__(self, listener: Listener, handler: Handler, stats: Stats) -> None: ...
+
     def serve(self, sock: socket.socket, stop: Stop) -> None:
         """Serve `sock` until `stop` is set, then finish the requests in flight and return."""
 
 
-ModelFactory = Callable[[Listener, Handler, Stats], Model]
+@dataclass(frozen=True)
+class Kind:
+    """A model's entry in the registry: where it lives and what it can do."""
 
-_MODULES: dict[ModelName, str] = {
-    "iterative": "sockd.models.iterative",
-    "threaded": "sockd.models.threaded",
-    "thread_pool": "sockd.models.thread_pool",
-    "busy_poll": "sockd.models.busy_poll",
-    "selector": "sockd.models.selector",
-    "asyncio": "sockd.models.aio",
+    module: str
+    relays: bool = False  # can serve handler: relay (holds two sockets per client)
+
+
+MODELS: dict[ModelName, Kind] = {
+    "iterative": Kind("sockd.models.iterative"),
+    "threaded": Kind("sockd.models.threaded"),
+    "thread_pool": Kind("sockd.models.thread_pool"),
+    "selector": Kind("sockd.models.selector", relays=True),
+    "busy_poll": Kind("sockd.models.busy_poll", relays=True),  # the selector's loop, never waiting
+    "asyncio": Kind("sockd.models.aio", relays=True),
 }
 
 
-def factory(name: ModelName) -> ModelFactory:
-    """The model called `name`, imported only when used (so uvloop loads only where asked for)."""
-    model: ModelFactory = importlib.import_module(_MODULES[name]).Model
+def load(name: ModelName) -> type[Model]:
+    """The model called `name`, its module imported now."""
+    model: type[Model] = importlib.import_module(MODELS[name].module).Model
     return model
-
-
-def shutdown_read(fd: int) -> None:
-    """End a connection's input, so the model sees EOF once what the client already sent is read.
-
-    This is how every model drains: a blocked recv() wakes up, the handler answers what it has,
-    and the connection closes the way it does when the client hangs up first. Only a connection
-    that has had at least one answer is ended at once: a client that has just connected is
-    answered first, as its request may still be on its way (ending it then would reset it). It
-    works on the bare descriptor because uvloop's transport sockets refuse shutdown(), and without
-    dup(), which fails when descriptors have run out (when a drain matters most)."""
-    try:
-        sock = socket.socket(fileno=fd)
-    except (OSError, ValueError):  # already closed (its fileno() is -1 then)
-        return
-    try:
-        sock.shutdown(socket.SHUT_RD)
-    except OSError:  # reset: nothing is left to drain
-        pass
-    finally:
-        sock.detach()  # the descriptor stays its owner's

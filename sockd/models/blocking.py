@@ -1,5 +1,5 @@
 """What the three blocking models share: waiting for work without spinning, and serving a client
-with plain blocking calls. The models differ only in which thread runs these loops."""
+or a datagram with plain blocking calls. The models differ only in which thread runs these."""
 
 from __future__ import annotations
 
@@ -10,15 +10,13 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-import structlog
-
 from sockd.config import BUFSIZE, Listener
-from sockd.counters import RESET, SEND, TIMEOUT, TOO_LARGE, Recorder, Stats
-from sockd.handlers import Handler, TooLarge
-from sockd.limits import Admission, admitted, datagram_allowed, released
-from sockd.models import RESOURCE_PAUSE, Address, Stop, accept_failed, datagram_reply, shutdown_read
-
-log = structlog.get_logger()
+from sockd.counters import Recorder, Stats
+from sockd.handlers import Handler
+from sockd.lifecycle import Address, Service, Stream
+from sockd.limits import Ticket
+from sockd.models import Stop
+from sockd.models.shared import RESOURCE_PAUSE, SocketDatagrams, accept_failed, admit, shutdown_read
 
 T = TypeVar("T")
 
@@ -53,123 +51,108 @@ def _until_stopped(sock: socket.socket, stop: Stop, take: Callable[[], T], recor
             pause.poll(RESOURCE_PAUSE * 1000)
 
 
+def sleep_then_call(delay: float, callback: Callable[..., object], *args: object) -> None:
+    """A blocking model's timer: its thread does nothing else meanwhile (the seed's time.sleep)."""
+    time.sleep(delay)
+    callback(*args)
+
+
+class Blocking:
+    """The lifecycle's transport over a blocking socket: writes are sendall()s (a timeout or a
+    reset raises out of them), and closing ends the loop that serves the connection."""
+
+    __slots__ = ("closed", "reading", "write")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.write = sock.sendall
+        self.reading = True
+        self.closed = False
+
+    def close(self) -> None:
+        self.reading, self.closed = False, True
+
+    abort = close
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+class BlockingStream(Stream):
+    __slots__ = ("sock",)
+
+    transport: Blocking
+
+    def __init__(self, service: Service, ticket: Ticket, recorder: Recorder, sock: socket.socket) -> None:
+        super().__init__(service, ticket, recorder)
+        self.sock = sock
+        self.transport = Blocking(sock)
+
+    def end_input(self) -> None:
+        shutdown_read(self.sock.fileno())
+
+
 class BlockingModel:
     """What the blocking models share: serving one connection or one datagram with blocking calls.
     Each model's `serve` says which threads run these."""
 
     def __init__(self, listener: Listener, handler: Handler, stats: Stats) -> None:
-        self.listener = listener
-        self.handler = handler
-        self.delay = listener.delay
         self.stats = stats
-        self.admission = Admission.of(listener)
+        self.service = Service(listener, handler, later=sleep_then_call)
         # A socket timeout on each recv() and send() is the whole of first_byte_timeout and idle_timeout.
         self.first_timeout = listener.first_byte_timeout or listener.idle_timeout
         self.idle_timeout = listener.idle_timeout
 
-    def answer(self, sock: socket.socket, data: bytes, sender: Address, recorder: Recorder, started: float) -> None:
-        """Answer one datagram; `started` is the time.monotonic() of its arrival."""
-        if not datagram_allowed(self.admission, self.listener, sender, recorder):
-            return
-        recorder.busy_since = started
+    def draining_on(self, stop: Stop) -> None:
+        stop.on_set(self.service.stop)
+
+    def answer(self, datagrams: SocketDatagrams, data: bytes, sender: Address) -> None:
+        """Answer one datagram, the thread marked busy meanwhile (see Stats.publish)."""
+        recorder = datagrams.recorder
+        recorder.busy_since = time.monotonic()
         try:
-            reply = datagram_reply(self.handler, data, recorder)
-            if reply is None:
-                return
-            if self.delay:
-                time.sleep(self.delay)
-            sock.sendto(reply, sender)
-        except OSError as exc:  # e.g. a full send buffer
-            recorder.errors[SEND] += 1
-            log.debug("datagram reply failed", error=str(exc))
-            return
+            datagrams.datagram_received(data, sender)
         finally:
             recorder.busy_since = 0.0
-        recorder.request(len(data), len(reply), started)
 
-
-class OpenConnections:
-    """The connections being served, so a stop can end their input and let them drain."""
-
-    def __init__(self, model: BlockingModel, stop: Stop) -> None:
-        self.model = model
-        self.stop = stop
-        self._answered: set[socket.socket] = set()  # see shutdown_read: only these end at once
-        stop.on_set(self.drain)
-
-    def drain(self) -> None:
-        for conn in list(self._answered):
-            shutdown_read(conn.fileno())
-
-    def serve(self, conn: socket.socket, address: Address, recorder: Recorder) -> None:
+    def serve_connection(self, conn: socket.socket, address: Address, recorder: Recorder) -> None:
         """Admit one connection and serve it to its end with blocking calls, then close it."""
-        source = self.admit(conn, address, recorder)
-        if source is not None:
-            self.serve_admitted(conn, source, recorder)
+        ticket = admit(conn, address, self.service, recorder)
+        if ticket is not None:
+            self.serve_admitted(conn, ticket, recorder)
 
-    def admit(self, conn: socket.socket, address: Address, recorder: Recorder) -> str | None:
-        """See limits.admitted."""
-        return admitted(self.model.admission, self.model.listener, conn, address, recorder)
-
-    def serve_admitted(self, conn: socket.socket, source: str, recorder: Recorder) -> None:
-        try:
-            self._serve(conn, recorder)
-        finally:
-            released(self.model.admission, source)
-
-    def _serve(self, conn: socket.socket, recorder: Recorder) -> None:
-        recorder.connections += 1
+    def serve_admitted(self, conn: socket.socket, ticket: Ticket, recorder: Recorder) -> None:
+        stream = BlockingStream(self.service, ticket, recorder, conn)
+        transport = stream.transport
+        failure = None
         try:
             with conn:
-                self._exchange(conn, recorder)
-        except TooLarge:
-            recorder.errors[TOO_LARGE] += 1
+                timeout = self.first_timeout
+                if timeout is not None:
+                    conn.settimeout(timeout)
+                stream.opened()
+                while transport.reading:
+                    data = conn.recv(BUFSIZE)
+                    # The heartbeat's clock (see Stats.publish), which must tell time even when
+                    # metrics are off.
+                    recorder.busy_since = time.monotonic()
+                    if data:
+                        stream.data_received(data)
+                    else:
+                        stream.eof_received()
+                    recorder.busy_since = 0.0
+                    if stream.answered and timeout != self.idle_timeout:
+                        timeout = self.idle_timeout
+                        conn.settimeout(timeout)
         except TimeoutError:
-            recorder.errors[TIMEOUT] += 1
+            stream.timed_out()
         except OSError as exc:  # reset, broken pipe: the client is gone, and so is its request
-            recorder.errors[RESET] += 1
-            log.debug("connection lost", error=str(exc))
+            failure = exc
         finally:
-            recorder.closed += 1
             recorder.busy_since = 0.0
-            self._answered.discard(conn)
-
-    def _exchange(self, conn: socket.socket, recorder: Recorder) -> None:
-        """Requests and replies until the client's EOF or the handler's last word."""
-        model = self.model
-        session = model.handler.session()
-        greeting = session.greeting()
-        if greeting is not None:  # it says all it has at connect, then closes
-            started = time.monotonic()
-            conn.sendall(greeting)
-            recorder.request(0, len(greeting), started)
-            return
-        if model.first_timeout is not None:
-            conn.settimeout(model.first_timeout)
-        answered = False
-        while True:
-            data = conn.recv(BUFSIZE)
-            if not data:
-                conn.sendall(session.eof())
-                return
-            # One clock read for both the histogram and the heartbeat (see Stats.publish), which
-            # must tell time even when metrics are off.
-            started = recorder.busy_since = time.monotonic()
-            reply = session.feed(data)
-            if model.delay:
-                time.sleep(model.delay)
-            conn.sendall(reply)
-            recorder.request(len(data), len(reply), started)
-            recorder.busy_since = 0.0
-            if session.closing:
-                return
-            if not answered:
-                answered = True
-                if model.idle_timeout != model.first_timeout:
-                    conn.settimeout(model.idle_timeout)
-                self._answered.add(conn)
-                if self.stop.is_set:  # the drain passed it by while it had no answer yet
-                    shutdown_read(conn.fileno())
+            stream.connection_lost(failure)
 
 
 class Threads:

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import socket
-import time
 
 from sockd.models import Stop
-from sockd.models.blocking import BlockingModel, OpenConnections, accepted, received
+from sockd.models.blocking import BlockingModel, accepted, received
+from sockd.models.shared import SocketDatagrams
 
 
 class Model(BlockingModel):
     def serve(self, sock: socket.socket, stop: Stop) -> None:
+        self.draining_on(stop)
         with self.stats.recorder() as recorder:
             if sock.type == socket.SOCK_DGRAM:
+                datagrams = SocketDatagrams(self.service, recorder, sock)
                 for data, sender in received(sock, stop, recorder):
-                    self.answer(sock, data, sender, recorder, time.monotonic())
+                    self.answer(datagrams, data, sender)
                 return
-            connections = OpenConnections(self, stop)
             for conn, address in accepted(sock, stop, recorder):
-                connections.serve(conn, address, recorder)
+                self.serve_connection(conn, address, recorder)

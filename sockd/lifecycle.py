@@ -1,0 +1,260 @@
+"""The life of a connection and of a datagram, written once for every concurrency model.
+
+A model only waits and moves bytes; what happens to a connection is decided here, the same way
+whatever the model. Events come in as method calls named as asyncio's protocols name them
+(`data_received`, `eof_received`, `connection_lost`); actions go out as calls on the connection's
+`transport`, which offers the part of asyncio's Transport the lifecycle uses (`write`, `close`,
+`abort`, `pause_reading`, `is_closing`), on `end_input` (a stop's drain) and on the service's
+`later` (a timer, for `delay`). The asyncio model hands the lifecycle uvloop's own transport, so
+a request there costs no call more than a bare protocol's; the other models give it a small
+transport of their own. Nothing here touches a socket, so the whole life can be driven
+in-process (tests/test_lifecycle.py).
+
+The life of a stream connection:
+
+    accepted ── admission ──> refused: counted with its reason; the model closes the socket
+                   │
+                   └─ ticket ──> opened ──> greeting? ── write it, close
+                                   │
+                                   └─> data ─> reply (now, or `delay` later) ─> ... ─┐
+                                        EOF ─> the handler's last word, once the     │
+                                               replies still due are written ─> close ┤
+                                        too large ─> abort; timed out ─> abort        │
+                                        stop ─> end_input once it has had an answer ──┘
+                                                        connection_lost: counted, ticket released
+
+Later stages (a PROXY header, a TLS handshake) slot in between `opened` and the handler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import structlog
+
+from sockd.config import Listener
+from sockd.counters import RESET, SEND, TIMEOUT, TOO_LARGE, Recorder
+from sockd.handlers import Handler, TooLarge
+from sockd.limits import Admission, Ticket, Timeouts, Unlimited, admission_for
+
+log = structlog.get_logger()
+
+# Where a datagram came from, as recvfrom() says: (host, port[, ...]) or a Unix path.
+Address = tuple[Any, ...] | str
+
+
+class Transport(Protocol):
+    """What the lifecycle asks of a connection's I/O: a subset of asyncio.Transport."""
+
+    def write(self, data: bytes) -> None:
+        """Send `data`, keeping what the peer cannot take yet."""
+
+    def close(self) -> None:
+        """Close once everything written has been sent."""
+
+    def abort(self) -> None:
+        """Close now, dropping what is not sent yet."""
+
+    def pause_reading(self) -> None:
+        """Read no more: the connection wants no further input."""
+
+    def is_closing(self) -> bool: ...
+
+
+class Service:
+    """What every connection of one listener in one worker shares: the handler, the delay, the
+    admission rules, the timeouts, the connections open, and whether the worker is stopping.
+
+    `later(delay, callback, *args)` is the model's timer (a loop's call_later, or a sleep for
+    the blocking models); `forget(connection)` is told of every connection that ends, after
+    it is counted, so an event-loop model can learn when its drain is over."""
+
+    def __init__(self, listener: Listener, handler: Handler, later: Callable[..., object]) -> None:
+        self.handler = handler
+        self.delay = listener.delay
+        self.admission: Admission | Unlimited = admission_for(listener)
+        self.timeouts = Timeouts(listener)
+        self.open: set[Connection] = set()
+        self.stopping = False
+        self.later = later
+
+    def stop(self) -> None:
+        """The worker stops: every connection that has had an answer has its input ended now
+        (the client sees EOF once its pending requests are answered); one that has not is
+        answered first, as its request may still be on its way, and ended then. Safe from a
+        signal handler: no lock is taken."""
+        self.stopping = True
+        for connection in list(self.open):
+            if connection.answered:
+                connection.end_input()
+
+    def sweep(self) -> None:
+        """End the connections past first_byte_timeout or idle_timeout (see Timeouts)."""
+        for connection in self.timeouts.expired(self.open):
+            connection.timed_out()
+
+    def forget(self, connection: Connection) -> None:
+        self.open.discard(connection)
+
+
+class Connection:
+    """What every connection's life has, whatever it carries: its place under the limits (a
+    ticket, released once it ends), its counts, its timeout, and the stop's drain rule.
+
+    Subclasses define `end_input` and set `transport` before `opened`."""
+
+    __slots__ = ("active", "answered", "deadline", "delayed", "recorder", "service", "ticket", "transport")
+
+    transport: Transport
+
+    def __init__(self, service: Service, ticket: Ticket, recorder: Recorder) -> None:
+        self.service = service
+        self.ticket = ticket
+        self.recorder = recorder
+        self.answered = False  # see Service.stop
+        self.delayed = 0  # replies due later: a timeout waits for the server, not the client
+        self.active = False  # moved a byte since the last sweep (see Timeouts)
+        self.deadline = 0.0
+
+    def end_input(self) -> None:
+        """Shut the connection's input (SHUT_RD): the model sees EOF once what was sent is read."""
+        raise NotImplementedError
+
+    def opened(self) -> None:
+        self.recorder.connections += 1
+        self.service.timeouts.started(self)
+        self.service.open.add(self)
+
+    def first_answer(self) -> None:
+        self.answered = True
+        if self.service.stopping:  # the drain passed it by while it had no answer yet
+            self.end_input()
+
+    def timed_out(self) -> None:
+        self.recorder.errors[TIMEOUT] += 1
+        self.abort()
+
+    def abort(self) -> None:
+        """End the connection now (a relay: both its sides)."""
+        self.transport.abort()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        """The connection is closed, by either side; `exc` if it failed (a reset, counted)."""
+        self.ticket.release()
+        self.recorder.closed += 1
+        if exc is not None:
+            self.recorder.errors[RESET] += 1
+            log.debug("connection lost", error=str(exc))
+        self.service.forget(self)
+
+
+class Stream(Connection):
+    """A connection served by a sans-IO handler session (see sockd.handlers)."""
+
+    __slots__ = ("session", "tail")
+
+    def __init__(self, service: Service, ticket: Ticket, recorder: Recorder) -> None:
+        super().__init__(service, ticket, recorder)
+        self.session = service.handler.session()
+        self.tail: bytes | None = None  # the handler's word at the client's EOF, once replies due are out
+
+    def opened(self) -> None:
+        super().opened()
+        greeting = self.session.greeting()
+        if greeting is not None:  # it says all it has at connect, then closes
+            self._reply(greeting, True, 0, self.recorder.clock())
+
+    def data_received(self, data: bytes) -> None:
+        # The hot path: one call to the handler and one to the reply, as a bare protocol has.
+        started = self.recorder.clock()
+        self.active = True
+        session = self.session
+        try:
+            reply = session.feed(data)
+        except TooLarge:
+            self.recorder.errors[TOO_LARGE] += 1
+            self.abort()
+            return
+        closing = session.closing
+        if closing:
+            self.transport.pause_reading()
+        if self.service.delay:
+            self.delayed += 1
+            self.service.later(self.service.delay, self._delayed_reply, reply, closing, len(data), started)
+        else:
+            self._reply(reply, closing, len(data), started)
+
+    def _delayed_reply(self, reply: bytes, closing: bool, received: int, started: float) -> None:
+        self.delayed -= 1
+        if not self.transport.is_closing():  # else the client reset meanwhile: nobody to answer
+            self._reply(reply, closing, received, started)
+
+    def _reply(self, reply: bytes, closing: bool, received: int, started: float) -> None:
+        transport = self.transport
+        if reply:
+            transport.write(reply)
+        self.recorder.request(received, len(reply), started)
+        if not self.answered:
+            self.first_answer()
+        if closing:
+            transport.close()
+        elif self.tail is not None and not self.delayed:
+            self._finish(self.tail)
+
+    def eof_received(self) -> bool:
+        """The client ended its output: the handler's last word follows the replies still due,
+        then the connection closes. True: asyncio must not close it before."""
+        self.tail = self.session.eof()
+        if not self.delayed:  # otherwise the last delayed reply finishes the connection
+            self._finish(self.tail)
+        return True
+
+    def _finish(self, tail: bytes) -> None:
+        if tail:
+            self.transport.write(tail)
+        self.transport.close()
+
+
+class Datagrams:
+    """The life of a datagram: admitted by its source, answered by the handler (now, or `delay`
+    later), counted once its reply is sent. Subclasses define `send`."""
+
+    def __init__(self, service: Service, recorder: Recorder) -> None:
+        self.service = service
+        self.recorder = recorder
+        self.pending = 0  # replies due later: a stopping model waits for them
+        # A listener without access rules asks nothing per datagram (not even a call).
+        self.screened = not isinstance(service.admission, Unlimited)
+
+    def send(self, reply: bytes, address: Address) -> bool:
+        """Send one reply; False if it could not be sent (counted by `send_failed`)."""
+        raise NotImplementedError
+
+    def send_failed(self, exc: BaseException) -> None:
+        """A reply the kernel would not send, or an ICMP error for an earlier one."""
+        self.recorder.errors[SEND] += 1
+        log.debug("datagram reply failed", error=str(exc))
+
+    def datagram_received(self, data: bytes, address: Address) -> None:
+        service, recorder = self.service, self.recorder
+        if self.screened and not service.admission.allows_datagram(address, recorder):
+            return
+        started = recorder.clock()
+        try:
+            reply = service.handler.datagram(data)
+        except TooLarge:
+            recorder.errors[TOO_LARGE] += 1
+            return
+        if reply is None:
+            return
+        if service.delay:
+            self.pending += 1
+            service.later(service.delay, self._delayed_reply, reply, address, len(data), started)
+        elif self.send(reply, address):
+            recorder.request(len(data), len(reply), started)
+
+    def _delayed_reply(self, reply: bytes, address: Address, received: int, started: float) -> None:
+        self.pending -= 1
+        if self.send(reply, address):
+            self.recorder.request(received, len(reply), started)

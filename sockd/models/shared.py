@@ -1,0 +1,82 @@
+"""The I/O every model does the same way: admitting an accepted socket, surviving accept()'s
+running out of descriptors, ending a connection's input for a drain, sending datagram replies."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+
+from sockd.counters import RESOURCES, Recorder
+from sockd.lifecycle import Address, Datagrams, Service
+from sockd.limits import Credentials, Throttled, Ticket
+
+# accept() failing for want of descriptors or memory: pause accepting this long and retry, while
+# the connections already open go on being served (rather than spinning, or dying).
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+RESOURCE_PAUSE = 0.1
+
+# Stop reading from a peer whose counterpart has this many bytes waiting for it, until they are
+# taken: a client that sends but never reads gets back-pressure, not a server that grows without bound.
+HIGH_WATER = 1 << 20
+
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+_out_of_resources = Throttled("cannot accept: out of resources; pausing")
+
+
+def accept_failed(exc: OSError, recorder: Recorder) -> None:
+    """Re-raise what accept() failed with, unless it is running out of resources: then count it
+    and say so; the caller pauses accepting for RESOURCE_PAUSE in its own idiom."""
+    if exc.errno not in OUT_OF_RESOURCES:
+        raise exc
+    recorder.errors[RESOURCES] += 1
+    _out_of_resources(error=exc.strerror, pause=RESOURCE_PAUSE)
+
+
+def admit(conn: socket.socket, address: Address, service: Service, recorder: Recorder) -> Ticket | None:
+    """The ticket of a just-accepted connection, or None if a limit refused it: it is closed then."""
+    admission = service.admission
+    credentials = peer_credentials(conn) if admission.wants_credentials else None
+    ticket = admission.admit(address, credentials, recorder)
+    if ticket is None:
+        conn.close()
+    return ticket
+
+
+def peer_credentials(conn: socket.socket) -> Credentials:
+    pid, uid, gid = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    return pid, uid, gid
+
+
+def shutdown_read(fd: int) -> None:
+    """End a connection's input (see Connection.end_input). On the bare descriptor, because
+    uvloop's transport sockets refuse shutdown(), and without dup(), which fails when descriptors
+    have run out (when a drain matters most)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except (OSError, ValueError):  # already closed (its fileno() is -1 then)
+        return
+    try:
+        sock.shutdown(socket.SHUT_RD)
+    except OSError:  # reset: nothing is left to drain
+        pass
+    finally:
+        sock.detach()  # the descriptor stays its owner's
+
+
+class SocketDatagrams(Datagrams):
+    """Datagram replies sent straight through the listening socket (the blocking and selector
+    models); a full send buffer drops a reply, as the network may."""
+
+    def __init__(self, service: Service, recorder: Recorder, sock: socket.socket) -> None:
+        super().__init__(service, recorder)
+        self.sock = sock
+
+    def send(self, reply: bytes, address: Address) -> bool:
+        try:
+            self.sock.sendto(reply, address)
+        except OSError as exc:
+            self.send_failed(exc)
+            return False
+        return True

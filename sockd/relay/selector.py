@@ -1,0 +1,281 @@
+"""The relay on the selector models' loop: non-blocking sockets, buffered by hand.
+
+Each side of a relayed client is an `End`: a socket and what waits to be written to it. Reading
+from one side stops while the other side's buffer holds HIGH_WATER bytes, so memory per client is
+bounded whichever side is slow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import selectors
+import socket
+import struct
+import time
+from typing import Any
+
+import structlog
+
+from sockd.config import BUFSIZE
+from sockd.handlers import Relay
+from sockd.lifecycle import Address, Service
+from sockd.limits import Ticket
+from sockd.models.shared import HIGH_WATER, SocketDatagrams, shutdown_read
+from sockd.relay import UPSTREAM_ERRORS, Reactor, Relayed, Sessions, upstream_failed
+
+log = structlog.get_logger()
+
+READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+
+
+def upstream_socket(relay: Relay) -> socket.socket:
+    """A non-blocking socket for the upstream, its connect() started. A name is resolved here, in
+    the loop (an IP literal costs nothing); each address it has is tried until one does not fail
+    at once, but a connect still in progress when it fails cannot move on to the next."""
+    if isinstance(relay.where, str):
+        addresses: list[tuple[Any, ...]] = [(socket.AF_UNIX, socket.SOCK_STREAM, 0, relay.where)]
+    else:
+        kind = socket.SOCK_DGRAM if relay.scheme == "udp" else socket.SOCK_STREAM
+        found = socket.getaddrinfo(*relay.where, type=kind)
+        addresses = [(family, kind, proto, where) for family, kind, proto, _, where in found]
+    failure: OSError = OSError(errno.EADDRNOTAVAIL, "no address")
+    for family, kind, proto, where in addresses:
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            sock.connect(where)
+        except BlockingIOError:  # in progress: writable once done
+            return sock
+        except OSError as exc:
+            sock.close()
+            failure = exc
+            continue
+        return sock
+    raise failure
+
+
+class End:
+    __slots__ = ("events", "out", "peer", "reading", "shut_when_flushed", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.out = bytearray()
+        self.reading = True
+        self.shut_when_flushed = False  # the other side ended: end this one's output once `out` is out
+        self.events = 0
+        self.peer: End
+
+
+class Splice(Relayed):
+    """One relayed client: its connection and the upstream's, on the loop."""
+
+    __slots__ = ("client", "closed", "connected", "ends", "loop", "upstream")
+
+    def __init__(self, loop: Reactor, service: Service, relay: Relay, client: socket.socket, ticket: Ticket) -> None:
+        super().__init__(service, ticket, loop.recorder, relay)
+        self.loop = loop
+        self.client = End(client)
+        self.upstream: End
+        self.ends: tuple[End, ...] = (self.client,)
+        self.connected = False
+        self.closed = False
+
+    def start(self) -> None:
+        """Open the upstream connection; the client is read once it answers."""
+        self.opened()
+        try:
+            upstream = upstream_socket(self.relay)
+        except UPSTREAM_ERRORS as exc:
+            self.upstream_failed(exc)
+            self.abort()  # the client sees EOF at once
+            return
+        self.upstream = End(upstream)
+        self.client.peer, self.upstream.peer = self.upstream, self.client
+        self.ends = (self.client, self.upstream)
+        self.client.reading = False
+        self._register(self.upstream, WRITE)
+        self.service.later(self.relay.connect_timeout, self._connect_timed_out)
+
+    def _connect_timed_out(self) -> None:
+        if not self.connected and not self.closed:
+            self.upstream_failed(os.strerror(errno.ETIMEDOUT))
+            self.abort()  # the client sees EOF at once
+
+    def on_ready(self, end: End, events: int) -> None:
+        if self.closed:
+            return
+        if not self.connected:
+            error = end.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                self.upstream_failed(os.strerror(error))
+                self.abort()
+                return
+            try:
+                end.sock.getpeername()
+            except OSError:  # still connecting (the busy-poll selector says "ready" regardless)
+                return
+            self.connected = True
+            self.client.reading = True
+            self._update(self.client)
+        if events & WRITE:
+            self._flush(end)
+        if events & READ and not self.closed:
+            self._read(end)
+        if not self.closed:
+            self._update(end)
+
+    def _read(self, end: End) -> None:
+        try:
+            data = end.sock.recv(BUFSIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._lost(end, exc)
+            return
+        peer = end.peer
+        if not data:
+            end.reading = False
+            peer.shut_when_flushed = True
+            self._flush(peer)
+            if not self.closed:
+                self.side_ended()
+            return
+        self.carried(len(data), end is self.client)
+        peer.out += data
+        self._flush(peer)
+
+    def _flush(self, end: End) -> None:
+        if end.out:
+            try:
+                sent = end.sock.send(end.out)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._lost(end, exc)
+                return
+            del end.out[:sent]
+            self.moved += sent
+            self.active = self.active or sent > 0
+        if not end.out and end.shut_when_flushed:
+            end.shut_when_flushed = False
+            try:
+                end.sock.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                self._lost(end, exc)
+                return
+        if self.ended == 2 and not (self.client.out or self.upstream.out):
+            self.abort()  # both sides ended, and all they said has been passed on
+            return
+        self._update(end)
+        self._update(end.peer)
+
+    def close_both(self) -> None:
+        if not (self.client.out or self.upstream.out):
+            self.abort()
+        # else the last flush closes it (see _flush)
+
+    def _lost(self, end: End, exc: OSError) -> None:
+        if end is self.upstream:
+            self.upstream_failed(exc)
+            self.abort()
+        else:
+            self._closed(exc)
+
+    def _update(self, end: End) -> None:
+        if self.closed:
+            return
+        events = 0
+        if end.reading and len(end.peer.out) < HIGH_WATER and self.connected:
+            events |= READ
+        if end.out or (end is self.upstream and not self.connected):
+            events |= WRITE
+        self._register(end, events)
+
+    def _register(self, end: End, events: int) -> None:
+        end.events = self.loop.register(end.sock, end.events, events, lambda ready: self.on_ready(end, ready))
+
+    # -- as the lifecycle's transport: a timeout, a stop
+
+    def abort(self) -> None:
+        if not self.closed:
+            self._closed(None)
+
+    def end_input(self) -> None:
+        shutdown_read(self.client.sock.fileno())
+
+    def _closed(self, exc: OSError | None) -> None:
+        """End both sides. Bytes still waiting for a side are dropped, and that side is reset rather
+        than closed, so it cannot take a cut-short stream for a whole one."""
+        self.closed = True
+        for end in self.ends:
+            end.events = self.loop.register(end.sock, end.events, 0, lambda ready: None)
+            if end.out or end.shut_when_flushed:
+                with contextlib.suppress(OSError):
+                    end.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+            end.sock.close()
+        self.connection_lost(exc)
+
+
+class DatagramSession:
+    """One UDP client's upstream socket, on the loop."""
+
+    __slots__ = ("last_seen", "loop", "sock")
+
+    def __init__(self, loop: Reactor, sock: socket.socket) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.last_seen = time.monotonic()
+
+    def close(self) -> None:
+        self.loop.register(self.sock, READ, 0, lambda events: None)
+        self.sock.close()
+
+
+class DatagramSessions:
+    """A UDP relay on the loop: each client's datagrams go out on its session's socket, and what
+    comes back on it goes to the client through the listening socket (`replies`)."""
+
+    def __init__(self, loop: Reactor, service: Service, relay: Relay, replies: SocketDatagrams) -> None:
+        self.loop = loop
+        self.relay = relay
+        self.replies = replies
+        self.sessions: Sessions[DatagramSession] = Sessions(relay, service, time.monotonic)
+
+    def datagram_received(self, data: bytes, client: Address) -> None:
+        if not self.replies.service.admission.allows_datagram(client, self.loop.recorder):
+            return
+        try:
+            session = self.sessions.open(client, lambda: self._open(client))
+        except UPSTREAM_ERRORS as exc:
+            upstream_failed(self.relay, self.loop.recorder, exc)
+            return
+        if session is None:
+            return
+        self.loop.recorder.received += len(data)
+        try:
+            session.sock.send(data)
+        except OSError as exc:  # e.g. the upstream port said unreachable to an earlier one
+            upstream_failed(self.relay, self.loop.recorder, exc)
+
+    def _open(self, client: Address) -> DatagramSession:
+        session = DatagramSession(self.loop, upstream_socket(self.relay))
+        self.loop.register(session.sock, 0, READ, lambda events: self._replied(session, client))
+        return session
+
+    def _replied(self, session: DatagramSession, client: Address) -> None:
+        try:
+            data = session.sock.recv(BUFSIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            upstream_failed(self.relay, self.loop.recorder, exc)
+            return
+        session.last_seen = time.monotonic()
+        self.loop.recorder.sent += len(data)
+        self.replies.send(data, client)
+
+    def close(self) -> None:
+        self.sessions.close()
