@@ -166,7 +166,6 @@ class Stream(Connection):
             self._reply(greeting, True, 0, self.recorder.clock())
 
     def data_received(self, data: bytes) -> None:
-        # The hot path: one call to the handler and one to the reply, as a bare protocol has.
         started = self.recorder.clock()
         self.active = True
         session = self.session
@@ -182,8 +181,14 @@ class Stream(Connection):
         if self.service.delay:
             self.delayed += 1
             self.service.later(self.service.delay, self._delayed_reply, reply, closing, len(data), started)
-        else:
-            self._reply(reply, closing, len(data), started)
+            return
+        # The path of every request on a busy connection, written out: one call to the handler
+        # and one to count it, as a bare server has.
+        if reply:
+            self.transport.write(reply)
+        self.recorder.request(len(data), len(reply), started)
+        if closing or not self.answered:
+            self._replied(closing)
 
     def _delayed_reply(self, reply: bytes, closing: bool, received: int, started: float) -> None:
         self.delayed -= 1
@@ -191,14 +196,19 @@ class Stream(Connection):
             self._reply(reply, closing, received, started)
 
     def _reply(self, reply: bytes, closing: bool, received: int, started: float) -> None:
-        transport = self.transport
+        """A greeting, or a reply that waited for `delay`."""
         if reply:
-            transport.write(reply)
+            self.transport.write(reply)
         self.recorder.request(received, len(reply), started)
+        self._replied(closing)
+
+    def _replied(self, closing: bool) -> None:
+        """After a reply: the first marks the connection answered (see Service.stop); a closing
+        one closes it, and so does the last one due after the client's EOF."""
         if not self.answered:
             self.first_answer()
         if closing:
-            transport.close()
+            self.transport.close()
         elif self.tail is not None and not self.delayed:
             self._finish(self.tail)
 
