@@ -125,27 +125,17 @@ class BlockingModel:
 
     def serve_admitted(self, conn: socket.socket, ticket: Ticket, recorder: Recorder) -> None:
         stream = BlockingStream(self.service, ticket, recorder, conn)
-        transport = stream.transport
         failure = None
         try:
             with conn:
-                timeout = self.first_timeout
-                if timeout is not None:
-                    conn.settimeout(timeout)
+                if self.first_timeout is not None:
+                    conn.settimeout(self.first_timeout)
                 stream.opened()
-                while transport.reading:
-                    data = conn.recv(BUFSIZE)
-                    # The heartbeat's clock (see Stats.publish), which must tell time even when
-                    # metrics are off.
-                    recorder.busy_since = time.monotonic()
-                    if data:
-                        stream.data_received(data)
-                    else:
-                        stream.eof_received()
-                    recorder.busy_since = 0.0
-                    if stream.answered and timeout != self.idle_timeout:
-                        timeout = self.idle_timeout
-                        conn.settimeout(timeout)
+                _requests(stream, recorder, until_answered=True)
+                if stream.transport.reading:
+                    if self.idle_timeout != self.first_timeout:
+                        conn.settimeout(self.idle_timeout)
+                    _requests(stream, recorder)
         except TimeoutError:
             stream.timed_out()
         except OSError as exc:  # reset, broken pipe: the client is gone, and so is its request
@@ -153,6 +143,24 @@ class BlockingModel:
         finally:
             recorder.busy_since = 0.0
             stream.connection_lost(failure)
+
+
+def _requests(stream: BlockingStream, recorder: Recorder, until_answered: bool = False) -> None:
+    """Read and feed requests until the connection closes (or, first, until it has an answer).
+    Threads serving many clients take turns on the GIL between these calls, so the loop keeps
+    its lookups in locals."""
+    recv, transport, received, clock = stream.sock.recv, stream.transport, stream.data_received, time.monotonic
+    while transport.reading:
+        data = recv(BUFSIZE)
+        # The heartbeat's clock (see Stats.publish), which must tell time even when metrics are off.
+        recorder.busy_since = clock()
+        if data:
+            received(data)
+        else:
+            stream.eof_received()
+        recorder.busy_since = 0.0
+        if until_answered and stream.answered:
+            return
 
 
 class Threads:
