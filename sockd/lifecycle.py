@@ -102,7 +102,8 @@ class Connection:
     """What every connection's life has, whatever it carries: its place under the limits (a
     ticket, released once it ends), its counts, its timeout, and the stop's drain rule.
 
-    Subclasses define `end_input` and set `transport` before `opened`."""
+    Subclasses define `end_input`, and set `transport` before `opened` (a relay, which has two,
+    defines `abort` instead)."""
 
     __slots__ = ("active", "answered", "deadline", "delayed", "recorder", "service", "ticket", "transport")
 
