@@ -177,7 +177,9 @@ class Group:
         try:
             spec = self.settings.spec(self.listener, self.bound.sock.fileno(), theirs.fileno(), counters_fd)
             process = subprocess.Popen(
-                [sys.executable, "-m", "sockd.worker", spec.model_dump_json(exclude_unset=True)],
+                # -P: not the working directory first on sys.path, so a `sockd/` in it (planted
+                # in /tmp, or a clone's parent) is never what a worker imports.
+                [sys.executable, "-P", "-m", "sockd.worker", spec.model_dump_json(exclude_unset=True)],
                 pass_fds=(spec.listen_fd, spec.channel_fd, counters_fd),
             )
             shared = counters.Shared(counters_fd, bucket_count)

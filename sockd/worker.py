@@ -1,7 +1,8 @@
 """The worker process: serves one listener's inherited socket with its model and handler.
 
-Started by the supervisor as `python -m sockd.worker SPEC`, where SPEC (JSON) names the listener,
-the inherited listening descriptor and the worker's end of a socketpair to the supervisor. The
+Started by the supervisor as `python -P -m sockd.worker SPEC` (-P: nothing is imported from the
+working directory), where SPEC (JSON) names the listener, the inherited listening descriptor and
+the worker's end of a socketpair to the supervisor. The
 worker says `ready` on that channel once it serves; when the supervisor closes its end (a stop, or
 the supervisor died), the worker stops accepting, drains and exits 0.
 """

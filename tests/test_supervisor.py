@@ -7,6 +7,8 @@ import os
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ from support import (
     MODELS,
     Daemon,
     Launcher,
+    config_text,
     connect,
     cpu_seconds,
     inet,
@@ -463,3 +466,31 @@ def test_a_blocking_worker_waiting_on_a_quiet_client_is_not_stuck(start_sockd: L
         quiet.sendall(b"still here")
         assert quiet.recv(10) == b"still here"
     assert not [e for e in daemon.events if e.get("event") == "killing worker"]
+
+
+def test_nothing_is_imported_from_the_working_directory(tmp_path: Path, sockdir: Path) -> None:
+    # As `cd /tmp; sockd -c /etc/sockd.yaml` with a `sockd/` package planted in /tmp: the console
+    # script puts its own directory first on sys.path, and the workers must not put the cwd there.
+    planted = tmp_path / "cwd"
+    marker = tmp_path / "imported"
+    (planted / "sockd").mkdir(parents=True)
+    (planted / "sockd" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit(3)\n")
+    config = tmp_path / "sockd.yaml"
+    listeners = [entry("t", "tcp", "echo", "asyncio"), entry("u", "unix", "echo", "selector", sockdir / "u.sock")]
+    config.write_text(config_text(listeners))
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "sockd"), "-c", str(config)],
+        cwd=planted,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    daemon = Daemon(process, config)
+    daemon.start_reading()
+    try:
+        daemon.wait_for("ready", timeout=30)
+        for name in ("t", "u"):
+            assert request(daemon.address(name), b"ping") == b"ping"
+    finally:
+        assert daemon.stop() == 0
+    assert not marker.exists()
