@@ -121,7 +121,6 @@ class Admission:
     peer's credentials for it (`wants_credentials`)."""
 
     def __init__(self, listener: Listener) -> None:
-        self.unix = isinstance(listener, UnixListener)
         self.max_connections = listener.max_connections or math.inf
         self.per_source = listener.max_connections_per_source or math.inf
         self.rate = listener.connection_rate
@@ -130,7 +129,7 @@ class Admission:
         self.uids = set(listener.allow_uids)
         self.gids = set(listener.allow_gids)
         # A refused Unix peer is logged by its credentials: it has no address to name it by.
-        self.wants_credentials = self.unix
+        self.wants_credentials = isinstance(listener, UnixListener)
         self.open = 0
         self.by_source: dict[str, int] = {}
         self.buckets: dict[str, tuple[float, float]] = {}  # source: (tokens, when counted)
@@ -140,7 +139,7 @@ class Admission:
     def admit(self, address: object, credentials: Credentials | None, recorder: Recorder) -> Ticket | None:
         """A ticket for a just-accepted connection from `address` (`credentials`: its Unix peer's),
         or None if a limit refuses it (counted and logged; the model closes it at once)."""
-        source = "" if self.unix else source_of(address)
+        source = source_of(address)
         reason = self._refusal(source, credentials)
         if reason is None:
             return Ticket(self, source)

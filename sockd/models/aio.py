@@ -18,7 +18,7 @@ from sockd.handlers import Handler, Relay
 from sockd.lifecycle import Address, Connection, Service, Stream
 from sockd.limits import Ticket
 from sockd.models import Stop
-from sockd.models.shared import RESOURCE_PAUSE, SocketDatagrams, accept_failed, admit, shutdown_read
+from sockd.models.shared import RESOURCE_PAUSE, SocketDatagrams, accept_failed, admit, end_transport_input
 from sockd.relay.aio import DatagramRelayProtocol, RelayProtocol
 
 log = structlog.get_logger()
@@ -45,6 +45,8 @@ class AioService(Service):
     def __init__(self, listener: Listener, handler: Handler, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(listener, handler, later=loop.call_later)
         self.idle = asyncio.Event()
+        # asyncio and uvloop set TCP_NODELAY on every connection themselves: undo it if asked.
+        self.nagle = listener.protocol == "tcp" and not listener.nodelay
 
     def forget(self, connection: Connection) -> None:
         super().forget(connection)
@@ -57,8 +59,6 @@ class Model:
         self.listener = listener
         self.handler = handler
         self.stats = stats
-        # asyncio and uvloop set TCP_NODELAY on every connection themselves: undo it if asked.
-        self.nagle = listener.protocol == "tcp" and not listener.nodelay
         self.new_loop = loop_factory(listener.event_loop)
         self.relay = handler if isinstance(handler, Relay) else None
         self.connecting: set[asyncio.Task[None]] = set()  # accepted, their transports not made yet
@@ -134,7 +134,7 @@ class Model:
         service, recorder, relay = self.service, self.recorder, self.relay
         try:
             if relay is None:
-                await loop.connect_accepted_socket(lambda: StreamProtocol(service, ticket, recorder, self.nagle), conn)
+                await loop.connect_accepted_socket(lambda: StreamProtocol(service, ticket, recorder), conn)
             else:
                 await loop.connect_accepted_socket(lambda: RelayProtocol(service, ticket, recorder, relay), conn)
         except OSError as exc:  # the client left before its transport was made
@@ -167,18 +167,18 @@ class Model:
 class StreamProtocol(Stream, asyncio.Protocol):
     # Slots, not a dict per instance: with thousands of idle connections, the difference is a
     # third of sockd's memory per connection.
-    __slots__ = ("buffered", "nagle")
+    __slots__ = ("buffered",)
 
+    service: AioService
     transport: asyncio.Transport
 
-    def __init__(self, service: Service, ticket: Ticket, recorder: Recorder, nagle: bool) -> None:
+    def __init__(self, service: AioService, ticket: Ticket, recorder: Recorder) -> None:
         super().__init__(service, ticket, recorder)
-        self.nagle = nagle
         self.buffered = 0  # the write buffer's size at the last sweep
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
-        if self.nagle:
+        if self.service.nagle:
             transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
         self.opened()
 
@@ -193,9 +193,7 @@ class StreamProtocol(Stream, asyncio.Protocol):
         return self.transport.get_write_buffer_size()
 
     def end_input(self) -> None:
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            shutdown_read(sock.fileno())
+        end_transport_input(self.transport)
 
 
 class DatagramProtocol(SocketDatagrams, asyncio.DatagramProtocol):

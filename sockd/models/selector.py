@@ -36,7 +36,8 @@ READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 class EventLoop:
     """Serves one socket from one thread, driven by whatever selector `make_selector` returns.
 
-    It is the reactor the relay runs on (sockd.relay.Reactor): `later`, `register`, `recorder`."""
+    It is the reactor the relay runs on (sockd.relay.Reactor): `register` and `recorder`; its
+    timer reaches the relay as the service's `later`."""
 
     def __init__(
         self,

@@ -3,6 +3,7 @@ running out of descriptors, ending a connection's input for a drain, sending dat
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import socket
 import struct
@@ -63,6 +64,13 @@ def shutdown_read(fd: int) -> None:
         pass
     finally:
         sock.detach()  # the descriptor stays its owner's
+
+
+def end_transport_input(transport: asyncio.BaseTransport) -> None:
+    """shutdown_read for an asyncio connection, through its transport's socket (if it has one left)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        shutdown_read(sock.fileno())
 
 
 class SocketDatagrams(Datagrams):

@@ -36,8 +36,6 @@ class Reactor(Protocol):
 
     recorder: Recorder
 
-    def later(self, delay: float, callback: Callable[..., object], *args: object) -> None: ...
-
     def register(self, sock: socket.socket, was: int, events: int, callback: Callable[[int], None]) -> int:
         """Wait for `events` on `sock` (none: forget it) where it waited for `was`; returns `events`."""
 

@@ -11,7 +11,7 @@ from sockd.counters import Recorder
 from sockd.handlers import Relay
 from sockd.lifecycle import Address, Service
 from sockd.limits import Ticket
-from sockd.models.shared import shutdown_read
+from sockd.models.shared import end_transport_input
 from sockd.relay import UPSTREAM_ERRORS, Relayed, Sessions, upstream_failed
 
 
@@ -127,9 +127,7 @@ class RelayProtocol(Relayed, asyncio.Protocol):
             self.upstream.transport.resume_reading()
 
     def end_input(self) -> None:
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            shutdown_read(sock.fileno())
+        end_transport_input(self.transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.connecting.cancel()
