@@ -1,8 +1,8 @@
 """A relay in front of the C epoll echo server, for compare.py's tcp-echo load: sockd's relay in
 one model, or socat (`TCP-LISTEN,fork TCP:`), the relay a user would reach for instead.
 
-    compare.py tcp-echo c "socat=python -m sockd_bench.relay {port} {build} socat" \\
-        "sockd=python -m sockd_bench.relay {port} {build} asyncio"
+    compare.py tcp-echo c "socat=python -P -m sockd_bench.relay {port} {build} socat" \\
+        "sockd=python -P -m sockd_bench.relay {port} {build} asyncio"
 
 It starts the echo server on a free port, then becomes the relay (exec, same pid and process
 group: compare.py measures the relay and the echo server together, and stops both)."""
@@ -41,7 +41,7 @@ def main() -> None:
         command = ["socat", f"TCP-LISTEN:{args.port},bind=127.0.0.1,reuseaddr,fork,backlog=4096"]
         command.append(f"TCP:127.0.0.1:{upstream}")
     else:
-        command = [sys.executable, "-m", "sockd_bench.serve", args.port, "--handler", "relay"]
+        command = [sys.executable, "-P", "-m", "sockd_bench.serve", args.port, "--handler", "relay"]
         command += ["--concurrency", args.relay, "--option", f"upstream=tcp://127.0.0.1:{upstream}"]
     os.execvp(command[0], command)
 

@@ -56,7 +56,7 @@ def _serving(
     log_path = directory / f"{model}.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "sockd", "-c", str(path)],
+            [sys.executable, "-P", "-m", "sockd", "-c", str(path)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=log,  # a file, not a pipe: sockd never blocks on a log line nobody reads

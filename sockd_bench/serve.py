@@ -1,6 +1,6 @@
 """Run sockd with one listener on a given port, for the load generators in ../shared/bench.
 
-    compare.py tcp-echo "sockd=.venv/bin/python -m sockd_bench.serve {port} --concurrency asyncio"
+    compare.py tcp-echo "sockd=.venv/bin/python -P -m sockd_bench.serve {port} --concurrency asyncio"
 
 The benchmark harness names a free port per run; sockd takes its port from the config file, so
 this writes a one-listener config for that port into an anonymous file and becomes sockd (exec,
@@ -44,7 +44,7 @@ def main() -> None:
     }
     fd = os.memfd_create("sockd-bench.yaml", 0)  # inherited by the exec: sockd reads it by path
     os.write(fd, yaml.safe_dump(config).encode())
-    os.execv(sys.executable, [sys.executable, "-m", "sockd", "-c", f"/proc/self/fd/{fd}"])
+    os.execv(sys.executable, [sys.executable, "-P", "-m", "sockd", "-c", f"/proc/self/fd/{fd}"])
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]  # the checkout, beside ../shared
 COMPARE = ROOT.parent / "shared" / "bench" / "compare.py"
 PYTHON = shlex.quote(sys.executable)
-SERVE = f"{PYTHON} -m sockd_bench.serve"
+SERVE = f"{PYTHON} -P -m sockd_bench.serve"
 
 
 def sockd(*options: str, where: str = "{port}") -> str:
@@ -41,7 +41,7 @@ def relays() -> list[str]:
     """socat and sockd's relay, each in front of the C echo server (see relay.py). The relay has
     the server's CPU to itself; the echo server runs beside the load generator, as the separate
     service an upstream is."""
-    relay = f"{PYTHON} -m sockd_bench.relay {{port}} {{build}}"
+    relay = f"{PYTHON} -P -m sockd_bench.relay {{port}} {{build}}"
     kinds = [("socat-relay", "socat"), ("sockd-relay-asyncio", "asyncio"), ("sockd-relay-selector", "selector")]
     return [f"{name}={relay} {kind} --upstream-cpus 1" for name, kind in kinds]
 
