@@ -2,14 +2,21 @@
 
 A `Group` starts its listener's `workers` processes on the listener's socket, hears when each
 serves, watches their heartbeats, restarts the ones that die (backing off from 0.1 s to 30 s for
-one that keeps dying), drains and kills them, and keeps what the exited ones counted. The
+one that keeps dying), retires, stops and kills them, and keeps what the exited ones counted. The
 supervisor decides when groups come, change and go, and tends each on every turn of its loop;
 each worker's channel is registered with the loop's selector, its data a callable that reads the
 channel and returns True when the worker has just become ready.
+
+Each start is a generation. A reload retires the current one: it accepts no more but serves its
+open connections on until their clients close them or shutdown_timeout passes, and is stopped
+then (see sockd.worker). A storm of reloads is bounded: past MAX_SERVING old generations the
+oldest is stopped at once, past MAX_ALIVE the oldest is killed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import os
 import selectors
@@ -25,6 +32,7 @@ import structlog
 
 from sockd import counters, metrics
 from sockd.config import Listener, UnixListener
+from sockd.counters import BEAT_INTERVAL
 from sockd.sockets import Bound, retune
 from sockd.spec import WorkerSettings
 
@@ -33,6 +41,9 @@ log = structlog.get_logger()
 # Restart backoff: a worker that keeps dying is restarted ever less often, never in a tight loop.
 FIRST_BACKOFF, MAX_BACKOFF, STABLE_AFTER = 0.1, 30.0, 60.0
 BOOT_TIMEOUT = 30.0  # a worker gets at least this long to start before worker_timeout applies
+MAX_SERVING = 4  # old generations serving their sessions on, per listener
+MAX_ALIVE = 8  # old generations alive at all (serving, or stopped and draining), per listener
+MISSED_BEATS = 2  # a worker whose heartbeat has not moved for this many intervals is reported down
 
 
 @dataclass(eq=False)
@@ -40,11 +51,28 @@ class Worker:
     process: subprocess.Popen[bytes]
     channel: socket.socket  # the supervisor's end; closing it tells the worker to stop
     counters: counters.Shared  # what the worker counted, readable even after it died
+    generation: int
     started: float = field(default_factory=time.monotonic)
     ready: bool = False
     heartbeat: int = 0  # the last heartbeat seen in its counters
     beat_at: float = field(default_factory=time.monotonic)
-    drain_until: float | None = None  # set once told to stop: killed if still running then
+    stop_at: float | None = None  # set once retired: stopped then if its clients have not all left
+    drain_until: float | None = None  # set once stopped: killed if still running then
+
+    @property
+    def stopped(self) -> bool:
+        return self.drain_until is not None
+
+    def tell(self, line: bytes) -> None:
+        """Say `line` on its channel (see sockd.worker), unless it is stopped or gone."""
+        with contextlib.suppress(OSError):  # gone: the next reap will tell how it ended
+            if not self.stopped:
+                self.channel.send(line + b"\n", socket.MSG_DONTWAIT)
+
+    def beating(self, now: float) -> bool:
+        """Whether its heartbeat moved in the last MISSED_BEATS intervals: the last change the
+        supervisor's loop saw, or one it has not seen yet. Read from the metrics thread."""
+        return self.counters.heartbeat() != self.heartbeat or now - self.beat_at <= MISSED_BEATS * BEAT_INTERVAL
 
 
 @dataclass(eq=False)
@@ -69,7 +97,8 @@ class Group:
         self.settings = settings
         self.selector = selector
         self.places: list[Place] = []
-        self.draining: set[Worker] = set()
+        self.draining: set[Worker] = set()  # the old generations' workers, and the current ones stopped
+        self.generation = 0
         self.retired = counters.Totals.zero(settings.bucket_count)  # what its exited workers counted
         self.restarts = 0
         # Held while a worker moves between a place, `draining` and `retired`, so that a scrape
@@ -88,6 +117,7 @@ class Group:
 
     def start(self) -> None:
         """A generation of `workers` processes, one per place."""
+        self.generation += 1
         self.places = [Place() for _ in range(self.listener.workers)]
         pids = [self._spawn(place).process.pid for place in self.places]
         listener = self.listener
@@ -103,13 +133,13 @@ class Group:
 
     def renew(self, listener: Listener, bound: Bound | None) -> None:
         """A new generation for a changed listener, on `bound` when its address changed (the old
-        socket is closed), else on the socket it has; the old generation drains."""
+        socket is closed), else on the socket it has; the old generation is retired."""
         self.retire()
         if bound is not None:
             self.bound.close()
             self.bound = bound
         else:
-            self.bound = Bound(listener, self.bound.sock, self.bound.address, self.bound.file_id)
+            self.bound = dataclasses.replace(self.bound, listener=listener)
             retune(self.bound.sock, listener)
             if isinstance(listener, UnixListener):
                 try:
@@ -120,17 +150,36 @@ class Group:
         self.start()
 
     def retire(self) -> None:
-        """Tell every worker to stop, and restart none: they stop accepting, drain for up to
-        shutdown_timeout and exit."""
-        for place in self.places:
-            place.restart_at = None
+        """A reload replaced the current generation: it accepts no more, serves its open
+        connections on until the clients close them, and is stopped once shutdown_timeout has
+        passed. None of its places is restarted."""
+        stop_at = time.monotonic() + self.settings.shutdown_timeout
+        for worker in self._vacate():
+            worker.stop_at = stop_at
+            worker.tell(b"retire")
+        self._bound_generations()
+
+    def stop(self) -> None:
+        """Every worker stops now (SIGTERM): accepts no more, ends its connections as a drain does,
+        exits within shutdown_timeout or is killed."""
+        self._vacate()
         for worker in list(self.workers()):
-            self._retire(worker)
+            self._stop(worker)
 
     def close(self) -> None:
-        """Its listener is gone: the workers drain, the socket is closed (and its file removed)."""
+        """Its listener is gone: the workers are retired, and the socket is closed (no process
+        listens on it any more) and its file removed."""
         self.retire()
         self.bound.close()
+
+    def tell(self, line: bytes) -> None:
+        """Say `line` to every worker that still listens (see sockd.worker)."""
+        for worker in self.workers():
+            worker.tell(line)
+
+    def generations(self) -> int:
+        """How many generations have a worker alive: the current one and those still draining."""
+        return len({worker.generation for worker in self.workers()})
 
     def kill(self, why: str) -> None:
         for worker in list(self.workers()):
@@ -139,12 +188,15 @@ class Group:
     # -- every turn of the supervisor's loop
 
     def tend(self, now: float) -> None:
-        """Reap the workers that exited, kill the hung and the overdue, start the ones due again."""
+        """Reap the workers that exited, kill the hung and the overdue, stop the retired ones whose
+        time is up, start the ones due again."""
         self._reap()
         self._check_heartbeats(now)
         for worker in list(self.workers()):
             if worker.drain_until is not None and now >= worker.drain_until:
                 self._kill(worker, "shutdown_timeout passed")
+            elif not worker.stopped and worker.stop_at is not None and now >= worker.stop_at:
+                self._stop(worker)
         for place in self.places:
             if place.restart_at is not None and now >= place.restart_at:
                 self.restarts += 1
@@ -153,7 +205,10 @@ class Group:
     def due(self) -> float | None:
         """The next restart or end of a drain, when `tend` must run at the latest."""
         times = [place.restart_at for place in self.places if place.restart_at is not None]
-        times += [worker.drain_until for worker in self.workers() if worker.drain_until is not None]
+        for worker in self.workers():
+            when = worker.drain_until if worker.stopped else worker.stop_at
+            if when is not None:
+                times.append(when)
         return min(times, default=None)
 
     def report(self) -> metrics.ListenerReport:
@@ -164,8 +219,13 @@ class Group:
             totals.add(self.retired)
             for worker in self.workers():
                 totals.add(worker.counters.read())
-            up = bool(self.places) and all(p.worker is not None and p.worker.ready for p in self.places)
-            return metrics.ListenerReport(self.listener, self.bound.address, totals, self.restarts, up)
+            now = time.monotonic()
+            up = bool(self.places) and all(
+                p.worker is not None and p.worker.ready and p.worker.beating(now) for p in self.places
+            )
+            return metrics.ListenerReport(
+                self.listener, self.bound.address, totals, self.restarts, up, self.generations()
+            )
 
     # -- one worker
 
@@ -186,7 +246,7 @@ class Group:
         finally:
             theirs.close()
             os.close(counters_fd)  # the worker has its copy; our mapping outlives the descriptor
-        worker = Worker(process, ours, shared)
+        worker = Worker(process, ours, shared, self.generation)
         place.worker = worker
         self.selector.register(ours, selectors.EVENT_READ, functools.partial(self._hear, worker))
         log.info("worker started", listener=self.listener.name, pid=process.pid)
@@ -207,15 +267,38 @@ class Group:
             return True
         return False
 
-    def _retire(self, worker: Worker) -> None:
-        with self.counting:  # a scrape must see the worker in one place or the other, always
+    def _vacate(self) -> list[Worker]:
+        """Move the current generation's workers out of their places, none to be restarted."""
+        vacated = []
+        with self.counting:  # a scrape must see each worker in one place or the other, always
             for place in self.places:
-                if place.worker is worker:
+                place.restart_at = None
+                if place.worker is not None:
+                    vacated.append(place.worker)
+                    self.draining.add(place.worker)
                     place.worker = None
-                    self.draining.add(worker)
-        if worker.drain_until is None:
+        return vacated
+
+    def _stop(self, worker: Worker) -> None:
+        """Close its channel: it accepts no more, ends its connections as a drain does and exits;
+        killed if it still runs shutdown_timeout later."""
+        if not worker.stopped:
             worker.drain_until = time.monotonic() + self.settings.shutdown_timeout
         self._hang_up(worker)
+
+    def _bound_generations(self) -> None:
+        """Past MAX_SERVING old generations serving, stop the oldest; past MAX_ALIVE, kill it."""
+        serving = sorted({worker.generation for worker in self.draining if not worker.stopped})
+        for worker in self._of_generations(serving[: max(0, len(serving) - MAX_SERVING)]):
+            name, pid = self.listener.name, worker.process.pid
+            log.warning("too many old generations; stopping the oldest", listener=name, pid=pid)
+            self._stop(worker)
+        alive = sorted({worker.generation for worker in self.draining})
+        for worker in self._of_generations(alive[: max(0, len(alive) - MAX_ALIVE)]):
+            self._kill(worker, "too many old generations")
+
+    def _of_generations(self, generations: list[int]) -> list[Worker]:
+        return [worker for worker in self.draining if worker.generation in generations]
 
     def _hang_up(self, worker: Worker) -> None:
         if worker.channel.fileno() >= 0:

@@ -30,5 +30,6 @@ def configure(settings: LoggingConfig, stream: TextIO = sys.stderr, **context: A
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[settings.level.upper()]),
         logger_factory=structlog.WriteLoggerFactory(stream),
-        cache_logger_on_first_use=True,
+        # Not cached: a reload may change the level, and a module's logger must follow it.
+        cache_logger_on_first_use=False,
     )

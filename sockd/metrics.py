@@ -32,7 +32,8 @@ class ListenerReport:
     address: str
     totals: Totals  # everything its workers counted, the dead ones' included
     restarts: int
-    up: bool
+    up: bool  # every worker place serving, each heartbeat moving (see Worker.beating)
+    generations: int  # with a worker alive: the current one, and those a reload replaced still serving
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class Reloads:
 class Snapshot:
     listeners: list[ListenerReport]
     reloads: Reloads
+    # Listeners a reload removed whose old workers still serve open connections: counted, not checked.
+    leaving: list[ListenerReport]
 
 
 class SockdCollector(Collector):
@@ -86,12 +89,17 @@ class SockdCollector(Collector):
         restarts = CounterMetricFamily(
             "sockd_worker_restarts", "Workers started again after an unexpected exit.", labels=label
         )
+        generations = GaugeMetricFamily(
+            "sockd_worker_generations",
+            "Worker generations alive: 1, and one more for each that a reload replaced and still serves connections.",
+            labels=label,
+        )
         info = GaugeMetricFamily(
             "sockd_listener_info",
             "What each listener is (always 1).",
             labels=[*label, "protocol", "concurrency", "handler", "address"],
         )
-        for report in reports:
+        for report in [*reports, *snapshot.leaving]:
             name, totals = report.listener.name, report.totals
             connections.add_metric([name], totals.connections)
             active.add_metric([name], totals.connections - totals.closed)
@@ -103,6 +111,7 @@ class SockdCollector(Collector):
             for reason, count in zip(REJECT_REASONS, totals.rejected, strict=True):
                 rejected.add_metric([name, reason], count)
             restarts.add_metric([name], report.restarts)
+            generations.add_metric([name], report.generations)
             cumulative, running = [], 0
             for bound, count in zip([*self.bounds, "+Inf"], totals.buckets, strict=True):
                 running += count
@@ -112,7 +121,8 @@ class SockdCollector(Collector):
             info.add_metric([name, listener.protocol, listener.concurrency, listener.handler, report.address], 1)
         build = GaugeMetricFamily("sockd_build_info", "The running sockd (always 1).", labels=["version"])
         build.add_metric([__version__], 1)
-        yield from (connections, active, requests, duration, received, sent, errors, rejected, restarts, info, build)
+        yield from (connections, active, requests, duration, received, sent, errors, rejected, restarts, generations)
+        yield from (info, build)
         yield from _reload_metrics(snapshot.reloads)
 
 

@@ -34,14 +34,22 @@ class Bound:
     sock: socket.socket
     address: str  # the real address: the port the kernel chose for port 0
     file_id: tuple[int, int] | None = None  # (device, inode) of the Unix socket file sockd made
+    activated: bool = False  # systemd passed it, and keeps it listening whatever we do
 
     def close(self) -> None:
-        """Close the socket, and remove its Unix socket file if it is still the one sockd made."""
+        """Close the socket, and remove its Unix socket file if it is still the one sockd made.
+
+        A TCP socket stops listening first: a reload's old workers still hold it while they
+        serve their open connections, and a client connecting must be refused rather than wait
+        in a backlog nobody accepts from. (A Unix socket's file is gone: nobody can connect.)"""
         if isinstance(self.listener, UnixListener):
             with contextlib.suppress(OSError):
                 info = os.lstat(self.listener.path)
                 if (info.st_dev, info.st_ino) == self.file_id:
                     os.unlink(self.listener.path)
+        elif self.listener.protocol == "tcp" and not self.activated:
+            with contextlib.suppress(OSError):  # on Linux, SHUT_RD ends a socket's listening
+                self.sock.shutdown(socket.SHUT_RD)
         self.sock.close()
 
 
@@ -58,7 +66,7 @@ def adopt(listener: Listener, sock: socket.socket) -> Bound:
             f"listener {listener.name!r}", f"the socket systemd passed ({what})", f"not a {listener.protocol} socket"
         )
     tune(sock, listener)
-    return Bound(listener, sock, address)
+    return Bound(listener, sock, address, activated=True)
 
 
 def tune(sock: socket.socket, listener: Listener) -> None:

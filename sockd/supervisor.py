@@ -20,7 +20,9 @@ import structlog
 
 from sockd import metrics, systemd
 from sockd.config import Config, ConfigError, Listener, load
+from sockd.counters import BEAT_INTERVAL
 from sockd.group import Group
+from sockd.logging import configure
 from sockd.plan import Step, plan, summary
 from sockd.sockets import BindError, Bound, adopt, bind, reason
 from sockd.spec import WorkerSettings
@@ -113,8 +115,8 @@ class Supervisor:
         due = [when for group in self._groups() if (when := group.due()) is not None]
         if self.notifier.watchdog_interval:
             due.append(self.next_watchdog)
-        # Heartbeats are checked at least this often.
-        due.append(time.monotonic() + min(1.0, self.config.worker_timeout / 4))
+        # Heartbeats are checked at least this often (see Worker.beating).
+        due.append(time.monotonic() + min(BEAT_INTERVAL, self.config.worker_timeout / 4))
         return max(0.0, min(due) - time.monotonic())
 
     def _groups(self) -> Iterator[Group]:
@@ -139,7 +141,7 @@ class Supervisor:
         self.notifier.stopping("stopping: draining in-flight requests")
         self.stopping = True
         for group in self._groups():
-            group.retire()
+            group.stop()
 
     handle_int = handle_term
 
@@ -171,6 +173,11 @@ class Supervisor:
             self._reloaded(False, f"reload failed, still serving the previous config: {exc}")
             log.error("reload rolled back", error=str(exc))
             return
+        if new.logging != self.config.logging:
+            configure(new.logging)
+            line = b"logging " + new.logging.model_dump_json().encode()
+            for group in self._groups():  # the workers of kept listeners too
+                group.tell(line)
         self.config = new
         self._apply(steps, fresh, WorkerSettings.of(new))
         done = summary(steps)
@@ -255,7 +262,16 @@ class Supervisor:
     def snapshot(self) -> metrics.Snapshot:
         """Each listener's counts as of now, and how the reloads went. Called from the metrics
         thread."""
-        return metrics.Snapshot([group.report() for group in self.groups.values()], self.reloads)
+        current = {name: group.report() for name, group in self.groups.items()}
+        leaving = []
+        for group in self.leaving:
+            report = group.report()
+            same = current.get(report.listener.name)
+            if same is None:
+                leaving.append(report)
+            else:  # removed, then added again under its name: one listener to Prometheus
+                same.totals.add(report.totals)
+        return metrics.Snapshot(list(current.values()), self.reloads, leaving)
 
     def _close_sockets(self) -> None:
         for group in self.groups.values():

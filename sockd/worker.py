@@ -2,9 +2,14 @@
 
 Started by the supervisor as `python -P -m sockd.worker SPEC` (-P: nothing is imported from the
 working directory), where SPEC (JSON) names the listener, the inherited listening descriptor and
-the worker's end of a socketpair to the supervisor. The
-worker says `ready` on that channel once it serves; when the supervisor closes its end (a stop, or
-the supervisor died), the worker stops accepting, drains and exits 0.
+the worker's end of a socketpair to the supervisor. The worker says `ready` on that channel once
+it serves. The supervisor says, a line each:
+
+    retire            a reload replaced this worker: accept no more, serve the open connections on
+    logging {JSON}    log with these settings (a reload changed them)
+
+and closes its end to stop the worker (a stop, or a retired worker's shutdown_timeout passed; or
+the supervisor died): it ends its connections as a drain does and exits 0.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import threading
 import structlog
 
 from sockd import counters, handlers, models
+from sockd.config import LoggingConfig
 from sockd.logging import configure
 from sockd.spec import WorkerSpec
 
@@ -36,7 +42,7 @@ def main(argv: list[str]) -> int:
     # process) drains like a stop from the supervisor.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.end())
 
     channel = socket.socket(fileno=spec.channel_fd)
     sock = socket.socket(fileno=spec.listen_fd)
@@ -44,16 +50,16 @@ def main(argv: list[str]) -> int:
     shared = counters.Shared(spec.counters_fd, len(spec.buckets) + 1)
     stats = counters.Stats(shared, spec.buckets, enabled=spec.metrics, stuck_after=spec.worker_timeout / 2)
     model = models.load(listener.concurrency)(listener, handlers.build(listener), stats)
-    threading.Thread(target=_stop_when_closed, args=(channel, stop), daemon=True).start()
-    stop.on_set(lambda: _exit_after(spec.shutdown_timeout))
+    threading.Thread(target=_listen, args=(channel, stop, listener.name), daemon=True).start()
+    stop.ending.on_set(lambda: _exit_after(spec.shutdown_timeout))
     served = threading.Event()
     publisher = threading.Thread(target=stats.publish_until, args=(served,), daemon=True)
     publisher.start()
 
     try:
         channel.sendall(b"ready\n")
-    except OSError:  # retired (e.g. by a quick second reload) before it began: serve nothing
-        stop.set()
+    except OSError:  # stopped (e.g. by a quick second reload) before it began: serve nothing
+        stop.end()
     log.debug("serving", concurrency=listener.concurrency, handler=listener.handler)
     model.serve(sock, stop)
     served.set()
@@ -76,12 +82,21 @@ def _exit_after(timeout: float) -> None:
     timer.start()
 
 
-def _stop_when_closed(channel: socket.socket, stop: models.Stop) -> None:
+def _listen(channel: socket.socket, stop: models.Stop, listener: str) -> None:
+    """Carry out what the supervisor says on the channel, until it closes it."""
+    pending = b""
     # A reset is a close too: the supervisor closed its end before reading our "ready".
     with contextlib.suppress(OSError):
-        while channel.recv(4096):
-            pass
-    stop.set()
+        while data := channel.recv(4096):
+            *lines, pending = (pending + data).split(b"\n")
+            for line in lines:
+                command, _, argument = line.partition(b" ")
+                if command == b"retire":
+                    log.debug("retired: serving the open connections on")
+                    stop.set()
+                elif command == b"logging":
+                    configure(LoggingConfig.model_validate_json(argument), listener=listener, pid=os.getpid())
+    stop.end()
 
 
 if __name__ == "__main__":

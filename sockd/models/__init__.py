@@ -17,8 +17,10 @@ connection it creates. Its duties, whichever way it waits:
 4. Count on a Recorder from `stats.recorder()`, one per thread. Beat: an event loop calls
    `stats.beat()` at least every BEAT_INTERVAL; a blocking thread marks `recorder.busy_since`
    while it works on a request, so a stuck request stops the heartbeat.
-5. On `stop`: accept no more, call `Service.stop()` (the drain), and return once no connection
-   is open and no delayed reply is due.
+5. Once `stop` is set, accept no more but go on serving the connections open; once
+   `stop.ending` is set, call `Service.stop()` (the drain). Return when both are set, no
+   connection is open and no delayed reply is due. (A datagram listener has no connection to
+   keep: it may treat the first step as both.)
 
 The registry below is the one list of models: config.py takes the names that can relay from it,
 and a test checks it against the `ModelName` the config file accepts. Modules are imported only
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
     from sockd.handlers import Handler
 
 
-class Stop:
+class Switch:
     """A one-way switch, set from a signal handler or any thread, and pollable as a descriptor."""
 
     def __init__(self) -> None:
@@ -65,11 +67,28 @@ class Stop:
             callback()
 
 
+class Stop(Switch):
+    """How a worker stops, in two steps. Set: accept no more, but go on serving the connections
+    open. `end()`: end those too, as Service.stop() does. A stop takes both at once; a
+    generation that a reload replaced takes the second once its clients are gone or
+    shutdown_timeout has passed, so that a reload never cuts a session (HAProxy and nginx keep
+    an old process's connections the same way)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ending = Switch()
+
+    def end(self) -> None:
+        self.set()
+        self.ending.set()
+
+
 class Model(Protocol):
     def __init__(self, listener: Listener, handler: Handler, stats: Stats) -> None: ...
 
     def serve(self, sock: socket.socket, stop: Stop) -> None:
-        """Serve `sock` until `stop` is set, then finish the requests in flight and return."""
+        """Serve `sock` until `stop` is set, its open connections until `stop.ending` is set or
+        they close, then finish the requests in flight and return."""
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,7 @@ class Model:
         self.service = service = AioService(self.listener, self.handler, loop)
         stopped = asyncio.Event()
         loop.add_reader(stop.fileno(), self._stopped, loop, stop, stopped)
+        loop.add_reader(stop.ending.fileno(), self._ending, loop, stop)
         self._beat(loop)
         if service.timeouts.interval is not None:
             self._sweep(loop, service.timeouts.interval)
@@ -92,9 +93,8 @@ class Model:
         await stopped.wait()
         if not self.paused:
             loop.remove_reader(sock.fileno())
-        while self.connecting:  # connections accepted just now: to be drained like the others
+        while self.connecting:  # connections accepted just now: to be served like the others
             await asyncio.wait(set(self.connecting))
-        service.stop()
         while service.open:
             service.idle.clear()
             await service.idle.wait()
@@ -147,6 +147,10 @@ class Model:
         loop.remove_reader(stop.fileno())  # it stays readable: left registered, it would spin
         self.stopped = True
         stopped.set()
+
+    def _ending(self, loop: asyncio.AbstractEventLoop, stop: Stop) -> None:
+        loop.remove_reader(stop.ending.fileno())
+        self.service.stop()
 
     def _beat(self, loop: asyncio.AbstractEventLoop) -> None:
         self.stats.beat()

@@ -106,7 +106,7 @@ class BlockingModel:
         self.idle_timeout = listener.idle_timeout
 
     def draining_on(self, stop: Stop) -> None:
-        stop.on_set(self.service.stop)
+        stop.ending.on_set(self.service.stop)
 
     def answer(self, datagrams: SocketDatagrams, data: bytes, sender: Address) -> None:
         """Answer one datagram, the thread marked busy meanwhile (see Stats.publish)."""

@@ -62,6 +62,7 @@ class EventLoop:
         self.stop = stop
         stream = sock.type == socket.SOCK_STREAM
         self.selector.register(stop, READ, self._on_stop)
+        self.selector.register(stop.ending, READ, self._on_end)
         self.selector.register(sock, READ, self._on_accept if stream else self._on_datagram)
         if self.service.timeouts.interval is not None:
             self.later(self.service.timeouts.interval, self._sweep)
@@ -122,6 +123,11 @@ class EventLoop:
         self.selector.unregister(self.stop)
         if self.sock in self.selector.get_map():  # not while accepting is paused (out of resources)
             self.selector.unregister(self.sock)
+
+    def _on_end(self, events: int) -> None:
+        if not self.stop.ending.is_set:
+            return
+        self.selector.unregister(self.stop.ending)
         self.service.stop()
 
     # -- datagrams

@@ -27,8 +27,11 @@ _out_of_resources = Throttled("cannot accept: out of resources; pausing")
 
 
 def accept_failed(exc: OSError, recorder: Recorder) -> None:
-    """Re-raise what accept() failed with, unless it is running out of resources: then count it
-    and say so; the caller pauses accepting for RESOURCE_PAUSE in its own idiom."""
+    """Re-raise what accept() failed with, unless it is running out of resources (then count it
+    and say so) or the socket listens no more (EINVAL: a reload closed it, and this worker's
+    retirement is on its way); the caller pauses accepting for RESOURCE_PAUSE in its own idiom."""
+    if exc.errno == errno.EINVAL:
+        return
     if exc.errno not in OUT_OF_RESOURCES:
         raise exc
     recorder.errors[RESOURCES] += 1
