@@ -6,13 +6,15 @@ import os
 import pty
 import select
 import signal
+import socket
+import struct
 import subprocess
 import time
 from pathlib import Path
 
 import yaml
 
-from support import Launcher, request, sockd_command
+from support import Launcher, connect, request, sockd_command
 from support import listener as entry
 
 
@@ -52,3 +54,26 @@ def test_a_terminal_gets_the_console_renderer(tmp_path: Path) -> None:
     assert "ready" in text
     assert not text.lstrip().startswith("{")
     assert all(not line.startswith("{") for line in text.splitlines())
+
+
+def _reset_after_echo(address: str) -> None:
+    """An echo, then a reset: the worker logs the lost connection at debug level."""
+    with connect(address) as sock:
+        sock.sendall(b"x")
+        assert sock.recv(1) == b"x"
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def test_a_reload_that_changes_the_level_reaches_the_workers_of_kept_listeners(start_sockd: Launcher) -> None:
+    listeners = [entry("echo", "tcp", "echo", "asyncio")]
+    daemon = start_sockd(listeners, logging={"level": "info", "format": "json"})
+    pid = daemon.worker_pid("echo")
+    _reset_after_echo(daemon.address("echo"))
+    plan = daemon.reload(listeners, logging={"level": "debug", "format": "json"})
+    assert plan["kept"] == ["echo"]
+    mark = len(daemon.events)
+    _reset_after_echo(daemon.address("echo"))
+    lost = daemon.wait_for("connection lost", after=mark)
+    assert lost["pid"] == pid  # the worker started at info level, not a new one
+    assert lost["level"] == "debug"
+    assert [e for e in daemon.events[:mark] if e["level"] == "debug"] == []  # info hid them before

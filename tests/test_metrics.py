@@ -266,3 +266,29 @@ def test_a_real_prometheus_scrapes_sockd(start_sockd: Launcher, tmp_path: Path) 
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)
+
+
+@pytest.mark.parametrize("model", ["threaded", "asyncio"])
+def test_healthz_reports_a_stopped_worker_down_long_before_worker_timeout_kills_it(
+    start_sockd: Launcher, model: str
+) -> None:
+    daemon = start_sockd([entry("echo", "tcp", "echo", model)], worker_timeout=120)
+
+    def health() -> int:
+        try:
+            scrape(daemon, "/healthz")
+        except urllib.error.HTTPError as error:
+            return error.code
+        return 200
+
+    pid = daemon.worker_pid("echo")
+    eventually(lambda: health() == 200, "healthy at first")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        eventually(lambda: health() == 503, "down once its heartbeat stopped", timeout=20)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    eventually(lambda: health() == 200, "up again once it beats", timeout=20)
+    assert request(daemon.address("echo"), b"x") == b"x"
+    # worker_timeout, not the health check, decides when a worker is killed: this one never was.
+    assert [e["pid"] for e in daemon.events if e.get("event") == "worker started"] == [pid]
