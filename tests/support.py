@@ -104,6 +104,12 @@ class Daemon:
     def worker_pid(self, listener: str, after: int = 0) -> int:
         return int(self.wait_for("worker started", listener=listener, after=after)["pid"])
 
+    def worker_pids(self, listener: str) -> list[int]:
+        """Every worker ever started for a listener, oldest first (its "worker started" lines)."""
+        with self._changed:
+            started = [e for e in self.events if e.get("event") == "worker started" and e.get("listener") == listener]
+        return [int(e["pid"]) for e in started]
+
     def write_config(self, listeners: list[dict[str, Any]], **settings: Any) -> None:
         """Replace the config file it was started with (it takes it up at the next SIGHUP)."""
         self.config_path.write_text(config_text(listeners, **settings))
@@ -363,3 +369,107 @@ def assert_accepted(directory: Path, text: str, listeners: int) -> None:
     assert problems == []
     assert config is not None
     assert len(config.listeners) == listeners
+
+
+# ---------------------------------------------------------------------------------------------
+# Persistent sessions and the processes that hold them: what a reload's old generation serves.
+
+
+class SessionEnded(AssertionError):
+    """The server ended a session's input (EOF) before the whole reply came back."""
+
+
+class Session:
+    """A persistent stream connection doing request/response on an echo (or a relay to one):
+    every payload is unique, and every reply is read in full and compared byte for byte."""
+
+    def __init__(self, address: str, name: str, timeout: float = TIMEOUT) -> None:
+        self.name = name
+        self.sock = connect(address, timeout=timeout)
+        self.exchanges = 0
+
+    def payload(self, size: int) -> bytes:
+        head = f"{self.name}#{self.exchanges}|".encode()
+        body = bytes((self.exchanges + i) % 251 for i in range(max(0, size - len(head))))
+        return head + body
+
+    def exchange(self, size: int = 64) -> None:
+        """One request and its whole reply: SessionEnded at an EOF, AssertionError if the reply
+        differs, OSError (a reset, a timeout) as the socket raises it."""
+        payload = self.payload(size)
+        self.sock.sendall(payload)
+        reply = recv_exactly(self.sock, len(payload))
+        if len(reply) < len(payload) and payload.startswith(reply):
+            raise SessionEnded(f"{self.name}: EOF after {self.exchanges} replies and {len(reply)} bytes of the next")
+        if reply != payload:
+            raise AssertionError(f"{self.name}: sent {payload[:40]!r}…, got {reply[:40]!r}…")
+        self.exchanges += 1
+
+    def state(self) -> str:
+        """Without sending anything: "open", "eof" (the server closed it) or "reset"."""
+        timeout = self.sock.gettimeout()
+        self.sock.settimeout(0)  # non-blocking: with a timeout, Python would wait for data
+        try:
+            data = self.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return "open"
+        except ConnectionResetError:
+            return "reset"
+        finally:
+            self.sock.settimeout(timeout)
+        return "eof" if data == b"" else f"unexpected {data!r}"
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    """`size` bytes, or fewer if the peer ends its output first."""
+    chunks, got = [], 0
+    while got < size:
+        chunk = sock.recv(min(size - got, 65536))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def alive(pid: int) -> bool:
+    """Whether a process runs (a zombie does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def live_workers(daemon: Daemon, listener: str) -> list[int]:
+    """The listener's workers that are alive now, oldest first."""
+    return [pid for pid in daemon.worker_pids(listener) if alive(pid)]
+
+
+def _proc_net_address(host: str, port: int) -> str:
+    """An IPv4 address as /proc/net/tcp spells it: the address in host byte order, in hex."""
+    packed = socket.inet_aton(host)
+    return f"{int.from_bytes(packed, sys.byteorder):08X}:{port:04X}"
+
+
+def tcp_owner(client: socket.socket, pids: list[int]) -> int | None:
+    """Which of `pids` holds the server's end of a loopback IPv4 TCP connection (None: none)."""
+    local = _proc_net_address(*client.getsockname()[:2])
+    remote = _proc_net_address(*client.getpeername()[:2])
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == remote and fields[2] == local:  # the server's end: the mirror image
+            inode = fields[9]
+    if inode is None:
+        return None
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                        return pid
+    return None
