@@ -59,6 +59,11 @@ class Worker:
     stop_at: float | None = None  # set once retired: stopped then if its clients have not all left
     drain_until: float | None = None  # set once stopped: killed if still running then
 
+    def serving(self) -> bool:
+        """Whether it has connections open, as of its last publication."""
+        totals = self.counters.read()
+        return totals.connections > totals.closed
+
     @property
     def stopped(self) -> bool:
         return self.drain_until is not None
@@ -157,7 +162,6 @@ class Group:
         for worker in self._vacate():
             worker.stop_at = stop_at
             worker.tell(b"retire")
-        self._bound_generations()
 
     def stop(self) -> None:
         """Every worker stops now (SIGTERM): accepts no more, ends its connections as a drain does,
@@ -192,6 +196,9 @@ class Group:
         time is up, start the ones due again."""
         self._reap()
         self._check_heartbeats(now)
+        # On every turn, not only at a reload: what a worker counted reaches us up to a
+        # publication later, and a generation's clients may come and go.
+        self._bound_generations()
         for worker in list(self.workers()):
             if worker.drain_until is not None and now >= worker.drain_until:
                 self._kill(worker, "shutdown_timeout passed")
@@ -287,8 +294,9 @@ class Group:
         self._hang_up(worker)
 
     def _bound_generations(self) -> None:
-        """Past MAX_SERVING old generations serving, stop the oldest; past MAX_ALIVE, kill it."""
-        serving = sorted({worker.generation for worker in self.draining if not worker.stopped})
+        """Past MAX_SERVING old generations serving open connections, stop the oldest; past
+        MAX_ALIVE alive at all, kill it. (One whose clients have all gone is on its way out.)"""
+        serving = sorted({worker.generation for worker in self.draining if not worker.stopped and worker.serving()})
         for worker in self._of_generations(serving[: max(0, len(serving) - MAX_SERVING)]):
             name, pid = self.listener.name, worker.process.pid
             log.warning("too many old generations; stopping the oldest", listener=name, pid=pid)
