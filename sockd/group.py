@@ -10,12 +10,11 @@ channel and returns True when the worker has just become ready.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import selectors
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ import structlog
 
 from sockd import counters, metrics
 from sockd.config import Listener, UnixListener
+from sockd.forkserver import Process, Spawner
 from sockd.sockets import Bound, retune
 from sockd.spec import WorkerSettings
 
@@ -37,7 +37,7 @@ BOOT_TIMEOUT = 30.0  # a worker gets at least this long to start before worker_t
 
 @dataclass(eq=False)
 class Worker:
-    process: subprocess.Popen[bytes]
+    process: Process
     channel: socket.socket  # the supervisor's end; closing it tells the worker to stop
     counters: counters.Shared  # what the worker counted, readable even after it died
     started: float = field(default_factory=time.monotonic)
@@ -61,13 +61,19 @@ class Group:
     draining, and the counts of those that exited."""
 
     def __init__(
-        self, listener: Listener, bound: Bound, settings: WorkerSettings, selector: selectors.BaseSelector
+        self,
+        listener: Listener,
+        bound: Bound,
+        settings: WorkerSettings,
+        selector: selectors.BaseSelector,
+        spawner: Spawner,
     ) -> None:
         self.listener = listener
         self.bound = bound
         # What its workers start with and are timed by; a reload hands every group the new ones.
         self.settings = settings
         self.selector = selector
+        self.spawner = spawner
         self.places: list[Place] = []
         self.draining: set[Worker] = set()
         self.retired = counters.Totals.zero(settings.bucket_count)  # what its exited workers counted
@@ -89,7 +95,8 @@ class Group:
     def start(self) -> None:
         """A generation of `workers` processes, one per place."""
         self.places = [Place() for _ in range(self.listener.workers)]
-        pids = [self._spawn(place).process.pid for place in self.places]
+        started = [self._spawn(place) for place in self.places]
+        pids = [worker.process.pid for worker in started if worker is not None]
         listener = self.listener
         log.info(
             "listening",
@@ -169,28 +176,38 @@ class Group:
 
     # -- one worker
 
-    def _spawn(self, place: Place) -> Worker:
+    def _spawn(self, place: Place) -> Worker | None:
+        """A worker in `place`; or, if none can be started, a restart after the place's backoff,
+        as for a worker that died at once."""
         place.restart_at = None
-        ours, theirs = socket.socketpair()
-        bucket_count = self.settings.bucket_count
-        counters_fd = counters.create(bucket_count)
         try:
-            spec = self.settings.spec(self.listener, self.bound.sock.fileno(), theirs.fileno(), counters_fd)
-            process = subprocess.Popen(
-                # -P: not the working directory first on sys.path, so a `sockd/` in it (planted
-                # in /tmp, or a clone's parent) is never what a worker imports.
-                [sys.executable, "-P", "-m", "sockd.worker", spec.model_dump_json(exclude_unset=True)],
-                pass_fds=(spec.listen_fd, spec.channel_fd, counters_fd),
-            )
-            shared = counters.Shared(counters_fd, bucket_count)
-        finally:
-            theirs.close()
-            os.close(counters_fd)  # the worker has its copy; our mapping outlives the descriptor
-        worker = Worker(process, ours, shared)
+            worker = self._fork()
+        except OSError as exc:
+            log.error("cannot start a worker", listener=self.listener.name, error=str(exc))
+            self._back_off(place, lived=0.0)
+            return None
         place.worker = worker
-        self.selector.register(ours, selectors.EVENT_READ, functools.partial(self._hear, worker))
-        log.info("worker started", listener=self.listener.name, pid=process.pid)
+        self.selector.register(worker.channel, selectors.EVENT_READ, functools.partial(self._hear, worker))
+        log.info("worker started", listener=self.listener.name, pid=worker.process.pid)
         return worker
+
+    def _fork(self) -> Worker:
+        """A worker process, from the fork server; on failure, no descriptor or mapping left."""
+        bucket_count = self.settings.bucket_count
+        spec = self.settings.spec(self.listener).model_dump_json(exclude_unset=True).encode()
+        with contextlib.ExitStack() as undo:
+            ours, theirs = socket.socketpair()
+            undo.callback(ours.close)
+            with theirs:  # the worker has its copy
+                counters_fd = counters.create(bucket_count)
+                try:
+                    shared = counters.Shared(counters_fd, bucket_count)
+                    undo.callback(shared.close)
+                    process = self.spawner.spawn(spec, [self.bound.sock.fileno(), theirs.fileno(), counters_fd])
+                finally:
+                    os.close(counters_fd)  # the worker has its copy; our mapping outlives the descriptor
+            undo.pop_all()
+        return Worker(process, ours, shared)
 
     def _hear(self, worker: Worker) -> bool:
         """Read what a worker said on its channel: True when it has just said it serves."""
@@ -262,8 +279,12 @@ class Group:
         if place is None:  # retired: this is the end it was asked for
             log.info("worker exited", listener=name, pid=pid, code=code)
             return
-        lived = time.monotonic() - worker.started
+        self._back_off(place, lived=time.monotonic() - worker.started)
+        log.warning("worker died; restarting", listener=name, pid=pid, code=code, restart_in=round(place.backoff, 3))
+
+    def _back_off(self, place: Place, lived: float) -> None:
+        """Start the place's worker again later: soon after a stable one, ever later for one that
+        keeps failing."""
         doubled = min(max(place.backoff * 2, FIRST_BACKOFF), MAX_BACKOFF)
         place.backoff = FIRST_BACKOFF if lived >= STABLE_AFTER else doubled
         place.restart_at = time.monotonic() + place.backoff
-        log.warning("worker died; restarting", listener=name, pid=pid, code=code, restart_in=round(place.backoff, 3))
