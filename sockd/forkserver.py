@@ -204,12 +204,13 @@ def fingerprint(package: str) -> str:
 
 
 class Process:
-    """A worker as its parent sees it: waited for by pid, and killed safely while unreaped (its
-    pid cannot be reused)."""
+    """A worker as its parent sees it: waited for by pid, killed safely while unreaped (its pid
+    cannot be reused), and with the CPU time it used."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.returncode: int | None = None
+        self.exit_cpu_seconds: float | None = None  # from wait4's rusage, once it exited
 
     def poll(self) -> int | None:
         if self.returncode is None:
@@ -225,9 +226,34 @@ class Process:
         if self.returncode is None:
             os.kill(self.pid, signal.SIGKILL)
 
-    def _reaped(self, pid: int, status: int, _: resource.struct_rusage) -> None:
+    def cpu_seconds(self) -> float | None:
+        """User and system time so far, from /proc while it runs; None if it cannot be read."""
+        if self.exit_cpu_seconds is not None:
+            return self.exit_cpu_seconds
+        try:
+            with open(f"/proc/{self.pid}/stat", "rb") as file:
+                fields = file.read().rsplit(b")", 1)[1].split()  # the name, in (), may hold spaces
+        except (OSError, IndexError):
+            return None
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime
+
+    def resident_bytes(self) -> int:
+        if self.returncode is not None:
+            return 0
+        try:
+            with open(f"/proc/{self.pid}/statm", "rb") as file:
+                return int(file.read().split()[1]) * _PAGE_SIZE
+        except (OSError, IndexError):
+            return 0
+
+    def _reaped(self, pid: int, status: int, usage: resource.struct_rusage) -> None:
         if pid:
+            self.exit_cpu_seconds = usage.ru_utime + usage.ru_stime
             self.returncode = os.waitstatus_to_exitcode(status)
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 class ForkServer:

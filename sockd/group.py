@@ -45,6 +45,7 @@ class Worker:
     heartbeat: int = 0  # the last heartbeat seen in its counters
     beat_at: float = field(default_factory=time.monotonic)
     drain_until: float | None = None  # set once told to stop: killed if still running then
+    cpu_seen: float = 0.0  # the most CPU seconds a scrape has seen it use: its count never goes back
 
 
 @dataclass(eq=False)
@@ -77,6 +78,7 @@ class Group:
         self.places: list[Place] = []
         self.draining: set[Worker] = set()
         self.retired = counters.Totals.zero(settings.bucket_count)  # what its exited workers counted
+        self.retired_cpu = 0.0  # the CPU seconds its exited workers used
         self.restarts = 0
         # Held while a worker moves between a place, `draining` and `retired`, so that a scrape
         # never sees a count twice or not at all.
@@ -172,7 +174,20 @@ class Group:
             for worker in self.workers():
                 totals.add(worker.counters.read())
             up = bool(self.places) and all(p.worker is not None and p.worker.ready for p in self.places)
-            return metrics.ListenerReport(self.listener, self.bound.address, totals, self.restarts, up)
+            cpu, resident = self._usage()
+            return metrics.ListenerReport(self.listener, self.bound.address, totals, self.restarts, up, cpu, resident)
+
+    def _usage(self) -> tuple[float, int]:
+        """CPU seconds its workers used, exited ones included, and the memory its live ones hold;
+        with `counting` held."""
+        cpu, resident = self.retired_cpu, 0
+        for worker in self.workers():
+            seen = worker.process.cpu_seconds()
+            if seen is not None:  # else it has just exited, and not yet been waited for
+                worker.cpu_seen = max(worker.cpu_seen, seen)
+            cpu += worker.cpu_seen
+            resident += worker.process.resident_bytes()
+        return cpu, resident
 
     # -- one worker
 
@@ -268,6 +283,7 @@ class Group:
             place = next((place for place in self.places if place.worker is worker), None)
             with self.counting:
                 self.retired.add(final)
+                self.retired_cpu += max(worker.cpu_seen, worker.process.exit_cpu_seconds or 0.0)
                 self.draining.discard(worker)
                 if place is not None:
                     place.worker = None

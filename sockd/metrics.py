@@ -33,6 +33,8 @@ class ListenerReport:
     totals: Totals  # everything its workers counted, the dead ones' included
     restarts: int
     up: bool
+    cpu_seconds: float  # user and system time of its workers, the exited ones' included
+    resident_bytes: int  # the resident memory of its live workers
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,14 @@ class SockdCollector(Collector):
         restarts = CounterMetricFamily(
             "sockd_worker_restarts", "Workers started again after an unexpected exit.", labels=label
         )
+        cpu = CounterMetricFamily(
+            "sockd_worker_cpu_seconds",
+            "User and system CPU time of the listener's workers, the exited ones' included.",
+            labels=label,
+        )
+        memory = GaugeMetricFamily(
+            "sockd_worker_resident_memory_bytes", "Resident memory of the listener's live workers.", labels=label
+        )
         info = GaugeMetricFamily(
             "sockd_listener_info",
             "What each listener is (always 1).",
@@ -103,6 +113,8 @@ class SockdCollector(Collector):
             for reason, count in zip(REJECT_REASONS, totals.rejected, strict=True):
                 rejected.add_metric([name, reason], count)
             restarts.add_metric([name], report.restarts)
+            cpu.add_metric([name], report.cpu_seconds)
+            memory.add_metric([name], report.resident_bytes)
             cumulative, running = [], 0
             for bound, count in zip([*self.bounds, "+Inf"], totals.buckets, strict=True):
                 running += count
@@ -112,7 +124,8 @@ class SockdCollector(Collector):
             info.add_metric([name, listener.protocol, listener.concurrency, listener.handler, report.address], 1)
         build = GaugeMetricFamily("sockd_build_info", "The running sockd (always 1).", labels=["version"])
         build.add_metric([__version__], 1)
-        yield from (connections, active, requests, duration, received, sent, errors, rejected, restarts, info, build)
+        yield from (connections, active, requests, duration, received, sent, errors, rejected, restarts, cpu, memory)
+        yield from (info, build)
         yield from _reload_metrics(snapshot.reloads)
 
 
