@@ -7,15 +7,18 @@ import json
 import os
 import sys
 
+from setproctitle import setproctitle
+
 from sockd import __version__
 from sockd.config import Config, ConfigError, load
+from sockd.forkserver import ForkServerError
 from sockd.logging import configure
 from sockd.sockets import BindError
 from sockd.stdout import emit
 from sockd.supervisor import Supervisor
 
 EX_CONFIG = 78  # sysexits.h: configuration error
-EX_OSERR = 71  # sysexits.h: an operating system error, here a socket that cannot be bound
+EX_OSERR = 71  # sysexits.h: an operating system error: a socket that cannot be bound, no fork server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         return os.EX_OK
 
     configure(config.logging)
+    setproctitle(f"sockd: supervisor -c {args.config}")
     try:
         return Supervisor(config, args.config).run()
-    except BindError as exc:
+    except (BindError, ForkServerError) as exc:
         print(f"sockd: {exc}", file=sys.stderr)
         return EX_OSERR

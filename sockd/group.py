@@ -21,8 +21,6 @@ import functools
 import os
 import selectors
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +31,7 @@ import structlog
 from sockd import counters, metrics
 from sockd.config import Listener, UnixListener
 from sockd.counters import BEAT_INTERVAL
+from sockd.forkserver import Process, Spawner
 from sockd.sockets import Bound, retune
 from sockd.spec import WorkerSettings
 
@@ -48,7 +47,7 @@ MISSED_BEATS = 2  # a worker whose heartbeat has not moved for this many interva
 
 @dataclass(eq=False)
 class Worker:
-    process: subprocess.Popen[bytes]
+    process: Process
     channel: socket.socket  # the supervisor's end; closing it tells the worker to stop
     counters: counters.Shared  # what the worker counted, readable even after it died
     generation: int
@@ -58,6 +57,7 @@ class Worker:
     beat_at: float = field(default_factory=time.monotonic)
     stop_at: float | None = None  # set once retired: stopped then if its clients have not all left
     drain_until: float | None = None  # set once stopped: killed if still running then
+    cpu_seen: float = 0.0  # the most CPU seconds a scrape has seen it use: its count never goes back
 
     def serving(self) -> bool:
         """Whether it has connections open, as of its last publication."""
@@ -94,17 +94,24 @@ class Group:
     draining, and the counts of those that exited."""
 
     def __init__(
-        self, listener: Listener, bound: Bound, settings: WorkerSettings, selector: selectors.BaseSelector
+        self,
+        listener: Listener,
+        bound: Bound,
+        settings: WorkerSettings,
+        selector: selectors.BaseSelector,
+        spawner: Spawner,
     ) -> None:
         self.listener = listener
         self.bound = bound
         # What its workers start with and are timed by; a reload hands every group the new ones.
         self.settings = settings
         self.selector = selector
+        self.spawner = spawner
         self.places: list[Place] = []
         self.draining: set[Worker] = set()  # the old generations' workers, and the current ones stopped
         self.generation = 0
         self.retired = counters.Totals.zero(settings.bucket_count)  # what its exited workers counted
+        self.retired_cpu = 0.0  # the CPU seconds its exited workers used
         self.restarts = 0
         # Held while a worker moves between a place, `draining` and `retired`, so that a scrape
         # never sees a count twice or not at all.
@@ -124,7 +131,8 @@ class Group:
         """A generation of `workers` processes, one per place."""
         self.generation += 1
         self.places = [Place() for _ in range(self.listener.workers)]
-        pids = [self._spawn(place).process.pid for place in self.places]
+        started = [self._spawn(place) for place in self.places]
+        pids = [worker.process.pid for worker in started if worker is not None]
         listener = self.listener
         log.info(
             "listening",
@@ -230,34 +238,57 @@ class Group:
             up = bool(self.places) and all(
                 p.worker is not None and p.worker.ready and p.worker.beating(now) for p in self.places
             )
+            cpu, resident = self._usage()
             return metrics.ListenerReport(
-                self.listener, self.bound.address, totals, self.restarts, up, self.generations()
+                self.listener, self.bound.address, totals, self.restarts, up, self.generations(), cpu, resident
             )
+
+    def _usage(self) -> tuple[float, int]:
+        """CPU seconds its workers used, exited ones included, and the memory its live ones hold;
+        with `counting` held."""
+        cpu, resident = self.retired_cpu, 0
+        for worker in self.workers():
+            seen = worker.process.cpu_seconds()
+            if seen is not None:  # else it has just exited, and not yet been waited for
+                worker.cpu_seen = max(worker.cpu_seen, seen)
+            cpu += worker.cpu_seen
+            resident += worker.process.resident_bytes()
+        return cpu, resident
 
     # -- one worker
 
-    def _spawn(self, place: Place) -> Worker:
+    def _spawn(self, place: Place) -> Worker | None:
+        """A worker in `place`; or, if none can be started, a restart after the place's backoff,
+        as for a worker that died at once."""
         place.restart_at = None
-        ours, theirs = socket.socketpair()
-        bucket_count = self.settings.bucket_count
-        counters_fd = counters.create(bucket_count)
         try:
-            spec = self.settings.spec(self.listener, self.bound.sock.fileno(), theirs.fileno(), counters_fd)
-            process = subprocess.Popen(
-                # -P: not the working directory first on sys.path, so a `sockd/` in it (planted
-                # in /tmp, or a clone's parent) is never what a worker imports.
-                [sys.executable, "-P", "-m", "sockd.worker", spec.model_dump_json(exclude_unset=True)],
-                pass_fds=(spec.listen_fd, spec.channel_fd, counters_fd),
-            )
-            shared = counters.Shared(counters_fd, bucket_count)
-        finally:
-            theirs.close()
-            os.close(counters_fd)  # the worker has its copy; our mapping outlives the descriptor
-        worker = Worker(process, ours, shared, self.generation)
+            worker = self._fork()
+        except OSError as exc:
+            log.error("cannot start a worker", listener=self.listener.name, error=str(exc))
+            self._back_off(place, lived=0.0)
+            return None
         place.worker = worker
-        self.selector.register(ours, selectors.EVENT_READ, functools.partial(self._hear, worker))
-        log.info("worker started", listener=self.listener.name, pid=process.pid)
+        self.selector.register(worker.channel, selectors.EVENT_READ, functools.partial(self._hear, worker))
+        log.info("worker started", listener=self.listener.name, pid=worker.process.pid)
         return worker
+
+    def _fork(self) -> Worker:
+        """A worker process, from the fork server; on failure, no descriptor or mapping left."""
+        bucket_count = self.settings.bucket_count
+        spec = self.settings.spec(self.listener).model_dump_json(exclude_unset=True).encode()
+        with contextlib.ExitStack() as undo:
+            ours, theirs = socket.socketpair()
+            undo.callback(ours.close)
+            with theirs:  # the worker has its copy
+                counters_fd = counters.create(bucket_count)
+                try:
+                    shared = counters.Shared(counters_fd, bucket_count)
+                    undo.callback(shared.close)
+                    process = self.spawner.spawn(spec, [self.bound.sock.fileno(), theirs.fileno(), counters_fd])
+                finally:
+                    os.close(counters_fd)  # the worker has its copy; our mapping outlives the descriptor
+            undo.pop_all()
+        return Worker(process, ours, shared, self.generation)
 
     def _hear(self, worker: Worker) -> bool:
         """Read what a worker said on its channel: True when it has just said it serves."""
@@ -342,6 +373,7 @@ class Group:
             place = next((place for place in self.places if place.worker is worker), None)
             with self.counting:
                 self.retired.add(final)
+                self.retired_cpu += max(worker.cpu_seen, worker.process.exit_cpu_seconds or 0.0)
                 self.draining.discard(worker)
                 if place is not None:
                     place.worker = None
@@ -353,8 +385,12 @@ class Group:
         if place is None:  # retired: this is the end it was asked for
             log.info("worker exited", listener=name, pid=pid, code=code)
             return
-        lived = time.monotonic() - worker.started
+        self._back_off(place, lived=time.monotonic() - worker.started)
+        log.warning("worker died; restarting", listener=name, pid=pid, code=code, restart_in=round(place.backoff, 3))
+
+    def _back_off(self, place: Place, lived: float) -> None:
+        """Start the place's worker again later: soon after a stable one, ever later for one that
+        keeps failing."""
         doubled = min(max(place.backoff * 2, FIRST_BACKOFF), MAX_BACKOFF)
         place.backoff = FIRST_BACKOFF if lived >= STABLE_AFTER else doubled
         place.restart_at = time.monotonic() + place.backoff
-        log.warning("worker died; restarting", listener=name, pid=pid, code=code, restart_in=round(place.backoff, 3))

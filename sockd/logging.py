@@ -26,6 +26,8 @@ def configure(settings: LoggingConfig, stream: TextIO = sys.stderr, **context: A
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             add_context,
+            # log.exception's traceback as text in a JSON line (the console renderer draws its own).
+            *([] if console else [structlog.processors.format_exc_info]),
             structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[settings.level.upper()]),

@@ -34,6 +34,8 @@ class ListenerReport:
     restarts: int
     up: bool  # every worker place serving, each heartbeat moving (see Worker.beating)
     generations: int  # with a worker alive: the current one, and those a reload replaced still serving
+    cpu_seconds: float  # user and system time of its workers, the exited ones' included
+    resident_bytes: int  # the resident memory of its live workers
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,14 @@ class SockdCollector(Collector):
             "Worker generations alive: 1, and one more for each that a reload replaced and still serves connections.",
             labels=label,
         )
+        cpu = CounterMetricFamily(
+            "sockd_worker_cpu_seconds",
+            "User and system CPU time of the listener's workers, the exited ones' included.",
+            labels=label,
+        )
+        memory = GaugeMetricFamily(
+            "sockd_worker_resident_memory_bytes", "Resident memory of the listener's live workers.", labels=label
+        )
         info = GaugeMetricFamily(
             "sockd_listener_info",
             "What each listener is (always 1).",
@@ -112,6 +122,8 @@ class SockdCollector(Collector):
                 rejected.add_metric([name, reason], count)
             restarts.add_metric([name], report.restarts)
             generations.add_metric([name], report.generations)
+            cpu.add_metric([name], report.cpu_seconds)
+            memory.add_metric([name], report.resident_bytes)
             cumulative, running = [], 0
             for bound, count in zip([*self.bounds, "+Inf"], totals.buckets, strict=True):
                 running += count
@@ -121,8 +133,8 @@ class SockdCollector(Collector):
             info.add_metric([name, listener.protocol, listener.concurrency, listener.handler, report.address], 1)
         build = GaugeMetricFamily("sockd_build_info", "The running sockd (always 1).", labels=["version"])
         build.add_metric([__version__], 1)
-        yield from (connections, active, requests, duration, received, sent, errors, rejected, restarts, generations)
-        yield from (info, build)
+        yield from (connections, active, requests, duration, received, sent, errors, rejected, restarts)
+        yield from (generations, cpu, memory, info, build)
         yield from _reload_metrics(snapshot.reloads)
 
 

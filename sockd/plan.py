@@ -2,8 +2,8 @@
 the two lists alone, without a socket or a process (the supervisor carries the plan out).
 
 A listener is kept when nothing about it changed, restarted (a new generation of workers on the
-socket it has) when only its options changed, rebound (a new socket) when its address changed,
-added, or removed.
+socket it has) when only its options changed or when its workers are to run new code (sockd's
+files changed: `new_code`), rebound (a new socket) when its address changed, added, or removed.
 """
 
 from __future__ import annotations
@@ -37,14 +37,14 @@ class Step:
         return self.action in ("rebound", "added")
 
 
-def plan(old: Sequence[Listener], new: Sequence[Listener]) -> list[Step]:
+def plan(old: Sequence[Listener], new: Sequence[Listener], *, new_code: bool = False) -> list[Step]:
     """The steps from the running listeners to a new config's: the removed ones first, in their
     old order, then every new listener in the new order (the config file's, kept for the log and
-    the metrics)."""
+    the metrics). With `new_code`, no listener is kept: every one gets new workers."""
     running = {listener.name: listener for listener in old}
     wanted = {listener.name for listener in new}
     removed = [Step("removed", listener) for listener in old if listener.name not in wanted]
-    return removed + [_step(running.get(listener.name), listener) for listener in new]
+    return removed + [_step(running.get(listener.name), listener, new_code) for listener in new]
 
 
 def summary(steps: Iterable[Step]) -> dict[str, list[str]]:
@@ -56,11 +56,12 @@ def summary(steps: Iterable[Step]) -> dict[str, list[str]]:
     return {action: found for action, found in names.items() if found}
 
 
-def _step(old: Listener | None, new: Listener) -> Step:
+def _step(old: Listener | None, new: Listener, new_code: bool) -> Step:
     if old is None:
         return Step("added", new)
     if new == old:
-        return Step("kept", new)  # same workers, same socket, open connections untouched
+        # Same workers, same socket, open connections untouched; unless the workers run old code.
+        return Step("restarted" if new_code else "kept", new)
     if _endpoint(new) != _endpoint(old):
         return Step("rebound", new)
     return Step("restarted", new, bind_options_deferred=_bind_options(new) != _bind_options(old))

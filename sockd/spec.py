@@ -1,6 +1,6 @@
-"""What the supervisor tells a worker process when it starts it: `WorkerSpec`, sent as JSON on the
-worker's command line, and `WorkerSettings`, the part of it that is the same for every worker of a
-config.
+"""What the supervisor tells a worker process when it starts it: `WorkerSpec`, sent as JSON to the
+fork server with the worker's descriptors (see sockd.forkserver), and `WorkerSettings`, the part
+of it that is the same for every worker of a config.
 
 Apart from sockd.worker so that the supervisor can write a spec without importing a model or a
 handler: this module needs only the config's models.
@@ -20,9 +20,6 @@ class WorkerSpec(BaseModel):
 
     listener: Listener
     logging: LoggingConfig
-    listen_fd: int
-    channel_fd: int
-    counters_fd: int  # the shared memory the worker publishes its counts to
     buckets: list[float]  # the request duration histogram's bucket bounds, in seconds
     metrics: bool  # whether anybody will read the counts (else requests are not timed)
     shutdown_timeout: float  # how long a drain may take, even with no supervisor left to end it
@@ -55,13 +52,10 @@ class WorkerSettings:
         """The histogram's buckets in the shared counters: one per bound, and +Inf."""
         return len(self.buckets) + 1
 
-    def spec(self, listener: Listener, listen_fd: int, channel_fd: int, counters_fd: int) -> WorkerSpec:
+    def spec(self, listener: Listener) -> WorkerSpec:
         return WorkerSpec(
             listener=listener,
             logging=self.logging,
-            listen_fd=listen_fd,
-            channel_fd=channel_fd,
-            counters_fd=counters_fd,
             buckets=list(self.buckets),
             metrics=self.metrics,
             shutdown_timeout=self.shutdown_timeout,

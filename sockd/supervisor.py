@@ -1,6 +1,7 @@
 """The supervisor: binds every listener, keeps a group of worker processes serving each
-(sockd.group), reloads the config on SIGHUP as sockd.plan decides, tells systemd and the metrics
-endpoint how it goes, and stops them all gracefully.
+(sockd.group), forked by its fork server (sockd.forkserver), reloads the config on SIGHUP as
+sockd.plan decides, tells systemd and the metrics endpoint how it goes, and stops them all
+gracefully.
 
 Signal handlers only queue the signal; the main loop takes it off the queue and calls
 `handle_<name>` (gunicorn's arbiter). The supervisor knows listeners, sockets and processes, never
@@ -21,6 +22,7 @@ import structlog
 from sockd import metrics, systemd
 from sockd.config import Config, ConfigError, Listener, load
 from sockd.counters import BEAT_INTERVAL
+from sockd.forkserver import ForkServerError, Spawner
 from sockd.group import Group
 from sockd.logging import configure
 from sockd.plan import Step, plan, summary
@@ -42,6 +44,7 @@ class Supervisor:
         self.leaving: list[Group] = []  # removed by a reload; their workers are still draining
         self.signals: collections.deque[int] = collections.deque()
         self.selector = selectors.DefaultSelector()
+        self.spawner = Spawner()
         self.notifier = systemd.Notifier()
         self.activated = systemd.listen_fds()
         self.stopping = False
@@ -55,11 +58,12 @@ class Supervisor:
         settings = WorkerSettings.of(self.config)
         try:
             for listener in self.config.listeners:
-                self.groups[listener.name] = Group(listener, self._bind(listener), settings, self.selector)
+                self.groups[listener.name] = self._group(listener, self._bind(listener), settings)
             if self.config.metrics.enabled:
                 exporter = self._exporter()
             for name in self.activated:
                 log.warning("systemd passed a socket that no listener is named after", name=name)
+            self.spawner.start()  # before the exporter's thread: nothing forks a threaded process
         except BaseException:
             self._close_sockets()
             raise
@@ -84,6 +88,7 @@ class Supervisor:
             if exporter is not None:
                 exporter.close()
             self._close_sockets()
+            self.spawner.close()
         log.info("stopped")
         return 0
 
@@ -105,6 +110,7 @@ class Supervisor:
             now = time.monotonic()
             for group in self._groups():
                 group.tend(now)
+            self.spawner.tend(self._worker_pids)
             self.leaving = [group for group in self.leaving if any(group.workers())]
             if self.notifier.watchdog_interval and now >= self.next_watchdog:
                 # Only a turning loop pings: a supervisor stuck anywhere gets restarted by systemd.
@@ -122,6 +128,12 @@ class Supervisor:
     def _groups(self) -> Iterator[Group]:
         yield from self.groups.values()
         yield from self.leaving
+
+    def _worker_pids(self) -> set[int]:
+        return {worker.process.pid for group in self._groups() for worker in group.workers()}
+
+    def _group(self, listener: Listener, bound: Bound, settings: WorkerSettings) -> Group:
+        return Group(listener, bound, settings, self.selector, self.spawner)
 
     def _announce_ready(self) -> None:
         """Once, when every listener's workers have all said they serve."""
@@ -166,10 +178,14 @@ class Supervisor:
             # The endpoint's socket and the histogram's buckets are fixed for the process's life.
             log.warning("metrics settings change at the next restart, not on reload")
             new = new.model_copy(update={"metrics": self.config.metrics})
-        steps = plan([group.listener for group in self.groups.values()], new.listeners)
+        # New workers from sockd's old files would not run the new ones: all of them are renewed.
+        new_code = self.spawner.code_changed()
+        steps = plan([group.listener for group in self.groups.values()], new.listeners, new_code=new_code)
         try:
             fresh = self._bind_new(steps)
-        except BindError as exc:
+            if new_code:
+                self._renew_spawner(fresh)
+        except (BindError, ForkServerError) as exc:
             self._reloaded(False, f"reload failed, still serving the previous config: {exc}")
             log.error("reload rolled back", error=str(exc))
             return
@@ -199,6 +215,17 @@ class Supervisor:
 
     # -- reload
 
+    def _renew_spawner(self, fresh: dict[str, Bound]) -> None:
+        """A fork server on sockd's files as they are now; if it does not start, the sockets
+        bound for the reload are closed again (ForkServerError) and nothing has changed."""
+        try:
+            self.spawner.renew()
+        except ForkServerError:
+            for bound in fresh.values():
+                bound.close()
+            raise
+        log.info("sockd's files changed: new workers run the new code")
+
     def _bind_new(self, steps: list[Step]) -> dict[str, Bound]:
         """A new socket for each listener whose steps need one, by name; or, if one cannot be
         bound, none at all (BindError), so that the running config stays untouched."""
@@ -221,7 +248,7 @@ class Supervisor:
             group.settings = settings
         running = self.groups
         self.groups = {
-            step.name: Group(step.listener, fresh[step.name], settings, self.selector)
+            step.name: self._group(step.listener, fresh[step.name], settings)
             if step.action == "added"
             else running[step.name]
             for step in steps

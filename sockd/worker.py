@@ -1,9 +1,10 @@
-"""The worker process: serves one listener's inherited socket with its model and handler.
+"""The worker process: serves one listener's socket with its model and handler.
 
-Started by the supervisor as `python -P -m sockd.worker SPEC` (-P: nothing is imported from the
-working directory), where SPEC (JSON) names the listener, the inherited listening descriptor and
-the worker's end of a socketpair to the supervisor. The worker says `ready` on that channel once
-it serves. The supervisor says, a line each:
+Forked by the fork server (sockd.forkserver), which calls `main` with the spec the supervisor
+sent (JSON: the listener and the settings) and the descriptors that came with it: the listening
+socket, the worker's end of a socketpair to the supervisor, and the shared memory it publishes
+its counts to. The worker says `ready` on that channel once it serves. The supervisor says, a
+line each:
 
     retire            a reload replaced this worker: accept no more, serve the open connections on
     logging {JSON}    log with these settings (a reload changed them)
@@ -18,10 +19,10 @@ import contextlib
 import os
 import signal
 import socket
-import sys
 import threading
 
 import structlog
+from setproctitle import setproctitle
 
 from sockd import counters, handlers, models
 from sockd.config import LoggingConfig
@@ -31,9 +32,13 @@ from sockd.spec import WorkerSpec
 log = structlog.get_logger()
 
 
-def main(argv: list[str]) -> int:
-    spec = WorkerSpec.model_validate_json(argv[1])
+def main(spec_json: bytes, fds: list[int]) -> int:
+    """Serve as `spec_json` says on `fds` (the listening socket, the channel, the counters) until
+    stopped: the process's exit code."""
+    spec = WorkerSpec.model_validate_json(spec_json)
     listener = spec.listener
+    listen_fd, channel_fd, counters_fd = fds
+    setproctitle(f"sockd: worker {listener.name}")
     configure(spec.logging, listener=listener.name, pid=os.getpid())
 
     stop = models.Stop()
@@ -44,10 +49,10 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.end())
 
-    channel = socket.socket(fileno=spec.channel_fd)
-    sock = socket.socket(fileno=spec.listen_fd)
+    channel = socket.socket(fileno=channel_fd)
+    sock = socket.socket(fileno=listen_fd)
     sock.setblocking(False)  # see sockd.models: every model takes the listener as non-blocking
-    shared = counters.Shared(spec.counters_fd, len(spec.buckets) + 1)
+    shared = counters.Shared(counters_fd, len(spec.buckets) + 1)
     stats = counters.Stats(shared, spec.buckets, enabled=spec.metrics, stuck_after=spec.worker_timeout / 2)
     model = models.load(listener.concurrency)(listener, handlers.build(listener), stats)
     threading.Thread(target=_listen, args=(channel, stop, listener.name), daemon=True).start()
@@ -97,7 +102,3 @@ def _listen(channel: socket.socket, stop: models.Stop, listener: str) -> None:
                 elif command == b"logging":
                     configure(LoggingConfig.model_validate_json(argument), listener=listener, pid=os.getpid())
     stop.end()
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))

@@ -23,11 +23,13 @@ from support import (
     Daemon,
     Launcher,
     connect,
+    cpu_seconds,
     datagram,
     eventually,
     read_to_eof,
     request,
     require,
+    rss_bytes,
     run_sockd,
     samples,
     scrape,
@@ -292,3 +294,31 @@ def test_healthz_reports_a_stopped_worker_down_long_before_worker_timeout_kills_
     assert request(daemon.address("echo"), b"x") == b"x"
     # worker_timeout, not the health check, decides when a worker is killed: this one never was.
     assert [e["pid"] for e in daemon.events if e.get("event") == "worker started"] == [pid]
+
+
+def test_worker_cpu_and_memory_are_reported_and_cpu_never_goes_down(start_sockd: Launcher) -> None:
+    daemon = start_sockd([entry("echo", "tcp", "echo", "asyncio", workers=2), entry("idle", "udp", "echo", "selector")])
+    pids = daemon.wait_for("listening", listener="echo")["pids"]
+
+    def cpu() -> float:
+        return value(samples(daemon), "sockd_worker_cpu_seconds_total", listener="echo")
+
+    found = samples(daemon)
+    resident = value(found, "sockd_worker_resident_memory_bytes", listener="echo")
+    assert 0.8 < resident / sum(rss_bytes(pid) for pid in pids) < 1.25
+    assert 5 << 20 < value(found, "sockd_worker_resident_memory_bytes", listener="idle") < 200 << 20
+    before = cpu()
+    with connect(daemon.address("echo")) as sock:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:  # busy enough for the kernel's 10 ms ticks to see it
+            sock.sendall(b"x" * 100)
+            assert len(sock.recv(100)) > 0
+    assert cpu() > before + 0.1
+    loaded = cpu()
+    assert loaded <= sum(cpu_seconds(pid) for pid in pids) + 0.05  # what the kernel says they used
+
+    mark = len(daemon.events)
+    os.kill(pids[0], signal.SIGKILL)
+    daemon.wait_for("worker started", listener="echo", after=mark)
+    assert cpu() >= loaded  # the dead worker's time stays
+    assert value(samples(daemon), "sockd_worker_resident_memory_bytes", listener="echo") > 0

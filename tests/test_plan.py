@@ -102,3 +102,20 @@ def test_the_summary_lists_names_by_action_in_a_fixed_order_without_empty_ones()
     }
     assert list(result) == ["kept", "restarted", "rebound", "added", "removed"]
     assert summary(plan([tcp()], [tcp()])) == {"kept": ["a"]}
+
+
+def test_new_code_restarts_what_would_be_kept_and_changes_nothing_else() -> None:
+    old = [tcp("same", port=1), tcp("tuned", port=2), tcp("moved", port=3), tcp("gone", port=4)]
+    new = [tcp("same", port=1), tcp("tuned", port=2, reuse_port=True), tcp("moved", port=5), tcp("new", port=6)]
+    steps = plan(old, new, new_code=True)
+    assert summary(steps) == {
+        "restarted": ["same", "tuned"],
+        "rebound": ["moved"],
+        "added": ["new"],
+        "removed": ["gone"],
+    }
+    assert [step.name for step in steps if step.bind_options_deferred] == ["tuned"]
+    assert [step.name for step in steps if step.binds] == ["moved", "new"]
+    assert plan(old, new) == [
+        step if step.name != "same" else Step("kept", step.listener) for step in plan(old, new, new_code=True)
+    ]

@@ -17,8 +17,9 @@ What it does:
 - every DISTURB_EVERY seconds, alternately, a reload that changes one listener (its `delay`, or the
   selector listener's model between selector and busy_poll; the others must be kept) and a SIGTERM
   to another listener's worker (it drains, exits 0, and the supervisor starts a new one);
-- the supervisor's and its workers' RSS and open descriptors, summed, sampled while no
-  disturbance is in progress, compared between the first and the last 10% of the run.
+- the RSS and open descriptors of the supervisor, its fork server and its workers, summed,
+  sampled while no disturbance is in progress, compared between the first and the last 10% of
+  the run.
 
 A request may be sent again only when a disturbance ended its connection (the drain's EOF, a
 reset or EPIPE) or, over UDP, after a timeout; never more than a few times, and a late duplicate
@@ -215,7 +216,8 @@ class Soak:
     # -- resources
 
     def sample(self) -> None:
-        """RSS and open descriptors of the supervisor and its workers, while nothing is changing."""
+        """RSS and open descriptors of the supervisor, its fork server and its workers, while nothing
+        is changing."""
         try:
             for _ in range(int(SECONDS / SAMPLE_EVERY) * 2 + 10):  # until the stop, bounded
                 if self.stop.wait(SAMPLE_EVERY):
@@ -225,9 +227,10 @@ class Soak:
                 with self.pids_lock:
                     workers = set(self.pids.values())
                 supervisor = self.daemon.process.pid
-                if set(children(supervisor)) != workers:  # one starting or ending: not steady
+                fork_server = int(self.daemon.wait_for("fork server started")["pid"])
+                if set(children(supervisor)) != {fork_server, *workers}:  # one starting or ending: not steady
                     continue
-                found = [usage(pid) for pid in [supervisor, *sorted(workers)]]
+                found = [usage(pid) for pid in [supervisor, fork_server, *sorted(workers)]]
                 if self.steady.is_set() and all(found):
                     rss = sum(entry[0] for entry in found if entry)
                     fds = sum(entry[1] for entry in found if entry)

@@ -42,15 +42,12 @@ listeners:
     )
     settings = WorkerSettings.of(config)
     assert settings.bucket_count == 3
-    spec = settings.spec(config.listeners[0], listen_fd=5, channel_fd=6, counters_fd=7)
+    spec = settings.spec(config.listeners[0])
     read = WorkerSpec.model_validate_json(spec.model_dump_json(exclude_unset=True))
     assert read == spec
     assert json.loads(read.model_dump_json()) == {
         "listener": config.listeners[0].model_dump(mode="json"),
         "logging": {"level": "debug", "format": "json"},
-        "listen_fd": 5,
-        "channel_fd": 6,
-        "counters_fd": 7,
         "buckets": [0.001, 1.0],
         "metrics": False,
         "shutdown_timeout": 2.5,

@@ -143,9 +143,11 @@ def test_a_killed_worker_is_restarted_and_clients_in_the_gap_are_served(start_so
 def test_workers_stop_by_themselves_when_the_supervisor_is_killed(start_sockd: Launcher) -> None:
     daemon = start_sockd([entry("a", "tcp", "echo", "selector"), entry("b", "tcp", "echo", "iterative")])
     workers = [daemon.worker_pid("a"), daemon.worker_pid("b")]
+    fork_server = int(daemon.wait_for("fork server started")["pid"])
     daemon.process.kill()
     daemon.process.wait(10)
     assert all(_gone(pid) for pid in workers), "a worker outlived its supervisor"
+    assert _gone(fork_server), "the fork server outlived its supervisor"
 
 
 def test_sigint_from_a_terminal_stops_gracefully(start_sockd: Launcher) -> None:
