@@ -17,9 +17,10 @@ on), with a NOTIFY_SOCKET of its own, so READY=1 is seen the moment the supervis
 Memory is PSS (smaps_rollup), summed over the supervisor and all its descendants, found through
 every process's parent in /proc: RSS would count the pages workers share once per worker, and
 whatever process starts the workers, and wherever it sits below the supervisor, is counted.
-PSS also shares a file's pages with every other process that maps the file (other Pythons), and
-start-up times take what CPU is left: the report gives the load average before and after, and
-figures taken on a busy machine are not to be compared with those of a quiet one.
+PSS also shares a file's pages with every other process that maps the file (other Pythons), so
+its anonymous part (the heaps: shared only by forking, within sockd's tree) is given as well, and
+is the steadier figure. Start-up times take what CPU is left: the report gives how busy the CPUs
+were just before it started, and figures from a busy machine do not compare with a quiet one's.
 
     .venv/bin/python -m sockd_bench.footprint [--runs 3] [SECTION ...]
 
@@ -171,6 +172,7 @@ def _targets(log_path: Path, listeners: list[dict[str, Any]], label: str) -> dic
 class Memory:
     processes: int
     pss: int  # bytes, summed over the processes
+    pss_anon: int
     rss: int
     supervisor_pss: int
 
@@ -192,8 +194,9 @@ def _tree(root: int) -> list[int]:
     return found
 
 
-def _rollup(pid: int) -> tuple[int, int] | None:
-    """(PSS, RSS) in bytes; None for a process that has exited (a zombie has no mappings)."""
+def _rollup(pid: int) -> tuple[int, int, int] | None:
+    """(PSS, its anonymous part, RSS) in bytes; None for a process that has exited (a zombie has
+    no mappings)."""
     try:
         text = Path(f"/proc/{pid}/smaps_rollup").read_text()
     except OSError:
@@ -204,15 +207,16 @@ def _rollup(pid: int) -> tuple[int, int] | None:
         kib[key] = int(value.split()[0])
     if "Pss" not in kib:
         return None
-    return kib["Pss"] * 1024, kib["Rss"] * 1024
+    return kib["Pss"] * 1024, kib["Pss_Anon"] * 1024, kib["Rss"] * 1024
 
 
 def _memory_of(supervisor: int) -> Memory:
     rollups = {pid: rollup for pid in _tree(supervisor) if (rollup := _rollup(pid)) is not None}
     return Memory(
         processes=len(rollups),
-        pss=sum(pss for pss, _ in rollups.values()),
-        rss=sum(rss for _, rss in rollups.values()),
+        pss=sum(pss for pss, _, _ in rollups.values()),
+        pss_anon=sum(anon for _, anon, _ in rollups.values()),
+        rss=sum(rss for _, _, rss in rollups.values()),
         supervisor_pss=rollups[supervisor][0] if supervisor in rollups else 0,
     )
 
@@ -310,6 +314,7 @@ def matrix(directory: Path, models: tuple[ModelName, ...], requests: int) -> dic
         "processes": memory.processes,
         "pss_mib": round(memory.pss / MIB, 1),
         "pss_per_process_mib": round(memory.pss / memory.processes / MIB, 2),
+        "pss_anon_mib": round(memory.pss_anon / MIB, 1),
         "supervisor_pss_mib": round(memory.supervisor_pss / MIB, 1),
         "rss_mib": round(memory.rss / MIB, 1),
     }
@@ -332,6 +337,7 @@ def startup(directory: Path, count: int, runs: int) -> dict[str, Any]:
         "processes": max(memory.processes for memory in memories),
         "pss_mib_median": round(statistics.median(memory.pss for memory in memories) / MIB, 1),
         "pss_mib": [round(memory.pss / MIB, 1) for memory in memories],
+        "pss_anon_mib_median": round(statistics.median(memory.pss_anon for memory in memories) / MIB, 1),
     }
 
 
@@ -353,8 +359,10 @@ def idle(directory: Path, counts: tuple[int, ...]) -> dict[str, Any]:
         "connections": list(counts),
         "rss_bytes": [memory.rss for memory in memories],
         "pss_bytes": [memory.pss for memory in memories],
+        "pss_anon_bytes": [memory.pss_anon for memory in memories],
         "rss_bytes_per_connection": _slope(counts, [memory.rss for memory in memories]),
         "pss_bytes_per_connection": _slope(counts, [memory.pss for memory in memories]),
+        "pss_anon_bytes_per_connection": _slope(counts, [memory.pss_anon for memory in memories]),
     }
 
 
@@ -373,14 +381,14 @@ def _against(value: float, target: float, unit: str) -> str:
 def table(report: dict[str, Any]) -> str:
     """The report as a person reads it: a block per section, one figure a line."""
     machine = report["machine"]
-    load = " and ".join(f"{value:.2f}" for value in machine["load_average"])
-    blocks = [f"machine: {machine['cpus']} CPUs, load average (1 min) {load} before and after"]
+    blocks = [f"machine: {machine['cpus']} CPUs, {machine['cpu_busy_before']:.0%} busy in the second before"]
     if found := report.get("matrix"):
         rows: list[tuple[str, object]] = [
             ("ready", f"{found['ready_s']:.3f} s"),
             ("processes", found["processes"]),
             ("PSS", f"{found['pss_mib']:,.1f} MiB {_against(found['pss_mib'], TARGETS['matrix_pss_mib'], 'MiB')}"),
             ("PSS/process", f"{found['pss_per_process_mib']:,.2f} MiB"),
+            ("PSS anonymous", f"{found['pss_anon_mib']:,.1f} MiB"),
             ("supervisor PSS", f"{found['supervisor_pss_mib']:,.1f} MiB"),
             ("RSS", f"{found['rss_mib']:,.1f} MiB"),
         ]
@@ -397,6 +405,7 @@ def table(report: dict[str, Any]) -> str:
             ("ready (median)", f"{median:.3f} s ({runs}) {_against(median, TARGETS['startup_ready_s'], 's')}"),
             ("processes", found["processes"]),
             ("PSS (median)", f"{found['pss_mib_median']:,.1f} MiB ({sizes})"),
+            ("PSS anon (med.)", f"{found['pss_anon_mib_median']:,.1f} MiB"),
         ]
         blocks.append(_block(f"startup: {found['listeners']} asyncio tcp echo listeners, {found['runs']} runs", rows))
     if found := report.get("idle"):
@@ -405,8 +414,10 @@ def table(report: dict[str, Any]) -> str:
             ("connections", "  ".join(f"{count:>9,}" for count in found["connections"])),
             ("RSS (MiB)", "  ".join(f"{size / MIB:>9,.1f}" for size in found["rss_bytes"])),
             ("PSS (MiB)", "  ".join(f"{size / MIB:>9,.1f}" for size in found["pss_bytes"])),
+            ("PSS anon (MiB)", "  ".join(f"{size / MIB:>9,.1f}" for size in found["pss_anon_bytes"])),
             ("RSS/connection", f"{slope:,.1f} B {_against(slope, TARGETS['idle_bytes_per_connection'], 'B')}"),
             ("PSS/connection", f"{found['pss_bytes_per_connection']:,.1f} B"),
+            ("PSS anon/conn.", f"{found['pss_anon_bytes_per_connection']:,.1f} B"),
         ]
         blocks.append(_block("idle: one asyncio tcp echo listener; per connection: the slope of a line fit", rows))
     return "\n\n".join(blocks)
@@ -414,6 +425,19 @@ def table(report: dict[str, Any]) -> str:
 
 def _block(caption: str, rows: list[tuple[str, object]]) -> str:
     return "\n".join([caption, *(f"  {name:<16} {value}" for name, value in rows)])
+
+
+def _cpu_busy() -> float:
+    """The share of all CPUs' time that went to anything but idling, over one second (/proc/stat)."""
+
+    def sample() -> tuple[int, int]:
+        ticks = [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # all, and idle with iowait
+
+    total, idle = sample()
+    time.sleep(1)
+    total_after, idle_after = sample()
+    return round(1 - (idle_after - idle) / max(total_after - total, 1), 3)
 
 
 def _counts(text: str) -> tuple[int, ...]:
@@ -455,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         "startup": lambda directory: startup(directory, args.listeners, args.runs),
         "idle": lambda directory: idle(directory, args.idle),
     }
-    report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "load_average": [os.getloadavg()[0]]}}
+    report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "cpu_busy_before": _cpu_busy()}}
     # A short directory under /tmp: Unix socket paths have at most 107 bytes.
     directory = Path(tempfile.mkdtemp(prefix="fp", dir="/tmp"))
     try:
@@ -468,7 +492,6 @@ def main(argv: list[str] | None = None) -> int:
         return INTERRUPTED
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    report["machine"]["load_average"].append(os.getloadavg()[0])
     emit(table(report))
     emit(json.dumps({**report, "targets": TARGETS}))
     return 0

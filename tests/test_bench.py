@@ -165,6 +165,7 @@ def test_footprint_of_a_small_sockd() -> None:
     matrix, startup, idle = report["matrix"], report["startup"], report["idle"]
     assert (matrix["listeners"], matrix["processes"]) == (6, 7)  # a worker per listener, and the supervisor
     assert 0 < matrix["supervisor_pss_mib"] < matrix["pss_mib"] <= matrix["rss_mib"]
+    assert 0 < matrix["pss_anon_mib"] <= matrix["pss_mib"]
     assert matrix["ready_s"] > 0
     assert (startup["processes"], len(startup["ready_s"]), len(startup["pss_mib"])) == (3, 1, 1)
     assert startup["ready_s_median"] == startup["ready_s"][0] > 0
