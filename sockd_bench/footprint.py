@@ -9,6 +9,9 @@ on), with a NOTIFY_SOCKET of its own, so READY=1 is seen the moment the supervis
   time from exec to READY=1.
 - startup: --listeners asyncio tcp echo listeners: the time to READY=1, median of --runs runs,
   and their memory.
+
+With each time to READY=1 comes the CPU time sockd's processes had used by then, which other
+work on the machine does not lengthen.
 - idle: one asyncio tcp echo listener holding 0, 2,000 and 8,000 idle connections, each of which
   has echoed a "ping" (as ../shared/bench/compare.py's idle workload does). Bytes per connection
   are the slope of a least-squares line through the memory at each count: the heap sockd starts
@@ -76,6 +79,7 @@ ASYNCIO_ECHO: dict[str, Any] = {"protocol": "tcp", **LOOPBACK, "handler": "echo"
 class Running:
     pid: int
     ready_s: float  # from just before exec to READY=1
+    cpu_s: float  # CPU time the processes had used by READY=1: what a busy machine does not change
     targets: dict[str, Target]  # by listener name, at the address sockd logged
 
 
@@ -107,7 +111,8 @@ def _sockd(label: str, listeners: list[dict[str, Any]], directory: Path) -> Iter
             # Each worker is a Python starting up, about 0.2 s of CPU today: a second more per listener.
             deadline = started + START_TIMEOUT + len(listeners)
             ready_s = _await_ready(notify, process, deadline, label, log_path) - started
-            yield Running(process.pid, ready_s, _targets(log_path, listeners, label))
+            cpu_s = _cpu_seconds(_tree(process.pid))
+            yield Running(process.pid, ready_s, cpu_s, _targets(log_path, listeners, label))
         finally:
             # Found before the stop: once the supervisor is gone its workers are no longer below it.
             tree = _tree(process.pid)
@@ -192,6 +197,15 @@ def _tree(root: int) -> list[int]:
     for pid in found:  # grows as it goes: a breadth-first walk, finite as parents form a tree
         found.extend(children.get(pid, ()))
     return found
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User and system time of these processes, threads and reaped children included."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):  # exited since the walk
+            total += sum(int(field) for field in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11:15])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _rollup(pid: int) -> tuple[int, int, int] | None:
@@ -311,6 +325,7 @@ def matrix(directory: Path, models: tuple[ModelName, ...], requests: int) -> dic
         "models": list(models),
         "requests_per_listener": requests,
         "ready_s": round(running.ready_s, 3),
+        "cpu_s_to_ready": round(running.cpu_s, 2),
         "processes": memory.processes,
         "pss_mib": round(memory.pss / MIB, 1),
         "pss_per_process_mib": round(memory.pss / memory.processes / MIB, 2),
@@ -323,10 +338,12 @@ def matrix(directory: Path, models: tuple[ModelName, ...], requests: int) -> dic
 def startup(directory: Path, count: int, runs: int) -> dict[str, Any]:
     listeners = [{"name": f"echo-{index}", **ASYNCIO_ECHO} for index in range(count)]
     ready: list[float] = []
+    cpu: list[float] = []
     memories: list[Memory] = []
     for run in range(runs):
         with _sockd(f"startup-{run}", listeners, directory) as running:
             ready.append(running.ready_s)
+            cpu.append(running.cpu_s)
             time.sleep(SETTLE)
             memories.append(_memory_of(running.pid))
     return {
@@ -334,6 +351,7 @@ def startup(directory: Path, count: int, runs: int) -> dict[str, Any]:
         "runs": runs,
         "ready_s_median": round(statistics.median(ready), 3),
         "ready_s": [round(seconds, 3) for seconds in ready],
+        "cpu_s_to_ready_median": round(statistics.median(cpu), 2),
         "processes": max(memory.processes for memory in memories),
         "pss_mib_median": round(statistics.median(memory.pss for memory in memories) / MIB, 1),
         "pss_mib": [round(memory.pss / MIB, 1) for memory in memories],
@@ -385,6 +403,7 @@ def table(report: dict[str, Any]) -> str:
     if found := report.get("matrix"):
         rows: list[tuple[str, object]] = [
             ("ready", f"{found['ready_s']:.3f} s"),
+            ("CPU to ready", f"{found['cpu_s_to_ready']:.2f} s"),
             ("processes", found["processes"]),
             ("PSS", f"{found['pss_mib']:,.1f} MiB {_against(found['pss_mib'], TARGETS['matrix_pss_mib'], 'MiB')}"),
             ("PSS/process", f"{found['pss_per_process_mib']:,.2f} MiB"),
@@ -403,6 +422,7 @@ def table(report: dict[str, Any]) -> str:
         median = found["ready_s_median"]
         rows = [
             ("ready (median)", f"{median:.3f} s ({runs}) {_against(median, TARGETS['startup_ready_s'], 's')}"),
+            ("CPU to ready", f"{found['cpu_s_to_ready_median']:.2f} s (median)"),
             ("processes", found["processes"]),
             ("PSS (median)", f"{found['pss_mib_median']:,.1f} MiB ({sizes})"),
             ("PSS anon (med.)", f"{found['pss_anon_mib_median']:,.1f} MiB"),

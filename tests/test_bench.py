@@ -167,6 +167,7 @@ def test_footprint_of_a_small_sockd() -> None:
     assert 0 < matrix["supervisor_pss_mib"] < matrix["pss_mib"] <= matrix["rss_mib"]
     assert 0 < matrix["pss_anon_mib"] <= matrix["pss_mib"]
     assert matrix["ready_s"] > 0
+    assert matrix["cpu_s_to_ready"] > 0
     assert (startup["processes"], len(startup["ready_s"]), len(startup["pss_mib"])) == (3, 1, 1)
     assert startup["ready_s_median"] == startup["ready_s"][0] > 0
     assert idle["connections"] == [0, 20, 50]
