@@ -11,7 +11,7 @@ on), with a NOTIFY_SOCKET of its own, so READY=1 is seen the moment the supervis
   and their memory.
 
 With each time to READY=1 comes the CPU time sockd's processes had used by then, which other
-work on the machine does not lengthen.
+work on the machine lengthens far less (waiting for a CPU costs none; sharing its caches some).
 - idle: one asyncio tcp echo listener holding 0, 2,000 and 8,000 idle connections, each of which
   has echoed a "ping" (as ../shared/bench/compare.py's idle workload does). Bytes per connection
   are the slope of a least-squares line through the memory at each count: the heap sockd starts
@@ -79,7 +79,7 @@ ASYNCIO_ECHO: dict[str, Any] = {"protocol": "tcp", **LOOPBACK, "handler": "echo"
 class Running:
     pid: int
     ready_s: float  # from just before exec to READY=1
-    cpu_s: float  # CPU time the processes had used by READY=1: what a busy machine does not change
+    cpu_s: float  # CPU time the processes had used by READY=1: less moved by a busy machine
     targets: dict[str, Target]  # by listener name, at the address sockd logged
 
 
