@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench bench-footprint clean
 
 run: $(STAMP)
 	$(BIN)/sockd -c config/sockd.yaml
@@ -22,6 +22,10 @@ lint: $(STAMP)
 # The performance tables (minutes; not part of `make test`): see sockd_bench/suite.py.
 bench: $(STAMP)
 	$(BIN)/python -m sockd_bench.suite
+
+# Memory and start-up alone (a few minutes; no ../shared needed): see sockd_bench/footprint.py.
+bench-footprint: $(STAMP)
+	$(BIN)/python -m sockd_bench.footprint
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -66,7 +66,7 @@ def _serving(
         address = _await_listening(process, log_path, model)
         yield parse_target(f"{protocol}://{address}")
     finally:
-        _stop(process, model, delay + 1 + START_TIMEOUT)
+        stop(process, model, delay + 1 + START_TIMEOUT)
 
 
 def _await_listening(process: subprocess.Popen[bytes], log_path: Path, model: ModelName) -> str:
@@ -74,7 +74,7 @@ def _await_listening(process: subprocess.Popen[bytes], log_path: Path, model: Mo
     for _ in range(round(START_TIMEOUT / POLL)):
         lines = log_path.read_text(errors="replace").splitlines()
         address = None
-        for event in map(_json_object, lines):
+        for event in map(json_object, lines):
             if event.get("event") == "listening":
                 address = event.get("address")
             elif event.get("event") == "ready" and address is not None:
@@ -86,7 +86,8 @@ def _await_listening(process: subprocess.Popen[bytes], log_path: Path, model: Mo
     raise BenchError(f"sockd ({model}) was not ready within {START_TIMEOUT:g} s (its log: {log_path})")
 
 
-def _json_object(line: str) -> dict[str, Any]:
+def json_object(line: str) -> dict[str, Any]:
+    """A JSON log line as a dict; {} for anything else (a line that is not JSON, or not an object)."""
     try:
         value = json.loads(line)
     except json.JSONDecodeError:
@@ -94,7 +95,8 @@ def _json_object(line: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _stop(process: subprocess.Popen[bytes], model: ModelName, timeout: float) -> None:
+def stop(process: subprocess.Popen[bytes], label: str, timeout: float) -> None:
+    """SIGTERM, then SIGKILL if it is not gone within `timeout`; warns unless it exited 0."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
     try:
@@ -103,7 +105,7 @@ def _stop(process: subprocess.Popen[bytes], model: ModelName, timeout: float) ->
         process.kill()  # its workers exit by themselves when their supervisor is gone
         code = process.wait(timeout)
     if code != 0:
-        warn(f"sockd ({model}) exited with code {code} when stopped")
+        warn(f"sockd ({label}) exited with code {code} when stopped")
 
 
 def _run_models(args: argparse.Namespace) -> int:

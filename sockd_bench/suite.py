@@ -1,9 +1,10 @@
 """`make bench`: the performance tables of the project, sockd's models beside the bare peers.
 
 Each workload is one run of ../shared/bench/compare.py (interleaved rounds, server on CPU 0,
-load on CPU 1), whose first server is the reference of the ratios it prints. sockd runs with
-metrics enabled, as in production. This is not part of `make test`: it takes minutes and its
-numbers belong to the machine it ran on.
+load on CPU 1), whose first server is the reference of the ratios it prints; `footprint` is
+footprint.py instead (memory and start-up, sockd alone, its startup section run --rounds times).
+sockd runs with metrics enabled, as in production. This is not part of `make test`: it takes
+minutes and its numbers belong to the machine it ran on.
 
     .venv/bin/python -m sockd_bench.suite [--rounds 3] [--seconds 3] [WORKLOAD ...]
 """
@@ -93,24 +94,31 @@ WORKLOADS: dict[str, tuple[list[str], list[str]]] = {
     "relay": (["tcp-echo"], ["c", *relays()]),
     "relay-bulk": (["tcp-echo", "--size", str(1 << 20), "--conns", "8"], ["c", *relays()]),
 }
+OWN = {"footprint": "sockd_bench.footprint"}  # workloads run by a module of this package, not compare.py
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("workloads", nargs="*", metavar="WORKLOAD", help=f"{', '.join(WORKLOADS)} (default: all)")
+    names = [*WORKLOADS, *OWN]
+    parser.add_argument("workloads", nargs="*", metavar="WORKLOAD", help=f"{', '.join(names)} (default: all)")
     parser.add_argument("--rounds", default="3")
     parser.add_argument("--seconds", default="3")
     args = parser.parse_args()
-    if unknown := set(args.workloads) - set(WORKLOADS):
+    if unknown := set(args.workloads) - set(names):
         parser.error(f"unknown workload: {', '.join(sorted(unknown))}")
-    if not COMPARE.exists():
+    chosen = args.workloads or names
+    if not COMPARE.exists() and set(chosen) & set(WORKLOADS):
         print(f"bench: {COMPARE} is missing: the benchmark peers live in ../shared/bench", file=sys.stderr)
         return 1
-    for name in args.workloads or WORKLOADS:
-        options, servers = WORKLOADS[name]
-        timing = ["--rounds", args.rounds, "--seconds", args.seconds]
+    for name in chosen:
+        if name in OWN:
+            command = [sys.executable, "-P", "-m", OWN[name], "--runs", args.rounds]
+        else:
+            options, servers = WORKLOADS[name]
+            timing = ["--rounds", args.rounds, "--seconds", args.seconds]
+            command = [sys.executable, str(COMPARE), *options, *timing, *servers]
         print(f"== {name}", flush=True)
-        done = subprocess.run([sys.executable, str(COMPARE), *options, *timing, *servers], check=False)
+        done = subprocess.run(command, check=False)
         if done.returncode:
             return done.returncode
     return 0

@@ -1,10 +1,13 @@
-"""`sockd bench`, run as a user runs it (`python -m sockd bench`) against a real sockd. Only sanity:
-numbers that add up, never timings."""
+"""`sockd bench`, run as a user runs it (`python -m sockd bench`) against a real sockd, and the
+footprint benchmark (`python -m sockd_bench.footprint`). Only sanity: numbers that add up, never
+timings."""
 
 from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any, get_args
 
@@ -142,3 +145,30 @@ def test_models_side_by_side() -> None:
         assert report["errors"] == 0, report
         assert report["mode"] == "echo"
         assert report["target"].startswith("tcp://127.0.0.1:")
+
+
+def test_footprint_of_a_small_sockd() -> None:
+    """Each section on its smallest sockd: 6 listeners (one model), 2 listeners, a few connections."""
+    small = ["--models", "asyncio", "--requests", "5", "--listeners", "2", "--runs", "1", "--idle", "0,20,50"]
+    result = subprocess.run(
+        [sys.executable, "-P", "-m", "sockd_bench.footprint", *small],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    *table, last = result.stdout.splitlines()
+    assert "PSS/process" in "\n".join(table)
+    report = json.loads(last)
+    matrix, startup, idle = report["matrix"], report["startup"], report["idle"]
+    assert (matrix["listeners"], matrix["processes"]) == (6, 7)  # a worker per listener, and the supervisor
+    assert 0 < matrix["supervisor_pss_mib"] < matrix["pss_mib"] <= matrix["rss_mib"]
+    assert 0 < matrix["pss_anon_mib"] <= matrix["pss_mib"]
+    assert matrix["ready_s"] > 0
+    assert matrix["cpu_s_to_ready"] > 0
+    assert (startup["processes"], len(startup["ready_s"]), len(startup["pss_mib"])) == (3, 1, 1)
+    assert startup["ready_s_median"] == startup["ready_s"][0] > 0
+    assert idle["connections"] == [0, 20, 50]
+    assert all(size > 0 for size in idle["rss_bytes"] + idle["pss_bytes"])
