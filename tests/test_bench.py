@@ -163,12 +163,13 @@ def test_footprint_of_a_small_sockd() -> None:
     assert "PSS/process" in "\n".join(table)
     report = json.loads(last)
     matrix, startup, idle = report["matrix"], report["startup"], report["idle"]
-    assert (matrix["listeners"], matrix["processes"]) == (6, 7)  # a worker per listener, and the supervisor
+    # A worker per listener, the supervisor and its fork server.
+    assert (matrix["listeners"], matrix["processes"]) == (6, 8)
     assert 0 < matrix["supervisor_pss_mib"] < matrix["pss_mib"] <= matrix["rss_mib"]
     assert 0 < matrix["pss_anon_mib"] <= matrix["pss_mib"]
     assert matrix["ready_s"] > 0
     assert matrix["cpu_s_to_ready"] > 0
-    assert (startup["processes"], len(startup["ready_s"]), len(startup["pss_mib"])) == (3, 1, 1)
+    assert (startup["processes"], len(startup["ready_s"]), len(startup["pss_mib"])) == (4, 1, 1)
     assert startup["ready_s_median"] == startup["ready_s"][0] > 0
     assert idle["connections"] == [0, 20, 50]
     assert all(size > 0 for size in idle["rss_bytes"] + idle["pss_bytes"])
