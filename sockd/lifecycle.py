@@ -36,7 +36,7 @@ import structlog
 from sockd.config import Listener
 from sockd.counters import RESET, SEND, TIMEOUT, TOO_LARGE, Recorder
 from sockd.handlers import Handler, TooLarge
-from sockd.limits import Admission, Ticket, Timeouts, Unlimited, admission_for
+from sockd.limits import MOVED, Admission, Ticket, Timeouts, Unlimited, admission_for
 
 log = structlog.get_logger()
 
@@ -105,7 +105,7 @@ class Connection:
     Subclasses define `end_input`, and set `transport` before `opened` (a relay, which has two,
     defines `abort` instead)."""
 
-    __slots__ = ("active", "answered", "deadline", "delayed", "recorder", "service", "ticket", "transport")
+    __slots__ = ("answered", "deadline", "delayed", "recorder", "service", "ticket", "transport")
 
     transport: Transport
 
@@ -115,8 +115,7 @@ class Connection:
         self.recorder = recorder
         self.answered = False  # see Service.stop
         self.delayed = 0  # replies due later: a timeout waits for the server, not the client
-        self.active = False  # moved a byte since the last sweep (see Timeouts)
-        self.deadline = 0.0
+        self.deadline = MOVED  # see Timeouts
 
     def end_input(self) -> None:
         """Shut the connection's input (SHUT_RD): the model sees EOF once what was sent is read."""
@@ -168,7 +167,7 @@ class Stream(Connection):
 
     def data_received(self, data: bytes) -> None:
         started = self.recorder.clock()
-        self.active = True
+        self.deadline = MOVED
         session = self.session
         try:
             reply = session.feed(data)

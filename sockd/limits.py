@@ -228,11 +228,15 @@ def source_of(address: object) -> str:
     return str(address[0]) if isinstance(address, tuple) else ""
 
 
+# A connection's deadline once it has moved a byte since the last sweep: the models store it on
+# every read and write (one store, as a flag would cost, and a slot less per connection).
+MOVED = 0.0
+
+
 class Timed(Protocol):
     """A connection as the timeout sweep sees it (the event-loop models' connection objects)."""
 
-    active: bool  # moved a byte since the last sweep: set by the model, cleared by the sweep
-    deadline: float
+    deadline: float  # when it times out; MOVED: it moved a byte since the last sweep
     delayed: int  # replies due later: the server, not the client, is what it waits for
 
 
@@ -253,15 +257,13 @@ class Timeouts:
         self.interval = max(0.01, shortest / 4) if shortest < math.inf else None
 
     def started(self, conn: Timed) -> None:
-        conn.active = False
         if self.interval is not None:  # no clock read, no float per connection when nothing times out
             conn.deadline = time.monotonic() + self.first_byte
 
     def expired(self, connections: Iterable[T]) -> Iterator[T]:
         now = time.monotonic()
         for conn in list(connections):
-            if conn.active:
-                conn.active = False
+            if conn.deadline == MOVED:
                 conn.deadline = now + self.idle
             elif now >= conn.deadline and not conn.delayed:
                 yield conn

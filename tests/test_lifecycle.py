@@ -17,7 +17,7 @@ from sockd import handlers
 from sockd.config import InetListener, UnixListener
 from sockd.counters import RESET, SEND, TIMEOUT, TOO_LARGE, Recorder
 from sockd.lifecycle import Address, Datagrams, Service, Stream
-from sockd.limits import ACL, FREE, MAX_CONNECTIONS, Ticket, Unlimited
+from sockd.limits import ACL, FREE, MAX_CONNECTIONS, MOVED, Ticket, Unlimited
 
 BOUNDS = [0.001, 1.0]
 
@@ -225,7 +225,7 @@ def test_the_sweep_aborts_the_quiet_and_spares_the_active_and_the_delayed() -> N
         conn.opened()
     delayed.data_received(b"waits for the server")
     time.sleep(0.1)
-    active.active = True
+    active.deadline = MOVED
     shared.sweep()
     assert quiet.actions == ["abort"]
     assert quiet.recorder.errors[TIMEOUT] == 1

@@ -40,26 +40,31 @@ from support import listener as entry
 STREAMS = ["tcp-echo", "tcp6-echo", "unix-echo"]
 
 
-def listeners_for(model: str, directory: Path) -> list[dict[str, object]]:
+def listeners_for(model: str, directory: Path, **options: object) -> list[dict[str, object]]:
     return [
-        entry("tcp-echo", "tcp", "echo", model),
-        entry("tcp6-echo", "tcp", "echo", model, "::1"),
-        entry("unix-echo", "unix", "echo", model, directory / "e.sock"),
-        entry("tcp-time", "tcp", "timestamp", model),
-        entry("unix-time", "unix", "timestamp", model, directory / "t.sock"),
-        entry("tcp-iso", "tcp", "timestamp", model, timestamp_format="iso8601"),
-        entry("udp-echo", "udp", "echo", model),
-        entry("udp6-echo", "udp", "echo", model, "::1"),
-        entry("udp-time", "udp", "timestamp", model),
-        entry("udp-unix", "udp", "timestamp", model, timestamp_format="unix"),
+        entry("tcp-echo", "tcp", "echo", model, **options),
+        entry("tcp6-echo", "tcp", "echo", model, "::1", **options),
+        entry("unix-echo", "unix", "echo", model, directory / "e.sock", **options),
+        entry("tcp-time", "tcp", "timestamp", model, **options),
+        entry("unix-time", "unix", "timestamp", model, directory / "t.sock", **options),
+        entry("tcp-iso", "tcp", "timestamp", model, timestamp_format="iso8601", **options),
+        entry("udp-echo", "udp", "echo", model, **options),
+        entry("udp6-echo", "udp", "echo", model, "::1", **options),
+        entry("udp-time", "udp", "timestamp", model, **options),
+        entry("udp-unix", "udp", "timestamp", model, timestamp_format="unix", **options),
     ]
 
 
-@pytest.fixture(scope="module", params=MODELS)
+# The asyncio model once more on the standard library's loop (uvloop is the default).
+STDLIB_LOOP = "asyncio-stdlib-loop"
+
+
+@pytest.fixture(scope="module", params=[*MODELS, STDLIB_LOOP])
 def served(request: pytest.FixtureRequest, start_module_sockd: Launcher) -> Iterator[Daemon]:
     """One daemon per model, serving every protocol and handler pair."""
+    model, options = ("asyncio", {"event_loop": "asyncio"}) if request.param == STDLIB_LOOP else (request.param, {})
     with short_directory() as directory:
-        daemon = start_module_sockd(listeners_for(request.param, directory))
+        daemon = start_module_sockd(listeners_for(model, directory, **options))
         yield daemon
         assert daemon.stop() == 0
 

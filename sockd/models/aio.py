@@ -4,6 +4,7 @@ transport is its transport: a request costs what it costs a bare uvloop protocol
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import importlib
 import socket
@@ -16,7 +17,7 @@ from sockd.config import EventLoop, Listener
 from sockd.counters import BEAT_INTERVAL, RESET, Recorder, Stats
 from sockd.handlers import Handler, Relay
 from sockd.lifecycle import Address, Connection, Service, Stream
-from sockd.limits import Ticket
+from sockd.limits import MOVED, Ticket
 from sockd.models import Stop
 from sockd.models.shared import RESOURCE_PAUSE, SocketDatagrams, accept_failed, admit, end_transport_input
 from sockd.relay.aio import DatagramRelayProtocol, RelayProtocol
@@ -109,7 +110,7 @@ class Model:
             if self.stopped:  # in the same turn as the stop, after it
                 return
             try:
-                conn, address = sock.accept()
+                fd, address = sock._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, ConnectionAbortedError):
                 return
             except OSError as exc:
@@ -117,6 +118,9 @@ class Model:
                 loop.remove_reader(sock.fileno())
                 self.paused = loop.call_later(RESOURCE_PAUSE, self._resume_accepting, loop, sock)
                 return
+            # The bare C socket, not socket.socket: uvloop keeps it as long as the connection
+            # lives, and it is 40 bytes smaller (no slots, no GC header) with 8,000 of them open.
+            conn = _socket.socket(sock.family, sock.type, sock.proto, fd)
             ticket = admit(conn, address, self.service, self.recorder)
             if ticket is None:
                 continue
@@ -130,13 +134,14 @@ class Model:
         if not self.stopped:
             loop.add_reader(sock.fileno(), self._accept, loop, sock)
 
-    async def _connect(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, ticket: Ticket) -> None:
+    async def _connect(self, loop: asyncio.AbstractEventLoop, conn: _socket.socket, ticket: Ticket) -> None:
         service, recorder, relay = self.service, self.recorder, self.relay
+        sock = cast(socket.socket, conn)  # both loops use only what the C socket has
         try:
             if relay is None:
-                await loop.connect_accepted_socket(lambda: StreamProtocol(service, ticket, recorder), conn)
+                await loop.connect_accepted_socket(lambda: StreamProtocol(service, ticket, recorder), sock)
             else:
-                await loop.connect_accepted_socket(lambda: RelayProtocol(service, ticket, recorder, relay), conn)
+                await loop.connect_accepted_socket(lambda: RelayProtocol(service, ticket, recorder, relay), sock)
         except OSError as exc:  # the client left before its transport was made
             recorder.errors[RESET] += 1
             log.debug("connection lost", error=str(exc))
@@ -163,7 +168,7 @@ class Model:
             assert isinstance(connection, StreamProtocol | RelayProtocol)
             buffered = connection.write_buffered()
             if buffered != connection.buffered:
-                connection.buffered, connection.active = buffered, True
+                connection.buffered, connection.deadline = buffered, MOVED
         self.service.sweep()
         loop.call_later(interval, self._sweep, loop, interval)
 

@@ -18,7 +18,7 @@ from sockd.config import BUFSIZE, Listener, SelectorBackend
 from sockd.counters import BEAT_INTERVAL, Stats
 from sockd.handlers import Handler, Relay
 from sockd.lifecycle import Service, Stream
-from sockd.limits import Ticket
+from sockd.limits import MOVED, Ticket
 from sockd.models import Stop
 from sockd.models.shared import HIGH_WATER, RESOURCE_PAUSE, SocketDatagrams, accept_failed, admit, shutdown_read
 from sockd.relay.selector import DatagramSessions, Splice
@@ -260,7 +260,7 @@ class SelectorStream(Stream):
             self._closed(exc)
             return
         del self.out[:sent]
-        self.active = True
+        self.deadline = MOVED
         if self.closing and not self.out:
             self.abort()
         else:

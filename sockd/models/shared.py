@@ -3,6 +3,7 @@ running out of descriptors, ending a connection's input for a drain, sending dat
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import socket
@@ -38,7 +39,7 @@ def accept_failed(exc: OSError, recorder: Recorder) -> None:
     _out_of_resources(error=exc.strerror, pause=RESOURCE_PAUSE)
 
 
-def admit(conn: socket.socket, address: Address, service: Service, recorder: Recorder) -> Ticket | None:
+def admit(conn: _socket.socket, address: Address, service: Service, recorder: Recorder) -> Ticket | None:
     """The ticket of a just-accepted connection, or None if a limit refused it: it is closed then."""
     admission = service.admission
     credentials = peer_credentials(conn) if admission.wants_credentials else None
@@ -48,7 +49,7 @@ def admit(conn: socket.socket, address: Address, service: Service, recorder: Rec
     return ticket
 
 
-def peer_credentials(conn: socket.socket) -> Credentials:
+def peer_credentials(conn: _socket.socket) -> Credentials:
     pid, uid, gid = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
     return pid, uid, gid
 

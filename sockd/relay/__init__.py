@@ -18,7 +18,7 @@ from typing import Protocol, TypeVar
 from sockd.counters import UPSTREAM, Recorder
 from sockd.handlers import Relay
 from sockd.lifecycle import Address, Connection, Service
-from sockd.limits import Throttled, Ticket
+from sockd.limits import MOVED, Throttled, Ticket
 
 # What opening an upstream can fail with: refused, unreachable, timed out; ValueError for a host
 # name IDNA cannot encode (config refuses most of them).
@@ -67,7 +67,7 @@ class Relayed(Connection):
         raise NotImplementedError
 
     def carried(self, size: int, from_client: bool) -> None:
-        self.active = True
+        self.deadline = MOVED
         self.moved += size
         if from_client:
             self.recorder.received += size

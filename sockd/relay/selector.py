@@ -21,7 +21,7 @@ import structlog
 from sockd.config import BUFSIZE
 from sockd.handlers import Relay
 from sockd.lifecycle import Address, Service
-from sockd.limits import Ticket
+from sockd.limits import MOVED, Ticket
 from sockd.models.shared import HIGH_WATER, SocketDatagrams, shutdown_read
 from sockd.relay import UPSTREAM_ERRORS, Reactor, Relayed, Sessions, upstream_failed
 
@@ -158,7 +158,8 @@ class Splice(Relayed):
                 return
             del end.out[:sent]
             self.moved += sent
-            self.active = self.active or sent > 0
+            if sent:
+                self.deadline = MOVED
         if not end.out and end.shut_when_flushed:
             end.shut_when_flushed = False
             try:
