@@ -152,12 +152,11 @@ class Connection:
 class Stream(Connection):
     """A connection served by a sans-IO handler session (see sockd.handlers)."""
 
-    __slots__ = ("session", "tail")
+    __slots__ = ("session",)
 
     def __init__(self, service: Service, ticket: Ticket, recorder: Recorder) -> None:
         super().__init__(service, ticket, recorder)
         self.session = service.handler.session()
-        self.tail: bytes | None = None  # the handler's word at the client's EOF, once replies due are out
 
     def opened(self) -> None:
         super().opened()
@@ -204,21 +203,27 @@ class Stream(Connection):
 
     def _replied(self, closing: bool) -> None:
         """After a reply: the first marks the connection answered (see Service.stop); a closing
-        one closes it, and so does the last one due after the client's EOF."""
+        one closes it."""
         if not self.answered:
             self.first_answer()
         if closing:
             self.transport.close()
-        elif self.tail is not None and not self.delayed:
-            self._finish(self.tail)
 
     def eof_received(self) -> bool:
         """The client ended its output: the handler's last word follows the replies still due,
         then the connection closes. True: asyncio must not close it before."""
-        self.tail = self.session.eof()
-        if not self.delayed:  # otherwise the last delayed reply finishes the connection
-            self._finish(self.tail)
+        tail = self.session.eof()
+        if self.delayed:  # it waits `delay` too, so the replies due go out first, in order
+            self.delayed += 1
+            self.service.later(self.service.delay, self._delayed_finish, tail)
+        else:
+            self._finish(tail)
         return True
+
+    def _delayed_finish(self, tail: bytes) -> None:
+        self.delayed -= 1
+        if not self.transport.is_closing():
+            self._finish(tail)
 
     def _finish(self, tail: bytes) -> None:
         if tail:

@@ -131,8 +131,8 @@ def test_a_delayed_reply_is_written_when_its_timer_fires_and_holds_back_the_clos
     conn.data_received(b"one")
     conn.eof_received()
     assert conn.actions == []  # neither the reply nor the close yet
-    assert [delay for delay, _, _ in timers.due] == [0.5]
-    assert conn.delayed == 1
+    assert [delay for delay, _, _ in timers.due] == [0.5, 0.5]  # the reply, then the close after it
+    assert conn.delayed == 2
     timers.fire()
     assert conn.actions == [("write", b"one"), "close"]
     assert conn.delayed == 0

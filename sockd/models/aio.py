@@ -78,7 +78,7 @@ class Model:
         loop.add_reader(stop.ending.fileno(), self._ending, loop, stop)
         self._beat(loop)
         if service.timeouts.interval is not None:
-            self._sweep(loop, service.timeouts.interval)
+            self._sweep(loop, service.timeouts.interval, {})
         if sock.type == socket.SOCK_DGRAM:
             datagrams = self._datagrams(sock)
             await loop.create_datagram_endpoint(lambda: datagrams, sock=sock)
@@ -161,29 +161,29 @@ class Model:
         self.stats.beat()
         loop.call_later(BEAT_INTERVAL, self._beat, loop)
 
-    def _sweep(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
+    def _sweep(self, loop: asyncio.AbstractEventLoop, interval: float, buffered: dict[Connection, int]) -> None:
         """A transport does not say when its buffer drains, so a buffer that changed size since
-        the last sweep counts as activity; then the lifecycle's sweep (see Timeouts)."""
+        the last sweep counts as activity; then the lifecycle's sweep (see Timeouts). `buffered`
+        holds the sizes the last sweep saw, of the few buffers that were not empty."""
+        now_buffered: dict[Connection, int] = {}
         for connection in self.service.open:
             assert isinstance(connection, StreamProtocol | RelayProtocol)
-            buffered = connection.write_buffered()
-            if buffered != connection.buffered:
-                connection.buffered, connection.deadline = buffered, MOVED
+            size = connection.write_buffered()
+            if size:
+                now_buffered[connection] = size
+            if size != buffered.get(connection, 0):
+                connection.deadline = MOVED
         self.service.sweep()
-        loop.call_later(interval, self._sweep, loop, interval)
+        loop.call_later(interval, self._sweep, loop, interval, now_buffered)
 
 
 class StreamProtocol(Stream, asyncio.Protocol):
     # Slots, not a dict per instance: with thousands of idle connections, the difference is a
     # third of sockd's memory per connection.
-    __slots__ = ("buffered",)
+    __slots__ = ()
 
     service: AioService
     transport: asyncio.Transport
-
-    def __init__(self, service: AioService, ticket: Ticket, recorder: Recorder) -> None:
-        super().__init__(service, ticket, recorder)
-        self.buffered = 0  # the write buffer's size at the last sweep
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it

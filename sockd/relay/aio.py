@@ -31,7 +31,7 @@ async def open_upstream(
 class RelayProtocol(Relayed, asyncio.Protocol):
     """A client of a relay: what it sends goes to its upstream connection, and back."""
 
-    __slots__ = ("buffered", "client_ended", "connecting", "early", "upstream")
+    __slots__ = ("client_ended", "connecting", "early", "upstream")
 
     transport: asyncio.Transport
 
@@ -41,7 +41,6 @@ class RelayProtocol(Relayed, asyncio.Protocol):
         # What the client said before the upstream answered (None: its end, too); passed on then.
         self.early: list[bytes | None] = []
         self.client_ended = False
-        self.buffered = 0  # both write buffers' size at the last sweep
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
