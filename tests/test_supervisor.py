@@ -575,6 +575,35 @@ def _served_in(loops: list[SessionLoop], turn: int, load: Load, answered_before:
     eventually(progressed, f"every session and the per-request clients served in turn {turn}", timeout=TIMEOUT)
 
 
+def _reload_under_sessions(
+    daemon: Daemon,
+    config: Callable[[int], list[dict[str, object]]],
+    turns: int,
+    *,
+    loops: list[SessionLoop],
+    load: Load,
+    turn: list[int],
+    each_turn: Callable[[int], None] = lambda _: None,
+) -> None:
+    """`turns` reloads, each restarting the config's one listener, with every session and the
+    per-request clients served after each (stopping early at a failure); then they stop."""
+    try:
+        _served_in(loops, 0, load, 0)
+        for number in range(1, turns + 1):
+            answered = load.answered
+            plan = daemon.reload(config(number), shutdown_timeout=SESSIONS_TIMEOUT)
+            assert plan["restarted"] == [config(number)[0]["name"]], plan
+            turn[0] = number
+            each_turn(number)
+            _served_in(loops, number, load, answered)
+            if load.failures or any(loop.failure for loop in loops):
+                break
+    finally:
+        load.stop()
+        for loop in loops:
+            loop.stop()
+
+
 def _assert_served_throughout(loops: list[SessionLoop], load: Load, last_turn: int) -> None:
     assert [loop.failure for loop in loops if loop.failure] == []  # no EOF, reset or wrong byte
     assert load.failures == []
@@ -599,23 +628,13 @@ def test_sessions_are_served_by_their_old_generation_across_twenty_reloads(
     address = daemon.address("echo")
     turn = [0]
     loops = [SessionLoop(address, f"{protocol}-{n}", lambda: turn[0]) for n in range(5)]
+
+    def five_more_on_the_tenth(number: int) -> None:  # generation 10 (asyncio): two old ones hold sessions
+        if number == 10:
+            loops.extend(SessionLoop(address, f"{protocol}-{n}", lambda: turn[0]) for n in range(5, 10))
+
     load = Load([address])  # two threads, a connection per request
-    try:
-        _served_in(loops, 0, load, 0)
-        for number in range(1, 21):
-            answered = load.answered
-            plan = daemon.reload(config(number), shutdown_timeout=SESSIONS_TIMEOUT)
-            assert plan["restarted"] == ["echo"], plan
-            turn[0] = number
-            if number == 10:  # five more, on the tenth generation (asyncio): two old ones hold sessions
-                loops += [SessionLoop(address, f"{protocol}-{n}", lambda: turn[0]) for n in range(5, 10)]
-            _served_in(loops, number, load, answered)
-            if load.failures or any(loop.failure for loop in loops):
-                break
-    finally:
-        load.stop()
-        for loop in loops:
-            loop.stop()
+    _reload_under_sessions(daemon, config, 20, loops=loops, load=load, turn=turn, each_turn=five_more_on_the_tenth)
     _assert_served_throughout(loops, load, 20)
     assert load.answered > 40
 
@@ -664,20 +683,7 @@ def test_relay_sessions_are_relayed_by_their_old_generation_across_ten_reloads(s
         turn = [0]
         loops = [SessionLoop(address, f"relayed-{n}", lambda: turn[0]) for n in range(3)]
         load = Load([address])
-        try:
-            _served_in(loops, 0, load, 0)
-            for number in range(1, 11):
-                answered = load.answered
-                plan = daemon.reload(config(number), shutdown_timeout=SESSIONS_TIMEOUT)
-                assert plan["restarted"] == ["r"], plan
-                turn[0] = number
-                _served_in(loops, number, load, answered)
-                if load.failures or any(loop.failure for loop in loops):
-                    break
-        finally:
-            load.stop()
-            for loop in loops:
-                loop.stop()
+        _reload_under_sessions(daemon, config, 10, loops=loops, load=load, turn=turn)
         _assert_served_throughout(loops, load, 10)
     finally:
         upstream.close()
