@@ -57,19 +57,18 @@ from sockd.logging import configure
 
 if TYPE_CHECKING:
     import resource
-    from signal import _HANDLER
 
 log = structlog.get_logger()
 
 PACKAGE = str(Path(sockd.__file__).parent)
-READY_TIMEOUT = 30.0  # seconds the fork server may take to import everything (a loaded machine)
+# Seconds the fork server may take to import everything on a loaded machine. The supervisor's
+# loop waits meanwhile: well under half of the unit's WatchdogSec (30 s), so a ping is not missed.
+READY_TIMEOUT = 10.0
 FORK_TIMEOUT = 10.0  # seconds a fork may take before the fork server is taken for hung
 MAX_SPEC = 1 << 20  # bytes: a spec is a listener's config, a few kB
 MAX_FDS = 3  # the listening socket, the channel, the counters
 _PID = struct.Struct("q")  # the answer: a pid, or -errno
 _PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
-# Restored in every worker: what the fork server changed from a fresh interpreter's.
-_OWN_SIGNALS = (signal.SIGINT, signal.SIGHUP)
 
 Entry = Callable[[bytes, list[int]], int]
 
@@ -86,8 +85,9 @@ def main(argv: list[str]) -> int:
     control = socket.socket(fileno=int(argv[1]))
     setproctitle("sockd: fork server")
     # Ctrl-C and SIGHUP reach every process of the terminal's group: the supervisor decides what
-    # they mean, and closes our socket when we are to go.
-    fresh = {signum: signal.signal(signum, signal.SIG_IGN) for signum in _OWN_SIGNALS}
+    # they mean, and closes our socket when we are to go. (A worker ignores them too.)
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     configure(LoggingConfig())  # until a worker configures its own: a failing one logs to stderr
     code = fingerprint(PACKAGE)  # before importing: a change during the imports shows next time
     try:
@@ -106,7 +106,7 @@ def main(argv: list[str]) -> int:
                 if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) != MAX_FDS:
                     answer = -errno.EMSGSIZE
                 else:
-                    answer = _fork(functools.partial(_serve, entry, spec, fds, control, fresh))
+                    answer = _fork(functools.partial(_serve, entry, spec, fds, control))
             finally:
                 for fd in fds:
                     os.close(fd)  # the worker has its own
@@ -165,14 +165,11 @@ def _serve(
     spec: bytes,
     fds: list[int],
     control: socket.socket,
-    fresh: dict[signal.Signals, _HANDLER],
 ) -> NoReturn:
     """The worker, in the forked process: it never returns into the fork server's loop."""
     code = 1
     try:
         control.close()
-        for signum, handler in fresh.items():
-            signal.signal(signum, handler)
         gc.enable()
         code = entry(spec, fds)
     except BaseException:
@@ -280,8 +277,8 @@ class ForkServer:
             ours.settimeout(FORK_TIMEOUT)
         except (OSError, ValueError):
             hello = None
-        if not isinstance(hello, dict):
-            self.close(kill=True)
+        if not (isinstance(hello, dict) and isinstance(hello.get("package"), str) and "fingerprint" in hello):
+            self.close(kill=True)  # dead, hung, or another version's: none to fork from
             raise ForkServerError(f"the fork server did not start (exit code {self.process.returncode})")
         self.package: str = hello["package"]
         self.fingerprint: str = hello["fingerprint"]

@@ -6,6 +6,7 @@ through prometheus_client's custom-collector API; nothing here is on a request's
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -36,6 +37,21 @@ class ListenerReport:
     generations: int  # with a worker alive: the current one, and those a reload replaced still serving
     cpu_seconds: float  # user and system time of its workers, the exited ones' included
     resident_bytes: int  # the resident memory of its live workers
+
+    def plus(self, other: ListenerReport) -> ListenerReport:
+        """This report with the counts of `other` added: a listener of the same name that a
+        reload removed, and whose counts go on under the name (a counter never goes back)."""
+        totals = Totals.zero(len(self.totals.buckets))
+        totals.add(self.totals)
+        totals.add(other.totals)
+        return dataclasses.replace(
+            self,
+            totals=totals,
+            restarts=self.restarts + other.restarts,
+            generations=self.generations + other.generations,
+            cpu_seconds=self.cpu_seconds + other.cpu_seconds,
+            resident_bytes=self.resident_bytes + other.resident_bytes,
+        )
 
 
 @dataclass(frozen=True)

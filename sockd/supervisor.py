@@ -14,6 +14,7 @@ import collections
 import os
 import selectors
 import signal
+import threading
 import time
 from collections.abc import Iterator
 
@@ -41,7 +42,13 @@ class Supervisor:
         # By listener name, in the config file's order. Once the metrics thread reads it, it is
         # replaced whole, never changed in place.
         self.groups: dict[str, Group] = {}
-        self.leaving: list[Group] = []  # removed by a reload; their workers are still draining
+        self.leaving: list[Group] = []  # removed by a reload; their workers still serve
+        # The last counts of removed listeners whose workers have all exited, by name: one added
+        # back under the name counts on from them.
+        self.departed: dict[str, metrics.ListenerReport] = {}
+        # Held while a group moves between `groups`, `leaving` and `departed`, so that a scrape
+        # sees its counts once, never twice or not at all.
+        self.reporting = threading.Lock()
         self.signals: collections.deque[int] = collections.deque()
         self.selector = selectors.DefaultSelector()
         self.spawner = Spawner()
@@ -110,8 +117,10 @@ class Supervisor:
             now = time.monotonic()
             for group in self._groups():
                 group.tend(now)
-            self.spawner.tend(self._worker_pids)
-            self.leaving = [group for group in self.leaving if any(group.workers())]
+            if not self.stopping:  # no new fork server for a stop's drain
+                self.spawner.tend(self._worker_pids)
+            if any(not any(group.workers()) for group in self.leaving):
+                self._depart()
             if self.notifier.watchdog_interval and now >= self.next_watchdog:
                 # Only a turning loop pings: a supervisor stuck anywhere gets restarted by systemd.
                 self.notifier.watchdog()
@@ -247,20 +256,20 @@ class Supervisor:
         for group in self._groups():
             group.settings = settings
         running = self.groups
-        self.groups = {
-            step.name: self._group(step.listener, fresh[step.name], settings)
-            if step.action == "added"
-            else running[step.name]
-            for step in steps
-            if step.action != "removed"
-        }
+        with self.reporting:
+            self.groups = {
+                step.name: self._group(step.listener, fresh[step.name], settings)
+                if step.action == "added"
+                else running[step.name]
+                for step in steps
+                if step.action != "removed"
+            }
+            # Each leaves once its workers have exited (see _depart).
+            self.leaving = [*self.leaving, *(running[step.name] for step in steps if step.action == "removed")]
         for step in steps:
             match step.action:
                 case "removed":
-                    group = running[step.name]
-                    group.close()
-                    if any(group.workers()):  # it leaves once they have drained (see _loop)
-                        self.leaving.append(group)
+                    running[step.name].close()
                 case "added":
                     self.groups[step.name].start()
                 case "restarted" | "rebound":
@@ -286,23 +295,40 @@ class Supervisor:
         except OSError as exc:
             raise BindError("the metrics endpoint", f"{settings.host}:{settings.port}", reason(exc)) from None
 
+    def _depart(self) -> None:
+        """Let go of the removed listeners whose workers have all exited, keeping their counts."""
+        with self.reporting:
+            departed = dict(self.departed)
+            for group in self.leaving:
+                if not any(group.workers()):
+                    _add(departed, group.report())
+            self.departed = departed
+            self.leaving = [group for group in self.leaving if any(group.workers())]
+
     def snapshot(self) -> metrics.Snapshot:
-        """Each listener's counts as of now, and how the reloads went. Called from the metrics
-        thread."""
-        current = {name: group.report() for name, group in self.groups.items()}
-        leaving = []
-        for group in self.leaving:
-            report = group.report()
-            same = current.get(report.listener.name)
-            if same is None:
-                leaving.append(report)
-            else:  # removed, then added again under its name: one listener to Prometheus
-                same.totals.add(report.totals)
-        return metrics.Snapshot(list(current.values()), self.reloads, leaving)
+        """Each listener's counts as of now, and how the reloads went. A listener removed and
+        added back under its name is one listener to Prometheus, its counts summed. Called from
+        the metrics thread."""
+        with self.reporting:
+            current = {name: group.report() for name, group in self.groups.items()}
+            leaving_reports = [group.report() for group in self.leaving]
+            departed = self.departed
+        leaving: dict[str, metrics.ListenerReport] = {}
+        for report in leaving_reports:
+            _add(current if report.listener.name in current else leaving, report)
+        for name, report in departed.items():
+            if name in current or name in leaving:
+                _add(current if name in current else leaving, report)
+        return metrics.Snapshot(list(current.values()), self.reloads, list(leaving.values()))
 
     def _close_sockets(self) -> None:
         for group in self.groups.values():
             group.bound.close()
+
+
+def _add(reports: dict[str, metrics.ListenerReport], report: metrics.ListenerReport) -> None:
+    name = report.listener.name
+    reports[name] = reports[name].plus(report) if name in reports else report
 
 
 def _drain_pipe(fd: int) -> None:

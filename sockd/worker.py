@@ -88,17 +88,29 @@ def _exit_after(timeout: float) -> None:
 
 
 def _listen(channel: socket.socket, stop: models.Stop, listener: str) -> None:
-    """Carry out what the supervisor says on the channel, until it closes it."""
+    """Carry out what the supervisor says on the channel until it closes it; whatever happens
+    here, the worker then stops, so it is never left deaf to its supervisor."""
     pending = b""
-    # A reset is a close too: the supervisor closed its end before reading our "ready".
-    with contextlib.suppress(OSError):
-        while data := channel.recv(4096):
-            *lines, pending = (pending + data).split(b"\n")
-            for line in lines:
-                command, _, argument = line.partition(b" ")
-                if command == b"retire":
-                    log.debug("retired: serving the open connections on")
-                    stop.set()
-                elif command == b"logging":
-                    configure(LoggingConfig.model_validate_json(argument), listener=listener, pid=os.getpid())
-    stop.end()
+    try:
+        # A reset is a close too: the supervisor closed its end before reading our "ready".
+        with contextlib.suppress(OSError):
+            while data := channel.recv(4096):
+                *lines, pending = (pending + data).split(b"\n")
+                for line in lines:
+                    _obey(line, stop, listener)
+    finally:
+        stop.end()
+
+
+def _obey(line: bytes, stop: models.Stop, listener: str) -> None:
+    command, _, argument = line.partition(b" ")
+    if command == b"retire":
+        log.debug("retired: serving the open connections on")
+        stop.set()
+    elif command == b"logging":
+        try:
+            settings = LoggingConfig.model_validate_json(argument)
+        except ValueError as exc:  # a supervisor of another version: keep the settings we have
+            log.warning("cannot apply the logging settings", error=str(exc))
+            return
+        configure(settings, listener=listener, pid=os.getpid())

@@ -322,3 +322,33 @@ def test_worker_cpu_and_memory_are_reported_and_cpu_never_goes_down(start_sockd:
     daemon.wait_for("worker started", listener="echo", after=mark)
     assert cpu() >= loaded  # the dead worker's time stays
     assert value(samples(daemon), "sockd_worker_resident_memory_bytes", listener="echo") > 0
+
+
+def test_a_listener_removed_and_added_back_counts_on_and_never_goes_back(start_sockd: Launcher) -> None:
+    kept, back = entry("kept", "tcp", "echo", "selector"), entry("back", "tcp", "echo", "asyncio")
+    daemon = start_sockd([kept, back], shutdown_timeout=120)
+
+    def requests() -> float:
+        return value(samples(daemon), "sockd_requests_total", listener="back")
+
+    seen: list[float] = []
+    with connect(daemon.address("back")) as session:
+        for number in range(5):  # one request each: the reply comes before the next is sent
+            session.sendall(b"%d" % number)
+            assert session.recv(16) == b"%d" % number
+        eventually(lambda: requests() == 5, "5 requests")
+        assert daemon.reload([kept])["removed"] == ["back"]
+        seen.append(requests())  # its old worker still serves the session, and is counted
+        mark = len(daemon.events)
+        assert daemon.reload([kept, back])["added"] == ["back"]
+        again = str(daemon.wait_for("listening", listener="back", after=mark)["address"])  # port 0: another
+        assert request(again, b"new") == b"new"
+        eventually(lambda: requests() == 6, "the new worker's request added to the old ones'")
+        session.sendall(b"old")
+        assert session.recv(16) == b"old"  # the removed generation still serves it
+        eventually(lambda: requests() == 7, "7 requests")
+        seen.append(requests())
+    # The old worker exits once its session is closed: its counts stay under the name.
+    eventually(lambda: value(samples(daemon), "sockd_worker_generations", listener="back") == 1, "old one gone")
+    seen.append(requests())
+    assert seen == [5, 7, 7]
