@@ -108,7 +108,7 @@ def _sockd(label: str, listeners: list[dict[str, Any]], directory: Path) -> Iter
                 start_new_session=True,  # Ctrl-C is ours to handle: sockd gets its SIGTERM from stop()
             )
         try:
-            # Each worker is a Python starting up, about 0.2 s of CPU today: a second more per listener.
+            # A second more per listener: room for a sockd whose workers each start an interpreter.
             deadline = started + START_TIMEOUT + len(listeners)
             ready_s = _await_ready(notify, process, deadline, label, log_path) - started
             cpu_s = _cpu_seconds(_tree(process.pid))

@@ -942,3 +942,33 @@ def test_a_reload_storm_keeps_four_old_generations_serving_and_bounds_the_rest(s
             session.close()
     assert watch.most_workers <= most, watch.most_workers
     assert watch.most_rss < 600 * 2**20, watch.most_rss
+
+
+def _unix_listening(path: Path) -> bool:
+    """Whether any process still holds a listening Unix socket bound to `path` (/proc/net/unix)."""
+    listening = "00010000"  # __SO_ACCEPTCON: the flags of a listening socket
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[7] == str(path) and fields[3] == listening:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("model", ["threaded", "selector", "asyncio"])
+def test_a_removed_unix_listener_is_let_go_by_its_old_worker_while_its_session_goes_on(
+    start_sockd: Launcher, sockdir: Path, model: str
+) -> None:
+    # Once no process holds the socket, a client still queued on it is reset rather than left
+    # waiting for shutdown_timeout: the old worker, which accepts no more, must not hold it.
+    kept = entry("kept", "tcp", "echo", "asyncio")
+    path = sockdir / "gone.sock"
+    daemon = start_sockd([kept, entry("gone", "unix", "echo", model, path)], shutdown_timeout=SESSIONS_TIMEOUT)
+    session = Session(str(path), "on-gone")
+    try:
+        session.exchange()
+        assert _unix_listening(path)
+        assert daemon.reload([kept], shutdown_timeout=SESSIONS_TIMEOUT)["removed"] == ["gone"]
+        _becomes(lambda: _unix_listening(path), False, "the removed listener's socket closed everywhere")
+        session.exchange()  # while its old worker serves the session on
+    finally:
+        session.close()

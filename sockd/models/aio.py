@@ -19,7 +19,14 @@ from sockd.handlers import Handler, Relay
 from sockd.lifecycle import Address, Connection, Service, Stream
 from sockd.limits import MOVED, Ticket
 from sockd.models import Stop
-from sockd.models.shared import RESOURCE_PAUSE, SocketDatagrams, accept_failed, admit, end_transport_input
+from sockd.models.shared import (
+    RESOURCE_PAUSE,
+    SocketDatagrams,
+    accept_failed,
+    admit,
+    end_transport_input,
+    stop_listening,
+)
 from sockd.relay.aio import DatagramRelayProtocol, RelayProtocol
 
 log = structlog.get_logger()
@@ -94,6 +101,7 @@ class Model:
         await stopped.wait()
         if not self.paused:
             loop.remove_reader(sock.fileno())
+        stop_listening(sock)
         while self.connecting:  # connections accepted just now: to be served like the others
             await asyncio.wait(set(self.connecting))
         while service.open:

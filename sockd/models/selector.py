@@ -20,7 +20,15 @@ from sockd.handlers import Handler, Relay
 from sockd.lifecycle import Service, Stream
 from sockd.limits import MOVED, Ticket
 from sockd.models import Stop
-from sockd.models.shared import HIGH_WATER, RESOURCE_PAUSE, SocketDatagrams, accept_failed, admit, shutdown_read
+from sockd.models.shared import (
+    HIGH_WATER,
+    RESOURCE_PAUSE,
+    SocketDatagrams,
+    accept_failed,
+    admit,
+    shutdown_read,
+    stop_listening,
+)
 from sockd.relay.selector import DatagramSessions, Splice
 
 BACKENDS: dict[SelectorBackend, Callable[[], selectors.BaseSelector]] = {
@@ -123,6 +131,7 @@ class EventLoop:
         self.selector.unregister(self.stop)
         if self.sock in self.selector.get_map():  # not while accepting is paused (out of resources)
             self.selector.unregister(self.sock)
+        stop_listening(self.sock)
 
     def _on_end(self, events: int) -> None:
         if not self.stop.ending.is_set:

@@ -39,6 +39,15 @@ def accept_failed(exc: OSError, recorder: Recorder) -> None:
     _out_of_resources(error=exc.strerror, pause=RESOURCE_PAUSE)
 
 
+def stop_listening(sock: socket.socket) -> None:
+    """Close a stream listener's socket once this worker accepts no more. The supervisor and a
+    next generation hold their own copies; but when they have let go (a listener removed or
+    moved), a client still queued on it must be reset now, not wait for shutdown_timeout. (A
+    datagram socket stays: the replies still due go out through it.)"""
+    if sock.type == socket.SOCK_STREAM:
+        sock.close()
+
+
 def admit(conn: _socket.socket, address: Address, service: Service, recorder: Recorder) -> Ticket | None:
     """The ticket of a just-accepted connection, or None if a limit refused it: it is closed then."""
     admission = service.admission

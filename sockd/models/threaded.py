@@ -9,7 +9,7 @@ from sockd.lifecycle import Address
 from sockd.limits import Throttled, Ticket
 from sockd.models import Stop
 from sockd.models.blocking import BlockingModel, Threads, accepted, received
-from sockd.models.shared import SocketDatagrams, admit
+from sockd.models.shared import SocketDatagrams, admit, stop_listening
 
 _no_thread = Throttled("cannot start a thread for a connection; closed it")
 
@@ -30,6 +30,7 @@ class Model(BlockingModel):
                     ticket = admit(conn, address, self.service, recorder)
                     if ticket is not None:
                         self._start(threads, conn, ticket, recorder)
+                stop_listening(sock)
         threads.join()
 
     def _start(self, threads: Threads, conn: socket.socket, ticket: Ticket, recorder: Recorder) -> None:
