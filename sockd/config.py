@@ -38,8 +38,10 @@ UPSTREAM_PATTERN = r"^((tcp|udp)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1
 MODE_PATTERN = r"^0?[0-7]{3}$"
 ListenerName = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
 Port = Annotated[int, Field(ge=0, le=65535)]
-Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-Timeout = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+# Every duration is at most a day: longer is a typo (1.0e+10), and timers would overflow on it.
+MAX_SECONDS = 86_400.0
+Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)]
+Timeout = Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=1)]
 
 
@@ -236,7 +238,7 @@ class Config(_Frozen):
     logging: LoggingConfig = LoggingConfig()
     shutdown_timeout: Seconds = 10.0
     # A worker whose heartbeat stops (hung, stopped) for this long is killed and replaced.
-    worker_timeout: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 30.0
+    worker_timeout: Timeout = 30.0
     listeners: Annotated[list[Listener], Field(min_length=1)]
 
 
@@ -453,6 +455,27 @@ def _combinations(listener: Listener) -> Iterator[Problem]:
             where[0].encode("idna")
         except UnicodeError as exc:
             yield ("upstream",), f"not a valid host name: {exc}"
+    if listener.upstream is not None and _relays_to_itself(listener):
+        yield ("upstream",), "is this listener's own address: each client would be relayed to itself, without end"
+
+
+def _relays_to_itself(listener: Listener) -> bool:
+    scheme, where = listener.upstream_endpoint
+    if isinstance(listener, UnixListener):
+        return scheme == "unix" and os.path.normpath(str(where)) == os.path.normpath(listener.path)
+    if not isinstance(where, tuple) or listener.port == 0 or where[1] != listener.port:
+        return False
+    host = where[0]
+    return host == listener.host or (listener.host in ("0.0.0.0", "::") and _loopback(host))
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _explain(error: ErrorDetails) -> Problem:

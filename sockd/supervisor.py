@@ -109,7 +109,10 @@ class Supervisor:
                 elif key.data():  # a worker's channel (see sockd.group): it has just become ready
                     self._announce_ready()
             while self.signals:
-                name = signal.Signals(self.signals.popleft()).name.removeprefix("SIG").lower()
+                signum = self.signals.popleft()
+                if signum == signal.SIGHUP and signal.SIGHUP in self.signals:
+                    continue  # HUPs that queued up meanwhile: one reload, of the file as it is now
+                name = signal.Signals(signum).name.removeprefix("SIG").lower()
                 try:
                     getattr(self, f"handle_{name}")()
                 except Exception:  # a bug or a failed fork must not take every listener down

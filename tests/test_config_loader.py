@@ -281,3 +281,43 @@ def test_an_alias_bomb_gets_a_short_answer() -> None:
     with pytest.raises(ConfigError) as caught:
         parse(text, "c.yaml")
     assert sum(len(problem) for problem in caught.value.problems) < 10_000
+
+
+def test_a_relay_to_its_own_address_is_refused_and_one_elsewhere_is_not(tmp_path: Path) -> None:
+    relays = """
+        listeners:
+          - {name: same, protocol: tcp, host: 127.0.0.1, port: 7001, concurrency: asyncio, handler: relay,
+             upstream: "tcp://127.0.0.1:7001"}
+          - {name: any, protocol: udp, host: 0.0.0.0, port: 7002, concurrency: selector, handler: relay,
+             upstream: "udp://localhost:7002"}
+          - {name: path, protocol: unix, path: /run/r.sock, concurrency: asyncio, handler: relay,
+             upstream: "unix:///run//r.sock"}
+          - {name: other-host, protocol: tcp, host: 0.0.0.0, port: 7003, concurrency: asyncio, handler: relay,
+             upstream: "tcp://10.1.2.3:7003"}
+          - {name: other-port, protocol: tcp, host: 127.0.0.1, port: 7004, concurrency: asyncio, handler: relay,
+             upstream: "tcp://127.0.0.1:7005"}
+        """
+    itself = "is this listener's own address: each client would be relayed to itself, without end"
+    assert_rejected(
+        tmp_path,
+        relays,
+        (3, "listeners[0].upstream", itself),
+        (5, "listeners[1].upstream", itself),
+        (7, "listeners[2].upstream", itself),
+    )
+
+
+@pytest.mark.parametrize("field", ["delay", "idle_timeout", "connect_timeout"])
+def test_a_duration_longer_than_a_day_is_refused(tmp_path: Path, field: str) -> None:
+    text = f"""
+        listeners:
+          - name: slow
+            protocol: tcp
+            host: 127.0.0.1
+            port: 7000
+            concurrency: asyncio
+            handler: relay
+            upstream: tcp://127.0.0.1:7001
+            {field}: 1.0e+10
+        """
+    assert_rejected(tmp_path, text, (9, f"listeners[0].{field}", "input should be less than or equal to 86400"))
