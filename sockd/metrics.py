@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
@@ -22,7 +24,16 @@ from prometheus_client.registry import Collector
 from sockd import __version__
 from sockd.config import Listener, MetricsConfig
 from sockd.counters import ERROR_KINDS, REJECT_REASONS, Totals
-from sockd.sockets import inet_address
+from sockd.limits import Throttled
+from sockd.sockets import OUT_OF_RESOURCES, inet_address
+
+MAX_SCRAPES = 16  # scrapes served at once (Prometheus sends one at a time)
+SCRAPE_TIMEOUT = 5.0
+RESOURCE_PAUSE = 0.1  # seconds between accepts while descriptors have run out
+
+_too_many = Throttled("too many scrapes at once; closed one")
+_failed = Throttled("a scrape failed")
+_out_of_resources = Throttled("metrics endpoint cannot accept: out of resources; pausing")
 
 
 @dataclass(frozen=True)
@@ -209,9 +220,50 @@ class Exporter:
 
 
 class _Server(ThreadingMixIn, WSGIServer):
+    """A thread per scrape, for at most MAX_SCRAPES at once: a connection past that is closed at
+    once, one that sends nothing for SCRAPE_TIMEOUT is dropped (see _QuietHandler), so idle or
+    half-sent requests cannot take the supervisor's descriptors or threads."""
+
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog: socketserver's 5 drops a burst of scrapes
+
+    def server_activate(self) -> None:
+        self.slots = threading.BoundedSemaphore(MAX_SCRAPES)
+        super().server_activate()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in OUT_OF_RESOURCES:  # else serve_forever retries at once, spinning
+                _out_of_resources(error=exc.strerror)
+                time.sleep(RESOURCE_PAUSE)
+            raise
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            _too_many(limit=MAX_SCRAPES)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread: its slot is not taken after all
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A scrape that failed (a client gone mid-request): one throttled line, no traceback."""
+        _failed(error=repr(sys.exc_info()[1]))
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = SCRAPE_TIMEOUT  # seconds a read or a write of one scrape may wait
+
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes are not news: one per second would drown the daemon's own log."""

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from sockd.config import InetListener, Listener, UnixListener
 
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # <linux/in.h>; Python names it only on some builds
+# What accept() (or socket()) fails with when descriptors or memory run out: a reason to pause
+# and retry, never to spin or to die.
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class BindError(Exception):

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import time
 import urllib.error
@@ -26,6 +27,7 @@ from support import (
     cpu_seconds,
     datagram,
     eventually,
+    inet,
     read_to_eof,
     request,
     require,
@@ -352,3 +354,59 @@ def test_a_listener_removed_and_added_back_counts_on_and_never_goes_back(start_s
     eventually(lambda: value(samples(daemon), "sockd_worker_generations", listener="back") == 1, "old one gone")
     seen.append(requests())
     assert seen == [5, 7, 7]
+
+
+def _half_requests(address: str, count: int) -> list[socket.socket]:
+    """Connections to the metrics endpoint that each send part of a request line, and wait."""
+    held = []
+    for _ in range(count):
+        try:
+            sock = socket.create_connection(inet(address), timeout=5)
+            sock.sendall(b"GET /metr")
+        except OSError:  # refused or reset: closed at the cap, as it should be
+            continue
+        held.append(sock)
+    return held
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_idle_scrapes_cannot_take_the_supervisor_down(start_sockd: Launcher) -> None:
+    daemon = start_sockd([entry("echo", "tcp", "echo", "asyncio")])
+    supervisor = daemon.process.pid
+    # systemd's default soft limit is 1,024; this one is lower, so that the test needs fewer clients.
+    subprocess.run(["prlimit", f"--pid={supervisor}", "--nofile=256:256"], check=True)
+    before = _fds(supervisor)
+    held = _half_requests(daemon.wait_for("metrics")["address"], 400)
+    try:
+        # Bounded: a thread and a descriptor for each of at most MAX_SCRAPES, the rest closed at once.
+        assert _fds(supervisor) < before + 40, (before, _fds(supervisor))
+        mark = len(daemon.events)
+        os.kill(daemon.worker_pid("echo"), signal.SIGKILL)
+        daemon.wait_for("worker started", listener="echo", after=mark)  # the supervisor still supervises
+        eventually(lambda: request(daemon.address("echo"), b"x") == b"x", "served again", timeout=20)
+        # The held ones time out; a scrape gets through then.
+        eventually(lambda: "sockd_requests_total" in _scrape_or_empty(daemon), "a scrape", timeout=30)
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def _scrape_or_empty(daemon: Daemon) -> str:
+    try:
+        return scrape(daemon)
+    except OSError:
+        return ""
+
+
+def test_clients_resetting_scrapes_cost_a_line_at_most_and_never_a_traceback(start_sockd: Launcher) -> None:
+    daemon = start_sockd([entry("echo", "tcp", "echo", "asyncio")])
+    for sock in _half_requests(daemon.wait_for("metrics")["address"], 200):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset, mid-request
+    assert "sockd_requests_total" in scrape(daemon)
+    assert daemon.stop() == 0
+    assert daemon.other_lines == []  # no traceback: every line is JSON
+    assert len([e for e in daemon.events if e.get("event") == "a scrape failed"]) <= 2

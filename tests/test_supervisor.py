@@ -972,3 +972,31 @@ def test_a_removed_unix_listener_is_let_go_by_its_old_worker_while_its_session_g
         session.exchange()  # while its old worker serves the session on
     finally:
         session.close()
+
+
+def test_hups_that_queue_up_during_a_reload_become_one_reload_of_the_latest_file(start_sockd: Launcher) -> None:
+    # Thirty listeners restarted by every reload keep the supervisor busy long enough for the
+    # HUPs sent meanwhile to queue up.
+    def config(turn: int) -> list[dict[str, object]]:
+        model = MODELS[turn % len(MODELS)]
+        return [entry(f"l{n}", "tcp", "echo", model) for n in range(30)]
+
+    daemon = start_sockd(config(0))
+    sent = 20
+    for turn in range(1, sent + 1):
+        daemon.write_config(config(turn))
+        os.kill(daemon.process.pid, signal.SIGHUP)
+        time.sleep(0.01)
+
+    def generations() -> list[dict[str, object]]:
+        return [e for e in daemon.events if e.get("event") == "listening" and e["listener"] == "l0"]
+
+    latest = MODELS[sent % len(MODELS)]
+    _becomes(lambda: generations()[-1]["concurrency"], latest, "the latest file applied", timeout=60)
+    time.sleep(1)  # and no reload after it
+    reloads = [e for e in daemon.events if e.get("event") == "reloaded"]
+    assert generations()[-1]["concurrency"] == latest
+    assert len(reloads) < sent / 2, len(reloads)  # queued HUPs coalesced
+    restarts = [reload for reload in reloads if "l0" in reload.get("restarted", [])]
+    assert len(generations()) == 1 + len(restarts)  # none started only to be retired unused
+    assert request(daemon.address("l0"), b"x") == b"x"

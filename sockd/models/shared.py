@@ -12,10 +12,11 @@ import struct
 from sockd.counters import RESOURCES, Recorder
 from sockd.lifecycle import Address, Datagrams, Service
 from sockd.limits import Credentials, Throttled, Ticket
+from sockd.sockets import OUT_OF_RESOURCES
 
-# accept() failing for want of descriptors or memory: pause accepting this long and retry, while
-# the connections already open go on being served (rather than spinning, or dying).
-OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# accept() failing for want of descriptors or memory (OUT_OF_RESOURCES): pause accepting this
+# long and retry, while the connections already open go on being served (rather than spinning, or
+# dying).
 RESOURCE_PAUSE = 0.1
 
 # Stop reading from a peer whose counterpart has this many bytes waiting for it, until they are
