@@ -150,6 +150,25 @@ def test_workers_stop_by_themselves_when_the_supervisor_is_killed(start_sockd: L
     assert _gone(fork_server), "the fork server outlived its supervisor"
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_an_orphaned_worker_waiting_for_a_first_request_leaves_the_port_to_a_new_sockd(
+    start_sockd: Launcher, model: str
+) -> None:
+    first = start_sockd([entry("echo", "tcp", "echo", model)], shutdown_timeout=60)
+    host, port = inet(first.address("echo"))
+    orphan = first.worker_pid("echo")
+    with connect(first.address("echo")) as silent:  # connected, not a byte sent: its drain waits for one
+        first.process.kill()
+        first.process.wait(10)
+        # The orphan stops at once (its channel closed) and lets go of the listening socket,
+        # though it still holds the silent client: a restart binds the port and serves.
+        second = start_sockd([entry("echo", "tcp", "echo", model, host, port=port)])
+        assert request(second.address("echo"), b"again") == b"again"
+        assert alive(orphan)
+        assert silent.fileno() >= 0
+    assert _gone(orphan, timeout=30)
+
+
 def test_sigint_from_a_terminal_stops_gracefully(start_sockd: Launcher) -> None:
     daemon = start_sockd([entry("slow", "tcp", "timestamp", "threaded", delay=0.5)])
     pending = InFlight(daemon.address("slow"))
@@ -954,7 +973,7 @@ def _unix_listening(path: Path) -> bool:
     return False
 
 
-@pytest.mark.parametrize("model", ["threaded", "selector", "asyncio"])
+@pytest.mark.parametrize("model", MODELS)
 def test_a_removed_unix_listener_is_let_go_by_its_old_worker_while_its_session_goes_on(
     start_sockd: Launcher, sockdir: Path, model: str
 ) -> None:

@@ -16,7 +16,7 @@ from sockd.handlers import Handler
 from sockd.lifecycle import Address, Service, Stream
 from sockd.limits import Ticket
 from sockd.models import Stop
-from sockd.models.shared import RESOURCE_PAUSE, SocketDatagrams, accept_failed, admit, shutdown_read
+from sockd.models.shared import RESOURCE_PAUSE, SocketDatagrams, accept_failed, admit, shutdown_read, stop_listening
 
 T = TypeVar("T")
 
@@ -35,7 +35,10 @@ def received(sock: socket.socket, stop: Stop, recorder: Recorder) -> Iterator[tu
 def _until_stopped(sock: socket.socket, stop: Stop, take: Callable[[], T], recorder: Recorder) -> Iterator[T]:
     # Try first and wait only when there is nothing: under load this costs no poll() per item.
     waiter = select.poll()
-    waiter.register(sock, select.POLLIN)
+    try:
+        waiter.register(sock, select.POLLIN)
+    except ValueError:  # closed already: the stop came first (see BlockingModel.stopping_on)
+        return
     waiter.register(stop, select.POLLIN)
     pause = select.poll()
     pause.register(stop, select.POLLIN)
@@ -47,6 +50,8 @@ def _until_stopped(sock: socket.socket, stop: Stop, take: Callable[[], T], recor
         except ConnectionAbortedError:
             continue  # the client gave up while queued: nothing to serve
         except OSError as exc:
+            if stop.is_set:  # the stop closed the socket under us (see BlockingModel.stopping_on)
+                return
             accept_failed(exc, recorder)
             pause.poll(RESOURCE_PAUSE * 1000)
 
@@ -105,7 +110,11 @@ class BlockingModel:
         self.first_timeout = listener.first_byte_timeout or listener.idle_timeout
         self.idle_timeout = listener.idle_timeout
 
-    def draining_on(self, stop: Stop) -> None:
+    def stopping_on(self, stop: Stop, sock: socket.socket) -> None:
+        """Let go of the listening socket as soon as `stop` is set, from whichever thread sets it:
+        a thread busy with a session may not come back to it for long (see stop_listening). A
+        thread that was about to accept finds it closed, and ends its loop (see _until_stopped)."""
+        stop.on_set(lambda: stop_listening(sock))
         stop.ending.on_set(self.service.stop)
 
     def answer(self, datagrams: SocketDatagrams, data: bytes, sender: Address) -> None:

@@ -11,7 +11,7 @@ from sockd.models.shared import SocketDatagrams
 
 class Model(BlockingModel):
     def serve(self, sock: socket.socket, stop: Stop) -> None:
-        self.draining_on(stop)
+        self.stopping_on(stop, sock)
         with self.stats.recorder() as recorder:
             if sock.type == socket.SOCK_DGRAM:
                 datagrams = SocketDatagrams(self.service, recorder, sock)

@@ -9,14 +9,14 @@ from sockd.lifecycle import Address
 from sockd.limits import Throttled, Ticket
 from sockd.models import Stop
 from sockd.models.blocking import BlockingModel, Threads, accepted, received
-from sockd.models.shared import SocketDatagrams, admit, stop_listening
+from sockd.models.shared import SocketDatagrams, admit
 
 _no_thread = Throttled("cannot start a thread for a connection; closed it")
 
 
 class Model(BlockingModel):
     def serve(self, sock: socket.socket, stop: Stop) -> None:
-        self.draining_on(stop)
+        self.stopping_on(stop, sock)
         threads = Threads()
         # The accepting thread counts what it refuses on a recorder of its own; each thread it
         # starts counts on another: no lock on the hot path, no lost update.
@@ -30,7 +30,6 @@ class Model(BlockingModel):
                     ticket = admit(conn, address, self.service, recorder)
                     if ticket is not None:
                         self._start(threads, conn, ticket, recorder)
-                stop_listening(sock)
         threads.join()
 
     def _start(self, threads: Threads, conn: socket.socket, ticket: Ticket, recorder: Recorder) -> None:
