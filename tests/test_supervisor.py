@@ -1019,3 +1019,30 @@ def test_hups_that_queue_up_during_a_reload_become_one_reload_of_the_latest_file
     restarts = [reload for reload in reloads if "l0" in reload.get("restarted", [])]
     assert len(generations()) == 1 + len(restarts)  # none started only to be retired unused
     assert request(daemon.address("l0"), b"x") == b"x"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_listener_moved_to_another_port_and_back_rebinds_its_first_one(start_sockd: Launcher) -> None:
+    first, second = _free_port(), _free_port()
+
+    def on(port: int) -> list[dict[str, object]]:
+        return [entry("moving", "tcp", "echo", "asyncio", port=port)]
+
+    daemon = start_sockd(on(first), shutdown_timeout=SESSIONS_TIMEOUT)
+    session = Session(f"127.0.0.1:{first}", "on-first")
+    try:
+        session.exchange()
+        assert daemon.reload(on(second), shutdown_timeout=SESSIONS_TIMEOUT)["rebound"] == ["moving"]
+        assert _probe(f"127.0.0.1:{first}") == "refused"  # not a backlog nobody accepts from
+        assert request(f"127.0.0.1:{second}", b"moved") == b"moved"
+        session.exchange()  # its old worker serves it on
+        assert daemon.reload(on(first), shutdown_timeout=SESSIONS_TIMEOUT)["rebound"] == ["moving"]
+        assert request(f"127.0.0.1:{first}", b"back") == b"back"
+        session.exchange()
+    finally:
+        session.close()
