@@ -109,6 +109,10 @@ class Group:
         self.spawner = spawner
         self.places: list[Place] = []
         self.draining: set[Worker] = set()  # the old generations' workers, and the current ones stopped
+        # A generation a reload replaced, still accepting until the new one serves (see renew),
+        # and its socket when the new one has another.
+        self.replacing: list[Worker] = []
+        self.replaced_bounds: list[Bound] = []
         self.generation = 0
         self.retired = counters.Totals.zero(settings.bucket_count)  # what its exited workers counted
         self.retired_cpu = 0.0  # the CPU seconds its exited workers used
@@ -127,8 +131,9 @@ class Group:
 
     # -- generations
 
-    def start(self) -> None:
-        """A generation of `workers` processes, one per place."""
+    def start(self) -> bool:
+        """A generation of `workers` processes, one per place: False if one could not be started
+        (it is tried again after a backoff)."""
         self.generation += 1
         self.places = [Place() for _ in range(self.listener.workers)]
         started = [self._spawn(place) for place in self.places]
@@ -143,13 +148,17 @@ class Group:
             handler=listener.handler,
             pids=pids,
         )
+        return len(pids) == len(self.places)
 
-    def renew(self, listener: Listener, bound: Bound | None) -> None:
-        """A new generation for a changed listener, on `bound` when its address changed (the old
-        socket is closed), else on the socket it has; the old generation is retired."""
-        self.retire()
+    def renew(self, listener: Listener, bound: Bound | None) -> bool:
+        """A new generation for a changed listener, on `bound` when its address changed, else on
+        the socket it has. The old generation goes on accepting until every new worker serves,
+        and is retired then (its socket closed, if it was another): nobody accepting is never a
+        moment of a reload, and new workers that cannot start leave the old ones serving. False
+        if a new worker could not be started."""
+        self.replacing += self._vacate()
         if bound is not None:
-            self.bound.close()
+            self.replaced_bounds.append(self.bound)
             self.bound = bound
         else:
             self.bound = dataclasses.replace(self.bound, listener=listener)
@@ -160,21 +169,19 @@ class Group:
                 except FileNotFoundError:  # removed behind our back: the socket still serves
                     log.warning("socket file is gone; its new mode cannot be applied", path=listener.path)
         self.listener = listener
-        self.start()
+        return self.start()
 
     def retire(self) -> None:
-        """A reload replaced the current generation: it accepts no more, serves its open
-        connections on until the clients close them, and is stopped once shutdown_timeout has
-        passed. None of its places is restarted."""
-        stop_at = time.monotonic() + self.settings.shutdown_timeout
-        for worker in self._vacate():
-            worker.stop_at = stop_at
-            worker.tell(b"retire")
+        """Its listener is gone: every generation accepts no more, serves its open connections on
+        until the clients close them, and is stopped once shutdown_timeout has passed. None of
+        its places is restarted."""
+        self._retire([*self._vacate(), *self._replaced()])
 
     def stop(self) -> None:
         """Every worker stops now (SIGTERM): accepts no more, ends its connections as a drain does,
         exits within shutdown_timeout or is killed."""
         self._vacate()
+        self._replaced()
         for worker in list(self.workers()):
             self._stop(worker)
 
@@ -302,8 +309,25 @@ class Group:
         if b"ready\n" in data and not worker.ready:
             worker.ready = True
             worker.beat_at = time.monotonic()
+            if self.replacing and all(place.worker is not None and place.worker.ready for place in self.places):
+                self._retire(self._replaced())  # the new generation serves: the old one may go
             return True
         return False
+
+    def _replaced(self) -> list[Worker]:
+        """The generation a reload replaced, handed over for retiring; its socket, if the new one
+        has another, closed."""
+        replaced, self.replacing = self.replacing, []
+        for bound in self.replaced_bounds:
+            bound.close()
+        self.replaced_bounds = []
+        return replaced
+
+    def _retire(self, workers: list[Worker]) -> None:
+        stop_at = time.monotonic() + self.settings.shutdown_timeout
+        for worker in workers:
+            worker.stop_at = stop_at
+            worker.tell(b"retire")
 
     def _vacate(self) -> list[Worker]:
         """Move the current generation's workers out of their places, none to be restarted."""

@@ -15,35 +15,14 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Protocol, TypeVar
 
-import structlog
-
 from sockd.config import InetListener, Listener, Network, UnixListener
 from sockd.counters import REJECT_REASONS, Recorder
-
-log = structlog.get_logger()
+from sockd.logging import Throttled
 
 MAX_CONNECTIONS, PER_SOURCE, RATE, ACL = range(len(REJECT_REASONS))
 # Sources remembered for rates and access decisions: past this many, forgotten (the quiet first),
 # so a flood from many addresses costs bounded memory.
 MEMORY = 4096
-
-
-class Throttled:
-    """A warning said at most once per `every` seconds, with how often it happened meanwhile: a
-    flood must not turn into a flood of log lines."""
-
-    def __init__(self, event: str, every: float = 10.0) -> None:
-        self.event = event
-        self.every = every
-        self.said_at = -math.inf
-        self.unsaid = 0
-
-    def __call__(self, **details: object) -> None:
-        self.unsaid += 1
-        now = time.monotonic()
-        if now - self.said_at >= self.every:
-            log.warning(self.event, count=self.unsaid, **details)
-            self.said_at, self.unsaid = now, 0
 
 
 class AccessList:

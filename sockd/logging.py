@@ -1,9 +1,13 @@
-"""structlog, configured once per process: JSON lines for machines, a console renderer for people."""
+"""structlog, configured once per process: JSON lines for machines, a console renderer for people;
+and Throttled, for what a flood would otherwise repeat."""
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
+import threading
+import time
 from typing import Any, TextIO
 
 import structlog
@@ -35,3 +39,27 @@ def configure(settings: LoggingConfig, stream: TextIO = sys.stderr, **context: A
         # Not cached: a reload may change the level, and a module's logger must follow it.
         cache_logger_on_first_use=False,
     )
+
+
+log = structlog.get_logger()
+
+
+class Throttled:
+    """A warning said at most once per `every` seconds, with how often it happened meanwhile: a
+    flood must not turn into a flood of log lines."""
+
+    def __init__(self, event: str, every: float = 10.0) -> None:
+        self.event = event
+        self.every = every
+        self.said_at = -math.inf
+        self.unsaid = 0
+        self._lock = threading.Lock()  # the threads of a blocking model, or of the metrics endpoint
+
+    def __call__(self, **details: object) -> None:
+        with self._lock:
+            self.unsaid += 1
+            now = time.monotonic()
+            if now - self.said_at < self.every:
+                return
+            count, self.said_at, self.unsaid = self.unsaid, now, 0
+        log.warning(self.event, count=count, **details)

@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from sockd import __version__
 from sockd.config import Listener, MetricsConfig
 from sockd.counters import ERROR_KINDS, REJECT_REASONS, Totals
-from sockd.limits import Throttled
+from sockd.logging import Throttled
 from sockd.sockets import OUT_OF_RESOURCES, inet_address
 
 MAX_SCRAPES = 16  # scrapes served at once (Prometheus sends one at a time)

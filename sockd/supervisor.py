@@ -207,8 +207,13 @@ class Supervisor:
             for group in self._groups():  # the workers of kept listeners too
                 group.tell(line)
         self.config = new
-        self._apply(steps, fresh, WorkerSettings.of(new))
+        unstarted = self._apply(steps, fresh, WorkerSettings.of(new))
         done = summary(steps)
+        if unstarted:  # tried again after a backoff; meanwhile their old workers, if any, serve on
+            names = ", ".join(unstarted)
+            self._reloaded(False, f"reload failed in part: no new workers for {names}; the old ones serve on")
+            log.error("reload failed in part: new workers could not be started", listeners=unstarted, **done)
+            return
         self._reloaded(True, "reloaded: " + ", ".join(f"{kind} {len(names)}" for kind, names in done.items()))
         log.info("reloaded", **done)
 
@@ -252,8 +257,9 @@ class Supervisor:
             raise
         return fresh
 
-    def _apply(self, steps: list[Step], fresh: dict[str, Bound], settings: WorkerSettings) -> None:
-        """Carry out a reload's steps, with every new socket bound."""
+    def _apply(self, steps: list[Step], fresh: dict[str, Bound], settings: WorkerSettings) -> list[str]:
+        """Carry out a reload's steps, with every new socket bound: the listeners whose new
+        workers could not all be started."""
         # From now on every worker starts with the new settings (a kept listener's restarted ones
         # too), and every drain that begins and every heartbeat is timed by them.
         for group in self._groups():
@@ -269,20 +275,24 @@ class Supervisor:
             }
             # Each leaves once its workers have exited (see _depart).
             self.leaving = [*self.leaving, *(running[step.name] for step in steps if step.action == "removed")]
+        unstarted = []
         for step in steps:
             match step.action:
                 case "removed":
                     running[step.name].close()
                 case "added":
-                    self.groups[step.name].start()
+                    if not self.groups[step.name].start():
+                        unstarted.append(step.name)
                 case "restarted" | "rebound":
                     if step.bind_options_deferred:
                         log.warning(
                             "reuse_port, ipv6_only and freebind apply when a socket is bound", listener=step.name
                         )
-                    self.groups[step.name].renew(step.listener, fresh.get(step.name))
+                    if not self.groups[step.name].renew(step.listener, fresh.get(step.name)):
+                        unstarted.append(step.name)
                 case "kept":
                     pass  # same workers, same socket, open connections untouched
+        return unstarted
 
     def _bind(self, listener: Listener) -> Bound:
         if listener.name in self.activated:

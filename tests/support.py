@@ -111,8 +111,11 @@ class Daemon:
         return [int(e["pid"]) for e in started]
 
     def write_config(self, listeners: list[dict[str, Any]], **settings: Any) -> None:
-        """Replace the config file it was started with (it takes it up at the next SIGHUP)."""
-        self.config_path.write_text(config_text(listeners, **settings))
+        """Replace the config file it was started with (it takes it up at the next SIGHUP), as
+        the README asks: a new file renamed over the old, so a HUP never finds it half written."""
+        new = self.config_path.with_suffix(".new")
+        new.write_text(config_text(listeners, **settings))
+        new.replace(self.config_path)
 
     def reload(self, listeners: list[dict[str, Any]], **settings: Any) -> dict[str, Any]:
         """Write a new config, send SIGHUP and return the "reloaded" event (its plan)."""

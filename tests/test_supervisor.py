@@ -158,6 +158,7 @@ def test_an_orphaned_worker_waiting_for_a_first_request_leaves_the_port_to_a_new
     host, port = inet(first.address("echo"))
     orphan = first.worker_pid("echo")
     with connect(first.address("echo")) as silent:  # connected, not a byte sent: its drain waits for one
+        _becomes(lambda: _active(first, "echo"), 1, "the silent client accepted")
         first.process.kill()
         first.process.wait(10)
         # The orphan stops at once (its channel closed) and lets go of the listening socket,
@@ -268,7 +269,8 @@ def test_twenty_reloads_under_load_lose_no_request_on_the_listeners_that_stay(
             assert request(str(sockdir / f"m{turn % 2}.sock"), b"moved") == b"moved"
             gone = daemon.wait_for("listening", listener=f"extra-{turn - 1}")["address"]
             assert _refused(str(gone))
-            assert not (sockdir / f"m{(turn + 1) % 2}.sock").exists()
+            old_file = sockdir / f"m{(turn + 1) % 2}.sock"
+            _becomes(old_file.exists, False, "the moved listener's old file removed once its new worker serves")
     finally:
         load.stop()
     names = dict(zip(addresses, ["stable-tcp", "stable-unix", "changing"], strict=True))
@@ -1038,7 +1040,8 @@ def test_a_listener_moved_to_another_port_and_back_rebinds_its_first_one(start_s
     try:
         session.exchange()
         assert daemon.reload(on(second), shutdown_timeout=SESSIONS_TIMEOUT)["rebound"] == ["moving"]
-        assert _probe(f"127.0.0.1:{first}") == "refused"  # not a backlog nobody accepts from
+        # Once the new worker serves, not a backlog nobody accepts from.
+        _becomes(lambda: _probe(f"127.0.0.1:{first}"), "refused", "the first port let go")
         assert request(f"127.0.0.1:{second}", b"moved") == b"moved"
         session.exchange()  # its old worker serves it on
         assert daemon.reload(on(first), shutdown_timeout=SESSIONS_TIMEOUT)["rebound"] == ["moving"]
@@ -1046,3 +1049,24 @@ def test_a_listener_moved_to_another_port_and_back_rebinds_its_first_one(start_s
         session.exchange()
     finally:
         session.close()
+
+
+def test_a_reload_whose_new_workers_cannot_start_keeps_the_old_ones_serving(start_sockd: Launcher) -> None:
+    daemon = start_sockd([entry("echo", "tcp", "echo", "asyncio")])
+    supervisor, old = daemon.process.pid, daemon.worker_pid("echo")
+    # One descriptor to spare: enough to read the file, not for a new worker's socketpair.
+    spare = len(os.listdir(f"/proc/{supervisor}/fd")) + 1
+    subprocess.run(["prlimit", f"--pid={supervisor}", f"--nofile={spare}:"], check=True)  # the soft limit
+    mark = len(daemon.events)
+    daemon.write_config([entry("echo", "tcp", "echo", "selector")])
+    os.kill(supervisor, signal.SIGHUP)
+    failed = daemon.wait_for("reload failed in part: new workers could not be started", after=mark)
+    assert failed["listeners"] == ["echo"]
+    assert request(daemon.address("echo"), b"still served") == b"still served"  # by the old worker
+    assert alive(old)
+    assert value(samples(daemon), "sockd_config_last_reload_successful") == 0
+    subprocess.run(["prlimit", f"--pid={supervisor}", "--nofile=1024:"], check=True)
+    new = daemon.worker_pid("echo", after=mark)  # tried again after its backoff
+    daemon.wait_for("worker exited", pid=old, after=mark, timeout=30)  # retired once the new one served
+    assert request(daemon.address("echo"), b"new") == b"new"
+    assert alive(new)

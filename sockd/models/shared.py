@@ -11,7 +11,8 @@ import struct
 
 from sockd.counters import RESOURCES, Recorder
 from sockd.lifecycle import Address, Datagrams, Service
-from sockd.limits import Credentials, Throttled, Ticket
+from sockd.limits import Credentials, Ticket
+from sockd.logging import Throttled
 from sockd.sockets import OUT_OF_RESOURCES
 
 # accept() failing for want of descriptors or memory (OUT_OF_RESOURCES): pause accepting this

@@ -6,7 +6,8 @@ import socket
 
 from sockd.counters import RESOURCES, Recorder
 from sockd.lifecycle import Address
-from sockd.limits import Throttled, Ticket
+from sockd.limits import Ticket
+from sockd.logging import Throttled
 from sockd.models import Stop
 from sockd.models.blocking import BlockingModel, Threads, accepted, received
 from sockd.models.shared import SocketDatagrams, admit

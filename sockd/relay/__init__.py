@@ -18,7 +18,8 @@ from typing import Protocol, TypeVar
 from sockd.counters import UPSTREAM, Recorder
 from sockd.handlers import Relay
 from sockd.lifecycle import Address, Connection, Service
-from sockd.limits import MOVED, Throttled, Ticket
+from sockd.limits import MOVED, Ticket
+from sockd.logging import Throttled
 
 # What opening an upstream can fail with: refused, unreachable, timed out; ValueError for a host
 # name IDNA cannot encode (config refuses most of them).
