@@ -7,7 +7,6 @@ import ipaddress
 import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
@@ -38,6 +37,9 @@ UPSTREAM_PATTERN = r"^((tcp|udp)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1
 MODE_PATTERN = r"^0?[0-7]{3}$"
 ListenerName = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
 Port = Annotated[int, Field(ge=0, le=65535)]
+# A config file is a few kB. Parsing a 20 MB one would block the supervisor's loop (its
+# watchdog pings included) for seconds.
+MAX_FILE_BYTES = 4 << 20
 # Every duration is at most a day: longer is a typo (1.0e+10), and timers would overflow on it.
 MAX_SECONDS = 86_400.0
 Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)]
@@ -254,7 +256,12 @@ def load(path: str | os.PathLike[str]) -> Config:
     """Read, parse and validate a config file; every problem becomes a one-line `ConfigError`."""
     shown = os.fspath(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as file:
+            # One byte past the most: a bigger file is refused without being read whole.
+            raw = file.read(MAX_FILE_BYTES + 1)
+        if len(raw) > MAX_FILE_BYTES:
+            raise ConfigError([f"{shown}: larger than {MAX_FILE_BYTES >> 20} MiB: not a config file sockd reads"])
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{shown}: cannot read: {_reason(exc)}"]) from None
     return parse(text, shown)

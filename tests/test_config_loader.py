@@ -321,3 +321,11 @@ def test_a_duration_longer_than_a_day_is_refused(tmp_path: Path, field: str) -> 
             {field}: 1.0e+10
         """
     assert_rejected(tmp_path, text, (9, f"listeners[0].{field}", "input should be less than or equal to 86400"))
+
+
+def test_a_file_larger_than_four_mib_is_refused_unread(tmp_path: Path) -> None:
+    text = "# " + "x" * (4 << 20) + "\nlisteners: []\n"
+    path = write_config(tmp_path, text)
+    config, problems = check(path)
+    assert config is None
+    assert problems == [f"{path}: larger than 4 MiB: not a config file sockd reads"]

@@ -1070,3 +1070,39 @@ def test_a_reload_whose_new_workers_cannot_start_keeps_the_old_ones_serving(star
     daemon.wait_for("worker exited", pid=old, after=mark, timeout=30)  # retired once the new one served
     assert request(daemon.address("echo"), b"new") == b"new"
     assert alive(new)
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_reloaded_udp_listener_takes_no_datagram_more_in_its_old_generation(start_sockd: Launcher, loop: str) -> None:
+    def config(deny: list[str]) -> list[dict[str, object]]:
+        return [entry("udp", "udp", "echo", "asyncio", delay=0.3, event_loop=loop, deny=deny)]
+
+    daemon = start_sockd(config([]), shutdown_timeout=SESSIONS_TIMEOUT)
+    address = inet(daemon.address("udp"))
+    answers: list[float] = []
+    done = threading.Event()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(0.05)
+
+        def send_and_read() -> None:  # a datagram every 20 ms, so that a reply is always due
+            deadline = time.monotonic() + 30
+            while not done.is_set() and time.monotonic() < deadline:
+                client.sendto(b"ping", address)
+                with contextlib.suppress(TimeoutError):
+                    if client.recv(64):
+                        answers.append(time.monotonic())
+
+        thread = threading.Thread(target=send_and_read)
+        thread.start()
+        try:
+            eventually(lambda: len(answers) > 5, "answered before the reload")
+            mark = len(daemon.events)
+            assert daemon.reload(config(["127.0.0.1/32"]), shutdown_timeout=SESSIONS_TIMEOUT)["restarted"] == ["udp"]
+            daemon.wait_for("serving", pid=daemon.worker_pid("udp", after=mark), after=mark)
+            settled = time.monotonic() + 0.6  # the replies due at the reload have gone out by then
+            time.sleep(2)
+        finally:
+            done.set()
+            thread.join(30)
+    late = [when for when in answers if when > settled]
+    assert late == [], f"{len(late)} answers to a denied source after the reload"

@@ -91,6 +91,9 @@ class Model:
             await loop.create_datagram_endpoint(lambda: datagrams, sock=sock)
             await stopped.wait()
             if isinstance(datagrams, DatagramProtocol):
+                # No datagram more (the next generation takes them, under its rules), while the
+                # replies still due go out through the transport.
+                datagrams.transport.set_protocol(asyncio.DatagramProtocol())
                 await datagrams.replied()
             datagrams.close()
             return
