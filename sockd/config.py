@@ -445,6 +445,7 @@ def _combinations(listener: Listener) -> Iterator[Problem]:
         yield ("connection_burst",), "only valid with connection_rate"
     if listener.idle_timeout is not None and not (listener.streams or listener.handler == "relay"):
         yield ("idle_timeout",), "only valid with protocol: tcp or unix, or handler: relay"
+    yield from _select_bounds(listener)
     if listener.handler != "relay":
         return
     if listener.max_message_size is not None:
@@ -464,6 +465,27 @@ def _combinations(listener: Listener) -> Iterator[Problem]:
             yield ("upstream",), f"not a valid host name: {exc}"
     if listener.upstream is not None and _relays_to_itself(listener):
         yield ("upstream",), "is this listener's own address: each client would be relayed to itself, without end"
+
+
+# select() watches descriptors below FD_SETSIZE (1,024) only; a worker keeps about twenty of its
+# own (its socket, pipes, counters, log), and a relay two per connection.
+SELECT_CONNECTIONS = 1000
+
+
+def _select_bounds(listener: Listener) -> Iterator[Problem]:
+    """A select() loop must never be handed a descriptor it cannot watch: it would crash."""
+    if listener.selector_backend != "select":
+        return
+    if listener.protocol == "udp":
+        if listener.handler == "relay":
+            yield ("selector_backend",), "select cannot watch a UDP relay's sessions (a socket per client): use poll"
+        return
+    most = SELECT_CONNECTIONS // (2 if listener.handler == "relay" else 1)
+    if listener.max_connections is None or listener.max_connections > most:
+        yield (
+            ("selector_backend",),
+            f"select watches 1,024 descriptors at most: needs max_connections of at most {most}",
+        )
 
 
 def _relays_to_itself(listener: Listener) -> bool:

@@ -329,3 +329,38 @@ def test_a_file_larger_than_four_mib_is_refused_unread(tmp_path: Path) -> None:
     config, problems = check(path)
     assert config is None
     assert problems == [f"{path}: larger than 4 MiB: not a config file sockd reads"]
+
+
+def test_the_select_backend_needs_a_connection_cap_it_can_watch(tmp_path: Path) -> None:
+    def listener(name: str, extra: str) -> str:
+        return f"""
+          - {{name: {name}, protocol: tcp, host: 127.0.0.1, port: 0, concurrency: selector,
+             selector_backend: select, {extra}}}"""
+
+    text = "listeners:" + "".join(
+        [
+            listener("uncapped", "handler: echo"),
+            listener("capped", "handler: echo, max_connections: 1000"),
+            listener("too-many", "handler: echo, max_connections: 1001"),
+            listener("relay", "handler: relay, upstream: 'tcp://127.0.0.1:9', max_connections: 501"),
+        ]
+    )
+    assert_rejected(
+        tmp_path,
+        text,
+        (
+            3,
+            "listeners[0].selector_backend",
+            "select watches 1,024 descriptors at most: needs max_connections of at most 1000",
+        ),
+        (
+            7,
+            "listeners[2].selector_backend",
+            "select watches 1,024 descriptors at most: needs max_connections of at most 1000",
+        ),
+        (
+            9,
+            "listeners[3].selector_backend",
+            "select watches 1,024 descriptors at most: needs max_connections of at most 500",
+        ),
+    )

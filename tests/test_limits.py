@@ -540,3 +540,35 @@ def test_a_reload_applies_new_limits_and_the_backlog_to_the_same_socket(start_so
     assert listen_backlog(port) == 33
     with connect(address) as first, connect(address) as second:
         assert echo(first) == echo(second) == b"ping"
+
+
+def test_the_select_backend_at_its_cap_refuses_the_rest_and_never_crashes(start_sockd: Launcher) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4096:  # this test process holds every client (CI runs as root, so may raise it)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (4096, max(hard, 4096)))
+    listener = entry("sel", "tcp", "echo", "selector", selector_backend="select", max_connections=1000)
+    # Descriptors to spare, as on a host that raised the limit: select's 1,024 is then the bound.
+    daemon = start_sockd([listener], prefix=("prlimit", "--nofile=8192"))
+    address, worker = daemon.address("sel"), daemon.worker_pid("sel")
+    established = [connect(address) for _ in range(50)]
+    flood: list[socket.socket] = []
+    try:
+        for sock in established:
+            sock.sendall(b"x")
+            assert sock.recv(1) == b"x"
+        flood = [connect(address) for _ in range(1100)]
+        eventually(
+            lambda: (
+                value(samples(daemon), "sockd_connections_rejected_total", listener="sel", reason="max_connections")
+                >= 150
+            ),
+            "the connections past max_connections refused",
+        )
+        for sock in established:  # the worker still serves them: nothing crashed
+            sock.sendall(b"y")
+            assert sock.recv(1) == b"y"
+        assert daemon.worker_pid("sel") == worker
+        assert not [e for e in daemon.events if e.get("event") == "worker died; restarting"]
+    finally:
+        for sock in established + flood:
+            sock.close()
