@@ -572,3 +572,26 @@ def test_the_select_backend_at_its_cap_refuses_the_rest_and_never_crashes(start_
     finally:
         for sock in established + flood:
             sock.close()
+
+
+def _threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_a_datagram_flood_on_threaded_udp_starts_a_bounded_number_of_threads(start_sockd: Launcher) -> None:
+    # Each datagram's thread sleeps through `delay`, so a flood would pile threads up.
+    daemon = start_sockd([entry("u", "udp", "echo", "threaded", delay=1.0)])
+    worker = daemon.worker_pid("u")
+    most = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        for number in range(20000):
+            client.sendto(b"flood", inet(daemon.address("u")))
+            if number % 250 == 0:
+                most = max(most, _threads(worker))
+    most = max(most, _threads(worker))
+    assert most <= 256 + 20, most  # DATAGRAM_THREADS, and the worker's own few
+    eventually(
+        lambda: value(samples(daemon), "sockd_errors_total", listener="u", kind="resources") > 0,
+        "the dropped datagrams counted",
+    )
+    assert not [e for e in daemon.events if e.get("event") == "worker died; restarting"]

@@ -181,7 +181,11 @@ class Threads:
     def start(self, target: Callable[..., object], *args: object) -> None:
         thread = threading.Thread(target=self._run, args=(target, args), daemon=True)
         self._running.add(thread)
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError:  # no thread to be had: none to join either
+            self._running.discard(thread)
+            raise
 
     def _run(self, target: Callable[..., object], args: tuple[object, ...]) -> None:
         try:

@@ -1,8 +1,11 @@
-"""The seed's thread-per-connection server (and a thread per datagram for UDP)."""
+"""The seed's thread-per-connection server (and a thread per datagram for UDP, DATAGRAM_THREADS at
+most at once)."""
 
 from __future__ import annotations
 
 import socket
+import threading
+from collections.abc import Callable
 
 from sockd.counters import RESOURCES, Recorder
 from sockd.lifecycle import Address
@@ -12,7 +15,12 @@ from sockd.models import Stop
 from sockd.models.blocking import BlockingModel, Threads, accepted, received
 from sockd.models.shared import SocketDatagrams, admit
 
-_no_thread = Throttled("cannot start a thread for a connection; closed it")
+# Threads answering datagrams at once, per worker: past this, a datagram is dropped and counted
+# (a flood must not start a thread for each).
+DATAGRAM_THREADS = 256
+
+_no_thread = Throttled("cannot start a thread; dropped what it was for")
+_busy = Throttled("every datagram thread is busy; dropped a datagram")
 
 
 class Model(BlockingModel):
@@ -23,29 +31,40 @@ class Model(BlockingModel):
         # starts counts on another: no lock on the hot path, no lost update.
         with self.stats.recorder() as recorder:
             if sock.type == socket.SOCK_DGRAM:
+                slots = threading.BoundedSemaphore(DATAGRAM_THREADS)
                 for data, sender in received(sock, stop, recorder):
-                    threads.start(self._answer, sock, data, sender)
+                    if not slots.acquire(blocking=False):
+                        recorder.errors[RESOURCES] += 1
+                        _busy(limit=DATAGRAM_THREADS)
+                    elif not _started(threads, recorder, self._answer, sock, data, sender, slots):
+                        slots.release()
             else:
                 for conn, address in accepted(sock, stop, recorder):
                     # Refused before a thread is started for it: a flood costs no threads.
                     ticket = admit(conn, address, self.service, recorder)
-                    if ticket is not None:
-                        self._start(threads, conn, ticket, recorder)
+                    if ticket is not None and not _started(threads, recorder, self._serve, conn, ticket):
+                        conn.close()
+                        ticket.release()
         threads.join()
-
-    def _start(self, threads: Threads, conn: socket.socket, ticket: Ticket, recorder: Recorder) -> None:
-        try:
-            threads.start(self._serve, conn, ticket)
-        except RuntimeError as exc:  # "can't start new thread": out of memory or of a limit
-            recorder.errors[RESOURCES] += 1
-            _no_thread(error=str(exc))
-            conn.close()
-            ticket.release()
 
     def _serve(self, conn: socket.socket, ticket: Ticket) -> None:
         with self.stats.recorder() as recorder:
             self.serve_admitted(conn, ticket, recorder)
 
-    def _answer(self, sock: socket.socket, data: bytes, sender: Address) -> None:
-        with self.stats.recorder() as recorder:
-            self.answer(SocketDatagrams(self.service, recorder, sock), data, sender)
+    def _answer(self, sock: socket.socket, data: bytes, sender: Address, slots: threading.BoundedSemaphore) -> None:
+        try:
+            with self.stats.recorder() as recorder:
+                self.answer(SocketDatagrams(self.service, recorder, sock), data, sender)
+        finally:
+            slots.release()
+
+
+def _started(threads: Threads, recorder: Recorder, target: Callable[..., object], *args: object) -> bool:
+    """Start a thread; False, counted and said, if none can be had (out of memory or of a limit)."""
+    try:
+        threads.start(target, *args)
+    except RuntimeError as exc:  # "can't start new thread"
+        recorder.errors[RESOURCES] += 1
+        _no_thread(error=str(exc))
+        return False
+    return True
