@@ -310,7 +310,9 @@ class Group:
             worker.ready = True
             worker.beat_at = time.monotonic()
             if self.replacing and all(place.worker is not None and place.worker.ready for place in self.places):
-                self._retire(self._replaced())  # the new generation serves: the old one may go
+                replaced = self._replaced()  # the new generation serves: the old one may go
+                log.info("replaced", listener=self.listener.name, retired=[w.process.pid for w in replaced])
+                self._retire(replaced)
             return True
         return False
 

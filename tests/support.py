@@ -118,11 +118,15 @@ class Daemon:
         new.replace(self.config_path)
 
     def reload(self, listeners: list[dict[str, Any]], **settings: Any) -> dict[str, Any]:
-        """Write a new config, send SIGHUP and return the "reloaded" event (its plan)."""
+        """Write a new config, send SIGHUP and return the "reloaded" event (its plan), once every
+        listener it restarted or moved is served by its new workers alone."""
         self.write_config(listeners, **settings)
         mark = len(self.events)
         self.process.send_signal(signal.SIGHUP)
-        return self.wait_for("reloaded", after=mark, timeout=30)
+        plan = self.wait_for("reloaded", after=mark, timeout=30)
+        for name in [*plan.get("restarted", []), *plan.get("rebound", [])]:
+            self.wait_for("replaced", listener=name, after=mark, timeout=30)
+        return plan
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.process.poll() is None:

@@ -149,6 +149,8 @@ def test_a_reload_after_sockds_files_changed_starts_new_workers_on_the_new_code(
     eventually(lambda: not alive(old_server), "the old fork server ended")
     for name in ("tcp", "udp"):
         assert daemon.worker_pid(name, after=mark) != old_workers[name]
+    # The old worker accepts until the new one serves; then it goes, and only new code answers.
+    daemon.wait_for("worker exited", pid=old_workers["tcp"], after=mark)
     assert request(daemon.address("tcp"), b"hello") == b"HELLO"
 
 

@@ -589,7 +589,9 @@ def test_a_datagram_flood_on_threaded_udp_starts_a_bounded_number_of_threads(sta
             if number % 250 == 0:
                 most = max(most, _threads(worker))
     most = max(most, _threads(worker))
-    assert most <= 256 + 20, most  # DATAGRAM_THREADS, and the worker's own few
+    # DATAGRAM_THREADS, the worker's own few, and some that gave their place back but have not
+    # quite exited yet (a busy machine lets them linger).
+    assert most <= 256 + 40, most
     eventually(
         lambda: value(samples(daemon), "sockd_errors_total", listener="u", kind="resources") > 0,
         "the dropped datagrams counted",
