@@ -7,9 +7,9 @@ supervisor decides when groups come, change and go, and tends each on every turn
 each worker's channel is registered with the loop's selector, its data a callable that reads the
 channel and returns True when the worker has just become ready.
 
-Each start is a generation. A reload retires the current one: it accepts no more but serves its
-open connections on until their clients close them or shutdown_timeout passes, and is stopped
-then (see sockd.worker). A storm of reloads is bounded: past MAX_SERVING old generations the
+Each start is a generation. A reload starts a new one, and once that one serves retires the one
+before: it accepts no more but serves its open connections on until their clients close them or
+shutdown_timeout passes, and is stopped then (see sockd.worker). A storm of reloads is bounded: past MAX_SERVING old generations the
 oldest is stopped at once, past MAX_ALIVE the oldest is killed.
 """
 
@@ -153,9 +153,9 @@ class Group:
     def renew(self, listener: Listener, bound: Bound | None) -> bool:
         """A new generation for a changed listener, on `bound` when its address changed, else on
         the socket it has. The old generation goes on accepting until every new worker serves,
-        and is retired then (its socket closed, if it was another): nobody accepting is never a
-        moment of a reload, and new workers that cannot start leave the old ones serving. False
-        if a new worker could not be started."""
+        and is retired then (its socket closed, if it was another): at no moment of a reload does
+        nobody accept, and new workers that cannot start leave the old ones serving. False if a
+        new worker could not be started."""
         self.replacing += self._vacate()
         if bound is not None:
             self.replaced_bounds.append(self.bound)
