@@ -135,6 +135,10 @@ def test_stop_gives_the_drain_time_to_the_supervisor() -> None:
     assert seconds(value(SERVICE, "Service", "TimeoutStopSec")) > DEFAULT_SHUTDOWN_TIMEOUT
 
 
+def test_descriptors_are_not_left_at_systemds_default_of_1024() -> None:
+    assert int(value(SERVICE, "Service", "LimitNOFILE")) >= 65536
+
+
 def test_runtime_directory_and_identity() -> None:
     assert value(SERVICE, "Service", "RuntimeDirectory") == "sockd"  # /run/sockd for Unix sockets
     assert value(SERVICE, "Service", "ConfigurationDirectory") == "sockd"
