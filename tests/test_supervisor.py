@@ -1015,11 +1015,13 @@ def test_hups_that_queue_up_during_a_reload_become_one_reload_of_the_latest_file
     latest = MODELS[sent % len(MODELS)]
     _becomes(lambda: generations()[-1]["concurrency"], latest, "the latest file applied", timeout=60)
     time.sleep(1)  # and no reload after it
-    reloads = [e for e in daemon.events if e.get("event") == "reloaded"]
+    # A reload whose new workers could not all start (a loaded machine) still started them.
+    outcomes = ("reloaded", "reload failed in part: new workers could not be started")
+    reloads = [e for e in daemon.events if e.get("event") in outcomes]
     assert generations()[-1]["concurrency"] == latest
     assert len(reloads) < sent / 2, len(reloads)  # queued HUPs coalesced
     restarts = [reload for reload in reloads if "l0" in reload.get("restarted", [])]
-    assert len(generations()) == 1 + len(restarts)  # none started only to be retired unused
+    assert len(generations()) == 1 + len(restarts), [e for e in daemon.events if "reload" in str(e.get("event"))]
     assert request(daemon.address("l0"), b"x") == b"x"
 
 
