@@ -9,8 +9,9 @@ channel and returns True when the worker has just become ready.
 
 Each start is a generation. A reload starts a new one, and once that one serves retires the one
 before: it accepts no more but serves its open connections on until their clients close them or
-shutdown_timeout passes, and is stopped then (see sockd.worker). A storm of reloads is bounded: past MAX_SERVING old generations the
-oldest is stopped at once, past MAX_ALIVE the oldest is killed.
+shutdown_timeout passes, and is stopped then (see sockd.worker). A storm of reloads is bounded:
+past MAX_SERVING old generations the oldest is stopped at once, past MAX_ALIVE the oldest is
+killed.
 """
 
 from __future__ import annotations
