@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import ipaddress
 import os
 import resource
@@ -64,8 +65,11 @@ def served(address: str) -> bool:
     """Whether a new connection is served (not closed at once by a limit)."""
     try:
         return request(address, b"again") == b"again"
-    except ConnectionResetError:
-        return False
+    except OSError as exc:
+        # Closed at once: reset while sending, or before the half-close (ENOTCONN).
+        if isinstance(exc, ConnectionError) or exc.errno == errno.ENOTCONN:
+            return False
+        raise
 
 
 def closed_at_once(sock: socket.socket) -> bool:
