@@ -584,14 +584,17 @@ def _threads(pid: int) -> int:
 
 def test_a_datagram_flood_on_threaded_udp_starts_a_bounded_number_of_threads(start_sockd: Launcher) -> None:
     # Each datagram's thread sleeps through `delay`, so a flood would pile threads up.
-    daemon = start_sockd([entry("u", "udp", "echo", "threaded", delay=1.0)])
+    daemon = start_sockd([entry("u", "udp", "echo", "threaded", delay=3.0)])
     worker = daemon.worker_pid("u")
     most = 0
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
-        for number in range(20000):
+        # Paced over 3 s rather than at once, so that the kernel's buffer does not drop the flood
+        # before the worker sees it: well over 256 reach it within one `delay`.
+        for number in range(3000):
             client.sendto(b"flood", inet(daemon.address("u")))
-            if number % 250 == 0:
+            if number % 100 == 0:
                 most = max(most, _threads(worker))
+                time.sleep(0.1)
     most = max(most, _threads(worker))
     # DATAGRAM_THREADS, the worker's own few, and some that gave their place back but have not
     # quite exited yet (a busy machine lets them linger).

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from support import Launcher, connect, request, sockd_command
+from support import Launcher, connect, eventually, request, sockd_command
 from support import listener as entry
 
 
@@ -72,7 +72,12 @@ def test_a_reload_that_changes_the_level_reaches_the_workers_of_kept_listeners(s
     plan = daemon.reload(listeners, logging={"level": "debug", "format": "json"})
     assert plan["kept"] == ["echo"]
     mark = len(daemon.events)
-    _reset_after_echo(daemon.address("echo"))
+
+    def lost_at_debug() -> bool:  # the worker takes the new level up as it reads its channel
+        _reset_after_echo(daemon.address("echo"))
+        return any(e.get("event") == "connection lost" for e in daemon.events[mark:])
+
+    eventually(lost_at_debug, "a lost connection logged at debug level")
     lost = daemon.wait_for("connection lost", after=mark)
     assert lost["pid"] == pid  # the worker started at info level, not a new one
     assert lost["level"] == "debug"
