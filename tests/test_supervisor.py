@@ -1014,9 +1014,14 @@ def test_hups_that_queue_up_during_a_reload_become_one_reload_of_the_latest_file
 
     latest = MODELS[sent % len(MODELS)]
     _becomes(lambda: generations()[-1]["concurrency"], latest, "the latest file applied", timeout=60)
-    time.sleep(1)  # and no reload after it
     # A reload whose new workers could not all start (a loaded machine) still started them.
     outcomes = ("reloaded", "reload failed in part: new workers could not be started")
+
+    def unfinished() -> int:  # reloads begun and not yet done (30 listeners each take a while)
+        begun = [e for e in daemon.events if e.get("event") == "reloading"]
+        return len(begun) - len([e for e in daemon.events if e.get("event") in outcomes])
+
+    _becomes(unfinished, 0, "every reload begun is done", timeout=60)
     reloads = [e for e in daemon.events if e.get("event") in outcomes]
     assert generations()[-1]["concurrency"] == latest
     assert len(reloads) < sent / 2, len(reloads)  # queued HUPs coalesced
