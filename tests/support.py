@@ -193,9 +193,11 @@ class Launcher:
         return daemon
 
     def finish(self) -> None:
-        for daemon in self.started:
-            if daemon.process.poll() is None:
-                assert daemon.stop() == 0, daemon.other_lines
+        """Stop every daemon it started, then check how each ended: a failure with one must not
+        leave the others running."""
+        codes = [daemon.stop() if daemon.process.poll() is None else 0 for daemon in self.started]
+        for daemon, code in zip(self.started, codes, strict=True):
+            assert code == 0, daemon.other_lines
             assert not any("Traceback" in line for line in daemon.other_lines), "".join(daemon.other_lines)
 
 
