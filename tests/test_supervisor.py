@@ -645,7 +645,8 @@ def test_sessions_are_served_by_their_old_generation_across_twenty_reloads(
         # Threaded first: it serves the first sessions at once (iterative would serve one).
         return [entry("echo", protocol, "echo", MODELS[(turn + 1) % len(MODELS)], where)]
 
-    daemon = start_sockd(config(0), shutdown_timeout=SESSIONS_TIMEOUT)
+    # Under the descriptor limit a service gets by default (systemd's soft 1,024).
+    daemon = start_sockd(config(0), prefix=("prlimit", "--nofile=1024"), shutdown_timeout=SESSIONS_TIMEOUT)
     address = daemon.address("echo")
     turn = [0]
     loops = [SessionLoop(address, f"{protocol}-{n}", lambda: turn[0]) for n in range(5)]
