@@ -12,6 +12,11 @@ from sockd.models.shared import SocketDatagrams
 class Model(BlockingModel):
     def serve(self, sock: socket.socket, stop: Stop) -> None:
         self.stopping_on(stop, sock)
+        self.serve_in_turn(sock, stop)
+
+    def serve_in_turn(self, sock: socket.socket, stop: Stop) -> None:
+        """One connection (or datagram) after another until `stop`: what each of thread_pool's
+        threads runs too."""
         with self.stats.recorder() as recorder:
             if sock.type == socket.SOCK_DGRAM:
                 datagrams = SocketDatagrams(self.service, recorder, sock)

@@ -18,7 +18,8 @@ class Model:
         self.iterative = iterative.Model(listener, handler, stats)
 
     def serve(self, sock: socket.socket, stop: Stop) -> None:
+        self.iterative.stopping_on(stop, sock)  # once for the pool, not once per thread
         threads = Threads()
         for _ in range(self.size):
-            threads.start(self.iterative.serve, sock, stop)
+            threads.start(self.iterative.serve_in_turn, sock, stop)
         threads.join()
