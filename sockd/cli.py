@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import signal
 import sys
 
 from setproctitle import setproctitle
@@ -15,17 +17,20 @@ from sockd.forkserver import ForkServerError
 from sockd.logging import configure
 from sockd.sockets import BindError
 from sockd.stdout import emit
-from sockd.supervisor import Supervisor
+from sockd.supervisor import DescriptorLimit, Supervisor
 
 EX_CONFIG = 78  # sysexits.h: configuration error
-EX_OSERR = 71  # sysexits.h: an operating system error: a socket that cannot be bound, no fork server
+EX_OSERR = 71  # sysexits.h: an operating system error: an unbindable socket, too few descriptors, no fork server
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, signals: collections.deque[int] | None = None) -> int:
+    """`signals`: those caught before (see sockd.__main__), for the supervisor to act on."""
     arguments = sys.argv[1:] if argv is None else argv
     # A subcommand with a parser of its own, dispatched first so the main parser stays as it is.
     if arguments[:1] == ["bench"]:
         from sockd_bench import runner  # noqa: PLC0415 (imported here: the daemon never needs it)
+
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # a closed terminal ends a benchmark
 
         return runner.main(arguments[1:])
     parser = argparse.ArgumentParser(
@@ -58,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     configure(config.logging)
     setproctitle(f"sockd: supervisor -c {args.config}")
     try:
-        return Supervisor(config, args.config).run()
-    except (BindError, ForkServerError) as exc:
+        return Supervisor(config, args.config, signals).run()
+    except (BindError, DescriptorLimit, ForkServerError) as exc:
         print(f"sockd: {exc}", file=sys.stderr)
         return EX_OSERR

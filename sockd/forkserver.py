@@ -54,6 +54,7 @@ from setproctitle import setproctitle
 import sockd
 from sockd.config import LoggingConfig
 from sockd.logging import configure
+from sockd.sockets import reason
 
 if TYPE_CHECKING:
     import resource
@@ -268,7 +269,7 @@ class ForkServer:
                 )
         except OSError as exc:
             ours.close()
-            raise ForkServerError(exc.errno, f"the fork server cannot be started: {exc.strerror}") from None
+            raise ForkServerError(f"the fork server cannot be started: {sys.executable}: {reason(exc)}") from None
         self.control = ours
         self.pid = self.process.pid
         try:
@@ -367,15 +368,20 @@ class Spawner:
             self.server = None
         if time.monotonic() < self.retry_at:
             raise ForkServerError("no fork server: the last one did not start")
-        self.server = self._new()
+        try:
+            self.server = self._new()
+        except ForkServerError as exc:
+            log.error("fork server failed", error=str(exc))
+            raise
         return self.server
 
     def _new(self) -> ForkServer:
+        """A fork server; ForkServerError, for the caller to tell (start and renew say it once,
+        through the command's error and the reload's), if it does not start."""
         try:
             server = ForkServer()
-        except ForkServerError as exc:
+        except ForkServerError:
             self.retry_at = time.monotonic() + 1.0
-            log.error("fork server failed", error=str(exc))
             raise
         log.info("fork server started", pid=server.pid, package=server.package)
         return server
@@ -386,7 +392,7 @@ def _become_subreaper() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_CHILD_SUBREAPER, ctypes.c_ulong(1), 0, 0, 0) != 0:
         number = ctypes.get_errno()
-        raise ForkServerError(number, f"cannot become a child subreaper: {os.strerror(number)}")
+        raise ForkServerError(f"cannot become a child subreaper: {os.strerror(number)}")
 
 
 def _reap_strays(known: Callable[[], Collection[int]]) -> None:

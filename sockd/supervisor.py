@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import os
+import resource
 import selectors
 import signal
 import threading
@@ -34,9 +35,50 @@ log = structlog.get_logger()
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
+# The supervisor's descriptors besides its listeners' and the metrics endpoint's: the standard
+# streams, its selector and wake-up pipe, systemd's socket, the fork server's, a starting
+# worker's socketpair and counters, and room to spare. Nothing a client does can spend them (the
+# endpoint's connections are capped), so a dead worker can always be replaced.
+RESERVED_DESCRIPTORS = 32
+
+
+class DescriptorLimit(Exception):
+    """The descriptor limit is below what a config needs (see make_room), and cannot be raised."""
+
+
+def descriptors_needed(config: Config) -> int:
+    """The descriptors the supervisor holds for `config`: a socket for each listener and a
+    channel for each of its workers, twice over (a reload starts the new generation before it
+    retires the old one), the metrics endpoint's at their cap, and RESERVED_DESCRIPTORS. (Old
+    generations that serve sessions on through a storm of reloads hold more: a worker that
+    cannot be started then is retried after a backoff.)"""
+    listeners = sum(1 + 2 * listener.workers for listener in config.listeners)
+    endpoint = 1 + metrics.MAX_SCRAPES if config.metrics.enabled else 0
+    return RESERVED_DESCRIPTORS + listeners + endpoint
+
+
+def make_room(config: Config) -> None:
+    """Raise the soft descriptor limit to what `config` needs, as HAProxy does from its maxconn
+    (systemd's default soft limit is 1024, under a hard one of 524288, for programs to raise
+    themselves); DescriptorLimit if the hard limit is lower."""
+    needed = descriptors_needed(config)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        count = len(config.listeners)
+        raise DescriptorLimit(
+            f"the descriptor limit ({hard}) is too low for {count} listener{'s' if count != 1 else ''}: "
+            f"the supervisor needs {needed} descriptors; raise LimitNOFILE= (or ulimit -n)"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    log.info("raised the descriptor limit", soft=needed, was=soft)
+
 
 class Supervisor:
-    def __init__(self, config: Config, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, config: Config, path: str | os.PathLike[str], signals: collections.deque[int] | None = None
+    ) -> None:
         self.config = config  # the config in force: replaced only by a reload that succeeded
         self.path = path
         # By listener name, in the config file's order. Once the metrics thread reads it, it is
@@ -49,7 +91,9 @@ class Supervisor:
         # Held while a group moves between `groups`, `leaving` and `departed`, so that a scrape
         # sees its counts once, never twice or not at all.
         self.reporting = threading.Lock()
-        self.signals: collections.deque[int] = collections.deque()
+        # What the signal handlers queue for the loop; `signals` if the command caught some before
+        # the supervisor existed (see sockd.__main__).
+        self.signals: collections.deque[int] = collections.deque() if signals is None else signals
         self.selector = selectors.DefaultSelector()
         self.spawner = Spawner()
         self.notifier = systemd.Notifier()
@@ -61,9 +105,14 @@ class Supervisor:
 
     def run(self) -> int:
         """Bind everything (raising BindError before anything serves), serve until stopped."""
+        # First of all: a stop or a reload sent while sockd starts waits for the loop, rather
+        # than ending the process (SIGHUP's default) or raising in the middle of a bind (SIGINT).
+        for signum in SIGNALS:
+            signal.signal(signum, lambda signum, _: self.signals.append(signum))
         exporter = None
         settings = WorkerSettings.of(self.config)
         try:
+            make_room(self.config)
             for listener in self.config.listeners:
                 self.groups[listener.name] = self._group(listener, self._bind(listener), settings)
             if self.config.metrics.enabled:
@@ -73,12 +122,11 @@ class Supervisor:
             self.spawner.start()  # before the exporter's thread: nothing forks a threaded process
         except BaseException:
             self._close_sockets()
+            _default_signals()
             raise
         wakeup_read, wakeup_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wakeup_write, warn_on_full_buffer=False)
         self.selector.register(wakeup_read, selectors.EVENT_READ, None)
-        for signum in SIGNALS:
-            signal.signal(signum, lambda signum, _: self.signals.append(signum))
         try:
             if exporter is not None:
                 exporter.start()
@@ -87,8 +135,7 @@ class Supervisor:
                 group.start()
             self._loop(wakeup_read)
         finally:
-            for signum in SIGNALS:
-                signal.signal(signum, signal.SIG_DFL)
+            _default_signals()
             signal.set_wakeup_fd(-1)
             os.close(wakeup_read)
             os.close(wakeup_write)
@@ -130,6 +177,8 @@ class Supervisor:
                 self.next_watchdog = now + self.notifier.watchdog_interval
 
     def _timeout(self) -> float:
+        if self.signals:  # queued before the loop began (see run)
+            return 0.0
         due = [when for group in self._groups() if (when := group.due()) is not None]
         if self.notifier.watchdog_interval:
             due.append(self.next_watchdog)
@@ -190,6 +239,12 @@ class Supervisor:
             # The endpoint's socket and the histogram's buckets are fixed for the process's life.
             log.warning("metrics settings change at the next restart, not on reload")
             new = new.model_copy(update={"metrics": self.config.metrics})
+        try:
+            make_room(new)
+        except DescriptorLimit as exc:
+            self._reloaded(False, f"reload failed, still serving the previous config: {exc}")
+            log.error("reload rolled back", error=str(exc))
+            return
         # New workers from sockd's old files would not run the new ones: all of them are renewed.
         new_code = self.spawner.code_changed()
         steps = plan([group.listener for group in self.groups.values()], new.listeners, new_code=new_code)
@@ -342,6 +397,11 @@ class Supervisor:
 def _add(reports: dict[str, metrics.ListenerReport], report: metrics.ListenerReport) -> None:
     name = report.listener.name
     reports[name] = reports[name].plus(report) if name in reports else report
+
+
+def _default_signals() -> None:
+    for signum in SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def _drain_pipe(fd: int) -> None:

@@ -134,6 +134,18 @@ class Daemon:
         return self.process.wait(timeout)
 
 
+def open_for_writing(fifo: Path, process: subprocess.Popen[str]) -> int:
+    """The write end of a FIFO, once `process` opens it to read (a config file that is a FIFO
+    holds sockd in its read until a test writes it)."""
+    deadline = time.monotonic() + TIMEOUT
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: no reader yet
+            time.sleep(0.01)
+    raise AssertionError(f"{fifo} was never opened (exit code {process.returncode})")
+
+
 @contextlib.contextmanager
 def short_directory() -> Iterator[Path]:
     """A directory with a short path: a Unix socket path must fit in 107 bytes."""

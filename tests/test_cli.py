@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
+import sysconfig
 import textwrap
 from pathlib import Path
 
@@ -12,7 +16,19 @@ import yaml
 
 import sockd
 
-from support import StartSockd, check, listener, request, run_sockd, squatting, stderr_of, write_config
+from support import (
+    StartSockd,
+    check,
+    config_text,
+    listener,
+    open_for_writing,
+    request,
+    run_sockd,
+    sockd_command,
+    squatting,
+    stderr_of,
+    write_config,
+)
 
 EX_USAGE = 2  # argparse
 EX_OSERR = 71
@@ -304,6 +320,74 @@ def test_unix_path_that_is_not_a_socket(tmp_path: Path, sockdir: Path) -> None:
     assert line.startswith(f"sockd: cannot bind listener 'local' to unix {taken}: ")
     assert "not a socket" in line
     assert taken.read_text() == "a file somebody cares about"
+
+
+# ---------------------------------------------------------------------------------------------
+# Descriptors: what the supervisor needs is had before anything serves, or sockd says why
+
+
+@pytest.mark.parametrize(("listeners", "limit"), [(40, 64), (1, 12)])
+def test_a_descriptor_limit_too_low_for_the_listeners_is_one_line_and_exit_71(
+    tmp_path: Path, listeners: int, limit: int
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(config_text([listener(f"l{i}", "tcp", "echo", "asyncio") for i in range(listeners)]))
+    result = subprocess.run(
+        ["prlimit", f"--nofile={limit}", *sockd_command("-c", str(path))],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == EX_OSERR, result.stderr
+    [line] = result.stderr.splitlines()
+    plural = "s" if listeners > 1 else ""
+    assert line.startswith(f"sockd: the descriptor limit ({limit}) is too low for {listeners} listener{plural}: ")
+    assert line.endswith("; raise LimitNOFILE= (or ulimit -n)")
+
+
+def test_a_soft_descriptor_limit_below_what_the_listeners_need_is_raised(start_sockd: StartSockd) -> None:
+    listeners = [listener(f"l{i}", "tcp", "echo", "asyncio") for i in range(40)]
+    daemon = start_sockd(listeners, prefix=("prlimit", "--nofile=64:4096", "--"))
+    raised = daemon.wait_for("raised the descriptor limit")
+    assert raised["was"] == 64
+    assert raised["soft"] > 40 * 3  # a socket and two channels (this generation and the next) each
+    limits = Path(f"/proc/{daemon.process.pid}/limits").read_text()
+    [line] = [line for line in limits.splitlines() if line.startswith("Max open files")]
+    assert line.split()[3:5] == [str(raised["soft"]), "4096"]
+    for name in ("l0", "l39"):
+        assert request(daemon.address(name), name.encode()) == name.encode()
+
+
+def test_a_python_that_cannot_be_executed_is_one_line_and_exit_71(tmp_path: Path) -> None:
+    """sockd run by an interpreter that is gone by the time the fork server starts (a virtualenv
+    removed under it): the config file is a FIFO, which holds sockd until the test writes it."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.symlink_to(os.path.realpath(sys.executable))
+    (venv / "pyvenv.cfg").write_text((Path(sys.prefix) / "pyvenv.cfg").read_text())
+    site = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    site.mkdir(parents=True)
+    (site / "tests.pth").write_text(f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    command = [str(python), *sockd_command("-c", str(fifo))[1:]]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        writer = open_for_writing(fifo, process)
+        python.unlink()
+        os.write(writer, config_text([listener("echo", "tcp", "echo", "asyncio")]).encode())
+        os.close(writer)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == EX_OSERR, stderr
+    json_lines = [line for line in stderr.splitlines() if line.startswith("{")]
+    other = [line for line in stderr.splitlines() if not line.startswith("{")]
+    assert other == [f"sockd: the fork server cannot be started: {python}: no such file or directory"]
+    assert not any('"error"' in line for line in json_lines), json_lines
 
 
 def test_host_that_cannot_be_resolved(tmp_path: Path) -> None:

@@ -33,12 +33,14 @@ from support import (
     eventually,
     inet,
     live_workers,
+    open_for_writing,
     read_to_eof,
     request,
     require,
     rss_bytes,
     samples,
     scrape,
+    sockd_command,
     squatting,
     tcp_owner,
     value,
@@ -1062,9 +1064,11 @@ def test_a_listener_moved_to_another_port_and_back_rebinds_its_first_one(start_s
 def test_a_reload_whose_new_workers_cannot_start_keeps_the_old_ones_serving(start_sockd: Launcher) -> None:
     daemon = start_sockd([entry("echo", "tcp", "echo", "asyncio")])
     supervisor, old = daemon.process.pid, daemon.worker_pid("echo")
-    # One descriptor to spare: enough to read the file, not for a new worker's socketpair.
-    spare = len(os.listdir(f"/proc/{supervisor}/fd")) + 1
-    subprocess.run(["prlimit", f"--pid={supervisor}", f"--nofile={spare}:"], check=True)  # the soft limit
+    # The supervisor keeps the descriptors it needs (see test_a_reload_beyond_the_descriptor_limit_
+    # changes_nothing); the fork server, left none to spare, cannot take a new worker's.
+    server = int(daemon.wait_for("fork server started")["pid"])
+    spare = len(os.listdir(f"/proc/{server}/fd"))
+    subprocess.run(["prlimit", f"--pid={server}", f"--nofile={spare}:"], check=True)  # the soft limit
     mark = len(daemon.events)
     daemon.write_config([entry("echo", "tcp", "echo", "selector")])
     os.kill(supervisor, signal.SIGHUP)
@@ -1073,11 +1077,27 @@ def test_a_reload_whose_new_workers_cannot_start_keeps_the_old_ones_serving(star
     assert request(daemon.address("echo"), b"still served") == b"still served"  # by the old worker
     assert alive(old)
     assert value(samples(daemon), "sockd_config_last_reload_successful") == 0
-    subprocess.run(["prlimit", f"--pid={supervisor}", "--nofile=1024:"], check=True)
+    subprocess.run(["prlimit", f"--pid={server}", "--nofile=1024:"], check=True)
     new = daemon.worker_pid("echo", after=mark)  # tried again after its backoff
     daemon.wait_for("worker exited", pid=old, after=mark, timeout=30)  # retired once the new one served
     assert request(daemon.address("echo"), b"new") == b"new"
     assert alive(new)
+
+
+def test_a_reload_beyond_the_descriptor_limit_changes_nothing(start_sockd: Launcher) -> None:
+    one = [entry("l0", "tcp", "echo", "asyncio")]
+    daemon = start_sockd(one, prefix=("prlimit", "--nofile=100:100", "--"))
+    worker = daemon.worker_pid("l0")
+    mark = len(daemon.events)
+    daemon.write_config([entry(f"l{i}", "tcp", "echo", "asyncio") for i in range(40)])
+    daemon.process.send_signal(signal.SIGHUP)
+    error = str(daemon.wait_for("reload rolled back", after=mark)["error"])
+    assert error.startswith("the descriptor limit (100) is too low for 40 listeners: "), error
+    assert not [e for e in daemon.events[mark:] if e.get("event") in ("listening", "worker started")]
+    assert value(samples(daemon), "sockd_config_last_reload_successful") == 0
+    assert request(daemon.address("l0"), b"as before") == b"as before"
+    assert daemon.reload(one)["kept"] == ["l0"]
+    assert daemon.worker_pid("l0") == worker
 
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
@@ -1114,3 +1134,32 @@ def test_a_reloaded_udp_listener_takes_no_datagram_more_in_its_old_generation(st
             thread.join(30)
     late = [when for when in answers if when > settled]
     assert late == [], f"{len(late)} answers to a denied source after the reload"
+
+
+
+def test_a_sighup_the_moment_sockd_starts_is_a_reload_once_it_serves(tmp_path: Path) -> None:
+    """A config file that is a FIFO holds sockd in its first read of it: its modules imported,
+    nothing bound yet. A SIGHUP there used to end it (the signal's default action)."""
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    text = config_text([entry("echo", "tcp", "echo", "asyncio")]).encode()
+    process = subprocess.Popen(
+        sockd_command("-c", str(fifo)), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
+    daemon = Daemon(process, fifo)
+    daemon.start_reading()
+    try:
+        writer = open_for_writing(fifo, process)
+        process.send_signal(signal.SIGHUP)
+        os.write(writer, text)
+        os.close(writer)
+        daemon.wait_for("listening")  # the first read is over: the reload's comes next
+        writer = open_for_writing(fifo, process)
+        os.write(writer, text)
+        os.close(writer)
+        assert daemon.wait_for("reloaded")["kept"] == ["echo"]
+        daemon.wait_for("ready")
+        assert request(daemon.address("echo"), b"still here\n") == b"still here\n"
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.other_lines
