@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import random
+import selectors
 import socket
 import subprocess
 import threading
@@ -15,12 +16,15 @@ from pathlib import Path
 
 import pytest
 
+from sockd.relay import MAX_SESSIONS_PER_SOURCE
+
 from support import (
     MODELS,
     RELAY_MODELS,
     TIMEOUT,
     Daemon,
     Launcher,
+    alive,
     connect,
     eventually,
     inet,
@@ -34,6 +38,8 @@ from support import (
 from support import listener as entry
 
 NON_RELAY_MODELS = [model for model in MODELS if model not in RELAY_MODELS]
+# The two relay drivers (busy_poll runs the selector's, spinning a core meanwhile).
+DRIVERS = ["selector", "asyncio"]
 EX_CONFIG = 78
 CHUNK = 1 << 16
 
@@ -96,9 +102,7 @@ def relay(
         daemon = start_sockd([entry("r", "tcp", "relay", kind, upstream=target, half_close_timeout=half_close_timeout)])
         yield daemon.address("r"), daemon
         return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = unused_port()
     far = target.replace("tcp://", "TCP:").replace("unix://", "UNIX-CONNECT:")
     process = subprocess.Popen(
         [require("socat"), "-t", str(half_close_timeout), f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork", far]
@@ -109,6 +113,13 @@ def relay(
     finally:
         process.terminate()
         process.wait(TIMEOUT)
+
+
+def unused_port() -> int:
+    """A loopback TCP port free a moment ago, for a config that must name it before it starts."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def _listening(port: int) -> bool:
@@ -355,3 +366,115 @@ def test_a_side_that_never_reads_stops_the_other_not_the_memory(start_sockd: Lau
             grown = rss_bytes(pid) - before
     assert sent[0] < 64 << 20, sent  # the flood was held back: nobody took it all in
     assert grown < 16 << 20, grown
+
+
+def echo_datagrams(sock: socket.socket, stop: threading.Event) -> None:
+    """A UDP upstream: every datagram back to its sender, until `stop` (or TIMEOUT * 6)."""
+    sock.settimeout(0.1)
+    deadline = time.monotonic() + TIMEOUT * 6
+    while not stop.is_set() and time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError):
+            data, sender = sock.recvfrom(100)
+            sock.sendto(data, sender)
+
+
+FLOOD_PORTS = 4200  # more than the 4,096 sessions a worker holds
+FLOOD_BATCH = 100  # datagrams in flight at once: well within the listener's receive buffer
+
+
+def flood_from_one_host(relay_address: tuple[str, int]) -> int:
+    """One datagram from each of FLOOD_PORTS ports of 127.0.0.1 (outside the ephemeral range, so
+    each port is used once), a batch at a time, each batch's echoes awaited: how many came back."""
+    ports = iter(range(20000, 30000))
+    answered = 0
+    for _ in range(FLOOD_PORTS // FLOOD_BATCH):
+        with contextlib.ExitStack() as batch, selectors.DefaultSelector() as waiting:
+            while len(waiting.get_map()) < FLOOD_BATCH:
+                sock = batch.enter_context(socket.socket(type=socket.SOCK_DGRAM))
+                try:
+                    sock.bind(("127.0.0.1", next(ports)))
+                except OSError:  # in use by someone else: the next one
+                    continue
+                sock.sendto(b"flood", relay_address)
+                waiting.register(sock, selectors.EVENT_READ)
+            deadline = time.monotonic() + TIMEOUT
+            while waiting.get_map() and time.monotonic() < deadline:
+                for key, _ in waiting.select(0.1):
+                    assert key.fileobj.recv(100) == b"flood"  # type: ignore[union-attr]
+                    waiting.unregister(key.fileobj)
+                    answered += 1
+            if waiting.get_map():  # the relay took no more (the old full table): flooding on is moot
+                break
+    return answered
+
+
+@pytest.mark.parametrize("model", DRIVERS)
+def test_a_host_flooding_from_many_ports_cannot_lock_others_out_of_a_udp_relay(
+    start_sockd: Launcher, model: str
+) -> None:
+    stop = threading.Event()
+    with socket.socket(type=socket.SOCK_DGRAM) as far:
+        far.bind(("127.0.0.1", 0))
+        echo = threading.Thread(target=echo_datagrams, args=(far, stop), daemon=True)
+        echo.start()
+        try:
+            daemon = start_sockd(
+                [entry("u", "udp", "relay", model, upstream=f"udp://127.0.0.1:{far.getsockname()[1]}")]
+            )
+            relay_address = inet(daemon.address("u"))
+            answered = flood_from_one_host(relay_address)
+            with socket.socket(type=socket.SOCK_DGRAM) as other:
+                other.bind(("127.0.0.2", 0))
+                other.settimeout(TIMEOUT)
+                other.sendto(b"me too", relay_address)
+                assert other.recvfrom(100) == (b"me too", relay_address)  # a new host, served at once
+        finally:
+            stop.set()
+            echo.join(TIMEOUT)
+    assert answered == FLOOD_PORTS  # each of the flood's new flows served too, in turn
+    # The flood kept 256 sessions: each of its flows past them closed its own least recent one.
+    evicted = FLOOD_PORTS - MAX_SESSIONS_PER_SOURCE
+    eventually(
+        lambda: (
+            value(samples(daemon), "sockd_connections_rejected_total", listener="u", reason="relay_sessions") == evicted
+        ),
+        "the closed sessions counted",
+    )
+    daemon.wait_for("relay sessions full: closed the least recent to make room", source="127.0.0.1")
+
+
+@pytest.mark.parametrize("model", DRIVERS)
+def test_relays_looping_into_each_other_are_capped_and_unwind(start_sockd: Launcher, model: str) -> None:
+    """a relays to b and b to a (what --check cannot see): one client's connection would go round
+    until the workers' descriptors ran out. The cap refuses a hop first, the loop unwinds back to
+    the client, and once it has left nothing stays open."""
+    port_a, port_b = unused_port(), unused_port()
+    daemon = start_sockd(
+        [
+            {**entry("a", "tcp", "relay", model, upstream=f"tcp://127.0.0.1:{port_b}"), "port": port_a},
+            {**entry("b", "tcp", "relay", model, upstream=f"tcp://127.0.0.1:{port_a}"), "port": port_b},
+        ],
+        prefix=("prlimit", "--nofile=1024"),
+    )
+    workers = {name: daemon.worker_pid(name) for name in "ab"}
+
+    def refused() -> float:
+        found = samples(daemon)
+        return sum(
+            value(found, "sockd_connections_rejected_total", listener=name, reason="relay_connections") for name in "ab"
+        )
+
+    def active() -> float:
+        found = samples(daemon)
+        return sum(value(found, "sockd_connections_active", listener=name) for name in "ab")
+
+    for round_ in range(1, 3):  # the second: the workers serve on, undamaged, as they did the first
+        with connect(daemon.address("a")) as client:
+            client.sendall(b"round and round")
+            with contextlib.suppress(ConnectionResetError):
+                read_to_eof(client)  # the refused hop's end, passed back along the loop
+        eventually(lambda: active() == 0, "every relayed connection closed")
+        assert refused() >= round_
+    assert {name: daemon.worker_pid(name) for name in "ab"} == workers
+    assert all(alive(pid) for pid in workers.values())
+    daemon.wait_for("rejected", reason="relay_connections")
