@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import random
 import selectors
 import socket
@@ -16,7 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from sockd.relay import MAX_SESSIONS_PER_SOURCE
+from sockd.config import InetListener
+from sockd.counters import Recorder
+from sockd.handlers import Relay
+from sockd.lifecycle import Service
+from sockd.limits import RELAY_SESSIONS
+from sockd.relay import MAX_SESSIONS, MAX_SESSIONS_PER_SOURCE, Sessions
 
 from support import (
     MODELS,
@@ -478,3 +484,38 @@ def test_relays_looping_into_each_other_are_capped_and_unwind(start_sockd: Launc
     assert {name: daemon.worker_pid(name) for name in "ab"} == workers
     assert all(alive(pid) for pid in workers.values())
     daemon.wait_for("rejected", reason="relay_connections")
+
+
+class Flow:
+    """A session as the table sees it, in-process: it only has to be closed."""
+
+    def __init__(self) -> None:
+        self.last_seen = 0.0
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_full_session_table_closes_its_least_recently_seen_session() -> None:
+    """Past MAX_SESSIONS from many hosts (no one at its own cap): the session closed for a new
+    client is the one quiet the longest, a reply counting as much as a datagram from the client."""
+    listener = InetListener.model_validate(
+        {"name": "u", "protocol": "udp", "host": "127.0.0.1", "port": 0, "handler": "relay"}
+        | {"concurrency": "selector", "upstream": "udp://127.0.0.1:9"}
+    )
+    relay_handler = Relay(listener)
+    recorder = Recorder([1.0])
+    ticks = itertools.count()
+    sessions: Sessions[Flow] = Sessions(
+        relay_handler, Service(listener, relay_handler, later=lambda *_: None), recorder, lambda: float(next(ticks))
+    )
+    clients = [(f"10.0.{i // 256}.{i % 256}", 5000) for i in range(MAX_SESSIONS)]
+    flows = [sessions.open(client, Flow) for client in clients]
+    sessions.open(clients[0], Flow)  # the oldest two heard from again, one each way
+    sessions.replied(clients[1])
+    newcomer = sessions.open(("192.0.2.1", 5000), Flow)
+    assert [flow.closed for flow in flows[:3]] == [False, False, True]  # the third: quiet the longest
+    assert len(sessions) == MAX_SESSIONS
+    assert sessions[("192.0.2.1", 5000)] is newcomer
+    assert recorder.rejected[RELAY_SESSIONS] == 1
