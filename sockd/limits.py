@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import resource
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -19,10 +20,13 @@ from sockd.config import InetListener, Listener, Network, UnixListener
 from sockd.counters import REJECT_REASONS, Recorder
 from sockd.logging import Throttled
 
-MAX_CONNECTIONS, PER_SOURCE, RATE, ACL = range(len(REJECT_REASONS))
+MAX_CONNECTIONS, PER_SOURCE, RATE, ACL, RELAY_CONNECTIONS, RELAY_SESSIONS = range(len(REJECT_REASONS))
 # Sources remembered for rates and access decisions: past this many, forgotten (the quiet first),
 # so a flood from many addresses costs bounded memory.
 MEMORY = 4096
+# Descriptors a relay worker keeps out of its connections' reach: its own (socket, pipes,
+# counters, log: about twenty) and the one accept() needs to refuse a client.
+RESERVED_DESCRIPTORS = 64
 
 
 class AccessList:
@@ -101,6 +105,7 @@ class Admission:
 
     def __init__(self, listener: Listener) -> None:
         self.max_connections = listener.max_connections or math.inf
+        self.relayed = relayed_connections() if relays_streams(listener) else math.inf
         self.per_source = listener.max_connections_per_source or math.inf
         self.rate = listener.connection_rate
         self.burst = listener.connection_burst or max(1, math.ceil(self.rate or 1))
@@ -150,6 +155,8 @@ class Admission:
         with self.lock:
             if self.open >= self.max_connections:
                 return MAX_CONNECTIONS
+            if self.open >= self.relayed:
+                return RELAY_CONNECTIONS
             count = self.by_source.get(source, 0)
             if count >= self.per_source:
                 return PER_SOURCE
@@ -199,7 +206,23 @@ def admission_for(listener: Listener) -> Admission | Unlimited:
     )
     if isinstance(listener, InetListener):
         limited += (listener.allow, listener.deny)
-    return Admission(listener) if any(limited) else Unlimited()
+    return Admission(listener) if any(limited) or relays_streams(listener) else Unlimited()
+
+
+def relays_streams(listener: Listener) -> bool:
+    return listener.handler == "relay" and listener.streams
+
+
+def relayed_connections() -> float:
+    """The most connections a relay worker holds: two descriptors each, out of its soft
+    RLIMIT_NOFILE less a reserve. Past it a client is refused at once. Running out instead would
+    only pause accept(), and a relay that loops back to itself (through another listener, or a
+    name that resolves to its own address: what --check cannot see) would leave its next hop
+    queued, to grow the loop again as soon as a descriptor is free, long after its client left."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return math.inf
+    return max(1, (soft - RESERVED_DESCRIPTORS) // 2)
 
 
 def source_of(address: object) -> str:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import random
+import selectors
 import socket
 import subprocess
 import threading
@@ -15,12 +17,20 @@ from pathlib import Path
 
 import pytest
 
+from sockd.config import InetListener
+from sockd.counters import Recorder
+from sockd.handlers import Relay
+from sockd.lifecycle import Service
+from sockd.limits import RELAY_SESSIONS
+from sockd.relay import MAX_SESSIONS, MAX_SESSIONS_PER_SOURCE, Sessions
+
 from support import (
     MODELS,
     RELAY_MODELS,
     TIMEOUT,
     Daemon,
     Launcher,
+    alive,
     connect,
     eventually,
     inet,
@@ -34,6 +44,8 @@ from support import (
 from support import listener as entry
 
 NON_RELAY_MODELS = [model for model in MODELS if model not in RELAY_MODELS]
+# The two relay drivers (busy_poll runs the selector's, spinning a core meanwhile).
+DRIVERS = ["selector", "asyncio"]
 EX_CONFIG = 78
 CHUNK = 1 << 16
 
@@ -96,9 +108,7 @@ def relay(
         daemon = start_sockd([entry("r", "tcp", "relay", kind, upstream=target, half_close_timeout=half_close_timeout)])
         yield daemon.address("r"), daemon
         return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = unused_port()
     far = target.replace("tcp://", "TCP:").replace("unix://", "UNIX-CONNECT:")
     process = subprocess.Popen(
         [require("socat"), "-t", str(half_close_timeout), f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork", far]
@@ -109,6 +119,13 @@ def relay(
     finally:
         process.terminate()
         process.wait(TIMEOUT)
+
+
+def unused_port() -> int:
+    """A loopback TCP port free a moment ago, for a config that must name it before it starts."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def _listening(port: int) -> bool:
@@ -355,3 +372,150 @@ def test_a_side_that_never_reads_stops_the_other_not_the_memory(start_sockd: Lau
             grown = rss_bytes(pid) - before
     assert sent[0] < 64 << 20, sent  # the flood was held back: nobody took it all in
     assert grown < 16 << 20, grown
+
+
+def echo_datagrams(sock: socket.socket, stop: threading.Event) -> None:
+    """A UDP upstream: every datagram back to its sender, until `stop` (or TIMEOUT * 6)."""
+    sock.settimeout(0.1)
+    deadline = time.monotonic() + TIMEOUT * 6
+    while not stop.is_set() and time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError):
+            data, sender = sock.recvfrom(100)
+            sock.sendto(data, sender)
+
+
+FLOOD_PORTS = 4200  # more than the 4,096 sessions a worker holds
+FLOOD_BATCH = 100  # datagrams in flight at once: well within the listener's receive buffer
+
+
+def flood_from_one_host(relay_address: tuple[str, int]) -> int:
+    """One datagram from each of FLOOD_PORTS ports of 127.0.0.1 (outside the ephemeral range, so
+    each port is used once), a batch at a time, each batch's echoes awaited: how many came back."""
+    ports = iter(range(20000, 30000))
+    answered = 0
+    for _ in range(FLOOD_PORTS // FLOOD_BATCH):
+        with contextlib.ExitStack() as batch, selectors.DefaultSelector() as waiting:
+            while len(waiting.get_map()) < FLOOD_BATCH:
+                sock = batch.enter_context(socket.socket(type=socket.SOCK_DGRAM))
+                try:
+                    sock.bind(("127.0.0.1", next(ports)))
+                except OSError:  # in use by someone else: the next one
+                    continue
+                sock.sendto(b"flood", relay_address)
+                waiting.register(sock, selectors.EVENT_READ)
+            deadline = time.monotonic() + TIMEOUT
+            while waiting.get_map() and time.monotonic() < deadline:
+                for key, _ in waiting.select(0.1):
+                    assert key.fileobj.recv(100) == b"flood"  # type: ignore[union-attr]
+                    waiting.unregister(key.fileobj)
+                    answered += 1
+            if waiting.get_map():  # the relay took no more (the old full table): flooding on is moot
+                break
+    return answered
+
+
+@pytest.mark.parametrize("model", DRIVERS)
+def test_a_host_flooding_from_many_ports_cannot_lock_others_out_of_a_udp_relay(
+    start_sockd: Launcher, model: str
+) -> None:
+    stop = threading.Event()
+    with socket.socket(type=socket.SOCK_DGRAM) as far:
+        far.bind(("127.0.0.1", 0))
+        echo = threading.Thread(target=echo_datagrams, args=(far, stop), daemon=True)
+        echo.start()
+        try:
+            daemon = start_sockd(
+                [entry("u", "udp", "relay", model, upstream=f"udp://127.0.0.1:{far.getsockname()[1]}")]
+            )
+            relay_address = inet(daemon.address("u"))
+            answered = flood_from_one_host(relay_address)
+            with socket.socket(type=socket.SOCK_DGRAM) as other:
+                other.bind(("127.0.0.2", 0))
+                other.settimeout(TIMEOUT)
+                other.sendto(b"me too", relay_address)
+                assert other.recvfrom(100) == (b"me too", relay_address)  # a new host, served at once
+        finally:
+            stop.set()
+            echo.join(TIMEOUT)
+    assert answered == FLOOD_PORTS  # each of the flood's new flows served too, in turn
+    # The flood kept 256 sessions: each of its flows past them closed its own least recent one.
+    evicted = FLOOD_PORTS - MAX_SESSIONS_PER_SOURCE
+    eventually(
+        lambda: (
+            value(samples(daemon), "sockd_connections_rejected_total", listener="u", reason="relay_sessions") == evicted
+        ),
+        "the closed sessions counted",
+    )
+    daemon.wait_for("relay sessions full: closed the least recent to make room", source="127.0.0.1")
+
+
+@pytest.mark.parametrize("model", DRIVERS)
+def test_relays_looping_into_each_other_are_capped_and_unwind(start_sockd: Launcher, model: str) -> None:
+    """a relays to b and b to a (what --check cannot see): one client's connection would go round
+    until the workers' descriptors ran out. The cap refuses a hop first, the loop unwinds back to
+    the client, and once it has left nothing stays open."""
+    port_a, port_b = unused_port(), unused_port()
+    daemon = start_sockd(
+        [
+            {**entry("a", "tcp", "relay", model, upstream=f"tcp://127.0.0.1:{port_b}"), "port": port_a},
+            {**entry("b", "tcp", "relay", model, upstream=f"tcp://127.0.0.1:{port_a}"), "port": port_b},
+        ],
+        prefix=("prlimit", "--nofile=1024"),
+    )
+    workers = {name: daemon.worker_pid(name) for name in "ab"}
+
+    def refused() -> float:
+        found = samples(daemon)
+        return sum(
+            value(found, "sockd_connections_rejected_total", listener=name, reason="relay_connections") for name in "ab"
+        )
+
+    def active() -> float:
+        found = samples(daemon)
+        return sum(value(found, "sockd_connections_active", listener=name) for name in "ab")
+
+    for round_ in range(1, 3):  # the second: the workers serve on, undamaged, as they did the first
+        with connect(daemon.address("a")) as client:
+            client.sendall(b"round and round")
+            with contextlib.suppress(ConnectionResetError):
+                read_to_eof(client)  # the refused hop's end, passed back along the loop
+        eventually(lambda: active() == 0, "every relayed connection closed")
+        assert refused() >= round_
+    assert {name: daemon.worker_pid(name) for name in "ab"} == workers
+    assert all(alive(pid) for pid in workers.values())
+    daemon.wait_for("rejected", reason="relay_connections")
+
+
+class Flow:
+    """A session as the table sees it, in-process: it only has to be closed."""
+
+    def __init__(self) -> None:
+        self.last_seen = 0.0
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_full_session_table_closes_its_least_recently_seen_session() -> None:
+    """Past MAX_SESSIONS from many hosts (no one at its own cap): the session closed for a new
+    client is the one quiet the longest, a reply counting as much as a datagram from the client."""
+    listener = InetListener.model_validate(
+        {"name": "u", "protocol": "udp", "host": "127.0.0.1", "port": 0, "handler": "relay"}
+        | {"concurrency": "selector", "upstream": "udp://127.0.0.1:9"}
+    )
+    relay_handler = Relay(listener)
+    recorder = Recorder([1.0])
+    ticks = itertools.count()
+    sessions: Sessions[Flow] = Sessions(
+        relay_handler, Service(listener, relay_handler, later=lambda *_: None), recorder, lambda: float(next(ticks))
+    )
+    clients = [(f"10.0.{i // 256}.{i % 256}", 5000) for i in range(MAX_SESSIONS)]
+    flows = [sessions.open(client, Flow) for client in clients]
+    sessions.open(clients[0], Flow)  # the oldest two heard from again, one each way
+    sessions.replied(clients[1])
+    newcomer = sessions.open(("192.0.2.1", 5000), Flow)
+    assert [flow.closed for flow in flows[:3]] == [False, False, True]  # the third: quiet the longest
+    assert len(sessions) == MAX_SESSIONS
+    assert sessions[("192.0.2.1", 5000)] is newcomer
+    assert recorder.rejected[RELAY_SESSIONS] == 1

@@ -11,25 +11,28 @@ accounting, and the selector driver a `Reactor`.
 
 from __future__ import annotations
 
+import itertools
 import socket
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
-from sockd.counters import UPSTREAM, Recorder
+from sockd.counters import REJECT_REASONS, UPSTREAM, Recorder
 from sockd.handlers import Relay
 from sockd.lifecycle import Address, Connection, Service
-from sockd.limits import MOVED, Ticket
+from sockd.limits import MOVED, RELAY_SESSIONS, Ticket, source_of
 from sockd.logging import Throttled
 
 # What opening an upstream can fail with: refused, unreachable, timed out; ValueError for a host
 # name IDNA cannot encode (config refuses most of them).
 UPSTREAM_ERRORS = (OSError, ValueError)
-# UDP relay sessions per worker: past this, datagrams from new clients are dropped (each session
-# holds a descriptor, and a flood from many addresses must not take them all).
+# UDP relay sessions per worker (each holds a descriptor), and per client address within them:
+# a host sending from many ports recycles its own sessions long before it could fill the table.
 MAX_SESSIONS = 4096
+MAX_SESSIONS_PER_SOURCE = 256
 
 _upstream_warning = Throttled("upstream failed")
-_sessions_warning = Throttled("too many relay sessions; dropping datagrams from new clients")
+_evicted_warning = Throttled("relay sessions full: closed the least recent to make room")
 
 
 class Reactor(Protocol):
@@ -104,38 +107,84 @@ class Session(Protocol):
 S = TypeVar("S", bound=Session)
 
 
-class Sessions(dict[Address, S]):
+class Sessions(OrderedDict[Address, S]):
     """A UDP relay's sessions, one per client address (each with its own upstream socket, so
-    replies find their way back), at most MAX_SESSIONS, each forgotten after session_timeout
-    without a datagram either way."""
+    replies find their way back), least recently seen first: a datagram either way moves its
+    session to the end (an OrderedDict's move and its popping of the first are O(1), where a dict
+    leaves a hole at the front for each). A session is forgotten after session_timeout without a
+    datagram. A new client past MAX_SESSIONS_PER_SOURCE sessions from its address closes that
+    address's least recent; past MAX_SESSIONS, the table's least recent: a new client is always
+    served, so a flood cannot lock others out, and a session it closes is counted and warned of."""
 
-    def __init__(self, relay: Relay, service: Service, clock: Callable[[], float]) -> None:
+    def __init__(self, relay: Relay, service: Service, recorder: Recorder, clock: Callable[[], float]) -> None:
         super().__init__()
         self.relay = relay
         self.service = service
+        self.recorder = recorder
         self.clock = clock
+        self.by_source: dict[str, set[Address]] = {}
         self.service.later(relay.session_timeout / 4, self._forget_idle)
 
-    def open(self, client: Address, make: Callable[[], S]) -> S | None:
-        """The session of `client`, made now if it has none; None (warned) when the table is full."""
+    def open(self, client: Address, make: Callable[[], S]) -> S:
+        """The session of `client`, made now if it has none (what `make` raises is passed on,
+        and nothing is closed for it)."""
         session = self.get(client)
         if session is None:
-            if len(self) >= MAX_SESSIONS:
-                _sessions_warning(sessions=MAX_SESSIONS)
-                return None
-            session = self[client] = make()
+            session = make()
+            self._make_room(client)
+            self.by_source.setdefault(source_of(client), set()).add(client)
+            self[client] = session
+        else:
+            self.move_to_end(client)
         session.last_seen = self.clock()
         return session
 
+    def replied(self, client: Address) -> None:
+        """A reply came back to `client`: its session is the most recent."""
+        session = self.get(client)
+        if session is not None:
+            self.move_to_end(client)
+            session.last_seen = self.clock()
+
+    def forget(self, client: Address, session: S) -> None:
+        """Drop `session` of `client`, if it is still there (its upstream could not be opened)."""
+        if self.get(client) is session:
+            del self[client]
+            self._disown(client)
+
+    def _make_room(self, client: Address) -> None:
+        own = self.by_source.get(source_of(client), ())
+        if len(own) >= MAX_SESSIONS_PER_SOURCE:
+            # A scan of the source's own sessions, paid only by an address at its cap.
+            self._evict(min(own, key=lambda other: self[other].last_seen), client)
+        elif len(self) >= MAX_SESSIONS:
+            self._evict(next(iter(self)), client)
+
+    def _evict(self, victim: Address, client: Address) -> None:
+        self._close(victim)
+        self.recorder.rejected[RELAY_SESSIONS] += 1
+        _evicted_warning(reason=REJECT_REASONS[RELAY_SESSIONS], source=source_of(client), sessions=len(self))
+
+    def _close(self, client: Address) -> None:
+        self.pop(client).close()
+        self._disown(client)
+
+    def _disown(self, client: Address) -> None:
+        source = source_of(client)
+        own = self.by_source[source]
+        own.discard(client)
+        if not own:
+            del self.by_source[source]
+
     def _forget_idle(self) -> None:
-        now = self.clock()
-        for client, session in list(self.items()):
-            if now - session.last_seen >= self.relay.session_timeout:
-                session.close()
-                del self[client]
+        idle_since = self.clock() - self.relay.session_timeout
+        idle = list(itertools.takewhile(lambda client: self[client].last_seen <= idle_since, self))
+        for client in idle:
+            self._close(client)
         self.service.later(self.relay.session_timeout / 4, self._forget_idle)
 
     def close(self) -> None:
         for session in self.values():
             session.close()
         self.clear()
+        self.by_source.clear()

@@ -181,14 +181,14 @@ class DatagramRelayProtocol(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
-        self.sessions: Sessions[DatagramSession] = Sessions(self.relay, self.service, asyncio.get_running_loop().time)
+        self.sessions: Sessions[DatagramSession] = Sessions(
+            self.relay, self.service, self.recorder, asyncio.get_running_loop().time
+        )
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
         if not self.service.admission.allows_datagram(addr, self.recorder):
             return
         session = self.sessions.open(addr, lambda: DatagramSession(self, addr))
-        if session is None:
-            return
         self.recorder.received += len(data)
         session.send(data)
 
@@ -211,7 +211,7 @@ class DatagramSession(asyncio.DatagramProtocol):
             await open_upstream(asyncio.get_running_loop(), self.listener.relay, lambda: self)
         except UPSTREAM_ERRORS as exc:
             upstream_failed(self.listener.relay, self.listener.recorder, exc)
-            self.listener.sessions.pop(self.client, None)
+            self.listener.sessions.forget(self.client, self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -227,7 +227,7 @@ class DatagramSession(asyncio.DatagramProtocol):
             self.transport.sendto(data)
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
-        self.last_seen = asyncio.get_running_loop().time()
+        self.listener.sessions.replied(self.client)
         self.listener.recorder.sent += len(data)
         self.listener.transport.sendto(data, self.client)
 

@@ -243,7 +243,7 @@ class DatagramSessions:
         self.loop = loop
         self.relay = relay
         self.replies = replies
-        self.sessions: Sessions[DatagramSession] = Sessions(relay, service, time.monotonic)
+        self.sessions: Sessions[DatagramSession] = Sessions(relay, service, loop.recorder, time.monotonic)
 
     def datagram_received(self, data: bytes, client: Address) -> None:
         if not self.replies.service.admission.allows_datagram(client, self.loop.recorder):
@@ -252,8 +252,6 @@ class DatagramSessions:
             session = self.sessions.open(client, lambda: self._open(client))
         except UPSTREAM_ERRORS as exc:
             upstream_failed(self.relay, self.loop.recorder, exc)
-            return
-        if session is None:
             return
         self.loop.recorder.received += len(data)
         try:
@@ -274,7 +272,7 @@ class DatagramSessions:
         except OSError as exc:
             upstream_failed(self.relay, self.loop.recorder, exc)
             return
-        session.last_seen = time.monotonic()
+        self.sessions.replied(client)
         self.loop.recorder.sent += len(data)
         self.replies.send(data, client)
 
