@@ -33,7 +33,7 @@ from sockd import counters, metrics
 from sockd.config import Listener, UnixListener
 from sockd.counters import BEAT_INTERVAL
 from sockd.forkserver import Process, Spawner
-from sockd.sockets import Bound, retune
+from sockd.sockets import Bound, reason, retune, set_mode
 from sockd.spec import WorkerSettings
 
 log = structlog.get_logger()
@@ -166,9 +166,9 @@ class Group:
             retune(self.bound.sock, listener)
             if isinstance(listener, UnixListener):
                 try:
-                    os.chmod(listener.path, listener.mode_bits)
-                except FileNotFoundError:  # removed behind our back: the socket still serves
-                    log.warning("socket file is gone; its new mode cannot be applied", path=listener.path)
+                    set_mode(self.bound, listener.mode_bits)
+                except OSError as exc:  # removed or replaced behind our back: the socket still serves
+                    log.warning("cannot apply the socket file's new mode", path=listener.path, error=reason(exc))
         self.listener = listener
         return self.start()
 

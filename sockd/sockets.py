@@ -9,6 +9,7 @@ import socket
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from sockd.config import InetListener, Listener, UnixListener
 
@@ -134,22 +135,57 @@ def inet_address(family: int, host: str, port: int) -> str:
 
 def _bind_unix(listener: UnixListener) -> Bound:
     path = listener.path
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    _check_directory(directory)
     _clear_stale(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o755, exist_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with _closed_on_error(sock):
-        # bind() creates the file with the process umask: narrow it for the call, so the file never
-        # exists with wider permissions than `mode`, not even between bind() and a chmod().
+        # bind() gives the file its socket's mode (0777) less the umask: with the umask narrowed
+        # for the call, the file is made with `mode` exactly, and no chmod() (which would follow
+        # a symlink put in its place) is needed.
         old = os.umask(0o777 & ~listener.mode_bits)
         try:
             sock.bind(path)
         finally:
             os.umask(old)
-        os.chmod(path, listener.mode_bits)
         info = os.lstat(path)
         tune(sock, listener)
         sock.listen(listener.backlog)
     return Bound(listener, sock, path, (info.st_dev, info.st_ino))
+
+
+def _check_directory(directory: str) -> None:
+    """Refuse a socket directory another user could swap files in: one owned by another user
+    (not root), writable by all without the sticky bit, or reached through a symlink another
+    user owns. In any other, the socket file stays what sockd made, so its removal and a
+    reload's change of its mode touch nothing else (as OpenSSH's StrictModes reasons)."""
+    trusted = {0, os.geteuid()}
+    for place in (directory, *(str(parent) for parent in Path(directory).parents)):
+        info = os.lstat(place)
+        if stat.S_ISLNK(info.st_mode) and info.st_uid not in trusted:
+            raise OSError(f"{place} is a symlink owned by another user (uid {info.st_uid})")
+    info = os.stat(directory)
+    if info.st_uid not in trusted:
+        raise OSError(f"its directory {directory} belongs to another user (uid {info.st_uid})")
+    if info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
+        raise OSError(f"its directory {directory} is writable by every user and not sticky")
+
+
+def set_mode(bound: Bound, mode: int) -> None:
+    """Give the Unix socket file sockd made a new mode, if it is still that file: through a
+    descriptor of its own (O_PATH, never following a link), checked by device and inode, so
+    neither a symlink nor another file put at the path meanwhile gets the mode."""
+    if bound.activated:
+        raise OSError("systemd made the socket file: its mode is the socket unit's SocketMode=")
+    fd = os.open(bound.address, os.O_PATH | os.O_NOFOLLOW)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISSOCK(info.st_mode) or (info.st_dev, info.st_ino) != bound.file_id:
+            raise OSError("the socket file was replaced by something else")
+        os.chmod(f"/proc/self/fd/{fd}", mode)  # fchmod() refuses an O_PATH descriptor
+    finally:
+        os.close(fd)
 
 
 def _clear_stale(path: str) -> None:

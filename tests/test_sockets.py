@@ -7,6 +7,7 @@ import socket
 import stat
 from pathlib import Path
 
+import pytest
 import yaml
 
 from support import Launcher, request, run_sockd
@@ -78,6 +79,74 @@ def test_a_socket_file_replaced_behind_sockd_is_left_alone_at_stop(start_sockd: 
         other.bind(str(path))  # someone else's socket now
         assert daemon.stop() == 0
         assert path.exists()
+
+
+NOBODY = 65534
+
+
+def test_a_reload_never_changes_the_mode_of_what_a_symlink_at_the_socket_path_points_to(
+    start_sockd: Launcher, sockdir: Path
+) -> None:
+    secret = sockdir / "secret"
+    secret.write_text("root's")
+    secret.chmod(0o600)
+    path = sockdir / "s.sock"
+    daemon = start_sockd([entry("u", "unix", "echo", "selector", path, mode="0600")])
+    path.unlink()
+    path.symlink_to(secret)  # what a user who can write the directory could do
+    plan = daemon.reload([entry("u", "unix", "echo", "selector", path, mode="0666")])
+    assert plan["restarted"] == ["u"]
+    warning = daemon.wait_for("cannot apply the socket file's new mode")
+    assert warning["error"] == "the socket file was replaced by something else"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert path.is_symlink()
+
+
+def test_a_reload_changes_the_mode_of_the_socket_file_it_made(start_sockd: Launcher, sockdir: Path) -> None:
+    path = sockdir / "s.sock"
+    daemon = start_sockd([entry("u", "unix", "echo", "selector", path, mode="0600")])
+    daemon.reload([entry("u", "unix", "echo", "selector", path, mode="0640")])
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o640
+    assert request(str(path), b"same socket") == b"same socket"
+
+
+def _untrusted_directory(sockdir: Path, kind: str) -> Path:
+    directory = sockdir / "d"
+    directory.mkdir()
+    if kind == "owned by another user":
+        os.chown(directory, NOBODY, NOBODY)
+        return directory
+    if kind == "writable by all, not sticky":
+        directory.chmod(0o777)
+        return directory
+    link = sockdir / "link"  # a symlink to a trusted directory, but another user's
+    os.symlink(directory, link)
+    os.lchown(link, NOBODY, NOBODY)
+    return link
+
+
+@pytest.mark.parametrize("kind", ["owned by another user", "writable by all, not sticky", "a symlink of another user"])
+def test_a_socket_directory_another_user_could_swap_files_in_is_refused(
+    tmp_path: Path, sockdir: Path, kind: str
+) -> None:
+    directory = _untrusted_directory(sockdir, kind)
+    path = directory / "s.sock"
+    code, stderr = _start_failing(tmp_path, entry("u", "unix", "echo", "selector", path))
+    assert code == 71, stderr
+    [line] = stderr.splitlines()
+    assert line.startswith(f"sockd: cannot bind listener 'u' to unix {path}: ")
+    assert any(words in line for words in ("belongs to another user", "not sticky", "symlink owned by another")), line
+    assert not os.path.lexists(path)
+
+
+def test_a_sticky_directory_writable_by_all_is_used(start_sockd: Launcher, sockdir: Path) -> None:
+    directory = sockdir / "d"
+    directory.mkdir()
+    directory.chmod(0o1777)  # as /tmp is: nobody may remove or rename another's file
+    path = directory / "s.sock"
+    daemon = start_sockd([entry("u", "unix", "echo", "selector", path)])
+    assert request(str(path), b"sticky") == b"sticky"
+    assert daemon.stop() == 0
 
 
 def test_a_hostname_is_resolved(start_sockd: Launcher) -> None:
