@@ -25,8 +25,9 @@ from dataclasses import dataclass
 # a relay's upstream refused, unreachable or failing.
 ERROR_KINDS = ("reset", "send", "timeout", "too_large", "resources", "upstream")
 RESET, SEND, TIMEOUT, TOO_LARGE, RESOURCES, UPSTREAM = range(len(ERROR_KINDS))
-# sockd_connections_rejected_total{reason}: closed at once, or a datagram dropped, by a limit.
-REJECT_REASONS = ("max_connections", "max_connections_per_source", "connection_rate", "acl")
+# sockd_connections_rejected_total{reason}: closed at once, or a datagram dropped, by a limit; or a
+# datagram dropped for its source port (see lifecycle.REFLECTORS).
+REJECT_REASONS = ("max_connections", "max_connections_per_source", "connection_rate", "acl", "reflection")
 PUBLISH_INTERVAL = 0.1  # seconds between publications: the most a SIGKILL can cost the counters
 BEAT_INTERVAL = 0.5  # an event loop beats at least this often, busy or idle
 

@@ -116,6 +116,16 @@ class Sessions(dict[Address, S]):
         self.clock = clock
         self.service.later(relay.session_timeout / 4, self._forget_idle)
 
+    def admits(self, client: Address, recorder: Recorder) -> bool:
+        """Whether a datagram from `client` is relayed: not from a reflecting port (see
+        lifecycle.Datagrams: a relay passes back what its upstream answers, so it could loop as
+        an echo does), and let in by the listener's access rules."""
+        service = self.service
+        if client[1] in service.reflecting:
+            service.reflected(client, recorder)
+            return False
+        return service.admission.allows_datagram(client, recorder)
+
     def open(self, client: Address, make: Callable[[], S]) -> S | None:
         """The session of `client`, made now if it has none; None (warned) when the table is full."""
         session = self.get(client)

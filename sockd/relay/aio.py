@@ -184,7 +184,7 @@ class DatagramRelayProtocol(asyncio.DatagramProtocol):
         self.sessions: Sessions[DatagramSession] = Sessions(self.relay, self.service, asyncio.get_running_loop().time)
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
-        if not self.service.admission.allows_datagram(addr, self.recorder):
+        if not self.sessions.admits(addr, self.recorder):
             return
         session = self.sessions.open(addr, lambda: DatagramSession(self, addr))
         if session is None:
