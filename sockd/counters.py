@@ -27,7 +27,8 @@ ERROR_KINDS = ("reset", "send", "timeout", "too_large", "resources", "upstream")
 RESET, SEND, TIMEOUT, TOO_LARGE, RESOURCES, UPSTREAM = range(len(ERROR_KINDS))
 # sockd_connections_rejected_total{reason}: closed at once, or a datagram dropped, by a limit; a
 # relay's own limits: a client past the connections its worker's descriptors allow, a UDP session
-# closed to make room for a new one.
+# closed to make room for a new one; a datagram dropped for its source port (see
+# lifecycle.REFLECTORS).
 REJECT_REASONS = (
     "max_connections",
     "max_connections_per_source",
@@ -35,6 +36,7 @@ REJECT_REASONS = (
     "acl",
     "relay_connections",
     "relay_sessions",
+    "reflection",
 )
 PUBLISH_INTERVAL = 0.1  # seconds between publications: the most a SIGKILL can cost the counters
 BEAT_INTERVAL = 0.5  # an event loop beats at least this often, busy or idle

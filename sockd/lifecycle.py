@@ -36,9 +36,19 @@ import structlog
 from sockd.config import Listener
 from sockd.counters import RESET, SEND, TIMEOUT, TOO_LARGE, Recorder
 from sockd.handlers import Handler, TooLarge
-from sockd.limits import MOVED, Admission, Ticket, Timeouts, Unlimited, admission_for
+from sockd.limits import MOVED, REFLECTION, Admission, Ticket, Timeouts, Unlimited, admission_for
+from sockd.logging import Throttled
 
 log = structlog.get_logger()
+
+# Source ports a UDP listener never answers (nor relays from), besides the daemon's own UDP
+# listeners': 0, where no reply can go, and echo, daytime, chargen and time, which answer whatever
+# comes. Answering one of them, or one of our own services, could set two servers answering each
+# other forever from a single forged datagram (CVE-1999-0103). By port alone, whatever the host,
+# as FreeBSD's inetd does for its internal services: one lookup per datagram.
+REFLECTORS = frozenset({0, 7, 13, 19, 37})
+
+_reflected = Throttled("rejected")
 
 # Where a datagram came from, as recvfrom() says: (host, port[, ...]) or a Unix path.
 Address = tuple[Any, ...] | str
@@ -68,9 +78,12 @@ class Service:
 
     `later(delay, callback, *args)` is the model's timer (a loop's call_later, or a sleep for
     the blocking models); `forget(connection)` is told of every connection that ends, after
-    it is counted, so an event-loop model can learn when its drain is over."""
+    it is counted, so an event-loop model can learn when its drain is over. `udp_ports` are the
+    ports of the daemon's UDP listeners (see REFLECTORS)."""
 
-    def __init__(self, listener: Listener, handler: Handler, later: Callable[..., object]) -> None:
+    def __init__(
+        self, listener: Listener, handler: Handler, later: Callable[..., object], udp_ports: frozenset[int]
+    ) -> None:
         self.handler = handler
         self.delay = listener.delay
         self.admission: Admission | Unlimited = admission_for(listener)
@@ -78,6 +91,16 @@ class Service:
         self.open: set[Connection] = set()
         self.stopping = False
         self.later = later
+        # The source ports whose datagrams are dropped (only UDP has datagrams). A worker that a
+        # reload kept goes on with the ports it was started with: a listener new since knows
+        # every current port, this one's included, so it drops what this one says to it, and the
+        # exchange ends at its first datagram.
+        self.reflecting = REFLECTORS | udp_ports
+
+    def reflected(self, address: Address, recorder: Recorder) -> None:
+        """A datagram from one of the `reflecting` ports was dropped: count it, and say so."""
+        recorder.rejected[REFLECTION] += 1
+        _reflected(reason="reflection", source=str(address[0]), port=address[1])
 
     def stop(self) -> None:
         """The worker stops: every connection that has had an answer has its input ended now
@@ -232,7 +255,8 @@ class Stream(Connection):
 
 
 class Datagrams:
-    """The life of a datagram: admitted by its source, answered by the handler (now, or `delay`
+    """The life of a datagram: dropped if it comes from a port of REFLECTORS or of the daemon's
+    UDP listeners, else admitted by its source, answered by the handler (now, or `delay`
     later), counted once its reply is sent. Subclasses define `send`."""
 
     def __init__(self, service: Service, recorder: Recorder) -> None:
@@ -241,6 +265,7 @@ class Datagrams:
         self.pending = 0  # replies due later: a stopping model waits for them
         # A listener without access rules asks nothing per datagram (not even a call).
         self.screened = not isinstance(service.admission, Unlimited)
+        self.reflecting = service.reflecting
 
     def send(self, reply: bytes, address: Address) -> bool:
         """Send one reply; False if it could not be sent (counted by `send_failed`)."""
@@ -253,6 +278,9 @@ class Datagrams:
 
     def datagram_received(self, data: bytes, address: Address) -> None:
         service, recorder = self.service, self.recorder
+        if address[1] in self.reflecting:
+            service.reflected(address, recorder)
+            return
         if self.screened and not service.admission.allows_datagram(address, recorder):
             return
         started = recorder.clock()

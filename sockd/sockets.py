@@ -7,7 +7,7 @@ import errno
 import os
 import socket
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +71,11 @@ def adopt(listener: Listener, sock: socket.socket) -> Bound:
         )
     tune(sock, listener)
     return Bound(listener, sock, address, activated=True)
+
+
+def udp_ports(bounds: Iterable[Bound]) -> frozenset[int]:
+    """The ports the UDP sockets among `bounds` are bound to (see lifecycle.REFLECTORS)."""
+    return frozenset(bound.sock.getsockname()[1] for bound in bounds if bound.listener.protocol == "udp")
 
 
 def tune(sock: socket.socket, listener: Listener) -> None:

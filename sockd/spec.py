@@ -24,27 +24,31 @@ class WorkerSpec(BaseModel):
     metrics: bool  # whether anybody will read the counts (else requests are not timed)
     shutdown_timeout: float  # how long a drain may take, even with no supervisor left to end it
     worker_timeout: float  # a request busy for half of this stops the heartbeat (blocking models)
+    udp_ports: list[int]  # of every UDP listener's socket: datagrams from them go unanswered
 
 
 @dataclass(frozen=True)
 class WorkerSettings:
     """The config's settings that every worker gets, whatever its listener; the supervisor also
-    times its workers' drains and heartbeats by them."""
+    times its workers' drains and heartbeats by them. With them, the ports the config's UDP
+    listeners are bound to (the kernel's choice for port 0, systemd's for a socket it passed)."""
 
     logging: LoggingConfig
     buckets: tuple[float, ...]
     metrics: bool
     shutdown_timeout: float
     worker_timeout: float
+    udp_ports: frozenset[int]
 
     @classmethod
-    def of(cls, config: Config) -> WorkerSettings:
+    def of(cls, config: Config, udp_ports: frozenset[int]) -> WorkerSettings:
         return cls(
             logging=config.logging,
             buckets=tuple(config.metrics.buckets),
             metrics=config.metrics.enabled,
             shutdown_timeout=config.shutdown_timeout,
             worker_timeout=config.worker_timeout,
+            udp_ports=udp_ports,
         )
 
     @property
@@ -60,4 +64,5 @@ class WorkerSettings:
             metrics=self.metrics,
             shutdown_timeout=self.shutdown_timeout,
             worker_timeout=self.worker_timeout,
+            udp_ports=sorted(self.udp_ports),
         )

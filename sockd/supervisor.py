@@ -28,7 +28,7 @@ from sockd.forkserver import ForkServerError, Spawner
 from sockd.group import Group
 from sockd.logging import configure
 from sockd.plan import Step, plan, summary
-from sockd.sockets import BindError, Bound, adopt, bind, reason
+from sockd.sockets import BindError, Bound, adopt, bind, reason, udp_ports
 from sockd.spec import WorkerSettings
 
 log = structlog.get_logger()
@@ -110,18 +110,21 @@ class Supervisor:
         for signum in SIGNALS:
             signal.signal(signum, lambda signum, _: self.signals.append(signum))
         exporter = None
-        settings = WorkerSettings.of(self.config)
+        bounds: dict[str, Bound] = {}
         try:
             make_room(self.config)
             for listener in self.config.listeners:
-                self.groups[listener.name] = self._group(listener, self._bind(listener), settings)
+                bounds[listener.name] = self._bind(listener)
+            settings = WorkerSettings.of(self.config, udp_ports(bounds.values()))
+            self.groups = {name: self._group(bound.listener, bound, settings) for name, bound in bounds.items()}
             if self.config.metrics.enabled:
                 exporter = self._exporter()
             for name in self.activated:
                 log.warning("systemd passed a socket that no listener is named after", name=name)
             self.spawner.start()  # before the exporter's thread: nothing forks a threaded process
         except BaseException:
-            self._close_sockets()
+            for bound in bounds.values():
+                bound.close()
             _default_signals()
             raise
         wakeup_read, wakeup_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -262,7 +265,7 @@ class Supervisor:
             for group in self._groups():  # the workers of kept listeners too
                 group.tell(line)
         self.config = new
-        unstarted = self._apply(steps, fresh, WorkerSettings.of(new))
+        unstarted = self._apply(steps, fresh)
         done = summary(steps)
         if unstarted:  # tried again after a backoff; meanwhile their old workers, if any, serve on
             names = ", ".join(unstarted)
@@ -312,14 +315,16 @@ class Supervisor:
             raise
         return fresh
 
-    def _apply(self, steps: list[Step], fresh: dict[str, Bound], settings: WorkerSettings) -> list[str]:
-        """Carry out a reload's steps, with every new socket bound: the listeners whose new
-        workers could not all be started."""
+    def _apply(self, steps: list[Step], fresh: dict[str, Bound]) -> list[str]:
+        """Carry out a reload's steps (of self.config, the new config), with every new socket
+        bound: the listeners whose new workers could not all be started."""
+        running = self.groups
+        bounds = [fresh.get(step.name) or running[step.name].bound for step in steps if step.action != "removed"]
+        settings = WorkerSettings.of(self.config, udp_ports(bounds))
         # From now on every worker starts with the new settings (a kept listener's restarted ones
         # too), and every drain that begins and every heartbeat is timed by them.
         for group in self._groups():
             group.settings = settings
-        running = self.groups
         with self.reporting:
             self.groups = {
                 step.name: self._group(step.listener, fresh[step.name], settings)

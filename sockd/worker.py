@@ -54,7 +54,7 @@ def main(spec_json: bytes, fds: list[int]) -> int:
     sock.setblocking(False)  # see sockd.models: every model takes the listener as non-blocking
     shared = counters.Shared(counters_fd, len(spec.buckets) + 1)
     stats = counters.Stats(shared, spec.buckets, enabled=spec.metrics, stuck_after=spec.worker_timeout / 2)
-    model = models.load(listener.concurrency)(listener, handlers.build(listener), stats)
+    model = models.load(listener.concurrency)(listener, handlers.build(listener), stats, frozenset(spec.udp_ports))
     threading.Thread(target=_listen, args=(channel, stop, listener.name), daemon=True).start()
     stop.ending.on_set(lambda: _exit_after(spec.shutdown_timeout))
     served = threading.Event()

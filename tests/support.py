@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -295,6 +296,36 @@ def samples(daemon: Daemon) -> dict[tuple[str, frozenset[tuple[str, str]]], floa
 
 def value(found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
     return found[(name, frozenset(labels.items()))]
+
+
+def rejected(daemon: Daemon, name: str, reason: str) -> float:
+    return value(samples(daemon), "sockd_connections_rejected_total", listener=name, reason=reason)
+
+
+def requests(daemon: Daemon, name: str) -> float:
+    return value(samples(daemon), "sockd_requests_total", listener=name)
+
+
+def forge_datagram(source: tuple[str, int], destination: tuple[str, int], payload: bytes) -> None:
+    """Send a UDP datagram over IPv4 that claims to come from `source`, any address and port, as
+    an attacker would (CVE-1999-0103): a raw socket, so root only. The IP header's length and
+    checksum are left to the kernel; the UDP checksum is 0, which IPv4 reads as none."""
+    udp = struct.pack("!HHHH", source[1], destination[1], 8 + len(payload), 0) + payload
+    ip = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,  # IPv4, a 20-byte header
+        0,
+        20 + len(udp),
+        0,
+        0,
+        64,
+        socket.IPPROTO_UDP,
+        0,
+        socket.inet_aton(source[0]),
+        socket.inet_aton(destination[0]),
+    )
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:  # IP_HDRINCL implied
+        raw.sendto(ip + udp, (destination[0], 0))
 
 
 def eventually(check: Callable[[], bool], what: str, timeout: float = PUBLISHED_WITHIN) -> None:

@@ -17,7 +17,7 @@ from sockd import handlers
 from sockd.config import InetListener, UnixListener
 from sockd.counters import RESET, SEND, TIMEOUT, TOO_LARGE, Recorder
 from sockd.lifecycle import Address, Datagrams, Service, Stream
-from sockd.limits import ACL, FREE, MAX_CONNECTIONS, MOVED, Ticket, Unlimited
+from sockd.limits import ACL, FREE, MAX_CONNECTIONS, MOVED, REFLECTION, Ticket, Unlimited
 
 BOUNDS = [0.001, 1.0]
 
@@ -85,9 +85,9 @@ class Connection(Stream):
         return self.transport.actions
 
 
-def service(timers: Timers | None = None, **options: Any) -> Service:
+def service(timers: Timers | None = None, udp_ports: frozenset[int] = frozenset(), **options: Any) -> Service:
     listener = inet(**options)
-    return Service(listener, handlers.build(listener), later=timers or Timers())
+    return Service(listener, handlers.build(listener), later=timers or Timers(), udp_ports=udp_ports)
 
 
 def test_an_echo_request_is_answered_counted_and_marks_the_connection_answered() -> None:
@@ -210,7 +210,7 @@ def test_unix_peers_are_admitted_by_their_credentials() -> None:
         {"name": "u", "protocol": "unix", "path": "/tmp/x.sock", "handler": "echo", "concurrency": "selector"}
         | {"allow_uids": [1000]}
     )
-    shared = Service(listener, handlers.build(listener), later=Timers())
+    shared = Service(listener, handlers.build(listener), later=Timers(), udp_ports=frozenset())
     recorder = Recorder(BOUNDS)
     assert shared.admission.wants_credentials
     assert shared.admission.admit("", (1, 1000, 1000), recorder) is not None
@@ -267,6 +267,26 @@ def test_a_refused_datagram_is_dropped_and_counted(options: dict[str, Any], coun
     datagrams.datagram_received(b"ping", ("10.0.0.1", 5))
     assert datagrams.sent == []
     assert getattr(datagrams.recorder, counter)[index] == 1
+
+
+@pytest.mark.parametrize("port", [0, 7, 13, 19, 37, 5300])
+def test_a_datagram_from_a_reflecting_port_is_dropped_and_counted(port: int) -> None:
+    # 0 reaches nobody; echo, daytime, chargen and time answer anything; 5300 is one of the
+    # daemon's own UDP listeners. Answering any of them could start an endless exchange.
+    datagrams = SentDatagrams(service(protocol="udp", udp_ports=frozenset({5300})))
+    datagrams.datagram_received(b"ping", ("127.0.0.1", port))
+    datagrams.datagram_received(b"ping", ("::1", port, 0, 0))
+    assert datagrams.sent == []
+    assert datagrams.recorder.rejected[REFLECTION] == 2
+    assert sum(datagrams.recorder.buckets) == 0
+
+
+def test_a_datagram_from_any_other_port_is_answered() -> None:
+    datagrams = SentDatagrams(service(protocol="udp", udp_ports=frozenset({5300})))
+    for port in (1, 8, 5299, 5301, 65535):
+        datagrams.datagram_received(b"ping", ("127.0.0.1", port))
+    assert [address[1] for _, address in datagrams.sent] == [1, 8, 5299, 5301, 65535]
+    assert datagrams.recorder.rejected[REFLECTION] == 0
 
 
 def test_a_datagram_reply_that_cannot_be_sent_is_counted_as_such_and_not_as_a_request() -> None:

@@ -25,9 +25,13 @@ from support import (
     Launcher,
     connect,
     cpu_seconds,
+    datagram,
     eventually,
+    forge_datagram,
     inet,
+    rejected,
     request,
+    requests,
     rss_bytes,
     run_sockd,
     samples,
@@ -83,10 +87,6 @@ def closed_at_once(sock: socket.socket) -> bool:
 def connect_from(address: str, source: str) -> socket.socket:
     """A TCP connection from a chosen loopback address (all of 127.0.0.0/8 is this host)."""
     return socket.create_connection(inet(address), timeout=TIMEOUT, source_address=(source, 0))
-
-
-def rejected(daemon: Daemon, name: str, reason: str) -> float:
-    return value(samples(daemon), "sockd_connections_rejected_total", listener=name, reason=reason)
 
 
 def errors(daemon: Daemon, name: str, kind: str) -> float:
@@ -192,6 +192,66 @@ def test_unix_peer_credentials(start_sockd: Launcher, sockdir: Path, model: str)
     with connect(daemon.address("other")) as sock:
         assert closed_at_once(sock)
     eventually(lambda: rejected(daemon, "other", "acl") == 1, "the stranger counted")
+
+
+# -- reflection (CVE-1999-0103): a datagram whose forged source is a service that answers anything
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_datagram_forged_from_a_udp_service_of_the_daemon_starts_no_endless_exchange(
+    start_sockd: Launcher, model: str
+) -> None:
+    daemon = start_sockd([entry("echo", "udp", "echo", model), entry("daytime", "udp", "daytime", model)])
+    echo, daytime = inet(daemon.address("echo")), inet(daemon.address("daytime"))
+    # Echo told by itself, echo told by daytime, daytime told by echo: answered, each would set
+    # the two answering each other for as long as the daemon runs.
+    for source, destination in [(echo, echo), (daytime, echo), (echo, daytime)]:
+        forge_datagram(source, destination, b"loop")
+    assert datagram(daemon.address("echo"), b"ping") == b"ping"  # an ordinary client is answered
+    assert datagram(daemon.address("daytime"), b"?").endswith(b"\r\n")
+    eventually(lambda: requests(daemon, "echo") == requests(daemon, "daytime") == 1, "the two clients counted")
+    time.sleep(1.0)  # an exchange, had one begun, would have run up thousands of requests by now
+    assert (requests(daemon, "echo"), requests(daemon, "daytime")) == (1, 1)
+    assert (rejected(daemon, "echo", "reflection"), rejected(daemon, "daytime", "reflection")) == (2, 1)
+    assert daemon.wait_for("rejected", listener="echo")["reason"] == "reflection"
+
+
+def test_a_listener_added_by_a_reload_ends_an_exchange_with_a_kept_one(start_sockd: Launcher) -> None:
+    # The kept echo worker does not know the new listener's port, so it answers once; the new
+    # listener knows every current port, and drops that answer.
+    echo = entry("echo", "udp", "echo", "selector")
+    daemon = start_sockd([echo])
+    assert daemon.reload([echo, entry("daytime", "udp", "daytime", "selector")])["added"] == ["daytime"]
+    forge_datagram(inet(daemon.address("daytime")), inet(daemon.address("echo")), b"loop")
+    eventually(lambda: requests(daemon, "echo") >= 1, "the kept worker's answer")
+    time.sleep(1.0)  # an exchange, had one begun, would have run up thousands of requests by now
+    assert (requests(daemon, "echo"), requests(daemon, "daytime")) == (1, 0)
+    assert (rejected(daemon, "echo", "reflection"), rejected(daemon, "daytime", "reflection")) == (0, 1)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_datagrams_from_port_0_and_the_ports_of_echo_daytime_chargen_and_time_go_unanswered(
+    start_sockd: Launcher, model: str
+) -> None:
+    daemon = start_sockd([entry("echo", "udp", "echo", model)])
+    echo = inet(daemon.address("echo"))
+    # A loopback address of this test's own: another test binding port 7 cannot be in the way.
+    host = f"127.0.7.{MODELS.index(model) + 1}"
+    forge_datagram((host, 0), echo, b"from port 0")  # no socket can be bound to port 0
+    with contextlib.ExitStack() as stack:
+        senders = []
+        for port in (7, 13, 19, 37):
+            sender = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            sender.bind((host, port))
+            sender.settimeout(0.5)
+            sender.sendto(b"from %d" % port, echo)
+            senders.append(sender)
+        assert datagram(daemon.address("echo"), b"ping") == b"ping"
+        for sender in senders:
+            with pytest.raises(TimeoutError):
+                sender.recv(100)
+    eventually(lambda: rejected(daemon, "echo", "reflection") == 5, "the five datagrams counted")
+    assert requests(daemon, "echo") == 1
 
 
 # -- timeouts

@@ -33,8 +33,10 @@ from support import (
     alive,
     connect,
     eventually,
+    forge_datagram,
     inet,
     read_to_eof,
+    rejected,
     require,
     rss_bytes,
     run_sockd,
@@ -323,6 +325,44 @@ def test_udp_relay_keeps_a_session_per_client(start_sockd: Launcher, model: str)
             one.sendto(b"one", relay_address)
             data, sender = far.recvfrom(100)
             assert (data, sender != seen_from[b"one"]) == (b"one", True)  # a new upstream socket
+
+
+@pytest.mark.parametrize("model", RELAY_MODELS)
+def test_a_datagram_forged_from_the_udp_relay_itself_is_not_relayed(start_sockd: Launcher, model: str) -> None:
+    """Relayed, the upstream's answer would go back to the relay as a client's datagram, to be
+    relayed again, for as long as the daemon runs (CVE-1999-0103)."""
+    got: list[bytes] = []
+    done = threading.Event()
+
+    def echo(far: socket.socket) -> None:
+        far.settimeout(0.1)
+        deadline = time.monotonic() + 3 * TIMEOUT
+        while not done.is_set() and len(got) < 10_000 and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                data, sender = far.recvfrom(100)
+                got.append(data)
+                far.sendto(data, sender)
+
+    with socket.socket(type=socket.SOCK_DGRAM) as far:
+        far.bind(("127.0.0.1", 0))
+        upstream = threading.Thread(target=echo, args=(far,), daemon=True)
+        upstream.start()
+        try:
+            daemon = start_sockd(
+                [entry("u", "udp", "relay", model, upstream=f"udp://127.0.0.1:{far.getsockname()[1]}")]
+            )
+            relay = inet(daemon.address("u"))
+            forge_datagram(relay, relay, b"loop")
+            with socket.socket(type=socket.SOCK_DGRAM) as client:
+                client.settimeout(TIMEOUT)
+                client.sendto(b"hello", relay)
+                assert client.recvfrom(100) == (b"hello", relay)  # an ordinary client is relayed
+            time.sleep(1.0)  # an exchange, had one begun, would have run up thousands of datagrams by now
+            assert got == [b"hello"]
+            eventually(lambda: rejected(daemon, "u", "reflection") == 1, "the forged datagram counted")
+        finally:
+            done.set()
+            upstream.join()
 
 
 @pytest.mark.parametrize("model", NON_RELAY_MODELS)

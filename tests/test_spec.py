@@ -40,7 +40,7 @@ listeners:
 """,
         "test.yaml",
     )
-    settings = WorkerSettings.of(config)
+    settings = WorkerSettings.of(config, frozenset({5300, 53}))
     assert settings.bucket_count == 3
     spec = settings.spec(config.listeners[0])
     read = WorkerSpec.model_validate_json(spec.model_dump_json(exclude_unset=True))
@@ -52,4 +52,5 @@ listeners:
         "metrics": False,
         "shutdown_timeout": 2.5,
         "worker_timeout": 7.0,
+        "udp_ports": [53, 5300],
     }

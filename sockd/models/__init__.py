@@ -84,7 +84,9 @@ class Stop(Switch):
 
 
 class Model(Protocol):
-    def __init__(self, listener: Listener, handler: Handler, stats: Stats) -> None: ...
+    def __init__(self, listener: Listener, handler: Handler, stats: Stats, udp_ports: frozenset[int]) -> None:
+        """`udp_ports`: the ports of the daemon's UDP listeners, for the Service (see
+        lifecycle.REFLECTORS)."""
 
     def serve(self, sock: socket.socket, stop: Stop) -> None:
         """Serve `sock` until `stop` is set, its open connections until `stop.ending` is set or

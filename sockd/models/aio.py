@@ -50,8 +50,10 @@ def loop_factory(choice: EventLoop) -> Callable[[], asyncio.AbstractEventLoop]:
 class AioService(Service):
     """The service, knowing when its last connection is gone (the end of a drain)."""
 
-    def __init__(self, listener: Listener, handler: Handler, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(listener, handler, later=loop.call_later)
+    def __init__(
+        self, listener: Listener, handler: Handler, loop: asyncio.AbstractEventLoop, udp_ports: frozenset[int]
+    ) -> None:
+        super().__init__(listener, handler, later=loop.call_later, udp_ports=udp_ports)
         self.idle = asyncio.Event()
         # asyncio and uvloop set TCP_NODELAY on every connection themselves: undo it if asked.
         self.nagle = listener.protocol == "tcp" and not listener.nodelay
@@ -63,10 +65,11 @@ class AioService(Service):
 
 
 class Model:
-    def __init__(self, listener: Listener, handler: Handler, stats: Stats) -> None:
+    def __init__(self, listener: Listener, handler: Handler, stats: Stats, udp_ports: frozenset[int]) -> None:
         self.listener = listener
         self.handler = handler
         self.stats = stats
+        self.udp_ports = udp_ports
         self.new_loop = loop_factory(listener.event_loop)
         self.relay = handler if isinstance(handler, Relay) else None
         self.connecting: set[asyncio.Task[None]] = set()  # accepted, their transports not made yet
@@ -79,7 +82,7 @@ class Model:
 
     async def _serve(self, sock: socket.socket, stop: Stop) -> None:
         loop = asyncio.get_running_loop()
-        self.service = service = AioService(self.listener, self.handler, loop)
+        self.service = service = AioService(self.listener, self.handler, loop, self.udp_ports)
         stopped = asyncio.Event()
         loop.add_reader(stop.fileno(), self._stopped, loop, stop, stopped)
         loop.add_reader(stop.ending.fileno(), self._ending, loop, stop)

@@ -103,9 +103,9 @@ class BlockingModel:
     """What the blocking models share: serving one connection or one datagram with blocking calls.
     Each model's `serve` says which threads run these."""
 
-    def __init__(self, listener: Listener, handler: Handler, stats: Stats) -> None:
+    def __init__(self, listener: Listener, handler: Handler, stats: Stats, udp_ports: frozenset[int]) -> None:
         self.stats = stats
-        self.service = Service(listener, handler, later=sleep_then_call)
+        self.service = Service(listener, handler, later=sleep_then_call, udp_ports=udp_ports)
         # A socket timeout on each recv() and send() is the whole of first_byte_timeout and idle_timeout.
         self.first_timeout = listener.first_byte_timeout or listener.idle_timeout
         self.idle_timeout = listener.idle_timeout

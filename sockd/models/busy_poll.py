@@ -45,5 +45,5 @@ class BusySelector(selectors.BaseSelector):
 
 
 class Model(EventLoop):
-    def __init__(self, listener: Listener, handler: Handler, stats: Stats) -> None:
-        super().__init__(listener, handler, stats, BusySelector)
+    def __init__(self, listener: Listener, handler: Handler, stats: Stats, udp_ports: frozenset[int]) -> None:
+        super().__init__(listener, handler, stats, udp_ports, BusySelector)

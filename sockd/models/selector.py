@@ -52,10 +52,11 @@ class EventLoop:
         listener: Listener,
         handler: Handler,
         stats: Stats,
+        udp_ports: frozenset[int],
         make_selector: Callable[[], selectors.BaseSelector],
     ) -> None:
         self.stats = stats
-        self.service = Service(listener, handler, later=self.later)
+        self.service = Service(listener, handler, later=self.later, udp_ports=udp_ports)
         self.make_selector = make_selector
         # (when, tie-break, callback, args). The loop's other timers (sweeps, pauses, a relay's
         # timeouts) need not run once it stops: it ends when no connection is open and no
@@ -289,5 +290,5 @@ class SelectorStream(Stream):
 
 
 class Model(EventLoop):
-    def __init__(self, listener: Listener, handler: Handler, stats: Stats) -> None:
-        super().__init__(listener, handler, stats, BACKENDS[listener.selector_backend])
+    def __init__(self, listener: Listener, handler: Handler, stats: Stats, udp_ports: frozenset[int]) -> None:
+        super().__init__(listener, handler, stats, udp_ports, BACKENDS[listener.selector_backend])

@@ -13,9 +13,9 @@ from sockd.models.blocking import Threads
 
 
 class Model:
-    def __init__(self, listener: Listener, handler: Handler, stats: Stats) -> None:
+    def __init__(self, listener: Listener, handler: Handler, stats: Stats, udp_ports: frozenset[int]) -> None:
         self.size = listener.threads
-        self.iterative = iterative.Model(listener, handler, stats)
+        self.iterative = iterative.Model(listener, handler, stats, udp_ports)
 
     def serve(self, sock: socket.socket, stop: Stop) -> None:
         self.iterative.stopping_on(stop, sock)  # once for the pool, not once per thread

@@ -125,6 +125,16 @@ class Sessions(OrderedDict[Address, S]):
         self.by_source: dict[str, set[Address]] = {}
         self.service.later(relay.session_timeout / 4, self._forget_idle)
 
+    def admits(self, client: Address) -> bool:
+        """Whether a datagram from `client` is relayed: not from a reflecting port (see
+        lifecycle.Datagrams: a relay passes back what its upstream answers, so it could loop as
+        an echo does), and let in by the listener's access rules."""
+        service = self.service
+        if client[1] in service.reflecting:
+            service.reflected(client, self.recorder)
+            return False
+        return service.admission.allows_datagram(client, self.recorder)
+
     def open(self, client: Address, make: Callable[[], S]) -> S:
         """The session of `client`, made now if it has none (what `make` raises is passed on,
         and nothing is closed for it)."""

@@ -186,7 +186,7 @@ class DatagramRelayProtocol(asyncio.DatagramProtocol):
         )
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
-        if not self.service.admission.allows_datagram(addr, self.recorder):
+        if not self.sessions.admits(addr):
             return
         session = self.sessions.open(addr, lambda: DatagramSession(self, addr))
         self.recorder.received += len(data)

@@ -246,7 +246,7 @@ class DatagramSessions:
         self.sessions: Sessions[DatagramSession] = Sessions(relay, service, loop.recorder, time.monotonic)
 
     def datagram_received(self, data: bytes, client: Address) -> None:
-        if not self.replies.service.admission.allows_datagram(client, self.loop.recorder):
+        if not self.sessions.admits(client):
             return
         try:
             session = self.sessions.open(client, lambda: self._open(client))
