@@ -547,9 +547,8 @@ def test_a_full_session_table_closes_its_least_recently_seen_session() -> None:
     relay_handler = Relay(listener)
     recorder = Recorder([1.0])
     ticks = itertools.count()
-    sessions: Sessions[Flow] = Sessions(
-        relay_handler, Service(listener, relay_handler, later=lambda *_: None), recorder, lambda: float(next(ticks))
-    )
+    service = Service(listener, relay_handler, later=lambda *_: None, udp_ports=frozenset())
+    sessions: Sessions[Flow] = Sessions(relay_handler, service, recorder, lambda: float(next(ticks)))
     clients = [(f"10.0.{i // 256}.{i % 256}", 5000) for i in range(MAX_SESSIONS)]
     flows = [sessions.open(client, Flow) for client in clients]
     sessions.open(clients[0], Flow)  # the oldest two heard from again, one each way
