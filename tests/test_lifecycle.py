@@ -7,17 +7,19 @@ tests (test_models.py and the others) show the models carry the actions out."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from sockd import handlers
 from sockd.config import InetListener, UnixListener
 from sockd.counters import RESET, SEND, TIMEOUT, TOO_LARGE, Recorder
-from sockd.lifecycle import Address, Datagrams, Service, Stream
+from sockd.lifecycle import DATAGRAMS_HELD, DUE_COST, HIGH_WATER, Address, Datagrams, Service, Stream
 from sockd.limits import ACL, FREE, MAX_CONNECTIONS, MOVED, REFLECTION, Ticket, Unlimited
+from sockd.models.aio import AioService, StreamProtocol
 
 BOUNDS = [0.001, 1.0]
 
@@ -59,6 +61,9 @@ class Recording:
 
     def pause_reading(self) -> None:
         self.actions.append("pause_reading")
+
+    def resume_reading(self) -> None:
+        self.actions.append("resume_reading")
 
     def is_closing(self) -> bool:
         return "close" in self.actions or "abort" in self.actions or "lost" in self.actions
@@ -132,7 +137,7 @@ def test_a_delayed_reply_is_written_when_its_timer_fires_and_holds_back_the_clos
     conn.eof_received()
     assert conn.actions == []  # neither the reply nor the close yet
     assert [delay for delay, _, _ in timers.due] == [0.5, 0.5]  # the reply, then the close after it
-    assert conn.delayed == 2
+    assert conn.delayed == len(b"one") + 2 * DUE_COST
     timers.fire()
     assert conn.actions == [("write", b"one"), "close"]
     assert conn.delayed == 0
@@ -148,6 +153,102 @@ def test_a_delayed_reply_to_a_client_that_reset_meanwhile_is_dropped() -> None:
     assert conn.actions == ["lost"]
     assert conn.recorder.errors[RESET] == 1
     assert sum(conn.recorder.buckets) == 0
+
+
+# A fast client's reads, and how many of them hold HIGH_WATER once their replies wait for `delay`.
+CHUNK = bytes(65536)
+TO_HIGH_WATER = -(-HIGH_WATER // (len(CHUNK) + DUE_COST))
+
+
+def paused_by_held_replies(timers: Timers, **options: Any) -> Connection:
+    """An echo connection whose replies, waiting for their delay, hold HIGH_WATER."""
+    conn = Connection(service(timers, delay=0.5, **options))
+    conn.opened()
+    for _ in range(TO_HIGH_WATER):
+        conn.data_received(CHUNK)
+    return conn
+
+
+def test_replies_waiting_for_their_delay_pause_reading_at_high_water_and_resume_below_it() -> None:
+    timers = Timers()
+    conn = Connection(service(timers, delay=0.5))
+    conn.opened()
+    for _ in range(TO_HIGH_WATER - 1):
+        conn.data_received(CHUNK)
+    assert conn.actions == []
+    conn.data_received(CHUNK)
+    assert conn.actions == ["pause_reading"]
+    timers.fire()
+    # Once, right after the reply that took what is held below the mark.
+    rest = [("write", CHUNK)] * (TO_HIGH_WATER - 1)
+    assert conn.actions == ["pause_reading", ("write", CHUNK), "resume_reading", *rest]
+    assert conn.delayed == 0
+
+
+def test_many_tiny_delayed_replies_pause_reading_as_surely_as_a_few_large_ones() -> None:
+    conn = Connection(service(Timers(), delay=0.5))
+    conn.opened()
+    reads = 0
+    while not conn.actions and reads < HIGH_WATER:
+        conn.data_received(b"x")
+        reads += 1
+    assert conn.actions == ["pause_reading"]
+    assert reads <= HIGH_WATER // DUE_COST  # each counts its timer, not only its byte
+
+
+def test_a_connection_paused_by_held_replies_is_not_resumed_once_the_client_has_gone() -> None:
+    timers = Timers()
+    conn = paused_by_held_replies(timers)
+    conn.connection_lost(ConnectionResetError())
+    timers.fire()
+    assert conn.actions == ["pause_reading", "lost"]
+
+
+def test_a_models_resume_does_not_undo_the_pause_of_held_replies() -> None:
+    timers = Timers()
+    conn = paused_by_held_replies(timers)
+    conn.read_again()  # as the asyncio model does when its write buffer drains
+    assert conn.actions == ["pause_reading"]
+
+
+def test_a_closing_session_is_never_resumed() -> None:
+    timers = Timers()
+    conn = Connection(service(timers, handler="timestamp", delay=0.5))
+    conn.opened()
+    conn.data_received(b"what time is it?")
+    conn.read_again()  # its reply, due later, closes the connection: nothing more is read
+    timers.fire()
+    kinds = [action if isinstance(action, str) else action[0] for action in conn.actions]
+    assert kinds == ["pause_reading", "write", "close"]
+
+
+@pytest.mark.parametrize("held_first", [True, False])
+def test_the_asyncio_model_resumes_reading_once_neither_a_full_write_buffer_nor_held_replies_pause_it(
+    held_first: bool,
+) -> None:
+    timers = Timers()
+    listener = inet(concurrency="asyncio", delay=0.5)
+    loop = asyncio.new_event_loop()
+    shared = AioService(listener, handlers.build(listener), loop)
+    loop.close()  # its call_later is replaced by the hand-run timers
+    shared.later = timers
+    conn = StreamProtocol(shared, FREE, Recorder(BOUNDS))
+    transport = Recording()
+    conn.transport = cast(asyncio.Transport, transport)
+    conn.opened()
+    for _ in range(TO_HIGH_WATER):
+        conn.data_received(CHUNK)
+    conn.pause_writing()  # the replies' first writes filled the buffer of a client that does not read
+    if held_first:
+        timers.fire()  # what is held falls below the mark: the full buffer still pauses reading
+        assert "resume_reading" not in transport.actions
+        conn.resume_writing()
+    else:
+        conn.resume_writing()  # the buffer drained: what is held still pauses reading
+        assert "resume_reading" not in transport.actions
+        timers.fire()
+    assert transport.actions.count("resume_reading") == 1  # once both are gone
+    assert shared.backed_up == set()
 
 
 def test_a_request_over_max_message_size_aborts_and_counts() -> None:
@@ -300,6 +401,20 @@ def test_a_delayed_datagram_reply_is_pending_until_its_timer_fires() -> None:
     timers = Timers()
     datagrams = SentDatagrams(service(timers, protocol="udp", delay=1.0))
     datagrams.datagram_received(b"ping", ("10.0.0.1", 5))
-    assert (datagrams.sent, datagrams.pending) == ([], 1)
+    assert (datagrams.sent, datagrams.pending) == ([], len(b"ping") + DUE_COST)
     timers.fire()
     assert (datagrams.sent, datagrams.pending) == ([(b"ping", ("10.0.0.1", 5))], 0)
+
+
+def test_delayed_datagram_replies_hold_at_most_their_bound_and_the_rest_are_dropped_and_counted() -> None:
+    timers = Timers()
+    datagrams = SentDatagrams(service(timers, protocol="udp", delay=1.0))
+    payload = bytes(60000)
+    fits = DATAGRAMS_HELD // (len(payload) + DUE_COST)
+    for _ in range(fits + 10):
+        datagrams.datagram_received(payload, ("10.0.0.1", 5))
+    assert datagrams.pending <= DATAGRAMS_HELD
+    assert datagrams.recorder.errors[SEND] == 10
+    timers.fire()
+    assert (len(datagrams.sent), datagrams.pending) == (fits, 0)
+    assert sum(datagrams.recorder.buckets) == fits

@@ -11,11 +11,13 @@ import resource
 import socket
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from sockd.config import InetListener
+from sockd.lifecycle import DATAGRAMS_HELD
 from sockd.limits import MEMORY, AccessList, Admission
 
 from support import (
@@ -29,6 +31,7 @@ from support import (
     eventually,
     forge_datagram,
     inet,
+    read_to_eof,
     rejected,
     request,
     requests,
@@ -346,21 +349,88 @@ def test_max_message_size(start_sockd: Launcher, model: str) -> None:
     eventually(lambda: errors(daemon, "stamp", "too_large") == 1, "the request counted")
 
 
+# What a client of the back-pressure test offers: far more than all the buffers on the way hold.
+FLOOD = 64 << 20
+# The kernel's buffers on both sides of its connections: small, so that what is in flight when the
+# clients read at last is soon echoed by a blocking model (one read of at most 64 KiB per `delay`).
+FLOOD_BUFFERS = 1 << 16
+
+
+def flood(sock: socket.socket, payload: bytes) -> tuple[int, bool]:
+    """Send `payload` until the server stops taking it, or it is all sent, or TIMEOUT is over:
+    how much went, and whether the server stopped taking it (a send blocked for a second, longer
+    than any `delay` between a blocking model's reads)."""
+    view, sent = memoryview(payload), 0
+    deadline = time.monotonic() + TIMEOUT
+    sock.settimeout(1.0)
+    try:
+        while sent < len(payload) and time.monotonic() < deadline:
+            sent += sock.send(view[sent : sent + 65536])
+    except TimeoutError:
+        return sent, True
+    return sent, False
+
+
+def drained(sock: socket.socket) -> bytes:
+    """What comes back once the client ends its output and reads at last."""
+    sock.settimeout(TIMEOUT)
+    sock.shutdown(socket.SHUT_WR)
+    return read_to_eof(sock)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.25])
 @pytest.mark.parametrize("model", MODELS)
-def test_a_client_that_never_reads_gets_back_pressure(start_sockd: Launcher, model: str) -> None:
-    daemon = start_sockd([entry("e", "tcp", "echo", model)])
+def test_clients_that_never_read_get_back_pressure(start_sockd: Launcher, model: str, delay: float) -> None:
+    buffers = {"recv_buffer": FLOOD_BUFFERS, "send_buffer": FLOOD_BUFFERS}
+    daemon = start_sockd([entry("e", "tcp", "echo", model, delay=delay, **buffers)])
     pid = daemon.worker_pid("e")
     before = rss_bytes(pid)
-    sent = 0
-    with connect(daemon.address("e")) as sock:
-        sock.settimeout(0.5)
-        chunk = bytes(65536)
-        with contextlib.suppress(TimeoutError):
-            for _ in range(4096):  # at most 256 MiB: far more than any buffer on the way
-                sent += sock.send(chunk)
-        grown = rss_bytes(pid) - before
-    assert sent < 64 << 20, sent  # the sender was stopped: nobody took it all in
+    payload = os.urandom(FLOOD)
+    clients = []
+    for _ in range(2):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, FLOOD_BUFFERS)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, FLOOD_BUFFERS)
+        sock.connect(inet(daemon.address("e")))
+        clients.append(sock)
+    try:
+        with ThreadPoolExecutor(len(clients)) as pool:
+            sent, stopped = zip(*pool.map(lambda sock: flood(sock, payload), clients), strict=True)
+            grown = rss_bytes(pid) - before
+            # Everything taken in comes back, in order, once the clients read (an iterative
+            # worker serves the second client after the first has ended).
+            echoed = list(pool.map(drained, clients))
+    finally:
+        for sock in clients:
+            sock.close()
+    assert all(stopped), sent  # the server stopped reading each client: nobody took it all in
     assert grown < 16 << 20, grown
+    assert [len(reply) for reply in echoed] == list(sent)
+    assert all(reply == payload[:size] for reply, size in zip(echoed, sent, strict=True))
+
+
+# The models whose `delay` is a timer on a loop: replies wait in memory, not in a sleeping thread.
+TIMED = ["selector", "busy_poll", "asyncio"]
+
+
+@pytest.mark.parametrize("model", TIMED)
+def test_a_datagram_flood_against_a_delayed_listener_holds_a_bounded_amount_of_replies(
+    start_sockd: Launcher, model: str
+) -> None:
+    daemon = start_sockd([entry("u", "udp", "echo", model, delay=3.0)])
+    pid = daemon.worker_pid("u")
+    before = rss_bytes(pid)
+    payload = bytes(60000)
+    deadline = time.monotonic() + TIMEOUT
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        # 12 MB a round, all due back after the delay, until the worker holds no more of them.
+        while not errors(daemon, "u", "send") and time.monotonic() < deadline:
+            for _ in range(200):
+                with contextlib.suppress(BlockingIOError):
+                    sock.sendto(payload, inet(daemon.address("u")))
+        grown = rss_bytes(pid) - before
+    assert errors(daemon, "u", "send"), "the replies past the bound dropped and counted"
+    assert grown < DATAGRAMS_HELD + (16 << 20), grown  # what it may hold, and room for the allocator
 
 
 # -- resource exhaustion

@@ -48,7 +48,8 @@ def loop_factory(choice: EventLoop) -> Callable[[], asyncio.AbstractEventLoop]:
 
 
 class AioService(Service):
-    """The service, knowing when its last connection is gone (the end of a drain)."""
+    """The service, knowing when its last connection is gone (the end of a drain), and which
+    connections have a full write buffer."""
 
     def __init__(
         self, listener: Listener, handler: Handler, loop: asyncio.AbstractEventLoop, udp_ports: frozenset[int]
@@ -57,9 +58,14 @@ class AioService(Service):
         self.idle = asyncio.Event()
         # asyncio and uvloop set TCP_NODELAY on every connection themselves: undo it if asked.
         self.nagle = listener.protocol == "tcp" and not listener.nodelay
+        # Between pause_writing and resume_writing: the transports do not say it otherwise (their
+        # buffer's size between the two water marks could be either). A set, not a flag on each
+        # connection: it costs nothing to the thousands that are never backed up.
+        self.backed_up: set[Connection] = set()
 
     def forget(self, connection: Connection) -> None:
         super().forget(connection)
+        self.backed_up.discard(connection)
         if not self.open:
             self.idle.set()
 
@@ -207,10 +213,17 @@ class StreamProtocol(Stream, asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The client is not reading its replies: stop reading its requests until it does.
+        self.service.backed_up.add(self)
         self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self.transport.resume_reading()
+        self.service.backed_up.discard(self)
+        self.read_again()
+
+    def read_again(self) -> None:
+        # Each reason to pause resumes only once the other is gone too.
+        if self not in self.service.backed_up:
+            super().read_again()
 
     def write_buffered(self) -> int:
         return self.transport.get_write_buffer_size()

@@ -81,6 +81,9 @@ class Blocking:
     def pause_reading(self) -> None:
         self.reading = False
 
+    def resume_reading(self) -> None:
+        self.reading = True
+
     def is_closing(self) -> bool:
         return self.closed
 

@@ -17,11 +17,10 @@ from collections.abc import Callable
 from sockd.config import BUFSIZE, Listener, SelectorBackend
 from sockd.counters import BEAT_INTERVAL, Stats
 from sockd.handlers import Handler, Relay
-from sockd.lifecycle import Service, Stream
+from sockd.lifecycle import HIGH_WATER, Service, Stream
 from sockd.limits import MOVED, Ticket
 from sockd.models import Stop
 from sockd.models.shared import (
-    HIGH_WATER,
     RESOURCE_PAUSE,
     SocketDatagrams,
     accept_failed,
@@ -251,6 +250,12 @@ class SelectorStream(Stream):
 
     def pause_reading(self) -> None:
         self.reading = False
+        self._update()
+
+    def resume_reading(self) -> None:
+        # Never after EOF: the lifecycle pauses only a connection it is still reading, and reads
+        # nothing till it resumes it. `_update` keeps a full `out` a reason to pause of its own.
+        self.reading = True
         self._update()
 
     def is_closing(self) -> bool:

@@ -20,10 +20,6 @@ from sockd.sockets import OUT_OF_RESOURCES
 # dying).
 RESOURCE_PAUSE = 0.1
 
-# Stop reading from a peer whose counterpart has this many bytes waiting for it, until they are
-# taken: a client that sends but never reads gets back-pressure, not a server that grows without bound.
-HIGH_WATER = 1 << 20
-
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 _out_of_resources = Throttled("cannot accept: out of resources; pausing")

@@ -20,9 +20,9 @@ import structlog
 
 from sockd.config import BUFSIZE
 from sockd.handlers import Relay
-from sockd.lifecycle import Address, Service
+from sockd.lifecycle import HIGH_WATER, Address, Service
 from sockd.limits import MOVED, Ticket
-from sockd.models.shared import HIGH_WATER, SocketDatagrams, shutdown_read
+from sockd.models.shared import SocketDatagrams, shutdown_read
 from sockd.relay import UPSTREAM_ERRORS, Reactor, Relayed, Sessions, upstream_failed
 
 log = structlog.get_logger()
