@@ -229,7 +229,7 @@ def test_the_asyncio_model_resumes_reading_once_neither_a_full_write_buffer_nor_
     timers = Timers()
     listener = inet(concurrency="asyncio", delay=0.5)
     loop = asyncio.new_event_loop()
-    shared = AioService(listener, handlers.build(listener), loop)
+    shared = AioService(listener, handlers.build(listener), loop, frozenset())
     loop.close()  # its call_later is replaced by the hand-run timers
     shared.later = timers
     conn = StreamProtocol(shared, FREE, Recorder(BOUNDS))
