@@ -107,6 +107,8 @@ class Service:
         self.handler = handler
         self.delay = listener.delay
         self.admission: Admission | Unlimited = admission_for(listener)
+        # A listener without limits or access rules asks nothing per connection or datagram.
+        self.screening = not isinstance(self.admission, Unlimited)
         self.timeouts = Timeouts(listener)
         self.open: set[Connection] = set()
         self.stopping = False
@@ -301,8 +303,7 @@ class Datagrams:
         self.service = service
         self.recorder = recorder
         self.pending = 0
-        # A listener without access rules asks nothing per datagram (not even a call).
-        self.screened = not isinstance(service.admission, Unlimited)
+        self.screened = service.screening
         self.reflecting = service.reflecting
 
     def send(self, reply: bytes, address: Address) -> bool:

@@ -62,10 +62,10 @@ def make_room(config: Config) -> None:
     (systemd's default soft limit is 1024, under a hard one of 524288, for programs to raise
     themselves); DescriptorLimit if the hard limit is lower."""
     needed = descriptors_needed(config)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= needed:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # never unlimited, on Linux
+    if soft >= needed:
         return
-    if hard != resource.RLIM_INFINITY and hard < needed:
+    if hard < needed:
         count = len(config.listeners)
         raise DescriptorLimit(
             f"the descriptor limit ({hard}) is too low for {count} listener{'s' if count != 1 else ''}: "

@@ -7,33 +7,43 @@ from __future__ import annotations
 import _socket
 import asyncio
 import importlib
+import os
+import resource
 import socket
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import structlog
 
 from sockd.config import EventLoop, Listener
-from sockd.counters import BEAT_INTERVAL, RESET, Recorder, Stats
+from sockd.counters import BEAT_INTERVAL, RESET, RESOURCES, Recorder, Stats
 from sockd.handlers import Handler, Relay
 from sockd.lifecycle import Address, Connection, Service, Stream
-from sockd.limits import MOVED, Ticket
+from sockd.limits import FREE, MOVED
 from sockd.models import Stop
 from sockd.models.shared import (
     RESOURCE_PAUSE,
     SocketDatagrams,
     accept_failed,
-    admit,
+    admitted,
     end_transport_input,
+    out_of_resources,
     stop_listening,
 )
 from sockd.relay.aio import DatagramRelayProtocol, RelayProtocol
+from sockd.sockets import OUT_OF_RESOURCES
 
 log = structlog.get_logger()
 
-# Connections taken per readiness of the listening socket, as asyncio's own server does: a burst
-# is accepted in one turn without starving the connections already open.
+# Descriptors a worker keeps free of connections (see Acceptor): one for whatever needs one.
+SPARE_DESCRIPTORS = 1
+# Connections sockd takes per readiness of the listening socket, as asyncio's own server does: a
+# burst is accepted in one turn without starving the connections already open.
 ACCEPT_BATCH = 100
+# How near the descriptor limit the loop's server gives way to sockd's accept(), and how far below
+# that it takes over again (see Acceptor): so it does not switch back and forth at every connection.
+MARGIN = 64
+RESUME_ROOM = 16
 
 
 def loop_factory(choice: EventLoop) -> Callable[[], asyncio.AbstractEventLoop]:
@@ -62,12 +72,173 @@ class AioService(Service):
         # buffer's size between the two water marks could be either). A set, not a flag on each
         # connection: it costs nothing to the thousands that are never backed up.
         self.backed_up: set[Connection] = set()
+        self.acceptor: Acceptor | None = None  # a stream listener's: told of every connection gone
 
     def forget(self, connection: Connection) -> None:
         super().forget(connection)
         self.backed_up.discard(connection)
+        if self.acceptor is not None:
+            self.acceptor.released()
         if not self.open:
             self.idle.set()
+
+
+class Full(Exception):
+    """Raised by the server's protocol factory at the descriptor limit: libuv then stops
+    accepting, and the one connection it had just accepted is closed (see Acceptor)."""
+
+
+class Acceptor:
+    """How a stream listener's connections are accepted: by the loop's own server while
+    descriptors are plenty, by sockd near their limit.
+
+    uvloop's server accepts and makes each connection's transport in C: a connection costs what
+    it costs a bare uvloop server, half of what a Python accept() and a task to make its transport
+    cost. But out of descriptors, a loop's server copes badly: libuv closes every connection
+    waiting in the backlog, asyncio pauses a second. So once the connections held come within
+    MARGIN of the limit, the server stops (it listens on a duplicate: the socket stays open, and
+    clients wait in its backlog) and sockd accepts itself, pausing on EMFILE and losing nothing,
+    as every model does; once they are RESUME_ROOM below that, a server starts again. (A burst of
+    more than MARGIN connections in one turn of the loop, right at the limit, costs the one
+    accepted past it: counted as resources and warned of.)
+
+    A connection holds `per_connection` descriptors (a relay's two). `factory` makes a
+    connection's protocol, which takes its ticket once it is made (see admitted)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        factory: Callable[[], asyncio.Protocol],
+        per_connection: int,
+        recorder: Recorder,
+    ) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.factory = factory
+        self.recorder = recorder
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)  # never unlimited, on Linux
+        # What is open now, and the duplicate a server holds, are not for connections.
+        self.capacity = (soft - len(os.listdir("/proc/self/fd")) - 1 - SPARE_DESCRIPTORS) // per_connection
+        self.server: asyncio.AbstractServer | None = None
+        self.starting: asyncio.Task[None] | None = None  # a server being made
+        self.reading = False  # sockd accepts
+        self.paused: asyncio.TimerHandle | None = None  # sockd's accept(), out of descriptors
+        self.connecting: set[asyncio.Task[None]] = set()  # accepted by sockd, their transports not made yet
+        self.held = 0  # connections accepted and not yet gone
+        self.stopped = False
+
+    def start(self) -> None:
+        if self.held < self.capacity - MARGIN:
+            self._serve()
+        else:
+            self._read()
+
+    def _serve(self) -> None:
+        log.debug("accepting through the loop's server", held=self.held)
+        self.starting = self.loop.create_task(self._new_server())
+        self.starting.add_done_callback(self._server_made)
+
+    async def _new_server(self) -> None:
+        self.server = await self.loop.create_server(self._made, sock=self.sock.dup())
+
+    def _server_made(self, task: asyncio.Task[None]) -> None:
+        self.starting = None
+        if task.cancelled() or task.exception() is not None:  # no descriptor for the duplicate
+            self._read()
+        elif self.stopped:  # meanwhile
+            self._close_server()
+
+    def _made(self) -> asyncio.Protocol:
+        """The server's protocol factory, for a connection it has just accepted."""
+        if self.held >= self.capacity:
+            self.recorder.errors[RESOURCES] += 1
+            out_of_resources(error="a burst at the descriptor limit: one connection closed")
+            raise Full
+        self.held += 1
+        if self.held == self.capacity - MARGIN:
+            self.loop.call_soon(self._read)  # not while the server is in its accept callback
+        return self.factory()
+
+    def _read(self) -> None:
+        """sockd accepts from now on, instead of a server."""
+        log.debug("accepting by sockd: near the descriptor limit", held=self.held)
+        self._close_server()
+        self._start_reading()
+
+    def _start_reading(self) -> None:
+        if not (self.reading or self.stopped):
+            self.reading = True
+            self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    def _close_server(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                fd, _address = self.sock._accept()  # type: ignore[attr-defined]
+            except (BlockingIOError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                accept_failed(exc, self.recorder)
+                self._stop_reading()
+                self.paused = self.loop.call_later(RESOURCE_PAUSE, self._resume)
+                return
+            self.held += 1
+            # The bare C socket, not socket.socket: uvloop keeps it as long as the connection
+            # lives, and it is 40 bytes smaller (no slots, no GC header) with thousands open.
+            conn = _socket.socket(self.sock.family, self.sock.type, self.sock.proto, fd)
+            task = self.loop.create_task(self._connect(conn))
+            self.connecting.add(task)
+            task.add_done_callback(self.connecting.discard)
+
+    async def _connect(self, conn: _socket.socket) -> None:
+        try:  # both loops use only what the C socket has
+            await self.loop.connect_accepted_socket(self.factory, cast(socket.socket, conn))
+        except OSError as exc:  # the client left before its transport was made
+            self.recorder.errors[RESET] += 1
+            log.debug("connection lost", error=str(exc))
+            conn.close()
+            self.released()
+
+    def _stop_reading(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.loop.remove_reader(self.sock.fileno())
+
+    def _resume(self) -> None:
+        self.paused = None
+        self._start_reading()
+
+    def released(self) -> None:
+        """A connection has gone (or was refused)."""
+        self.held -= 1
+        if self.server is None and self.held <= self.capacity - MARGIN - RESUME_ROOM and self._idle():
+            self._stop_reading()
+            if self.paused is not None:
+                self.paused.cancel()
+                self.paused = None
+            self._serve()
+
+    def _idle(self) -> bool:
+        """Whether no server is being made, and sockd has not stopped."""
+        return self.starting is None and not self.stopped
+
+    def halt(self) -> None:
+        """Accept no more, from this turn on (the listening socket is the caller's to close)."""
+        self.stopped = True
+        self._close_server()
+        self._stop_reading()
+        if self.paused is not None:
+            self.paused.cancel()
+
+    async def halted(self) -> None:
+        """Until every connection accepted has its transport, and no server is being made."""
+        while self.connecting or self.starting:
+            await asyncio.wait({*self.connecting, *([self.starting] if self.starting else [])})
 
 
 class Model:
@@ -78,9 +249,6 @@ class Model:
         self.udp_ports = udp_ports
         self.new_loop = loop_factory(listener.event_loop)
         self.relay = handler if isinstance(handler, Relay) else None
-        self.connecting: set[asyncio.Task[None]] = set()  # accepted, their transports not made yet
-        self.paused: asyncio.TimerHandle | None = None  # accepting, while out of descriptors
-        self.stopped = False  # accepts no more
 
     def serve(self, sock: socket.socket, stop: Stop) -> None:
         with self.stats.recorder() as self.recorder, asyncio.Runner(loop_factory=self.new_loop) as runner:
@@ -88,6 +256,7 @@ class Model:
 
     async def _serve(self, sock: socket.socket, stop: Stop) -> None:
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._loop_error)
         self.service = service = AioService(self.listener, self.handler, loop, self.udp_ports)
         stopped = asyncio.Event()
         loop.add_reader(stop.fileno(), self._stopped, loop, stop, stopped)
@@ -106,71 +275,44 @@ class Model:
                 await datagrams.replied()
             datagrams.close()
             return
-        # sockd accepts, not the loop's server: on running out of descriptors uvloop closes the
-        # connections waiting in the backlog and asyncio pauses a second (and trips over its own
-        # closed server later); this way every model counts it, pauses, and resumes alike.
-        loop.add_reader(sock.fileno(), self._accept, loop, sock)
+        per_connection = 1 if self.relay is None else 2
+        service.acceptor = acceptor = Acceptor(loop, sock, self._protocol(), per_connection, self.recorder)
+        acceptor.start()
         await stopped.wait()
-        if not self.paused:
-            loop.remove_reader(sock.fileno())
+        await acceptor.halted()
         stop_listening(sock)
-        while self.connecting:  # connections accepted just now: to be served like the others
-            await asyncio.wait(set(self.connecting))
         while service.open:
             service.idle.clear()
             await service.idle.wait()
+
+    def _protocol(self) -> Callable[[], asyncio.Protocol]:
+        """A connection's protocol, its ticket had once it is made (see admitted)."""
+        service, recorder, relay = self.service, self.recorder, self.relay
+        if relay is None:
+            return lambda: StreamProtocol(service, FREE, recorder)
+        return lambda: RelayProtocol(service, FREE, recorder, relay)
 
     def _datagrams(self, sock: socket.socket) -> DatagramProtocol | DatagramRelayProtocol:
         if self.relay is None:
             return DatagramProtocol(self.service, self.recorder, sock)
         return DatagramRelayProtocol(self.service, self.recorder, self.relay)
 
-    def _accept(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-        for _ in range(ACCEPT_BATCH):
-            if self.stopped:  # in the same turn as the stop, after it
-                return
-            try:
-                fd, address = sock._accept()  # type: ignore[attr-defined]
-            except (BlockingIOError, ConnectionAbortedError):
-                return
-            except OSError as exc:
-                accept_failed(exc, self.recorder)
-                loop.remove_reader(sock.fileno())
-                self.paused = loop.call_later(RESOURCE_PAUSE, self._resume_accepting, loop, sock)
-                return
-            # The bare C socket, not socket.socket: uvloop keeps it as long as the connection
-            # lives, and it is 40 bytes smaller (no slots, no GC header) with 8,000 of them open.
-            conn = _socket.socket(sock.family, sock.type, sock.proto, fd)
-            ticket = admit(conn, address, self.service, self.recorder)
-            if ticket is None:
-                continue
-            conn.setblocking(False)
-            task = loop.create_task(self._connect(loop, conn, ticket))
-            self.connecting.add(task)
-            task.add_done_callback(self.connecting.discard)
-
-    def _resume_accepting(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-        self.paused = None
-        if not self.stopped:
-            loop.add_reader(sock.fileno(), self._accept, loop, sock)
-
-    async def _connect(self, loop: asyncio.AbstractEventLoop, conn: _socket.socket, ticket: Ticket) -> None:
-        service, recorder, relay = self.service, self.recorder, self.relay
-        sock = cast(socket.socket, conn)  # both loops use only what the C socket has
-        try:
-            if relay is None:
-                await loop.connect_accepted_socket(lambda: StreamProtocol(service, ticket, recorder), sock)
-            else:
-                await loop.connect_accepted_socket(lambda: RelayProtocol(service, ticket, recorder, relay), sock)
-        except OSError as exc:  # the client left before its transport was made
-            recorder.errors[RESET] += 1
-            log.debug("connection lost", error=str(exc))
-            conn.close()
-            ticket.release()
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """What the loop could not give anybody: in one line, without a traceback. (asyncio's
+        server, out of descriptors, says so here as it pauses.)"""
+        exc = context.get("exception")
+        if isinstance(exc, Full):  # counted and warned of already
+            return
+        if isinstance(exc, OSError) and exc.errno in OUT_OF_RESOURCES:
+            self.recorder.errors[RESOURCES] += 1
+            out_of_resources(error=exc.strerror)
+            return
+        log.error("event loop error", message=context.get("message"), error=repr(exc))
 
     def _stopped(self, loop: asyncio.AbstractEventLoop, stop: Stop, stopped: asyncio.Event) -> None:
         loop.remove_reader(stop.fileno())  # it stays readable: left registered, it would spin
-        self.stopped = True
+        if self.service.acceptor is not None:
+            self.service.acceptor.halt()
         stopped.set()
 
     def _ending(self, loop: asyncio.AbstractEventLoop, stop: Stop) -> None:
@@ -207,6 +349,8 @@ class StreamProtocol(Stream, asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
+        if self.service.screening and not admitted(self, self.transport):
+            return
         if self.service.nagle:
             transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
         self.opened()

@@ -8,9 +8,10 @@ import asyncio
 import errno
 import socket
 import struct
+from typing import cast
 
 from sockd.counters import RESOURCES, Recorder
-from sockd.lifecycle import Address, Datagrams, Service
+from sockd.lifecycle import Address, Connection, Datagrams, Service
 from sockd.limits import Credentials, Ticket
 from sockd.logging import Throttled
 from sockd.sockets import OUT_OF_RESOURCES
@@ -22,7 +23,7 @@ RESOURCE_PAUSE = 0.1
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
-_out_of_resources = Throttled("cannot accept: out of resources; pausing")
+out_of_resources = Throttled("cannot accept: out of resources; pausing")
 
 
 def accept_failed(exc: OSError, recorder: Recorder) -> None:
@@ -34,7 +35,7 @@ def accept_failed(exc: OSError, recorder: Recorder) -> None:
     if exc.errno not in OUT_OF_RESOURCES:
         raise exc
     recorder.errors[RESOURCES] += 1
-    _out_of_resources(error=exc.strerror, pause=RESOURCE_PAUSE)
+    out_of_resources(error=exc.strerror, pause=RESOURCE_PAUSE)
 
 
 def stop_listening(sock: socket.socket) -> None:
@@ -54,6 +55,24 @@ def admit(conn: _socket.socket, address: Address, service: Service, recorder: Re
     if ticket is None:
         conn.close()
     return ticket
+
+
+def admitted(connection: Connection, transport: asyncio.Transport) -> bool:
+    """Whether a connection a loop's server made may stay (the asyncio model's admit): its
+    ticket had, or it is closed at once, its protocol swapped for one that hears nothing of it
+    (it never opened), and the service told it is gone."""
+    service = connection.service
+    admission = service.admission
+    sock = cast(_socket.socket, transport.get_extra_info("socket"))  # a stand-in with getsockopt
+    credentials = peer_credentials(sock) if admission.wants_credentials else None
+    ticket = admission.admit(transport.get_extra_info("peername"), credentials, connection.recorder)
+    if ticket is None:
+        transport.set_protocol(asyncio.Protocol())
+        transport.abort()
+        service.forget(connection)
+        return False
+    connection.ticket = ticket
+    return True
 
 
 def peer_credentials(conn: _socket.socket) -> Credentials:

@@ -11,7 +11,7 @@ from sockd.counters import Recorder
 from sockd.handlers import Relay
 from sockd.lifecycle import Address, Service
 from sockd.limits import Ticket
-from sockd.models.shared import end_transport_input
+from sockd.models.shared import admitted, end_transport_input
 from sockd.relay import UPSTREAM_ERRORS, Relayed, Sessions, upstream_failed
 
 
@@ -44,6 +44,8 @@ class RelayProtocol(Relayed, asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        if self.service.screening and not admitted(self, self.transport):
+            return
         self.transport.pause_reading()  # until the upstream answers
         self.opened()
         self.connecting = asyncio.get_running_loop().create_task(self._connect())
