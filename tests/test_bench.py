@@ -5,9 +5,14 @@ timings."""
 from __future__ import annotations
 
 import json
+import os
+import pty
+import re
+import select
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any, get_args
 
@@ -15,7 +20,7 @@ import pytest
 
 from sockd.config import ModelName
 
-from support import Daemon, StartSockd, listener, run_sockd, short_directory
+from support import Daemon, StartSockd, listener, run_sockd, short_directory, sockd_command
 
 EX_USAGE = 2  # argparse
 SHORT = ("--duration", "1", "--processes", "2")  # every run is brief
@@ -32,6 +37,7 @@ def daemon(start_module_sockd: StartSockd) -> Iterator[Daemon]:
                 listener("udp", "udp", "echo", "asyncio"),
                 listener("unix", "unix", "echo", "selector", directory / "echo.sock"),
                 listener("time", "tcp", "timestamp", "threaded"),
+                listener("iterative", "tcp", "echo", "iterative"),
             ]
         )
         yield running
@@ -91,6 +97,50 @@ def test_the_human_table(daemon: Daemon) -> None:
     with pytest.raises(json.JSONDecodeError):
         json.loads(result.stdout)
     assert "\r" not in result.stderr  # no progress line where stderr is not a terminal
+
+
+# 50 connections to a server that serves one at a time: one is answered, 49 wait all run long.
+# One client process: the answered connection then closes only when the run is over (with two,
+# the first to finish would let the server reach a connection of the other in its last moments).
+QUEUED = ("--connections", "50", "--processes", "1")
+
+
+def test_connections_an_iterative_server_never_answers(daemon: Daemon) -> None:
+    result = run_sockd("bench", target(daemon, "iterative"), *QUEUED, "--duration", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["requests"] > 0
+    assert (report["errors"], report["unanswered"]) == (0, 49)
+    assert "sockd bench: 49 of 50 connections never got an answer" in result.stderr
+
+
+def test_the_progress_line_and_the_table_count_the_same(daemon: Daemon) -> None:
+    controller, terminal = pty.openpty()
+    command = sockd_command("bench", target(daemon, "iterative"), *QUEUED, "--duration", "2")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=terminal, text=True)
+    os.close(terminal)
+    shown = b""
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            if select.select([controller], [], [], 0.5)[0]:
+                try:
+                    chunk = os.read(controller, 65536)
+                except OSError:  # EIO: the command has exited and closed the terminal
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+        stdout, _ = process.communicate(timeout=60)
+    finally:
+        os.close(controller)
+    assert process.returncode == 0
+    lines = re.findall(r"([\d,]+) requests +[\d,]+ req/s +([\d,]+) unanswered", shown.decode())
+    assert len(lines) >= 2, shown  # a live one during the run, and the totals at the end
+    table = dict(line.split(None, 1) for line in stdout.splitlines())
+    assert table["unanswered"] == "49 of 50 connections"
+    requests, unanswered = lines[-1]
+    assert (requests, unanswered) == (table["requests"], "49")
 
 
 def test_a_closed_port_fails_every_request() -> None:
