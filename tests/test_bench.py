@@ -1,6 +1,6 @@
-"""`sockd bench`, run as a user runs it (`python -m sockd bench`) against a real sockd, and the
-footprint benchmark (`python -m sockd_bench.footprint`). Only sanity: numbers that add up, never
-timings."""
+"""`sockd bench`, run as a user runs it (`python -m sockd bench`) against a real sockd, the
+footprint benchmark (`python -m sockd_bench.footprint`), and the suite's compare.py. Only sanity:
+numbers that add up, never timings."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from typing import Any, get_args
 import pytest
 
 from sockd.config import ModelName
+from sockd_bench import suite
 
-from support import Daemon, StartSockd, listener, run_sockd, short_directory, sockd_command
+from support import ROOT, Daemon, StartSockd, listener, require, run_sockd, short_directory, sockd_command
 
 EX_USAGE = 2  # argparse
 SHORT = ("--duration", "1", "--processes", "2")  # every run is brief
@@ -223,3 +224,23 @@ def test_footprint_of_a_small_sockd() -> None:
     assert startup["ready_s_median"] == startup["ready_s"][0] > 0
     assert idle["connections"] == [0, 20, 50]
     assert all(size > 0 for size in idle["rss_bytes"] + idle["pss_bytes"])
+
+
+def test_compare_builds_its_peers_and_measures_sockd() -> None:
+    """The suite's yardstick from the checkout alone: compare.py compiles the C echo server and the
+    load generator into the git-ignored build/bench/, then one short round of each server."""
+    require("gcc")
+    assert suite.COMPARE.is_relative_to(ROOT)  # nothing from outside the repository
+    servers = ["c", f"sockd-asyncio={suite.sockd()}"]
+    command = [sys.executable, str(suite.COMPARE), "tcp-echo", "--rounds", "1", "--seconds", "1", *servers]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert (ROOT / "build" / "bench" / "c_epoll_echo").exists()
+    header, columns, *rows = result.stdout.splitlines()
+    assert header.startswith("tcp-echo: conns=50 size=64 seconds=1.0 rounds=1 reference=c")
+    assert columns.split() == ["server", "rps", "ratio", "cpu_us/req", "cpu_ratio", "p50_us", "p99_us", "errors"]
+    measured = {row.split()[0]: row.split()[1:] for row in rows}
+    assert list(measured) == ["c", "sockd-asyncio"]
+    for name, (rps, *_, errors) in measured.items():
+        assert float(rps) > 0, name
+        assert errors == "0", name
