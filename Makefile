@@ -17,13 +17,15 @@ test: $(STAMP) lint
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy sockd sockd_bench
+	$(BIN)/mypy sockd sockd_bench bench
 
-# The performance tables (minutes; not part of `make test`): see sockd_bench/suite.py.
+# The performance tables (minutes; not part of `make test`): see sockd_bench/suite.py. bench/compare.py
+# builds the C peers and load generators into build/bench first. A quick check that it all runs:
+# make bench BENCH_ARGS="--rounds 1 --seconds 1 tcp-echo"
 bench: $(STAMP)
-	$(BIN)/python -m sockd_bench.suite
+	$(BIN)/python -m sockd_bench.suite $(BENCH_ARGS)
 
-# Memory and start-up alone (a few minutes; no ../shared needed): see sockd_bench/footprint.py.
+# Memory and start-up alone (a few minutes; no C peers needed): see sockd_bench/footprint.py.
 bench-footprint: $(STAMP)
 	$(BIN)/python -m sockd_bench.footprint
 
@@ -34,4 +36,4 @@ $(STAMP): pyproject.toml
 	touch $@
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) build/bench .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info

@@ -116,7 +116,18 @@ class _Connection:
     """One closed-loop connection: its socket (None between a failure and its reopening), its
     payload and how far its current request has gone."""
 
-    __slots__ = ("connecting", "events", "failures", "payload", "received", "sent", "sock", "started", "view")
+    __slots__ = (
+        "answered",
+        "connecting",
+        "events",
+        "failures",
+        "payload",
+        "received",
+        "sent",
+        "sock",
+        "started",
+        "view",
+    )
 
     def __init__(self, ident: int, size: int) -> None:
         # Fixed per connection and different between connections: a reply that came back altered,
@@ -125,6 +136,7 @@ class _Connection:
         self.view = memoryview(self.payload)
         self.sock: socket.socket | None = None
         self.connecting = False
+        self.answered = False
         self.events = 0
         self.sent = self.received = self.started = self.failures = 0
 
@@ -145,7 +157,9 @@ class _Client:
         self.channel = channel
         self.selector = selectors.DefaultSelector()
         self.selector.register(channel, selectors.EVENT_READ)  # data None: the parent
-        self.tally = Tally()
+        # A connection the server never answers is no error (it may be queued behind others, as
+        # at an iterative server): counted down at each first answer, what is left is reported.
+        self.tally = Tally(unanswered=len(self.conns))
         self.reopen: list[_Connection] = []
         self.alive = len(self.conns)
         self.deadline = 0
@@ -173,7 +187,7 @@ class _Client:
                     self._ready(conn, cast(socket.socket, key.fileobj), mask)
             now = time.perf_counter_ns()
             if now >= report_at:
-                self.channel.send(("progress", self.tally.requests))
+                self.channel.send(("progress", (self.tally.requests, self.tally.unanswered)))
                 report_at = now + PROGRESS_NS
             if self.udp and now >= sweep_at:
                 self._sweep(now)
@@ -286,6 +300,9 @@ class _Client:
         self.tally.requests += 1
         self.tally.latencies.record(now - conn.started)
         conn.failures = 0
+        if not conn.answered:
+            conn.answered = True
+            self.tally.unanswered -= 1
         if self.per_request:
             self._close(conn, sock)
             if now < self.deadline:
@@ -346,7 +363,8 @@ def _reason(exc: OSError) -> str:
 
 
 class Progress:
-    """The live line on a terminal: elapsed time, requests so far, and the rate since the last update."""
+    """The live line on a terminal: elapsed time, requests so far, the rate since the last update,
+    and the connections that have not had an answer yet. The last line, the run's totals, stays."""
 
     def __init__(self, stream: TextIO, label: str) -> None:
         self.stream = stream
@@ -354,10 +372,21 @@ class Progress:
         self.elapsed = 0.0
         self.requests = 0
 
-    def show(self, elapsed: float, requests: int) -> None:
+    def show(self, elapsed: float, requests: int, unanswered: int) -> None:
         rate = (requests - self.requests) / (elapsed - self.elapsed)
         self.elapsed, self.requests = elapsed, requests
-        self.stream.write(f"\r{self.label}{elapsed:6.1f} s {requests:>14,} requests {rate:>12,.0f} req/s\x1b[K")
+        self._write(elapsed, requests, rate, unanswered)
+
+    def finish(self, tally: Tally) -> None:
+        """The totals, from the same tally as the report: the line and the report agree."""
+        rate = tally.requests / tally.elapsed if tally.elapsed else 0.0
+        self._write(tally.elapsed, tally.requests, rate, tally.unanswered, "\n")
+
+    def _write(self, elapsed: float, requests: int, rate: float, unanswered: int, end: str = "") -> None:
+        self.stream.write(
+            f"\r{self.label}{elapsed:6.1f} s {requests:>14,} requests {rate:>12,.0f} req/s "
+            f"{unanswered:>8,} unanswered\x1b[K{end}"
+        )
         self.stream.flush()
 
     def clear(self) -> None:
@@ -371,6 +400,7 @@ def run_load(load: Load, progress: Progress | None = None) -> Tally:
     count = min(load.processes, load.connections)
     context = multiprocessing.get_context("spawn")
     channels: list[Connection] = []
+    sizes: list[int] = []  # each process's connections: all unanswered until it reports
     processes: list[BaseProcess] = []
     try:
         for index in range(count):
@@ -381,11 +411,12 @@ def run_load(load: Load, progress: Progress | None = None) -> Tally:
             process.start()
             theirs.close()
             channels.append(ours)
+            sizes.append(len(share.ids))
             processes.append(process)
         _await_ready(channels)
         for channel in channels:
             channel.send("go")
-        return _collect(channels, load.duration, progress)
+        return _collect(channels, sizes, load.duration, progress)
     finally:
         for channel in channels:
             channel.close()  # a client process still running sees EOF and stops
@@ -411,9 +442,9 @@ def _await_ready(channels: list[Connection]) -> None:
             waiting.discard(channel)
 
 
-def _collect(channels: list[Connection], duration: float, progress: Progress | None) -> Tally:
+def _collect(channels: list[Connection], sizes: list[int], duration: float, progress: Progress | None) -> Tally:
     total = Tally()
-    counts = dict.fromkeys(channels, 0)
+    counts = {channel: (0, size) for channel, size in zip(channels, sizes, strict=True)}  # requests, unanswered
     pending = set(channels)
     started = time.monotonic()
     deadline = started + duration + START_TIMEOUT
@@ -431,10 +462,12 @@ def _collect(channels: list[Connection], duration: float, progress: Progress | N
                 counts[channel] = value
             else:
                 total.merge(value)
+                counts[channel] = (value.requests, value.unanswered)
                 pending.discard(channel)
         now = time.monotonic()
         if progress is not None and now >= show_at:
-            progress.show(now - started, sum(counts.values()))
+            requests = sum(done for done, _ in counts.values())
+            progress.show(now - started, requests, sum(unanswered for _, unanswered in counts.values()))
             show_at = now + 1
     return total
 
@@ -443,7 +476,10 @@ def measure(load: Load, label: str = "") -> Tally:
     """`run_load`, with its progress line on stderr when stderr is a terminal."""
     progress = Progress(sys.stderr, label) if sys.stderr.isatty() else None
     try:
-        return run_load(load, progress)
+        tally = run_load(load, progress)
     finally:
         if progress is not None:
             progress.clear()
+    if progress is not None:
+        progress.finish(tally)
+    return tally

@@ -13,7 +13,7 @@ on), with a NOTIFY_SOCKET of its own, so READY=1 is seen the moment the supervis
 With each time to READY=1 comes the CPU time sockd's processes had used by then, which other
 work on the machine lengthens far less (waiting for a CPU costs none; sharing its caches some).
 - idle: one asyncio tcp echo listener holding 0, 2,000 and 8,000 idle connections, each of which
-  has echoed a "ping" (as ../shared/bench/compare.py's idle workload does). Bytes per connection
+  has echoed a "ping" (as bench/compare.py's idle workload does). Bytes per connection
   are the slope of a least-squares line through the memory at each count: the heap sockd starts
   with is not per connection, so the total divided by the count would overstate it.
 

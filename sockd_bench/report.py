@@ -67,6 +67,7 @@ class Tally:
     """What client processes measured; tallies of several processes add up."""
 
     requests: int = 0
+    unanswered: int = 0  # connections that never got an answer, or never connected
     errors: Counter[str] = dataclasses.field(default_factory=Counter)
     latencies: Histogram = dataclasses.field(default_factory=Histogram)
     cpu: float = 0.0  # CPU seconds the processes used while the load ran
@@ -75,6 +76,7 @@ class Tally:
 
     def merge(self, other: Tally) -> None:
         self.requests += other.requests
+        self.unanswered += other.unanswered
         self.errors += other.errors
         self.latencies.merge(other.latencies)
         self.cpu += other.cpu
@@ -95,10 +97,11 @@ def summary(load: Load, tally: Tally) -> dict[str, Any]:
         "requests_per_second": round(tally.requests / tally.elapsed, 1) if tally.elapsed else 0.0,
         "latency_us": tally.latencies.percentiles_us(),
         "errors": sum(tally.errors.values()),
+        "unanswered": tally.unanswered,
     }
 
 
-def verdict(tally: Tally, label: str = "") -> int:
+def verdict(load: Load, tally: Tally, label: str = "") -> int:
     """Warnings on stderr, one line each; the exit status: 1 when not one request succeeded."""
     errors = sum(tally.errors.values())
     kinds = ", ".join(f"{why}: {count}" for why, count in tally.errors.most_common())
@@ -110,6 +113,11 @@ def verdict(tally: Tally, label: str = "") -> int:
         return 1
     if errors:
         warn(f"{label}{errors} errors ({kinds})")
+    if tally.unanswered:
+        warn(
+            f"{label}{tally.unanswered} of {load.connections} connections never got an answer: the server "
+            "serves fewer connections at once (an iterative one serves one), or has stopped answering"
+        )
     if tally.wall and tally.cpu >= BUSY * tally.wall:
         warn(
             f"{label}the client processes were on a CPU {tally.cpu / tally.wall:.0%} of the run: the client is "
@@ -143,16 +151,18 @@ def table(report: dict[str, Any]) -> str:
         (key.replace("_", "."), _us(value) + " µs" * (value is not None)) for key, value in report["latency_us"].items()
     ]
     rows.append(("errors", report["errors"]))
+    rows.append(("unanswered", f"{report['unanswered']:,} of {report['connections']:,} connections"))
     return "\n".join(f"{name:<12} {value}" for name, value in rows)
 
 
 def models_table(caption: str, reports: list[dict[str, Any]]) -> str:
     """`--models`'s summaries, a row per model under `caption`."""
-    lines = [caption, f"{'model':<12} {'requests/s':>12} {'p50 (µs)':>12} {'p99 (µs)':>12} {'errors':>8}"]
+    header = f"{'model':<12} {'requests/s':>12} {'p50 (µs)':>12} {'p99 (µs)':>12} {'errors':>8} {'unanswered':>10}"
+    lines = [caption, header]
     for report in reports:
         latency = report["latency_us"]
         lines.append(
             f"{report['model']:<12} {report['requests_per_second']:>12,.1f} "
-            f"{_us(latency['p50']):>12} {_us(latency['p99']):>12} {report['errors']:>8}"
+            f"{_us(latency['p50']):>12} {_us(latency['p99']):>12} {report['errors']:>8} {report['unanswered']:>10}"
         )
     return "\n".join(lines)

@@ -131,7 +131,7 @@ def _run_models(args: argparse.Namespace) -> int:
                 )
                 tally = measure(load, f"{model}: ")
             reports.append({"model": model, **summary(load, tally)})
-            status = max(status, verdict(tally, f"{model}: "))
+            status = max(status, verdict(load, tally, f"{model}: "))
     if args.json:
         emit(json.dumps(reports))
     else:
@@ -187,7 +187,13 @@ def _parser() -> argparse.ArgumentParser:
         help="echo (default): each connection sends SIZE bytes, waits for them to come back, again; "
         "connect: a connection per request (connect, send, half-close, read to EOF), tcp and unix only",
     )
-    parser.add_argument("--connections", type=_count(100_000), default=50, metavar="N", help="(default 50)")
+    parser.add_argument(
+        "--connections",
+        type=_count(100_000),
+        default=50,
+        metavar="N",
+        help="(default 50; those the server never answers are reported as unanswered)",
+    )
     parser.add_argument("--size", type=_count(1 << 24), default=64, metavar="BYTES", help="(default 64)")
     parser.add_argument("--duration", type=_seconds(86400), default=10.0, metavar="SECONDS", help="(default 10)")
     parser.add_argument(
@@ -279,4 +285,4 @@ def _run_one(args: argparse.Namespace, target: Target) -> int:
     tally = measure(load)
     report = summary(load, tally)
     emit(json.dumps(report) if args.json else table(report))
-    return verdict(tally)
+    return verdict(load, tally)

@@ -1,4 +1,4 @@
-"""Run sockd with one listener on a given port, for the load generators in ../shared/bench.
+"""Run sockd with one listener on a given port, for the load generators in bench/.
 
     compare.py tcp-echo "sockd=.venv/bin/python -P -m sockd_bench.serve {port} --concurrency asyncio"
 

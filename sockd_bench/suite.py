@@ -1,6 +1,6 @@
 """`make bench`: the performance tables of the project, sockd's models beside the bare peers.
 
-Each workload is one run of ../shared/bench/compare.py (interleaved rounds, server on CPU 0,
+Each workload is one run of bench/compare.py (interleaved rounds, server on CPU 0,
 load on CPU 1), whose first server is the reference of the ratios it prints; `footprint` is
 footprint.py instead (memory and start-up, sockd alone, its startup section run --rounds times).
 sockd runs with metrics enabled, as in production. This is not part of `make test`: it takes
@@ -17,8 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]  # the checkout, beside ../shared
-COMPARE = ROOT.parent / "shared" / "bench" / "compare.py"
+ROOT = Path(__file__).resolve().parents[1]  # the checkout
+COMPARE = ROOT / "bench" / "compare.py"  # which builds its C peers and load generators itself
 PYTHON = shlex.quote(sys.executable)
 SERVE = f"{PYTHON} -P -m sockd_bench.serve"
 
@@ -107,9 +107,6 @@ def main() -> int:
     if unknown := set(args.workloads) - set(names):
         parser.error(f"unknown workload: {', '.join(sorted(unknown))}")
     chosen = args.workloads or names
-    if not COMPARE.exists() and set(chosen) & set(WORKLOADS):
-        print(f"bench: {COMPARE} is missing: the benchmark peers live in ../shared/bench", file=sys.stderr)
-        return 1
     for name in chosen:
         if name in OWN:
             command = [sys.executable, "-P", "-m", OWN[name], "--runs", args.rounds]

@@ -1,21 +1,27 @@
-"""`sockd bench`, run as a user runs it (`python -m sockd bench`) against a real sockd, and the
-footprint benchmark (`python -m sockd_bench.footprint`). Only sanity: numbers that add up, never
-timings."""
+"""`sockd bench`, run as a user runs it (`python -m sockd bench`) against a real sockd, the
+footprint benchmark (`python -m sockd_bench.footprint`), and the suite's compare.py. Only sanity:
+numbers that add up, never timings."""
 
 from __future__ import annotations
 
 import json
+import os
+import pty
+import re
+import select
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any, get_args
 
 import pytest
 
 from sockd.config import ModelName
+from sockd_bench import suite
 
-from support import Daemon, StartSockd, listener, run_sockd, short_directory
+from support import ROOT, Daemon, StartSockd, listener, require, run_sockd, short_directory, sockd_command
 
 EX_USAGE = 2  # argparse
 SHORT = ("--duration", "1", "--processes", "2")  # every run is brief
@@ -32,6 +38,7 @@ def daemon(start_module_sockd: StartSockd) -> Iterator[Daemon]:
                 listener("udp", "udp", "echo", "asyncio"),
                 listener("unix", "unix", "echo", "selector", directory / "echo.sock"),
                 listener("time", "tcp", "timestamp", "threaded"),
+                listener("iterative", "tcp", "echo", "iterative"),
             ]
         )
         yield running
@@ -91,6 +98,50 @@ def test_the_human_table(daemon: Daemon) -> None:
     with pytest.raises(json.JSONDecodeError):
         json.loads(result.stdout)
     assert "\r" not in result.stderr  # no progress line where stderr is not a terminal
+
+
+# 50 connections to a server that serves one at a time: one is answered, 49 wait all run long.
+# One client process: the answered connection then closes only when the run is over (with two,
+# the first to finish would let the server reach a connection of the other in its last moments).
+QUEUED = ("--connections", "50", "--processes", "1")
+
+
+def test_connections_an_iterative_server_never_answers(daemon: Daemon) -> None:
+    result = run_sockd("bench", target(daemon, "iterative"), *QUEUED, "--duration", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["requests"] > 0
+    assert (report["errors"], report["unanswered"]) == (0, 49)
+    assert "sockd bench: 49 of 50 connections never got an answer" in result.stderr
+
+
+def test_the_progress_line_and_the_table_count_the_same(daemon: Daemon) -> None:
+    controller, terminal = pty.openpty()
+    command = sockd_command("bench", target(daemon, "iterative"), *QUEUED, "--duration", "2")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=terminal, text=True)
+    os.close(terminal)
+    shown = b""
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            if select.select([controller], [], [], 0.5)[0]:
+                try:
+                    chunk = os.read(controller, 65536)
+                except OSError:  # EIO: the command has exited and closed the terminal
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+        stdout, _ = process.communicate(timeout=60)
+    finally:
+        os.close(controller)
+    assert process.returncode == 0
+    lines = re.findall(r"([\d,]+) requests +[\d,]+ req/s +([\d,]+) unanswered", shown.decode())
+    assert len(lines) >= 2, shown  # a live one during the run, and the totals at the end
+    table = dict(line.split(None, 1) for line in stdout.splitlines())
+    assert table["unanswered"] == "49 of 50 connections"
+    requests, unanswered = lines[-1]
+    assert (requests, unanswered) == (table["requests"], "49")
 
 
 def test_a_closed_port_fails_every_request() -> None:
@@ -173,3 +224,23 @@ def test_footprint_of_a_small_sockd() -> None:
     assert startup["ready_s_median"] == startup["ready_s"][0] > 0
     assert idle["connections"] == [0, 20, 50]
     assert all(size > 0 for size in idle["rss_bytes"] + idle["pss_bytes"])
+
+
+def test_compare_builds_its_peers_and_measures_sockd() -> None:
+    """The suite's yardstick from the checkout alone: compare.py compiles the C echo server and the
+    load generator into the git-ignored build/bench/, then one short round of each server."""
+    require("gcc")
+    assert suite.COMPARE.is_relative_to(ROOT)  # nothing from outside the repository
+    servers = ["c", f"sockd-asyncio={suite.sockd()}"]
+    command = [sys.executable, str(suite.COMPARE), "tcp-echo", "--rounds", "1", "--seconds", "1", *servers]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert (ROOT / "build" / "bench" / "c_epoll_echo").exists()
+    header, columns, *rows = result.stdout.splitlines()
+    assert header.startswith("tcp-echo: conns=50 size=64 seconds=1.0 rounds=1 reference=c")
+    assert columns.split() == ["server", "rps", "ratio", "cpu_us/req", "cpu_ratio", "p50_us", "p99_us", "errors"]
+    measured = {row.split()[0]: row.split()[1:] for row in rows}
+    assert list(measured) == ["c", "sockd-asyncio"]
+    for name, (rps, *_, errors) in measured.items():
+        assert float(rps) > 0, name
+        assert errors == "0", name

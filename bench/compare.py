@@ -1,0 +1,311 @@
+#!/usr/bin/env python3
+"""Measure servers side by side under one load, in interleaved rounds, and print ratios.
+
+Each server is a shell command that listens on 127.0.0.1:PORT (the string {port} is replaced,
+{sock} too for a Unix socket path). The first server is the reference: every row shows its
+median requests/s as a ratio to the reference's, round by round, so machine drift cancels out.
+
+  compare.py tcp-echo  [opts] NAME='command' ...   closed-loop echo, CONNS connections, SIZE bytes
+  compare.py udp-echo  [opts] NAME='command' ...   the same over UDP
+  compare.py unix-echo [opts] NAME='command' ...   the same over a Unix stream socket {sock}
+  compare.py timestamp [opts] NAME='command' ...   connect, send, read to EOF, close; per second
+  compare.py idle      [opts] NAME='command' ...   hold CONNS idle connections; server RSS per connection
+
+The C load generators and peers are compiled on first use (and again when their source changes)
+into build/bench/ at the top of the checkout (git ignores it); {build} in a command names it.
+
+Besides requests/s, each row shows the server's CPU time per request (all its processes and
+threads; ratio = reference's CPU per request over this one's, so higher is better). By default the
+server runs on CPU 0 and the load generator on CPU 1 (--server-cpus, --client-cpus).
+
+A NAME alone (no '=') picks a built-in peer: c, go, uvloop, uvloop-streams, asyncio, threaded,
+socat (tcp-echo); c-udp, python-udp, uvloop-udp, asyncio-udp (udp-echo); seed-iterative,
+seed-thread, uvloop-stamp, asyncio-stamp (timestamp); socat-unix (unix-echo). `--peers` adds the
+standard set for the mode. Needs gcc; peers need Go (golang-go), socat and uvloop
+(`pip install uvloop`); missing ones are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BUILD = HERE.parent / "build" / "bench"  # git-ignored: a build, not the source
+PY = sys.executable
+PEERS = {
+    "tcp-echo": {
+        "c": "{build}/c_epoll_echo {port}",
+        "go": "{build}/go_echo {port}",
+        "uvloop": f"{PY} {HERE}/peers/asyncio_echo.py {{port}} protocol uvloop",
+        "uvloop-streams": f"{PY} {HERE}/peers/asyncio_echo.py {{port}} streams uvloop",
+        "asyncio": f"{PY} {HERE}/peers/asyncio_echo.py {{port}} protocol",
+        "threaded": f"{PY} {HERE}/peers/threaded_echo.py {{port}}",
+        "socat": "socat tcp-listen:{port},bind=127.0.0.1,reuseaddr,fork exec:cat",
+    },
+    "udp-echo": {
+        "c-udp": "{build}/c_udp_echo {port}",
+        "python-udp": f"{PY} {HERE}/peers/udp_peers.py {{port}} blocking",
+        "uvloop-udp": f"{PY} {HERE}/peers/udp_peers.py {{port}} uvloop",
+        "asyncio-udp": f"{PY} {HERE}/peers/udp_peers.py {{port}} asyncio",
+    },
+    "timestamp": {
+        "seed-iterative": f"{PY} {HERE}/peers/timestamp_peers.py {{port}} seed-iterative",
+        "seed-thread": f"{PY} {HERE}/peers/timestamp_peers.py {{port}} seed-thread",
+        "uvloop-stamp": f"{PY} {HERE}/peers/timestamp_peers.py {{port}} uvloop",
+        "asyncio-stamp": f"{PY} {HERE}/peers/timestamp_peers.py {{port}} asyncio",
+    },
+    "unix-echo": {
+        "socat-unix": "socat unix-listen:{sock},fork exec:cat",
+    },
+}
+PEERS["idle"] = PEERS["tcp-echo"]
+
+
+def build() -> None:
+    """Compile the C load generators and peers, and Go's peer where Go exists, when missing or older
+    than their source."""
+    BUILD.mkdir(parents=True, exist_ok=True)
+    for name in ("echoload", "connload"):
+        _compile(HERE / f"{name}.c", BUILD / name, ["gcc", "-O2"])
+    for name in ("c_epoll_echo", "c_udp_echo"):
+        _compile(HERE / "peers" / f"{name}.c", BUILD / name, ["gcc", "-O2"])
+    go = shutil.which("go")
+    if go:
+        # A failed Go build leaves no binary: the go peer is then skipped, as without Go.
+        _compile(
+            HERE / "peers" / "go_echo.go",
+            BUILD / "go_echo",
+            [go, "build"],
+            check=False,
+            env={**os.environ, "GOCACHE": str(BUILD / "gocache")},
+        )
+
+
+def _compile(src: Path, out: Path, compiler: list[str], check: bool = True, env: dict[str, str] | None = None) -> None:
+    if out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
+        return
+    # Built beside, then renamed: an interrupted or concurrent build never leaves a half-written
+    # binary that looks newer than its source.
+    partial = out.with_name(f".{out.name}.{os.getpid()}")
+    done = subprocess.run([*compiler, "-o", str(partial), str(src)], check=check, cwd=BUILD, env=env)
+    if done.returncode == 0:
+        partial.replace(out)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_ready(mode: str, port: int, sock: str, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if mode == "udp-echo":
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.settimeout(0.2)
+                    s.sendto(b"ready?", ("127.0.0.1", port))
+                    s.recv(4096)
+                    return True
+            if mode == "unix-echo":
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(sock)
+                    return True
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def rss_kb(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def cpu_times(pids: list[int]) -> dict[int, float]:
+    """CPU seconds (user + system, all threads, reaped children included) of each process."""
+    times = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            times[pid] = sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError):
+            pass
+    return times
+
+
+def tree(pid: int) -> list[int]:
+    """The pid and all its descendants (sockd's workers count toward its memory)."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], check=True, capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.split("\n"):
+        if line.strip():
+            p, pp = map(int, line.split())
+            children.setdefault(pp, []).append(p)
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo.extend(children.get(p, []))
+    return found
+
+
+def run_one(mode: str, command: str, args: argparse.Namespace) -> dict[str, float] | None:
+    port = free_port()
+    sock = os.path.join(tempfile.mkdtemp(prefix="sb"), "s")
+    cmd = command.format(port=port, sock=sock, build=BUILD)
+    server = subprocess.Popen(
+        f"exec taskset -c {args.server_cpus} {cmd}",
+        shell=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        if not wait_ready(mode, port, sock):
+            return None
+        time.sleep(0.3)
+        if mode == "idle":
+            before = rss_kb(tree(server.pid))
+            conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(args.conns)]
+            for c in conns:
+                c.sendall(b"ping")
+            ok = sum(1 for c in conns if c.recv(16) == b"ping")
+            time.sleep(0.5)
+            after = rss_kb(tree(server.pid))
+            for c in conns:
+                c.close()
+            return {
+                "rps": float(ok),
+                "per_conn_bytes": (after - before) * 1024 / args.conns,
+                "cpu_us": 0,
+                "p50_us": 0,
+                "p99_us": 0,
+                "errors": args.conns - ok,
+            }
+        tool = "connload" if mode == "timestamp" else "echoload"
+        kind = {"udp-echo": "udp", "unix-echo": "unix"}.get(mode, "tcp")
+        addr = sock if kind == "unix" else f"127.0.0.1:{port}"
+        start = cpu_times(tree(server.pid))
+        load = subprocess.Popen(
+            [
+                "taskset",
+                "-c",
+                args.client_cpus,
+                str(BUILD / tool),
+                kind,
+                addr,
+                str(args.conns),
+                str(args.size),
+                str(args.seconds),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(args.seconds * 0.9)
+        pids = set(start) | set(tree(server.pid))  # a forking server's children appear under load
+        out, _ = load.communicate(timeout=args.seconds + 30)
+        end = cpu_times(sorted(pids))
+        cpu = sum(t - start.get(pid, 0.0) for pid, t in end.items())
+        fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
+        rate = float(fields.get("rps", fields.get("cps", 0)))
+        done = float(fields.get("requests", 0))
+        return {
+            "rps": rate,
+            "cpu_us": 1e6 * cpu / done if done else float("nan"),
+            "p50_us": float(fields["p50_us"]),
+            "p99_us": float(fields["p99_us"]),
+            "errors": float(fields["errors"]),
+        }
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=sorted(PEERS))
+    ap.add_argument("servers", nargs="*", help="NAME='command with {port}' or a built-in peer name")
+    ap.add_argument("--peers", action="store_true", help="add the standard peers for this mode")
+    ap.add_argument("--conns", type=int, default=None, help="connections (default 50; idle: 5000; udp-echo: 20)")
+    ap.add_argument("--size", type=int, default=None, help="message bytes (default 64)")
+    ap.add_argument("--seconds", type=float, default=3.0, help="seconds per measurement (default 3)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    ap.add_argument("--server-cpus", default="0", help="CPUs the server may use (taskset list, default 0)")
+    ap.add_argument("--client-cpus", default="1", help="CPUs the load generator may use (default 1)")
+    args = ap.parse_intermixed_args()
+    if args.conns is None:
+        args.conns = {"idle": 5000, "udp-echo": 20}.get(args.mode, 50)
+    if args.size is None:
+        args.size = 64
+    build()
+    servers: list[tuple[str, str]] = []
+    for spec in args.servers:
+        name, _, command = spec.partition("=")
+        servers.append((name, command or PEERS[args.mode][name]))
+    if args.peers:
+        servers += [(n, c) for n, c in PEERS[args.mode].items() if n not in dict(servers)]
+    servers = [(n, c) for n, c in servers if shutil.which(shlex.split(c.format(port=0, sock="x", build=BUILD))[0])]
+    if not servers:
+        ap.error("no servers to measure")
+    results: dict[str, list[dict[str, float]]] = {n: [] for n, _ in servers}
+    for _ in range(args.rounds):
+        for name, command in servers:
+            r = run_one(args.mode, command, args)
+            if r is not None:
+                results[name].append(r)
+    ref = servers[0][0]
+    unit = "per_conn_bytes" if args.mode == "idle" else "rps"
+    print(
+        f"{args.mode}: conns={args.conns} size={args.size} seconds={args.seconds} rounds={args.rounds} reference={ref}"
+    )
+    print(
+        f"{'server':<22}{unit:>14}{'ratio':>8}{'cpu_us/req':>12}{'cpu_ratio':>10}{'p50_us':>9}{'p99_us':>9}"
+        f"{'errors':>8}"
+    )
+    for name, _ in servers:
+        rs = results[name]
+        if not rs:
+            print(f"{name:<22}{'did not start':>14}")
+            continue
+        med = statistics.median(r[unit] for r in rs)
+        pairs = [r[unit] / q[unit] for r, q in zip(rs, results[ref], strict=False) if q[unit]]
+        ratio = statistics.median(pairs) if pairs else float("nan")
+        cpu = statistics.median(r["cpu_us"] for r in rs)
+        cpu_pairs = [q["cpu_us"] / r["cpu_us"] for r, q in zip(rs, results[ref], strict=False) if r["cpu_us"]]
+        cpu_ratio = statistics.median(cpu_pairs) if cpu_pairs else float("nan")
+        print(
+            f"{name:<22}{med:>14.0f}{ratio:>8.2f}{cpu:>12.2f}{cpu_ratio:>10.2f}"
+            f"{statistics.median(r['p50_us'] for r in rs):>9.0f}"
+            f"{statistics.median(r['p99_us'] for r in rs):>9.0f}{sum(r['errors'] for r in rs):>8.0f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
