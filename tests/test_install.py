@@ -71,9 +71,10 @@ def staged(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def in_place(staged: Path) -> tuple[str, ...]:
     """A prefix for a command that runs it with the staged tree where it is installed for: in a
     mount namespace of its own (nothing changes for other processes), the staged PREFIX's parent
-    and BINDIR are bind-mounted over the host's."""
+    and BINDIR are bind-mounted over the host's, and hidden where they were staged, so that
+    nothing can run from DESTDIR."""
     mounts = [Path(PREFIX).parent, Path(BINDIR)]
-    script = " && ".join(f'mount --bind "$0"{path} {path}' for path in mounts)
+    script = " && ".join(f'mount --bind "$0"{path} {path} && mount -t tmpfs none "$0"{path}' for path in mounts)
     return (require("unshare"), "--mount", "sh", "-c", f'{script} && exec "$@"', str(staged))
 
 
