@@ -62,7 +62,8 @@ def staged(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with building(tmp_path_factory):
         if not done.exists():
             shutil.rmtree(root, ignore_errors=True)
-            shutil.copytree(HOST_UNITS, root / HOST_UNITS.relative_to("/"), symlinks=True)
+            if HOST_UNITS.is_dir():  # else systemd-analyze is missing too, and its test skipped
+                shutil.copytree(HOST_UNITS, root / HOST_UNITS.relative_to("/"), symlinks=True)
             make("install", f"DESTDIR={root}")
             done.touch()
     return root
