@@ -1,10 +1,11 @@
 # The two commands of the README's quick start, and what they need. Each sets itself up.
+# `make install` puts sockd on a host (README: "Running under systemd").
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-footprint clean
+.PHONY: run test lint bench bench-footprint wheel install uninstall clean
 
 run: $(STAMP)
 	$(BIN)/sockd -c config/sockd.yaml
@@ -29,6 +30,46 @@ bench: $(STAMP)
 bench-footprint: $(STAMP)
 	$(BIN)/python -m sockd_bench.footprint
 
+# A wheel in dist/, for `pipx install dist/sockd-*.whl`.
+wheel: $(STAMP)
+	$(BIN)/python -m build --wheel --outdir dist .
+
+# `make install` (as root): sockd in a virtualenv of its own under PREFIX, as sockd is on no
+# package index and Debian's pydantic and structlog are too old; the unit, pointed at PREFIX;
+# a config for the unit, unless the host has one. Running it again upgrades sockd in place.
+# Packagers stage with DESTDIR (and UNITDIR=/lib/systemd/system).
+PREFIX ?= /opt/sockd
+BINDIR ?= /usr/local/bin
+UNITDIR ?= /etc/systemd/system
+# The unit's ProtectHome= hides /home and /root: the virtualenv's Python must live elsewhere.
+INSTALL_PYTHON ?= /usr/bin/python3
+# The unit reads /etc/sockd whatever PREFIX is (ConfigurationDirectory=sockd).
+CONFIG := $(DESTDIR)/etc/sockd/sockd.yaml
+# Where the virtualenv is built; normalised as venv writes it, so that the rewrite below finds it.
+STAGE = $(abspath $(DESTDIR)$(PREFIX))
+
+install:
+	$(INSTALL_PYTHON) -m venv $(STAGE)
+	$(STAGE)/bin/pip install --quiet .
+# A virtualenv runs where it was made: one built under DESTDIR must name PREFIX alone, in its
+# scripts' shebangs, activate scripts and pyvenv.cfg, and in the source paths of its .pyc files.
+	set -e; if [ -n "$(DESTDIR)" ]; then \
+		grep -rlIF '$(STAGE)' $(STAGE)/bin $(STAGE)/pyvenv.cfg | xargs -r sed -i 's|$(STAGE)|$(PREFIX)|g'; \
+		$(STAGE)/bin/python -m compileall -q -f -s '$(abspath $(DESTDIR))' -p / $(STAGE)/lib >/dev/null; \
+	fi
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR)
+	ln -sfn $(PREFIX)/bin/sockd $(DESTDIR)$(BINDIR)/sockd
+	sed 's|/opt/sockd/|$(PREFIX)/|g' systemd/sockd.service >$(DESTDIR)$(UNITDIR)/sockd.service
+	install -m 0644 systemd/sockd.socket $(DESTDIR)$(UNITDIR)/sockd.socket
+# World-readable: the unit runs sockd as a dynamic user. One already there is the host's own.
+	[ -e $(CONFIG) ] || install -D -m 0644 config/host.yaml $(CONFIG)
+
+# Leaves /etc/sockd, the host's config, as removing a package (not purging it) would. Only a
+# virtualenv is removed: a PREFIX that is not one is left as it is.
+uninstall:
+	rm -f $(DESTDIR)$(UNITDIR)/sockd.service $(DESTDIR)$(UNITDIR)/sockd.socket $(DESTDIR)$(BINDIR)/sockd
+	[ ! -f $(STAGE)/pyvenv.cfg ] || rm -rf $(STAGE)
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -36,4 +77,4 @@ $(STAMP): pyproject.toml
 	touch $@
 
 clean:
-	rm -rf $(VENV) build/bench .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info build dist

@@ -182,16 +182,17 @@ class Launcher:
         wait: bool = True,
         env: dict[str, str] | None = None,
         prefix: tuple[str, ...] = (),
+        program: tuple[str, ...] = (),
         **settings: Any,
     ) -> Daemon:
         """Start `sockd -c` on these listeners and top-level settings, with `env` added to the
         environment and `prefix` before the command (e.g. systemd-socket-activate); wait until
-        it is ready."""
+        it is ready. `program` is another sockd than this environment's (an installed one)."""
         path = self.directory / f"sockd-{len(self.started)}.yaml"
         path.write_text(config_text(listeners, **settings))
         environment = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
         process = subprocess.Popen(
-            [*prefix, *sockd_command("-c", str(path))],
+            [*prefix, *(program or sockd_command()), "-c", str(path)],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,

@@ -17,8 +17,10 @@ from support import ROOT, require
 UNITS = ROOT / "systemd"
 SERVICE = UNITS / "sockd.service"
 SOCKET = UNITS / "sockd.socket"
-INSTALLED = "/usr/local/bin/sockd"  # where the units expect `pip install sockd` to put the script
+INSTALLED = "/opt/sockd/bin/sockd"  # `make install` with its default PREFIX (test_install.py: another)
 CONFIG = "/etc/sockd/sockd.yaml"
+# `make run`'s, and the one `make install` puts at CONFIG for the unit.
+EXAMPLES = [ROOT / "config" / "sockd.yaml", ROOT / "config" / "host.yaml"]
 MAX_EXPOSURE = 2.0  # systemd-analyze security: 0.0 (locked down) to 10.0 (unprotected)
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 
@@ -157,15 +159,26 @@ def test_address_families_are_the_ones_sockd_serves() -> None:
     assert families == {"AF_UNIX", "AF_INET", "AF_INET6"}
 
 
-def test_socket_is_named_after_a_listener_of_the_example_config() -> None:
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda path: path.name)
+def test_socket_is_named_after_a_listener_of_the_example_configs(example: Path) -> None:
     assert value(SOCKET, "Socket", "Service") == SERVICE.name
     name = value(SOCKET, "Socket", "FileDescriptorName")
-    listeners = yaml.safe_load((ROOT / "config" / "sockd.yaml").read_text())["listeners"]
+    listeners = yaml.safe_load(example.read_text())["listeners"]
     matching = [entry for entry in listeners if entry["name"] == name]
-    assert matching, f"no listener named {name!r} in config/sockd.yaml"
+    assert matching, f"no listener named {name!r} in {example.name}"
     (entry,) = matching
     assert entry["protocol"] == "tcp"
     assert value(SOCKET, "Socket", "ListenStream") == f"{entry['host']}:{entry['port']}"
+
+
+def test_hosts_unix_sockets_are_in_the_runtime_directory() -> None:
+    # The rest of the file system is read-only to the unit, and its /tmp is its own: a socket
+    # there would be out of every client's sight.
+    runtime = Path("/run") / value(SERVICE, "Service", "RuntimeDirectory")
+    listeners = yaml.safe_load(EXAMPLES[1].read_text())["listeners"]
+    paths = [Path(entry["path"]) for entry in listeners if entry["protocol"] == "unix"]
+    assert paths
+    assert [path for path in paths if path.parent != runtime] == []
 
 
 @pytest.mark.parametrize("unit", [SERVICE, SOCKET], ids=lambda path: path.name)
