@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import sys
 import threading
 import time
@@ -42,6 +43,17 @@ def configure(settings: LoggingConfig, stream: TextIO = sys.stderr, **context: A
 
 
 log = structlog.get_logger()
+
+
+def exit_status(code: int | None) -> dict[str, int | str | None]:
+    """How a child process ended, for its log line: `code` for an exit, `signal` by name (SIGKILL)
+    for a process killed by one, which Popen-style return codes give as the signal's negative."""
+    if code is not None and code < 0:
+        try:
+            return {"signal": signal.Signals(-code).name}
+        except ValueError:  # a real-time signal has no name of its own
+            return {"signal": f"SIG{-code}"}
+    return {"code": code}
 
 
 class Throttled:
