@@ -13,11 +13,23 @@ import struct
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from support import SYSTEMD_VARIABLES, TIMEOUT, Launcher, config_text, connect, eventually, request, sockd_command
+from support import (
+    SYSTEMD_VARIABLES,
+    TIMEOUT,
+    Daemon,
+    Launcher,
+    config_text,
+    connect,
+    eventually,
+    read_to_eof,
+    request,
+    sockd_command,
+)
 from support import listener as entry
 
 
@@ -181,3 +193,60 @@ def test_on_the_journal_a_config_error_is_an_error(tmp_path: Path) -> None:
     assert ran.returncode == 78
     assert len(lines) == 2  # each problem its own line, each an error for `journalctl -p err`
     assert all(line.startswith(f"<3>{config}:") for line in lines), lines
+
+
+def _closed(daemon: Daemon, listener: str, after: int = 0) -> dict[str, Any]:
+    return daemon.wait_for("connection closed", listener=listener, after=after)
+
+
+@pytest.mark.parametrize("model", ["asyncio", "selector", "threaded"])
+def test_log_connections_says_how_each_connection_ended(start_sockd: Launcher, sockdir: Path, model: str) -> None:
+    daemon = start_sockd(
+        [
+            entry("echo", "tcp", "echo", model, log_connections=True),
+            entry("uds", "unix", "echo", model, sockdir / "e.sock", log_connections=True),
+            entry("stamp", "tcp", "timestamp", model, log_connections=True, max_message_size=8),
+            entry("quiet", "tcp", "echo", model, log_connections=True, first_byte_timeout=0.3),
+            entry("off", "tcp", "echo", model),
+        ]
+    )
+    with connect(daemon.address("echo")) as client:
+        for word in (b"one", b"two", b"three"):  # each answered before the next: three requests
+            client.sendall(word)
+            assert client.recv(10) == word
+        client.shutdown(socket.SHUT_WR)
+        assert read_to_eof(client) == b""
+        port = client.getsockname()[1]
+    line = _closed(daemon, "echo")
+    assert (line["source"], line["port"]) == ("127.0.0.1", port)
+    assert (line["requests"], line["bytes_in"], line["bytes_out"], line["ended"]) == (3, 11, 11, "client closed")
+    assert line["duration"] >= 0
+    assert line["level"] == "info"
+
+    assert request(str(sockdir / "e.sock"), b"local") == b"local"
+    line = _closed(daemon, "uds")
+    assert (line["peer_pid"], line["peer_uid"]) == (os.getpid(), os.getuid())
+    assert (line["requests"], line["bytes_in"], line["ended"]) == (1, 5, "client closed")
+
+    with connect(daemon.address("stamp")) as client:
+        client.sendall(b"far more than eight bytes")
+        assert read_to_eof(client) == b""
+    line = _closed(daemon, "stamp")
+    assert (line["requests"], line["bytes_in"], line["bytes_out"], line["ended"]) == (0, 25, 0, "too large")
+
+    with connect(daemon.address("quiet")) as client:
+        assert read_to_eof(client) == b""  # says nothing: closed after first_byte_timeout
+    assert _closed(daemon, "quiet")["ended"] == "timeout"
+
+    assert request(daemon.address("off"), b"unlogged") == b"unlogged"
+    with connect(daemon.address("echo")) as client:
+        client.sendall(b"held")
+        assert client.recv(10) == b"held"
+        mark = len(daemon.events)
+        daemon.process.send_signal(signal.SIGTERM)
+        assert read_to_eof(client) == b""  # the drain ended its input
+        port = client.getsockname()[1]
+    line = _closed(daemon, "echo", after=mark)
+    assert (line["port"], line["requests"], line["ended"]) == (port, 1, "drained")
+    assert daemon.process.wait(30) == 0
+    assert [e for e in daemon.events if e.get("event") == "connection closed" and e["listener"] == "off"] == []

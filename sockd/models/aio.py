@@ -16,7 +16,7 @@ import structlog
 from sockd.config import EventLoop, Listener
 from sockd.counters import BEAT_INTERVAL, RESET, Recorder, Stats
 from sockd.handlers import Handler, Relay
-from sockd.lifecycle import Address, Connection, Service, Stream
+from sockd.lifecycle import Address, Connection, Service, Stream, logged
 from sockd.limits import MOVED, Ticket
 from sockd.models import Stop
 from sockd.models.shared import (
@@ -25,6 +25,7 @@ from sockd.models.shared import (
     accept_failed,
     admit,
     end_transport_input,
+    peer_of,
     stop_listening,
 )
 from sockd.relay.aio import DatagramRelayProtocol, RelayProtocol
@@ -78,6 +79,7 @@ class Model:
         self.udp_ports = udp_ports
         self.new_loop = loop_factory(listener.event_loop)
         self.relay = handler if isinstance(handler, Relay) else None
+        self.stream = logged(StreamProtocol) if listener.log_connections else StreamProtocol
         self.connecting: set[asyncio.Task[None]] = set()  # accepted, their transports not made yet
         self.paused: asyncio.TimerHandle | None = None  # accepting, while out of descriptors
         self.stopped = False  # accepts no more
@@ -155,11 +157,11 @@ class Model:
             loop.add_reader(sock.fileno(), self._accept, loop, sock)
 
     async def _connect(self, loop: asyncio.AbstractEventLoop, conn: _socket.socket, ticket: Ticket) -> None:
-        service, recorder, relay = self.service, self.recorder, self.relay
+        service, recorder, relay, stream = self.service, self.recorder, self.relay, self.stream
         sock = cast(socket.socket, conn)  # both loops use only what the C socket has
         try:
             if relay is None:
-                await loop.connect_accepted_socket(lambda: StreamProtocol(service, ticket, recorder), sock)
+                await loop.connect_accepted_socket(lambda: stream(service, ticket, recorder), sock)
             else:
                 await loop.connect_accepted_socket(lambda: RelayProtocol(service, ticket, recorder, relay), sock)
         except OSError as exc:  # the client left before its transport was made
@@ -230,6 +232,9 @@ class StreamProtocol(Stream, asyncio.Protocol):
 
     def end_input(self) -> None:
         end_transport_input(self.transport)
+
+    def peer(self) -> dict[str, object]:
+        return peer_of(self.transport.get_extra_info("socket"))
 
 
 class DatagramProtocol(SocketDatagrams, asyncio.DatagramProtocol):
