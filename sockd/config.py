@@ -98,6 +98,7 @@ class _ListenerBase(_Frozen):
         "reuse_port": ("protocol", INET),
         "allow_uids": ("protocol", UNIX),
         "allow_gids": ("protocol", UNIX),
+        "log_connections": ("protocol", STREAM),
     }
 
     protocol: Protocol
@@ -126,6 +127,7 @@ class _ListenerBase(_Frozen):
     idle_timeout: Timeout | None = None  # no byte either way for this long: close (a relay's UDP session: forget)
     first_byte_timeout: Timeout | None = None  # connected, and not a byte sent yet
     max_message_size: Annotated[int, Field(ge=1, le=BUFSIZE)] | None = None
+    log_connections: bool = False  # a line as each connection ends (xinetd's log_on_success)
 
     # Socket options; None: the kernel's default.
     backlog: Annotated[int, Field(ge=1, le=65535)] = 4096
@@ -450,6 +452,8 @@ def _combinations(listener: Listener) -> Iterator[Problem]:
         return
     if listener.max_message_size is not None:
         yield ("max_message_size",), "not valid with handler: relay (it passes bytes through)"
+    if listener.log_connections:
+        yield ("log_connections",), "not valid with handler: relay (its connections are not logged)"
     relaying = [name for name, kind in MODELS.items() if kind.relays]
     if listener.concurrency not in relaying:
         models = alternatives(relaying)

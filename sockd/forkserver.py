@@ -53,7 +53,7 @@ from setproctitle import setproctitle
 
 import sockd
 from sockd.config import LoggingConfig
-from sockd.logging import configure
+from sockd.logging import configure, exit_status
 from sockd.sockets import reason
 
 if TYPE_CHECKING:
@@ -363,7 +363,9 @@ class Spawner:
         if server is not None and server.exited() is None:
             return server
         if server is not None:
-            log.warning("fork server died; starting a new one", pid=server.pid, code=server.process.returncode)
+            log.warning(
+                "fork server died; starting a new one", pid=server.pid, **exit_status(server.process.returncode)
+            )
             server.close()
             self.server = None
         if time.monotonic() < self.retry_at:

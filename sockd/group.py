@@ -33,6 +33,7 @@ from sockd import counters, metrics
 from sockd.config import Listener, UnixListener
 from sockd.counters import BEAT_INTERVAL
 from sockd.forkserver import Process, Spawner
+from sockd.logging import exit_status
 from sockd.sockets import Bound, reason, retune, set_mode
 from sockd.spec import WorkerSettings
 
@@ -410,10 +411,12 @@ class Group:
     def _exited(self, worker: Worker, place: Place | None) -> None:
         name, pid, code = self.listener.name, worker.process.pid, worker.process.returncode
         if place is None:  # retired: this is the end it was asked for
-            log.info("worker exited", listener=name, pid=pid, code=code)
+            log.info("worker exited", listener=name, pid=pid, **exit_status(code))
             return
         self._back_off(place, lived=time.monotonic() - worker.started)
-        log.warning("worker died; restarting", listener=name, pid=pid, code=code, restart_in=round(place.backoff, 3))
+        log.warning(
+            "worker died; restarting", listener=name, pid=pid, **exit_status(code), restart_in=round(place.backoff, 3)
+        )
 
     def _back_off(self, place: Place, lived: float) -> None:
         """Start the place's worker again later: soon after a stable one, ever later for one that

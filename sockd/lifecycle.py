@@ -30,8 +30,9 @@ Later stages (a PROXY header, a TLS handshake) slot in between `opened` and the 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import structlog
 
@@ -147,8 +148,8 @@ class Connection:
     """What every connection's life has, whatever it carries: its place under the limits (a
     ticket, released once it ends), its counts, its timeout, and the stop's drain rule.
 
-    Subclasses define `end_input`, and set `transport` before `opened` (a relay, which has two,
-    defines `abort` instead)."""
+    Subclasses define `end_input` (and `peer`, to be logged), and set `transport` before
+    `opened` (a relay, which has two, defines `abort` instead)."""
 
     __slots__ = ("answered", "deadline", "delayed", "recorder", "service", "ticket", "transport")
 
@@ -166,6 +167,10 @@ class Connection:
 
     def end_input(self) -> None:
         """Shut the connection's input (SHUT_RD): the model sees EOF once what was sent is read."""
+        raise NotImplementedError
+
+    def peer(self) -> dict[str, object]:
+        """Who the client is, for its log line (see LoggedStream)."""
         raise NotImplementedError
 
     def opened(self) -> None:
@@ -218,8 +223,7 @@ class Stream(Connection):
         try:
             reply = session.feed(data)
         except TooLarge:
-            self.recorder.errors[TOO_LARGE] += 1
-            self.abort()
+            self.too_large()
             return
         closing = session.closing
         if closing:
@@ -237,6 +241,11 @@ class Stream(Connection):
         self.recorder.request(len(data), len(reply), started)
         if closing or not self.answered:
             self._replied(closing)
+
+    def too_large(self) -> None:
+        """A request over max_message_size: the connection ends."""
+        self.recorder.errors[TOO_LARGE] += 1
+        self.abort()
 
     def _delayed_reply(self, reply: bytes, closing: bool, received: int, started: float) -> None:
         held = self.delayed
@@ -289,6 +298,103 @@ class Stream(Connection):
         if tail:
             self.transport.write(tail)
         self.transport.close()
+
+
+class LoggedStream(Stream):
+    """A Stream that says, in one info line as it ends, who it served, for how long, what it
+    moved and how it ended (`log_connections`, as xinetd's log_on_success). A model with the
+    option on serves its connections with `logged(its class)`: the counting is here only, so a
+    listener without it pays not one instruction per request for it.
+
+    `peer()` is read as the connection opens: the client's `source` and `port` (or a Unix peer's
+    credentials), from its socket."""
+
+    # No __slots__: a dict per connection, only where connections are logged (a layout of slots
+    # of its own could not be mixed with the models' classes, which have theirs).
+
+    began: float
+    bytes_in: int
+    bytes_out: int
+    requests: int
+    ending: str | None
+    client: dict[str, object]
+
+    def opened(self) -> None:
+        self.began = time.monotonic()
+        self.bytes_in = self.bytes_out = self.requests = 0
+        self.ending = None
+        self.client = self.peer()
+        self.transport = Counted(self.transport, self)
+        super().opened()
+        if self.bytes_out:  # a greeting: the handler spoke first, which counts as a request
+            self.requests += 1
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.requests += 1
+        super().data_received(data)
+
+    def eof_received(self) -> bool:
+        self.ended_by("client closed")
+        return super().eof_received()
+
+    def too_large(self) -> None:
+        self.requests -= 1  # it was not answered
+        self.ended_by("too large")
+        super().too_large()
+
+    def timed_out(self) -> None:
+        self.ended_by("timeout")
+        super().timed_out()
+
+    def end_input(self) -> None:
+        self.ended_by("drained")
+        super().end_input()
+
+    def ended_by(self, how: str) -> None:
+        """The first cause is the one said: a drained client's EOF follows its drain."""
+        if self.ending is None:
+            self.ending = how
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        log.info(
+            "connection closed",
+            **self.client,
+            duration=round(time.monotonic() - self.began, 6),
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            requests=self.requests,
+            # Neither the client nor a limit: the handler had said all it had (daytime, timestamp).
+            ended=self.ending or ("reset" if exc is not None else "server closed"),
+        )
+
+
+S = TypeVar("S", bound=Stream)
+
+
+def logged(cls: type[S]) -> type[S]:
+    """`cls` (a model's Stream class, which defines `peer`) with its connections logged as they
+    end (see LoggedStream)."""
+    made: type[S] = type(f"Logged{cls.__name__}", (LoggedStream, cls), {})
+    return made
+
+
+class Counted:
+    """A logged connection's transport: counts what is written, and is its transport otherwise."""
+
+    __slots__ = ("connection", "transport")
+
+    def __init__(self, transport: Transport, connection: LoggedStream) -> None:
+        self.transport = transport
+        self.connection = connection
+
+    def write(self, data: bytes) -> None:
+        self.connection.bytes_out += len(data)
+        self.transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
 
 
 class Datagrams:

@@ -95,11 +95,14 @@ class SockdCollector(Collector):
         connections = CounterMetricFamily("sockd_connections", "Stream connections accepted.", labels=label)
         active = GaugeMetricFamily("sockd_connections_active", "Stream connections open now.", labels=label)
         requests = CounterMetricFamily(
-            "sockd_requests", "Requests answered: each chunk on a stream, each datagram.", labels=label
+            "sockd_requests",
+            "Requests answered: each chunk on a stream, each datagram; a relay: each connection once it ends, "
+            "each reply a UDP relay passes back.",
+            labels=label,
         )
         duration = HistogramMetricFamily(
             "sockd_request_duration_seconds",
-            "From reading a request to writing its reply, any delay included.",
+            "From reading a request to writing its reply, any delay included; a relayed connection: its life.",
             labels=label,
             unit="",
         )
@@ -107,7 +110,7 @@ class SockdCollector(Collector):
         sent = CounterMetricFamily("sockd_sent_bytes", "Bytes written to clients.", labels=label)
         errors = CounterMetricFamily(
             "sockd_errors",
-            "Clients gone mid-request, replies not sent, timeouts, oversized messages, accept() out of descriptors.",
+            f"Errors by kind: {', '.join(ERROR_KINDS)}.",
             labels=[*label, "kind"],
         )
         rejected = CounterMetricFamily(

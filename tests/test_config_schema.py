@@ -750,6 +750,20 @@ TCP, UDP, UNIX = (
         ("echo", "selector", f"{UNIX}, keepalive: true", "keepalive", "only valid with protocol: tcp"),
         ("echo", "selector", f"{UNIX}, reuse_port: true", "reuse_port", "only valid with protocol: tcp or udp"),
         ("echo", "selector", f"{UDP}, backlog: 10", "backlog", "only valid with protocol: tcp or unix"),
+        (
+            "echo",
+            "selector",
+            f"{UDP}, log_connections: true",
+            "log_connections",
+            "only valid with protocol: tcp or unix",
+        ),
+        (
+            "relay",
+            "selector",
+            f"{TCP}, upstream: 'tcp://h:1', log_connections: true",
+            "log_connections",
+            "not valid with handler: relay (its connections are not logged)",
+        ),
         ("echo", "selector", f"{UNIX}, freebind: true", "freebind", "only valid with protocol: tcp or udp"),
         ("echo", "selector", f"{TCP}, upstream: 'tcp://h:1'", "upstream", "only valid with handler: relay"),
         ("relay", "selector", TCP, "upstream", "required with handler: relay"),
@@ -806,7 +820,7 @@ listeners:
      max_connections: 100, max_connections_per_source: 10, connection_rate: 5.5, connection_burst: 20,
      allow: [10.0.0.0/8, "2001:db8::/32"], deny: [10.9.0.0/16], idle_timeout: 300, first_byte_timeout: 5,
      max_message_size: 1024, backlog: 128, reuse_port: true, nodelay: false, keepalive: true,
-     recv_buffer: 65536, send_buffer: 65536, ipv6_only: false, freebind: true}
+     recv_buffer: 65536, send_buffer: 65536, ipv6_only: false, freebind: true, log_connections: true}
   - {name: b, protocol: unix, path: /tmp/b.sock, handler: relay, concurrency: selector,
      upstream: "tcp://[::1]:8080", connect_timeout: 2, half_close_timeout: 1, allow_uids: [0], allow_gids: [0]}
   - {name: c, protocol: udp, host: 127.0.0.1, port: 0, handler: relay, concurrency: busy_poll,

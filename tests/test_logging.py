@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pty
+import re
 import select
 import signal
 import socket
@@ -11,10 +13,23 @@ import struct
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 import yaml
 
-from support import Launcher, connect, eventually, request, sockd_command
+from support import (
+    SYSTEMD_VARIABLES,
+    TIMEOUT,
+    Daemon,
+    Launcher,
+    config_text,
+    connect,
+    eventually,
+    read_to_eof,
+    request,
+    sockd_command,
+)
 from support import listener as entry
 
 
@@ -82,3 +97,156 @@ def test_a_reload_that_changes_the_level_reaches_the_workers_of_kept_listeners(s
     assert lost["pid"] == pid  # the worker started at info level, not a new one
     assert lost["level"] == "debug"
     assert [e for e in daemon.events[:mark] if e["level"] == "debug"] == []  # info hid them before
+
+
+PREFIXED = re.compile(r"<(\d)>(\{.*\})")
+
+
+def _read_until(journal: socket.socket, received: bytes, wanted: bytes) -> bytes:
+    deadline = time.monotonic() + TIMEOUT
+    while wanted not in received:
+        assert time.monotonic() < deadline, f"no {wanted!r} within {TIMEOUT} s: {received!r}"
+        chunk = journal.recv(65536)
+        assert chunk, f"EOF before {wanted!r}: {received!r}"
+        received += chunk
+    return received
+
+
+def _through_a_journal_stream(tmp_path: Path, journal_stream: str | None) -> list[str]:
+    """Run sockd with stderr on a Unix stream socket, as journald hands one to a service, and
+    $JOURNAL_STREAM as given (None: that socket's own device and inode); kill its worker (a
+    warning), stop it, and return every line the test's end of the socket received."""
+    config = tmp_path / "c.yaml"
+    config.write_text(config_text([entry("echo", "tcp", "echo", "selector")]))
+    journal, stderr = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    if journal_stream is None:
+        status = os.fstat(stderr.fileno())
+        journal_stream = f"{status.st_dev}:{status.st_ino}"
+    environment = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
+    with journal:
+        process = subprocess.Popen(
+            sockd_command("-c", str(config)),
+            stderr=stderr.fileno(),
+            stdout=subprocess.DEVNULL,
+            env={**environment, "JOURNAL_STREAM": journal_stream},
+        )
+        stderr.close()
+        journal.settimeout(TIMEOUT)
+        received = b""
+        try:
+            received = _read_until(journal, received, b'"ready"')
+            started = [line for line in received.decode().splitlines() if '"worker started"' in line]
+            os.kill(int(json.loads(started[0][started[0].index("{") :])["pid"]), signal.SIGKILL)
+            received = _read_until(journal, received, b'"worker died; restarting"')
+        finally:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(30) == 0
+        while chunk := journal.recv(65536):  # to EOF: every process that held stderr has exited
+            received += chunk
+    return received.decode().splitlines()
+
+
+def test_on_the_journal_each_line_carries_its_priority(tmp_path: Path) -> None:
+    lines = _through_a_journal_stream(tmp_path, None)
+    priorities = {"debug": 7, "info": 6, "warning": 4, "error": 3}
+    parsed = []
+    for line in lines:
+        matched = PREFIXED.fullmatch(line)
+        assert matched, f"a line without its priority: {line!r}"
+        event = json.loads(matched[2])  # after the prefix, the configured format still
+        assert int(matched[1]) == priorities[event["level"]], line
+        parsed.append((int(matched[1]), event))
+    assert {event["level"] for _, event in parsed} >= {"info", "warning"}
+    # What `journalctl -p warning` shows: priority 4 (warning) or more urgent.
+    shown = [event["event"] for level, event in parsed if level <= 4]
+    assert shown == ["worker died; restarting"]
+    assert any(event["event"] == "stopped" for _, event in parsed)
+
+
+@pytest.mark.parametrize("other", ["0:0", "", "/dev/null"])
+def test_a_journal_stream_naming_something_else_adds_no_prefix(tmp_path: Path, other: str) -> None:
+    if other == "/dev/null":
+        status = os.stat(other)
+        other = f"{status.st_dev}:{status.st_ino}"
+    lines = _through_a_journal_stream(tmp_path, other)
+    assert lines
+    assert all(json.loads(line)["event"] for line in lines)  # bare JSON lines, as off the journal
+
+
+def test_on_the_journal_a_config_error_is_an_error(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(config_text([entry("echo", "tcp", "echo", "selector", port=70000, workers=0)]))
+    journal, stderr = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    status = os.fstat(stderr.fileno())
+    environment = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
+    with journal, stderr:
+        ran = subprocess.run(
+            sockd_command("-c", str(config)),
+            stderr=stderr.fileno(),
+            env={**environment, "JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"},
+            timeout=30,
+            check=False,
+        )
+        stderr.close()
+        journal.settimeout(TIMEOUT)
+        lines = b"".join(iter(lambda: journal.recv(65536), b"")).decode().splitlines()
+    assert ran.returncode == 78
+    assert len(lines) == 2  # each problem its own line, each an error for `journalctl -p err`
+    assert all(line.startswith(f"<3>{config}:") for line in lines), lines
+
+
+def _closed(daemon: Daemon, listener: str, after: int = 0) -> dict[str, Any]:
+    return daemon.wait_for("connection closed", listener=listener, after=after)
+
+
+@pytest.mark.parametrize("model", ["asyncio", "selector", "threaded"])
+def test_log_connections_says_how_each_connection_ended(start_sockd: Launcher, sockdir: Path, model: str) -> None:
+    daemon = start_sockd(
+        [
+            entry("echo", "tcp", "echo", model, log_connections=True),
+            entry("uds", "unix", "echo", model, sockdir / "e.sock", log_connections=True),
+            entry("stamp", "tcp", "timestamp", model, log_connections=True, max_message_size=8),
+            entry("quiet", "tcp", "echo", model, log_connections=True, first_byte_timeout=0.3),
+            entry("off", "tcp", "echo", model),
+        ]
+    )
+    with connect(daemon.address("echo")) as client:
+        for word in (b"one", b"two", b"three"):  # each answered before the next: three requests
+            client.sendall(word)
+            assert client.recv(10) == word
+        client.shutdown(socket.SHUT_WR)
+        assert read_to_eof(client) == b""
+        port = client.getsockname()[1]
+    line = _closed(daemon, "echo")
+    assert (line["source"], line["port"]) == ("127.0.0.1", port)
+    assert (line["requests"], line["bytes_in"], line["bytes_out"], line["ended"]) == (3, 11, 11, "client closed")
+    assert line["duration"] >= 0
+    assert line["level"] == "info"
+
+    assert request(str(sockdir / "e.sock"), b"local") == b"local"
+    line = _closed(daemon, "uds")
+    assert (line["peer_pid"], line["peer_uid"]) == (os.getpid(), os.getuid())
+    assert (line["requests"], line["bytes_in"], line["ended"]) == (1, 5, "client closed")
+
+    with connect(daemon.address("stamp")) as client:
+        client.sendall(b"far more than eight bytes")
+        assert read_to_eof(client) == b""
+    line = _closed(daemon, "stamp")
+    assert (line["requests"], line["bytes_in"], line["bytes_out"], line["ended"]) == (0, 25, 0, "too large")
+
+    with connect(daemon.address("quiet")) as client:
+        assert read_to_eof(client) == b""  # says nothing: closed after first_byte_timeout
+    assert _closed(daemon, "quiet")["ended"] == "timeout"
+
+    assert request(daemon.address("off"), b"unlogged") == b"unlogged"
+    with connect(daemon.address("echo")) as client:
+        client.sendall(b"held")
+        assert client.recv(10) == b"held"
+        mark = len(daemon.events)
+        daemon.process.send_signal(signal.SIGTERM)
+        assert read_to_eof(client) == b""  # the drain ended its input
+        port = client.getsockname()[1]
+    line = _closed(daemon, "echo", after=mark)
+    assert (line["port"], line["requests"], line["ended"]) == (port, 1, "drained")
+    assert daemon.process.wait(30) == 0
+    assert [e for e in daemon.events if e.get("event") == "connection closed" and e["listener"] == "off"] == []

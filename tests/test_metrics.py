@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -19,8 +20,12 @@ from typing import Any
 import pytest
 import yaml
 
+from sockd.counters import ERROR_KINDS
+from sockd.metrics import Reloads, Snapshot, SockdCollector
+
 from support import (
     MODELS,
+    ROOT,
     Daemon,
     Launcher,
     connect,
@@ -150,6 +155,16 @@ def test_listener_and_build_info(start_sockd: Launcher) -> None:
     assert value(found, "sockd_listener_info", address=daemon.address("echo"), **info) == 1
     assert [key for key in found if key[0] == "sockd_build_info"]
     assert [key for key in found if key[0] == "process_resident_memory_bytes"]
+
+
+def test_the_readme_lists_every_metric_and_the_errors_help_every_kind() -> None:
+    families = list(SockdCollector(lambda: Snapshot([], Reloads(), []), [1.0]).collect())
+    names = {family.name + ("_total" if family.type == "counter" else "") for family in families}
+    readme = (ROOT / "README.md").read_text()
+    listed = set(re.findall(r"^\| `(sockd_\w+)` \|", readme, re.MULTILINE))
+    assert names == listed
+    errors = next(family for family in families if family.name == "sockd_errors")
+    assert all(kind in errors.documentation for kind in ERROR_KINDS), errors.documentation
 
 
 def test_promtool_finds_nothing_to_criticise(start_sockd: Launcher) -> None:

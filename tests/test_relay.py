@@ -224,6 +224,63 @@ def test_the_upstream_ends_first_and_still_gets_the_clients_words(start_sockd: L
     eventually(lambda: heard == [b"still talking"], "the client's words reached the upstream")
 
 
+@pytest.mark.parametrize("model", DRIVERS)
+def test_a_relayed_connection_is_one_request_timed_over_its_life(start_sockd: Launcher, model: str) -> None:
+    def serve(conn: socket.socket) -> None:
+        while data := conn.recv(CHUNK):
+            conn.sendall(data)
+
+    with upstream(serve) as server:
+        daemon = start_sockd([entry("r", "tcp", "relay", model, upstream=server.url)])
+        for _ in range(3):
+            with connect(daemon.address("r")) as client:
+                for word in (b"one", b"two"):  # two exchanges, one connection: one request
+                    client.sendall(word)
+                    assert client.recv(10) == word
+                time.sleep(0.2)  # its life, which its duration measures
+                client.shutdown(socket.SHUT_WR)
+                assert read_to_eof(client) == b""
+
+        def counted() -> bool:
+            return value(samples(daemon), "sockd_connections_active", listener="r") == 0 and (
+                value(samples(daemon), "sockd_requests_total", listener="r") == 3
+            )
+
+        eventually(counted, "three relayed connections, three requests")
+        found = samples(daemon)
+        assert value(found, "sockd_request_duration_seconds_count", listener="r") == 3
+        assert value(found, "sockd_request_duration_seconds_sum", listener="r") >= 0.6
+        assert value(found, "sockd_received_bytes_total", listener="r") == 18
+        assert value(found, "sockd_sent_bytes_total", listener="r") == 18
+
+
+@pytest.mark.parametrize("model", DRIVERS)
+def test_each_reply_a_udp_relay_passes_back_is_a_request(start_sockd: Launcher, model: str) -> None:
+    with socket.socket(type=socket.SOCK_DGRAM) as far, socket.socket(type=socket.SOCK_DGRAM) as client:
+        far.bind(("127.0.0.1", 0))
+        far.settimeout(TIMEOUT)
+        client.settimeout(TIMEOUT)
+        daemon = start_sockd([entry("u", "udp", "relay", model, upstream=f"udp://127.0.0.1:{far.getsockname()[1]}")])
+        relay_address = inet(daemon.address("u"))
+        for word in (b"one", b"two"):
+            client.sendto(word, relay_address)
+            data, sender = far.recvfrom(100)
+            far.sendto(b"re: " + data, sender)
+            assert client.recvfrom(100) == (b"re: " + word, relay_address)
+        client.sendto(b"unanswered", relay_address)
+        assert far.recvfrom(100)[0] == b"unanswered"
+
+        def counted() -> bool:
+            found = samples(daemon)
+            return value(found, "sockd_received_bytes_total", listener="u") == 16
+
+        eventually(counted, "the three datagrams counted")
+        found = samples(daemon)
+        assert value(found, "sockd_requests_total", listener="u") == 2  # the replies, not the datagrams
+        assert value(found, "sockd_request_duration_seconds_count", listener="u") == 2
+        assert value(found, "sockd_sent_bytes_total", listener="u") == 14
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_half_close_timeout_ends_a_side_that_goes_quiet(start_sockd: Launcher, kind: str) -> None:
     def serve(conn: socket.socket) -> None:
@@ -531,6 +588,7 @@ class Flow:
 
     def __init__(self) -> None:
         self.last_seen = 0.0
+        self.asked = 0.0
         self.closed = False
 
     def close(self) -> None:
@@ -552,7 +610,7 @@ def test_a_full_session_table_closes_its_least_recently_seen_session() -> None:
     clients = [(f"10.0.{i // 256}.{i % 256}", 5000) for i in range(MAX_SESSIONS)]
     flows = [sessions.open(client, Flow) for client in clients]
     sessions.open(clients[0], Flow)  # the oldest two heard from again, one each way
-    sessions.replied(clients[1])
+    sessions.replied(clients[1], 0)
     newcomer = sessions.open(("192.0.2.1", 5000), Flow)
     assert [flow.closed for flow in flows[:3]] == [False, False, True]  # the third: quiet the longest
     assert len(sessions) == MAX_SESSIONS

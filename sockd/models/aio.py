@@ -18,7 +18,7 @@ import structlog
 from sockd.config import EventLoop, Listener
 from sockd.counters import BEAT_INTERVAL, RESET, RESOURCES, Recorder, Stats
 from sockd.handlers import Handler, Relay
-from sockd.lifecycle import Address, Connection, Service, Stream
+from sockd.lifecycle import Address, Connection, Service, Stream, logged
 from sockd.limits import FREE, MOVED
 from sockd.models import Stop
 from sockd.models.shared import (
@@ -28,6 +28,7 @@ from sockd.models.shared import (
     admitted,
     end_transport_input,
     out_of_resources,
+    peer_of,
     stop_listening,
 )
 from sockd.relay.aio import DatagramRelayProtocol, RelayProtocol
@@ -249,6 +250,7 @@ class Model:
         self.udp_ports = udp_ports
         self.new_loop = loop_factory(listener.event_loop)
         self.relay = handler if isinstance(handler, Relay) else None
+        self.stream = logged(StreamProtocol) if listener.log_connections else StreamProtocol
 
     def serve(self, sock: socket.socket, stop: Stop) -> None:
         with self.stats.recorder() as self.recorder, asyncio.Runner(loop_factory=self.new_loop) as runner:
@@ -287,9 +289,9 @@ class Model:
 
     def _protocol(self) -> Callable[[], asyncio.Protocol]:
         """A connection's protocol, its ticket had once it is made (see admitted)."""
-        service, recorder, relay = self.service, self.recorder, self.relay
+        service, recorder, relay, stream = self.service, self.recorder, self.relay, self.stream
         if relay is None:
-            return lambda: StreamProtocol(service, FREE, recorder)
+            return lambda: stream(service, FREE, recorder)
         return lambda: RelayProtocol(service, FREE, recorder, relay)
 
     def _datagrams(self, sock: socket.socket) -> DatagramProtocol | DatagramRelayProtocol:
@@ -374,6 +376,9 @@ class StreamProtocol(Stream, asyncio.Protocol):
 
     def end_input(self) -> None:
         end_transport_input(self.transport)
+
+    def peer(self) -> dict[str, object]:
+        return peer_of(self.transport.get_extra_info("socket"))
 
 
 class DatagramProtocol(SocketDatagrams, asyncio.DatagramProtocol):

@@ -13,10 +13,18 @@ from typing import TypeVar
 from sockd.config import BUFSIZE, Listener
 from sockd.counters import Recorder, Stats
 from sockd.handlers import Handler
-from sockd.lifecycle import Address, Service, Stream
+from sockd.lifecycle import Address, Service, Stream, logged
 from sockd.limits import Ticket
 from sockd.models import Stop
-from sockd.models.shared import RESOURCE_PAUSE, SocketDatagrams, accept_failed, admit, shutdown_read, stop_listening
+from sockd.models.shared import (
+    RESOURCE_PAUSE,
+    SocketDatagrams,
+    accept_failed,
+    admit,
+    peer_of,
+    shutdown_read,
+    stop_listening,
+)
 
 T = TypeVar("T")
 
@@ -101,6 +109,9 @@ class BlockingStream(Stream):
     def end_input(self) -> None:
         shutdown_read(self.sock.fileno())
 
+    def peer(self) -> dict[str, object]:
+        return peer_of(self.sock)
+
 
 class BlockingModel:
     """What the blocking models share: serving one connection or one datagram with blocking calls.
@@ -112,6 +123,7 @@ class BlockingModel:
         # A socket timeout on each recv() and send() is the whole of first_byte_timeout and idle_timeout.
         self.first_timeout = listener.first_byte_timeout or listener.idle_timeout
         self.idle_timeout = listener.idle_timeout
+        self.stream = logged(BlockingStream) if listener.log_connections else BlockingStream
 
     def stopping_on(self, stop: Stop, sock: socket.socket) -> None:
         """Let go of the listening socket as soon as `stop` is set, from whichever thread sets it:
@@ -136,7 +148,7 @@ class BlockingModel:
             self.serve_admitted(conn, ticket, recorder)
 
     def serve_admitted(self, conn: socket.socket, ticket: Ticket, recorder: Recorder) -> None:
-        stream = BlockingStream(self.service, ticket, recorder, conn)
+        stream = self.stream(self.service, ticket, recorder, conn)
         failure = None
         try:
             with conn:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from sockd.config import BUFSIZE, Listener, SelectorBackend
 from sockd.counters import BEAT_INTERVAL, Stats
 from sockd.handlers import Handler, Relay
-from sockd.lifecycle import HIGH_WATER, Service, Stream
+from sockd.lifecycle import HIGH_WATER, Service, Stream, logged
 from sockd.limits import MOVED, Ticket
 from sockd.models import Stop
 from sockd.models.shared import (
@@ -25,6 +25,7 @@ from sockd.models.shared import (
     SocketDatagrams,
     accept_failed,
     admit,
+    peer_of,
     shutdown_read,
     stop_listening,
 )
@@ -63,6 +64,7 @@ class EventLoop:
         self.timers: list[tuple[float, int, Callable[..., object], tuple[object, ...]]] = []
         self.sequence = itertools.count()
         self.relay = handler if isinstance(handler, Relay) else None
+        self.stream = logged(SelectorStream) if listener.log_connections else SelectorStream
 
     def serve(self, sock: socket.socket, stop: Stop) -> None:
         self.selector = self.make_selector()
@@ -172,7 +174,7 @@ class EventLoop:
         if self.relay is not None:
             Splice(self, self.service, self.relay, client, ticket).start()
         else:
-            SelectorStream(self, client, ticket).opened()
+            self.stream(self, client, ticket).opened()
 
     def _resume_accepting(self) -> None:
         if not self.stop.is_set:
@@ -263,6 +265,9 @@ class SelectorStream(Stream):
 
     def end_input(self) -> None:
         shutdown_read(self.sock.fileno())
+
+    def peer(self) -> dict[str, object]:
+        return peer_of(self.sock)
 
     # -- its I/O
 

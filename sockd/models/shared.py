@@ -8,7 +8,7 @@ import asyncio
 import errno
 import socket
 import struct
-from typing import cast
+from typing import Any, cast
 
 from sockd.counters import RESOURCES, Recorder
 from sockd.lifecycle import Address, Connection, Datagrams, Service
@@ -78,6 +78,20 @@ def admitted(connection: Connection, transport: asyncio.Transport) -> bool:
 def peer_credentials(conn: _socket.socket) -> Credentials:
     pid, uid, gid = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
     return pid, uid, gid
+
+
+def peer_of(sock: Any) -> dict[str, object]:
+    """Who a connection's client is, for its log line (see lifecycle.LoggedStream): `source` and
+    `port`, or a Unix peer's credentials (its socket has no name). `sock`: a socket, or uvloop's
+    stand-in for one. Empty if the client has gone already."""
+    try:
+        if sock.family == socket.AF_UNIX:
+            pid, uid, gid = peer_credentials(sock)
+            return {"peer_pid": pid, "peer_uid": uid, "peer_gid": gid}
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return {}
+    return {"source": host, "port": port}
 
 
 def shutdown_read(fd: int) -> None:

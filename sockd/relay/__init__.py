@@ -55,9 +55,12 @@ def reason(exc: BaseException) -> str:
 
 class Relayed(Connection):
     """One relayed client, as both drivers see it: what it moved, how many of its two sides
-    have ended their output, and the rule that closes it. A driver defines `close_both`."""
+    have ended their output, and the rule that closes it. A driver defines `close_both`.
 
-    __slots__ = ("ended", "moved", "relay")
+    It is one request, counted when it ends and timed from its start to its end: a relay cannot
+    tell where one of the client's requests ends, only the bytes it moves (counted as they come)."""
+
+    __slots__ = ("ended", "moved", "relay", "started")
 
     def __init__(self, service: Service, ticket: Ticket, recorder: Recorder, relay: Relay) -> None:
         super().__init__(service, ticket, recorder)
@@ -65,6 +68,15 @@ class Relayed(Connection):
         self.answered = True  # a stop may end its input at once: the end is passed on as a half-close
         self.ended = 0  # sides that have ended their output
         self.moved = 0  # bytes copied either way (see _close_if_quiet)
+        self.started = 0.0
+
+    def opened(self) -> None:
+        self.started = self.recorder.clock()
+        super().opened()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.recorder.request(0, 0, self.started)  # its bytes are counted as they move
+        super().connection_lost(exc)
 
     def close_both(self) -> None:
         """End both sides once each has written what it holds."""
@@ -100,6 +112,7 @@ class Relayed(Connection):
 
 class Session(Protocol):
     last_seen: float
+    asked: float  # the recorder's clock when the client's latest datagram came
 
     def close(self) -> None: ...
 
@@ -114,7 +127,11 @@ class Sessions(OrderedDict[Address, S]):
     leaves a hole at the front for each). A session is forgotten after session_timeout without a
     datagram. A new client past MAX_SESSIONS_PER_SOURCE sessions from its address closes that
     address's least recent; past MAX_SESSIONS, the table's least recent: a new client is always
-    served, so a flood cannot lock others out, and a session it closes is counted and warned of."""
+    served, so a flood cannot lock others out, and a session it closes is counted and warned of.
+
+    Each reply passed back to a client is a request, timed from the client's latest datagram (as
+    a datagram answered is for the other handlers): a session ends only session_timeout after its
+    last word, so its life would time nothing."""
 
     def __init__(self, relay: Relay, service: Service, recorder: Recorder, clock: Callable[[], float]) -> None:
         super().__init__()
@@ -147,14 +164,19 @@ class Sessions(OrderedDict[Address, S]):
         else:
             self.move_to_end(client)
         session.last_seen = self.clock()
+        session.asked = self.recorder.clock()
         return session
 
-    def replied(self, client: Address) -> None:
-        """A reply came back to `client`: its session is the most recent."""
+    def replied(self, client: Address, size: int) -> None:
+        """A reply of `size` bytes came back for `client`: a request answered, and its session
+        the most recent."""
         session = self.get(client)
-        if session is not None:
-            self.move_to_end(client)
-            session.last_seen = self.clock()
+        if session is None:
+            self.recorder.sent += size
+            return
+        self.move_to_end(client)
+        session.last_seen = self.clock()
+        self.recorder.request(0, size, session.asked)
 
     def forget(self, client: Address, session: S) -> None:
         """Drop `session` of `client`, if it is still there (its upstream could not be opened)."""

@@ -204,6 +204,7 @@ class DatagramSession(asyncio.DatagramProtocol):
         self.listener = listener
         self.client = client
         self.last_seen = asyncio.get_running_loop().time()
+        self.asked = 0.0
         self.waiting: list[bytes] | None = []  # datagrams that came before the upstream socket
         self.transport: asyncio.DatagramTransport | None = None
         self.opening = asyncio.get_running_loop().create_task(self._open())
@@ -229,8 +230,7 @@ class DatagramSession(asyncio.DatagramProtocol):
             self.transport.sendto(data)
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
-        self.listener.sessions.replied(self.client)
-        self.listener.recorder.sent += len(data)
+        self.listener.sessions.replied(self.client, len(data))
         self.listener.transport.sendto(data, self.client)
 
     def error_received(self, exc: Exception) -> None:

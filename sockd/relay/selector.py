@@ -223,12 +223,13 @@ class Splice(Relayed):
 class DatagramSession:
     """One UDP client's upstream socket, on the loop."""
 
-    __slots__ = ("last_seen", "loop", "sock")
+    __slots__ = ("asked", "last_seen", "loop", "sock")
 
     def __init__(self, loop: Reactor, sock: socket.socket) -> None:
         self.loop = loop
         self.sock = sock
         self.last_seen = time.monotonic()
+        self.asked = 0.0
 
     def close(self) -> None:
         self.loop.register(self.sock, READ, 0, lambda events: None)
@@ -272,8 +273,7 @@ class DatagramSessions:
         except OSError as exc:
             upstream_failed(self.relay, self.loop.recorder, exc)
             return
-        self.sessions.replied(client)
-        self.loop.recorder.sent += len(data)
+        self.sessions.replied(client, len(data))
         self.replies.send(data, client)
 
     def close(self) -> None:
