@@ -395,6 +395,24 @@ def _one_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+# PyYAML's words name the parser's state; these say what in the file most likely causes it.
+_YAML_HINTS = (
+    (
+        "mapping values are not allowed here",
+        "a `key: value` line is probably indented wrongly, or a colon needs quoting",
+    ),
+    ("expected <block end>", "a line is probably indented differently from the others of its block"),
+    ("found character '\\t'", "indent with spaces: YAML does not allow tabs"),
+    ("found character", "a value that starts with this character needs quoting"),
+    ("could not find expected ':'", "a line of a mapping is not `key: value`, or a quote is not closed"),
+    ("expected ',' or", "a [ or { is not closed, or a comma is missing between its items"),
+    ("expected the node content, but found '<stream end>'", "a [ or { is not closed"),
+    ("found unexpected end of stream (while scanning a quoted", "a quote is not closed"),
+    ("found undefined alias", "a value that starts with * needs quoting"),
+    ("could not determine a constructor", "sockd reads plain YAML: remove the tag"),
+)
+
+
 def _yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[int, str]:
     """The line and a one-sentence account of a YAML syntax error."""
     if isinstance(exc, yaml.MarkedYAMLError):
@@ -404,7 +422,8 @@ def _yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[int, str]:
             where = exc.context_mark
             started = f" started at line {where.line + 1}" if where and where.line != (mark and mark.line) else ""
             message = f"{message} ({exc.context}{started})" if message else exc.context
-        return (mark.line + 1 if mark else 1), message
+        hint = next((words for start, words in _YAML_HINTS if message.startswith(start)), None)
+        return (mark.line + 1 if mark else 1), f"{message}; {hint}" if hint else message
     if isinstance(exc, yaml.reader.ReaderError):
         character = exc.character if isinstance(exc.character, int) else ord(exc.character)
         return text.count("\n", 0, exc.position) + 1, f"unacceptable character #x{character:04x}: {exc.reason}"

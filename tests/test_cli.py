@@ -178,7 +178,8 @@ def test_check_of_a_file_that_is_not_yaml(tmp_path: Path) -> None:
     assert result.returncode == EX_CONFIG, result.stderr
     assert result.stdout == ""
     assert result.stderr.splitlines() == [
-        f"{path}:2: invalid YAML: found character '\\t' that cannot start any token (while scanning for the next token)"
+        f"{path}:2: invalid YAML: found character '\\t' that cannot start any token"
+        " (while scanning for the next token); indent with spaces: YAML does not allow tabs"
     ]
     assert result.stderr == stderr_of(check(path)[1])
 
