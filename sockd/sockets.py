@@ -17,17 +17,54 @@ IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # <linux/in.h>; Python names i
 # What accept() (or socket()) fails with when descriptors or memory run out: a reason to pause
 # and retry, never to spin or to die.
 OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+PORT_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+RESERVED_PORTS = "/proc/sys/net/ipv4/ip_local_reserved_ports"
 
 
 class BindError(Exception):
     """A socket cannot be had; the message is one line naming what it is for, the address, the reason."""
 
-    def __init__(self, what: str, address: str, reason: str) -> None:
+    def __init__(self, what: str, address: str, reason: str, code: int | None = None) -> None:
         super().__init__(f"cannot bind {what} to {address}: {reason}")
+        self.what, self.address, self.reason, self.errno = what, address, reason, code
 
     @classmethod
     def of(cls, listener: Listener, exc: OSError) -> BindError:
-        return cls(f"listener {listener.name!r}", f"{listener.protocol} {listener.address}", reason(exc))
+        why = reason(exc)
+        if exc.errno == errno.EADDRINUSE and isinstance(listener, InetListener):
+            why += _ephemeral_hint(listener.port)
+        return cls(f"listener {listener.name!r}", f"{listener.protocol} {listener.address}", why, exc.errno)
+
+    def noting(self, note: str) -> BindError:
+        """The same error, with `note` after its reason."""
+        return BindError(self.what, self.address, f"{self.reason}; {note}", self.errno)
+
+
+def _ephemeral_hint(port: int) -> str:
+    """Why a port may be in use with no server on it: the kernel gives the ports of
+    ip_local_port_range to client connections (the tests', a browser's), and a client's
+    TIME_WAIT holds one for a minute after it closed, even against SO_REUSEADDR."""
+    try:
+        low, high = map(int, Path(PORT_RANGE).read_text().split())
+        reserved = Path(RESERVED_PORTS).read_text().strip()
+    except (OSError, ValueError):
+        return ""
+    if not low <= port <= high or _listed(port, reserved):
+        return ""
+    return (
+        f"; port {port} is in net.ipv4.ip_local_port_range ({low}-{high}), where the kernel picks the"
+        f" ports of client connections: one may hold it; pick a port outside the range, or reserve it"
+        f" (sysctl net.ipv4.ip_local_reserved_ports={port})"
+    )
+
+
+def _listed(port: int, ranges: str) -> bool:
+    """Whether `ranges` ("20675,50000-50002") names `port`."""
+    for part in filter(None, ranges.split(",")):
+        first, _, last = part.partition("-")
+        if int(first) <= port <= int(last or first):
+            return True
+    return False
 
 
 @dataclass(frozen=True)

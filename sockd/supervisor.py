@@ -113,14 +113,15 @@ class Supervisor:
         bounds: dict[str, Bound] = {}
         try:
             make_room(self.config)
+            # Said before binding: a listener that then fails to bind may be the one meant.
+            for name in sorted(self.activated.keys() - {listener.name for listener in self.config.listeners}):
+                log.warning("systemd passed a socket that no listener is named after", name=name)
             for listener in self.config.listeners:
                 bounds[listener.name] = self._bind(listener)
             settings = WorkerSettings.of(self.config, udp_ports(bounds.values()))
             self.groups = {name: self._group(bound.listener, bound, settings) for name, bound in bounds.items()}
             if self.config.metrics.enabled:
                 exporter = self._exporter()
-            for name in self.activated:
-                log.warning("systemd passed a socket that no listener is named after", name=name)
             self.spawner.start()  # before the exporter's thread: nothing forks a threaded process
         except BaseException:
             for bound in bounds.values():
@@ -357,7 +358,13 @@ class Supervisor:
     def _bind(self, listener: Listener) -> Bound:
         if listener.name in self.activated:
             return adopt(listener, self.activated.pop(listener.name))
-        return bind(listener)
+        try:
+            return bind(listener)
+        except BindError as exc:
+            if not self.activated:
+                raise
+            names = ", ".join(repr(name) for name in sorted(self.activated))
+            raise exc.noting(f"systemd passed sockets named {names}, none named {listener.name!r}") from None
 
     # -- metrics
 
