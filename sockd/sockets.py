@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import os
@@ -108,6 +109,41 @@ def adopt(listener: Listener, sock: socket.socket) -> Bound:
         )
     tune(sock, listener)
     return Bound(listener, sock, address, activated=True)
+
+
+# The states of /proc/net/tcp (include/net/tcp_states.h), as `ss` names them. A socket that is
+# bound and not listening is in neither of the tables it lists.
+TCP_STATES = {
+    "01": "ESTABLISHED",
+    "02": "SYN-SENT",
+    "03": "SYN-RECV",
+    "04": "FIN-WAIT-1",
+    "05": "FIN-WAIT-2",
+    "06": "TIME-WAIT",
+    "07": "CLOSE",
+    "08": "CLOSE-WAIT",
+    "09": "LAST-ACK",
+    "0A": "LISTEN",
+    "0B": "CLOSING",
+}
+
+
+def connections_holding(listener: Listener) -> str | None:
+    """What holds a TCP listener's port when it is connections alone, which end by themselves
+    (a client's TIME-WAIT within a minute), as "2 TIME-WAIT, 1 ESTABLISHED"; None when a
+    server may hold it (a LISTEN socket, or one bound that /proc/net/tcp does not list)."""
+    if not isinstance(listener, InetListener) or listener.protocol != "tcp" or listener.port == 0:
+        return None
+    states: collections.Counter[str] = collections.Counter()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                if int(local.rpartition(":")[2], 16) == listener.port:
+                    states[TCP_STATES.get(state, state)] += 1
+    if not states or "LISTEN" in states:
+        return None
+    return ", ".join(f"{count} {state}" for state, count in states.most_common())
 
 
 def udp_ports(bounds: Iterable[Bound]) -> frozenset[int]:

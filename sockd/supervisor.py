@@ -11,6 +11,7 @@ a model or a handler: those live in the worker.
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import resource
 import selectors
@@ -28,7 +29,7 @@ from sockd.forkserver import ForkServerError, Spawner
 from sockd.group import Group
 from sockd.logging import configure
 from sockd.plan import Step, plan, summary
-from sockd.sockets import BindError, Bound, adopt, bind, reason, udp_ports
+from sockd.sockets import BindError, Bound, adopt, bind, connections_holding, reason, udp_ports
 from sockd.spec import WorkerSettings
 
 log = structlog.get_logger()
@@ -40,6 +41,9 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 # worker's socketpair and counters, and room to spare. Nothing a client does can spend them (the
 # endpoint's connections are capped), so a dead worker can always be replaced.
 RESERVED_DESCRIPTORS = 32
+# A TIME-WAIT lasts 60 s on Linux (TCP_TIMEWAIT_LEN), ended by a timer that may fire a little late.
+BIND_WAIT = 65.0
+BIND_RETRY = 0.2
 
 
 class DescriptorLimit(Exception):
@@ -117,7 +121,7 @@ class Supervisor:
             for name in sorted(self.activated.keys() - {listener.name for listener in self.config.listeners}):
                 log.warning("systemd passed a socket that no listener is named after", name=name)
             for listener in self.config.listeners:
-                bounds[listener.name] = self._bind(listener)
+                bounds[listener.name] = self._bind_at_start(listener)
             settings = WorkerSettings.of(self.config, udp_ports(bounds.values()))
             self.groups = {name: self._group(bound.listener, bound, settings) for name, bound in bounds.items()}
             if self.config.metrics.enabled:
@@ -365,6 +369,35 @@ class Supervisor:
                 raise
             names = ", ".join(repr(name) for name in sorted(self.activated))
             raise exc.noting(f"systemd passed sockets named {names}, none named {listener.name!r}") from None
+
+    def _bind_at_start(self, listener: Listener) -> Bound:
+        """Bind a listener, waiting up to BIND_WAIT while its port is held by connections alone.
+
+        A client connection's TIME-WAIT holds its port for a minute after it closed, even against
+        SO_REUSEADDR: `make test` leaves some on the example config's ports, which lie in the
+        kernel's range for client ports, and `make run` right after would fail. nginx retries
+        its binds at start too. Only at start: a reload must not hold up the loop for a minute.
+        A stop signal ends the wait."""
+        deadline = time.monotonic() + BIND_WAIT
+        waiting = False
+        while True:
+            try:
+                return self._bind(listener)
+            except BindError as exc:
+                held = connections_holding(listener) if exc.errno == errno.EADDRINUSE else None
+                stop = any(signum in (signal.SIGTERM, signal.SIGINT) for signum in self.signals)
+                if held is None or stop or time.monotonic() > deadline:
+                    raise
+                if not waiting:
+                    log.warning(
+                        "address in use by connections, not a server: waiting for them to end",
+                        listener=listener.name,
+                        address=listener.address,
+                        held_by=held,
+                        at_most_seconds=BIND_WAIT,
+                    )
+                    waiting = True
+            time.sleep(BIND_RETRY)
 
     # -- metrics
 
