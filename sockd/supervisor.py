@@ -120,8 +120,9 @@ class Supervisor:
             # Said before binding: a listener that then fails to bind may be the one meant.
             for name in sorted(self.activated.keys() - {listener.name for listener in self.config.listeners}):
                 log.warning("systemd passed a socket that no listener is named after", name=name)
+            deadline = time.monotonic() + BIND_WAIT  # one wait for all: connections end together
             for listener in self.config.listeners:
-                bounds[listener.name] = self._bind_at_start(listener)
+                bounds[listener.name] = self._bind_at_start(listener, deadline)
             settings = WorkerSettings.of(self.config, udp_ports(bounds.values()))
             self.groups = {name: self._group(bound.listener, bound, settings) for name, bound in bounds.items()}
             if self.config.metrics.enabled:
@@ -370,15 +371,14 @@ class Supervisor:
             names = ", ".join(repr(name) for name in sorted(self.activated))
             raise exc.noting(f"systemd passed sockets named {names}, none named {listener.name!r}") from None
 
-    def _bind_at_start(self, listener: Listener) -> Bound:
-        """Bind a listener, waiting up to BIND_WAIT while its port is held by connections alone.
+    def _bind_at_start(self, listener: Listener, deadline: float) -> Bound:
+        """Bind a listener, waiting until `deadline` while its port is held by connections alone.
 
         A client connection's TIME-WAIT holds its port for a minute after it closed, even against
         SO_REUSEADDR: `make test` leaves some on the example config's ports, which lie in the
         kernel's range for client ports, and `make run` right after would fail. nginx retries
         its binds at start too. Only at start: a reload must not hold up the loop for a minute.
         A stop signal ends the wait."""
-        deadline = time.monotonic() + BIND_WAIT
         waiting = False
         while True:
             try:
@@ -394,7 +394,7 @@ class Supervisor:
                         listener=listener.name,
                         address=listener.address,
                         held_by=held,
-                        at_most_seconds=BIND_WAIT,
+                        at_most_seconds=round(deadline - time.monotonic(), 1),
                     )
                     waiting = True
             time.sleep(BIND_RETRY)
