@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import ipaddress
 import itertools
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
@@ -16,6 +17,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     PlainValidator,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     WithJsonSchema,
@@ -284,12 +286,8 @@ def parse(text: str, shown: str) -> Config:
     if not isinstance(data, dict):
         found.append((_line(root, ()), "(top level)", "the file must be a mapping with a `listeners` list"))
     else:
-        try:
-            config = Config.model_validate(data)
-        except ValidationError as exc:
-            found += _locate(root, [_explain(error) for error in exc.errors(include_url=False)])
-        else:
-            found += _locate(root, _conflicts(config))
+        config, problems = _validate(data)
+        found += _locate(root, problems)
     if found or config is None:
         raise ConfigError(
             [f"{shown}:{line}: {_one_line(field)}: {_one_line(msg)}" for line, field, msg in sorted(found)]
@@ -399,6 +397,24 @@ def _one_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+# PyYAML's words name the parser's state; these say what in the file most likely causes it.
+_YAML_HINTS = (
+    (
+        "mapping values are not allowed here",
+        "a `key: value` line is probably indented wrongly, or a colon needs quoting",
+    ),
+    ("expected <block end>", "a line is probably indented differently from the others of its block"),
+    ("found character '\\t'", "indent with spaces: YAML does not allow tabs"),
+    ("found character", "a value that starts with this character needs quoting"),
+    ("could not find expected ':'", "a line of a mapping is not `key: value`, or a quote is not closed"),
+    ("expected ',' or", "a [ or { is not closed, or a comma is missing between its items"),
+    ("expected the node content, but found '<stream end>'", "a [ or { is not closed"),
+    ("found unexpected end of stream (while scanning a quoted", "a quote is not closed"),
+    ("found undefined alias", "a value that starts with * needs quoting"),
+    ("could not determine a constructor", "sockd reads plain YAML: remove the tag"),
+)
+
+
 def _yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[int, str]:
     """The line and a one-sentence account of a YAML syntax error."""
     if isinstance(exc, yaml.MarkedYAMLError):
@@ -408,32 +424,185 @@ def _yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[int, str]:
             where = exc.context_mark
             started = f" started at line {where.line + 1}" if where and where.line != (mark and mark.line) else ""
             message = f"{message} ({exc.context}{started})" if message else exc.context
-        return (mark.line + 1 if mark else 1), message
+        hint = next((words for start, words in _YAML_HINTS if message.startswith(start)), None)
+        return (mark.line + 1 if mark else 1), f"{message}; {hint}" if hint else message
     if isinstance(exc, yaml.reader.ReaderError):
         character = exc.character if isinstance(exc.character, int) else ord(exc.character)
         return text.count("\n", 0, exc.position) + 1, f"unacceptable character #x{character:04x}: {exc.reason}"
     return 1, str(exc)
 
 
-def _conflicts(config: Config) -> Iterator[Problem]:
-    """Rules across listeners, which a single listener's model cannot see."""
+def _validate(data: dict[str, Any]) -> tuple[Config | None, list[Problem]]:
+    """The config, or every problem in it at once: each field's, and each rule's across fields
+    and listeners on what did validate (see _listener)."""
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+    else:
+        return config, list(_conflicts(config.listeners))
+    problems: list[Problem] = []
+    by_listener: dict[int, list[ErrorDetails]] = {}
+    for error in errors:
+        loc = tuple(error["loc"])
+        if loc[0] == "listeners" and len(loc) > 1 and isinstance(loc[1], int):
+            by_listener.setdefault(loc[1], []).append(error)
+        else:
+            problems.append(_explain(loc, error, _MODEL_AT.get(loc[:-1], Config)))
+    items = data.get("listeners")
+    listeners: list[Listener | None] = []
+    partial = set()
+    for index, item in enumerate(items if isinstance(items, list) else []):
+        listener, found = _listener(item, by_listener.get(index, []))
+        listeners.append(listener)
+        if found:
+            partial.add(index)
+            problems += [(("listeners", index, *loc), message) for loc, message in found]
+    problems += _conflicts(listeners, partial)
+    return None, problems
+
+
+_MODEL_AT: dict[tuple[str | int, ...], type[BaseModel]] = {(): Config, ("metrics",): MetricsConfig}
+_MODEL_AT[("logging",)] = LoggingConfig
+_VARIANTS: dict[str, type[InetListener | UnixListener]] = {"tcp": InetListener, "udp": InetListener}
+_VARIANTS["unix"] = UnixListener
+_LISTENER: TypeAdapter[InetListener | UnixListener] = TypeAdapter(Listener)
+
+
+def _listener(item: object, errors: list[ErrorDetails]) -> tuple[Listener | None, list[Problem]]:
+    """One listener of a config that failed: what of it validated, for the rules across fields,
+    and its problems (located within it).
+
+    What validated is the whole listener, or one that lacks every field with an error of its own
+    (a rule that reads one gets AttributeError: it waits until that error is fixed), or None. A
+    `protocol` that picks no kind of listener would hide every other problem of it: the listener
+    is then validated as the kind it was most likely meant to be (`TCP` as tcp; a `path` as
+    unix, a `host` or `port` as tcp or udp, leaving out what would depend on which)."""
+    if not errors:
+        return _LISTENER.validate_python(item), []
+    if not isinstance(item, dict):
+        return None, [_explain((), error, InetListener) for error in errors]
+    found: list[Problem] = []
+    tag = errors[0]["loc"][2] if len(errors[0]["loc"]) > 2 else None
+    if tag in _VARIANTS:
+        variant = _VARIANTS[str(tag)]
+        located = [(tuple(error["loc"][3:]), error) for error in errors]
+        failed: set[str] = set()
+    else:
+        found += [_explain((), error, InetListener) for error in errors]
+        guess = _meant_protocol(item)
+        if guess is None:
+            return None, found
+        protocol, sure = guess
+        variant = _VARIANTS[protocol]
+        try:
+            variant.model_validate({**item, "protocol": protocol})
+            located = []
+        except ValidationError as exc:
+            located = [(tuple(error["loc"]), error) for error in exc.errors(include_url=False)]
+        if not sure:
+            located = [(loc, error) for loc, error in located if not _depends_on_protocol(loc, error)]
+        failed = {"protocol"}
+    found += [_explain(loc, error, variant) for loc, error in located]
+    failed |= {str(loc[0]) for loc, _ in located if loc}
+    listener = variant.model_construct(**{k: v for k, v in item.items() if k in variant.model_fields})
+    for name in failed:  # model_construct gave it its default, or the raw value that failed
+        listener.__dict__.pop(name, None)
+    return listener, found
+
+
+def _meant_protocol(item: dict[Any, Any]) -> tuple[str, bool] | None:
+    """The protocol a listener whose `protocol` is not one most likely meant, and whether that
+    is sure (a case or spacing slip) or a guess from its keys."""
+    value = item.get("protocol")
+    normal = value.strip().lower() if isinstance(value, str) else None
+    if normal in _VARIANTS:
+        return str(normal), True
+    if "path" in item:
+        return "unix", False
+    if "host" in item or "port" in item:
+        return "tcp", False
+    return None
+
+
+def _depends_on_protocol(loc: tuple[Any, ...], error: ErrorDetails) -> bool:
+    field = loc[0] if loc else None
+    if error["type"] == "extra_forbidden":
+        return any(field in variant.model_fields for variant in _VARIANTS.values())
+    # _only_where_it_applies's error; a value of the wrong type is wrong whatever the protocol.
+    return error["type"] == "value_error" and _ListenerBase._option_scope.get(str(field), ("",))[0] == "protocol"
+
+
+def _conflicts(listeners: Sequence[Listener | None], partial: Collection[int] = ()) -> Iterator[Problem]:
+    """Rules across fields and across listeners, which a single field's validation cannot see;
+    on listeners that failed in part (`partial`), those on the fields that did validate."""
     names: dict[str, int] = {}
-    addresses: dict[tuple[str, str], int] = {}
-    for index, listener in enumerate(config.listeners):
-        first = names.setdefault(listener.name, index)
-        if first != index:
-            yield ("listeners", index, "name"), f"{listener.name!r} is already the name of listeners[{first}]"
-        yield from (((("listeners", index, *loc), message)) for loc, message in _combinations(listener))
-        if isinstance(listener, InetListener) and listener.port == 0:
-            continue  # port 0 asks the kernel for a fresh port: it cannot clash
-        key = (listener.protocol, listener.address)
-        first = addresses.setdefault(key, index)
-        if first != index:
-            field = "path" if isinstance(listener, UnixListener) else "port"
-            yield (
-                ("listeners", index, field),
-                f"{listener.protocol} {listener.address} is already used by listeners[{first}]",
-            )
+    for index, listener in enumerate(listeners):
+        if listener is None:
+            continue
+        combined = _combinations(listener, complete=index not in partial)
+        yield from ((("listeners", index, *loc), message) for loc, message in combined)
+        if hasattr(listener, "name"):
+            first = names.setdefault(listener.name, index)
+            if first != index:
+                yield ("listeners", index, "name"), f"{listener.name!r} is already the name of listeners[{first}]"
+    yield from _overlaps(listeners)
+
+
+def _overlaps(listeners: Sequence[Listener | None]) -> Iterator[Problem]:
+    """Two listeners that cannot both be bound, as Linux decides it: the same address, or a
+    wildcard address and another of its family (or any IPv4 one, for a dual-stack `::`) on the
+    same protocol and port, unless both set reuse_port."""
+    earlier: list[tuple[int, Listener]] = []
+    for index, listener in enumerate(listeners):
+        if isinstance(listener, InetListener) and _has(listener, "protocol", "host", "port", "reuse_port", "ipv6_only"):
+            if listener.port == 0:
+                continue  # port 0 asks the kernel for a fresh port: it cannot clash
+        elif not isinstance(listener, UnixListener) or not _has(listener, "protocol", "path"):
+            continue
+        for first, other in earlier:
+            who = f"listener {other.name!r} ({_index(first)})" if _has(other, "name") else _index(first)
+            if problem := _overlap(other, listener, who):
+                yield ("listeners", index, *problem[0]), problem[1]
+                break
+        earlier.append((index, listener))
+
+
+def _overlap(first: Listener, listener: Listener, who: str) -> Problem | None:
+    if first.protocol != listener.protocol:
+        return None
+    used = f"{listener.protocol} {listener.address} is already used by {who}"
+    if isinstance(listener, UnixListener) or isinstance(first, UnixListener):
+        return (("path",), used) if first.address == listener.address else None
+    if first.port != listener.port:
+        return None
+    try:
+        mine, theirs = ipaddress.ip_address(listener.host), ipaddress.ip_address(first.host)
+    except ValueError:  # a host name: what it resolves to is known only when it is bound
+        return (("port",), used) if first.host == listener.host else None
+    if mine == theirs:
+        return ("port",), used
+    if first.reuse_port and listener.reuse_port:
+        return None
+    overlaps = f"{listener.protocol} {listener.address} overlaps {first.address} of {who}"
+    for wildcard, other, on in ((mine, theirs, listener), (theirs, mine, first)):
+        if not wildcard.is_unspecified:
+            continue
+        if wildcard.version == other.version:
+            every = f"{wildcard} takes the port on every IPv{wildcard.version} address"
+            return ("host",), f"{overlaps}: {every}, so only one can be bound, unless both set reuse_port: true"
+        if wildcard.version == 6 and on.ipv6_only is not True:
+            return ("host",), f"{overlaps}: :: takes the port over IPv4 too, unless it sets ipv6_only: true"
+    return None
+
+
+def _has(listener: Listener, *fields: str) -> bool:
+    # A listener that failed in part lacks the fields that failed (see _listener).
+    return all(hasattr(listener, field) for field in fields)
+
+
+def _index(index: int) -> str:
+    return f"listeners[{index}]"
 
 
 def alternatives(words: Sequence[str]) -> str:
@@ -441,23 +610,50 @@ def alternatives(words: Sequence[str]) -> str:
     return " or ".join([", ".join(words[:-1]), words[-1]]) if len(words) > 1 else words[0]
 
 
-def _combinations(listener: Listener) -> Iterator[Problem]:
-    """Rules on how one listener's settings go together."""
+def _combinations(listener: Listener, complete: bool = True) -> Iterator[Problem]:
+    """Rules on how one listener's settings go together. On a listener that failed in part (not
+    `complete`), a rule that reads a field that failed raises AttributeError: it depends on that
+    field's own error, and waits until it is fixed."""
+    for rule in _RULES:
+        try:
+            problems = list(rule(listener))
+        except AttributeError:
+            if complete:
+                raise
+            continue
+        yield from problems
+
+
+def _burst(listener: Listener) -> Iterator[Problem]:
     if listener.connection_burst is not None and listener.connection_rate is None:
         yield ("connection_burst",), "only valid with connection_rate"
+
+
+def _idle(listener: Listener) -> Iterator[Problem]:
     if listener.idle_timeout is not None and not (listener.streams or listener.handler == "relay"):
         yield ("idle_timeout",), "only valid with protocol: tcp or unix, or handler: relay"
-    yield from _select_bounds(listener)
-    if listener.handler != "relay":
-        return
-    if listener.max_message_size is not None:
+
+
+def _relay_message_size(listener: Listener) -> Iterator[Problem]:
+    if listener.handler == "relay" and listener.max_message_size is not None:
         yield ("max_message_size",), "not valid with handler: relay (it passes bytes through)"
-    if listener.log_connections:
+
+
+def _relay_logged(listener: Listener) -> Iterator[Problem]:
+    if listener.handler == "relay" and listener.log_connections:
         yield ("log_connections",), "not valid with handler: relay (its connections are not logged)"
+
+
+def _relay_model(listener: Listener) -> Iterator[Problem]:
     relaying = [name for name, kind in MODELS.items() if kind.relays]
-    if listener.concurrency not in relaying:
+    if listener.handler == "relay" and listener.concurrency not in relaying:
         models = alternatives(relaying)
         yield ("concurrency",), f"handler: relay needs concurrency: {models} (not {listener.concurrency})"
+
+
+def _relay_upstream(listener: Listener) -> Iterator[Problem]:
+    if listener.handler != "relay":
+        return
     if listener.upstream is None:
         yield ("upstream",), "required with handler: relay"
     elif (listener.upstream_endpoint[0] == "udp") != (listener.protocol == "udp"):
@@ -492,6 +688,9 @@ def _select_bounds(listener: Listener) -> Iterator[Problem]:
         )
 
 
+_RULES = (_burst, _idle, _select_bounds, _relay_message_size, _relay_logged, _relay_model, _relay_upstream)
+
+
 def _relays_to_itself(listener: Listener) -> bool:
     scheme, where = listener.upstream_endpoint
     if isinstance(listener, UnixListener):
@@ -511,9 +710,10 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def _explain(error: ErrorDetails) -> Problem:
-    """Turn one pydantic error into (location, message) in the words of this file's format."""
-    loc, kind = tuple(error["loc"]), error["type"]
+def _explain(loc: tuple[Any, ...], error: ErrorDetails, model: type[BaseModel]) -> Problem:
+    """Turn one pydantic error at `loc`, in a mapping validated as `model`, into (location,
+    message) in the words of this file's format."""
+    kind = error["type"]
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         loc += ("protocol",)
         if kind == "union_tag_not_found":
@@ -523,10 +723,12 @@ def _explain(error: ErrorDetails) -> Problem:
         return loc, "required"
     if kind == "extra_forbidden":
         key = loc[-1]
-        for variant, protocols in ((InetListener, "tcp or udp"), (UnixListener, "unix")):
-            if key in variant.model_fields:
-                return loc, f"only valid with protocol: {protocols}"
-        return loc, "unknown key"
+        if model in _VARIANTS.values():
+            for variant, protocols in ((InetListener, "tcp or udp"), (UnixListener, "unix")):
+                if key in variant.model_fields:
+                    return loc, f"only valid with protocol: {protocols}"
+        near = difflib.get_close_matches(str(key), list(model.model_fields), n=1)
+        return loc, f"unknown key; did you mean {near[0]!r}?" if near else "unknown key"
     if kind == "string_pattern_mismatch":
         return loc, _PATTERN_MEANINGS[error["ctx"]["pattern"]]
     if kind == "too_short" and loc == ("listeners",):
@@ -545,10 +747,10 @@ _PATTERN_MEANINGS = {
 
 
 def _walk(root: yaml.Node | None, loc: tuple[Any, ...]) -> Iterator[tuple[yaml.Node, Any]]:
-    """Follow a pydantic error location through the YAML node tree, yielding (node, loc part).
+    """Follow a problem's location through the YAML node tree, yielding (node, loc part).
 
-    Parts with no node behind them (the tag of a discriminated union, a missing key) are yielded
-    with the deepest node reached, so callers can both skip them and still find a line."""
+    Parts with no node behind them (a missing key) are yielded with the deepest node reached, so
+    that the line is still found."""
     node = root
     for part in loc:
         child: yaml.Node | None = None
@@ -560,13 +762,7 @@ def _walk(root: yaml.Node | None, loc: tuple[Any, ...]) -> Iterator[tuple[yaml.N
             node = child
             yield node, part
         elif node is not None:
-            yield node, None if _is_union_tag(node, part) else part
-
-
-def _is_union_tag(node: yaml.Node, part: Any) -> bool:
-    return isinstance(node, yaml.MappingNode) and any(
-        getattr(k, "value", None) == "protocol" and getattr(v, "value", None) == part for k, v in node.value
-    )
+            yield node, part
 
 
 def _line(root: yaml.Node | None, loc: tuple[Any, ...]) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import os
@@ -17,17 +18,54 @@ IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # <linux/in.h>; Python names i
 # What accept() (or socket()) fails with when descriptors or memory run out: a reason to pause
 # and retry, never to spin or to die.
 OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+PORT_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+RESERVED_PORTS = "/proc/sys/net/ipv4/ip_local_reserved_ports"
 
 
 class BindError(Exception):
     """A socket cannot be had; the message is one line naming what it is for, the address, the reason."""
 
-    def __init__(self, what: str, address: str, reason: str) -> None:
+    def __init__(self, what: str, address: str, reason: str, code: int | None = None) -> None:
         super().__init__(f"cannot bind {what} to {address}: {reason}")
+        self.what, self.address, self.reason, self.errno = what, address, reason, code
 
     @classmethod
     def of(cls, listener: Listener, exc: OSError) -> BindError:
-        return cls(f"listener {listener.name!r}", f"{listener.protocol} {listener.address}", reason(exc))
+        why = reason(exc)
+        if exc.errno == errno.EADDRINUSE and isinstance(listener, InetListener):
+            why += _ephemeral_hint(listener.port)
+        return cls(f"listener {listener.name!r}", f"{listener.protocol} {listener.address}", why, exc.errno)
+
+    def noting(self, note: str) -> BindError:
+        """The same error, with `note` after its reason."""
+        return BindError(self.what, self.address, f"{self.reason}; {note}", self.errno)
+
+
+def _ephemeral_hint(port: int) -> str:
+    """Why a port may be in use with no server on it: the kernel gives the ports of
+    ip_local_port_range to client connections (the tests', a browser's), and a client's
+    TIME_WAIT holds one for a minute after it closed, even against SO_REUSEADDR."""
+    try:
+        low, high = map(int, Path(PORT_RANGE).read_text().split())
+        reserved = Path(RESERVED_PORTS).read_text().strip()
+    except (OSError, ValueError):
+        return ""
+    if not low <= port <= high or _listed(port, reserved):
+        return ""
+    return (
+        f"; port {port} is in net.ipv4.ip_local_port_range ({low}-{high}), where the kernel picks the"
+        f" ports of client connections: one may hold it; pick a port outside the range, or reserve it"
+        f" (sysctl net.ipv4.ip_local_reserved_ports={port})"
+    )
+
+
+def _listed(port: int, ranges: str) -> bool:
+    """Whether `ranges` ("20675,50000-50002") names `port`."""
+    for part in filter(None, ranges.split(",")):
+        first, _, last = part.partition("-")
+        if int(first) <= port <= int(last or first):
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -71,6 +109,41 @@ def adopt(listener: Listener, sock: socket.socket) -> Bound:
         )
     tune(sock, listener)
     return Bound(listener, sock, address, activated=True)
+
+
+# The states of /proc/net/tcp (include/net/tcp_states.h), as `ss` names them. A socket that is
+# bound and not listening is in neither of the tables it lists.
+TCP_STATES = {
+    "01": "ESTABLISHED",
+    "02": "SYN-SENT",
+    "03": "SYN-RECV",
+    "04": "FIN-WAIT-1",
+    "05": "FIN-WAIT-2",
+    "06": "TIME-WAIT",
+    "07": "CLOSE",
+    "08": "CLOSE-WAIT",
+    "09": "LAST-ACK",
+    "0A": "LISTEN",
+    "0B": "CLOSING",
+}
+
+
+def connections_holding(listener: Listener) -> str | None:
+    """What holds a TCP listener's port when it is connections alone, which end by themselves
+    (a client's TIME-WAIT within a minute), as "2 TIME-WAIT, 1 ESTABLISHED"; None when a
+    server may hold it (a LISTEN socket, or one bound that /proc/net/tcp does not list)."""
+    if not isinstance(listener, InetListener) or listener.protocol != "tcp" or listener.port == 0:
+        return None
+    states: collections.Counter[str] = collections.Counter()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                if int(local.rpartition(":")[2], 16) == listener.port:
+                    states[TCP_STATES.get(state, state)] += 1
+    if not states or "LISTEN" in states:
+        return None
+    return ", ".join(f"{count} {state}" for state, count in states.most_common())
 
 
 def udp_ports(bounds: Iterable[Bound]) -> frozenset[int]:

@@ -11,6 +11,7 @@ a model or a handler: those live in the worker.
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import resource
 import selectors
@@ -28,7 +29,7 @@ from sockd.forkserver import ForkServerError, Spawner
 from sockd.group import Group
 from sockd.logging import configure
 from sockd.plan import Step, plan, summary
-from sockd.sockets import BindError, Bound, adopt, bind, reason, udp_ports
+from sockd.sockets import BindError, Bound, adopt, bind, connections_holding, reason, udp_ports
 from sockd.spec import WorkerSettings
 
 log = structlog.get_logger()
@@ -40,6 +41,9 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 # worker's socketpair and counters, and room to spare. Nothing a client does can spend them (the
 # endpoint's connections are capped), so a dead worker can always be replaced.
 RESERVED_DESCRIPTORS = 32
+# A TIME-WAIT lasts 60 s on Linux (TCP_TIMEWAIT_LEN), ended by a timer that may fire a little late.
+BIND_WAIT = 65.0
+BIND_RETRY = 0.2
 
 
 class DescriptorLimit(Exception):
@@ -113,14 +117,16 @@ class Supervisor:
         bounds: dict[str, Bound] = {}
         try:
             make_room(self.config)
+            # Said before binding: a listener that then fails to bind may be the one meant.
+            for name in sorted(self.activated.keys() - {listener.name for listener in self.config.listeners}):
+                log.warning("systemd passed a socket that no listener is named after", name=name)
+            deadline = time.monotonic() + BIND_WAIT  # one wait for all: connections end together
             for listener in self.config.listeners:
-                bounds[listener.name] = self._bind(listener)
+                bounds[listener.name] = self._bind_at_start(listener, deadline)
             settings = WorkerSettings.of(self.config, udp_ports(bounds.values()))
             self.groups = {name: self._group(bound.listener, bound, settings) for name, bound in bounds.items()}
             if self.config.metrics.enabled:
                 exporter = self._exporter()
-            for name in self.activated:
-                log.warning("systemd passed a socket that no listener is named after", name=name)
             self.spawner.start()  # before the exporter's thread: nothing forks a threaded process
         except BaseException:
             for bound in bounds.values():
@@ -357,7 +363,41 @@ class Supervisor:
     def _bind(self, listener: Listener) -> Bound:
         if listener.name in self.activated:
             return adopt(listener, self.activated.pop(listener.name))
-        return bind(listener)
+        try:
+            return bind(listener)
+        except BindError as exc:
+            if not self.activated:
+                raise
+            names = ", ".join(repr(name) for name in sorted(self.activated))
+            raise exc.noting(f"systemd passed sockets named {names}, none named {listener.name!r}") from None
+
+    def _bind_at_start(self, listener: Listener, deadline: float) -> Bound:
+        """Bind a listener, waiting until `deadline` while its port is held by connections alone.
+
+        A client connection's TIME-WAIT holds its port for a minute after it closed, even against
+        SO_REUSEADDR: `make test` leaves some on the example config's ports, which lie in the
+        kernel's range for client ports, and `make run` right after would fail. nginx retries
+        its binds at start too. Only at start: a reload must not hold up the loop for a minute.
+        A stop signal ends the wait."""
+        waiting = False
+        while True:
+            try:
+                return self._bind(listener)
+            except BindError as exc:
+                held = connections_holding(listener) if exc.errno == errno.EADDRINUSE else None
+                stop = any(signum in (signal.SIGTERM, signal.SIGINT) for signum in self.signals)
+                if held is None or stop or time.monotonic() > deadline:
+                    raise
+                if not waiting:
+                    log.warning(
+                        "address in use by connections, not a server: waiting for them to end",
+                        listener=listener.name,
+                        address=listener.address,
+                        held_by=held,
+                        at_most_seconds=round(deadline - time.monotonic(), 1),
+                    )
+                    waiting = True
+            time.sleep(BIND_RETRY)
 
     # -- metrics
 

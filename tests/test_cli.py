@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -178,7 +180,8 @@ def test_check_of_a_file_that_is_not_yaml(tmp_path: Path) -> None:
     assert result.returncode == EX_CONFIG, result.stderr
     assert result.stdout == ""
     assert result.stderr.splitlines() == [
-        f"{path}:2: invalid YAML: found character '\\t' that cannot start any token (while scanning for the next token)"
+        f"{path}:2: invalid YAML: found character '\\t' that cannot start any token"
+        " (while scanning for the next token); indent with spaces: YAML does not allow tabs"
     ]
     assert result.stderr == stderr_of(check(path)[1])
 
@@ -275,16 +278,48 @@ def test_an_unknown_option_is_a_usage_error() -> None:
 # Bind failures: exit 71, one line naming the listener, the address and the reason
 
 
+def _client_port_range() -> tuple[int, int]:
+    low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    return int(low), int(high)
+
+
 @pytest.mark.parametrize("protocol", ["tcp", "udp"])
 def test_address_in_use(tmp_path: Path, protocol: str) -> None:
+    # squatting's port is the kernel's pick for a client: inside ip_local_port_range, so the
+    # error says a client connection may hold it (here a server does; sockd cannot tell which).
     path = tmp_path / "config.yaml"
     with squatting(protocol) as address:
         path.write_text(one_listener("web", protocol, address))
         result = run_sockd("-c", str(path))
+    port = int(address.rsplit(":", 1)[1])
+    low, high = _client_port_range()
     assert result.returncode == EX_OSERR, result.stderr
     assert result.stdout == ""
     assert result.stderr.splitlines() == [
-        f"sockd: cannot bind listener 'web' to {protocol} {address}: address already in use"
+        f"sockd: cannot bind listener 'web' to {protocol} {address}: address already in use;"
+        f" port {port} is in net.ipv4.ip_local_port_range ({low}-{high}), where the kernel picks the ports of"
+        " client connections: one may hold it; pick a port outside the range, or reserve it"
+        f" (sysctl net.ipv4.ip_local_reserved_ports={port})"
+    ]
+
+
+def test_address_in_use_outside_the_client_port_range_gives_no_hint(tmp_path: Path) -> None:
+    low, _ = _client_port_range()
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(socket.socket())
+        for port in range(low - 1, max(low - 200, 1024), -1):  # the first free port below the range
+            with contextlib.suppress(OSError):
+                server.bind(("127.0.0.1", port))
+                break
+        else:
+            pytest.skip(f"no free port in the 200 below {low}")
+        server.listen()
+        path = tmp_path / "config.yaml"
+        path.write_text(one_listener("web", "tcp", f"127.0.0.1:{port}"))
+        result = run_sockd("-c", str(path))
+    assert result.returncode == EX_OSERR, result.stderr
+    assert result.stderr.splitlines() == [
+        f"sockd: cannot bind listener 'web' to tcp 127.0.0.1:{port}: address already in use"
     ]
 
 
@@ -304,9 +339,8 @@ def test_address_in_use_after_another_listener_bound(tmp_path: Path) -> None:
         )
         result = run_sockd("-c", str(path))
     assert result.returncode == EX_OSERR, result.stderr
-    assert result.stderr.splitlines() == [
-        f"sockd: cannot bind listener 'second' to udp {address}: address already in use"
-    ]
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"sockd: cannot bind listener 'second' to udp {address}: address already in use;")
 
 
 def test_unix_path_that_is_not_a_socket(tmp_path: Path, sockdir: Path) -> None:

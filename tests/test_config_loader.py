@@ -30,7 +30,8 @@ NOT_A_CONFIG = [
         """,
         [
             "{path}:4: invalid YAML: expected <block end>, but found '<block mapping start>'"
-            " (while parsing a block collection started at line 2)"
+            " (while parsing a block collection started at line 2);"
+            " a line is probably indented differently from the others of its block"
         ],
         id="malformed_yaml_bad_indentation",
     ),
@@ -40,16 +41,55 @@ NOT_A_CONFIG = [
         listeners: [
           {name: web, protocol: tcp,
         """,
-        ["{path}:3: invalid YAML: expected the node content, but found '<stream end>' (while parsing a flow node)"],
+        [
+            "{path}:3: invalid YAML: expected the node content, but found '<stream end>' (while parsing a flow node);"
+            " a [ or {{ is not closed"
+        ],
         id="malformed_yaml_unclosed_bracket",
     ),
     pytest.param(
         "listeners:\n\t- name: web\n",
         [
             "{path}:2: invalid YAML: found character '\\t' that cannot start any token"
-            " (while scanning for the next token)"
+            " (while scanning for the next token); indent with spaces: YAML does not allow tabs"
         ],
         id="malformed_yaml_tab_indentation",
+    ),
+    pytest.param(
+        """
+        listeners:
+          - name: web
+            protocol: tcp
+            port: 80
+              handler: echo
+        """,
+        [
+            "{path}:5: invalid YAML: mapping values are not allowed here;"
+            " a `key: value` line is probably indented wrongly, or a colon needs quoting"
+        ],
+        id="malformed_yaml_key_indented_under_a_value",
+    ),
+    pytest.param(
+        """
+        listeners:
+          - name: web: the main one
+        """,
+        [
+            "{path}:2: invalid YAML: mapping values are not allowed here;"
+            " a `key: value` line is probably indented wrongly, or a colon needs quoting"
+        ],
+        id="malformed_yaml_colon_in_a_value",
+    ),
+    pytest.param(
+        """
+        listeners:
+          - name: "web
+        """,
+        [
+            "{path}:3: invalid YAML: found unexpected end of stream"
+            " (while scanning a quoted scalar started at line 2); a quote is not closed"
+        ],
+        id="malformed_yaml_unclosed_quote",
     ),
     pytest.param(
         """
@@ -57,7 +97,7 @@ NOT_A_CONFIG = [
         """,
         [
             "{path}:1: invalid YAML: could not determine a constructor for the tag "
-            "'tag:yaml.org,2002:python/object/apply:os.system'"
+            "'tag:yaml.org,2002:python/object/apply:os.system'; sockd reads plain YAML: remove the tag"
         ],
         id="yaml_with_a_python_tag_is_not_executed",
     ),

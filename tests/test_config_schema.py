@@ -7,11 +7,15 @@ prints exactly these lines and exits 78. Reading the YAML itself is test_config_
 
 from __future__ import annotations
 
+import re
+import socket
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sockd.config import ConfigError, InetListener, parse
+from sockd.sockets import BindError, bind
 
 from support import Expected, assert_accepted, assert_rejected
 
@@ -328,7 +332,7 @@ PORTS_AND_ADDRESSES = [
             handler: timestamp
             concurrency: selector
         """,
-        [(11, "listeners[1].port", "tcp 127.0.0.1:8080 is already used by listeners[0]")],
+        [(11, "listeners[1].port", "tcp 127.0.0.1:8080 is already used by listener 'one' (listeners[0])")],
         id="two_listeners_on_the_same_tcp_address",
     ),
     pytest.param(
@@ -347,7 +351,7 @@ PORTS_AND_ADDRESSES = [
             handler: echo
             concurrency: threaded
         """,
-        [(11, "listeners[1].port", "udp [::1]:53 is already used by listeners[0]")],
+        [(11, "listeners[1].port", "udp [::1]:53 is already used by listener 'one' (listeners[0])")],
         id="two_listeners_on_the_same_ipv6_address",
     ),
     pytest.param(
@@ -364,7 +368,7 @@ PORTS_AND_ADDRESSES = [
             handler: echo
             concurrency: asyncio
         """,
-        [(9, "listeners[1].path", "unix /tmp/shared.sock is already used by listeners[0]")],
+        [(9, "listeners[1].path", "unix /tmp/shared.sock is already used by listener 'one' (listeners[0])")],
         id="two_unix_listeners_on_the_same_path",
     ),
 ]
@@ -831,3 +835,195 @@ listeners:
     assert [str(block) for block in a.allow] == ["10.0.0.0/8", "2001:db8::/32"]
     assert b.upstream_endpoint == ("tcp", ("::1", 8080))
     assert c.upstream_endpoint == ("udp", ("127.0.0.1", 53))
+
+
+# ---------------------------------------------------------------------------------------------
+# Every problem at once: none hides another
+
+
+def test_a_protocol_in_the_wrong_case_hides_none_of_the_listeners_other_problems(tmp_path: Path) -> None:
+    assert_rejected(
+        tmp_path,
+        """
+        listeners:
+          - name: web
+            protocol: TCP
+            host: 127.0.0.1
+            port: 70000
+            handler: Echo
+            concurrency: threads
+        """,
+        (3, "listeners[0].protocol", "input should be 'tcp', 'udp' or 'unix', not 'TCP'"),
+        (5, "listeners[0].port", "input should be less than or equal to 65535"),
+        (6, "listeners[0].handler", "input should be 'echo', 'timestamp', 'discard', 'daytime', 'time' or 'relay'"),
+        (
+            7,
+            "listeners[0].concurrency",
+            "input should be 'iterative', 'threaded', 'thread_pool', 'busy_poll', 'selector' or 'asyncio'",
+        ),
+    )
+
+
+def test_a_protocol_that_names_no_kind_still_checks_what_does_not_depend_on_it(tmp_path: Path) -> None:
+    # sctp could have meant tcp or udp: `nodelay` (tcp only) is left alone, its wrong type is not.
+    assert_rejected(
+        tmp_path,
+        """
+        listeners:
+          - name: web
+            protocol: sctp
+            host: 127.0.0.1
+            port: 70000
+            handler: echo
+            concurrency: threaded
+            nodelay: 3
+            keepalive: true
+          - name: sock
+            protocol: unixx
+            path: /tmp/x.sock
+            mode: "999"
+            handler: echo
+            concurrency: threaded
+        """,
+        (3, "listeners[0].protocol", "input should be 'tcp', 'udp' or 'unix', not 'sctp'"),
+        (5, "listeners[0].port", "input should be less than or equal to 65535"),
+        (8, "listeners[0].nodelay", "input should be a valid boolean"),
+        (11, "listeners[1].protocol", "input should be 'tcp', 'udp' or 'unix', not 'unixx'"),
+        (13, "listeners[1].mode", 'should be octal permission bits, as in "0660"'),
+    )
+
+
+def test_a_rule_across_fields_is_reported_beside_the_fields_own_errors(tmp_path: Path) -> None:
+    # A relay under `threaded` and a name used twice are independent of the port's error; the
+    # relay's `upstream` rule is not checked on a listener whose handler has an error of its own.
+    assert_rejected(
+        tmp_path,
+        """
+        listeners:
+          - name: web
+            protocol: tcp
+            host: 127.0.0.1
+            port: 70000
+            handler: relay
+            upstream: tcp://127.0.0.1:80
+            concurrency: threaded
+          - name: web
+            protocol: TCP
+            host: 127.0.0.1
+            port: 8080
+            handler: relay-ish
+            concurrency: threaded
+            threads: 2
+        """,
+        (5, "listeners[0].port", "input should be less than or equal to 65535"),
+        (
+            8,
+            "listeners[0].concurrency",
+            "handler: relay needs concurrency: selector, busy_poll or asyncio (not threaded)",
+        ),
+        (9, "listeners[1].name", "'web' is already the name of listeners[0]"),
+        (10, "listeners[1].protocol", "input should be 'tcp', 'udp' or 'unix', not 'TCP'"),
+        (13, "listeners[1].handler", "input should be 'echo', 'timestamp', 'discard', 'daytime', 'time' or 'relay'"),
+        (
+            15,
+            "listeners[1].threads",
+            "only valid with concurrency: thread_pool (this listener has concurrency: threaded)",
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            "listeners:\n  - {name: a, protocol: tcp, host: 127.0.0.1, port: 1, handler: echo, concurency: threaded}\n",
+            [
+                (2, "listeners[0].concurency", "unknown key; did you mean 'concurrency'?"),
+                (2, "listeners[0].concurrency", "required"),
+            ],
+            id="listener",
+        ),
+        pytest.param(
+            "listeners:\n  - {name: a, protocol: unix, path: /tmp/a.sock, mdoe: '0600', handler: echo,"
+            " concurrency: threaded}\n",
+            [(2, "listeners[0].mdoe", "unknown key; did you mean 'mode'?")],
+            id="unix_listener",
+        ),
+        pytest.param(
+            "metrics: {prot: 9000}\nlogging: {levle: info}\nshutdown_timout: 1\nlisteners: []\n",
+            [
+                (1, "metrics.prot", "unknown key; did you mean 'port'?"),
+                (2, "logging.levle", "unknown key; did you mean 'level'?"),
+                (3, "shutdown_timout", "unknown key; did you mean 'shutdown_timeout'?"),
+                (4, "listeners", "needs at least one listener"),
+            ],
+            id="top_level_metrics_and_logging",
+        ),
+    ],
+)
+def test_an_unknown_key_suggests_the_nearest_known_one(tmp_path: Path, text: str, expected: list[Expected]) -> None:
+    assert_rejected(tmp_path, text, *expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Two listeners that cannot both be bound: --check says so exactly when Linux would refuse
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "field", "clash"),
+    [
+        ("tcp 0.0.0.0", "tcp 127.0.0.1", "host", "0.0.0.0 takes the port on every IPv4 address"),
+        ("udp 127.0.0.1", "udp 0.0.0.0", "host", "0.0.0.0 takes the port on every IPv4 address"),
+        ("tcp 0.0.0.0 reuse_port", "tcp 127.0.0.1 reuse_port", None, None),
+        ("tcp :: ", "tcp 0.0.0.0", "host", ":: takes the port over IPv4 too, unless it sets ipv6_only: true"),
+        ("udp 0.0.0.0", "udp ::", "host", ":: takes the port over IPv4 too, unless it sets ipv6_only: true"),
+        ("tcp :: ipv6_only", "tcp 0.0.0.0", None, None),
+        ("tcp :: ipv6_only", "tcp 127.0.0.1", None, None),
+        ("tcp ::", "tcp 127.0.0.1", "host", ":: takes the port over IPv4 too, unless it sets ipv6_only: true"),
+        ("tcp ::", "tcp ::1", "host", ":: takes the port on every IPv6 address"),
+        ("tcp ::1", "tcp 0.0.0.0", None, None),
+        ("tcp 127.0.0.1", "tcp 127.0.0.2", None, None),
+        ("tcp 0.0.0.0", "udp 0.0.0.0", None, None),
+        ("tcp 127.0.0.1", "tcp 127.0.0.1", "port", None),
+    ],
+)
+def test_listeners_that_cannot_both_be_bound_are_refused_as_linux_refuses_them(
+    first: str, second: str, field: str | None, clash: str | None
+) -> None:
+    port = _free_port()
+    entries = []
+    for index, spec in enumerate((first, second)):
+        protocol, host, *options = spec.split()
+        entry: dict[str, object] = {"name": f"l{index}", "protocol": protocol, "host": host, "port": port}
+        entry |= {"handler": "echo", "concurrency": "selector", **dict.fromkeys(options, True)}
+        entries.append(entry)
+    text = yaml.safe_dump({"listeners": entries}, sort_keys=False)
+    try:
+        parse(text, "c.yaml")
+        problems = []
+    except ConfigError as exc:
+        problems = exc.problems
+    bound = []
+    try:
+        for entry in entries:
+            bound.append(bind(InetListener.model_validate(entry)))
+    except BindError:
+        pass
+    finally:
+        for each in bound:
+            each.close()
+    assert (len(bound) < 2) == bool(problems), (problems, len(bound))
+    if field is not None:  # one line, on the second listener, naming the first
+        [problem] = problems
+        host = second.split()[1]
+        shown = re.escape(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        assert re.fullmatch(
+            rf"c\.yaml:\d+: listeners\[1\]\.{field}: \w+ {shown} .* listener 'l0' \(listeners\[0\]\).*", problem
+        )
+        assert clash is None or clash in problem, problem
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:  # dual-stack: free over IPv4 too
+        sock.bind(("::", 0))
+        return int(sock.getsockname()[1])

@@ -4,6 +4,7 @@ systemd-socket-activate (socket activation: LISTEN_PID, LISTEN_FDS, LISTEN_FDNAM
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -322,6 +323,44 @@ def test_a_passed_socket_of_the_wrong_kind_is_a_bind_error(tmp_path: Path) -> No
     assert ours[0].startswith("sockd: cannot bind listener 'tcp-echo'"), ours
     assert f"AF_INET SOCK_DGRAM 127.0.0.1:{port}" in ours[0], ours  # what was passed
     assert ours[0].endswith("not a tcp socket"), ours
+
+
+def test_a_passed_socket_no_listener_is_named_after_is_named_and_so_is_it_in_the_bind_error(tmp_path: Path) -> None:
+    # A slip in FileDescriptorName=: sockd binds the port itself, which systemd holds, and fails.
+    port = free_port()
+    config = tmp_path / "sockd.yaml"
+    config.write_text(config_text([listener("tcp-echo", "tcp", "echo", "asyncio", port=port)]))
+    stderr = tmp_path / "stderr"
+    environment = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
+    with stderr.open("w") as output:
+        process = subprocess.Popen(
+            [*activator(port, "tcp-ech0"), *sockd_command("-c", str(config))],
+            stderr=output,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env=environment,
+            start_new_session=True,
+        )
+    try:
+        wait_for_line(stderr, "Listening on", process)
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT):
+            pass  # systemd-socket-activate execs sockd now
+        code = process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    lines = stderr.read_text().splitlines()
+    execing = [i for i, line in enumerate(lines) if line.startswith("Execing")]
+    assert execing, lines
+    warning, error = lines[execing[0] + 1 :]  # what sockd printed, after systemd-socket-activate's own lines
+    assert code == 71, lines
+    assert json.loads(warning)["event"] == "systemd passed a socket that no listener is named after", warning
+    assert json.loads(warning)["name"] == "tcp-ech0", warning
+    assert error.startswith(
+        f"sockd: cannot bind listener 'tcp-echo' to tcp 127.0.0.1:{port}: address already in use"
+    ), error
+    assert error.endswith("; systemd passed sockets named 'tcp-ech0', none named 'tcp-echo'"), error
 
 
 def test_listen_fds_meant_for_another_process_are_left_alone(start_sockd: Launcher) -> None:
