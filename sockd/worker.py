@@ -105,8 +105,8 @@ def _listen(channel: socket.socket, stop: models.Stop, listener: str) -> None:
 def _obey(line: bytes, stop: models.Stop, listener: str) -> None:
     command, _, argument = line.partition(b" ")
     if command == b"retire":
-        log.debug("retired: serving the open connections on")
         stop.set()
+        log.debug("retired: serving the open connections on")  # a blocking model's listener closed
     elif command == b"logging":
         try:
             settings = LoggingConfig.model_validate_json(argument)

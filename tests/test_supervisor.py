@@ -841,11 +841,14 @@ def _active(daemon: Daemon, name: str) -> float:
 
 
 def _new_generation(daemon: Daemon, listeners: list[dict[str, object]], name: str, **settings: object) -> int:
-    """Reload, and wait until the listener's new worker serves: its pid."""
+    """Reload, and wait until the listener's new worker serves and its old one accepts no more:
+    the new one's pid."""
+    old = daemon.worker_pids(name)[-1]
     mark = len(daemon.events)
     assert daemon.reload(listeners, **settings)["restarted"] == [name]
     pid = daemon.worker_pid(name, after=mark)
     daemon.wait_for("serving", pid=pid, after=mark)
+    daemon.wait_for("retired: serving the open connections on", pid=old, after=mark)
     return pid
 
 
