@@ -3,6 +3,7 @@ or a datagram with plain blocking calls. The models differ only in which thread 
 
 from __future__ import annotations
 
+import functools
 import select
 import socket
 import threading
@@ -37,7 +38,7 @@ def accepted(sock: socket.socket, stop: Stop, recorder: Recorder) -> Iterator[tu
 
 def received(sock: socket.socket, stop: Stop, recorder: Recorder) -> Iterator[tuple[bytes, Address]]:
     """Datagrams and their senders until `stop` is set; blocks in poll() while there are none."""
-    yield from _until_stopped(sock, stop, lambda: sock.recvfrom(BUFSIZE), recorder)
+    yield from _until_stopped(sock, stop, functools.partial(sock.recvfrom, BUFSIZE), recorder)
 
 
 def _until_stopped(sock: socket.socket, stop: Stop, take: Callable[[], T], recorder: Recorder) -> Iterator[T]:
@@ -132,14 +133,21 @@ class BlockingModel:
         stop.on_set(lambda: stop_listening(sock))
         stop.ending.on_set(self.service.stop)
 
-    def answer(self, datagrams: SocketDatagrams, data: bytes, sender: Address) -> None:
-        """Answer one datagram, the thread marked busy meanwhile (see Stats.publish)."""
+    def answerer(self, datagrams: SocketDatagrams) -> Callable[[bytes, Address], None]:
+        """What answers each datagram: with `delay`, the thread sleeps in it, and is marked busy
+        meanwhile (see Stats.publish); without, a handler answers at once, and nothing is marked."""
+        if not self.service.delay:
+            return datagrams.datagram_received
         recorder = datagrams.recorder
-        recorder.busy_since = time.monotonic()
-        try:
-            datagrams.datagram_received(data, sender)
-        finally:
-            recorder.busy_since = 0.0
+
+        def answer(data: bytes, sender: Address) -> None:
+            recorder.busy_since = time.monotonic()
+            try:
+                datagrams.datagram_received(data, sender)
+            finally:
+                recorder.busy_since = 0.0
+
+        return answer
 
     def serve_connection(self, conn: socket.socket, address: Address, recorder: Recorder) -> None:
         """Admit one connection and serve it to its end with blocking calls, then close it."""

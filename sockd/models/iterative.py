@@ -19,9 +19,9 @@ class Model(BlockingModel):
         threads runs too."""
         with self.stats.recorder() as recorder:
             if sock.type == socket.SOCK_DGRAM:
-                datagrams = SocketDatagrams(self.service, recorder, sock)
+                answer = self.answerer(SocketDatagrams(self.service, recorder, sock))
                 for data, sender in received(sock, stop, recorder):
-                    self.answer(datagrams, data, sender)
+                    answer(data, sender)
                 return
             for conn, address in accepted(sock, stop, recorder):
                 self.serve_connection(conn, address, recorder)

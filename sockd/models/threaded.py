@@ -54,7 +54,7 @@ class Model(BlockingModel):
     def _answer(self, sock: socket.socket, data: bytes, sender: Address, slots: threading.BoundedSemaphore) -> None:
         try:
             with self.stats.recorder() as recorder:
-                self.answer(SocketDatagrams(self.service, recorder, sock), data, sender)
+                self.answerer(SocketDatagrams(self.service, recorder, sock))(data, sender)
         finally:
             slots.release()
 
