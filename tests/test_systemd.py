@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -283,6 +283,36 @@ def test_socket_activation_of_a_udp_listener(start_sockd: Launcher) -> None:
     assert daemon.address("udp-echo") == f"127.0.0.1:{port}"
 
 
+def _activated(
+    tmp_path: Path, config: Path, activating: list[str], wake: Callable[[], None]
+) -> tuple[int, list[str], list[str]]:
+    """sockd run by systemd-socket-activate (`activating`), woken by `wake` (which makes it exec
+    sockd), to its exit: its exit code, every line of stderr, and the lines sockd printed."""
+    stderr = tmp_path / "stderr"
+    environment = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
+    with stderr.open("w") as output:
+        process = subprocess.Popen(
+            [*activating, *sockd_command("-c", str(config))],
+            stderr=output,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env=environment,
+            start_new_session=True,
+        )
+    try:
+        wait_for_line(stderr, "Listening on", process)
+        wake()
+        code = process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    lines = stderr.read_text().splitlines()
+    execing = [i for i, line in enumerate(lines) if line.startswith("Execing")]
+    assert execing, lines
+    return code, lines, lines[execing[0] + 1 :]  # after systemd-socket-activate's own lines
+
+
 def test_a_passed_socket_of_the_wrong_kind_is_a_bind_error(tmp_path: Path) -> None:
     port = free_port(socket.SOCK_DGRAM)
     config = tmp_path / "sockd.yaml"
@@ -294,30 +324,12 @@ def test_a_passed_socket_of_the_wrong_kind_is_a_bind_error(tmp_path: Path) -> No
             ]
         )
     )
-    stderr = tmp_path / "stderr"
-    environment = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
-    with stderr.open("w") as output:
-        process = subprocess.Popen(
-            [*activator(port, "tcp-echo", "--datagram"), *sockd_command("-c", str(config))],
-            stderr=output,
-            stdout=subprocess.DEVNULL,
-            text=True,
-            env=environment,
-            start_new_session=True,
-        )
-    try:
-        wait_for_line(stderr, "Listening on", process)
+
+    def wake() -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.sendto(b"wake up", ("127.0.0.1", port))  # systemd-socket-activate execs sockd now
-        code = process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    lines = stderr.read_text().splitlines()
-    execing = [i for i, line in enumerate(lines) if line.startswith("Execing")]
-    assert execing, lines
-    ours = lines[execing[0] + 1 :]  # what sockd printed, after systemd-socket-activate's own lines
+            sock.sendto(b"wake up", ("127.0.0.1", port))
+
+    code, lines, ours = _activated(tmp_path, config, activator(port, "tcp-echo", "--datagram"), wake)
     assert code == 71, lines
     assert len(ours) == 1, lines
     assert ours[0].startswith("sockd: cannot bind listener 'tcp-echo'"), ours
@@ -330,30 +342,12 @@ def test_a_passed_socket_no_listener_is_named_after_is_named_and_so_is_it_in_the
     port = free_port()
     config = tmp_path / "sockd.yaml"
     config.write_text(config_text([listener("tcp-echo", "tcp", "echo", "asyncio", port=port)]))
-    stderr = tmp_path / "stderr"
-    environment = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
-    with stderr.open("w") as output:
-        process = subprocess.Popen(
-            [*activator(port, "tcp-ech0"), *sockd_command("-c", str(config))],
-            stderr=output,
-            stdout=subprocess.DEVNULL,
-            text=True,
-            env=environment,
-            start_new_session=True,
-        )
-    try:
-        wait_for_line(stderr, "Listening on", process)
+
+    def wake() -> None:
         with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT):
-            pass  # systemd-socket-activate execs sockd now
-        code = process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    lines = stderr.read_text().splitlines()
-    execing = [i for i, line in enumerate(lines) if line.startswith("Execing")]
-    assert execing, lines
-    warning, error = lines[execing[0] + 1 :]  # what sockd printed, after systemd-socket-activate's own lines
+            pass
+
+    code, lines, (warning, error) = _activated(tmp_path, config, activator(port, "tcp-ech0"), wake)
     assert code == 71, lines
     assert json.loads(warning)["event"] == "systemd passed a socket that no listener is named after", warning
     assert json.loads(warning)["name"] == "tcp-ech0", warning
