@@ -639,11 +639,6 @@ def _relay_message_size(listener: Listener) -> Iterator[Problem]:
         yield ("max_message_size",), "not valid with handler: relay (it passes bytes through)"
 
 
-def _relay_logged(listener: Listener) -> Iterator[Problem]:
-    if listener.handler == "relay" and listener.log_connections:
-        yield ("log_connections",), "not valid with handler: relay (its connections are not logged)"
-
-
 def _relay_model(listener: Listener) -> Iterator[Problem]:
     relaying = [name for name, kind in MODELS.items() if kind.relays]
     if listener.handler == "relay" and listener.concurrency not in relaying:
@@ -688,7 +683,7 @@ def _select_bounds(listener: Listener) -> Iterator[Problem]:
         )
 
 
-_RULES = (_burst, _idle, _select_bounds, _relay_message_size, _relay_logged, _relay_model, _relay_upstream)
+_RULES = (_burst, _idle, _select_bounds, _relay_message_size, _relay_model, _relay_upstream)
 
 
 def _relays_to_itself(listener: Listener) -> bool:

@@ -300,30 +300,69 @@ class Stream(Connection):
         self.transport.close()
 
 
-class LoggedStream(Stream):
-    """A Stream that says, in one info line as it ends, who it served, for how long, what it
+class Logged(Connection):
+    """A connection that says, in one info line as it ends, who it served, for how long, what it
     moved and how it ended (`log_connections`, as xinetd's log_on_success). A model with the
-    option on serves its connections with `logged(its class)`: the counting is here only, so a
-    listener without it pays not one instruction per request for it.
+    option on serves its connections with `logged(its class, ...)`: the counting is in the
+    subclasses here (LoggedStream) and in relay.LoggedRelay only, so a listener without it pays
+    not one instruction per request or chunk for it.
 
     `peer()` is read as the connection opens: the client's `source` and `port` (or a Unix peer's
-    credentials), from its socket."""
+    credentials), from its socket. A subclass counts `bytes_in`, `bytes_out` and `requests`, and
+    says how the connection ends through `ended_by`."""
 
     # No __slots__: a dict per connection, only where connections are logged (a layout of slots
     # of its own could not be mixed with the models' classes, which have theirs).
 
+    unprompted: str  # what `ended` says when no cause was given to ended_by and no reset came
     began: float
     bytes_in: int
     bytes_out: int
     requests: int
     ending: str | None
-    client: dict[str, object]
+    who: dict[str, object]
 
     def opened(self) -> None:
         self.began = time.monotonic()
         self.bytes_in = self.bytes_out = self.requests = 0
         self.ending = None
-        self.client = self.peer()
+        self.who = self.peer()
+        super().opened()
+
+    def timed_out(self) -> None:
+        self.ended_by("timeout")
+        super().timed_out()
+
+    def end_input(self) -> None:
+        self.ended_by("drained")
+        super().end_input()
+
+    def ended_by(self, how: str) -> None:
+        """The first cause is the one said: a drained client's EOF follows its drain."""
+        if self.ending is None:
+            self.ending = how
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        log.info(
+            "connection closed",
+            **self.who,
+            duration=round(time.monotonic() - self.began, 6),
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            requests=self.requests,
+            ended=self.ending or ("reset" if exc is not None else self.unprompted),
+        )
+
+
+class LoggedStream(Logged, Stream):
+    """A Stream logged as it ends (see Logged): its requests are the chunks answered, and a
+    greeting."""
+
+    # Neither the client nor a limit: the handler had said all it had (daytime, timestamp).
+    unprompted = "server closed"
+
+    def opened(self) -> None:
         self.transport = Counted(self.transport, self)
         super().opened()
         if self.bytes_out:  # a greeting: the handler spoke first, which counts as a request
@@ -343,40 +382,14 @@ class LoggedStream(Stream):
         self.ended_by("too large")
         super().too_large()
 
-    def timed_out(self) -> None:
-        self.ended_by("timeout")
-        super().timed_out()
 
-    def end_input(self) -> None:
-        self.ended_by("drained")
-        super().end_input()
-
-    def ended_by(self, how: str) -> None:
-        """The first cause is the one said: a drained client's EOF follows its drain."""
-        if self.ending is None:
-            self.ending = how
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        super().connection_lost(exc)
-        log.info(
-            "connection closed",
-            **self.client,
-            duration=round(time.monotonic() - self.began, 6),
-            bytes_in=self.bytes_in,
-            bytes_out=self.bytes_out,
-            requests=self.requests,
-            # Neither the client nor a limit: the handler had said all it had (daytime, timestamp).
-            ended=self.ending or ("reset" if exc is not None else "server closed"),
-        )
+C = TypeVar("C", bound=Connection)
 
 
-S = TypeVar("S", bound=Stream)
-
-
-def logged(cls: type[S]) -> type[S]:
-    """`cls` (a model's Stream class, which defines `peer`) with its connections logged as they
-    end (see LoggedStream)."""
-    made: type[S] = type(f"Logged{cls.__name__}", (LoggedStream, cls), {})
+def logged(cls: type[C], how: type[Logged] = LoggedStream) -> type[C]:
+    """`cls` (a model's Stream class, or a relay driver's connection class with `how`
+    relay.LoggedRelay; it defines `peer`) with its connections logged as they end (see Logged)."""
+    made: type[C] = type(f"Logged{cls.__name__}", (how, cls), {})
     return made
 
 

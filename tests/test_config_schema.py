@@ -761,13 +761,6 @@ TCP, UDP, UNIX = (
             "log_connections",
             "only valid with protocol: tcp or unix",
         ),
-        (
-            "relay",
-            "selector",
-            f"{TCP}, upstream: 'tcp://h:1', log_connections: true",
-            "log_connections",
-            "not valid with handler: relay (its connections are not logged)",
-        ),
         ("echo", "selector", f"{UNIX}, freebind: true", "freebind", "only valid with protocol: tcp or udp"),
         ("echo", "selector", f"{TCP}, upstream: 'tcp://h:1'", "upstream", "only valid with handler: relay"),
         ("relay", "selector", TCP, "upstream", "required with handler: relay"),
@@ -826,7 +819,8 @@ listeners:
      max_message_size: 1024, backlog: 128, reuse_port: true, nodelay: false, keepalive: true,
      recv_buffer: 65536, send_buffer: 65536, ipv6_only: false, freebind: true, log_connections: true}
   - {name: b, protocol: unix, path: /tmp/b.sock, handler: relay, concurrency: selector,
-     upstream: "tcp://[::1]:8080", connect_timeout: 2, half_close_timeout: 1, allow_uids: [0], allow_gids: [0]}
+     upstream: "tcp://[::1]:8080", connect_timeout: 2, half_close_timeout: 1, allow_uids: [0], allow_gids: [0],
+     log_connections: true}
   - {name: c, protocol: udp, host: 127.0.0.1, port: 0, handler: relay, concurrency: busy_poll,
      upstream: "udp://127.0.0.1:53", idle_timeout: 30}
 """
@@ -834,6 +828,7 @@ listeners:
     assert isinstance(a, InetListener)
     assert [str(block) for block in a.allow] == ["10.0.0.0/8", "2001:db8::/32"]
     assert b.upstream_endpoint == ("tcp", ("::1", 8080))
+    assert b.log_connections
     assert c.upstream_endpoint == ("udp", ("127.0.0.1", 53))
 
 

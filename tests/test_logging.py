@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -250,3 +251,101 @@ def test_log_connections_says_how_each_connection_ended(start_sockd: Launcher, s
     assert (line["port"], line["requests"], line["ended"]) == (port, 1, "drained")
     assert daemon.process.wait(30) == 0
     assert [e for e in daemon.events if e.get("event") == "connection closed" and e["listener"] == "off"] == []
+
+
+RELAY_DRIVERS = ["asyncio", "selector"]  # busy_poll runs the selector's
+
+
+@pytest.mark.parametrize("model", RELAY_DRIVERS)
+def test_log_connections_logs_each_relayed_connection(start_sockd: Launcher, sockdir: Path, model: str) -> None:
+    echo = f"unix://{sockdir / 'echo.sock'}"
+    with socket.socket() as refusing:
+        refusing.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        daemon = start_sockd(
+            [
+                entry("echo", "unix", "echo", model, sockdir / "echo.sock"),
+                entry("relay", "tcp", "relay", model, upstream=echo, log_connections=True),
+                entry("uds", "unix", "relay", model, sockdir / "r.sock", upstream=echo, log_connections=True),
+                entry("refused", "tcp", "relay", model, upstream=_url(refusing), log_connections=True),
+                entry("off", "tcp", "relay", model, upstream=echo),
+            ]
+        )
+        with connect(daemon.address("refused")) as client, contextlib.suppress(ConnectionResetError):
+            assert client.recv(1) == b""
+        line = _closed(daemon, "refused")
+    assert (line["requests"], line["bytes_in"], line["bytes_out"], line["ended"]) == (1, 0, 0, "upstream failed")
+
+    with connect(daemon.address("relay")) as client:
+        for word in (b"one", b"two", b"three"):
+            client.sendall(word)
+            assert client.recv(10) == word
+        client.shutdown(socket.SHUT_WR)
+        assert read_to_eof(client) == b""
+        port = client.getsockname()[1]
+    line = _closed(daemon, "relay")
+    assert (line["source"], line["port"]) == ("127.0.0.1", port)
+    # One request: the relayed connection, as sockd_requests_total counts it.
+    assert (line["requests"], line["bytes_in"], line["bytes_out"], line["ended"]) == (1, 11, 11, "client closed")
+    assert line["duration"] >= 0
+    assert line["level"] == "info"
+
+    assert request(str(sockdir / "r.sock"), b"local") == b"local"
+    line = _closed(daemon, "uds")
+    assert (line["peer_pid"], line["peer_uid"]) == (os.getpid(), os.getuid())
+    assert (line["bytes_in"], line["bytes_out"], line["ended"]) == (5, 5, "client closed")
+
+    assert request(daemon.address("off"), b"unlogged") == b"unlogged"
+    assert daemon.stop() == 0
+    assert [e for e in daemon.events if e.get("event") == "connection closed" and e["listener"] == "off"] == []
+
+
+@pytest.mark.parametrize("model", RELAY_DRIVERS)
+def test_a_relayed_connections_line_says_which_side_ended_it(start_sockd: Launcher, sockdir: Path, model: str) -> None:
+    echo = f"unix://{sockdir / 'echo.sock'}"
+    with socket.socket() as far:
+        far.bind(("127.0.0.1", 0))  # an upstream the test plays itself, outside the daemon's drain
+        far.listen(1)
+        far.settimeout(TIMEOUT)
+        daemon = start_sockd(
+            [
+                entry("echo", "unix", "echo", model, sockdir / "echo.sock"),
+                entry("day", "unix", "daytime", model, sockdir / "day.sock"),
+                entry("relay", "tcp", "relay", model, upstream=echo, log_connections=True),
+                entry("first", "tcp", "relay", model, upstream=f"unix://{sockdir / 'day.sock'}", log_connections=True),
+                entry("quiet", "tcp", "relay", model, upstream=echo, log_connections=True, first_byte_timeout=0.3),
+                entry("held", "tcp", "relay", model, upstream=_url(far), log_connections=True),
+            ]
+        )
+        with connect(daemon.address("first")) as client:
+            said = read_to_eof(client)  # daytime speaks and closes: the upstream ends first
+        line = _closed(daemon, "first")
+        assert said
+        assert (line["bytes_in"], line["bytes_out"], line["ended"]) == (0, len(said), "upstream closed")
+
+        with connect(daemon.address("quiet")) as client:
+            assert read_to_eof(client) == b""  # says nothing: closed after first_byte_timeout
+        assert _closed(daemon, "quiet")["ended"] == "timeout"
+
+        _reset_after_echo(daemon.address("relay"))
+        assert _closed(daemon, "relay")["ended"] == "reset"
+
+        with connect(daemon.address("held")) as client:
+            client.sendall(b"held")
+            upstream, _ = far.accept()
+            with upstream:
+                assert upstream.recv(10) == b"held"
+                upstream.sendall(b"back")
+                assert client.recv(10) == b"back"
+                mark = len(daemon.events)
+                daemon.process.send_signal(signal.SIGTERM)
+                assert read_to_eof(upstream) == b""  # the drain ended the client's input: passed on
+            assert read_to_eof(client) == b""
+            port = client.getsockname()[1]
+    line = _closed(daemon, "held", after=mark)
+    assert (line["port"], line["bytes_in"], line["bytes_out"], line["ended"]) == (port, 4, 4, "drained")
+    assert daemon.process.wait(30) == 0
+
+
+def _url(sock: socket.socket) -> str:
+    """The tcp:// upstream of a test's own socket on loopback."""
+    return f"tcp://127.0.0.1:{sock.getsockname()[1]}"

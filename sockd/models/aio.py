@@ -31,6 +31,7 @@ from sockd.models.shared import (
     peer_of,
     stop_listening,
 )
+from sockd.relay import LoggedRelay
 from sockd.relay.aio import DatagramRelayProtocol, RelayProtocol
 from sockd.sockets import OUT_OF_RESOURCES
 
@@ -292,7 +293,8 @@ class Model:
         service, recorder, relay, stream = self.service, self.recorder, self.relay, self.stream
         if relay is None:
             return lambda: stream(service, FREE, recorder)
-        return lambda: RelayProtocol(service, FREE, recorder, relay)
+        relayed = logged(RelayProtocol, LoggedRelay) if self.listener.log_connections else RelayProtocol
+        return lambda: relayed(service, FREE, recorder, relay)
 
     def _datagrams(self, sock: socket.socket) -> DatagramProtocol | DatagramRelayProtocol:
         if self.relay is None:

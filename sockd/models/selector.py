@@ -29,6 +29,7 @@ from sockd.models.shared import (
     shutdown_read,
     stop_listening,
 )
+from sockd.relay import LoggedRelay
 from sockd.relay.selector import DatagramSessions, Splice
 
 BACKENDS: dict[SelectorBackend, Callable[[], selectors.BaseSelector]] = {
@@ -65,6 +66,7 @@ class EventLoop:
         self.sequence = itertools.count()
         self.relay = handler if isinstance(handler, Relay) else None
         self.stream = logged(SelectorStream) if listener.log_connections else SelectorStream
+        self.splice = logged(Splice, LoggedRelay) if listener.log_connections else Splice
 
     def serve(self, sock: socket.socket, stop: Stop) -> None:
         self.selector = self.make_selector()
@@ -172,7 +174,7 @@ class EventLoop:
             return
         client.setblocking(False)
         if self.relay is not None:
-            Splice(self, self.service, self.relay, client, ticket).start()
+            self.splice(self, self.service, self.relay, client, ticket).start()
         else:
             self.stream(self, client, ticket).opened()
 

@@ -81,7 +81,7 @@ def peer_credentials(conn: _socket.socket) -> Credentials:
 
 
 def peer_of(sock: Any) -> dict[str, object]:
-    """Who a connection's client is, for its log line (see lifecycle.LoggedStream): `source` and
+    """Who a connection's client is, for its log line (see lifecycle.Logged): `source` and
     `port`, or a Unix peer's credentials (its socket has no name). `sock`: a socket, or uvloop's
     stand-in for one. Empty if the client has gone already."""
     try:

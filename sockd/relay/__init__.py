@@ -19,7 +19,7 @@ from typing import Protocol, TypeVar
 
 from sockd.counters import REJECT_REASONS, UPSTREAM, Recorder
 from sockd.handlers import Relay
-from sockd.lifecycle import Address, Connection, Service
+from sockd.lifecycle import Address, Connection, Logged, Service
 from sockd.limits import MOVED, RELAY_SESSIONS, Ticket, source_of
 from sockd.logging import Throttled
 
@@ -55,7 +55,8 @@ def reason(exc: BaseException) -> str:
 
 class Relayed(Connection):
     """One relayed client, as both drivers see it: what it moved, how many of its two sides
-    have ended their output, and the rule that closes it. A driver defines `close_both`.
+    have ended their output, and the rule that closes it. A driver defines `close_both`, and
+    `peer` for its log line (see LoggedRelay).
 
     It is one request, counted when it ends and timed from its start to its end: a relay cannot
     tell where one of the client's requests ends, only the bytes it moves (counted as they come)."""
@@ -90,8 +91,9 @@ class Relayed(Connection):
         else:
             self.recorder.sent += size
 
-    def side_ended(self) -> None:
-        """One side ended its output (its end was passed on to the other side)."""
+    def side_ended(self, client: bool) -> None:
+        """One side (the client's, or the upstream's) ended its output (its end was passed on to
+        the other side)."""
         self.ended += 1
         if self.ended == 2:
             self.close_both()
@@ -108,6 +110,35 @@ class Relayed(Connection):
 
     def upstream_failed(self, exc: BaseException | str) -> None:
         upstream_failed(self.relay, self.recorder, exc)
+
+
+class LoggedRelay(Logged, Relayed):
+    """A relayed connection logged as it ends (see lifecycle.Logged): a driver's class, made so
+    by `logged(that class, LoggedRelay)`. As the metrics count them, its bytes in are what the
+    client sent, its bytes out what came back for it, and it is one request."""
+
+    # Every way a relay ends names its cause first, or is a client's reset; a close without
+    # either could only come from the upstream's side.
+    unprompted = "upstream closed"
+
+    def opened(self) -> None:
+        super().opened()
+        self.requests = 1
+
+    def carried(self, size: int, from_client: bool) -> None:
+        if from_client:
+            self.bytes_in += size
+        else:
+            self.bytes_out += size
+        super().carried(size, from_client)
+
+    def side_ended(self, client: bool) -> None:
+        self.ended_by("client closed" if client else "upstream closed")
+        super().side_ended(client)
+
+    def upstream_failed(self, exc: BaseException | str) -> None:
+        self.ended_by("upstream failed")
+        super().upstream_failed(exc)
 
 
 class Session(Protocol):

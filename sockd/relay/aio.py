@@ -11,7 +11,7 @@ from sockd.counters import Recorder
 from sockd.handlers import Relay
 from sockd.lifecycle import Address, Service
 from sockd.limits import Ticket
-from sockd.models.shared import admitted, end_transport_input
+from sockd.models.shared import admitted, end_transport_input, peer_of
 from sockd.relay import UPSTREAM_ERRORS, Relayed, Sessions, upstream_failed
 
 
@@ -87,7 +87,7 @@ class RelayProtocol(Relayed, asyncio.Protocol):
             self.early.append(None)
             return True
         self.upstream.transport.write_eof()
-        self.side_ended()
+        self.side_ended(True)
         return True  # the other way may go on
 
     def write_buffered(self) -> int:
@@ -130,6 +130,9 @@ class RelayProtocol(Relayed, asyncio.Protocol):
     def end_input(self) -> None:
         end_transport_input(self.transport)
 
+    def peer(self) -> dict[str, object]:
+        return peer_of(self.transport.get_extra_info("socket"))
+
     def connection_lost(self, exc: BaseException | None) -> None:
         self.connecting.cancel()
         if self.upstream is not None:
@@ -156,7 +159,7 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.client.transport.write_eof()
-        self.client.side_ended()
+        self.client.side_ended(False)
         return True
 
     def pause_writing(self) -> None:

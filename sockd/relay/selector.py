@@ -22,7 +22,7 @@ from sockd.config import BUFSIZE
 from sockd.handlers import Relay
 from sockd.lifecycle import HIGH_WATER, Address, Service
 from sockd.limits import MOVED, Ticket
-from sockd.models.shared import SocketDatagrams, shutdown_read
+from sockd.models.shared import SocketDatagrams, peer_of, shutdown_read
 from sockd.relay import UPSTREAM_ERRORS, Reactor, Relayed, Sessions, upstream_failed
 
 log = structlog.get_logger()
@@ -141,7 +141,7 @@ class Splice(Relayed):
             peer.shut_when_flushed = True
             self._flush(peer)
             if not self.closed:
-                self.side_ended()
+                self.side_ended(end is self.client)
             return
         self.carried(len(data), end is self.client)
         peer.out += data
@@ -206,6 +206,9 @@ class Splice(Relayed):
 
     def end_input(self) -> None:
         shutdown_read(self.client.sock.fileno())
+
+    def peer(self) -> dict[str, object]:
+        return peer_of(self.client.sock)
 
     def _closed(self, exc: OSError | None) -> None:
         """End both sides. Bytes still waiting for a side are dropped, and that side is reset rather
