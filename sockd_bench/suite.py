@@ -58,6 +58,7 @@ WORKLOADS: dict[str, tuple[list[str], list[str]]] = {
             "go",
             "threaded",
             *models("tcp", "echo", ["asyncio", "selector", "busy_poll", "threaded", "thread_pool"]),
+            f"sockd-asyncio-no-metrics={sockd('--no-metrics')}",
             f"sockd-asyncio-stdlib={sockd('--option', 'event_loop=asyncio')}",
             f"sockd-asyncio-2-workers={sockd('--option', 'workers=2')}",
         ],
