@@ -578,7 +578,7 @@ def test_relays_looping_into_each_other_are_capped_and_unwind(start_sockd: Launc
                 read_to_eof(client)  # the refused hop's end, passed back along the loop
         # Both as published (every PUBLISH_INTERVAL): a read right after the client's EOF may
         # still show the counts of before this round.
-        eventually(lambda: refused() >= round_, "the refused hop counted")
+        eventually(lambda done=round_: refused() >= done, "the refused hop counted")
         eventually(lambda: active() == 0, "every relayed connection closed")
     assert {name: daemon.worker_pid(name) for name in "ab"} == workers
     assert all(alive(pid) for pid in workers.values())
