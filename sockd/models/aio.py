@@ -207,9 +207,13 @@ class Acceptor:
             self.released()
 
     def _stop_reading(self) -> None:
+        """sockd accepts no more, nor will after a pause."""
         if self.reading:
             self.reading = False
             self.loop.remove_reader(self.sock.fileno())
+        if self.paused is not None:
+            self.paused.cancel()
+            self.paused = None
 
     def _resume(self) -> None:
         self.paused = None
@@ -218,24 +222,21 @@ class Acceptor:
     def released(self) -> None:
         """A connection has gone (or was refused)."""
         self.held -= 1
-        if self.server is None and self.held <= self.capacity - MARGIN - RESUME_ROOM and self._idle():
-            self._stop_reading()
-            if self.paused is not None:
-                self.paused.cancel()
-                self.paused = None
-            self._serve()
+        # While a server accepts (nearly always), there is nothing more to do.
+        if self.server is None and self.starting is None and not self.stopped:
+            self._serve_again_with_room()
 
-    def _idle(self) -> bool:
-        """Whether no server is being made, and sockd has not stopped."""
-        return self.starting is None and not self.stopped
+    def _serve_again_with_room(self) -> None:
+        """sockd accepts, or is paused: a server takes over once there is room again."""
+        if self.held <= self.capacity - MARGIN - RESUME_ROOM:
+            self._stop_reading()
+            self._serve()
 
     def halt(self) -> None:
         """Accept no more, from this turn on (the listening socket is the caller's to close)."""
         self.stopped = True
         self._close_server()
         self._stop_reading()
-        if self.paused is not None:
-            self.paused.cancel()
 
     async def halted(self) -> None:
         """Until every connection accepted has its transport, and no server is being made."""

@@ -49,9 +49,7 @@ def stop_listening(sock: socket.socket) -> None:
 
 def admit(conn: _socket.socket, address: Address, service: Service, recorder: Recorder) -> Ticket | None:
     """The ticket of a just-accepted connection, or None if a limit refused it: it is closed then."""
-    admission = service.admission
-    credentials = peer_credentials(conn) if admission.wants_credentials else None
-    ticket = admission.admit(address, credentials, recorder)
+    ticket = _ticket(conn, address, service, recorder)
     if ticket is None:
         conn.close()
     return ticket
@@ -62,10 +60,8 @@ def admitted(connection: Connection, transport: asyncio.Transport) -> bool:
     ticket had, or it is closed at once, its protocol swapped for one that hears nothing of it
     (it never opened), and the service told it is gone."""
     service = connection.service
-    admission = service.admission
     sock = cast(_socket.socket, transport.get_extra_info("socket"))  # a stand-in with getsockopt
-    credentials = peer_credentials(sock) if admission.wants_credentials else None
-    ticket = admission.admit(transport.get_extra_info("peername"), credentials, connection.recorder)
+    ticket = _ticket(sock, transport.get_extra_info("peername"), service, connection.recorder)
     if ticket is None:
         transport.set_protocol(asyncio.Protocol())
         transport.abort()
@@ -73,6 +69,14 @@ def admitted(connection: Connection, transport: asyncio.Transport) -> bool:
         return False
     connection.ticket = ticket
     return True
+
+
+def _ticket(sock: _socket.socket, address: Address, service: Service, recorder: Recorder) -> Ticket | None:
+    """What the listener's limits say of a new connection from `address` (its Unix peer's
+    credentials read from `sock` if they are asked for)."""
+    admission = service.admission
+    credentials = peer_credentials(sock) if admission.wants_credentials else None
+    return admission.admit(address, credentials, recorder)
 
 
 def peer_credentials(conn: _socket.socket) -> Credentials:
