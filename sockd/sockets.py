@@ -138,7 +138,7 @@ def connections_holding(listener: Listener) -> str | None:
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError):
             for line in Path(table).read_text().splitlines()[1:]:
-                local, state = line.split()[1], line.split()[3]
+                _, local, _, state, *_ = line.split()
                 if int(local.rpartition(":")[2], 16) == listener.port:
                     states[TCP_STATES.get(state, state)] += 1
     if not states or "LISTEN" in states:
