@@ -302,8 +302,8 @@ class Stream(Connection):
 
 class Logged(Connection):
     """A connection that says, in one info line as it ends, who it served, for how long, what it
-    moved and how it ended (`log_connections`, as xinetd's log_on_success). A model with the
-    option on serves its connections with `logged(its class, ...)`: the counting is in the
+    moved and how it ended (`log_connections`, as xinetd's log_on_success). A
+    model serves its connections with `logged(listener, its class, ...)`: the counting is in the
     subclasses here (LoggedStream) and in relay.LoggedRelay only, so a listener without it pays
     not one instruction per request or chunk for it.
 
@@ -386,9 +386,12 @@ class LoggedStream(Logged, Stream):
 C = TypeVar("C", bound=Connection)
 
 
-def logged(cls: type[C], how: type[Logged] = LoggedStream) -> type[C]:
-    """`cls` (a model's Stream class, or a relay driver's connection class with `how`
-    relay.LoggedRelay; it defines `peer`) with its connections logged as they end (see Logged)."""
+def logged(listener: Listener, cls: type[C], how: type[Logged] = LoggedStream) -> type[C]:
+    """The class of `listener`'s connections: `cls` (a model's Stream class, or a relay driver's
+    connection class with `how` relay.LoggedRelay; it defines `peer`), with its connections
+    logged as they end (see Logged) if the listener asks for it (`log_connections`)."""
+    if not listener.log_connections:
+        return cls
     made: type[C] = type(f"Logged{cls.__name__}", (how, cls), {})
     return made
 

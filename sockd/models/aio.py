@@ -252,7 +252,7 @@ class Model:
         self.udp_ports = udp_ports
         self.new_loop = loop_factory(listener.event_loop)
         self.relay = handler if isinstance(handler, Relay) else None
-        self.stream = logged(StreamProtocol) if listener.log_connections else StreamProtocol
+        self.stream = logged(listener, StreamProtocol)
 
     def serve(self, sock: socket.socket, stop: Stop) -> None:
         with self.stats.recorder() as self.recorder, asyncio.Runner(loop_factory=self.new_loop) as runner:
@@ -294,7 +294,7 @@ class Model:
         service, recorder, relay, stream = self.service, self.recorder, self.relay, self.stream
         if relay is None:
             return lambda: stream(service, FREE, recorder)
-        relayed = logged(RelayProtocol, LoggedRelay) if self.listener.log_connections else RelayProtocol
+        relayed = logged(self.listener, RelayProtocol, LoggedRelay)
         return lambda: relayed(service, FREE, recorder, relay)
 
     def _datagrams(self, sock: socket.socket) -> DatagramProtocol | DatagramRelayProtocol:

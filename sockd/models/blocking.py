@@ -124,7 +124,7 @@ class BlockingModel:
         # A socket timeout on each recv() and send() is the whole of first_byte_timeout and idle_timeout.
         self.first_timeout = listener.first_byte_timeout or listener.idle_timeout
         self.idle_timeout = listener.idle_timeout
-        self.stream = logged(BlockingStream) if listener.log_connections else BlockingStream
+        self.stream = logged(listener, BlockingStream)
 
     def stopping_on(self, stop: Stop, sock: socket.socket) -> None:
         """Let go of the listening socket as soon as `stop` is set, from whichever thread sets it:

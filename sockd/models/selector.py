@@ -65,8 +65,8 @@ class EventLoop:
         self.timers: list[tuple[float, int, Callable[..., object], tuple[object, ...]]] = []
         self.sequence = itertools.count()
         self.relay = handler if isinstance(handler, Relay) else None
-        self.stream = logged(SelectorStream) if listener.log_connections else SelectorStream
-        self.splice = logged(Splice, LoggedRelay) if listener.log_connections else Splice
+        self.stream = logged(listener, SelectorStream)
+        self.splice = logged(listener, Splice, LoggedRelay)
 
     def serve(self, sock: socket.socket, stop: Stop) -> None:
         self.selector = self.make_selector()

@@ -114,7 +114,7 @@ class Relayed(Connection):
 
 class LoggedRelay(Logged, Relayed):
     """A relayed connection logged as it ends (see lifecycle.Logged): a driver's class, made so
-    by `logged(that class, LoggedRelay)`. As the metrics count them, its bytes in are what the
+    by `logged(listener, that class, LoggedRelay)`. As the metrics count them, its bytes in are what the
     client sent, its bytes out what came back for it, and it is one request."""
 
     # Every way a relay ends names its cause first, or is a client's reset; a close without
