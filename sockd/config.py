@@ -462,10 +462,16 @@ def _validate(data: dict[str, Any]) -> tuple[Config | None, list[Problem]]:
     return None, problems
 
 
-_MODEL_AT: dict[tuple[str | int, ...], type[BaseModel]] = {(): Config, ("metrics",): MetricsConfig}
-_MODEL_AT[("logging",)] = LoggingConfig
-_VARIANTS: dict[str, type[InetListener | UnixListener]] = {"tcp": InetListener, "udp": InetListener}
-_VARIANTS["unix"] = UnixListener
+_MODEL_AT: dict[tuple[str | int, ...], type[BaseModel]] = {
+    (): Config,
+    ("metrics",): MetricsConfig,
+    ("logging",): LoggingConfig,
+}
+_VARIANTS: dict[str, type[InetListener | UnixListener]] = {
+    "tcp": InetListener,
+    "udp": InetListener,
+    "unix": UnixListener,
+}
 _LISTENER: TypeAdapter[InetListener | UnixListener] = TypeAdapter(Listener)
 
 
