@@ -111,6 +111,8 @@ def free_port() -> int:
 
 
 def wait_ready(mode: str, port: int, sock: str, timeout: float = 15.0) -> bool:
+    """Whether the server answers a request within `timeout`: an accepted connection alone proves
+    nothing (a listening socket queues clients before any worker serves it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -121,13 +123,18 @@ def wait_ready(mode: str, port: int, sock: str, timeout: float = 15.0) -> bool:
                     s.recv(4096)
                     return True
             if mode == "unix-echo":
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(sock)
+                client = socket.socket(socket.AF_UNIX)
+                client.settimeout(1.0)
+                client.connect(sock)
+            else:
+                client = socket.create_connection(("127.0.0.1", port), timeout=1.0)
+            with client:
+                client.sendall(b"ready?")
+                if client.recv(4096):  # an echo or a timestamp: the server serves
                     return True
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return True
         except OSError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.1)
     return False
 
 

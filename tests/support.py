@@ -38,6 +38,8 @@ TIMEOUT = 10.0  # seconds any single wait in a test may take before it fails
 MODELS: list[str] = list(get_args(ModelName))  # every concurrency model, in the order sockd declares them
 RELAY_MODELS: list[str] = [name for name, kind in sockd.models.MODELS.items() if kind.relays]  # two sockets a client
 PUBLISHED_WITHIN = 10.0  # seconds to wait for workers' counts to reach the endpoint
+# What an old worker logs once it accepts no more: its retirement taken (at debug level), or its exit.
+RETIRED_OR_EXITED = ("retired: serving the open connections on", "worker exited")
 
 
 def require(program: str) -> str:
@@ -83,13 +85,17 @@ class Daemon:
                     self.other_lines.append(line)
                 self._changed.notify_all()
 
-    def wait_for(self, event: str, timeout: float = TIMEOUT, after: int = 0, **fields: Any) -> dict[str, Any]:
-        """The first log event named `event` (from index `after` on) whose fields match `fields`."""
+    def wait_for(
+        self, event: str | tuple[str, ...], timeout: float = TIMEOUT, after: int = 0, **fields: Any
+    ) -> dict[str, Any]:
+        """The first log event named `event` (or any of several names) from index `after` on whose
+        fields match `fields`."""
+        names = (event,) if isinstance(event, str) else event
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
                 for entry in self.events[after:]:
-                    if entry.get("event") == event and all(entry.get(k) == v for k, v in fields.items()):
+                    if entry.get("event") in names and all(entry.get(k) == v for k, v in fields.items()):
                         return entry
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or (self.process.poll() is not None and not self._pending()):
@@ -120,13 +126,16 @@ class Daemon:
 
     def reload(self, listeners: list[dict[str, Any]], **settings: Any) -> dict[str, Any]:
         """Write a new config, send SIGHUP and return the "reloaded" event (its plan), once every
-        listener it restarted or moved is served by its new workers alone."""
+        listener it restarted or moved is served by its new workers alone: each old worker has taken
+        its retirement (it accepts no more), or has exited."""
         self.write_config(listeners, **settings)
         mark = len(self.events)
         self.process.send_signal(signal.SIGHUP)
         plan = self.wait_for("reloaded", after=mark, timeout=30)
         for name in [*plan.get("restarted", []), *plan.get("rebound", [])]:
-            self.wait_for("replaced", listener=name, after=mark, timeout=30)
+            replaced = self.wait_for("replaced", listener=name, after=mark, timeout=30)
+            for pid in replaced["retired"]:
+                self.wait_for(RETIRED_OR_EXITED, pid=pid, after=mark, timeout=30)
         return plan
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 30) -> int:
