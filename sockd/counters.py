@@ -121,7 +121,8 @@ class Recorder:
         self.connections = self.closed = self.received = self.sent = 0
         self.seconds = 0.0
         # When a blocking model's thread took up a request (time.monotonic()); 0 while it waits
-        # for a client. See Stats.publish.
+        # for a client: for its next request, or to read a reply (see Blocking.write in
+        # models/blocking.py). See Stats.publish.
         self.busy_since = 0.0
         self.errors = [0] * len(ERROR_KINDS)
         self.rejected = [0] * len(REJECT_REASONS)
@@ -230,8 +231,8 @@ class Stats:
         self._lock = threading.Lock()  # a recorder moves from live to finished in one step
         # The heartbeat the supervisor watches. An event-loop model beats from its loop, so a
         # stuck loop stops it. For the blocking models every publication beats, unless a thread
-        # has been busy with one request for `stuck_after` (a thread waiting for a quiet client
-        # is not busy: only one stuck in its work stops the beat).
+        # has been busy with one request for `stuck_after` (a thread waiting for a quiet client,
+        # or for one that does not read, is not busy: only one stuck in its work stops the beat).
         self.beats = 0
         self.loop_beats = False
 

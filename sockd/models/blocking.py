@@ -72,15 +72,35 @@ def sleep_then_call(delay: float, callback: Callable[..., object], *args: object
 
 
 class Blocking:
-    """The lifecycle's transport over a blocking socket: writes are sendall()s (a timeout or a
-    reset raises out of them), and closing ends the loop that serves the connection."""
+    """The lifecycle's transport over a blocking socket: a write returns once the client has
+    taken it all (a timeout or a reset raises out of it), and closing ends the loop that serves
+    the connection."""
 
-    __slots__ = ("closed", "reading", "write")
+    __slots__ = ("closed", "reading", "recorder", "send")
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.write = sock.sendall
+    def __init__(self, sock: socket.socket, recorder: Recorder) -> None:
+        self.send = sock.send
+        self.recorder = recorder
         self.reading = True
         self.closed = False
+
+    def write(self, data: bytes) -> None:
+        """Send all of `data`. A thread blocked here waits for the client to read, which is not
+        being busy (see Stats.publish): a client that reads nothing must not stop the heartbeat.
+        The socket's timeout bounds each send() rather than the whole (as sendall() would): a
+        client is timed out once it has taken no byte for idle_timeout, as in the event-loop
+        models, where each byte sent moves the deadline."""
+        recorder = self.recorder
+        busy = recorder.busy_since
+        recorder.busy_since = 0.0
+        send = self.send
+        sent = send(data)
+        if sent < len(data):
+            with memoryview(data) as view:
+                while sent < len(data):
+                    sent += send(view[sent:])
+        if busy:  # back at its work: busy from now (the clock tells time even with metrics off)
+            recorder.busy_since = time.monotonic()
 
     def close(self) -> None:
         self.reading, self.closed = False, True
@@ -105,7 +125,7 @@ class BlockingStream(Stream):
     def __init__(self, service: Service, ticket: Ticket, recorder: Recorder, sock: socket.socket) -> None:
         super().__init__(service, ticket, recorder)
         self.sock = sock
-        self.transport = Blocking(sock)
+        self.transport = Blocking(sock, recorder)
 
     def end_input(self) -> None:
         shutdown_read(self.sock.fileno())
