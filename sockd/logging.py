@@ -44,6 +44,7 @@ def configure(settings: LoggingConfig, stream: TextIO = sys.stderr, **context: A
     # Colour is for a terminal's reader: in a file or the journal its escape codes are noise.
     # NO_COLOR (no-color.org), when set and not empty, turns it off there too.
     colors = terminal and not os.environ.get("NO_COLOR")
+    writer = StderrLogger(stream)  # one for every line: its lock keeps the threads' lines whole
 
     def add_context(_: Any, __: str, event: structlog.typing.EventDict) -> structlog.typing.EventDict:
         for key, value in context.items():
@@ -61,7 +62,7 @@ def configure(settings: LoggingConfig, stream: TextIO = sys.stderr, **context: A
             *([add_priority] if journal else []),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[settings.level.upper()]),
-        logger_factory=lambda *_: StderrLogger(stream),
+        logger_factory=lambda *_: writer,
         # Not cached: a reload may change the level, and a module's logger must follow it.
         cache_logger_on_first_use=False,
     )
