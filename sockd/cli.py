@@ -14,7 +14,7 @@ from setproctitle import setproctitle
 from sockd import __version__
 from sockd.config import Config, ConfigError, load
 from sockd.forkserver import ForkServerError
-from sockd.logging import configure, is_journal, priority
+from sockd.logging import configure, is_journal, one_line, priority
 from sockd.sockets import BindError
 from sockd.stdout import emit
 from sockd.supervisor import DescriptorLimit, Supervisor
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None, signals: collections.deque[int] | None =
     try:
         config = load(args.config)
     except ConfigError as exc:
-        print("\n".join(_error_prefix() + problem for problem in exc.problems), file=sys.stderr)
+        print("\n".join(_error_prefix() + one_line(problem) for problem in exc.problems), file=sys.stderr)
         return EX_CONFIG
     if args.check:
         count = len(config.listeners)
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None, signals: collections.deque[int] | None =
     try:
         return Supervisor(config, args.config, signals).run()
     except (BindError, DescriptorLimit, ForkServerError) as exc:
-        print(f"{_error_prefix()}sockd: {exc}", file=sys.stderr)
+        print(one_line(f"{_error_prefix()}sockd: {exc}"), file=sys.stderr)
         return EX_OSERR
 
 

@@ -20,6 +20,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from sockd import logging
+
 # sockd_errors_total{kind}: a client gone mid-request; a reply not sent; a connection ended by
 # idle_timeout or first_byte_timeout; a message over max_message_size; accept() out of descriptors;
 # a relay's upstream refused, unreachable or failing.
@@ -43,7 +45,7 @@ BEAT_INTERVAL = 0.5  # an event loop beats at least this often, busy or idle
 
 # The fields after the sequence number, in shared-memory order; then one per error kind, one per
 # reject reason, then the histogram's buckets (not cumulative; the last is +Inf).
-FIELDS = ("connections", "closed", "received", "sent", "duration_ns")
+FIELDS = ("connections", "closed", "received", "sent", "duration_ns", "log_dropped")
 LISTS = ("errors", "rejected", "buckets")
 _WORD = 8
 # Module-level names: a global lookup is cheaper than an attribute chain on the hot path.
@@ -60,6 +62,7 @@ class Totals:
     received: int
     sent: int
     duration_ns: int
+    log_dropped: int  # log lines the worker could not write (see sockd.logging.StderrLogger)
     errors: list[int]
     rejected: list[int]
     buckets: list[int]
@@ -71,7 +74,7 @@ class Totals:
 
     @classmethod
     def zero(cls, bucket_count: int) -> Totals:
-        return cls(0, 0, 0, 0, 0, [0] * len(ERROR_KINDS), [0] * len(REJECT_REASONS), [0] * bucket_count)
+        return cls(0, 0, 0, 0, 0, 0, [0] * len(ERROR_KINDS), [0] * len(REJECT_REASONS), [0] * bucket_count)
 
     def add(self, other: Totals) -> None:
         for name in FIELDS:
@@ -87,9 +90,10 @@ class Totals:
         errors_at = len(FIELDS)
         rejected_at = errors_at + len(ERROR_KINDS)
         buckets_at = rejected_at + len(REJECT_REASONS)
-        connections, closed, received, sent, duration_ns = words[:errors_at]
+        connections, closed, received, sent, duration_ns, log_dropped = words[:errors_at]
         errors, rejected = list(words[errors_at:rejected_at]), list(words[rejected_at:buckets_at])
-        return cls(connections, closed, received, sent, duration_ns, errors, rejected, list(words[buckets_at:]))
+        buckets = list(words[buckets_at:])
+        return cls(connections, closed, received, sent, duration_ns, log_dropped, errors, rejected, buckets)
 
 
 class Recorder:
@@ -150,6 +154,7 @@ class Recorder:
             self.received,
             self.sent,
             duration_ns,
+            0,  # log lines are the process's, not a thread's: see Stats.publish
             [*self.errors],
             [*self.rejected],
             [*self.buckets],
@@ -261,6 +266,7 @@ class Stats:
             live = list(self._live)
             for recorder in live:
                 total.add(recorder.totals())
+        total.log_dropped = logging.dropped
         now = time.monotonic()
         if not self.loop_beats and not any(0 < r.busy_since < now - self.stuck_after for r in live):
             self.beats += 1

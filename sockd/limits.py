@@ -118,7 +118,7 @@ class Admission:
         self.by_source: dict[str, int] = {}
         self.buckets: dict[str, tuple[float, float]] = {}  # source: (tokens, when counted)
         self.lock = threading.Lock()
-        self.warn = Throttled("rejected")
+        self.warn = Throttled("rejected", per="reason")
 
     def admit(self, address: object, credentials: Credentials | None, recorder: Recorder) -> Ticket | None:
         """A ticket for a just-accepted connection from `address` (`credentials`: its Unix peer's),

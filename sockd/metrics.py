@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from sockd import __version__
+from sockd import __version__, logging
 from sockd.config import Listener, MetricsConfig
 from sockd.counters import ERROR_KINDS, REJECT_REASONS, Totals
 from sockd.logging import Throttled
@@ -161,10 +161,15 @@ class SockdCollector(Collector):
             duration.add_metric([name], cumulative, totals.duration_ns / 1e9)
             listener = report.listener
             info.add_metric([name, listener.protocol, listener.concurrency, listener.handler, report.address], 1)
+        # The supervisor's own (this process's), then every worker's, the exited ones' included.
+        dropped = logging.dropped + sum(report.totals.log_dropped for report in [*reports, *snapshot.leaving])
+        log_dropped = CounterMetricFamily(
+            "sockd_log_lines_dropped", "Log lines dropped because stderr could not take them.", value=dropped
+        )
         build = GaugeMetricFamily("sockd_build_info", "The running sockd (always 1).", labels=["version"])
         build.add_metric([__version__], 1)
         yield from (connections, active, requests, duration, received, sent, errors, rejected, restarts)
-        yield from (generations, cpu, memory, info, build)
+        yield from (generations, cpu, memory, info, build, log_dropped)
         yield from _reload_metrics(snapshot.reloads)
 
 

@@ -27,7 +27,7 @@ from sockd.config import Config, ConfigError, Listener, load
 from sockd.counters import BEAT_INTERVAL
 from sockd.forkserver import ForkServerError, Spawner
 from sockd.group import Group
-from sockd.logging import configure
+from sockd.logging import configure, flush_throttled
 from sockd.plan import Step, plan, summary
 from sockd.sockets import BindError, Bound, adopt, bind, connections_holding, reason, udp_ports
 from sockd.spec import WorkerSettings
@@ -152,6 +152,7 @@ class Supervisor:
                 exporter.close()
             self._close_sockets()
             self.spawner.close()
+        flush_throttled()
         log.info("stopped")
         return 0
 

@@ -12,6 +12,8 @@ import os
 import socket
 import time
 
+from sockd.logging import one_line
+
 LISTEN_FDS_START = 3
 
 
@@ -26,11 +28,13 @@ class Notifier:
         self.watchdog_interval = _watchdog_interval()
 
     def send(self, *lines: str) -> None:
+        """Each of `lines` one KEY=VALUE line: a newline in a value (a path in a STATUS=) must not
+        start a line of its own, which systemd would read as another assignment."""
         if self.sock is None:
             return
         # OSError: systemd gone or not listening; the service itself must not care.
         with contextlib.suppress(OSError):
-            self.sock.sendto("\n".join(lines).encode(), self.address)
+            self.sock.sendto("\n".join(one_line(line) for line in lines).encode(), self.address)
 
     def ready(self, status: str) -> None:
         self.send("READY=1", f"STATUS={status}")

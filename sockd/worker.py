@@ -26,7 +26,7 @@ from setproctitle import setproctitle
 
 from sockd import counters, handlers, models
 from sockd.config import LoggingConfig
-from sockd.logging import configure
+from sockd.logging import configure, flush_throttled
 from sockd.spec import WorkerSpec
 
 log = structlog.get_logger()
@@ -69,6 +69,7 @@ def main(spec_json: bytes, fds: list[int]) -> int:
     model.serve(sock, stop)
     served.set()
     publisher.join()  # the last publication counts everything served
+    flush_throttled()
     log.debug("drained")
     return 0
 

@@ -13,23 +13,33 @@ import socket
 import struct
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from sockd.logging import Throttled, flush_throttled
 
 from support import (
     SYSTEMD_VARIABLES,
     TIMEOUT,
     Daemon,
     Launcher,
+    alive,
     config_text,
     connect,
     eventually,
+    inet,
     read_to_eof,
     request,
+    run_sockd,
+    samples,
     sockd_command,
+    value,
 )
 from support import listener as entry
 
@@ -49,11 +59,16 @@ def test_lines_are_json_with_the_listener_and_its_real_address(start_sockd: Laun
     assert daemon.events[-1]["event"] == "stopped"
 
 
-def test_a_terminal_gets_the_console_renderer(tmp_path: Path) -> None:
+@pytest.mark.parametrize("no_color", ["", "1"])
+def test_a_terminal_gets_the_console_renderer(tmp_path: Path, no_color: str) -> None:
+    """In colour, unless $NO_COLOR says otherwise (no-color.org: set and not empty)."""
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"metrics": {"port": 0}, "listeners": [entry("echo", "tcp", "echo", "selector")]}))
     controller, terminal = pty.openpty()
-    process = subprocess.Popen(sockd_command("-c", str(config)), stderr=terminal, stdout=subprocess.DEVNULL)
+    environment = {**os.environ, "NO_COLOR": no_color}
+    process = subprocess.Popen(
+        sockd_command("-c", str(config)), stderr=terminal, stdout=subprocess.DEVNULL, env=environment
+    )
     os.close(terminal)
     output = b""
     deadline = time.monotonic() + 20
@@ -70,6 +85,25 @@ def test_a_terminal_gets_the_console_renderer(tmp_path: Path) -> None:
     assert "ready" in text
     assert not text.lstrip().startswith("{")
     assert all(not line.startswith("{") for line in text.splitlines())
+    assert ("\x1b[" in text) is not no_color
+
+
+def test_the_console_format_in_a_file_has_no_colour(tmp_path: Path) -> None:
+    """Colour is for a terminal: `format: console` with stderr a file writes no escape codes."""
+    config = tmp_path / "c.yaml"
+    config.write_text(config_text([entry("echo", "tcp", "echo", "selector")], logging={"format": "console"}))
+    written = tmp_path / "stderr"
+    with written.open("wb") as stderr:
+        process = subprocess.Popen(sockd_command("-c", str(config)), stderr=stderr, stdout=subprocess.DEVNULL)
+    try:
+        eventually(lambda: b"ready" in written.read_bytes(), "ready", timeout=TIMEOUT)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    text = written.read_bytes()
+    assert b"listening" in text
+    assert b"stopped" in text
+    assert b"\x1b" not in text
 
 
 def _reset_after_echo(address: str) -> None:
@@ -349,3 +383,220 @@ def test_a_relayed_connections_line_says_which_side_ended_it(start_sockd: Launch
 def _url(sock: socket.socket) -> str:
     """The tcp:// upstream of a test's own socket on loopback."""
     return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def _lines_until(fd: int, wanted: bytes) -> list[dict[str, Any]]:
+    """The JSON lines read from `fd` up to the one holding `wanted`."""
+    received = b""
+    deadline = time.monotonic() + TIMEOUT
+    while wanted not in received:
+        assert time.monotonic() < deadline, f"no {wanted!r} within {TIMEOUT} s: {received!r}"
+        if select.select([fd], [], [], 0.5)[0]:
+            chunk = os.read(fd, 65536)
+            assert chunk, f"EOF before {wanted!r}: {received!r}"
+            received += chunk
+    return [json.loads(line) for line in received.decode().splitlines() if line.startswith("{")]
+
+
+def _dropped(metrics: str) -> float:
+    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=TIMEOUT) as response:
+        found = text_string_to_metric_families(response.read().decode())
+        return next((s.value for f in found for s in f.samples if s.name == "sockd_log_lines_dropped_total"), 0.0)
+
+
+def test_a_log_reader_that_went_away_costs_lines_not_the_daemon(tmp_path: Path, sockdir: Path) -> None:
+    """stderr a pipe whose reader closed: every line is EPIPE. A worker's line (a connection with
+    log_connections) and the supervisor's (a reload) are dropped and counted; nothing dies."""
+    listeners = [
+        entry("echo", "tcp", "echo", "selector", log_connections=True),
+        entry("uds", "unix", "echo", "threaded", sockdir / "e.sock", log_connections=True),
+    ]
+    config = tmp_path / "c.yaml"
+    config.write_text(config_text(listeners))
+    reader, writer = os.pipe()
+    environment = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
+    process = subprocess.Popen(
+        sockd_command("-c", str(config)), stderr=writer, stdout=subprocess.DEVNULL, env=environment
+    )
+    os.close(writer)
+    try:
+        events = _lines_until(reader, b'"ready"')
+    finally:
+        os.close(reader)  # the logger died
+    try:
+        addresses = {e["listener"]: e["address"] for e in events if e["event"] == "listening"}
+        workers = {e["listener"]: e["pid"] for e in events if e["event"] == "worker started"}
+        metrics = next(e["address"] for e in events if e["event"] == "metrics")
+        assert request(addresses["echo"], b"first") == b"first"  # its worker logs "connection closed"
+        eventually(lambda: _dropped(metrics) >= 1, "the worker's line counted as dropped")
+        process.send_signal(signal.SIGHUP)  # the supervisor logs "reloading" and "reloaded"
+        eventually(lambda: _dropped(metrics) >= 3, "the supervisor's lines counted as dropped")
+        for name, address in addresses.items():
+            assert request(address, name.encode()) == name.encode()
+        eventually(lambda: _dropped(metrics) >= 5, "the two connections' lines counted as dropped")
+        assert process.poll() is None
+        assert all(alive(pid) for pid in workers.values())  # the first workers serve on: none died
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0  # nor does the interpreter's last flush of stderr fail the exit
+
+
+# A path a config accepts, that a client of the journal or of sd_notify must not see as lines of
+# their own: a regular file there, so that binding it fails and the error names it.
+FORGED = "e\n<0>sockd: EMERGENCY\nWATCHDOG=trigger"
+
+
+def test_a_newline_in_a_path_that_fails_to_bind_stays_in_its_journal_line(tmp_path: Path, sockdir: Path) -> None:
+    path = sockdir / FORGED
+    path.touch()
+    config = tmp_path / "c.yaml"
+    config.write_text(config_text([entry("uds", "unix", "echo", "selector", path)], logging={"format": "console"}))
+    assert run_sockd("--check", "-c", str(config)).returncode == 0
+    journal, stderr = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    status = os.fstat(stderr.fileno())
+    environment = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
+    with journal, stderr:
+        ran = subprocess.run(
+            sockd_command("-c", str(config)),
+            stderr=stderr.fileno(),
+            env={**environment, "JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"},
+            timeout=30,
+            check=False,
+        )
+        stderr.close()
+        journal.settimeout(TIMEOUT)
+        lines = b"".join(iter(lambda: journal.recv(65536), b"")).decode().splitlines()
+    assert ran.returncode == 71
+    errors = [line for line in lines if line.startswith("<3>")]
+    assert len(errors) == 1, lines  # the bind error, one line, the path escaped in it
+    assert "e\\n<0>sockd: EMERGENCY\\nWATCHDOG=trigger" in errors[0]
+    assert all(PRIORITY.match(line) and not line.startswith("<0>") for line in lines), lines
+
+
+PRIORITY = re.compile(r"<[3-7]>")  # sockd's own: error to debug
+
+
+def test_a_reload_that_fails_to_bind_a_forged_path_logs_it_on_one_line(tmp_path: Path, sockdir: Path) -> None:
+    """The console renderer (which writes str values as they are) on the journal: the reload's
+    error, which names the path, is one line with its priority."""
+    path = sockdir / FORGED
+    path.touch()
+    config = tmp_path / "c.yaml"
+    console = {"logging": {"level": "info", "format": "console"}}
+    config.write_text(config_text([entry("echo", "tcp", "echo", "selector")], **console))
+    journal, stderr = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    status = os.fstat(stderr.fileno())
+    environment = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
+    with journal:
+        process = subprocess.Popen(
+            sockd_command("-c", str(config)),
+            stderr=stderr.fileno(),
+            stdout=subprocess.DEVNULL,
+            env={**environment, "JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"},
+        )
+        stderr.close()
+        journal.settimeout(TIMEOUT)
+        try:
+            received = _read_until(journal, b"", b"ready")
+            config.write_text(config_text([entry("uds", "unix", "echo", "selector", path)], **console))
+            process.send_signal(signal.SIGHUP)
+            received = _read_until(journal, received, b"reload rolled back")
+        finally:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(30) == 0
+        while chunk := journal.recv(65536):
+            received += chunk
+    lines = received.decode().splitlines()
+    rolled_back = [line for line in lines if "reload rolled back" in line]
+    assert len(rolled_back) == 1, lines
+    assert rolled_back[0].startswith("<3>")
+    assert "e\\n<0>sockd: EMERGENCY\\nWATCHDOG=trigger" in rolled_back[0]
+    assert all(PRIORITY.match(line) for line in lines), lines
+
+
+class _Clock:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _said(captured: list[structlog.typing.EventDict]) -> list[tuple[object, object]]:
+    return [(line.get("reason"), line["count"]) for line in captured]
+
+
+def test_a_throttled_line_accounts_for_every_event_by_the_end_of_its_window_per_reason() -> None:
+    clock = _Clock()
+    warn = Throttled("rejected", every=10.0, per="reason", clock=clock)
+    with structlog.testing.capture_logs() as captured:
+        warn(reason="connection_rate", source="a")  # the first: said at once
+        clock.now += 1
+        for _ in range(4799):
+            warn(reason="connection_rate", source="b")
+        warn(reason="max_connections", source="c")  # another reason: its own window, said at once
+        assert _said(captured) == [("connection_rate", 1), ("max_connections", 1)]
+        clock.now += 8.9
+        warn.flush()  # within the window: nothing yet
+        assert len(captured) == 2
+        clock.now += 0.2
+        warn.flush()  # the end of the first window: what it held, with no further event needed
+        assert _said(captured)[2:] == [("connection_rate", 4799)]
+        assert captured[2]["source"] == "b"  # the latest held event's details
+        clock.now += 1
+        warn(reason="connection_rate", source="d")  # in the window that line opened: held
+        warn(reason="max_connections", source="e")  # the other's window held nothing: said at once
+        assert _said(captured)[3:] == [("max_connections", 1)]
+        clock.now += 10
+        warn.flush()
+        assert _said(captured)[4:] == [("connection_rate", 1)]
+        clock.now += 20
+        warn.flush()  # quiet windows: nothing to say, and the next event is said at once
+        warn(reason="connection_rate", source="f")
+        warn(reason="connection_rate", source="g")
+        clock.now += 1
+        flush_throttled()  # the process exits: what the window held is said before its end
+    assert _said(captured)[5:] == [("connection_rate", 1), ("connection_rate", 1)]
+    assert sum(count for reason, count in _said(captured) if reason == "connection_rate") == 4803
+
+
+def test_a_throttled_window_ends_with_its_line_though_no_event_follows() -> None:
+    """The timer, on the real clock: the held events are said when the window ends."""
+    warn = Throttled("too many", every=0.05)
+    with structlog.testing.capture_logs() as captured:
+        for _ in range(3):
+            warn(limit=16)
+        eventually(lambda: len(captured) == 2, "the window's line", timeout=TIMEOUT)
+    assert [line["count"] for line in captured] == [1, 2]
+
+
+def test_two_reasons_in_one_window_each_get_lines_that_add_up_to_the_metric(start_sockd: Launcher) -> None:
+    daemon = start_sockd([entry("e", "tcp", "echo", "selector", max_connections=1, deny=["127.0.0.2/32"])])
+    address = inet(daemon.address("e"))
+    refused = {"max_connections": ("127.0.0.1", 20), "acl": ("127.0.0.2", 15)}
+    with connect(daemon.address("e")) as held:
+        held.sendall(b"x")
+        assert held.recv(1) == b"x"  # admitted: it takes the one place
+        for source, times in refused.values():
+            for _ in range(times):
+                with (
+                    socket.create_connection(address, TIMEOUT, (source, 0)) as sock,
+                    contextlib.suppress(ConnectionResetError),
+                ):
+                    assert sock.recv(1) == b""  # closed at once
+        expected = {reason: times for reason, (_, times) in refused.items()}
+
+        def counted() -> dict[str, float]:
+            found = samples(daemon)
+            return {r: value(found, "sockd_connections_rejected_total", listener="e", reason=r) for r in refused}
+
+        eventually(lambda: counted() == expected, "every rejection counted")
+
+        def logged(reason: str) -> int:
+            return sum(e["count"] for e in daemon.events if e.get("event") == "rejected" and e["reason"] == reason)
+
+        # Within a window (10 s) and a margin: no further rejection is needed for the rest to be said.
+        eventually(lambda: all(logged(r) == expected[r] for r in refused), "every rejection in a line", timeout=30)
+    assert {e["reason"] for e in daemon.events if e.get("event") == "rejected"} == set(refused)

@@ -362,3 +362,21 @@ def test_listen_fds_meant_for_another_process_are_left_alone(start_sockd: Launch
     env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "tcp-echo"}
     daemon = start_sockd([listener("tcp-echo", "tcp", "echo", "asyncio")], env=env)
     echo(daemon.address("tcp-echo"))
+
+
+def test_a_newline_in_a_path_adds_no_line_to_a_status(
+    start_sockd: Launcher, notify_path: Notifications, sockdir: Path
+) -> None:
+    """A reload that fails to bind a path names it in STATUS=: a newline in the path must not
+    give systemd a line of its own, here one that would trigger the watchdog."""
+    daemon = start_sockd([listener("tcp-echo", "tcp", "echo", "selector")], env={"NOTIFY_SOCKET": notify_path.variable})
+    notify_path.expect("READY")
+    forged = sockdir / "e\nWATCHDOG=trigger"
+    forged.touch()  # not a socket: binding it fails, and the error names it
+    daemon.write_config([listener("uds", "unix", "echo", "selector", forged)])
+    daemon.process.send_signal(signal.SIGHUP)
+    failed = notify_path.expect("READY")
+    assert set(failed) == {"READY", "STATUS"}, notify_path.messages
+    assert failed["STATUS"].startswith("reload failed, still serving the previous config: cannot bind")
+    assert "e\\nWATCHDOG=trigger" in failed["STATUS"]
+    assert all("WATCHDOG" not in message for message in notify_path.messages)
