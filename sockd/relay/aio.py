@@ -56,6 +56,8 @@ async def open_upstream(
                 raise
             if family == socket.AF_UNIX:
                 return (await loop.create_unix_connection(factory, sock=sock))[0]
+            # As create_connection(host, port) would: asyncio's loop leaves a socket handed to it as it is.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return (await loop.create_connection(factory, sock=sock))[0]
     raise failure
 
