@@ -117,10 +117,14 @@ class Resolver:
         if not self.named:
             waiter(look_up(self.relay))
             return
-        self.waiting[waiter] = None
         if not self.looking_up:
+            try:
+                threading.Thread(target=self._look_up, name="sockd-resolve", daemon=True).start()
+            except RuntimeError as exc:  # no thread to be had (the process's limit): a failed lookup
+                waiter(OSError(errno.EAGAIN, str(exc)))
+                return
             self.looking_up = True
-            threading.Thread(target=self._look_up, name="sockd-resolve", daemon=True).start()
+        self.waiting[waiter] = None
 
     def forget(self, waiter: Callable[[Answer], None]) -> None:
         """`waiter` has gone (its client closed): it is told nothing."""
