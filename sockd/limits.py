@@ -105,7 +105,7 @@ class Admission:
 
     def __init__(self, listener: Listener) -> None:
         self.max_connections = listener.max_connections or math.inf
-        self.relayed = relayed_connections() if relays_streams(listener) else math.inf
+        self.relayed = relayed_connections(2) if relays_streams(listener) else math.inf
         self.per_source = listener.max_connections_per_source or math.inf
         self.rate = listener.connection_rate
         self.burst = listener.connection_burst or max(1, math.ceil(self.rate or 1))
@@ -213,16 +213,19 @@ def relays_streams(listener: Listener) -> bool:
     return listener.handler == "relay" and listener.streams
 
 
-def relayed_connections() -> float:
-    """The most connections a relay worker holds: two descriptors each, out of its soft
-    RLIMIT_NOFILE less a reserve. Past it a client is refused at once. Running out instead would
-    only pause accept(), and a relay that loops back to itself (through another listener, or a
-    name that resolves to its own address: what --check cannot see) would leave its next hop
-    queued, to grow the loop again as soon as a descriptor is free, long after its client left."""
+def relayed_connections(descriptors_each: int) -> float:
+    """The most clients a relay worker holds, `descriptors_each` descriptors each (a stream
+    relay's connection two, a UDP relay's session one), out of its soft RLIMIT_NOFILE less a
+    reserve. Past it a stream client is refused at once (a UDP client closes the least recent
+    session: see relay.Sessions). Running out instead would only pause accept(), and a relay
+    that loops back to itself (through another listener, or a name that resolves to its own
+    address: what --check cannot see) would leave its next hop queued, to grow the loop again as
+    soon as a descriptor is free, long after its client left; a UDP relay's new clients would go
+    unserved until a session timed out."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return math.inf
-    return max(1, (soft - RESERVED_DESCRIPTORS) // 2)
+    return max(1, (soft - RESERVED_DESCRIPTORS) // descriptors_each)
 
 
 def source_of(address: object) -> str:

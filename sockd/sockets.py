@@ -147,8 +147,17 @@ def connections_holding(listener: Listener) -> str | None:
 
 
 def udp_ports(bounds: Iterable[Bound]) -> frozenset[int]:
-    """The ports the UDP sockets among `bounds` are bound to (see lifecycle.REFLECTORS)."""
-    return frozenset(bound.sock.getsockname()[1] for bound in bounds if bound.listener.protocol == "udp")
+    """The ports the UDP sockets among `bounds` are bound to, and the ports their UDP relays send
+    to (see lifecycle.REFLECTORS): a relay's upstream answers whatever it is sent, so a datagram
+    forged from it to a relay would have the two answer each other forever."""
+    ports: set[int] = set()
+    for bound in bounds:
+        listener = bound.listener
+        if listener.protocol == "udp":
+            ports.add(bound.sock.getsockname()[1])
+            if listener.upstream is not None and isinstance(upstream := listener.upstream_endpoint[1], tuple):
+                ports.add(upstream[1])
+    return frozenset(ports)
 
 
 def tune(sock: socket.socket, listener: Listener) -> None:

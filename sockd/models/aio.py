@@ -31,7 +31,7 @@ from sockd.models.shared import (
     peer_of,
     stop_listening,
 )
-from sockd.relay import LoggedRelay
+from sockd.relay import LoggedRelay, Resolver
 from sockd.relay.aio import DatagramRelayProtocol, RelayProtocol
 from sockd.sockets import OUT_OF_RESOURCES
 
@@ -295,12 +295,14 @@ class Model:
         if relay is None:
             return lambda: stream(service, FREE, recorder)
         relayed = logged(self.listener, RelayProtocol, LoggedRelay)
-        return lambda: relayed(service, FREE, recorder, relay)
+        names = Resolver(relay, asyncio.get_running_loop().call_soon_threadsafe)
+        return lambda: relayed(service, FREE, recorder, names)
 
     def _datagrams(self, sock: socket.socket) -> DatagramProtocol | DatagramRelayProtocol:
         if self.relay is None:
             return DatagramProtocol(self.service, self.recorder, sock)
-        return DatagramRelayProtocol(self.service, self.recorder, self.relay)
+        names = Resolver(self.relay, asyncio.get_running_loop().call_soon_threadsafe)
+        return DatagramRelayProtocol(self.service, self.recorder, names)
 
     def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """What the loop could not give anybody: in one line, without a traceback. (asyncio's

@@ -7,6 +7,8 @@ client that waits never holds up the others.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import heapq
 import itertools
 import selectors
@@ -29,7 +31,7 @@ from sockd.models.shared import (
     shutdown_read,
     stop_listening,
 )
-from sockd.relay import LoggedRelay
+from sockd.relay import LoggedRelay, Resolver
 from sockd.relay.selector import DatagramSessions, Splice
 
 BACKENDS: dict[SelectorBackend, Callable[[], selectors.BaseSelector]] = {
@@ -45,8 +47,9 @@ READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 class EventLoop:
     """Serves one socket from one thread, driven by whatever selector `make_selector` returns.
 
-    It is the reactor the relay runs on (sockd.relay.Reactor): `register` and `recorder`; its
-    timer reaches the relay as the service's `later`."""
+    It is the reactor the relay runs on (sockd.relay.Reactor): `register`, `recorder` and
+    `call_soon_threadsafe` (for the relay's name lookups); its timer reaches the relay as the
+    service's `later`."""
 
     def __init__(
         self,
@@ -64,7 +67,10 @@ class EventLoop:
         # delayed reply is due.
         self.timers: list[tuple[float, int, Callable[..., object], tuple[object, ...]]] = []
         self.sequence = itertools.count()
-        self.relay = handler if isinstance(handler, Relay) else None
+        # A relay's upstream, looked up through it (None: not a relay).
+        self.names = Resolver(handler, self.call_soon_threadsafe) if isinstance(handler, Relay) else None
+        # Callbacks other threads ask the loop to run, and the socket pair whose byte wakes it.
+        self.soon: collections.deque[tuple[Callable[..., object], tuple[object, ...]]] = collections.deque()
         self.stream = logged(listener, SelectorStream)
         self.splice = logged(listener, Splice, LoggedRelay)
 
@@ -76,13 +82,17 @@ class EventLoop:
         self.selector.register(stop, READ, self._on_stop)
         self.selector.register(stop.ending, READ, self._on_end)
         self.selector.register(sock, READ, self._on_accept if stream else self._on_datagram)
+        self.woken, self.waker = socket.socketpair()
+        self.woken.setblocking(False)
+        self.waker.setblocking(False)
+        self.selector.register(self.woken, READ, self._on_wake)
         if self.service.timeouts.interval is not None:
             self.later(self.service.timeouts.interval, self._sweep)
         with self.stats.recorder() as self.recorder:
             self.datagrams = SocketDatagrams(self.service, self.recorder, sock)
             self.sessions = None
-            if self.relay is not None and not stream:
-                self.sessions = DatagramSessions(self, self.service, self.relay, self.datagrams)
+            if self.names is not None and not stream:
+                self.sessions = DatagramSessions(self, self.service, self.names, self.datagrams)
             try:
                 while not (stop.is_set and not self.service.open and not self.datagrams.pending):
                     for key, events in self.selector.select(self._timeout()):
@@ -93,6 +103,8 @@ class EventLoop:
                 if self.sessions is not None:
                     self.sessions.close()
                 self.selector.close()
+                self.woken.close()
+                self.waker.close()
 
     # -- the loop's own plumbing
 
@@ -104,6 +116,20 @@ class EventLoop:
     def later(self, delay: float, callback: Callable[..., object], *args: object) -> None:
         """Run `callback(*args)` in `delay` seconds (as asyncio's call_later)."""
         heapq.heappush(self.timers, (time.monotonic() + delay, next(self.sequence), callback, args))
+
+    def call_soon_threadsafe(self, callback: Callable[..., object], *args: object) -> None:
+        """Run `callback(*args)` in the loop, asked from another thread (as asyncio's); OSError
+        once the loop has ended."""
+        self.soon.append((callback, args))
+        with contextlib.suppress(BlockingIOError):  # full: a wake-up is due already
+            self.waker.send(b"\0")
+
+    def _on_wake(self, events: int) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self.woken.recv(4096)
+        while self.soon:
+            callback, args = self.soon.popleft()
+            callback(*args)
 
     def register(self, sock: socket.socket, was: int, events: int, callback: Callable[[int], None]) -> int:
         """Wait for `events` on `sock` (none: forget it) where it waited for `was`; returns `events`."""
@@ -173,8 +199,8 @@ class EventLoop:
         if ticket is None:
             return
         client.setblocking(False)
-        if self.relay is not None:
-            self.splice(self, self.service, self.relay, client, ticket).start()
+        if self.names is not None:
+            self.splice(self, self.service, self.names, client, ticket).start()
         else:
             self.stream(self, client, ticket).opened()
 

@@ -6,30 +6,49 @@ too or is quiet for half_close_timeout), what counts as moved, how a failing ups
 and the UDP session table. Two drivers carry it out, each on its model's way of waiting:
 `relay.selector` (non-blocking sockets on the selector models' loop) and `relay.aio` (asyncio
 transports). Neither imports a model: each is given what it needs, a `Service` for timers and
-accounting, and the selector driver a `Reactor`.
+accounting, and the selector driver a `Reactor`. Both look the upstream's name up through a
+`Resolver`, off their loop.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import ipaddress
 import itertools
 import socket
+import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from sockd.counters import REJECT_REASONS, UPSTREAM, Recorder
+from sockd.config import BUFSIZE
+from sockd.counters import REJECT_REASONS, SEND, UPSTREAM, Recorder
 from sockd.handlers import Relay
 from sockd.lifecycle import Address, Connection, Logged, Service
-from sockd.limits import MOVED, RELAY_SESSIONS, Ticket, source_of
+from sockd.limits import MOVED, RELAY_SESSIONS, Ticket, relayed_connections, source_of
 from sockd.logging import Throttled
 
 # What opening an upstream can fail with: refused, unreachable, timed out; ValueError for a host
 # name IDNA cannot encode (config refuses most of them).
 UPSTREAM_ERRORS = (OSError, ValueError)
-# UDP relay sessions per worker (each holds a descriptor), and per client address within them:
-# a host sending from many ports recycles its own sessions long before it could fill the table.
+# UDP relay sessions per worker (each holds a descriptor: fewer if the worker has fewer, see
+# Sessions), and per client address within them: a host sending from many ports recycles its own
+# sessions long before it could fill the table.
 MAX_SESSIONS = 4096
 MAX_SESSIONS_PER_SOURCE = 256
+# A UDP session's datagrams that wait for the upstream's lookup; past them, dropped (and counted as
+# replies not sent), as a full socket buffer would drop them.
+WAITING_DATAGRAMS = 64
+# What opening a session's socket fails with when the worker's (or the system's) descriptors are
+# all taken: a session is closed to make room (see Sessions.socket_for).
+OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
+
+# Where the upstream is, as socket() and connect() take it: (family, type, proto, address).
+Endpoint = tuple[int, int, int, Any]
+# What looking the upstream up gives: its endpoints, or why there are none.
+Answer = list[Endpoint] | BaseException
 
 _upstream_warning = Throttled("upstream failed")
 _evicted_warning = Throttled("relay sessions full: closed the least recent to make room")
@@ -42,6 +61,109 @@ class Reactor(Protocol):
 
     def register(self, sock: socket.socket, was: int, events: int, callback: Callable[[int], None]) -> int:
         """Wait for `events` on `sock` (none: forget it) where it waited for `was`; returns `events`."""
+
+    def call_soon_threadsafe(self, callback: Callable[..., object], *args: object) -> None:
+        """Run `callback(*args)` in the loop, asked from another thread (as asyncio's)."""
+
+
+def endpoints(relay: Relay) -> list[Endpoint]:
+    """The upstream's Unix path, or each address its host has (getaddrinfo() may wait on DNS for
+    a name: see Resolver)."""
+    if isinstance(relay.where, str):
+        return [(socket.AF_UNIX, socket.SOCK_STREAM, 0, relay.where)]
+    kind = socket.SOCK_DGRAM if relay.scheme == "udp" else socket.SOCK_STREAM
+    found = socket.getaddrinfo(*relay.where, type=kind)
+    return [(family, kind, proto, where) for family, kind, proto, _, where in found]
+
+
+def look_up(relay: Relay) -> Answer:
+    try:
+        return endpoints(relay)
+    except UPSTREAM_ERRORS as exc:
+        return exc
+
+
+def has_name(relay: Relay) -> bool:
+    """Whether the upstream's host is a name to look up (a path or an IP address is its own answer)."""
+    if isinstance(relay.where, str):
+        return False
+    try:
+        ipaddress.ip_address(relay.where[0])
+    except ValueError:
+        return True
+    return False
+
+
+class Resolver:
+    """The upstream's endpoints, looked up off the loop. getaddrinfo() waits on DNS, seconds for
+    a slow server (a dead one's timeouts, more), and in the loop it would hold up every client
+    the loop serves. So a name is looked up in a thread of its own, and the answer handed to the
+    loop by `deliver` (its call_soon_threadsafe). One lookup at a time: every client that asks
+    meanwhile waits for that same answer, so a flood of new clients costs one thread, not a
+    queue of lookups. Nothing is cached: a client that asks after an answer starts a new lookup,
+    so a name that moves is followed. A path or an IP address is answered at once, in the loop
+    (getaddrinfo() waits for nothing then)."""
+
+    def __init__(self, relay: Relay, deliver: Callable[..., object]) -> None:
+        self.relay = relay
+        self.deliver = deliver
+        self.named = has_name(relay)
+        self.waiting: dict[Callable[[Answer], None], None] = {}  # in the order they asked
+        self.looking_up = False
+
+    def ask(self, waiter: Callable[[Answer], None]) -> None:
+        """Call `waiter` in the loop with the upstream's endpoints, or what the lookup raised:
+        now for a path or an IP address, else once the lookup ends (unless forgotten first)."""
+        if not self.named:
+            waiter(look_up(self.relay))
+            return
+        if not self.looking_up:
+            try:
+                threading.Thread(target=self._look_up, name="sockd-resolve", daemon=True).start()
+            except RuntimeError as exc:  # no thread to be had (the process's limit): a failed lookup
+                waiter(OSError(errno.EAGAIN, str(exc)))
+                return
+            self.looking_up = True
+        self.waiting[waiter] = None
+
+    def forget(self, waiter: Callable[[Answer], None]) -> None:
+        """`waiter` has gone (its client closed): it is told nothing."""
+        self.waiting.pop(waiter, None)
+
+    def _look_up(self) -> None:
+        """In the lookup's thread."""
+        answer = look_up(self.relay)
+        with contextlib.suppress(OSError, RuntimeError):  # the loop has ended meanwhile (asyncio's: closed)
+            self.deliver(self._answered, answer)
+
+    def _answered(self, answer: Answer) -> None:
+        # One at a time, so that a waiter closed by another's (a session evicted for it) is
+        # forgotten in time; one that asks meanwhile is answered too.
+        while self.waiting:
+            waiter = next(iter(self.waiting))
+            del self.waiting[waiter]
+            waiter(answer)
+        self.looking_up = False
+
+
+def upstream_socket(found: list[Endpoint]) -> socket.socket:
+    """A non-blocking socket for the upstream, its connect() started (a datagram socket's is done
+    at once). Each endpoint is tried until one does not fail at once, but a connect still in
+    progress when it fails cannot move on to the next."""
+    failure: OSError = OSError(errno.EADDRNOTAVAIL, "no address")
+    for family, kind, proto, where in found:
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            sock.connect(where)
+        except BlockingIOError:  # in progress: writable once done
+            return sock
+        except OSError as exc:
+            sock.close()
+            failure = exc
+            continue
+        return sock
+    raise failure
 
 
 def upstream_failed(relay: Relay, recorder: Recorder, exc: BaseException | str) -> None:
@@ -151,14 +273,116 @@ class Session(Protocol):
 S = TypeVar("S", bound=Session)
 
 
+class DatagramRelay:
+    """A UDP relay, as both drivers see it: each client's datagrams go out on its session's own
+    socket, and what comes back on that socket goes to the client through the listening socket.
+    A driver defines how a socket is watched (`watch`, `unwatch`) and how a reply is sent."""
+
+    def __init__(self, names: Resolver, service: Service, recorder: Recorder) -> None:
+        self.names = names
+        self.relay = names.relay
+        self.recorder = recorder
+        self.sessions: Sessions[DatagramSession] = Sessions(self.relay, service, recorder, time.monotonic)
+
+    def datagram_received(self, data: bytes, client: Address) -> None:
+        if not self.sessions.admits(client):
+            return
+        session = self.sessions.open(client, lambda: DatagramSession(self, client))
+        self.recorder.received += len(data)
+        session.send(data)
+
+    def watch(self, sock: socket.socket, readable: Callable[[], None]) -> None:
+        """Call `readable()` whenever `sock` is, until unwatch."""
+        raise NotImplementedError
+
+    def unwatch(self, sock: socket.socket) -> None:
+        raise NotImplementedError
+
+    def reply(self, data: bytes, client: Address) -> None:
+        """Send `data` to `client` from the listening socket."""
+        raise NotImplementedError
+
+    def failed(self, exc: BaseException) -> None:
+        upstream_failed(self.relay, self.recorder, exc)
+
+    def close(self) -> None:
+        self.sessions.close()
+
+
+class DatagramSession:
+    """One UDP client's session: its own upstream socket, opened once the upstream is looked up
+    (until then its datagrams wait, at most WAITING_DATAGRAMS)."""
+
+    __slots__ = ("asked", "client", "last_seen", "relaying", "sock", "waiting")
+
+    def __init__(self, relaying: DatagramRelay, client: Address) -> None:
+        self.relaying = relaying
+        self.client = client
+        self.sock: socket.socket | None = None
+        self.waiting: list[bytes] = []
+        self.last_seen = 0.0  # set by Sessions, as `asked`
+        self.asked = 0.0
+
+    def send(self, data: bytes) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.send(data)
+            except OSError as exc:  # e.g. the upstream port said unreachable to an earlier one
+                self.relaying.failed(exc)
+            return
+        if len(self.waiting) >= WAITING_DATAGRAMS:
+            self.relaying.recorder.errors[SEND] += 1
+            return
+        self.waiting.append(data)
+        if len(self.waiting) == 1:  # the session's first: the upstream is looked up for it
+            self.relaying.names.ask(self._found)
+
+    def _found(self, answer: Answer) -> None:
+        relaying = self.relaying
+        try:
+            if isinstance(answer, BaseException):
+                raise answer
+            self.sock = relaying.sessions.socket_for(self.client, lambda: upstream_socket(answer))
+        except UPSTREAM_ERRORS as exc:
+            relaying.failed(exc)
+            relaying.sessions.forget(self.client, self)
+            return
+        relaying.watch(self.sock, self._replied)
+        waiting, self.waiting = self.waiting, []
+        for data in waiting:
+            self.send(data)
+
+    def _replied(self) -> None:
+        assert self.sock is not None
+        try:
+            data = self.sock.recv(BUFSIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:  # e.g. the upstream's ICMP port unreachable for an earlier one
+            self.relaying.failed(exc)
+            return
+        self.relaying.sessions.replied(self.client, len(data))
+        self.relaying.reply(data, self.client)
+
+    def close(self) -> None:
+        if self.sock is None:
+            self.relaying.names.forget(self._found)
+            return
+        self.relaying.unwatch(self.sock)
+        self.sock.close()
+
+
 class Sessions(OrderedDict[Address, S]):
     """A UDP relay's sessions, one per client address (each with its own upstream socket, so
     replies find their way back), least recently seen first: a datagram either way moves its
     session to the end (an OrderedDict's move and its popping of the first are O(1), where a dict
     leaves a hole at the front for each). A session is forgotten after session_timeout without a
     datagram. A new client past MAX_SESSIONS_PER_SOURCE sessions from its address closes that
-    address's least recent; past MAX_SESSIONS, the table's least recent: a new client is always
+    address's least recent; past `capacity`, the table's least recent: a new client is always
     served, so a flood cannot lock others out, and a session it closes is counted and warned of.
+    `capacity` is MAX_SESSIONS, or what the worker's descriptors allow if that is less (see
+    limits.relayed_connections); and should the descriptors run out all the same (some taken by
+    others, or the system's), a new session's socket closes the least recent too (socket_for).
 
     Each reply passed back to a client is a request, timed from the client's latest datagram (as
     a datagram answered is for the other handlers): a session ends only session_timeout after its
@@ -171,6 +395,7 @@ class Sessions(OrderedDict[Address, S]):
         self.recorder = recorder
         self.clock = clock
         self.by_source: dict[str, set[Address]] = {}
+        self.capacity = int(min(MAX_SESSIONS, relayed_connections(1)))
         self.service.later(relay.session_timeout / 4, self._forget_idle)
 
     def admits(self, client: Address) -> bool:
@@ -185,7 +410,7 @@ class Sessions(OrderedDict[Address, S]):
 
     def open(self, client: Address, make: Callable[[], S]) -> S:
         """The session of `client`, made now if it has none (what `make` raises is passed on,
-        and nothing is closed for it)."""
+        and nothing is closed for it). Its socket is the driver's to open, by socket_for."""
         session = self.get(client)
         if session is None:
             session = make()
@@ -197,6 +422,19 @@ class Sessions(OrderedDict[Address, S]):
         session.last_seen = self.clock()
         session.asked = self.recorder.clock()
         return session
+
+    def socket_for(self, client: Address, make: Callable[[], socket.socket]) -> socket.socket:
+        """`make()`'s socket for the session of `client`. Out of descriptors, the least recent
+        other session is closed for it, and `make` tried once more; what it raises then (or
+        anything else the first time) is passed on."""
+        try:
+            return make()
+        except OSError as exc:
+            victim = next((other for other in self if other != client), None)
+            if exc.errno not in OUT_OF_DESCRIPTORS or victim is None:
+                raise
+            self._evict(victim, client)
+            return make()
 
     def replied(self, client: Address, size: int) -> None:
         """A reply of `size` bytes came back for `client`: a request answered, and its session
@@ -220,7 +458,7 @@ class Sessions(OrderedDict[Address, S]):
         if len(own) >= MAX_SESSIONS_PER_SOURCE:
             # A scan of the source's own sessions, paid only by an address at its cap.
             self._evict(min(own, key=lambda other: self[other].last_seen), client)
-        elif len(self) >= MAX_SESSIONS:
+        elif len(self) >= self.capacity:
             self._evict(next(iter(self)), client)
 
     def _evict(self, victim: Address, client: Address) -> None:

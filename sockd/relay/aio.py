@@ -1,42 +1,77 @@
 """The relay on asyncio transports, which do the buffering: each side's transport pauses reading
-while the other side's write buffer is full."""
+while the other side's write buffer is full. A UDP relay's sessions are the loop's readers (see
+relay.DatagramRelay)."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
 from collections.abc import Callable
 from typing import cast
 
 from sockd.counters import Recorder
-from sockd.handlers import Relay
 from sockd.lifecycle import Address, Service
 from sockd.limits import Ticket
 from sockd.models.shared import admitted, end_transport_input, peer_of
-from sockd.relay import UPSTREAM_ERRORS, Relayed, Sessions, upstream_failed
+from sockd.relay import UPSTREAM_ERRORS, Answer, DatagramRelay, Endpoint, Relayed, Resolver
+
+
+async def found(names: Resolver) -> list[Endpoint]:
+    """The upstream's endpoints, as `names` answers them."""
+    answered: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+
+    def deliver(answer: Answer) -> None:
+        if not answered.done():  # cancelled, the task's `finally` not run yet
+            answered.set_result(answer)
+
+    names.ask(deliver)
+    try:
+        answer = await answered
+    finally:
+        names.forget(deliver)  # cancelled (timed out, or the client gone)
+    if isinstance(answer, BaseException):
+        raise answer
+    return answer
 
 
 async def open_upstream(
-    loop: asyncio.AbstractEventLoop, relay: Relay, factory: Callable[[], asyncio.BaseProtocol]
+    loop: asyncio.AbstractEventLoop, names: Resolver, factory: Callable[[], asyncio.Protocol]
 ) -> asyncio.BaseTransport:
-    where = relay.where
-    async with asyncio.timeout(relay.connect_timeout):
-        if isinstance(where, str):
-            return (await loop.create_unix_connection(cast(Callable[[], asyncio.Protocol], factory), where))[0]
-        if relay.scheme == "tcp":
-            return (await loop.create_connection(cast(Callable[[], asyncio.Protocol], factory), *where))[0]
-        datagrams = cast(Callable[[], asyncio.DatagramProtocol], factory)
-        return (await loop.create_datagram_endpoint(datagrams, remote_addr=where))[0]
+    """A connection to the upstream, within connect_timeout (its lookup included): each endpoint
+    is tried in turn until one answers."""
+    failure: OSError = OSError(errno.EADDRNOTAVAIL, "no address")
+    async with asyncio.timeout(names.relay.connect_timeout):
+        for family, kind, proto, where in await found(names):
+            sock = socket.socket(family, kind, proto)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, where)
+            except OSError as exc:
+                sock.close()
+                failure = exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            if family == socket.AF_UNIX:
+                return (await loop.create_unix_connection(factory, sock=sock))[0]
+            # As create_connection(host, port) would: asyncio's loop leaves a socket handed to it as it is.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return (await loop.create_connection(factory, sock=sock))[0]
+    raise failure
 
 
 class RelayProtocol(Relayed, asyncio.Protocol):
     """A client of a relay: what it sends goes to its upstream connection, and back."""
 
-    __slots__ = ("client_ended", "connecting", "early", "upstream")
+    __slots__ = ("client_ended", "connecting", "early", "names", "upstream")
 
     transport: asyncio.Transport
 
-    def __init__(self, service: Service, ticket: Ticket, recorder: Recorder, relay: Relay) -> None:
-        super().__init__(service, ticket, recorder, relay)
+    def __init__(self, service: Service, ticket: Ticket, recorder: Recorder, names: Resolver) -> None:
+        super().__init__(service, ticket, recorder, names.relay)
+        self.names = names
         self.upstream: UpstreamProtocol | None = None
         # What the client said before the upstream answered (None: its end, too); passed on then.
         self.early: list[bytes | None] = []
@@ -53,7 +88,7 @@ class RelayProtocol(Relayed, asyncio.Protocol):
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            transport = await open_upstream(loop, self.relay, lambda: UpstreamProtocol(self))
+            transport = await open_upstream(loop, self.names, lambda: UpstreamProtocol(self))
         except UPSTREAM_ERRORS as exc:
             self.upstream_failed(exc)
             self.transport.close()  # the client sees EOF at once
@@ -176,70 +211,26 @@ class UpstreamProtocol(asyncio.Protocol):
             self.client.transport.close()
 
 
-class DatagramRelayProtocol(asyncio.DatagramProtocol):
-    """A UDP relay: each client's datagrams go out on its session's upstream socket."""
+class DatagramRelayProtocol(DatagramRelay, asyncio.DatagramProtocol):
+    """A UDP relay on asyncio: each session's socket is one of the loop's readers, and replies go
+    out through the listening socket's transport (see relay.DatagramRelay)."""
 
-    def __init__(self, service: Service, recorder: Recorder, relay: Relay) -> None:
-        self.service = service
-        self.recorder = recorder
-        self.relay = relay
+    def __init__(self, service: Service, recorder: Recorder, names: Resolver) -> None:
+        super().__init__(names, service, recorder)
+        self.loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
-        self.sessions: Sessions[DatagramSession] = Sessions(
-            self.relay, self.service, self.recorder, asyncio.get_running_loop().time
-        )
 
-    def datagram_received(self, data: bytes, addr: Address) -> None:
-        if not self.sessions.admits(addr):
-            return
-        session = self.sessions.open(addr, lambda: DatagramSession(self, addr))
-        self.recorder.received += len(data)
-        session.send(data)
+    def watch(self, sock: socket.socket, readable: Callable[[], None]) -> None:
+        self.loop.add_reader(sock, readable)
+
+    def unwatch(self, sock: socket.socket) -> None:
+        self.loop.remove_reader(sock)
+
+    def reply(self, data: bytes, client: Address) -> None:
+        self.transport.sendto(data, client)
 
     def close(self) -> None:
-        self.sessions.close()
+        super().close()
         self.transport.close()
-
-
-class DatagramSession(asyncio.DatagramProtocol):
-    def __init__(self, listener: DatagramRelayProtocol, client: Address) -> None:
-        self.listener = listener
-        self.client = client
-        self.last_seen = asyncio.get_running_loop().time()
-        self.asked = 0.0
-        self.waiting: list[bytes] | None = []  # datagrams that came before the upstream socket
-        self.transport: asyncio.DatagramTransport | None = None
-        self.opening = asyncio.get_running_loop().create_task(self._open())
-
-    async def _open(self) -> None:
-        try:
-            await open_upstream(asyncio.get_running_loop(), self.listener.relay, lambda: self)
-        except UPSTREAM_ERRORS as exc:
-            upstream_failed(self.listener.relay, self.listener.recorder, exc)
-            self.listener.sessions.forget(self.client, self)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-        for data in self.waiting or ():
-            self.transport.sendto(data)
-        self.waiting = None
-
-    def send(self, data: bytes) -> None:
-        if self.transport is None:
-            assert self.waiting is not None
-            self.waiting.append(data)
-        else:
-            self.transport.sendto(data)
-
-    def datagram_received(self, data: bytes, addr: Address) -> None:
-        self.listener.sessions.replied(self.client, len(data))
-        self.listener.transport.sendto(data, self.client)
-
-    def error_received(self, exc: Exception) -> None:
-        upstream_failed(self.listener.relay, self.listener.recorder, exc)  # e.g. ICMP port unreachable
-
-    def close(self) -> None:
-        self.opening.cancel()
-        if self.transport is not None:
-            self.transport.close()

@@ -13,48 +13,20 @@ import os
 import selectors
 import socket
 import struct
-import time
-from typing import Any
+from collections.abc import Callable
 
 import structlog
 
 from sockd.config import BUFSIZE
-from sockd.handlers import Relay
 from sockd.lifecycle import HIGH_WATER, Address, Service
 from sockd.limits import MOVED, Ticket
 from sockd.models.shared import SocketDatagrams, peer_of, shutdown_read
-from sockd.relay import UPSTREAM_ERRORS, Reactor, Relayed, Sessions, upstream_failed
+from sockd.relay import UPSTREAM_ERRORS, Answer, DatagramRelay, Reactor, Relayed, Resolver, upstream_socket
 
 log = structlog.get_logger()
 
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
-
-
-def upstream_socket(relay: Relay) -> socket.socket:
-    """A non-blocking socket for the upstream, its connect() started. A name is resolved here, in
-    the loop (an IP literal costs nothing); each address it has is tried until one does not fail
-    at once, but a connect still in progress when it fails cannot move on to the next."""
-    if isinstance(relay.where, str):
-        addresses: list[tuple[Any, ...]] = [(socket.AF_UNIX, socket.SOCK_STREAM, 0, relay.where)]
-    else:
-        kind = socket.SOCK_DGRAM if relay.scheme == "udp" else socket.SOCK_STREAM
-        found = socket.getaddrinfo(*relay.where, type=kind)
-        addresses = [(family, kind, proto, where) for family, kind, proto, _, where in found]
-    failure: OSError = OSError(errno.EADDRNOTAVAIL, "no address")
-    for family, kind, proto, where in addresses:
-        sock = socket.socket(family, kind, proto)
-        sock.setblocking(False)
-        try:
-            sock.connect(where)
-        except BlockingIOError:  # in progress: writable once done
-            return sock
-        except OSError as exc:
-            sock.close()
-            failure = exc
-            continue
-        return sock
-    raise failure
 
 
 class End:
@@ -72,11 +44,12 @@ class End:
 class Splice(Relayed):
     """One relayed client: its connection and the upstream's, on the loop."""
 
-    __slots__ = ("client", "closed", "connected", "ends", "loop", "upstream")
+    __slots__ = ("client", "closed", "connected", "ends", "loop", "names", "upstream")
 
-    def __init__(self, loop: Reactor, service: Service, relay: Relay, client: socket.socket, ticket: Ticket) -> None:
-        super().__init__(service, ticket, loop.recorder, relay)
+    def __init__(self, loop: Reactor, service: Service, names: Resolver, client: socket.socket, ticket: Ticket) -> None:
+        super().__init__(service, ticket, loop.recorder, names.relay)
         self.loop = loop
+        self.names = names
         self.client = End(client)
         self.upstream: End
         self.ends: tuple[End, ...] = (self.client,)
@@ -84,10 +57,18 @@ class Splice(Relayed):
         self.closed = False
 
     def start(self) -> None:
-        """Open the upstream connection; the client is read once it answers."""
+        """Look the upstream up and open a connection to it (within connect_timeout, the lookup
+        included); the client is read once it answers."""
         self.opened()
+        self.client.reading = False
+        self.service.later(self.relay.connect_timeout, self._connect_timed_out)
+        self.names.ask(self._found)
+
+    def _found(self, answer: Answer) -> None:
         try:
-            upstream = upstream_socket(self.relay)
+            if isinstance(answer, BaseException):
+                raise answer
+            upstream = upstream_socket(answer)
         except UPSTREAM_ERRORS as exc:
             self.upstream_failed(exc)
             self.abort()  # the client sees EOF at once
@@ -95,9 +76,7 @@ class Splice(Relayed):
         self.upstream = End(upstream)
         self.client.peer, self.upstream.peer = self.upstream, self.client
         self.ends = (self.client, self.upstream)
-        self.client.reading = False
         self._register(self.upstream, WRITE)
-        self.service.later(self.relay.connect_timeout, self._connect_timed_out)
 
     def _connect_timed_out(self) -> None:
         if not self.connected and not self.closed:
@@ -214,6 +193,7 @@ class Splice(Relayed):
         """End both sides. Bytes still waiting for a side are dropped, and that side is reset rather
         than closed, so it cannot take a cut-short stream for a whole one."""
         self.closed = True
+        self.names.forget(self._found)
         for end in self.ends:
             end.events = self.loop.register(end.sock, end.events, 0, lambda ready: None)
             if end.out or end.shut_when_flushed:
@@ -223,61 +203,20 @@ class Splice(Relayed):
         self.connection_lost(exc)
 
 
-class DatagramSession:
-    """One UDP client's upstream socket, on the loop."""
+class DatagramSessions(DatagramRelay):
+    """A UDP relay on the loop: each session's socket watched by it, replies sent by
+    SocketDatagrams (see relay.DatagramRelay)."""
 
-    __slots__ = ("asked", "last_seen", "loop", "sock")
-
-    def __init__(self, loop: Reactor, sock: socket.socket) -> None:
+    def __init__(self, loop: Reactor, service: Service, names: Resolver, replies: SocketDatagrams) -> None:
+        super().__init__(names, service, loop.recorder)
         self.loop = loop
-        self.sock = sock
-        self.last_seen = time.monotonic()
-        self.asked = 0.0
-
-    def close(self) -> None:
-        self.loop.register(self.sock, READ, 0, lambda events: None)
-        self.sock.close()
-
-
-class DatagramSessions:
-    """A UDP relay on the loop: each client's datagrams go out on its session's socket, and what
-    comes back on it goes to the client through the listening socket (`replies`)."""
-
-    def __init__(self, loop: Reactor, service: Service, relay: Relay, replies: SocketDatagrams) -> None:
-        self.loop = loop
-        self.relay = relay
         self.replies = replies
-        self.sessions: Sessions[DatagramSession] = Sessions(relay, service, loop.recorder, time.monotonic)
 
-    def datagram_received(self, data: bytes, client: Address) -> None:
-        if not self.sessions.admits(client):
-            return
-        try:
-            session = self.sessions.open(client, lambda: self._open(client))
-        except UPSTREAM_ERRORS as exc:
-            upstream_failed(self.relay, self.loop.recorder, exc)
-            return
-        self.loop.recorder.received += len(data)
-        try:
-            session.sock.send(data)
-        except OSError as exc:  # e.g. the upstream port said unreachable to an earlier one
-            upstream_failed(self.relay, self.loop.recorder, exc)
+    def watch(self, sock: socket.socket, readable: Callable[[], None]) -> None:
+        self.loop.register(sock, 0, READ, lambda events: readable())
 
-    def _open(self, client: Address) -> DatagramSession:
-        session = DatagramSession(self.loop, upstream_socket(self.relay))
-        self.loop.register(session.sock, 0, READ, lambda events: self._replied(session, client))
-        return session
+    def unwatch(self, sock: socket.socket) -> None:
+        self.loop.register(sock, READ, 0, lambda events: None)
 
-    def _replied(self, session: DatagramSession, client: Address) -> None:
-        try:
-            data = session.sock.recv(BUFSIZE)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            upstream_failed(self.relay, self.loop.recorder, exc)
-            return
-        self.sessions.replied(client, len(data))
+    def reply(self, data: bytes, client: Address) -> None:
         self.replies.send(data, client)
-
-    def close(self) -> None:
-        self.sessions.close()
