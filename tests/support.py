@@ -243,6 +243,16 @@ def inet(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def listen_backlog(address: str) -> int:
+    """The backlog of the socket listening at a listener's logged address (host:port or a Unix
+    socket path), as the kernel holds it: ss(8) shows it as a listening socket's Send-Q."""
+    query = ["-Hlx", "src", address] if address.startswith("/") else ["-Hltn", f"sport = :{inet(address)[1]}"]
+    shown = subprocess.run([require("ss"), *query], capture_output=True, text=True, check=True, timeout=TIMEOUT)
+    (line,) = shown.stdout.splitlines()
+    fields = line.split()
+    return int(fields[fields.index("LISTEN") + 2])  # State, Recv-Q, Send-Q
+
+
 def read_to_eof(sock: socket.socket) -> bytes:
     chunks = []
     while chunk := sock.recv(65536):

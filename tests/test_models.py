@@ -7,6 +7,7 @@ import errno
 import itertools
 import os
 import random
+import signal
 import socket
 import struct
 import threading
@@ -28,9 +29,12 @@ from support import (
     TIMEOUT,
     Daemon,
     Launcher,
+    alive,
     connect,
     datagram,
+    eventually,
     inet,
+    listen_backlog,
     read_to_eof,
     request,
     short_directory,
@@ -198,6 +202,44 @@ def _settled(pid: int) -> tuple[int, int]:
         last = now
         time.sleep(0.2)
     raise AssertionError(f"still changing after 10 s: {last}")
+
+
+# Neither the kernel's default, nor systemd's, nor an event loop's (100): a backlog only the
+# listener's own listen() gives.
+BACKLOG = 1234
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "unix"])
+@pytest.mark.parametrize("model", ["asyncio", STDLIB_LOOP, "selector"])
+def test_the_backlog_stays_the_listeners_through_a_reload_and_a_restart(
+    start_sockd: Launcher, model: str, protocol: str
+) -> None:
+    """A model that accepts through an event loop's server must not let it listen() again with
+    the loop's default: the backlog is the socket's, shared by every worker and the supervisor."""
+    name, options = ("asyncio", {"event_loop": "asyncio"}) if model == STDLIB_LOOP else (model, {})
+    with short_directory() as directory:
+        where = directory / "b.sock" if protocol == "unix" else "127.0.0.1"
+
+        def config(**changed: object) -> list[dict[str, object]]:
+            return [entry("b", protocol, "echo", name, where, backlog=BACKLOG, workers=1, **options, **changed)]
+
+        daemon = start_sockd(config())
+        address = daemon.address("b")
+        assert request(address, b"started") == b"started"  # the worker listens, and accepts
+        assert listen_backlog(address) == BACKLOG
+        retired = daemon.worker_pid("b")
+        assert daemon.reload(config(idle_timeout=60))["restarted"] == ["b"]
+        # Once the retired worker is gone: the stdlib loop's server may still take a connection
+        # in the turn it is stopped, and drop it (a reload's race, not the backlog's).
+        eventually(lambda: not alive(retired), "the retired worker exited")
+        assert request(address, b"reloaded") == b"reloaded"
+        assert listen_backlog(address) == BACKLOG
+        mark = len(daemon.events)
+        os.kill(daemon.worker_pids("b")[-1], signal.SIGKILL)
+        daemon.worker_pid("b", after=mark)
+        assert request(address, b"restarted") == b"restarted"
+        assert listen_backlog(address) == BACKLOG
+        assert daemon.stop() == 0  # while its socket file's directory is there
 
 
 # The seed's experiment, scaled down: 6 clients at once against a 0.5 s delay. Clients answered
