@@ -37,6 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 10.0  # seconds any single wait in a test may take before it fails
 MODELS: list[str] = list(get_args(ModelName))  # every concurrency model, in the order sockd declares them
 RELAY_MODELS: list[str] = [name for name, kind in sockd.models.MODELS.items() if kind.relays]  # two sockets a client
+# The asyncio model once more on the standard library's loop (uvloop is the default): a model
+# name of the tests' own, which model_options turns into the config's.
+STDLIB_LOOP = "asyncio-stdlib-loop"
 PUBLISHED_WITHIN = 10.0  # seconds to wait for workers' counts to reach the endpoint
 
 
@@ -49,6 +52,11 @@ def require(program: str) -> str:
             pytest.fail(f"{program} is not installed; .ci/run should have installed it")
         pytest.skip(f"{program} is not installed")
     return path
+
+
+def model_options(model: str) -> tuple[str, dict[str, Any]]:
+    """A model name of the tests' (STDLIB_LOOP too) as a listener's `concurrency` and options."""
+    return ("asyncio", {"event_loop": "asyncio"}) if model == STDLIB_LOOP else (model, {})
 
 
 def sockd_command(*args: str) -> list[str]:

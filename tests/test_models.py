@@ -26,6 +26,7 @@ from sockd.models import load as load_model
 
 from support import (
     MODELS,
+    STDLIB_LOOP,
     TIMEOUT,
     Daemon,
     Launcher,
@@ -35,6 +36,7 @@ from support import (
     eventually,
     inet,
     listen_backlog,
+    model_options,
     read_to_eof,
     request,
     short_directory,
@@ -59,14 +61,10 @@ def listeners_for(model: str, directory: Path, **options: object) -> list[dict[s
     ]
 
 
-# The asyncio model once more on the standard library's loop (uvloop is the default).
-STDLIB_LOOP = "asyncio-stdlib-loop"
-
-
 @pytest.fixture(scope="module", params=[*MODELS, STDLIB_LOOP])
 def served(request: pytest.FixtureRequest, start_module_sockd: Launcher) -> Iterator[Daemon]:
     """One daemon per model, serving every protocol and handler pair."""
-    model, options = ("asyncio", {"event_loop": "asyncio"}) if request.param == STDLIB_LOOP else (request.param, {})
+    model, options = model_options(request.param)
     with short_directory() as directory:
         daemon = start_module_sockd(listeners_for(model, directory, **options))
         yield daemon
@@ -216,7 +214,7 @@ def test_the_backlog_stays_the_listeners_through_a_reload_and_a_restart(
 ) -> None:
     """A model that accepts through an event loop's server must not let it listen() again with
     the loop's default: the backlog is the socket's, shared by every worker and the supervisor."""
-    name, options = ("asyncio", {"event_loop": "asyncio"}) if model == STDLIB_LOOP else (model, {})
+    name, options = model_options(model)
     with short_directory() as directory:
         where = directory / "b.sock" if protocol == "unix" else "127.0.0.1"
 
