@@ -107,7 +107,7 @@ def adopt(listener: Listener, sock: socket.socket) -> Bound:
         raise BindError(
             f"listener {listener.name!r}", f"the socket systemd passed ({what})", f"not a {listener.protocol} socket"
         )
-    tune(sock, listener)
+    retune(sock, listener)  # the listener's backlog, not the socket unit's Backlog=, as after a reload
     return Bound(listener, sock, address, activated=True)
 
 
@@ -174,7 +174,8 @@ def tune(sock: socket.socket, listener: Listener) -> None:
 
 
 def retune(sock: socket.socket, listener: Listener) -> None:
-    """Apply a reloaded listener's options to the socket it keeps."""
+    """Apply a listener's options and backlog to a socket already listening: the one a reload
+    keeps, or one systemd passed in."""
     tune(sock, listener)
     if listener.streams:
         sock.listen(listener.backlog)  # Linux takes a second listen() as a new backlog

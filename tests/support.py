@@ -37,6 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 10.0  # seconds any single wait in a test may take before it fails
 MODELS: list[str] = list(get_args(ModelName))  # every concurrency model, in the order sockd declares them
 RELAY_MODELS: list[str] = [name for name, kind in sockd.models.MODELS.items() if kind.relays]  # two sockets a client
+# The asyncio model once more on the standard library's loop (uvloop is the default): a model
+# name of the tests' own, which model_options turns into the config's.
+STDLIB_LOOP = "asyncio-stdlib-loop"
 PUBLISHED_WITHIN = 10.0  # seconds to wait for workers' counts to reach the endpoint
 # What an old worker logs once it accepts no more: its retirement taken (at debug level), or its exit.
 RETIRED_OR_EXITED = ("retired: serving the open connections on", "worker exited")
@@ -51,6 +54,11 @@ def require(program: str) -> str:
             pytest.fail(f"{program} is not installed; .ci/run should have installed it")
         pytest.skip(f"{program} is not installed")
     return path
+
+
+def model_options(model: str) -> tuple[str, dict[str, Any]]:
+    """A model name of the tests' (STDLIB_LOOP too) as a listener's `concurrency` and options."""
+    return ("asyncio", {"event_loop": "asyncio"}) if model == STDLIB_LOOP else (model, {})
 
 
 def sockd_command(*args: str) -> list[str]:
@@ -250,6 +258,16 @@ def connect(address: str, timeout: float = TIMEOUT) -> socket.socket:
 def inet(address: str) -> tuple[str, int]:
     host, port = address.rsplit(":", 1)
     return host.strip("[]"), int(port)
+
+
+def listen_backlog(address: str) -> int:
+    """The backlog of the socket listening at a listener's logged address (host:port or a Unix
+    socket path), as the kernel holds it: ss(8) shows it as a listening socket's Send-Q."""
+    query = ["-Hlx", "src", address] if address.startswith("/") else ["-Hltn", f"sport = :{inet(address)[1]}"]
+    shown = subprocess.run([require("ss"), *query], capture_output=True, text=True, check=True, timeout=TIMEOUT)
+    (line,) = shown.stdout.splitlines()
+    fields = line.split()
+    return int(fields[fields.index("LISTEN") + 2])  # State, Recv-Q, Send-Q
 
 
 def read_to_eof(sock: socket.socket) -> bytes:

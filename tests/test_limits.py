@@ -9,7 +9,6 @@ import ipaddress
 import os
 import resource
 import socket
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +30,7 @@ from support import (
     eventually,
     forge_datagram,
     inet,
+    listen_backlog,
     read_to_eof,
     rejected,
     request,
@@ -569,16 +569,11 @@ def test_connection_socket_options(start_sockd: Launcher, model: str) -> None:
                     assert server.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * 65536
 
 
-def listen_backlog(port: int) -> int:
-    """The backlog of the socket listening on `port`, as ss(8) shows it (Send-Q)."""
-    shown = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
-    return int(shown.split()[2])
-
-
 def test_backlog_and_reuse_port(start_sockd: Launcher) -> None:
     daemon = start_sockd([entry("e", "tcp", "echo", "selector", backlog=17, reuse_port=True)])
-    host, port = inet(daemon.address("e"))
-    assert listen_backlog(port) == 17
+    address = daemon.address("e")
+    host, port = inet(address)
+    assert listen_backlog(address) == 17
     # SO_REUSEPORT lets another process (another sockd, say) listen on the same port beside it.
     with socket.socket() as other:
         other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -672,7 +667,6 @@ def test_the_token_buckets_forget_sources_beyond_a_bound() -> None:
 def test_a_reload_applies_new_limits_and_the_backlog_to_the_same_socket(start_sockd: Launcher) -> None:
     daemon = start_sockd([entry("e", "tcp", "echo", "selector", backlog=17, max_connections=1)])
     address = daemon.address("e")
-    port = inet(address)[1]
     with connect(address) as first:
         assert echo(first) == b"ping"
         with connect(address) as second:
@@ -681,7 +675,7 @@ def test_a_reload_applies_new_limits_and_the_backlog_to_the_same_socket(start_so
             "e"
         ]
     assert daemon.address("e") == address
-    assert listen_backlog(port) == 33
+    assert listen_backlog(address) == 33
     with connect(address) as first, connect(address) as second:
         assert echo(first) == echo(second) == b"ping"
 

@@ -7,6 +7,7 @@ import errno
 import itertools
 import os
 import random
+import signal
 import socket
 import struct
 import threading
@@ -25,12 +26,17 @@ from sockd.models import load as load_model
 
 from support import (
     MODELS,
+    STDLIB_LOOP,
     TIMEOUT,
     Daemon,
     Launcher,
+    alive,
     connect,
     datagram,
+    eventually,
     inet,
+    listen_backlog,
+    model_options,
     read_to_eof,
     request,
     short_directory,
@@ -55,14 +61,10 @@ def listeners_for(model: str, directory: Path, **options: object) -> list[dict[s
     ]
 
 
-# The asyncio model once more on the standard library's loop (uvloop is the default).
-STDLIB_LOOP = "asyncio-stdlib-loop"
-
-
 @pytest.fixture(scope="module", params=[*MODELS, STDLIB_LOOP])
 def served(request: pytest.FixtureRequest, start_module_sockd: Launcher) -> Iterator[Daemon]:
     """One daemon per model, serving every protocol and handler pair."""
-    model, options = ("asyncio", {"event_loop": "asyncio"}) if request.param == STDLIB_LOOP else (request.param, {})
+    model, options = model_options(request.param)
     with short_directory() as directory:
         daemon = start_module_sockd(listeners_for(model, directory, **options))
         yield daemon
@@ -198,6 +200,44 @@ def _settled(pid: int) -> tuple[int, int]:
         last = now
         time.sleep(0.2)
     raise AssertionError(f"still changing after 10 s: {last}")
+
+
+# Neither the kernel's default, nor systemd's, nor an event loop's (100): a backlog only the
+# listener's own listen() gives.
+BACKLOG = 1234
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "unix"])
+@pytest.mark.parametrize("model", ["asyncio", STDLIB_LOOP, "selector"])
+def test_the_backlog_stays_the_listeners_through_a_reload_and_a_restart(
+    start_sockd: Launcher, model: str, protocol: str
+) -> None:
+    """A model that accepts through an event loop's server must not let it listen() again with
+    the loop's default: the backlog is the socket's, shared by every worker and the supervisor."""
+    name, options = model_options(model)
+    with short_directory() as directory:
+        where = directory / "b.sock" if protocol == "unix" else "127.0.0.1"
+
+        def config(**changed: object) -> list[dict[str, object]]:
+            return [entry("b", protocol, "echo", name, where, backlog=BACKLOG, workers=1, **options, **changed)]
+
+        daemon = start_sockd(config())
+        address = daemon.address("b")
+        assert request(address, b"started") == b"started"  # the worker listens, and accepts
+        assert listen_backlog(address) == BACKLOG
+        retired = daemon.worker_pid("b")
+        assert daemon.reload(config(idle_timeout=60))["restarted"] == ["b"]
+        # Once the retired worker is gone: the stdlib loop's server may still take a connection
+        # in the turn it is stopped, and drop it (a reload's race, not the backlog's).
+        eventually(lambda: not alive(retired), "the retired worker exited")
+        assert request(address, b"reloaded") == b"reloaded"
+        assert listen_backlog(address) == BACKLOG
+        mark = len(daemon.events)
+        os.kill(daemon.worker_pids("b")[-1], signal.SIGKILL)
+        daemon.worker_pid("b", after=mark)
+        assert request(address, b"restarted") == b"restarted"
+        assert listen_backlog(address) == BACKLOG
+        assert daemon.stop() == 0  # while its socket file's directory is there
 
 
 # The seed's experiment, scaled down: 6 clients at once against a 0.5 s delay. Clients answered

@@ -23,6 +23,7 @@ from support import (
     TIMEOUT,
     Launcher,
     config_text,
+    listen_backlog,
     listener,
     read_to_eof,
     request,
@@ -266,6 +267,23 @@ def test_socket_activation_serves_on_the_passed_socket(start_sockd: Launcher, no
     assert notify_path.expect("READY")["STATUS"] == "serving 2 listeners"
     echo(daemon.address("tcp-echo"))
     echo(daemon.address("tcp-bound"))
+
+
+@pytest.mark.parametrize("model", ["asyncio", "selector"])
+def test_a_passed_socket_gets_the_listeners_backlog(start_sockd: Launcher, model: str) -> None:
+    """As a reload gives it to a socket kept: one rule whoever made the socket, and an event
+    loop's server listen()ing again on it does not replace it with the loop's default."""
+    port = free_port()
+    daemon = start_sockd(
+        [listener("tcp-echo", "tcp", "echo", model, port=port, backlog=1234)],
+        prefix=activator(port, "tcp-echo"),
+        wait=False,
+    )
+    wait_for_line(daemon.other_lines, "Listening on", daemon.process)
+    address = f"127.0.0.1:{port}"
+    assert request(address, b"wake up") == b"wake up"
+    daemon.wait_for("ready")
+    assert listen_backlog(address) == 1234
 
 
 def test_socket_activation_of_a_udp_listener(start_sockd: Launcher) -> None:

@@ -104,6 +104,10 @@ class Acceptor:
     more than MARGIN connections in one turn of the loop, right at the limit, costs the one
     accepted past it: counted as resources and warned of.)
 
+    Every server made calls listen() again on the socket it is given, which shares its backlog
+    with the supervisor's and every worker's copy: it is given the listener's `backlog`, or the
+    loop's default (100) would be the listener's from then on.
+
     A connection holds `per_connection` descriptors (a relay's two). `factory` makes a
     connection's protocol, which takes its ticket once it is made (see admitted)."""
 
@@ -114,9 +118,12 @@ class Acceptor:
         factory: Callable[[], asyncio.Protocol],
         per_connection: int,
         recorder: Recorder,
+        *,
+        backlog: int,
     ) -> None:
         self.loop = loop
         self.sock = sock
+        self.backlog = backlog
         self.factory = factory
         self.recorder = recorder
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)  # never unlimited, on Linux
@@ -142,7 +149,7 @@ class Acceptor:
         self.starting.add_done_callback(self._server_made)
 
     async def _new_server(self) -> None:
-        self.server = await self.loop.create_server(self._made, sock=self.sock.dup())
+        self.server = await self.loop.create_server(self._made, sock=self.sock.dup(), backlog=self.backlog)
 
     def _server_made(self, task: asyncio.Task[None]) -> None:
         self.starting = None
@@ -280,7 +287,9 @@ class Model:
             datagrams.close()
             return
         per_connection = 1 if self.relay is None else 2
-        service.acceptor = acceptor = Acceptor(loop, sock, self._protocol(), per_connection, self.recorder)
+        service.acceptor = acceptor = Acceptor(
+            loop, sock, self._protocol(), per_connection, self.recorder, backlog=self.listener.backlog
+        )
         acceptor.start()
         await stopped.wait()
         await acceptor.halted()

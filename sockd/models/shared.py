@@ -23,6 +23,12 @@ RESOURCE_PAUSE = 0.1
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
+# What a refused client may have sent already, read away before its connection is closed (see
+# refuse): at most this many reads of READ_AWAY bytes, never waiting. 256 KiB holds what Linux
+# lets a client queue unaccepted by default; a client that sent more is reset.
+READS_AWAY = 4
+READ_AWAY = 65536
+
 out_of_resources = Throttled("cannot accept: out of resources; pausing")
 
 
@@ -51,6 +57,7 @@ def admit(conn: _socket.socket, address: Address, service: Service, recorder: Re
     """The ticket of a just-accepted connection, or None if a limit refused it: it is closed then."""
     ticket = _ticket(conn, address, service, recorder)
     if ticket is None:
+        refuse(conn.fileno())
         conn.close()
     return ticket
 
@@ -64,11 +71,34 @@ def admitted(connection: Connection, transport: asyncio.Transport) -> bool:
     ticket = _ticket(sock, transport.get_extra_info("peername"), service, connection.recorder)
     if ticket is None:
         transport.set_protocol(asyncio.Protocol())
+        refuse(sock.fileno())
         transport.abort()
         service.forget(connection)
         return False
     connection.ticket = ticket
     return True
+
+
+def refuse(fd: int) -> None:
+    """Make a refused connection's close an end of file to its client, not a reset: a socket
+    closed with unread data resets its connection (RFC 1122, 4.2.2.13; AF_UNIX does the same),
+    and a client usually sends its request before it is accepted. So, before the caller closes
+    it: shut it both ways (over TCP the FIN goes out now, before any reset what the client sends
+    later may bring; over AF_UNIX the client can send nothing more), then read away what had come,
+    bounded (READS_AWAY), without waiting. On the bare descriptor, as shutdown_read does."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except (OSError, ValueError):  # already closed
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+        for _ in range(READS_AWAY):
+            if len(sock.recv(READ_AWAY, socket.MSG_DONTWAIT)) < READ_AWAY:
+                break
+    except OSError:  # nothing (more) to read, or the client has gone already
+        pass
+    finally:
+        sock.detach()  # the descriptor stays its owner's, to close
 
 
 def _ticket(sock: _socket.socket, address: Address, service: Service, recorder: Recorder) -> Ticket | None:
