@@ -91,8 +91,8 @@ class Full(Exception):
 
 
 class Acceptor:
-    """How a stream listener's connections are accepted: by the loop's own server while
-    descriptors are plenty, by sockd near their limit.
+    """How a stream listener's connections are accepted: by uvloop's own server while
+    descriptors are plenty, by sockd near their limit (and always on the standard loop).
 
     uvloop's server accepts and makes each connection's transport in C: a connection costs what
     it costs a bare uvloop server, half of what a Python accept() and a task to make its transport
@@ -134,11 +134,16 @@ class Acceptor:
         self.reading = False  # sockd accepts
         self.paused: asyncio.TimerHandle | None = None  # sockd's accept(), out of descriptors
         self.connecting: set[asyncio.Task[None]] = set()  # accepted by sockd, their transports not made yet
-        self.held = 0  # connections accepted and not yet gone
+        self.held = 0  # connections accepted and not yet gone (opened, or to be opened next turn)
         self.stopped = False
+        # Only a loop that makes a connection's transport as it accepts it (uvloop) is let accept.
+        # The standard loop's server makes each in a task, as sockd's own accept does, so it saves
+        # nothing; and closed while such a task is pending (a worker retiring), it loses that
+        # connection (its Server._attach asserts it is still open).
+        self.server_accepts = not isinstance(loop, asyncio.BaseEventLoop)
 
     def start(self) -> None:
-        if self.held < self.capacity - MARGIN:
+        if self.server_accepts and self.held < self.capacity - MARGIN:
             self._serve()
         else:
             self._read()
@@ -235,7 +240,7 @@ class Acceptor:
 
     def _serve_again_with_room(self) -> None:
         """sockd accepts, or is paused: a server takes over once there is room again."""
-        if self.held <= self.capacity - MARGIN - RESUME_ROOM:
+        if self.server_accepts and self.held <= self.capacity - MARGIN - RESUME_ROOM:
             self._stop_reading()
             self._serve()
 
@@ -294,7 +299,9 @@ class Model:
         await stopped.wait()
         await acceptor.halted()
         stop_listening(sock)
-        while service.open:
+        # Not `service.open`: a connection the loop's server accepted in its last turn opens in
+        # the next, and a worker that left before would reset it.
+        while acceptor.held:
             service.idle.clear()
             await service.idle.wait()
 
