@@ -3,6 +3,7 @@ Prometheus tools."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -26,6 +28,7 @@ from sockd.metrics import Reloads, Snapshot, SockdCollector
 from support import (
     MODELS,
     ROOT,
+    TIMEOUT,
     Daemon,
     Launcher,
     connect,
@@ -425,3 +428,36 @@ def test_clients_resetting_scrapes_cost_a_line_at_most_and_never_a_traceback(sta
     assert daemon.stop() == 0
     assert daemon.other_lines == []  # no traceback: every line is JSON
     assert len([e for e in daemon.events if e.get("event") == "a scrape failed"]) <= 2
+
+
+def _health(address: str) -> int:
+    """The status of one GET /healthz at the endpoint's `address`."""
+    try:
+        with urllib.request.urlopen(f"http://{address}/healthz", timeout=TIMEOUT) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_healthz_stays_200_through_reloads_that_start_new_generations(start_sockd: Launcher) -> None:
+    daemon = start_sockd([entry("echo", "tcp", "echo", "selector", workers=2)])
+    endpoint, echo = daemon.wait_for("metrics")["address"], daemon.address("echo")
+    answers: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:  # as fast as it can: the window of a reload is a few milliseconds
+        while not done.is_set() and len(answers) < 100_000:
+            answers.append(_health(endpoint))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        for number in range(5):  # each a new generation on the same socket, the old one serving until it serves
+            plan = daemon.reload([entry("echo", "tcp", "echo", "selector", workers=2, idle_timeout=10 + number)])
+            assert plan["restarted"] == ["echo"]
+            assert request(echo, b"x") == b"x"
+    finally:
+        done.set()
+        sampler.join(TIMEOUT)
+    assert answers, "no sample taken"
+    assert collections.Counter(answers) == {200: len(answers)}
