@@ -30,7 +30,7 @@ from sockd.logging import Throttled
 from sockd.sockets import OUT_OF_RESOURCES, BindError, inet_address, reason
 
 MAX_SCRAPES = 16  # scrapes rendered and sent at once, a thread each (Prometheus sends one at a time)
-MAX_CONNECTIONS = 64  # connections held at once: requests being read, and scrapes waiting or being served
+MAX_CONNECTIONS = 24  # connections held at once: requests being read, and scrapes waiting or being served
 REQUEST_TIMEOUT = 5.0  # seconds a request's head may take to come whole, and its answer to be taken
 MAX_HEAD = 8192  # bytes of a request head
 BACKLOG = 128  # the listen backlog: where scrapes past the cap wait
@@ -298,8 +298,11 @@ class Exporter:
         connects): a burst of scrapes waits in the backlog, and a flood of clients that send
         nothing cannot keep a health check out for longer."""
         now = time.monotonic()
-        if self.held >= MAX_CONNECTIONS and not self._evictable(now):
-            return  # an event before this one in the same select() took the room
+        if self.held >= MAX_CONNECTIONS:
+            if not self._evictable(now):
+                return  # an event before this one in the same select() took the room
+            self._drop(next(iter(self.heads)))
+            _evicted(limit=MAX_CONNECTIONS)
         try:
             conn, _ = self.sock.accept()
         except BlockingIOError:
@@ -309,9 +312,6 @@ class Exporter:
                 _out_of_resources(error=exc.strerror)
                 time.sleep(RESOURCE_PAUSE)
             return  # one that was reset in the backlog, or the pause: the loop turns on
-        if self.held >= MAX_CONNECTIONS:
-            self._drop(next(iter(self.heads)))
-            _evicted(limit=MAX_CONNECTIONS)
         conn.setblocking(False)
         self.held += 1
         self.heads[conn] = _Head(now)

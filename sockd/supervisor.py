@@ -61,8 +61,7 @@ def descriptors_needed(config: Config) -> int:
     generations that serve sessions on through a storm of reloads hold more: a worker that
     cannot be started then is retried after a backoff.)"""
     listeners = sum(1 + 2 * listener.workers for listener in config.listeners)
-    # The endpoint's socket, its connections (one more while it closes one to make room), its socketpair.
-    endpoint = metrics.MAX_CONNECTIONS + 4 if config.metrics.enabled else 0
+    endpoint = 1 + metrics.MAX_CONNECTIONS + 2 if config.metrics.enabled else 0  # its socket, its socketpair
     return RESERVED_DESCRIPTORS + listeners + endpoint
 
 
