@@ -370,8 +370,14 @@ class Exporter:
     def _next_scrape(self) -> None:
         while self.waiting and self.scraping < MAX_SCRAPES:
             conn, environ = self.waiting.popleft()
+            try:
+                threading.Thread(target=self._scrape, args=(conn, environ), name="scrape", daemon=True).start()
+            except RuntimeError as exc:  # no thread to be had (memory, a task limit): this one is not served
+                _failed(error=str(exc))
+                conn.close()
+                self.held -= 1
+                continue
             self.scraping += 1
-            threading.Thread(target=self._scrape, args=(conn, environ), name="scrape", daemon=True).start()
 
     def _finished(self) -> None:
         if self.stopping:  # the byte of close(): the loop ends
