@@ -158,7 +158,7 @@ class Group:
         and is retired then (its socket closed, if it was another): at no moment of a reload does
         nobody accept, and new workers that cannot start leave the old ones serving. False if a
         new worker could not be started."""
-        self.replacing += self._vacate()
+        self._vacate(replacing=True)
         if bound is not None:
             self.replaced_bounds.append(self.bound)
             self.bound = bound
@@ -238,19 +238,33 @@ class Group:
     def report(self) -> metrics.ListenerReport:
         """Its counts as of now, its exited workers' and its running ones'. Called from the
         metrics thread."""
+        up = self.up()
         with self.counting:
             totals = counters.Totals.zero(self.settings.bucket_count)
             totals.add(self.retired)
             for worker in self.workers():
                 totals.add(worker.counters.read())
-            now = time.monotonic()
-            up = bool(self.places) and all(
-                p.worker is not None and p.worker.ready and p.worker.beating(now) for p in self.places
-            )
             cpu, resident = self._usage()
             return metrics.ListenerReport(
                 self.listener, self.bound.address, totals, self.restarts, up, self.generations(), cpu, resident
             )
+
+    def up(self) -> bool:
+        """Whether a whole generation accepts, each of its workers ready and its heartbeat moving:
+        the current one, or, while a reload's new one starts, the one it replaces (which accepts
+        until then, see renew). Called from the metrics thread."""
+        now = time.monotonic()
+
+        def accepting(workers: list[Worker | None]) -> bool:
+            return bool(workers) and all(
+                worker is not None and worker.ready and worker.beating(now) for worker in workers
+            )
+
+        with self.counting:
+            current = [place.worker for place in self.places]
+            # A replaced worker that exited leaves `draining` when reaped, and its generation is short.
+            replaced = [worker if worker in self.draining else None for worker in self.replacing]
+        return accepting(current) or accepting(replaced)
 
     def _usage(self) -> tuple[float, int]:
         """CPU seconds its workers used, exited ones included, and the memory its live ones hold;
@@ -333,8 +347,9 @@ class Group:
             worker.stop_at = stop_at
             worker.tell(b"retire")
 
-    def _vacate(self) -> list[Worker]:
-        """Move the current generation's workers out of their places, none to be restarted."""
+    def _vacate(self, replacing: bool = False) -> list[Worker]:
+        """Move the current generation's workers out of their places, none to be restarted; with
+        `replacing`, into the generation that accepts on until a new one serves (see renew)."""
         vacated = []
         with self.counting:  # a scrape must see each worker in one place or the other, always
             for place in self.places:
@@ -343,6 +358,8 @@ class Group:
                     vacated.append(place.worker)
                     self.draining.add(place.worker)
                     place.worker = None
+            if replacing:  # in the same step: /healthz must never see the generation in neither
+                self.replacing += vacated
         return vacated
 
     def _stop(self, worker: Worker) -> None:

@@ -6,16 +6,18 @@ through prometheus_client's custom-collector API; nothing here is on a request's
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
+import functools
+import selectors
 import socket
-import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -25,14 +27,21 @@ from sockd import __version__, logging
 from sockd.config import Listener, MetricsConfig
 from sockd.counters import ERROR_KINDS, REJECT_REASONS, Totals
 from sockd.logging import Throttled
-from sockd.sockets import OUT_OF_RESOURCES, inet_address
+from sockd.sockets import OUT_OF_RESOURCES, BindError, inet_address, reason
 
-MAX_SCRAPES = 16  # scrapes served at once (Prometheus sends one at a time)
-SCRAPE_TIMEOUT = 5.0
+MAX_SCRAPES = 16  # scrapes rendered and sent at once, a thread each (Prometheus sends one at a time)
+MAX_CONNECTIONS = 24  # connections held at once: requests being read, and scrapes waiting or being served
+REQUEST_TIMEOUT = 5.0  # seconds a request's head may take to come whole, and its answer to be taken
+MAX_HEAD = 8192  # bytes of a request head
+BACKLOG = 128  # the listen backlog: where scrapes past the cap wait
+# At the cap, a connection whose head has not come whole after this long is closed for a new one.
+EVICTABLE_AFTER = 1.0
 RESOURCE_PAUSE = 0.1  # seconds between accepts while descriptors have run out
 
-_too_many = Throttled("too many scrapes at once; closed one")
 _failed = Throttled("a scrape failed")
+_too_slow = Throttled("a scrape's request did not come whole in time; closed it")
+_too_large = Throttled("a scrape's request head is too large; closed it")
+_evicted = Throttled("too many connections to the metrics endpoint; closed the one waiting longest for its request")
 _out_of_resources = Throttled("metrics endpoint cannot accept: out of resources; pausing")
 
 
@@ -148,8 +157,8 @@ class SockdCollector(Collector):
             sent.add_metric([name], totals.sent)
             for kind, count in zip(ERROR_KINDS, totals.errors, strict=True):
                 errors.add_metric([name, kind], count)
-            for reason, count in zip(REJECT_REASONS, totals.rejected, strict=True):
-                rejected.add_metric([name, reason], count)
+            for why, count in zip(REJECT_REASONS, totals.rejected, strict=True):
+                rejected.add_metric([name, why], count)
             restarts.add_metric([name], report.restarts)
             generations.add_metric([name], report.generations)
             cpu.add_metric([name], report.cpu_seconds)
@@ -195,83 +204,282 @@ def _le(bound: float) -> str:
 
 
 class Exporter:
-    """Binds the endpoint at construction (so a busy port fails the start) and serves it from a
-    daemon thread once started."""
+    """The endpoint, on a socket bound beforehand (see bind), served from a thread of its own once
+    started, as HAProxy serves a frontend: one selector thread accepts up to MAX_CONNECTIONS at
+    once and reads each request head, which must arrive whole within REQUEST_TIMEOUT and
+    MAX_HEAD bytes. /healthz is answered there and then, its answer a few bytes sent without
+    waiting (a balancer's health check never waits for a scrape); a complete /metrics request is
+    rendered and sent on a thread, MAX_SCRAPES at once, the rest waiting their turn. At the cap,
+    a connection still without its whole head after EVICTABLE_AFTER is closed to let a new one in
+    (as nginx reuses idle connections); while there is none such, nothing is accepted: the next
+    wait in the listen backlog, none is closed for being one too many. Every connection, thread,
+    byte and second a client can make it spend is bounded."""
 
-    def __init__(self, settings: MetricsConfig, snapshot: Callable[[], Snapshot]) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        buckets: Iterable[float],
+        snapshot: Callable[[], Snapshot],
+        down: Callable[[], list[str]],
+    ) -> None:
         registry = CollectorRegistry(auto_describe=True)
-        registry.register(SockdCollector(snapshot, settings.buckets))
+        registry.register(SockdCollector(snapshot, buckets))
         ProcessCollector(registry=registry)
-        self.snapshot = snapshot
         self._metrics = make_wsgi_app(registry)
-        family = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)[0][0]
-        server: type[_Server] = type("Server", (_Server,), {"address_family": family})
-        self.server = make_server(settings.host, settings.port, self._app, server, _QuietHandler)
-        host, port = self.server.socket.getsockname()[:2]
-        self.address = inet_address(family, host, port)
+        self.down = down
+        self.sock = sock
+        sock.setblocking(False)
+        host, port = sock.getsockname()[:2]
+        self.address = inet_address(sock.family, host, port)
+        self.selector = selectors.DefaultSelector()
+        # Written by a scrape's thread once done, a byte each (far fewer than a pipe holds): the
+        # selector thread alone counts what is held, and takes the next waiting scrape.
+        self._done_read, self._done_write = socket.socketpair()
+        self._done_read.setblocking(False)
+        self.selector.register(self._done_read, selectors.EVENT_READ, self._finished)
+        self.heads: dict[socket.socket, _Head] = {}  # oldest first: each accepted after the one before
+        self.waiting: collections.deque[tuple[socket.socket, dict[str, Any]]] = collections.deque()
+        self.held = 0  # connections open: heads being read, scrapes waiting and scrapes being answered
+        self.scraping = 0
+        self.accepting = False
+        self.stopping = False
+        self.thread = threading.Thread(target=self._serve, name="metrics", daemon=True)
 
     def start(self) -> None:
-        threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True).start()
+        self.thread.start()
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.stopping = True
+        self._done_write.send(b"x")
+        self.thread.join()
+        for conn in [*self.heads, *(conn for conn, _ in self.waiting)]:
+            conn.close()
+        self.selector.close()
+        self.sock.close()
+        self._done_read.close()
+        self._done_write.close()
 
-    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") == "/healthz":
-            down = [report.listener.name for report in self.snapshot().listeners if not report.up]
-            status, body = ("503 Service Unavailable", f"down: {', '.join(down)}\n") if down else ("200 OK", "ok\n")
-            start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
-            return [body.encode()]
-        response: Iterable[bytes] = self._metrics(environ, start_response)
-        return response
+    # -- the selector thread
 
+    def _serve(self) -> None:
+        self._admit(time.monotonic())
+        while not self.stopping:
+            for key, _ in self.selector.select(self._timeout()):
+                key.data()
+            now = time.monotonic()
+            for conn, head in list(self.heads.items()):
+                if now < head.since + REQUEST_TIMEOUT:
+                    break
+                self._drop(conn)
+                _too_slow(seconds=REQUEST_TIMEOUT)
+            self._admit(now)
 
-class _Server(ThreadingMixIn, WSGIServer):
-    """A thread per scrape, for at most MAX_SCRAPES at once: a connection past that is closed at
-    once, one that sends nothing for SCRAPE_TIMEOUT is dropped (see _QuietHandler), so idle or
-    half-sent requests cannot take the supervisor's descriptors or threads."""
+    def _timeout(self) -> float | None:
+        """Until the oldest head is due, or, while none is accepted, may be closed for a new one."""
+        first = next(iter(self.heads.values()), None)
+        if first is None:
+            return None
+        due = first.since + (REQUEST_TIMEOUT if self.accepting else EVICTABLE_AFTER)
+        return max(0.0, due - time.monotonic())
 
-    daemon_threads = True
-    request_queue_size = 128  # the listen backlog: socketserver's 5 drops a burst of scrapes
+    def _evictable(self, now: float) -> bool:
+        """Whether the oldest head has had long enough to come whole (see _accept)."""
+        first = next(iter(self.heads.values()), None)
+        return first is not None and now >= first.since + EVICTABLE_AFTER
 
-    def server_activate(self) -> None:
-        self.slots = threading.BoundedSemaphore(MAX_SCRAPES)
-        super().server_activate()
+    def _admit(self, now: float) -> None:
+        """Accept while under the cap, or while a connection held may be closed to make room."""
+        wanted = self.held < MAX_CONNECTIONS or self._evictable(now)
+        if wanted != self.accepting:
+            if wanted:
+                self.selector.register(self.sock, selectors.EVENT_READ, self._accept)
+            else:
+                self.selector.unregister(self.sock)
+            self.accepting = wanted
 
-    def get_request(self) -> tuple[socket.socket, Any]:
+    def _accept(self) -> None:
+        """Accept one connection; at the cap, close the one that has waited longest for its head
+        to make room, if it has had EVICTABLE_AFTER (a client sends its request as soon as it
+        connects): a burst of scrapes waits in the backlog, and a flood of clients that send
+        nothing cannot keep a health check out for longer."""
+        now = time.monotonic()
+        if self.held >= MAX_CONNECTIONS:
+            if not self._evictable(now):
+                return  # an event before this one in the same select() took the room
+            self._drop(next(iter(self.heads)))
+            _evicted(limit=MAX_CONNECTIONS)
         try:
-            return super().get_request()
+            conn, _ = self.sock.accept()
+        except BlockingIOError:
+            return
         except OSError as exc:
-            if exc.errno in OUT_OF_RESOURCES:  # else serve_forever retries at once, spinning
+            if exc.errno in OUT_OF_RESOURCES:  # else the next turn retries at once, spinning
                 _out_of_resources(error=exc.strerror)
                 time.sleep(RESOURCE_PAUSE)
-            raise
+            return  # one that was reset in the backlog, or the pause: the loop turns on
+        conn.setblocking(False)
+        self.held += 1
+        self.heads[conn] = _Head(now)
+        self.selector.register(conn, selectors.EVENT_READ, functools.partial(self._read, conn))
+        self._read(conn)  # a client's request usually comes with its handshake
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.slots.acquire(blocking=False):
-            _too_many(limit=MAX_SCRAPES)
-            self.shutdown_request(request)
+    def _read(self, conn: socket.socket) -> None:
+        head = self.heads.get(conn)
+        if head is None:  # closed to make room by an event before this one in the same select()
             return
         try:
-            super().process_request(request, client_address)
-        except BaseException:  # no thread: its slot is not taken after all
-            self.slots.release()
-            raise
+            data = conn.recv(MAX_HEAD + 1 - len(head.data))
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._drop(conn)
+            _failed(error=reason(exc))
+            return
+        if not data:  # gone before it asked anything
+            self._drop(conn)
+            return
+        head.data += data
+        if b"\r\n\r\n" not in head.data and b"\n\n" not in head.data:
+            if len(head.data) > MAX_HEAD:
+                self._drop(conn)
+                _too_large(limit=MAX_HEAD)
+            return
+        self.selector.unregister(conn)
+        del self.heads[conn]
+        environ = _environ(bytes(head.data))
+        if environ is None:
+            _failed(error="not an HTTP request")
+            self._answer(conn, _response("400 Bad Request", _TEXT, b"not an HTTP request\n"))
+        elif environ["PATH_INFO"] == "/healthz":
+            self._answer(conn, self._health())
+        else:
+            self.waiting.append((conn, environ))
+            self._next_scrape()
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
+    def _answer(self, conn: socket.socket, response: bytes) -> None:
+        """Send a short answer without waiting: a client that cannot take a few hundred bytes at
+        once has none."""
         try:
-            super().process_request_thread(request, client_address)
+            conn.send(response)
+        except OSError as exc:
+            _failed(error=reason(exc))
+        conn.close()
+        self.held -= 1
+
+    def _drop(self, conn: socket.socket) -> None:
+        self.selector.unregister(conn)
+        del self.heads[conn]
+        conn.close()
+        self.held -= 1
+
+    def _next_scrape(self) -> None:
+        while self.waiting and self.scraping < MAX_SCRAPES:
+            conn, environ = self.waiting.popleft()
+            try:
+                threading.Thread(target=self._scrape, args=(conn, environ), name="scrape", daemon=True).start()
+            except RuntimeError as exc:  # no thread to be had (memory, a task limit): this one is not served
+                _failed(error=str(exc))
+                conn.close()
+                self.held -= 1
+                continue
+            self.scraping += 1
+
+    def _finished(self) -> None:
+        if self.stopping:  # the byte of close(): the loop ends
+            return
+        done = len(self._done_read.recv(MAX_SCRAPES))
+        self.scraping -= done
+        self.held -= done
+        self._next_scrape()
+
+    def _health(self) -> bytes:
+        down = self.down()
+        if down:
+            return _response("503 Service Unavailable", _TEXT, f"down: {', '.join(down)}\n".encode())
+        return _response("200 OK", _TEXT, b"ok\n")
+
+    # -- a scrape's thread
+
+    def _scrape(self, conn: socket.socket, environ: dict[str, Any]) -> None:
+        try:
+            answer: list[tuple[str, list[tuple[str, str]]]] = []
+            body = b"".join(self._metrics(environ, lambda status, headers: answer.append((status, headers))))
+            _send(conn, _response(*answer[0], body), time.monotonic() + REQUEST_TIMEOUT)
+        except Exception as exc:  # a client gone or too slow to read: one throttled line, no traceback
+            _failed(error=repr(exc))
         finally:
-            self.slots.release()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A scrape that failed (a client gone mid-request): one throttled line, no traceback."""
-        _failed(error=repr(sys.exc_info()[1]))
+            conn.close()
+            with contextlib.suppress(OSError):  # closed: the endpoint has stopped
+                self._done_write.send(b"x")
 
 
-class _QuietHandler(WSGIRequestHandler):
-    timeout = SCRAPE_TIMEOUT  # seconds a read or a write of one scrape may wait
+@dataclass
+class _Head:
+    """A request head being read, and when its connection was accepted."""
 
-    def log_message(self, format: str, *args: Any) -> None:
-        """Scrapes are not news: one per second would drown the daemon's own log."""
+    since: float
+    data: bytearray = dataclasses.field(default_factory=bytearray)
+
+
+_TEXT = [("Content-Type", "text/plain; charset=utf-8")]
+
+
+def _environ(head: bytes) -> dict[str, Any] | None:
+    """The WSGI environment prometheus_client's app reads from a request head; None if it is not
+    an HTTP request."""
+    lines = head.decode("latin-1").splitlines()
+    parts = lines[0].split() if lines else []
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        return None
+    method, target, _ = parts
+    url = urllib.parse.urlsplit(target)
+    headers = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if colon:
+            headers[name.strip().lower()] = value.strip()
+    return {
+        "REQUEST_METHOD": method,
+        "PATH_INFO": url.path,
+        "QUERY_STRING": url.query,
+        "HTTP_ACCEPT": headers.get("accept"),
+        "HTTP_ACCEPT_ENCODING": headers.get("accept-encoding"),
+    }
+
+
+def _response(status: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
+    lines = [f"HTTP/1.1 {status}", *(f"{name}: {value}" for name, value in headers)]
+    lines += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
+    return "\r\n".join(lines).encode("latin-1") + body
+
+
+def _send(conn: socket.socket, data: bytes, deadline: float) -> None:
+    """Send all of `data` by `deadline` (TimeoutError if not): a client reading a byte at a time
+    cannot hold a thread for longer."""
+    view = memoryview(data)
+    while view:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the client did not take its answer in time")
+        conn.settimeout(remaining)
+        view = view[conn.send(view) :]
+
+
+def bind(settings: MetricsConfig) -> socket.socket:
+    """The endpoint's listening socket (BindError if it cannot be had), bound before anything
+    serves so that a busy port fails the start."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            settings.host, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(BACKLOG)
+        except BaseException:
+            sock.close()
+            raise
+    except OSError as exc:
+        raise BindError("the metrics endpoint", f"{settings.host}:{settings.port}", reason(exc), exc.errno) from None
+    return sock

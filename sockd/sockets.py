@@ -128,18 +128,23 @@ TCP_STATES = {
 }
 
 
-def connections_holding(listener: Listener) -> str | None:
-    """What holds a TCP listener's port when it is connections alone, which end by themselves
-    (a client's TIME-WAIT within a minute), as "2 TIME-WAIT, 1 ESTABLISHED"; None when a
-    server may hold it (a LISTEN socket, or one bound that /proc/net/tcp does not list)."""
-    if not isinstance(listener, InetListener) or listener.protocol != "tcp" or listener.port == 0:
+def tcp_port(listener: Listener) -> int:
+    """The TCP port a listener binds; 0 if it binds none, or lets the kernel choose."""
+    return listener.port if isinstance(listener, InetListener) and listener.protocol == "tcp" else 0
+
+
+def connections_holding(port: int) -> str | None:
+    """What holds a TCP port when it is connections alone, which end by themselves (a client's
+    TIME-WAIT within a minute), as "2 TIME-WAIT, 1 ESTABLISHED"; None when a server may hold
+    it (a LISTEN socket, or one bound that /proc/net/tcp does not list), or for port 0."""
+    if port == 0:
         return None
     states: collections.Counter[str] = collections.Counter()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError):
             for line in Path(table).read_text().splitlines()[1:]:
                 _, local, _, state, *_ = line.split()
-                if int(local.rpartition(":")[2], 16) == listener.port:
+                if int(local.rpartition(":")[2], 16) == port:
                     states[TCP_STATES.get(state, state)] += 1
     if not states or "LISTEN" in states:
         return None

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import os
 import resource
 import selectors
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import structlog
 
@@ -29,10 +31,12 @@ from sockd.forkserver import ForkServerError, Spawner
 from sockd.group import Group
 from sockd.logging import configure, flush_throttled
 from sockd.plan import Step, plan, summary
-from sockd.sockets import BindError, Bound, adopt, bind, connections_holding, reason, udp_ports
+from sockd.sockets import BindError, Bound, adopt, bind, connections_holding, tcp_port, udp_ports
 from sockd.spec import WorkerSettings
 
 log = structlog.get_logger()
+
+T = TypeVar("T")
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
@@ -57,7 +61,7 @@ def descriptors_needed(config: Config) -> int:
     generations that serve sessions on through a storm of reloads hold more: a worker that
     cannot be started then is retried after a backoff.)"""
     listeners = sum(1 + 2 * listener.workers for listener in config.listeners)
-    endpoint = 1 + metrics.MAX_SCRAPES if config.metrics.enabled else 0
+    endpoint = 1 + metrics.MAX_CONNECTIONS + 2 if config.metrics.enabled else 0  # its socket, its socketpair
     return RESERVED_DESCRIPTORS + listeners + endpoint
 
 
@@ -122,11 +126,13 @@ class Supervisor:
                 log.warning("systemd passed a socket that no listener is named after", name=name)
             deadline = time.monotonic() + BIND_WAIT  # one wait for all: connections end together
             for listener in self.config.listeners:
-                bounds[listener.name] = self._bind_at_start(listener, deadline)
+                bind_listener = functools.partial(self._bind, listener)
+                where = {"listener": listener.name, "address": listener.address}
+                bounds[listener.name] = self._bind_at_start(bind_listener, tcp_port(listener), deadline, where)
             settings = WorkerSettings.of(self.config, udp_ports(bounds.values()))
             self.groups = {name: self._group(bound.listener, bound, settings) for name, bound in bounds.items()}
             if self.config.metrics.enabled:
-                exporter = self._exporter()
+                exporter = self._exporter(deadline)
             self.spawner.start()  # before the exporter's thread: nothing forks a threaded process
         except BaseException:
             for bound in bounds.values():
@@ -372,8 +378,9 @@ class Supervisor:
             names = ", ".join(repr(name) for name in sorted(self.activated))
             raise exc.noting(f"systemd passed sockets named {names}, none named {listener.name!r}") from None
 
-    def _bind_at_start(self, listener: Listener, deadline: float) -> Bound:
-        """Bind a listener, waiting until `deadline` while its port is held by connections alone.
+    def _bind_at_start(self, bind: Callable[[], T], port: int, deadline: float, where: dict[str, str]) -> T:
+        """Bind a listener or the metrics endpoint (`where` says which, and its address), waiting
+        until `deadline` while its TCP `port` is held by connections alone.
 
         A client connection's TIME-WAIT holds its port for a minute after it closed, even against
         SO_REUSEADDR: `make test` leaves some on the example config's ports, which lie in the
@@ -383,17 +390,16 @@ class Supervisor:
         waiting = False
         while True:
             try:
-                return self._bind(listener)
+                return bind()
             except BindError as exc:
-                held = connections_holding(listener) if exc.errno == errno.EADDRINUSE else None
+                held = connections_holding(port) if exc.errno == errno.EADDRINUSE else None
                 stop = any(signum in (signal.SIGTERM, signal.SIGINT) for signum in self.signals)
                 if held is None or stop or time.monotonic() > deadline:
                     raise
                 if not waiting:
                     log.warning(
                         "address in use by connections, not a server: waiting for them to end",
-                        listener=listener.name,
-                        address=listener.address,
+                        **where,
                         held_by=held,
                         at_most_seconds=round(deadline - time.monotonic(), 1),
                     )
@@ -402,12 +408,17 @@ class Supervisor:
 
     # -- metrics
 
-    def _exporter(self) -> metrics.Exporter:
+    def _exporter(self, deadline: float) -> metrics.Exporter:
+        """The metrics endpoint, its port waited for as a listener's is (see _bind_at_start)."""
         settings = self.config.metrics
-        try:
-            return metrics.Exporter(settings, self.snapshot)
-        except OSError as exc:
-            raise BindError("the metrics endpoint", f"{settings.host}:{settings.port}", reason(exc)) from None
+        where = {"endpoint": "metrics", "address": f"{settings.host}:{settings.port}"}
+        sock = self._bind_at_start(functools.partial(metrics.bind, settings), settings.port, deadline, where)
+        return metrics.Exporter(sock, settings.buckets, self.snapshot, self.down)
+
+    def down(self) -> list[str]:
+        """The listeners none of whose generations accepts whole (see Group.up), for /healthz.
+        Called from the metrics thread."""
+        return [name for name, group in self.groups.items() if not group.up()]
 
     def _depart(self) -> None:
         """Let go of the removed listeners whose workers have all exited, keeping their counts."""

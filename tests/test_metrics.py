@@ -3,6 +3,8 @@ Prometheus tools."""
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import os
 import re
@@ -10,6 +12,7 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -21,13 +24,15 @@ import pytest
 import yaml
 
 from sockd.counters import ERROR_KINDS
-from sockd.metrics import Reloads, Snapshot, SockdCollector
+from sockd.metrics import MAX_CONNECTIONS, MAX_SCRAPES, REQUEST_TIMEOUT, Reloads, Snapshot, SockdCollector
 
 from support import (
     MODELS,
     ROOT,
+    TIMEOUT,
     Daemon,
     Launcher,
+    _proc_net_address,
     connect,
     cpu_seconds,
     datagram,
@@ -378,7 +383,7 @@ def _half_requests(address: str, count: int) -> list[socket.socket]:
         try:
             sock = socket.create_connection(inet(address), timeout=5)
             sock.sendall(b"GET /metr")
-        except OSError:  # refused or reset: closed at the cap, as it should be
+        except OSError:  # timed out: the backlog is full while the endpoint holds its cap
             continue
         held.append(sock)
     return held
@@ -396,13 +401,13 @@ def test_idle_scrapes_cannot_take_the_supervisor_down(start_sockd: Launcher) -> 
     before = _fds(supervisor)
     held = _half_requests(daemon.wait_for("metrics")["address"], 400)
     try:
-        # Bounded: a thread and a descriptor for each of at most MAX_SCRAPES, the rest closed at once.
-        assert _fds(supervisor) < before + 40, (before, _fds(supervisor))
+        # Bounded: a descriptor for each of at most MAX_CONNECTIONS, the one that waited longest closed for a new one.
+        assert _fds(supervisor) <= before + MAX_CONNECTIONS + 2, (before, _fds(supervisor))
         mark = len(daemon.events)
         os.kill(daemon.worker_pid("echo"), signal.SIGKILL)
         daemon.wait_for("worker started", listener="echo", after=mark)  # the supervisor still supervises
         eventually(lambda: request(daemon.address("echo"), b"x") == b"x", "served again", timeout=20)
-        # The held ones time out; a scrape gets through then.
+        # A scrape gets through: the held ones are closed to make room for it, or time out.
         eventually(lambda: "sockd_requests_total" in _scrape_or_empty(daemon), "a scrape", timeout=30)
     finally:
         for sock in held:
@@ -425,3 +430,103 @@ def test_clients_resetting_scrapes_cost_a_line_at_most_and_never_a_traceback(sta
     assert daemon.stop() == 0
     assert daemon.other_lines == []  # no traceback: every line is JSON
     assert len([e for e in daemon.events if e.get("event") == "a scrape failed"]) <= 2
+
+
+def _health(address: str) -> int:
+    """The status of one GET /healthz at the endpoint's `address`; 0 if none came."""
+    try:
+        with urllib.request.urlopen(f"http://{address}/healthz", timeout=TIMEOUT) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:  # refused, reset, closed without an answer, timed out
+        return 0
+
+
+def test_healthz_stays_200_through_reloads_that_start_new_generations(start_sockd: Launcher) -> None:
+    daemon = start_sockd([entry("echo", "tcp", "echo", "selector", workers=2)])
+    endpoint, echo = daemon.wait_for("metrics")["address"], daemon.address("echo")
+    answers: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:  # as fast as it can: the window of a reload is a few milliseconds
+        while not done.is_set() and len(answers) < 100_000:
+            answers.append(_health(endpoint))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        for number in range(5):  # each a new generation on the same socket, the old one serving until it serves
+            plan = daemon.reload([entry("echo", "tcp", "echo", "selector", workers=2, idle_timeout=10 + number)])
+            assert plan["restarted"] == ["echo"]
+            assert request(echo, b"x") == b"x"
+    finally:
+        done.set()
+        sampler.join(TIMEOUT)
+    assert answers, "no sample taken"
+    assert collections.Counter(answers) == {200: len(answers)}
+
+
+def _closed_by_the_server(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:  # reset
+        return True
+
+
+def test_slowloris_cannot_starve_healthz_and_is_closed_by_the_request_deadline(start_sockd: Launcher) -> None:
+    daemon = start_sockd([entry("echo", "tcp", "echo", "selector")])
+    endpoint = daemon.wait_for("metrics")["address"]
+    # More than there are scrape threads, each sending a byte of its request head far more often
+    # than a timeout per read would notice.
+    slow = [socket.create_connection(inet(endpoint), timeout=TIMEOUT) for _ in range(MAX_SCRAPES + 4)]
+    answers: list[int] = []
+    open_ = list(slow)
+    try:
+        deadline = time.monotonic() + REQUEST_TIMEOUT + TIMEOUT
+        while open_ and time.monotonic() < deadline:
+            open_ = [sock for sock in open_ if not _closed_by_the_server(sock)]
+            for sock in open_:
+                with contextlib.suppress(OSError):  # closed since
+                    sock.send(b"X")
+            answers.append(_health(endpoint))
+            time.sleep(0.2)  # the attacker's pace
+    finally:
+        for sock in slow:
+            sock.close()
+    assert collections.Counter(answers) == {200: len(answers)}  # 0: no answer at all
+    assert open_ == [], f"{len(open_)} of {len(slow)} slow requests still open after {REQUEST_TIMEOUT + TIMEOUT} s"
+    assert daemon.wait_for("a scrape's request did not come whole in time; closed it")
+
+
+def _backlog(address: str) -> int:
+    """How many connections wait in the listen backlog of a loopback IPv4 TCP `address`."""
+    host, port = inet(address)
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == _proc_net_address(host, port) and fields[3] == "0A":  # LISTEN: rx_queue is its backlog
+            return int(fields[4].partition(":")[2], 16)
+    raise AssertionError(f"nothing listens on {address}")
+
+
+def test_scrapes_past_every_cap_wait_in_the_backlog_and_are_all_answered(start_sockd: Launcher) -> None:
+    daemon = start_sockd([entry("echo", "tcp", "echo", "selector")])
+    endpoint = daemon.wait_for("metrics")["address"]
+    scrapes = []
+    try:
+        # All connected before any asks, all asking before any answer is read.
+        for _ in range(MAX_CONNECTIONS + MAX_SCRAPES):
+            scrapes.append(socket.create_connection(inet(endpoint), timeout=TIMEOUT))
+        queued = len(scrapes) - MAX_CONNECTIONS
+        eventually(lambda: _backlog(endpoint) <= queued, f"all but {queued} accepted", timeout=TIMEOUT)
+        for sock in scrapes:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: sockd\r\n\r\n")
+        answers = [read_to_eof(sock) for sock in scrapes]
+    finally:
+        for sock in scrapes:
+            sock.close()
+    assert [answer.split(b" ", 2)[1:2] for answer in answers] == [[b"200"]] * len(scrapes)
+    assert all(b"sockd_build_info" in answer for answer in answers)

@@ -245,6 +245,17 @@ def test_a_port_held_by_a_clients_time_wait_is_bound_once_it_ends(start_sockd: L
     assert request(daemon.address("echo"), b"served") == b"served"
 
 
+def test_the_metrics_port_held_by_a_clients_time_wait_is_waited_for_as_a_listeners_is(start_sockd: Launcher) -> None:
+    port = _held_by_a_client_time_wait()
+    daemon = start_sockd([entry("echo", "tcp", "echo", "asyncio")], metrics={"port": port}, wait=False)
+    waiting = daemon.wait_for(WAITING, endpoint="metrics", address=f"127.0.0.1:{port}")
+    assert "TIME-WAIT" in waiting["held_by"], waiting
+    _end_time_wait(port)
+    daemon.wait_for("ready", timeout=30)
+    assert daemon.wait_for("metrics")["address"] == f"127.0.0.1:{port}"
+    assert "sockd_build_info" in scrape(daemon)
+
+
 def test_a_stop_ends_the_wait_for_a_port_with_the_bind_error(start_sockd: Launcher) -> None:
     port = _held_by_a_client_time_wait()
     daemon = start_sockd([entry("echo", "tcp", "echo", "asyncio", port=port)], wait=False)
