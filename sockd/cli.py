@@ -11,7 +11,7 @@ import sys
 
 from setproctitle import setproctitle
 
-from sockd import __version__
+from sockd import __version__, systemd
 from sockd.config import Config, ConfigError, load
 from sockd.forkserver import ForkServerError
 from sockd.logging import configure, is_journal, one_line, priority
@@ -20,7 +20,9 @@ from sockd.stdout import emit
 from sockd.supervisor import DescriptorLimit, Supervisor
 
 EX_CONFIG = 78  # sysexits.h: configuration error
-EX_OSERR = 71  # sysexits.h: an operating system error: an unbindable socket, too few descriptors, no fork server
+# sysexits.h: an operating system error: an unbindable socket, too few descriptors, no fork server,
+# a descriptor systemd passed that is no socket (as one of the wrong kind is: a bind error)
+EX_OSERR = 71
 
 
 def main(argv: list[str] | None = None, signals: collections.deque[int] | None = None) -> int:
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None, signals: collections.deque[int] | None =
     setproctitle(f"sockd: supervisor -c {args.config}")
     try:
         return Supervisor(config, args.config, signals).run()
-    except (BindError, DescriptorLimit, ForkServerError) as exc:
+    except (BindError, DescriptorLimit, ForkServerError, systemd.NotASocket) as exc:
         print(one_line(f"{_error_prefix()}sockd: {exc}"), file=sys.stderr)
         return EX_OSERR
 
