@@ -1,4 +1,5 @@
-"""The `sockd` command: run, --check and --schema, with sysexits-style exit codes; and `sockd bench`."""
+"""The `sockd` command: run, --check and --schema, with sysexits-style exit codes; `sockd reload`
+and `sockd bench`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 
 from setproctitle import setproctitle
 
-from sockd import __version__, systemd
+from sockd import __version__, reloads, systemd
 from sockd.config import Config, ConfigError, load
 from sockd.forkserver import ForkServerError
 from sockd.logging import configure, is_journal, one_line, priority
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None, signals: collections.deque[int] | None =
     """`signals`: those caught before (see sockd.__main__), for the supervisor to act on."""
     arguments = sys.argv[1:] if argv is None else argv
     # A subcommand with a parser of its own, dispatched first so the main parser stays as it is.
+    if arguments[:1] == ["reload"]:
+        return reloads.main(arguments[1:])
     if arguments[:1] == ["bench"]:
         from sockd_bench import runner  # noqa: PLC0415 (imported here: the daemon never needs it)
 
@@ -38,7 +41,8 @@ def main(argv: list[str] | None = None, signals: collections.deque[int] | None =
     parser = argparse.ArgumentParser(
         prog="sockd",
         description="Serve sockets declared in a YAML file.",
-        epilog="sockd bench: measure a sockd on this machine (sockd bench --help).",
+        epilog="sockd reload PID: reload a running sockd and wait for the outcome (sockd reload --help). "
+        "sockd bench: measure a sockd on this machine (sockd bench --help).",
     )
     parser.add_argument("-c", "--config", metavar="FILE", help="the config file (YAML)")
     parser.add_argument("--check", action="store_true", help="validate the config file and exit")
