@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, replace
 
 import structlog
 
+from sockd.logging import one_line
 from sockd.stdout import emit
 
 log = structlog.get_logger()
@@ -120,10 +121,11 @@ def main(argv: list[str]) -> int:
             print(f"sockd reload: no outcome from sockd (pid {pid}) within {args.timeout:g} s", file=sys.stderr)
             return EX_TEMPFAIL
         time.sleep(POLL)
+    # One line each, whatever a path in the reason holds: ExecReload='s output goes to the journal.
     if not now.succeeded:
-        print(f"sockd reload: {now.status}", file=sys.stderr)
+        print(one_line(f"sockd reload: {now.status}"), file=sys.stderr)
         return EX_FAILED
-    emit(now.status)
+    emit(one_line(now.status))
     return os.EX_OK
 
 
