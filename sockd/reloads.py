@@ -107,7 +107,11 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError) as exc:
         print(f"sockd reload: no sockd supervisor with pid {pid}: {exc}", file=sys.stderr)
         return EX_UNAVAILABLE
-    os.kill(pid, signal.SIGHUP)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:  # exited meanwhile
+        print(f"sockd reload: cannot signal sockd (pid {pid}): {exc.strerror}", file=sys.stderr)
+        return EX_UNAVAILABLE
     deadline = time.monotonic() + args.timeout
     while True:
         try:

@@ -195,7 +195,7 @@ def test_a_listener_allowing_more_networks_than_a_socket_buffer_holds_starts_and
     ]
 
 
-def _limit_leaving(pid: int, free: int) -> int:
+def limit_leaving(pid: int, free: int) -> int:
     """The soft descriptor limit under which process `pid` has exactly `free` descriptor numbers
     left: the lowest free number first, whatever holes its descriptors leave."""
     used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
@@ -210,7 +210,7 @@ def test_a_fork_server_out_of_descriptors_says_so_and_serves_on_once_it_has_some
 ) -> None:
     daemon = start_sockd([entry("echo", "tcp", "echo", "asyncio")])
     server = fork_server(daemon)
-    subprocess.run(["prlimit", f"--pid={server}", f"--nofile={_limit_leaving(server, free)}:"], check=True)
+    subprocess.run(["prlimit", f"--pid={server}", f"--nofile={limit_leaving(server, free)}:"], check=True)
     mark = len(daemon.events)
     os.kill(daemon.worker_pid("echo"), signal.SIGKILL)
     error = str(daemon.wait_for("cannot start a worker", listener="echo", after=mark)["error"])

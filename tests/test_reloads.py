@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import subprocess
 
+from test_forkserver import fork_server, limit_leaving
+
 from support import Launcher, request, run_sockd
 from support import listener as entry
 
@@ -29,6 +31,18 @@ def test_a_bad_file_fails_with_the_reason_and_the_old_config_serves_on(start_soc
     assert line.startswith(
         f"sockd reload: reload failed, still serving the previous config: {daemon.config_path}:2: invalid YAML: "
     ), line
+    assert request(daemon.address("echo"), b"old") == b"old"
+
+
+def test_new_workers_that_cannot_start_fail_it_and_the_old_ones_serve_on(start_sockd: Launcher) -> None:
+    daemon = start_sockd([entry("echo", "tcp", "echo", "asyncio")])
+    server = fork_server(daemon)
+    subprocess.run(["prlimit", f"--pid={server}", f"--nofile={limit_leaving(server, 0)}:"], check=True)
+    daemon.write_config([entry("echo", "tcp", "echo", "selector")])
+    done = run_sockd("reload", str(daemon.process.pid))
+    subprocess.run(["prlimit", f"--pid={server}", "--nofile=1024:"], check=True)
+    assert (done.returncode, done.stdout) == (1, ""), done
+    assert done.stderr == "sockd reload: reload failed in part: no new workers for echo; the old ones serve on\n"
     assert request(daemon.address("echo"), b"old") == b"old"
 
 
