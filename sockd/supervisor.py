@@ -229,7 +229,7 @@ class Supervisor:
             log.warning("signal ignored: sockd gives it no meaning", signal=_signal_name(signum))
 
     def _timeout(self) -> float:
-        if self.signals:  # queued before the loop began (see run)
+        if self.signals:  # queued before the loop began (see run), or during the last turn
             return 0.0
         due = [when for group in self._groups() if (when := group.due()) is not None]
         if self.notifier.watchdog_interval:

@@ -23,7 +23,6 @@ KINDS = {
     stat.S_IFIFO: "a FIFO",
     stat.S_IFCHR: "a character device",
     stat.S_IFBLK: "a block device",
-    stat.S_IFLNK: "a symbolic link",
 }
 
 
