@@ -1,4 +1,5 @@
-"""The `sockd` command: run, --check and --schema, with sysexits-style exit codes; and `sockd bench`."""
+"""The `sockd` command: run, --check and --schema, with sysexits-style exit codes; `sockd reload`
+and `sockd bench`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 
 from setproctitle import setproctitle
 
-from sockd import __version__
+from sockd import __version__, reloads, systemd
 from sockd.config import Config, ConfigError, load
 from sockd.forkserver import ForkServerError
 from sockd.logging import configure, is_journal, one_line, priority
@@ -20,13 +21,17 @@ from sockd.stdout import emit
 from sockd.supervisor import DescriptorLimit, Supervisor
 
 EX_CONFIG = 78  # sysexits.h: configuration error
-EX_OSERR = 71  # sysexits.h: an operating system error: an unbindable socket, too few descriptors, no fork server
+# sysexits.h: an operating system error: an unbindable socket, too few descriptors, no fork server,
+# a descriptor systemd passed that is no socket (as one of the wrong kind is: a bind error)
+EX_OSERR = 71
 
 
 def main(argv: list[str] | None = None, signals: collections.deque[int] | None = None) -> int:
     """`signals`: those caught before (see sockd.__main__), for the supervisor to act on."""
     arguments = sys.argv[1:] if argv is None else argv
     # A subcommand with a parser of its own, dispatched first so the main parser stays as it is.
+    if arguments[:1] == ["reload"]:
+        return reloads.main(arguments[1:])
     if arguments[:1] == ["bench"]:
         from sockd_bench import runner  # noqa: PLC0415 (imported here: the daemon never needs it)
 
@@ -36,7 +41,8 @@ def main(argv: list[str] | None = None, signals: collections.deque[int] | None =
     parser = argparse.ArgumentParser(
         prog="sockd",
         description="Serve sockets declared in a YAML file.",
-        epilog="sockd bench: measure a sockd on this machine (sockd bench --help).",
+        epilog="sockd reload PID: reload a running sockd and wait for the outcome (sockd reload --help). "
+        "sockd bench: measure a sockd on this machine (sockd bench --help).",
     )
     parser.add_argument("-c", "--config", metavar="FILE", help="the config file (YAML)")
     parser.add_argument("--check", action="store_true", help="validate the config file and exit")
@@ -64,7 +70,7 @@ def main(argv: list[str] | None = None, signals: collections.deque[int] | None =
     setproctitle(f"sockd: supervisor -c {args.config}")
     try:
         return Supervisor(config, args.config, signals).run()
-    except (BindError, DescriptorLimit, ForkServerError) as exc:
+    except (BindError, DescriptorLimit, ForkServerError, systemd.NotASocket) as exc:
         print(one_line(f"{_error_prefix()}sockd: {exc}"), file=sys.stderr)
         return EX_OSERR
 

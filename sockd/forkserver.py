@@ -4,9 +4,11 @@ Started by the supervisor (exec, so it owes nothing to the supervisor's threads)
 sockd.forkserver FD`, FD its end of a SOCK_SEQPACKET socketpair. It imports the worker, every
 model, handler and relay module, structlog, asyncio and uvloop, then calls gc.freeze(), so that
 what it imported sits in pages every worker shares and no worker's garbage collector ever touches
-(and so copies) them. Then it answers requests, one message each: the worker's spec (JSON)
-carrying the worker's descriptors (SCM_RIGHTS: the listening socket, the channel to the
-supervisor, the shared counters), answered with the worker's pid, or -errno.
+(and so copies) them. Then it answers requests: the worker's spec (JSON), its length first, in
+as many messages as it takes (a message of a SOCK_SEQPACKET socket must fit in the socket's send
+buffer, some 200 kB, and a listener's `allow` list may make a spec longer), the first carrying the
+worker's descriptors (SCM_RIGHTS: the listening socket, the channel to the supervisor, the shared
+counters); answered with the worker's pid, or -errno.
 
 Workers are the supervisor's children, not the fork server's: the supervisor is a child
 subreaper (PR_SET_CHILD_SUBREAPER), and the fork server forks twice, the intermediate process
@@ -66,8 +68,9 @@ PACKAGE = str(Path(sockd.__file__).parent)
 # loop waits meanwhile: well under half of the unit's WatchdogSec (30 s), so a ping is not missed.
 READY_TIMEOUT = 10.0
 FORK_TIMEOUT = 10.0  # seconds a fork may take before the fork server is taken for hung
-MAX_SPEC = 1 << 20  # bytes: a spec is a listener's config, a few kB
+CHUNK = 64 << 10  # bytes of a spec per message: well within any socket's send buffer
 MAX_FDS = 3  # the listening socket, the channel, the counters
+_LENGTH = struct.Struct("Q")  # a spec's length in bytes, at the head of its first message
 _PID = struct.Struct("q")  # the answer: a pid, or -errno
 _PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 
@@ -100,12 +103,15 @@ def main(argv: list[str]) -> int:
     try:
         control.send(json.dumps({"package": PACKAGE, "fingerprint": code}).encode())
         while True:
-            spec, fds, flags, _ = socket.recv_fds(control, MAX_SPEC, MAX_FDS)
-            if not spec:  # the supervisor closed its end
+            head, fds, flags, _ = socket.recv_fds(control, CHUNK, MAX_FDS)
+            if not head:  # the supervisor closed its end
                 return 0
             try:
-                if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) != MAX_FDS:
-                    answer = -errno.EMSGSIZE
+                spec = _rest_of_spec(control, head)
+                if flags & socket.MSG_CTRUNC or len(fds) != MAX_FDS:
+                    # The kernel passes the descriptors it can install, and truncates the rest:
+                    # this process is at its descriptor limit.
+                    answer = -errno.EMFILE
                 else:
                     answer = _fork(functools.partial(_serve, entry, spec, fds, control))
             finally:
@@ -114,6 +120,28 @@ def main(argv: list[str]) -> int:
             control.send(_PID.pack(answer))
     except ConnectionError:  # the supervisor is gone
         return 0
+
+
+def _rest_of_spec(control: socket.socket, head: bytes) -> bytes:
+    """The whole spec whose first message is `head` (see send_spec)."""
+    (length,) = _LENGTH.unpack_from(head)
+    chunks, received = [head[_LENGTH.size :]], len(head) - _LENGTH.size
+    while received < length:
+        chunk = control.recv(CHUNK)
+        if not chunk:
+            raise ConnectionResetError("the supervisor closed its end in the middle of a spec")
+        chunks.append(chunk)
+        received += len(chunk)
+    return b"".join(chunks)
+
+
+def send_spec(control: socket.socket, spec: bytes, fds: Sequence[int]) -> None:
+    """Send a spec with its descriptors, in messages of CHUNK bytes at most: its length and
+    first bytes with the descriptors, then the rest."""
+    message = _LENGTH.pack(len(spec)) + spec
+    socket.send_fds(control, [message[:CHUNK]], fds)
+    for start in range(CHUNK, len(message), CHUNK):
+        control.sendall(message[start : start + CHUNK])
 
 
 def _preload() -> Entry:
@@ -132,7 +160,10 @@ def _preload() -> Entry:
 
 def _fork(serve: Callable[[], NoReturn]) -> int:
     """Fork a worker that runs `serve` as the supervisor's child: its pid, or -errno."""
-    pid_read, pid_write = os.pipe()
+    try:
+        pid_read, pid_write = os.pipe()
+    except OSError as exc:  # out of descriptors: the supervisor says so, and the fork server goes on
+        return -(exc.errno or errno.EMFILE)
     try:
         intermediate = os.fork()
     except OSError as exc:
@@ -288,7 +319,7 @@ class ForkServer:
         """A worker on `fds` from `spec`: its pid. OSError if the fork failed; ForkServerError if
         the fork server is gone or hung, which it then is for good."""
         try:
-            socket.send_fds(self.control, [spec], fds)
+            send_spec(self.control, spec, fds)
             reply = self.control.recv(_PID.size)
         except OSError as exc:  # a timeout too: a late answer would be taken for the next one's
             self.close(kill=True)
@@ -297,6 +328,9 @@ class ForkServer:
             self.close(kill=True)
             raise ForkServerError(f"the fork server died (exit code {self.process.returncode})")
         answer: int = _PID.unpack(reply)[0]
+        if answer in (-errno.EMFILE, -errno.ENFILE):
+            what = "the fork server is" if answer == -errno.EMFILE else "the system is"
+            raise OSError(-answer, f"cannot fork a worker: {what} out of descriptors ({os.strerror(-answer)})")
         if answer < 0:
             raise OSError(-answer, f"cannot fork a worker: {os.strerror(-answer)}")
         return answer

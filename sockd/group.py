@@ -159,6 +159,9 @@ class Group:
         nobody accept, and new workers that cannot start leave the old ones serving. False if a
         new worker could not be started."""
         self._vacate(replacing=True)
+        # Before the new generation starts, whatever comes between two reloads: the bound holds
+        # at every moment of a storm of them, not from the next turn of the loop on.
+        self._bound_generations()
         if bound is not None:
             self.replaced_bounds.append(self.bound)
             self.bound = bound

@@ -24,7 +24,7 @@ from typing import TypeVar
 
 import structlog
 
-from sockd import metrics, systemd
+from sockd import metrics, reloads, systemd
 from sockd.config import Config, ConfigError, Listener, load
 from sockd.counters import BEAT_INTERVAL
 from sockd.forkserver import ForkServerError, Spawner
@@ -39,11 +39,25 @@ log = structlog.get_logger()
 T = TypeVar("T")
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+# Signals whose default action ends a process and that mean nothing to sockd (a stray `kill
+# -USR1`, a timer signal meant for a profiler): caught, logged the first time, and ignored. Not
+# SIGQUIT, SIGABRT and the like, which dump a core on purpose (systemd's watchdog sends SIGABRT).
+IGNORED = (
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGALRM,
+    signal.SIGVTALRM,
+    signal.SIGPROF,
+    signal.SIGIO,
+    signal.SIGPWR,
+    *range(signal.SIGRTMIN, signal.SIGRTMAX + 1),
+)
 
 # The supervisor's descriptors besides its listeners' and the metrics endpoint's: the standard
-# streams, its selector and wake-up pipe, systemd's socket, the fork server's, a starting
-# worker's socketpair and counters, and room to spare. Nothing a client does can spend them (the
-# endpoint's connections are capped), so a dead worker can always be replaced.
+# streams, its selector and wake-up pipe, systemd's socket, the fork server's, the reloads'
+# outcome (see sockd.reloads), a starting worker's socketpair and counters, and room to spare.
+# Nothing a client does can spend them (the endpoint's connections are capped), so a dead worker
+# can always be replaced.
 RESERVED_DESCRIPTORS = 32
 # A TIME-WAIT lasts 60 s on Linux (TCP_TIMEWAIT_LEN), ended by a timer that may fire a little late.
 BIND_WAIT = 65.0
@@ -109,13 +123,16 @@ class Supervisor:
         self.stopping = False
         self.announced_ready = False
         self.reloads = metrics.Reloads(last_success_time=time.time())
+        self.outcomes = reloads.Published()  # for `sockd reload`
+        self.ignored: set[int] = set()  # the ignored signals that came, each logged once
         self.next_watchdog = time.monotonic()
 
     def run(self) -> int:
         """Bind everything (raising BindError before anything serves), serve until stopped."""
         # First of all: a stop or a reload sent while sockd starts waits for the loop, rather
         # than ending the process (SIGHUP's default) or raising in the middle of a bind (SIGINT).
-        for signum in SIGNALS:
+        # They stay caught to the end (see _ignore_signals).
+        for signum in (*SIGNALS, *IGNORED):
             signal.signal(signum, lambda signum, _: self.signals.append(signum))
         exporter = None
         bounds: dict[str, Bound] = {}
@@ -137,7 +154,8 @@ class Supervisor:
         except BaseException:
             for bound in bounds.values():
                 bound.close()
-            _default_signals()
+            self.outcomes.close()
+            _ignore_signals()
             raise
         wakeup_read, wakeup_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wakeup_write, warn_on_full_buffer=False)
@@ -150,7 +168,6 @@ class Supervisor:
                 group.start()
             self._loop(wakeup_read)
         finally:
-            _default_signals()
             signal.set_wakeup_fd(-1)
             os.close(wakeup_read)
             os.close(wakeup_write)
@@ -158,6 +175,8 @@ class Supervisor:
                 exporter.close()
             self._close_sockets()
             self.spawner.close()
+            self.outcomes.close()
+            _ignore_signals()
         flush_throttled()
         log.info("stopped")
         return 0
@@ -171,15 +190,7 @@ class Supervisor:
                     _drain_pipe(wakeup)
                 elif key.data():  # a worker's channel (see sockd.group): it has just become ready
                     self._announce_ready()
-            while self.signals:
-                signum = self.signals.popleft()
-                if signum == signal.SIGHUP and signal.SIGHUP in self.signals:
-                    continue  # HUPs that queued up meanwhile: one reload, of the file as it is now
-                name = signal.Signals(signum).name.removeprefix("SIG").lower()
-                try:
-                    getattr(self, f"handle_{name}")()
-                except Exception:  # a bug or a failed fork must not take every listener down
-                    log.exception("handling a signal failed", signal=name)
+            self._handle_signals()
             now = time.monotonic()
             for group in self._groups():
                 group.tend(now)
@@ -192,8 +203,33 @@ class Supervisor:
                 self.notifier.watchdog()
                 self.next_watchdog = now + self.notifier.watchdog_interval
 
+    def _handle_signals(self) -> None:
+        """Act on the signals queued before this turn; those that come meanwhile wait for the
+        next, after the groups are tended: a storm of HUPs is one reload a turn, each bounded
+        (see Group.renew), never a run of reloads with nothing tended in between."""
+        queued = [self.signals.popleft() for _ in range(len(self.signals))]
+        for index, signum in enumerate(queued):
+            if signum == signal.SIGHUP and signal.SIGHUP in queued[index + 1 :]:
+                continue  # HUPs that queued up meanwhile: one reload, of the file as it is now
+            if signum in IGNORED:
+                self._ignore(signum)
+                continue
+            name = signal.Signals(signum).name.removeprefix("SIG").lower()
+            try:
+                getattr(self, f"handle_{name}")()
+            except Exception as exc:  # a bug or a failed fork must not take every listener down
+                log.exception("handling a signal failed", signal=name)
+                outcome = self.outcomes.outcome
+                if outcome.begun > outcome.done:  # a reload it left unfinished failed, and says so
+                    self._reloaded(False, f"reload failed, see the log: {exc!r}")
+
+    def _ignore(self, signum: int) -> None:
+        if signum not in self.ignored:  # once: a stream of them must not flood the log
+            self.ignored.add(signum)
+            log.warning("signal ignored: sockd gives it no meaning", signal=_signal_name(signum))
+
     def _timeout(self) -> float:
-        if self.signals:  # queued before the loop began (see run)
+        if self.signals:  # queued before the loop began (see run), or during the last turn
             return 0.0
         due = [when for group in self._groups() if (when := group.due()) is not None]
         if self.notifier.watchdog_interval:
@@ -242,6 +278,7 @@ class Supervisor:
         or a socket that cannot be bound changes nothing."""
         if self.stopping:
             return
+        self.outcomes.begin()
         self.notifier.reloading()
         log.info("reloading", path=str(self.path))
         try:
@@ -300,6 +337,7 @@ class Supervisor:
         # shows why before the reload ends and after.
         self.notifier.status(status)
         self.notifier.ready(status)
+        self.outcomes.end(success, status)
 
     # -- reload
 
@@ -456,9 +494,21 @@ def _add(reports: dict[str, metrics.ListenerReport], report: metrics.ListenerRep
     reports[name] = reports[name].plus(report) if name in reports else report
 
 
-def _default_signals() -> None:
-    for signum in SIGNALS:
-        signal.signal(signum, signal.SIG_DFL)
+def _ignore_signals() -> None:
+    """Once the supervisor is done: its signals are ignored for the little the process has left.
+    Until then they were queued (so a HUP during a stop's cleanup could not end the process before
+    its socket files were removed); not restored to their default, which would end it with no exit
+    status (nor left to the interpreter, which restores the default of a signal it handles as it
+    exits)."""
+    for signum in (*SIGNALS, *IGNORED):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:  # a real-time signal other than the first and the last
+        return f"SIGRTMIN+{signum - signal.SIGRTMIN}"
 
 
 def _drain_pipe(fd: int) -> None:

@@ -10,11 +10,25 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import stat
 import time
 
 from sockd.logging import one_line
 
 LISTEN_FDS_START = 3
+# What a descriptor is, by its file type: in the error for one that is not a socket.
+KINDS = {
+    stat.S_IFREG: "a regular file",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+class NotASocket(Exception):
+    """systemd passed a descriptor (LISTEN_FDS) that is not a socket: a socket unit's ListenFIFO=,
+    ListenSpecial= and the like, which no listener can serve on."""
 
 
 class Notifier:
@@ -72,6 +86,14 @@ def listen_fds() -> dict[str, socket.socket]:
     sockets = {}
     for index in range(int(count)):
         fd = LISTEN_FDS_START + index
+        label = labels[index] if index < len(labels) else "unknown"
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            raise NotASocket(f"systemd passed descriptor {fd} ({label!r}), which is not open") from None
+        if not stat.S_ISSOCK(mode):
+            kind = KINDS.get(stat.S_IFMT(mode), "a file")
+            raise NotASocket(f"systemd passed descriptor {fd} ({label!r}), {kind}, not a socket")
         os.set_inheritable(fd, False)
-        sockets[labels[index] if index < len(labels) else "unknown"] = socket.socket(fileno=fd)
+        sockets[label] = socket.socket(fileno=fd)
     return sockets

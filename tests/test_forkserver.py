@@ -4,6 +4,7 @@ processes."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -173,3 +174,49 @@ def test_new_code_that_does_not_start_fails_the_reload_and_changes_nothing(
     assert daemon.worker_pid("echo") == worker
     assert not [e for e in daemon.events[mark:] if e.get("event") == "worker started"]
     assert request(daemon.address("echo"), b"old code") == b"old code"
+
+
+# More networks than a spec in one message could hold: a SOCK_SEQPACKET message must fit in the
+# socket's send buffer (net.core.wmem_default: 212,992 bytes, some 13,000 networks). Not the
+# config's own limit (100,000 values): a file of those takes a minute to parse on a loaded machine.
+MANY_NETWORKS = 30_000
+
+
+def test_a_listener_allowing_more_networks_than_a_socket_buffer_holds_starts_and_serves(
+    start_sockd: Launcher,
+) -> None:
+    allow = [f"10.{n >> 16}.{n >> 8 & 255}.{n & 255}/32" for n in range(MANY_NETWORKS)] + ["127.0.0.0/8"]
+    assert len(str(allow)) > int(Path("/proc/sys/net/core/wmem_default").read_text())  # what makes this a test
+    daemon = start_sockd([entry("echo", "tcp", "echo", "asyncio", allow=allow)], wait=False)
+    daemon.wait_for("ready", timeout=120)
+    assert request(daemon.address("echo"), b"allowed") == b"allowed"
+    assert not [
+        e for e in daemon.events if e.get("event") in ("cannot start a worker", "fork server died; starting a new one")
+    ]
+
+
+def limit_leaving(pid: int, free: int) -> int:
+    """The soft descriptor limit under which process `pid` has exactly `free` descriptor numbers
+    left: the lowest free number first, whatever holes its descriptors leave."""
+    used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    unused = (number for number in itertools.count() if number not in used)
+    return next(itertools.islice(unused, free, None))
+
+
+# 0: the worker's descriptors cannot be received; 3: they are, but the fork's pipe cannot be had.
+@pytest.mark.parametrize("free", [0, 3])
+def test_a_fork_server_out_of_descriptors_says_so_and_serves_on_once_it_has_some(
+    start_sockd: Launcher, free: int
+) -> None:
+    daemon = start_sockd([entry("echo", "tcp", "echo", "asyncio")])
+    server = fork_server(daemon)
+    subprocess.run(["prlimit", f"--pid={server}", f"--nofile={limit_leaving(server, free)}:"], check=True)
+    mark = len(daemon.events)
+    os.kill(daemon.worker_pid("echo"), signal.SIGKILL)
+    error = str(daemon.wait_for("cannot start a worker", listener="echo", after=mark)["error"])
+    assert "the fork server is out of descriptors" in error, error
+    subprocess.run(["prlimit", f"--pid={server}", "--nofile=1024:"], check=True)
+    daemon.worker_pid("echo", after=mark)  # tried again after its backoff, by the same fork server
+    assert request(daemon.address("echo"), b"back") == b"back"
+    assert alive(server)
+    assert not [e for e in daemon.events[mark:] if e.get("event") == "fork server died; starting a new one"]

@@ -398,3 +398,31 @@ def test_a_newline_in_a_path_adds_no_line_to_a_status(
     assert failed["STATUS"].startswith("reload failed, still serving the previous config: cannot bind")
     assert "e\\nWATCHDOG=trigger" in failed["STATUS"]
     assert all("WATCHDOG" not in message for message in notify_path.messages)
+
+
+@pytest.mark.parametrize("passed", ["a regular file", "a FIFO"])
+def test_a_passed_descriptor_that_is_not_a_socket_is_one_line_and_exit_71(tmp_path: Path, passed: str) -> None:
+    # What a socket unit's ListenFIFO= or ListenSpecial= would pass; systemd-socket-activate passes
+    # only sockets, so a shell sets up what systemd would: fd 3, and LISTEN_PID its own pid (kept
+    # by exec).
+    config = tmp_path / "sockd.yaml"
+    config.write_text(config_text([listener("tcp-echo", "tcp", "echo", "asyncio")]))
+    descriptor = tmp_path / "passed"
+    if passed == "a FIFO":
+        os.mkfifo(descriptor)
+    else:
+        descriptor.write_text("not a socket\n")
+    environment = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
+    shell = 'export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=tcp-echo; exec "$@" 3<>"$0"'
+    done = subprocess.run(
+        ["sh", "-c", shell, str(descriptor), *sockd_command("-c", str(config))],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 71, done.stderr
+    assert done.stderr.splitlines() == [f"sockd: systemd passed descriptor 3 ('tcp-echo'), {passed}, not a socket"], (
+        done.stderr
+    )

@@ -118,13 +118,10 @@ def test_service_runs_the_installed_script_on_the_etc_config() -> None:
     assert value(SERVICE, "Service", "ExecStart").split() == [INSTALLED, "-c", CONFIG]
 
 
-def test_reload_checks_the_config_before_sending_hup() -> None:
-    reload = values(SERVICE, "Service", "ExecReload")
-    assert len(reload) == 2, reload
-    check, hup = (command.split() for command in reload)
-    assert check == [INSTALLED, "--check", "-c", CONFIG]  # first: a bad file fails the reload
-    assert hup[0] in ("/bin/kill", "/usr/bin/kill")
-    assert hup[1:] == ["-HUP", "$MAINPID"]
+def test_reload_waits_for_the_outcome() -> None:
+    # `sockd reload` sends SIGHUP and fails with the reason if the reload was refused or rolled
+    # back (tests/test_reloads.py): a plain kill -HUP would succeed whatever followed.
+    assert value(SERVICE, "Service", "ExecReload").split() == [INSTALLED, "reload", "$MAINPID"]
 
 
 def test_restart_policy_spares_config_errors() -> None:
