@@ -350,7 +350,7 @@ Problem = tuple[tuple[str | int, ...], str]
 
 # A config is tens of values, thousands with a long `allow` list or a thousand listeners: at
 # most this many, whether written out or repeated by aliases. Bounded so that no file under
-# MAX_FILE_BYTES holds the supervisor's loop for long: PyYAML composes some 40,000 nodes a second,
+# MAX_FILE_BYTES holds the supervisor's loop for long: PyYAML composes some 35,000 nodes a second,
 # and a 4 MiB `[1,1,…]` is two million of them (a "billion laughs" of a few hundred bytes, far more).
 MAX_VALUES = 100_000
 
