@@ -20,6 +20,8 @@ from sockd.sockets import BindError
 from sockd.stdout import emit
 from sockd.supervisor import DescriptorLimit, Supervisor
 
+# Where a daemon's config is found unless the command says otherwise, as nginx and sshd do theirs.
+DEFAULT_CONFIG = "/etc/sockd/sockd.yaml"
 EX_CONFIG = 78  # sysexits.h: configuration error
 # sysexits.h: an operating system error: an unbindable socket, too few descriptors, no fork server,
 # a descriptor systemd passed that is no socket (as one of the wrong kind is: a bind error)
@@ -44,7 +46,13 @@ def main(argv: list[str] | None = None, signals: collections.deque[int] | None =
         epilog="sockd reload PID: reload a running sockd and wait for the outcome (sockd reload --help). "
         "sockd bench: measure a sockd on this machine (sockd bench --help).",
     )
-    parser.add_argument("-c", "--config", metavar="FILE", help="the config file (YAML)")
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        default=DEFAULT_CONFIG,
+        help=f"the config file (YAML); default: {DEFAULT_CONFIG}",
+    )
     parser.add_argument("--check", action="store_true", help="validate the config file and exit")
     parser.add_argument("--schema", action="store_true", help="print the config file's JSON Schema and exit")
     parser.add_argument("--version", action="version", version=f"sockd {__version__}")
@@ -54,8 +62,6 @@ def main(argv: list[str] | None = None, signals: collections.deque[int] | None =
         schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **Config.model_json_schema()}
         emit(json.dumps(schema, indent=2))
         return os.EX_OK
-    if args.config is None:
-        parser.error("the config file is required: sockd -c FILE")
     try:
         config = load(args.config)
     except ConfigError as exc:

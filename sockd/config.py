@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import collections
 import difflib
+import errno
 import importlib.util
 import ipaddress
 import itertools
 import os
+import socket
+import stat
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -56,6 +61,42 @@ def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         return ipaddress.ip_network(value)
     except ValueError as exc:
         raise ValueError(f"not an address block: {exc}") from None
+
+
+def _no_nul(value: str) -> str:
+    # The kernel ends a path (and the resolver a name) at a NUL: what would be bound is not what is written.
+    if "\0" in value:
+        raise ValueError("may not hold a NUL character")
+    return value
+
+
+def _host(value: str) -> str:
+    """An address, or a name getaddrinfo() can be asked for (it raises UnicodeError on a label
+    longer than 63 characters, or an empty one)."""
+    _no_nul(value)
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        try:
+            value.encode("idna")
+        except UnicodeError as exc:
+            raise ValueError(f"not a valid host name: {exc}") from None
+    return value
+
+
+Host = Annotated[str, Field(min_length=1), AfterValidator(_host)]
+
+
+def _file_path(value: str) -> str:
+    _no_nul(value)
+    if value.startswith("@"):
+        # socat, ss and systemd write Linux's abstract socket names so: refused rather than
+        # made a file the clients, looking in the abstract namespace, would never find.
+        raise ValueError(
+            "a leading @ names a Linux abstract socket, which sockd does not bind: give a file's path"
+            " (./@name for a file named so)"
+        )
+    return value
 
 
 Network = Annotated[
@@ -114,7 +155,7 @@ class _ListenerBase(_Frozen):
     event_loop: EventLoop = "auto"
     timestamp_format: TimestampFormat = "seed"
     # handler: relay. Where each client is joined to: tcp://host:port, unix:///path or udp://host:port.
-    upstream: Annotated[str, Field(pattern=UPSTREAM_PATTERN)] | None = None
+    upstream: Annotated[str, Field(pattern=UPSTREAM_PATTERN), AfterValidator(_no_nul)] | None = None
     connect_timeout: Timeout = 5.0
     # Once one side has ended, how long the other may still send (socat's -t).
     half_close_timeout: Seconds = 0.5
@@ -173,7 +214,7 @@ class _ListenerBase(_Frozen):
 
 class InetListener(_ListenerBase):
     protocol: Literal["tcp", "udp"]
-    host: Annotated[str, Field(min_length=1)]
+    host: Host
     port: Port
     # Access by source address: the longest matching prefix of the two lists decides (deny on a
     # tie), as xinetd's only_from/no_access; with `allow` given, a source it does not match is denied.
@@ -190,7 +231,7 @@ class InetListener(_ListenerBase):
 class UnixListener(_ListenerBase):
     protocol: Literal["unix"]
     # sun_path holds 108 bytes including the terminating NUL.
-    path: Annotated[str, Field(min_length=1, max_length=107)]
+    path: Annotated[str, Field(min_length=1, max_length=107), AfterValidator(_file_path)]
     mode: Annotated[str, Field(pattern=MODE_PATTERN)] = "0660"
 
     @field_validator("mode", mode="before")
@@ -219,7 +260,7 @@ DEFAULT_BUCKETS += [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 
 class MetricsConfig(_Frozen):
     enabled: bool = True
-    host: Annotated[str, Field(min_length=1)] = "127.0.0.1"
+    host: Host = "127.0.0.1"
     port: Port = 9464
     # Upper bounds, in seconds, of sockd_request_duration_seconds's buckets (+Inf is added).
     buckets: Annotated[list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Field(min_length=1, max_length=64)] = (
@@ -260,15 +301,25 @@ def load(path: str | os.PathLike[str]) -> Config:
     """Read, parse and validate a config file; every problem becomes a one-line `ConfigError`."""
     shown = os.fspath(path)
     try:
-        with open(path, "rb") as file:
-            # One byte past the most: a bigger file is refused without being read whole.
-            raw = file.read(MAX_FILE_BYTES + 1)
+        raw = _read_regular(path)
         if len(raw) > MAX_FILE_BYTES:
             raise ConfigError([f"{shown}: larger than {MAX_FILE_BYTES >> 20} MiB: not a config file sockd reads"])
         text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{shown}: cannot read: {_reason(exc)}"]) from None
     return parse(text, shown)
+
+
+def _read_regular(path: str | os.PathLike[str]) -> bytes:
+    """The file's first MAX_FILE_BYTES + 1 bytes (one past the most: a bigger file is refused
+    without being read whole). Opened without blocking, and refused unless a regular file: a
+    FIFO or a device would hold the supervisor in open() or read() until someone wrote to it.
+    A symlink is followed: config managers link /etc files into place."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return file.read(MAX_FILE_BYTES + 1)
 
 
 def parse(text: str, shown: str) -> Config:
@@ -279,7 +330,7 @@ def parse(text: str, shown: str) -> Config:
         line, message = _yaml_problem(exc, text)
         raise ConfigError([f"{shown}:{line}: invalid YAML: {_one_line(message)}"]) from None
     except _Unreadable as exc:
-        raise ConfigError([f"{shown}:{exc.line}: invalid YAML: {_one_line(exc.message)}"]) from None
+        raise ConfigError([f"{shown}:{exc.line}: {exc.what}: {_one_line(exc.message)}"]) from None
 
     found: list[tuple[int, str, str]] = [(line, field, "duplicate key") for line, field in _duplicate_keys(root)]
     config = None
@@ -297,8 +348,10 @@ def parse(text: str, shown: str) -> Config:
 
 Problem = tuple[tuple[str | int, ...], str]
 
-# A config is tens of values; aliases may repeat a part, but not blow the whole past this (a
-# "billion laughs" of a few hundred bytes would otherwise take gigabytes to validate and report).
+# A config is tens of values, thousands with a long `allow` list or a thousand listeners: at
+# most this many, whether written out or repeated by aliases. Bounded so that no file under
+# MAX_FILE_BYTES holds the supervisor's loop for long: PyYAML composes some 35,000 nodes a second,
+# and a 4 MiB `[1,1,…]` is two million of them (a "billion laughs" of a few hundred bytes, far more).
 MAX_VALUES = 100_000
 
 
@@ -310,25 +363,51 @@ CONSTRUCTOR_ERRORS = (ValueError, KeyError, IndexError, AttributeError, TypeErro
 class _Unreadable(Exception):
     """YAML that parses but cannot be read as a config's data."""
 
-    def __init__(self, line: int, message: str) -> None:
+    def __init__(self, line: int, message: str, what: str = "invalid YAML") -> None:
         super().__init__(message)
-        self.line, self.message = line, message
+        self.line, self.message, self.what = line, message, what
 
 
 def _read_yaml(text: str) -> tuple[yaml.Node | None, Any]:
-    """The document's node tree (for lines) and its data."""
+    """The document's node tree (for lines) and its data, read from the tree once composed."""
+    loader = _CountingLoader(text)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except RecursionError:  # PyYAML composes and constructs recursively: some 500 levels deep
-        raise _Unreadable(1, "nested too deeply") from None
-    _bounded(root)
-    try:
-        return root, yaml.safe_load(text)
-    except RecursionError:
-        raise _Unreadable(1, "nested too deeply") from None
-    except CONSTRUCTOR_ERRORS:
-        line, tag, value = _unreadable_scalar(root)
-        raise _Unreadable(line, f"{value[:40]!r} cannot be read as {tag}") from None
+        try:
+            root = loader.get_single_node()
+        except RecursionError:  # PyYAML composes and constructs recursively: some 500 levels deep
+            raise _Unreadable(1, "nested too deeply") from None
+        _bounded(root)
+        try:
+            return root, loader.construct_document(root) if root is not None else None
+        except RecursionError:
+            raise _Unreadable(1, "nested too deeply") from None
+        except CONSTRUCTOR_ERRORS:
+            line, tag, value = _unreadable_scalar(root)
+            raise _Unreadable(line, f"{value[:40]!r} cannot be read as {tag}") from None
+    finally:
+        loader.dispose()
+
+
+class _CountingLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a document of more than MAX_VALUES nodes as it composes
+    them, before the rest of the file is parsed."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.nodes = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if not self.check_event(yaml.AliasEvent):  # an alias is counted by _bounded
+            self.nodes += 1
+            if self.nodes > MAX_VALUES:
+                line = self.peek_event().start_mark.line + 1  # type: ignore[no-untyped-call]
+                raise _Unreadable(
+                    line,
+                    f"more than {MAX_VALUES} values (scalars, lists and mappings) by this line:"
+                    " a sockd config has far fewer",
+                    "too large",
+                )
+        return super().compose_node(parent, index)
 
 
 def _bounded(root: yaml.Node | None) -> None:
@@ -558,39 +637,114 @@ def _conflicts(listeners: Sequence[Listener | None], partial: Collection[int] = 
 def _overlaps(listeners: Sequence[Listener | None]) -> Iterator[Problem]:
     """Two listeners that cannot both be bound, as Linux decides it: the same address, or a
     wildcard address and another of its family (or any IPv4 one, for a dual-stack `::`) on the
-    same protocol and port, unless both set reuse_port."""
-    earlier: list[tuple[int, Listener]] = []
+    same protocol and port, unless both set reuse_port. A host name is compared by the address
+    bind() will take, resolved only if another listener shares its protocol and port.
+
+    Each listener is compared only with the first earlier one of each kind it may clash with,
+    so that a config of thousands of listeners is checked in a moment."""
+    sharing = collections.Counter(
+        (item.protocol, item.port) for item in listeners if isinstance(item, InetListener) and _has(item, *_BINDS)
+    )
+    addresses: dict[int, _Address] = {}
+    # By (protocol, port) for inet listeners, ("unix", path) for Unix ones: the first listener of
+    # each kind (see _kinds), and its first one without reuse_port.
+    firsts: dict[tuple[str, int | str], dict[object, tuple[int, int | None]]] = {}
     for index, listener in enumerate(listeners):
-        if isinstance(listener, InetListener) and _has(listener, "protocol", "host", "port", "reuse_port", "ipv6_only"):
+        if isinstance(listener, InetListener) and _has(listener, *_BINDS):
             if listener.port == 0:
                 continue  # port 0 asks the kernel for a fresh port: it cannot clash
-        elif not isinstance(listener, UnixListener) or not _has(listener, "protocol", "path"):
+            shared = sharing[(listener.protocol, listener.port)] > 1
+            address = addresses[index] = _address(listener, resolve=shared)
+            key: tuple[str, int | str] = (listener.protocol, listener.port)
+            kinds, clashes = _kinds(listener, address), _clashes(listener, address)
+        elif isinstance(listener, UnixListener) and _has(listener, "protocol", "path"):
+            key, kinds, clashes = ("unix", listener.path), ["path"], ["path"]
+        else:
             continue
-        for first, other in earlier:
+        seen = firsts.setdefault(key, {})
+        reuse_port = getattr(listener, "reuse_port", False)
+        # The same address clashes whatever reuse_port says; a wildcard's, only if one lacks it.
+        earlier = [
+            pair[0] if n == 0 or not reuse_port else pair[1]
+            for n, kind in enumerate(clashes)
+            if (pair := seen.get(kind))
+        ]
+        for first in sorted({first for first in earlier if first is not None}):
+            other = listeners[first]
+            assert other is not None
             who = f"listener {other.name!r} ({_index(first)})" if _has(other, "name") else _index(first)
-            if problem := _overlap(other, listener, who):
+            if problem := _overlap(other, addresses.get(first), listener, addresses.get(index), who):
                 yield ("listeners", index, *problem[0]), problem[1]
                 break
-        earlier.append((index, listener))
+        for kind in kinds:
+            first, alone = seen.get(kind, (index, None))
+            seen[kind] = (first, index if alone is None and not reuse_port else alone)
 
 
-def _overlap(first: Listener, listener: Listener, who: str) -> Problem | None:
+_BINDS = ("protocol", "host", "port", "reuse_port", "ipv6_only")
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address | str  # str: a host name that does not resolve
+
+
+def _address(listener: InetListener, resolve: bool) -> _Address:
+    try:
+        return ipaddress.ip_address(listener.host)
+    except ValueError:
+        pass
+    if not resolve:
+        return listener.host
+    try:
+        _, _, address = passive_address(listener.host, listener.port, listener.protocol)
+    except OSError:  # bind() will say so: a host may resolve there and not here
+        return listener.host
+    return ipaddress.ip_address(str(address[0]).partition("%")[0])
+
+
+def _kinds(listener: InetListener, address: _Address) -> list[object]:
+    """What a listener is, for the listeners after it: its address, its family, and a wildcard."""
+    if isinstance(address, str):
+        return [address]
+    kinds: list[object] = [address, f"any{address.version}"]
+    if address.is_unspecified:
+        kinds.append(f"wildcard{address.version}")
+        if address.version == 6 and listener.ipv6_only is not True:
+            kinds.append("dual-stack")
+    return kinds
+
+
+def _clashes(listener: InetListener, address: _Address) -> list[object]:
+    """The kinds of earlier listener this one may clash with."""
+    if isinstance(address, str):
+        return [address]
+    clashes: list[object] = [address]
+    if address.is_unspecified:
+        clashes.append(f"any{address.version}")
+        if address.version == 6 and listener.ipv6_only is not True:
+            clashes.append("any4")
+    else:
+        clashes.append(f"wildcard{address.version}")
+    if address.version == 4:
+        clashes.append("dual-stack")
+    return clashes
+
+
+def _overlap(
+    first: Listener, theirs: _Address | None, listener: Listener, mine: _Address | None, who: str
+) -> Problem | None:
     if first.protocol != listener.protocol:
         return None
-    used = f"{listener.protocol} {listener.address} is already used by {who}"
+    resolved = f" ({mine})" if isinstance(listener, InetListener) and str(mine) != listener.host else ""
+    used = f"{listener.protocol} {listener.address}{resolved} is already used by {who}"
     if isinstance(listener, UnixListener) or isinstance(first, UnixListener):
         return (("path",), used) if first.address == listener.address else None
     if first.port != listener.port:
         return None
-    try:
-        mine, theirs = ipaddress.ip_address(listener.host), ipaddress.ip_address(first.host)
-    except ValueError:  # a host name: what it resolves to is known only when it is bound
-        return (("port",), used) if first.host == listener.host else None
+    if isinstance(mine, str) or isinstance(theirs, str) or mine is None or theirs is None:
+        return (("port",), used) if mine == theirs else None
     if mine == theirs:
         return ("port",), used
     if first.reuse_port and listener.reuse_port:
         return None
-    overlaps = f"{listener.protocol} {listener.address} overlaps {first.address} of {who}"
+    overlaps = f"{listener.protocol} {listener.address}{resolved} overlaps {first.address} of {who}"
     for wildcard, other, on in ((mine, theirs, listener), (theirs, mine, first)):
         if not wildcard.is_unspecified:
             continue
@@ -600,6 +754,17 @@ def _overlap(first: Listener, listener: Listener, who: str) -> Problem | None:
         if wildcard.version == 6 and on.ipv6_only is not True:
             return ("host",), f"{overlaps}: :: takes the port over IPv4 too, unless it sets ipv6_only: true"
     return None
+
+
+def passive_address(host: str, port: int, protocol: str) -> tuple[int, int, tuple[Any, ...]]:
+    """(family, proto, socket address) a listener's socket is bound to: the first of what
+    getaddrinfo() gives for its host, as the config check and bind() both take it."""
+    kind = socket.SOCK_DGRAM if protocol == "udp" else socket.SOCK_STREAM
+    try:
+        family, _, proto, _, address = socket.getaddrinfo(host, port, type=kind, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise OSError(f"cannot resolve {host!r}: {exc.strerror}") from None
+    return family, proto, address
 
 
 def _has(listener: Listener, *fields: str) -> bool:
@@ -661,9 +826,9 @@ def _relay_upstream(listener: Listener) -> Iterator[Problem]:
         yield ("upstream",), "a udp listener relays to a udp upstream, a stream listener to tcp or unix"
     elif isinstance(where := listener.upstream_endpoint[1], tuple):
         try:
-            where[0].encode("idna")
-        except UnicodeError as exc:
-            yield ("upstream",), f"not a valid host name: {exc}"
+            _host(where[0])
+        except ValueError as exc:
+            yield ("upstream",), str(exc)
     if listener.upstream is not None and _relays_to_itself(listener):
         yield ("upstream",), "is this listener's own address: each client would be relayed to itself, without end"
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from sockd.config import InetListener, Listener, UnixListener
+from sockd.config import InetListener, Listener, UnixListener, passive_address
 
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # <linux/in.h>; Python names it only on some builds
 # What accept() (or socket()) fails with when descriptors or memory run out: a reason to pause
@@ -197,12 +197,7 @@ def bind(listener: Listener) -> Bound:
 
 def _bind_inet(listener: InetListener) -> Bound:
     kind = socket.SOCK_STREAM if listener.protocol == "tcp" else socket.SOCK_DGRAM
-    try:
-        family, _, proto, _, address = socket.getaddrinfo(
-            listener.host, listener.port, type=kind, flags=socket.AI_PASSIVE
-        )[0]
-    except socket.gaierror as exc:
-        raise OSError(f"cannot resolve {listener.host!r}: {exc.strerror}") from None
+    family, proto, address = passive_address(listener.host, listener.port, listener.protocol)
     sock = socket.socket(family, kind, proto)
     with _closed_on_error(sock):
         if kind == socket.SOCK_STREAM:

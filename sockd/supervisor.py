@@ -282,6 +282,15 @@ class Supervisor:
         self.notifier.reloading()
         log.info("reloading", path=str(self.path))
         try:
+            self._reload()
+        except Exception as exc:
+            # What no check foresaw (a bug): systemd must still hear that the reload ended, and
+            # the count must have it. The loop logs the traceback.
+            self._reloaded(False, f"reload failed: {type(exc).__name__}: {exc}")
+            raise
+
+    def _reload(self) -> None:
+        try:
             new = load(self.path)
         except ConfigError as exc:
             self._reloaded(False, f"reload failed, still serving the previous config: {exc.problems[0]}")

@@ -152,16 +152,23 @@ class Daemon:
         return self.process.wait(timeout)
 
 
-def open_for_writing(fifo: Path, process: subprocess.Popen[str]) -> int:
-    """The write end of a FIFO, once `process` opens it to read (a config file that is a FIFO
-    holds sockd in its read until a test writes it)."""
-    deadline = time.monotonic() + TIMEOUT
-    while process.poll() is None and time.monotonic() < deadline:
+@contextlib.contextmanager
+def held_port() -> Iterator[int]:
+    """A loopback TCP port held by a client connection alone, no server on it, until the block
+    ends: sockd's start waits to bind it (see Supervisor._bind_at_start), which holds sockd with
+    its modules imported and its signals caught, before anything serves. The connection is then
+    reset (SO_LINGER 0: no TIME-WAIT), and sockd binds the port within a retry."""
+    with socket.create_server(("127.0.0.1", 0)) as server, socket.socket() as client:
+        client.bind(("127.0.0.1", 0))  # no SO_REUSEADDR: sockd's bind conflicts with it
+        client.connect(server.getsockname())
         try:
-            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError:  # ENXIO: no reader yet
-            time.sleep(0.01)
-    raise AssertionError(f"{fifo} was never opened (exit code {process.returncode})")
+            yield client.getsockname()[1]
+        finally:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+# What sockd logs while it waits for a held port (see held_port).
+WAITING_FOR_CONNECTIONS = "address in use by connections, not a server: waiting for them to end"
 
 
 @contextlib.contextmanager

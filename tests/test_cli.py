@@ -19,11 +19,14 @@ import yaml
 import sockd
 
 from support import (
+    WAITING_FOR_CONNECTIONS,
+    Daemon,
     StartSockd,
     check,
     config_text,
+    eventually,
+    held_port,
     listener,
-    open_for_writing,
     request,
     run_sockd,
     sockd_command,
@@ -259,15 +262,6 @@ def test_version() -> None:
     assert result.stdout == f"sockd {sockd.__version__}\n"
 
 
-@pytest.mark.parametrize("args", [(), ("--check",)], ids=["nothing", "check-only"])
-def test_no_config_file_is_a_usage_error(args: tuple[str, ...]) -> None:
-    result = run_sockd(*args)
-    assert result.returncode == EX_USAGE
-    assert result.stdout == ""
-    assert result.stderr.startswith("usage: sockd ")
-    assert result.stderr.splitlines()[-1] == "sockd: error: the config file is required: sockd -c FILE"
-
-
 def test_an_unknown_option_is_a_usage_error() -> None:
     result = run_sockd("--frobnicate")
     assert result.returncode == EX_USAGE
@@ -395,7 +389,7 @@ def test_a_soft_descriptor_limit_below_what_the_listeners_need_is_raised(start_s
 
 def test_a_python_that_cannot_be_executed_is_one_line_and_exit_71(tmp_path: Path) -> None:
     """sockd run by an interpreter that is gone by the time the fork server starts (a virtualenv
-    removed under it): the config file is a FIFO, which holds sockd until the test writes it."""
+    removed under it): a port held by a connection holds sockd in its start meanwhile."""
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     python = venv / "bin" / "python"
@@ -404,24 +398,28 @@ def test_a_python_that_cannot_be_executed_is_one_line_and_exit_71(tmp_path: Path
     site = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     site.mkdir(parents=True)
     (site / "tests.pth").write_text(f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
-    fifo = tmp_path / "config.yaml"
-    os.mkfifo(fifo)
-    command = [str(python), *sockd_command("-c", str(fifo))[1:]]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    path = tmp_path / "config.yaml"
+    command = [str(python), *sockd_command("-c", str(path))[1:]]
+    with held_port() as port:
+        path.write_text(config_text([listener("echo", "tcp", "echo", "asyncio", port=port)]))
+        process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        daemon = Daemon(process, path)
+        daemon.start_reading()
+        try:
+            daemon.wait_for(WAITING_FOR_CONNECTIONS)
+            python.unlink()
+        except BaseException:
+            process.kill()
+            raise
     try:
-        writer = open_for_writing(fifo, process)
-        python.unlink()
-        os.write(writer, config_text([listener("echo", "tcp", "echo", "asyncio")]).encode())
-        os.close(writer)
-        _, stderr = process.communicate(timeout=30)
+        process.wait(timeout=30)
     finally:
         process.kill()
         process.wait()
-    assert process.returncode == EX_OSERR, stderr
-    json_lines = [line for line in stderr.splitlines() if line.startswith("{")]
-    other = [line for line in stderr.splitlines() if not line.startswith("{")]
-    assert other == [f"sockd: the fork server cannot be started: {python}: no such file or directory"]
-    assert not any('"error"' in line for line in json_lines), json_lines
+    assert process.returncode == EX_OSERR, daemon.other_lines
+    eventually(lambda: bool(daemon.other_lines), "the error line")
+    assert daemon.other_lines == [f"sockd: the fork server cannot be started: {python}: no such file or directory\n"]
+    assert not any(event.get("level") == "error" or "error" in event for event in daemon.events), daemon.events
 
 
 def test_host_that_cannot_be_resolved(tmp_path: Path) -> None:

@@ -404,3 +404,49 @@ def test_the_select_backend_needs_a_connection_cap_it_can_watch(tmp_path: Path) 
             "select watches 1,024 descriptors at most: needs max_connections of at most 500",
         ),
     )
+
+
+def test_a_host_name_and_the_address_it_resolves_to_on_one_port_are_refused(tmp_path: Path) -> None:
+    """`localhost` binds 127.0.0.1 (its first address, as bind() takes it): the two used to pass
+    --check, and the start then failed with exit 71. A name that does not resolve is left to
+    bind() to report, as before."""
+    text = """
+        listeners:
+          - {name: by-address, protocol: tcp, host: 127.0.0.1, port: 7010, concurrency: asyncio, handler: echo}
+          - {name: by-name, protocol: tcp, host: localhost, port: 7010, concurrency: asyncio, handler: echo}
+          - {name: udp-is-apart, protocol: udp, host: localhost, port: 7010, concurrency: asyncio, handler: echo}
+          - {name: unknown, protocol: tcp, host: no-such-host.invalid, port: 7010, concurrency: asyncio, handler: echo}
+        """
+    assert_rejected(
+        tmp_path,
+        text,
+        (
+            3,
+            "listeners[1].port",
+            "tcp localhost:7010 (127.0.0.1) is already used by listener 'by-address' (listeners[0])",
+        ),
+    )
+
+
+def test_a_host_name_getaddrinfo_cannot_take_is_refused(tmp_path: Path) -> None:
+    """A label over 63 characters made bind() raise UnicodeError: a traceback at start."""
+    text = f"""
+        listeners:
+          - {{name: long, protocol: tcp, host: {"a" * 64}.example, port: 0, concurrency: asyncio, handler: echo}}
+        """
+    path = write_config(tmp_path, text)
+    config, problems = check(path)
+    assert config is None
+    [problem] = problems
+    assert problem.startswith(f"{path}:2: listeners[0].host: not a valid host name: "), problem
+
+
+def test_a_document_of_more_values_than_a_config_holds_is_refused_where_the_bound_is_passed() -> None:
+    """Counted as it is composed, and said as what it is: there is no alias in it."""
+    text = "listeners:\n" + "".join(f"  - [{', '.join(['1'] * 1000)}]\n" for _ in range(150))
+    with pytest.raises(ConfigError) as caught:
+        parse(text, "c.yaml")
+    [problem] = caught.value.problems
+    # 100,000 values: the key, the list, then 100 lists of 1,001 values each: the 100th ends on line 101.
+    assert problem.startswith("c.yaml:101: too large: more than 100000 values"), problem
+    assert "alias" not in problem

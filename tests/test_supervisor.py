@@ -23,6 +23,7 @@ from support import (
     MODELS,
     PUBLISHED_WITHIN,
     TIMEOUT,
+    WAITING_FOR_CONNECTIONS,
     Daemon,
     Launcher,
     Session,
@@ -31,16 +32,15 @@ from support import (
     connect,
     cpu_seconds,
     eventually,
+    held_port,
     inet,
     live_workers,
-    open_for_writing,
     read_to_eof,
     request,
     require,
     rss_bytes,
     samples,
     scrape,
-    sockd_command,
     squatting,
     tcp_owner,
     value,
@@ -1212,29 +1212,15 @@ def test_a_reloaded_udp_listener_takes_no_datagram_more_in_its_old_generation(st
     assert late == [], f"{len(late)} answers to a denied source after the reload"
 
 
-def test_a_sighup_the_moment_sockd_starts_is_a_reload_once_it_serves(tmp_path: Path) -> None:
-    """A config file that is a FIFO holds sockd in its first read of it: its modules imported,
-    nothing bound yet. A SIGHUP there used to end it (the signal's default action)."""
-    fifo = tmp_path / "config.yaml"
-    os.mkfifo(fifo)
-    text = config_text([entry("echo", "tcp", "echo", "asyncio")]).encode()
-    process = subprocess.Popen(
-        sockd_command("-c", str(fifo)), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
-    )
-    daemon = Daemon(process, fifo)
-    daemon.start_reading()
-    try:
-        writer = open_for_writing(fifo, process)
-        process.send_signal(signal.SIGHUP)
-        os.write(writer, text)
-        os.close(writer)
-        daemon.wait_for("listening")  # the first read is over: the reload's comes next
-        writer = open_for_writing(fifo, process)
-        os.write(writer, text)
-        os.close(writer)
-        assert daemon.wait_for("reloaded")["kept"] == ["echo"]
-        daemon.wait_for("ready")
-        assert request(daemon.address("echo"), b"still here\n") == b"still here\n"
-    finally:
-        code = daemon.stop()
-    assert code == 0, daemon.other_lines
+def test_a_sighup_the_moment_sockd_starts_is_a_reload_once_it_serves(start_sockd: Launcher) -> None:
+    """A port held by a connection holds sockd in its start: its modules imported, nothing
+    serving yet. A SIGHUP there used to end it (the signal's default action)."""
+    with held_port() as port:
+        daemon = start_sockd([entry("echo", "tcp", "echo", "asyncio", port=port)], wait=False)
+        daemon.wait_for(WAITING_FOR_CONNECTIONS)
+        daemon.process.send_signal(signal.SIGHUP)
+    daemon.wait_for("listening")
+    assert daemon.wait_for("reloaded", timeout=30)["kept"] == ["echo"]
+    daemon.wait_for("ready")
+    assert request(daemon.address("echo"), b"still here\n") == b"still here\n"
+    assert daemon.stop() == 0, daemon.other_lines

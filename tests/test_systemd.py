@@ -28,6 +28,7 @@ from support import (
     read_to_eof,
     request,
     require,
+    scrape,
     sockd_command,
 )
 
@@ -146,20 +147,30 @@ def test_ready_reload_and_stop_are_notified_in_order(start_sockd: Launcher, noti
     assert notify.states() == ["READY", "RELOADING", "READY", "STOPPING"], notify.messages
 
 
+@pytest.mark.parametrize(
+    ("added", "reason"),
+    [
+        pytest.param(listener("tcp-echo", "tcp", "echo", "threaded", port=70000), "port", id="port"),
+        # Once accepted, then a ValueError from bind(): RELOADING=1 with no READY=1 after it.
+        pytest.param(listener("uds", "unix", "echo", "selector", "/tmp/a\0b"), "NUL", id="nul-in-path"),
+    ],
+)
 def test_an_invalid_file_on_sighup_is_notified_and_the_old_config_keeps_serving(
-    start_sockd: Launcher, notify_path: Notifications
+    start_sockd: Launcher, notify_path: Notifications, added: dict[str, object], reason: str
 ) -> None:
     notify = notify_path
     daemon = start_sockd([listener("tcp-echo", "tcp", "echo", "threaded")], env={"NOTIFY_SOCKET": notify.variable})
     notify.expect("READY")
 
-    daemon.config_path.write_text(config_text([listener("tcp-echo", "tcp", "echo", "threaded", port=70000)]))
+    kept = [] if added["name"] == "tcp-echo" else [listener("tcp-echo", "tcp", "echo", "threaded")]
+    daemon.config_path.write_text(config_text([*kept, added]))
     daemon.process.send_signal(signal.SIGHUP)
     notify.expect("RELOADING")
     ready = notify.expect("READY")
     prefix = "reload failed, still serving the previous config: "
     assert ready["STATUS"].startswith(prefix), ready
-    assert "port" in ready["STATUS"], ready
+    assert reason in ready["STATUS"], ready
+    assert 'sockd_config_reloads_total{result="failure"} 1.0' in scrape(daemon)
     # The same STATUS was sent on its own before READY=1 (STATUS-only messages sit in between).
     assert any(set(m) == {"STATUS"} and m["STATUS"].startswith(prefix) for m in notify.messages), notify.messages
     daemon.wait_for("config error")

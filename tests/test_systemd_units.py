@@ -156,16 +156,28 @@ def test_address_families_are_the_ones_sockd_serves() -> None:
     assert families == {"AF_UNIX", "AF_INET", "AF_INET6"}
 
 
-@pytest.mark.parametrize("example", EXAMPLES, ids=lambda path: path.name)
-def test_socket_is_named_after_a_listener_of_the_example_configs(example: Path) -> None:
+def test_socket_is_named_after_a_listener_of_the_host_config() -> None:
+    # make install puts config/host.yaml where the unit reads it (config/sockd.yaml is `make run`'s).
     assert value(SOCKET, "Socket", "Service") == SERVICE.name
     name = value(SOCKET, "Socket", "FileDescriptorName")
-    listeners = yaml.safe_load(example.read_text())["listeners"]
+    listeners = yaml.safe_load(EXAMPLES[1].read_text())["listeners"]
     matching = [entry for entry in listeners if entry["name"] == name]
-    assert matching, f"no listener named {name!r} in {example.name}"
+    assert matching, f"no listener named {name!r} in {EXAMPLES[1].name}"
     (entry,) = matching
     assert entry["protocol"] == "tcp"
     assert value(SOCKET, "Socket", "ListenStream") == f"{entry['host']}:{entry['port']}"
+
+
+def test_host_config_ports_are_outside_the_kernels_client_port_range() -> None:
+    """The kernel gives the ports of ip_local_port_range to client connections, whose TIME-WAITs
+    would hold an installed sockd's ports (see README, Command line)."""
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    listeners = yaml.safe_load(EXAMPLES[1].read_text())["listeners"]
+    ports = [entry["port"] for entry in listeners if entry["protocol"] in ("tcp", "udp")]
+    assert ports
+    assert [port for port in ports if low <= port <= high] == []
+    socket_port = int(value(SOCKET, "Socket", "ListenStream").rpartition(":")[2])
+    assert not low <= socket_port <= high
 
 
 def test_hosts_unix_sockets_are_in_the_runtime_directory() -> None:
