@@ -542,15 +542,22 @@ def _proc_net_address(host: str, port: int) -> str:
     return f"{int.from_bytes(packed, sys.byteorder):08X}:{port:04X}"
 
 
-def tcp_owner(client: socket.socket, pids: list[int]) -> int | None:
-    """Which of `pids` holds the server's end of a loopback IPv4 TCP connection (None: none)."""
-    local = _proc_net_address(*client.getsockname()[:2])
-    remote = _proc_net_address(*client.getpeername()[:2])
+def server_inode(local: tuple[str, int], remote: tuple[str, int]) -> str | None:
+    """The socket inode of the server's end of the loopback IPv4 TCP connection from `local` to
+    `remote` (as the client's getsockname and getpeername say): None if the kernel has no such
+    end, "0" if it has but no process holds it (closed by the server, its FIN still in flight)."""
+    client, server = _proc_net_address(*local), _proc_net_address(*remote)
     inode = None
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
-        if fields[1] == remote and fields[2] == local:  # the server's end: the mirror image
+        if fields[1] == server and fields[2] == client:  # the server's end: the mirror image
             inode = fields[9]
+    return inode
+
+
+def tcp_owner(client: socket.socket, pids: list[int]) -> int | None:
+    """Which of `pids` holds the server's end of a loopback IPv4 TCP connection (None: none)."""
+    inode = server_inode(client.getsockname()[:2], client.getpeername()[:2])
     if inode is None:
         return None
     for pid in pids:

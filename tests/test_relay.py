@@ -30,6 +30,7 @@ from support import (
     rss_bytes,
     run_sockd,
     samples,
+    server_inode,
     value,
 )
 from support import listener as entry
@@ -282,10 +283,12 @@ def test_half_close_timeout_ends_a_side_that_goes_quiet(start_sockd: Launcher, k
         connect(address) as client,
     ):
         assert read_to_eof(client) == b""
+        ends = client.getsockname()[:2], client.getpeername()[:2]
         for _ in range(15):  # talking the other way, for three times half_close_timeout: kept open
             client.sendall(b"still here")
             time.sleep(0.1)
-        time.sleep(1.5)  # then quiet: the relay gives up on it
+        # Then quiet: the relay gives up on it. Watched, not probed: a word now would be talk.
+        eventually(lambda: server_inode(*ends) in (None, "0"), "the relay let go of its end")
 
         def closed() -> bool:
             try:
@@ -366,6 +369,7 @@ def test_models_that_cannot_relay_are_refused(tmp_path: Path, model: str) -> Non
 @pytest.mark.parametrize("slow", ["client", "upstream"])
 def test_a_side_that_never_reads_stops_the_other_not_the_memory(start_sockd: Launcher, model: str, slow: str) -> None:
     sent: list[int] = []
+    held_back = threading.Event()
 
     def flood(sock: socket.socket) -> None:
         total = 0
@@ -374,12 +378,13 @@ def test_a_side_that_never_reads_stops_the_other_not_the_memory(start_sockd: Lau
             for _ in range(4096):  # at most 256 MiB: far more than any buffer on the way
                 total += sock.send(bytes(CHUNK))
         sent.append(total)
+        held_back.set()
 
     def serve(conn: socket.socket) -> None:
         if slow == "client":
             flood(conn)
-        else:
-            time.sleep(3.0)  # reads nothing while the client floods it
+        else:  # reads nothing while the client floods it, however long a busy machine takes
+            held_back.wait(6 * TIMEOUT)
 
     with upstream(serve) as server:
         daemon = start_sockd([entry("r", "tcp", "relay", model, upstream=server.url)])

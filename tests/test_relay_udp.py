@@ -36,6 +36,16 @@ from support import (
 from support import listener as entry
 
 
+def _udp_bound(address: tuple[str, int]) -> bool:
+    """Whether a UDP socket holds this address (it cannot be bound again)."""
+    with socket.socket(type=socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind(address)
+        except OSError:
+            return True
+    return False
+
+
 @pytest.mark.parametrize("model", RELAY_MODELS)
 def test_udp_relay_keeps_a_session_per_client(start_sockd: Launcher, model: str) -> None:
     with socket.socket(type=socket.SOCK_DGRAM) as far:
@@ -57,7 +67,8 @@ def test_udp_relay_keeps_a_session_per_client(start_sockd: Launcher, model: str)
                 assert client.recvfrom(100) == (b"re: " + name, relay_address)
             assert seen_from[b"one"] != seen_from[b"two"]  # a session, an upstream socket, per client
 
-            time.sleep(2.0)  # quiet for four times idle_timeout: the session is forgotten
+            # Quiet past idle_timeout: the session is forgotten, and its upstream socket closed.
+            eventually(lambda: not _udp_bound(seen_from[b"one"]), "the quiet session forgotten")
             one.sendto(b"one", relay_address)
             data, sender = far.recvfrom(100)
             assert (data, sender != seen_from[b"one"]) == (b"one", True)  # a new upstream socket

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import itertools
 import os
 import random
 import signal
@@ -82,12 +81,18 @@ class InFlight:
         return self.reply
 
 
+def _accepted(daemon: Daemon, name: str) -> None:
+    """Wait until the listener's worker holds one open connection. A stop answers a connection its
+    worker has accepted; one still in the backlog goes with the listening socket, so a test of
+    the drain must not signal before it is accepted (however long a busy machine takes)."""
+    _becomes(lambda: _active(daemon, name), 1, f"a connection of {name} accepted")
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_sigterm_lets_a_delayed_request_finish_then_exits_0(start_sockd: Launcher, model: str) -> None:
     daemon = start_sockd([entry("slow", "tcp", "timestamp", model, delay=1.0)])
     pending = InFlight(daemon.address("slow"))
-    daemon.wait_for("worker started", listener="slow")
-    time.sleep(0.3)  # let the worker read the request: it is now in its delay
+    _accepted(daemon, "slow")
     assert daemon.stop(signal.SIGTERM) == 0
     reply = pending.result()
     assert reply, "the in-flight request lost its reply"
@@ -109,7 +114,7 @@ def test_sigterm_ends_idle_echo_connections_instead_of_waiting_for_them(start_so
 def test_a_second_sigterm_ends_the_drain_at_once(start_sockd: Launcher) -> None:
     daemon = start_sockd([entry("slow", "tcp", "timestamp", "threaded", delay=20)], shutdown_timeout=60)
     pending = InFlight(daemon.address("slow"))
-    time.sleep(0.3)
+    _accepted(daemon, "slow")
     daemon.process.send_signal(signal.SIGTERM)
     daemon.wait_for("stopping")
     assert daemon.stop(signal.SIGTERM, timeout=10) == 0
@@ -120,7 +125,7 @@ def test_a_second_sigterm_ends_the_drain_at_once(start_sockd: Launcher) -> None:
 def test_shutdown_timeout_bounds_the_drain(start_sockd: Launcher) -> None:
     daemon = start_sockd([entry("slow", "tcp", "timestamp", "asyncio", delay=20)], shutdown_timeout=0.5)
     pending = InFlight(daemon.address("slow"))
-    time.sleep(0.3)
+    _accepted(daemon, "slow")
     assert daemon.stop(signal.SIGTERM, timeout=10) == 0
     assert pending.result() == b""
     assert daemon.wait_for("killing worker", why="shutdown_timeout passed")
@@ -175,7 +180,7 @@ def test_an_orphaned_worker_waiting_for_a_first_request_leaves_the_port_to_a_new
 def test_sigint_from_a_terminal_stops_gracefully(start_sockd: Launcher) -> None:
     daemon = start_sockd([entry("slow", "tcp", "timestamp", "threaded", delay=0.5)])
     pending = InFlight(daemon.address("slow"))
-    time.sleep(0.2)
+    _accepted(daemon, "slow")
     # A terminal's Ctrl-C signals the whole process group (the daemon leads its own here): the
     # workers leave it to the supervisor, which drains them.
     os.killpg(daemon.process.pid, signal.SIGINT)
@@ -410,9 +415,7 @@ def test_a_killed_worker_under_load_is_back_without_a_refused_connection(start_s
             os.kill(pid, signal.SIGKILL)
             daemon.wait_for("worker died; restarting", listener="echo", after=mark)
             pid = daemon.worker_pid("echo", after=mark)
-            deadline = time.monotonic() + 5  # back well within this, however loaded the machine
-            while _requests(daemon) <= answered[-1] and time.monotonic() < deadline:
-                time.sleep(0.05)
+            eventually(lambda: _requests(daemon) > answered[-1], "the restarted worker serves")
             answered.append(_requests(daemon))
     finally:
         load.stop()
@@ -420,7 +423,6 @@ def test_a_killed_worker_under_load_is_back_without_a_refused_connection(start_s
     # can save it. What must not happen is a refused connection: the socket stayed open.
     assert not [f for f in load.failures if "ConnectionRefused" in f], load.failures
     assert answered == sorted(answered)
-    assert len(set(answered)) == len(answered), "a restarted worker served nothing within 5 s"
 
 
 def test_a_crashing_worker_backs_off_and_leaves_the_others_alone(start_sockd: Launcher) -> None:
@@ -458,22 +460,18 @@ def test_several_workers_share_one_socket(start_sockd: Launcher) -> None:
     pids = daemon.wait_for("listening", listener="echo")["pids"]
     assert isinstance(pids, list)
     assert len(set(pids)) == 3
-    # Three iterative workers answer three delayed clients at once.
-    finished: list[float] = []
-
-    def client() -> None:
-        request(daemon.address("echo"), b"x")
-        finished.append(time.monotonic())
-
-    clients = [threading.Thread(target=client) for _ in range(3)]
-    for thread in clients:
-        thread.start()
-    for thread in clients:
-        thread.join(30)
-    assert len(finished) == 3
-    # One wave, not three: served one after another, they would finish 0.5 s apart.
-    times = sorted(finished)
-    assert all(b - a < 0.25 for a, b in itertools.pairwise(times)), times
+    # Three iterative workers serve three clients at once: each accepts one from the shared
+    # socket (and, serving it, no other), whereas one worker alone would leave two in the backlog.
+    clients = [connect(daemon.address("echo")) for _ in range(3)]
+    try:
+        _becomes(lambda: sorted(tcp_owner(sock, pids) or 0 for sock in clients), sorted(pids), "who holds each")
+        for sock in clients:
+            sock.sendall(b"x")
+            sock.shutdown(socket.SHUT_WR)
+        assert [read_to_eof(sock) for sock in clients] == [b"x"] * 3
+    finally:
+        for sock in clients:
+            sock.close()
 
 
 def _requests(daemon: Daemon) -> float:
@@ -486,7 +484,7 @@ def test_a_draining_worker_waits_without_spinning(start_sockd: Launcher, model: 
     daemon = start_sockd([entry("echo", "tcp", "echo", model)], shutdown_timeout=30)
     pid = daemon.worker_pid("echo")
     with connect(daemon.address("echo")):  # connected, silent: the drain waits for its request
-        time.sleep(0.2)
+        _accepted(daemon, "echo")
         daemon.process.send_signal(signal.SIGTERM)
         daemon.wait_for("stopping")
         before = cpu_seconds(pid)
@@ -552,7 +550,7 @@ def test_an_orphaned_worker_still_ends_its_drain_in_time(start_sockd: Launcher) 
     daemon = start_sockd([entry("echo", "tcp", "echo", "iterative")], shutdown_timeout=1)
     worker = daemon.worker_pid("echo")
     with connect(daemon.address("echo")):  # a silent client keeps the drain waiting
-        time.sleep(0.2)
+        _accepted(daemon, "echo")
         daemon.process.kill()  # no supervisor left to end the drain
         daemon.process.wait(10)
         assert _gone(worker, timeout=15)
