@@ -251,9 +251,9 @@ class Process:
             self._reaped(*os.wait4(self.pid, 0))
         return self.returncode
 
-    def kill(self) -> None:
+    def kill(self, signum: int = signal.SIGKILL) -> None:
         if self.returncode is None:
-            os.kill(self.pid, signal.SIGKILL)
+            os.kill(self.pid, signum)
 
     def cpu_seconds(self) -> float | None:
         """User and system time so far, from /proc while it runs; None if it cannot be read."""

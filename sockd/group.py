@@ -2,7 +2,8 @@
 
 A `Group` starts its listener's `workers` processes on the listener's socket, hears when each
 serves, watches their heartbeats, restarts the ones that die (backing off from 0.1 s to 30 s for
-one that keeps dying), retires, stops and kills them, and keeps what the exited ones counted. The
+one that keeps dying), aborts the hung ones (SIGABRT: their stacks reach the log, see _abort),
+retires, stops and kills them, and keeps what the exited ones counted. The
 supervisor decides when groups come, change and go, and tends each on every turn of its loop;
 each worker's channel is registered with the loop's selector, its data a callable that reads the
 channel and returns True when the worker has just become ready.
@@ -21,6 +22,7 @@ import dataclasses
 import functools
 import os
 import selectors
+import signal
 import socket
 import threading
 import time
@@ -45,6 +47,7 @@ BOOT_TIMEOUT = 30.0  # a worker gets at least this long to start before worker_t
 MAX_SERVING = 4  # old generations serving their sessions on, per listener
 MAX_ALIVE = 8  # old generations alive at all (serving, or stopped and draining), per listener
 MISSED_BEATS = 2  # a worker whose heartbeat has not moved for this many intervals is reported down
+ABORT_GRACE = 1.0  # seconds a hung worker has, after SIGABRT, to write its stacks and die before SIGKILL
 
 
 @dataclass(eq=False)
@@ -59,6 +62,7 @@ class Worker:
     beat_at: float = field(default_factory=time.monotonic)
     stop_at: float | None = None  # set once retired: stopped then if its clients have not all left
     drain_until: float | None = None  # set once stopped: killed if still running then
+    kill_at: float | None = None  # set once aborted as hung: killed if still running then
     cpu_seen: float = 0.0  # the most CPU seconds a scrape has seen it use: its count never goes back
 
     def serving(self) -> bool:
@@ -220,7 +224,9 @@ class Group:
         # publication later, and a generation's clients may come and go.
         self._bound_generations()
         for worker in list(self.workers()):
-            if worker.drain_until is not None and now >= worker.drain_until:
+            if worker.kill_at is not None and now >= worker.kill_at:
+                self._kill(worker, f"still running {ABORT_GRACE:g} s after SIGABRT")
+            elif worker.drain_until is not None and now >= worker.drain_until:
                 self._kill(worker, "shutdown_timeout passed")
             elif not worker.stopped and worker.stop_at is not None and now >= worker.stop_at:
                 self._stop(worker)
@@ -230,12 +236,15 @@ class Group:
                 self._spawn(place)
 
     def due(self) -> float | None:
-        """The next restart or end of a drain, when `tend` must run at the latest."""
+        """The next restart, end of a drain or kill of an aborted worker, when `tend` must run at
+        the latest."""
         times = [place.restart_at for place in self.places if place.restart_at is not None]
         for worker in self.workers():
             when = worker.drain_until if worker.stopped else worker.stop_at
             if when is not None:
                 times.append(when)
+            if worker.kill_at is not None:
+                times.append(worker.kill_at)
         return min(times, default=None)
 
     def report(self) -> metrics.ListenerReport:
@@ -398,18 +407,27 @@ class Group:
             worker.process.kill()
             worker.process.wait()  # the next turn of the loop reaps it
 
+    def _abort(self, worker: Worker, now: float, why: str) -> None:
+        """A hung worker: SIGABRT, on which it writes every thread's stack to stderr (faulthandler,
+        see sockd.worker) and dies, so that the log says where it hung; SIGKILLed by `tend` if it
+        still runs ABORT_GRACE later (SIGSTOPped, or stuck in the kernel). The loop does not wait."""
+        if worker.kill_at is None and worker.process.poll() is None:
+            log.warning("killing worker", listener=self.listener.name, pid=worker.process.pid, why=why)
+            worker.process.kill(signal.SIGABRT)
+            worker.kill_at = now + ABORT_GRACE
+
     def _check_heartbeats(self, now: float) -> None:
         timeout = self.settings.worker_timeout
         for worker in list(self.workers()):
             if not worker.ready:
                 if now - worker.started > max(timeout, BOOT_TIMEOUT):
-                    self._kill(worker, "never became ready")
+                    self._abort(worker, now, "never became ready")
                 continue  # still starting: its heartbeat begins once it serves
             beat = worker.counters.heartbeat()
             if beat != worker.heartbeat:
                 worker.heartbeat, worker.beat_at = beat, now
             elif now - worker.beat_at > timeout:
-                self._kill(worker, f"no heartbeat for {timeout:g} s")
+                self._abort(worker, now, f"no heartbeat for {timeout:g} s")
 
     def _reap(self) -> None:
         for worker in list(self.workers()):

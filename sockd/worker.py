@@ -16,9 +16,11 @@ the supervisor died): it ends its connections as a drain does and exits 0.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import signal
 import socket
+import sys
 import threading
 
 import structlog
@@ -40,6 +42,11 @@ def main(spec_json: bytes, fds: list[int]) -> int:
     listen_fd, channel_fd, counters_fd = fds
     setproctitle(f"sockd: worker {listener.name}")
     configure(spec.logging, listener=listener.name, pid=os.getpid())
+    # A worker the supervisor finds hung gets SIGABRT (see sockd.group): every thread's Python
+    # stack then goes to stderr, the log's stream, before it dies. faulthandler writes to the
+    # descriptor from its C signal handler, past Python's buffers and a thread that never lets
+    # the interpreter run a Python handler; a crash (SIGSEGV) is told the same way.
+    faulthandler.enable(file=sys.stderr.fileno(), all_threads=True)
 
     stop = models.Stop()
     # Ctrl-C in a terminal reaches the whole process group: the supervisor alone decides what a
