@@ -27,6 +27,7 @@ import structlog
 from sockd import metrics, reloads, systemd
 from sockd.config import Config, ConfigError, Listener, load
 from sockd.counters import BEAT_INTERVAL
+from sockd.errors import SockdError
 from sockd.forkserver import ForkServerError, Spawner
 from sockd.group import Group
 from sockd.logging import configure, flush_throttled
@@ -58,25 +59,25 @@ IGNORED = (
 # outcome (see sockd.reloads), a starting worker's socketpair and counters, and room to spare.
 # Nothing a client does can spend them (the endpoint's connections are capped), so a dead worker
 # can always be replaced.
-RESERVED_DESCRIPTORS = 32
+SUPERVISOR_RESERVED_DESCRIPTORS = 32
 # A TIME-WAIT lasts 60 s on Linux (TCP_TIMEWAIT_LEN), ended by a timer that may fire a little late.
 BIND_WAIT = 65.0
 BIND_RETRY = 0.2
 
 
-class DescriptorLimit(Exception):
+class DescriptorLimit(SockdError):
     """The descriptor limit is below what a config needs (see make_room), and cannot be raised."""
 
 
 def descriptors_needed(config: Config) -> int:
     """The descriptors the supervisor holds for `config`: a socket for each listener and a
     channel for each of its workers, twice over (a reload starts the new generation before it
-    retires the old one), the metrics endpoint's at their cap, and RESERVED_DESCRIPTORS. (Old
+    retires the old one), the metrics endpoint's at their cap, and SUPERVISOR_RESERVED_DESCRIPTORS. (Old
     generations that serve sessions on through a storm of reloads hold more: a worker that
     cannot be started then is retried after a backoff.)"""
     listeners = sum(1 + 2 * listener.workers for listener in config.listeners)
     endpoint = 1 + metrics.MAX_CONNECTIONS + 2 if config.metrics.enabled else 0  # its socket, its socketpair
-    return RESERVED_DESCRIPTORS + listeners + endpoint
+    return SUPERVISOR_RESERVED_DESCRIPTORS + listeners + endpoint
 
 
 def make_room(config: Config) -> None:
