@@ -154,7 +154,7 @@ class Daemon:
 @contextlib.contextmanager
 def held_port() -> Iterator[int]:
     """A loopback TCP port held by a client connection alone, no server on it, until the block
-    ends: sockd's start waits to bind it (see Supervisor._bind_at_start), which holds sockd with
+    ends: sockd's start waits to bind it (see sockd.bind_retry), which holds sockd with
     its modules imported and its signals caught, before anything serves. The connection is then
     reset (SO_LINGER 0: no TIME-WAIT), and sockd binds the port within a retry."""
     with socket.create_server(("127.0.0.1", 0)) as server, socket.socket() as client:

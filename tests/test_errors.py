@@ -6,10 +6,10 @@ import pytest
 
 from sockd import systemd
 from sockd.config import ConfigError
+from sockd.descriptors import DescriptorLimit
 from sockd.errors import EX_CONFIG, EX_OSERR, SockdError
 from sockd.forkserver import ForkServerError
 from sockd.sockets import BindError
-from sockd.supervisor import DescriptorLimit
 
 
 def test_a_config_error_is_its_problems_and_exit_78() -> None:

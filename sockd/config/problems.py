@@ -36,7 +36,7 @@ def locate(root: yaml.Node | None, problems: Iterable[Problem]) -> list[tuple[in
     return [(line_of(root, loc), _field(root, loc), message) for loc, message in problems]
 
 
-def shown(value: object, limit: int = 40) -> str:
+def quoted(value: object, limit: int = 40) -> str:
     """A value as a message quotes it: its repr, cut short."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -55,7 +55,7 @@ def explain(loc: tuple[Any, ...], error: ErrorDetails, model: type[BaseModel]) -
         loc += ("protocol",)
         if kind == "union_tag_not_found":
             return loc, "required"
-        return loc, f"input should be 'tcp', 'udp' or 'unix', not {shown(error['input']['protocol'])}"
+        return loc, f"input should be 'tcp', 'udp' or 'unix', not {quoted(error['input']['protocol'])}"
     if kind == "missing":
         return loc, "required"
     if kind == "extra_forbidden":

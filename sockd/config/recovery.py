@@ -55,6 +55,7 @@ _MODEL_AT: dict[tuple[str | int, ...], type[BaseModel]] = {
     ("metrics",): MetricsConfig,
     ("logging",): LoggingConfig,
 }
+Located = tuple[tuple[Any, ...], ErrorDetails]  # an error, and where it is within its listener
 _LISTENER: TypeAdapter[InetListener | UnixListener] = TypeAdapter(Listener)
 
 
@@ -70,30 +71,41 @@ def _listener(item: object, errors: list[ErrorDetails]) -> tuple[Fields | None, 
         return dict(_LISTENER.validate_python(item)), []
     if not isinstance(item, dict):
         return None, [explain((), error, InetListener) for error in errors]
-    found: list[Problem] = []
     tag = errors[0]["loc"][2] if len(errors[0]["loc"]) > 2 else None
     if tag in LISTENER_KINDS:
         kind = LISTENER_KINDS[str(tag)]
+        found: list[Problem] = []
         located = [(tuple(error["loc"][3:]), error) for error in errors]
         failed: set[str] = set()
     else:
-        found += [explain((), error, InetListener) for error in errors]
-        guess = _meant_protocol(item)
-        if guess is None:
+        found = [explain((), error, InetListener) for error in errors]
+        meant = _as_meant(item)
+        if meant is None:
             return None, found
-        protocol, sure = guess
-        kind = LISTENER_KINDS[protocol]
-        try:
-            kind.model_validate({**item, "protocol": protocol})
-            located = []
-        except ValidationError as exc:
-            located = [(tuple(error["loc"]), error) for error in exc.errors(include_url=False)]
-        if not sure:
-            located = [(loc, error) for loc, error in located if not _depends_on_protocol(loc, error)]
+        kind, located = meant
         failed = {"protocol"}
     found += [explain(loc, error, kind) for loc, error in located]
     failed |= {str(loc[0]) for loc, _ in located if loc}
     return _validated_fields(kind, item, failed), found
+
+
+def _as_meant(item: dict[Any, Any]) -> tuple[type[InetListener | UnixListener], list[Located]] | None:
+    """A listener whose `protocol` picks no kind, validated as the kind it most likely meant: that
+    kind and its errors (those that would depend on the protocol left out, unless sure); or None
+    if nothing says which."""
+    guess = _meant_protocol(item)
+    if guess is None:
+        return None
+    protocol, sure = guess
+    kind = LISTENER_KINDS[protocol]
+    try:
+        kind.model_validate({**item, "protocol": protocol})
+        located = []
+    except ValidationError as exc:
+        located = [(tuple(error["loc"]), error) for error in exc.errors(include_url=False)]
+    if not sure:
+        located = [(loc, error) for loc, error in located if not _depends_on_protocol(loc, error)]
+    return kind, located
 
 
 def _validated_fields(kind: type[InetListener | UnixListener], item: dict[Any, Any], failed: set[str]) -> Fields:
