@@ -12,20 +12,15 @@ import sys
 
 from setproctitle import setproctitle
 
-from sockd import __version__, reloads, systemd
-from sockd.config import Config, ConfigError, load
-from sockd.forkserver import ForkServerError
+from sockd import __version__, reloads
+from sockd.config import Config, load
+from sockd.errors import SockdError
 from sockd.logging import configure, is_journal, one_line, priority
-from sockd.sockets import BindError
 from sockd.stdout import emit
-from sockd.supervisor import DescriptorLimit, Supervisor
+from sockd.supervisor import Supervisor
 
 # Where a daemon's config is found unless the command says otherwise, as nginx and sshd do theirs.
 DEFAULT_CONFIG = "/etc/sockd/sockd.yaml"
-EX_CONFIG = 78  # sysexits.h: configuration error
-# sysexits.h: an operating system error: an unbindable socket, too few descriptors, no fork server,
-# a descriptor systemd passed that is no socket (as one of the wrong kind is: a bind error)
-EX_OSERR = 71
 
 
 def main(argv: list[str] | None = None, signals: collections.deque[int] | None = None) -> int:
@@ -63,22 +58,21 @@ def main(argv: list[str] | None = None, signals: collections.deque[int] | None =
         emit(json.dumps(schema, indent=2))
         return os.EX_OK
     try:
-        config = load(args.config)
-    except ConfigError as exc:
-        print("\n".join(_error_prefix() + one_line(problem) for problem in exc.problems), file=sys.stderr)
-        return EX_CONFIG
-    if args.check:
-        count = len(config.listeners)
-        emit(f"{args.config}: OK, {count} listener{'s' if count != 1 else ''}")
-        return os.EX_OK
+        return _run(args.config, args.check, signals)
+    except SockdError as exc:
+        print("\n".join(_error_prefix() + one_line(line) for line in exc.lines()), file=sys.stderr)
+        return exc.exit_code
 
+
+def _run(path: str, check: bool, signals: collections.deque[int] | None) -> int:
+    config = load(path)
+    if check:
+        count = len(config.listeners)
+        emit(f"{path}: OK, {count} listener{'s' if count != 1 else ''}")
+        return os.EX_OK
     configure(config.logging)
-    setproctitle(f"sockd: supervisor -c {args.config}")
-    try:
-        return Supervisor(config, args.config, signals).run()
-    except (BindError, DescriptorLimit, ForkServerError, systemd.NotASocket) as exc:
-        print(one_line(f"{_error_prefix()}sockd: {exc}"), file=sys.stderr)
-        return EX_OSERR
+    setproctitle(f"sockd: supervisor -c {path}")
+    return Supervisor(config, path, signals).run()
 
 
 def _error_prefix() -> str:

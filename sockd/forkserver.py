@@ -55,6 +55,7 @@ from setproctitle import setproctitle
 
 import sockd
 from sockd.config import LoggingConfig
+from sockd.errors import SockdError
 from sockd.logging import configure, exit_status
 from sockd.sockets import reason
 
@@ -77,7 +78,7 @@ _PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 Entry = Callable[[bytes, list[int]], int]
 
 
-class ForkServerError(OSError):
+class ForkServerError(SockdError):
     """The fork server did not start, died or hung: no worker could be had from it."""
 
 
@@ -146,9 +147,9 @@ def send_spec(control: socket.socket, spec: bytes, fds: Sequence[int]) -> None:
 
 def _preload() -> Entry:
     """Import what every worker runs, and return the worker's entry."""
-    models = importlib.import_module("sockd.models")
+    registry = importlib.import_module("sockd.models.registry")
     relay = importlib.import_module("sockd.relay")
-    names = ["asyncio", "structlog", "sockd.handlers", *(kind.module for kind in models.MODELS.values())]
+    names = ["asyncio", "structlog", "sockd.handlers", *(kind.module for kind in registry.MODELS.values())]
     names += [f"sockd.relay.{module.name}" for module in pkgutil.iter_modules(relay.__path__)]
     for name in names:
         importlib.import_module(name)

@@ -34,7 +34,7 @@ import structlog
 from sockd import counters, metrics
 from sockd.config import Listener, UnixListener
 from sockd.counters import BEAT_INTERVAL
-from sockd.forkserver import Process, Spawner
+from sockd.forkserver import ForkServerError, Process, Spawner
 from sockd.logging import exit_status
 from sockd.sockets import Bound, reason, retune, set_mode
 from sockd.spec import WorkerSettings
@@ -298,7 +298,7 @@ class Group:
         place.restart_at = None
         try:
             worker = self._fork()
-        except OSError as exc:
+        except (OSError, ForkServerError) as exc:
             log.error("cannot start a worker", listener=self.listener.name, error=str(exc))
             self._back_off(place, lived=0.0)
             return None

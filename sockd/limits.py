@@ -26,7 +26,7 @@ MAX_CONNECTIONS, PER_SOURCE, RATE, ACL, RELAY_CONNECTIONS, RELAY_SESSIONS, REFLE
 MEMORY = 4096
 # Descriptors a relay worker keeps out of its connections' reach: its own (socket, pipes,
 # counters, log: about twenty) and the one accept() needs to refuse a client.
-RESERVED_DESCRIPTORS = 64
+WORKER_RESERVED_DESCRIPTORS = 64
 
 
 class AccessList:
@@ -225,7 +225,7 @@ def relayed_connections(descriptors_each: int) -> float:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return math.inf
-    return max(1, (soft - RESERVED_DESCRIPTORS) // descriptors_each)
+    return max(1, (soft - WORKER_RESERVED_DESCRIPTORS) // descriptors_each)
 
 
 def source_of(address: object) -> str:

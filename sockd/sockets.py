@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sockd.config import InetListener, Listener, UnixListener, passive_address
+from sockd.errors import SockdError
 
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # <linux/in.h>; Python names it only on some builds
 # What accept() (or socket()) fails with when descriptors or memory run out: a reason to pause
@@ -22,7 +23,7 @@ PORT_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
 RESERVED_PORTS = "/proc/sys/net/ipv4/ip_local_reserved_ports"
 
 
-class BindError(Exception):
+class BindError(SockdError):
     """A socket cannot be had; the message is one line naming what it is for, the address, the reason."""
 
     def __init__(self, what: str, address: str, reason: str, code: int | None = None) -> None:

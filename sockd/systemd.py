@@ -13,6 +13,7 @@ import socket
 import stat
 import time
 
+from sockd.errors import SockdError
 from sockd.logging import one_line
 
 LISTEN_FDS_START = 3
@@ -26,7 +27,7 @@ KINDS = {
 }
 
 
-class NotASocket(Exception):
+class NotASocket(SockdError):
     """systemd passed a descriptor (LISTEN_FDS) that is not a socket: a socket unit's ListenFIFO=,
     ListenSpecial= and the like, which no listener can serve on."""
 

@@ -26,10 +26,12 @@ import threading
 import structlog
 from setproctitle import setproctitle
 
-from sockd import counters, handlers, models
+from sockd import counters, handlers
 from sockd.config import LoggingConfig
 from sockd.logging import configure, flush_throttled
+from sockd.models import registry
 from sockd.spec import WorkerSpec
+from sockd.stopping import Stop
 
 log = structlog.get_logger()
 
@@ -48,7 +50,7 @@ def main(spec_json: bytes, fds: list[int]) -> int:
     # the interpreter run a Python handler; a crash (SIGSEGV) is told the same way.
     faulthandler.enable(file=sys.stderr.fileno(), all_threads=True)
 
-    stop = models.Stop()
+    stop = Stop()
     # Ctrl-C in a terminal reaches the whole process group: the supervisor alone decides what a
     # SIGINT means. A direct SIGTERM (systemd's KillMode=control-group sends one to every
     # process) drains like a stop from the supervisor.
@@ -61,7 +63,7 @@ def main(spec_json: bytes, fds: list[int]) -> int:
     sock.setblocking(False)  # see sockd.models: every model takes the listener as non-blocking
     shared = counters.Shared(counters_fd, len(spec.buckets) + 1)
     stats = counters.Stats(shared, spec.buckets, enabled=spec.metrics, stuck_after=spec.worker_timeout / 2)
-    model = models.load(listener.concurrency)(listener, handlers.build(listener), stats, frozenset(spec.udp_ports))
+    model = registry.load(listener.concurrency)(listener, handlers.build(listener), stats, frozenset(spec.udp_ports))
     threading.Thread(target=_listen, args=(channel, stop, listener.name), daemon=True).start()
     stop.ending.on_set(lambda: _exit_after(spec.shutdown_timeout))
     served = threading.Event()
@@ -95,7 +97,7 @@ def _exit_after(timeout: float) -> None:
     timer.start()
 
 
-def _listen(channel: socket.socket, stop: models.Stop, listener: str) -> None:
+def _listen(channel: socket.socket, stop: Stop, listener: str) -> None:
     """Carry out what the supervisor says on the channel until it closes it; whatever happens
     here, the worker then stops, so it is never left deaf to its supervisor."""
     pending = b""
@@ -110,7 +112,7 @@ def _listen(channel: socket.socket, stop: models.Stop, listener: str) -> None:
         stop.end()
 
 
-def _obey(line: bytes, stop: models.Stop, listener: str) -> None:
+def _obey(line: bytes, stop: Stop, listener: str) -> None:
     command, _, argument = line.partition(b" ")
     if command == b"retire":
         stop.set()

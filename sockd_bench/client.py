@@ -31,7 +31,7 @@ from sockd_bench.report import Tally
 
 if TYPE_CHECKING:
     # For the annotations only: client processes import this module, and need not load pydantic.
-    from sockd.config import Protocol
+    from sockd.config import ProtocolName
 
 Mode = Literal["echo", "connect"]
 
@@ -52,7 +52,7 @@ class BenchError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    protocol: Protocol
+    protocol: ProtocolName
     family: socket.AddressFamily
     address: tuple[str, int] | str
     url: str

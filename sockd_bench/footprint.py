@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast, get_args
 
-from sockd.config import ModelName, Protocol
+from sockd.config import ModelName, ProtocolName
 from sockd.stdout import emit
 from sockd_bench.client import RECV_SIZE, START_TIMEOUT, BenchError, Target, parse_target
 from sockd_bench.report import warn
@@ -306,7 +306,7 @@ def _raise_descriptor_limit(needed: int) -> None:
 
 def matrix(directory: Path, models: tuple[ModelName, ...], requests: int) -> dict[str, Any]:
     listeners: list[dict[str, Any]] = []
-    for protocol in get_args(Protocol):
+    for protocol in get_args(ProtocolName):
         for model in models:
             for handler in HANDLERS:
                 # Numbered Unix paths: a name would make them long, and they have at most 107 bytes.
@@ -412,7 +412,8 @@ def table(report: dict[str, Any]) -> str:
             ("RSS", f"{found['rss_mib']:,.1f} MiB"),
         ]
         caption = (
-            f"matrix: {found['listeners']} listeners ({', '.join(get_args(Protocol))}; {', '.join(found['models'])};"
+            f"matrix: {found['listeners']} listeners ({', '.join(get_args(ProtocolName))};"
+            f" {', '.join(found['models'])};"
             f" {', '.join(HANDLERS)}), {found['requests_per_listener']} requests each"
         )
         blocks.append(_block(caption, rows))

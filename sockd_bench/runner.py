@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, get_args
 
-from sockd.config import HandlerName, ModelName, Protocol
+from sockd.config import HandlerName, ModelName, ProtocolName
 from sockd.stdout import emit
 from sockd_bench.client import START_TIMEOUT, UDP_MAX, BenchError, Load, Mode, Target, measure, parse_target
 from sockd_bench.report import models_table, summary, table, verdict, warn
@@ -34,7 +34,7 @@ INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 @contextlib.contextmanager
 def _serving(
-    model: ModelName, protocol: Protocol, handler: HandlerName, delay: float, directory: Path
+    model: ModelName, protocol: ProtocolName, handler: HandlerName, delay: float, directory: Path
 ) -> Iterator[Target]:
     """sockd serving one listener under `model`, on a port the kernel picks or a new Unix path;
     stopped with SIGTERM afterwards."""
@@ -109,7 +109,7 @@ def stop(process: subprocess.Popen[bytes], label: str, timeout: float) -> None:
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    protocol: Protocol = args.protocol or "tcp"
+    protocol: ProtocolName = args.protocol or "tcp"
     handler: HandlerName = args.handler or "echo"
     delay: float = args.delay or 0.0
     # A timestamp server answers once and closes: a request per connection, except over UDP.
@@ -213,7 +213,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print one JSON object (a list with --models)")
     models = parser.add_argument_group("--models: start sockd once per concurrency model and compare them")
     models.add_argument("--models", action="store_true", help="instead of a target")
-    models.add_argument("--protocol", choices=get_args(Protocol), help="(default tcp)")
+    models.add_argument("--protocol", choices=get_args(ProtocolName), help="(default tcp)")
     models.add_argument("--handler", choices=HANDLERS, help="echo (default; mode echo) or timestamp (mode connect)")
     models.add_argument(
         "--delay", type=_seconds(3600, zero=True), metavar="SECONDS", help="the listener's simulated work (default 0)"
@@ -266,7 +266,7 @@ def _check_models_usage(parser: argparse.ArgumentParser, args: argparse.Namespac
     _check_size(parser, args.protocol or "tcp", args.size)
 
 
-def _check_size(parser: argparse.ArgumentParser, protocol: Protocol, size: int) -> None:
+def _check_size(parser: argparse.ArgumentParser, protocol: ProtocolName, size: int) -> None:
     if protocol == "udp" and size > UDP_MAX:
         parser.error(f"--size: at most {UDP_MAX} bytes over UDP (one datagram)")
 

@@ -15,13 +15,13 @@ from typing import get_args
 
 import yaml
 
-from sockd.config import HandlerName, Protocol
+from sockd.config import HandlerName, ProtocolName
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("port", help="a TCP/UDP port, or a Unix socket path with --protocol unix")
-    parser.add_argument("--protocol", default="tcp", choices=get_args(Protocol))
+    parser.add_argument("--protocol", default="tcp", choices=get_args(ProtocolName))
     parser.add_argument("--handler", default="echo", choices=get_args(HandlerName))
     parser.add_argument("--concurrency", default="asyncio")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="another listener key")

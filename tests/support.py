@@ -30,13 +30,12 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-import sockd.models
-from sockd.config import Config, ConfigError, ModelName, load
+from sockd.config import RELAYING_MODELS, Config, ConfigError, ModelName, load
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 10.0  # seconds any single wait in a test may take before it fails
 MODELS: list[str] = list(get_args(ModelName))  # every concurrency model, in the order sockd declares them
-RELAY_MODELS: list[str] = [name for name, kind in sockd.models.MODELS.items() if kind.relays]  # two sockets a client
+RELAY_MODELS: list[str] = list(RELAYING_MODELS)  # two sockets a client
 # The asyncio model once more on the standard library's loop (uvloop is the default): a model
 # name of the tests' own, which model_options turns into the config's.
 STDLIB_LOOP = "asyncio-stdlib-loop"
@@ -155,7 +154,7 @@ class Daemon:
 @contextlib.contextmanager
 def held_port() -> Iterator[int]:
     """A loopback TCP port held by a client connection alone, no server on it, until the block
-    ends: sockd's start waits to bind it (see Supervisor._bind_at_start), which holds sockd with
+    ends: sockd's start waits to bind it (see sockd.bind_retry), which holds sockd with
     its modules imported and its signals caught, before anything serves. The connection is then
     reset (SO_LINGER 0: no TIME-WAIT), and sockd binds the port within a retry."""
     with socket.create_server(("127.0.0.1", 0)) as server, socket.socket() as client:

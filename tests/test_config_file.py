@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from sockd.cli import EX_CONFIG
 from sockd.config import MAX_FILE_BYTES, MAX_VALUES
+from sockd.errors import EX_CONFIG
 
 from support import TIMEOUT, StartSockd, config_text, listener, request, run_sockd
 

@@ -22,7 +22,7 @@ from sockd.config import (
     LoggingConfig,
     MetricsConfig,
     ModelName,
-    Protocol,
+    ProtocolName,
     UnixListener,
     parse,
 )
@@ -208,7 +208,7 @@ documents = st.recursive(
 # Values that fit a key, so that some listeners are valid and the rules across them are reached.
 FITTING: dict[str, st.SearchStrategy[Any]] = {
     "name": st.sampled_from(["web", "dns", "a.b-c_d", "two words", ""]),
-    "protocol": st.sampled_from(get_args(Protocol)),
+    "protocol": st.sampled_from(get_args(ProtocolName)),
     "handler": st.sampled_from(get_args(HandlerName)),
     "concurrency": st.sampled_from(get_args(ModelName)),
     "host": st.sampled_from(["127.0.0.1", "::1", "localhost", "0.0.0.0"]),

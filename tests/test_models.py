@@ -21,8 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sockd.config import ConfigError, ModelName, parse
-from sockd.models import MODELS as MODEL_REGISTRY
-from sockd.models import load as load_model
+from sockd.models.registry import MODELS as MODEL_REGISTRY
+from sockd.models.registry import load as load_model
 
 from support import (
     MODELS,

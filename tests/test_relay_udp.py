@@ -19,7 +19,7 @@ from sockd.config import InetListener
 from sockd.counters import Recorder
 from sockd.handlers import Relay
 from sockd.lifecycle import Service
-from sockd.limits import RELAY_SESSIONS, RESERVED_DESCRIPTORS
+from sockd.limits import RELAY_SESSIONS, WORKER_RESERVED_DESCRIPTORS
 from sockd.relay import MAX_SESSIONS_PER_SOURCE, Sessions
 
 from support import (
@@ -321,7 +321,7 @@ def test_a_udp_relay_holds_no_more_sessions_than_its_descriptors_allow(start_soc
             stop.set()
             echo.join(TIMEOUT)
     assert answered == len(SOURCES) * PORTS_EACH
-    capacity = NOFILE - RESERVED_DESCRIPTORS
+    capacity = NOFILE - WORKER_RESERVED_DESCRIPTORS
     evicted = len(SOURCES) * PORTS_EACH + 1 - capacity
     eventually(
         lambda: (

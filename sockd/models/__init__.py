@@ -23,65 +23,19 @@ connection it creates. Its duties, whichever way it waits:
    connection is open and no delayed reply is due. (A datagram listener has no connection to
    keep: it may treat the first step as both.)
 
-The registry below is the one list of models: config.py takes the names that can relay from it,
-and a test checks it against the `ModelName` the config file accepts. Modules are imported only
-when used (so uvloop loads only where asked for, and the supervisor loads none).
+sockd.models.registry lists them, and loads a model's module only when it is used.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
 import socket
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from sockd.config import Listener, ModelName
+    from sockd.config import Listener
     from sockd.counters import Stats
     from sockd.handlers import Handler
-
-
-class Switch:
-    """A one-way switch, set from a signal handler or any thread, and pollable as a descriptor."""
-
-    def __init__(self) -> None:
-        self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.is_set = False
-        self._callbacks: list[Callable[[], None]] = []
-
-    def fileno(self) -> int:
-        """Readable once the switch is set, so select()/poll() waiters wake up."""
-        return self._read_fd
-
-    def on_set(self, callback: Callable[[], None]) -> None:
-        """Run `callback` when the switch is set: it may run in a signal handler, so keep it short."""
-        self._callbacks.append(callback)
-
-    def set(self) -> None:
-        if self.is_set:
-            return
-        self.is_set = True
-        os.write(self._write_fd, b"\0")
-        for callback in self._callbacks:
-            callback()
-
-
-class Stop(Switch):
-    """How a worker stops, in two steps. Set: accept no more, but go on serving the connections
-    open. `end()`: end those too, as Service.stop() does. A stop takes both at once; a
-    generation that a reload replaced takes the second once its clients are gone or
-    shutdown_timeout has passed, so that a reload never cuts a session (HAProxy and nginx keep
-    an old process's connections the same way)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ending = Switch()
-
-    def end(self) -> None:
-        self.set()
-        self.ending.set()
+    from sockd.stopping import Stop
 
 
 class Model(Protocol):
@@ -92,27 +46,3 @@ class Model(Protocol):
     def serve(self, sock: socket.socket, stop: Stop) -> None:
         """Serve `sock` until `stop` is set, its open connections until `stop.ending` is set or
         they close, then finish the requests in flight and return."""
-
-
-@dataclass(frozen=True)
-class Kind:
-    """A model's entry in the registry: where it lives and what it can do."""
-
-    module: str
-    relays: bool = False  # can serve handler: relay (holds two sockets per client)
-
-
-MODELS: dict[ModelName, Kind] = {
-    "iterative": Kind("sockd.models.iterative"),
-    "threaded": Kind("sockd.models.threaded"),
-    "thread_pool": Kind("sockd.models.thread_pool"),
-    "selector": Kind("sockd.models.selector", relays=True),
-    "busy_poll": Kind("sockd.models.busy_poll", relays=True),  # the selector's loop, never waiting
-    "asyncio": Kind("sockd.models.aio", relays=True),
-}
-
-
-def load(name: ModelName) -> type[Model]:
-    """The model called `name`, its module imported now."""
-    model: type[Model] = importlib.import_module(MODELS[name].module).Model
-    return model

@@ -20,7 +20,6 @@ from sockd.counters import BEAT_INTERVAL, RESET, RESOURCES, Recorder, Stats
 from sockd.handlers import Handler, Relay
 from sockd.lifecycle import Address, Connection, Service, Stream, logged
 from sockd.limits import FREE, MOVED
-from sockd.models import Stop
 from sockd.models.shared import (
     RESOURCE_PAUSE,
     SocketDatagrams,
@@ -34,6 +33,7 @@ from sockd.models.shared import (
 from sockd.relay import LoggedRelay, Resolver
 from sockd.relay.aio import DatagramRelayProtocol, RelayProtocol
 from sockd.sockets import OUT_OF_RESOURCES
+from sockd.stopping import Stop
 
 log = structlog.get_logger()
 

@@ -16,7 +16,6 @@ from sockd.counters import Recorder, Stats
 from sockd.handlers import Handler
 from sockd.lifecycle import Address, Service, Stream, logged
 from sockd.limits import Ticket
-from sockd.models import Stop
 from sockd.models.shared import (
     RESOURCE_PAUSE,
     SocketDatagrams,
@@ -26,6 +25,7 @@ from sockd.models.shared import (
     shutdown_read,
     stop_listening,
 )
+from sockd.stopping import Stop
 
 T = TypeVar("T")
 

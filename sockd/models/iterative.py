@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import socket
 
-from sockd.models import Stop
 from sockd.models.blocking import BlockingModel, accepted, received
 from sockd.models.shared import SocketDatagrams
+from sockd.stopping import Stop
 
 
 class Model(BlockingModel):

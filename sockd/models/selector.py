@@ -21,7 +21,6 @@ from sockd.counters import BEAT_INTERVAL, Stats
 from sockd.handlers import Handler, Relay
 from sockd.lifecycle import HIGH_WATER, Service, Stream, logged
 from sockd.limits import MOVED, Ticket
-from sockd.models import Stop
 from sockd.models.shared import (
     RESOURCE_PAUSE,
     SocketDatagrams,
@@ -33,6 +32,7 @@ from sockd.models.shared import (
 )
 from sockd.relay import LoggedRelay, Resolver
 from sockd.relay.selector import DatagramSessions, Splice
+from sockd.stopping import Stop
 
 BACKENDS: dict[SelectorBackend, Callable[[], selectors.BaseSelector]] = {
     "auto": selectors.DefaultSelector,

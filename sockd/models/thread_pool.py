@@ -8,8 +8,9 @@ import socket
 from sockd.config import Listener
 from sockd.counters import Stats
 from sockd.handlers import Handler
-from sockd.models import Stop, iterative
+from sockd.models import iterative
 from sockd.models.blocking import Threads
+from sockd.stopping import Stop
 
 
 class Model:

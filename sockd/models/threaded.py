@@ -11,9 +11,9 @@ from sockd.counters import RESOURCES, Recorder
 from sockd.lifecycle import Address
 from sockd.limits import Ticket
 from sockd.logging import Throttled
-from sockd.models import Stop
 from sockd.models.blocking import BlockingModel, Threads, accepted, received
 from sockd.models.shared import SocketDatagrams, admit
+from sockd.stopping import Stop
 
 # Threads answering datagrams at once, per worker: past this, a datagram is dropped and counted
 # (a flood must not start a thread for each).

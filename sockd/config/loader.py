@@ -1,0 +1,48 @@
+"""Loading a config file: read it (sockd.config.reader), validate it (sockd.config.recovery), and
+turn every problem into one line `file:line: field: message` of a ConfigError."""
+
+from __future__ import annotations
+
+import os
+
+import yaml
+
+from sockd.config.problems import ConfigError, line_of, locate, one_line, reason
+from sockd.config.reader import MAX_FILE_BYTES, Unreadable, duplicate_keys, read_regular, read_yaml, yaml_problem
+from sockd.config.recovery import validate
+from sockd.config.schema import Config
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read, parse and validate a config file; every problem becomes a one-line `ConfigError`."""
+    shown = os.fspath(path)
+    try:
+        raw = read_regular(path)
+        if len(raw) > MAX_FILE_BYTES:
+            raise ConfigError([f"{shown}: larger than {MAX_FILE_BYTES >> 20} MiB: not a config file sockd reads"])
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{shown}: cannot read: {reason(exc)}"]) from None
+    return parse(text, shown)
+
+
+def parse(text: str, shown: str) -> Config:
+    """Validate YAML `text`; `shown` is the file name the errors start with."""
+    try:
+        root, data = read_yaml(text)
+    except yaml.YAMLError as exc:
+        line, message = yaml_problem(exc, text)
+        raise ConfigError([f"{shown}:{line}: invalid YAML: {one_line(message)}"]) from None
+    except Unreadable as exc:
+        raise ConfigError([f"{shown}:{exc.line}: {exc.what}: {one_line(exc.message)}"]) from None
+
+    found: list[tuple[int, str, str]] = [(line, field, "duplicate key") for line, field in duplicate_keys(root)]
+    config = None
+    if not isinstance(data, dict):
+        found.append((line_of(root, ()), "(top level)", "the file must be a mapping with a `listeners` list"))
+    else:
+        config, problems = validate(data)
+        found += locate(root, problems)
+    if found or config is None:
+        raise ConfigError([f"{shown}:{line}: {one_line(field)}: {one_line(msg)}" for line, field, msg in sorted(found)])
+    return config
