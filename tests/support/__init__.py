@@ -33,9 +33,11 @@ from support.daemon import (
     short_directory,
     sockd_command,
 )
-from support.metrics import rejected, requests, samples, scrape, value
+from support.metrics import active_connections, rejected, requests, samples, scrape, value
 from support.net import (
     WAITING_FOR_CONNECTIONS,
+    InFlight,
+    Load,
     Session,
     SessionEnded,
     connect,
@@ -50,7 +52,7 @@ from support.net import (
     squatting,
 )
 from support.proc import _proc_net_address, alive, cpu_seconds, live_workers, rss_bytes, server_inode, tcp_owner
-from support.waits import PUBLISHED_WITHIN, TIMEOUT, eventually
+from support.waits import PUBLISHED_WITHIN, TIMEOUT, becomes, eventually
 
 __all__ = [
     "MODELS",
@@ -65,15 +67,19 @@ __all__ = [
     "WAITING_FOR_CONNECTIONS",
     "Daemon",
     "Expected",
+    "InFlight",
     "Launcher",
+    "Load",
     "Session",
     "SessionEnded",
     "StartSockd",
     "_proc_net_address",
+    "active_connections",
     "alive",
     "assert_accepted",
     "assert_rejected",
     "assert_rejected_raw",
+    "becomes",
     "check",
     "config_text",
     "connect",

@@ -34,3 +34,7 @@ def rejected(daemon: Daemon, name: str, reason: str) -> float:
 
 def requests(daemon: Daemon, name: str) -> float:
     return value(samples(daemon), "sockd_requests_total", listener=name)
+
+
+def active_connections(daemon: Daemon, name: str) -> float:
+    return value(samples(daemon), "sockd_connections_active", listener=name)

@@ -7,6 +7,8 @@ import contextlib
 import socket
 import struct
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 
 from support.daemon import require
@@ -178,3 +180,61 @@ def recv_exactly(sock: socket.socket, size: int) -> bytes:
         chunks.append(chunk)
         got += len(chunk)
     return b"".join(chunks)
+
+
+class InFlight:
+    """A request sent to a delayed listener, whose reply (or lack of one) is collected."""
+
+    def __init__(self, address: str) -> None:
+        self.sock = connect(address, timeout=30)
+        self.sock.sendall(b"hello world")
+        self.reply: bytes | None = None
+        self.thread = threading.Thread(target=self._read)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            self.reply = read_to_eof(self.sock)
+        except OSError:
+            self.reply = b""
+        finally:
+            self.sock.close()
+
+    def result(self) -> bytes | None:
+        self.thread.join(30)
+        return self.reply
+
+
+class Load:
+    """Clients hammering listeners from threads, one connection per request, counting failures.
+    Bounded: it stops when told, or after `limit` seconds."""
+
+    def __init__(self, addresses: list[str], limit: float = 120) -> None:
+        self.addresses = addresses
+        self.deadline = time.monotonic() + limit
+        self.done = threading.Event()
+        self.answered = 0
+        self.failures: list[str] = []
+        self.threads = [threading.Thread(target=self._run, args=(a,)) for a in addresses for _ in range(2)]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self, address: str) -> None:
+        number = 0
+        while not self.done.is_set() and time.monotonic() < self.deadline:
+            payload = f"{address} {number}".encode()
+            try:
+                reply = request(address, payload)
+            except OSError as exc:
+                self.failures.append(f"{address}: {exc!r}")
+            else:
+                if reply == payload:
+                    self.answered += 1
+                else:
+                    self.failures.append(f"{address}: sent {payload!r}, got {reply!r}")
+            number += 1
+
+    def stop(self) -> None:
+        self.done.set()
+        for thread in self.threads:
+            thread.join(30)

@@ -17,3 +17,12 @@ def eventually(check: Callable[[], bool], what: str, timeout: float = PUBLISHED_
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout} s: {what}")
         time.sleep(0.05)
+
+
+def becomes(get: Callable[[], object], expected: object, what: str, timeout: float = PUBLISHED_WITHIN) -> None:
+    """Wait until get() == expected; fail with the last value seen."""
+    deadline = time.monotonic() + timeout
+    while (seen := get()) != expected:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: {seen!r}, not {expected!r}, after {timeout} s")
+        time.sleep(0.05)
