@@ -16,6 +16,7 @@ from support.config import (
     yaml_text,
 )
 from support.daemon import (
+    CONCURRENT,
     MODELS,
     RELAY_MODELS,
     RETIRED_OR_EXITED,
@@ -28,12 +29,13 @@ from support.daemon import (
     config_text,
     listener,
     model_options,
+    options_for,
     require,
     run_sockd,
     short_directory,
     sockd_command,
 )
-from support.metrics import active_connections, rejected, requests, samples, scrape, value
+from support.metrics import active_connections, errors, rejected, requests, samples, scrape, value
 from support.net import (
     WAITING_FOR_CONNECTIONS,
     InFlight,
@@ -42,19 +44,23 @@ from support.net import (
     SessionEnded,
     connect,
     datagram,
+    echo,
     forge_datagram,
     held_port,
     inet,
     listen_backlog,
     read_to_eof,
+    receive,
     recv_exactly,
     request,
+    served,
     squatting,
 )
 from support.proc import _proc_net_address, alive, cpu_seconds, live_workers, rss_bytes, server_inode, tcp_owner
 from support.waits import PUBLISHED_WITHIN, TIMEOUT, becomes, eventually
 
 __all__ = [
+    "CONCURRENT",
     "MODELS",
     "PROBLEM",
     "PUBLISHED_WITHIN",
@@ -85,6 +91,8 @@ __all__ = [
     "connect",
     "cpu_seconds",
     "datagram",
+    "echo",
+    "errors",
     "eventually",
     "forge_datagram",
     "held_port",
@@ -93,7 +101,9 @@ __all__ = [
     "listener",
     "live_workers",
     "model_options",
+    "options_for",
     "read_to_eof",
+    "receive",
     "recv_exactly",
     "rejected",
     "request",
@@ -103,6 +113,7 @@ __all__ = [
     "run_sockd",
     "samples",
     "scrape",
+    "served",
     "server_inode",
     "short_directory",
     "sockd_command",

@@ -221,3 +221,12 @@ def listener(
     entry.update({"path": str(where)} if protocol == "unix" else {"host": str(where), "port": 0})
     entry.update(options)
     return entry
+
+
+# The models that serve many connections at once (iterative serves one: the rest wait in the
+# backlog, unaccepted, so connection limits never see them).
+CONCURRENT = [model for model in MODELS if model != "iterative"]
+
+
+def options_for(model: str, **options: object) -> dict[str, object]:
+    return {"threads": 16, **options} if model == "thread_pool" else options

@@ -38,3 +38,7 @@ def requests(daemon: Daemon, name: str) -> float:
 
 def active_connections(daemon: Daemon, name: str) -> float:
     return value(samples(daemon), "sockd_connections_active", listener=name)
+
+
+def errors(daemon: Daemon, name: str, kind: str) -> float:
+    return value(samples(daemon), "sockd_errors_total", listener=name, kind=kind)

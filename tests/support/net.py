@@ -4,6 +4,7 @@ and forged datagrams."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import struct
 import subprocess
@@ -238,3 +239,30 @@ class Load:
         self.done.set()
         for thread in self.threads:
             thread.join(30)
+
+
+def echo(sock: socket.socket, payload: bytes = b"ping") -> bytes:
+    sock.sendall(payload)
+    return receive(sock, len(payload))
+
+
+def receive(sock: socket.socket, size: int) -> bytes:
+    """`size` bytes, or fewer if the server closes first."""
+    received = b""
+    while len(received) < size:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+def served(address: str) -> bool:
+    """Whether a new connection is served (not closed at once by a limit)."""
+    try:
+        return request(address, b"again") == b"again"
+    except OSError as exc:
+        # Closed at once: reset while sending, or before the half-close (ENOTCONN).
+        if isinstance(exc, ConnectionError) or exc.errno == errno.ENOTCONN:
+            return False
+        raise
