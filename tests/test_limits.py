@@ -12,6 +12,7 @@ import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -103,7 +104,7 @@ def test_connection_rate_refuses_past_the_burst_per_source(start_sockd: Launcher
 
 @pytest.mark.parametrize("model", MODELS)
 def test_allow_and_deny_by_longest_prefix(start_sockd: Launcher, model: str) -> None:
-    rules = {"allow": ["127.0.0.0/8", "127.0.0.9/32"], "deny": ["127.0.0.8/29"]}
+    rules: dict[str, Any] = {"allow": ["127.0.0.0/8", "127.0.0.9/32"], "deny": ["127.0.0.8/29"]}
     daemon = start_sockd(
         [
             entry("tcp", "tcp", "echo", model, **options_for(model, **rules)),

@@ -11,6 +11,7 @@ import resource
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
@@ -44,7 +45,7 @@ from support import listener as entry
 
 @pytest.mark.parametrize("model", MODELS)
 def test_max_message_size(start_sockd: Launcher, model: str) -> None:
-    limit = {"max_message_size": 100}
+    limit: dict[str, Any] = {"max_message_size": 100}
     daemon = start_sockd(
         [
             entry("udp", "udp", "echo", model, **limit),
@@ -101,7 +102,7 @@ def drained(sock: socket.socket) -> bytes:
 @pytest.mark.parametrize("delay", [0.0, 0.25])
 @pytest.mark.parametrize("model", MODELS)
 def test_clients_that_never_read_get_back_pressure(start_sockd: Launcher, model: str, delay: float) -> None:
-    buffers = {"recv_buffer": FLOOD_BUFFERS, "send_buffer": FLOOD_BUFFERS}
+    buffers: dict[str, Any] = {"recv_buffer": FLOOD_BUFFERS, "send_buffer": FLOOD_BUFFERS}
     daemon = start_sockd([entry("e", "tcp", "echo", model, delay=delay, **buffers)])
     pid = daemon.worker_pid("e")
     before = rss_bytes(pid)
@@ -164,8 +165,9 @@ def open_descriptors(pid: int) -> int:
 # limit, then through a server again (see models/aio.Acceptor); under 64, by itself throughout.
 @pytest.mark.parametrize(("model", "limit"), [*((model, 64) for model in CONCURRENT), ("asyncio", 256)])
 def test_out_of_descriptors_pauses_accepting_and_recovers(start_sockd: Launcher, model: str, limit: int) -> None:
+    threads: dict[str, Any] = {"threads": 100} if model == "thread_pool" else {}
     daemon = start_sockd(
-        [entry("e", "tcp", "echo", model, **({"threads": 100} if model == "thread_pool" else {}))],
+        [entry("e", "tcp", "echo", model, **threads)],
         prefix=("prlimit", f"--nofile={limit}"),
     )
     pid = daemon.worker_pid("e")
@@ -196,7 +198,7 @@ def test_out_of_descriptors_pauses_accepting_and_recovers(start_sockd: Launcher,
                 sock.close()
 
             def accepting() -> str:
-                return [e["event"] for e in daemon.events if str(e.get("event")).startswith("accepting")][-1]
+                return [str(e["event"]) for e in daemon.events if str(e.get("event")).startswith("accepting")][-1]
 
             eventually(lambda: accepting() == "accepting through the loop's server", "a server accepts again")
     finally:

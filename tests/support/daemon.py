@@ -228,5 +228,5 @@ def listener(
 CONCURRENT = [model for model in MODELS if model != "iterative"]
 
 
-def options_for(model: str, **options: object) -> dict[str, object]:
+def options_for(model: str, **options: Any) -> dict[str, Any]:
     return {"threads": 16, **options} if model == "thread_pool" else options
