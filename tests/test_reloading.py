@@ -7,9 +7,18 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sockd.config import Config, Listener, load
+from sockd.forkserver import Spawner
+from sockd.reloading import Prepared, Refused, prepare
+from sockd.sockets import Bound, bind
 
 from support import (
     MODELS,
@@ -18,6 +27,8 @@ from support import (
     Load,
     alive,
     becomes,
+    check,
+    config_text,
     connect,
     held_port,
     request,
@@ -208,3 +219,81 @@ def test_a_sighup_the_moment_sockd_starts_is_a_reload_once_it_serves(start_sockd
     daemon.wait_for("ready")
     assert request(daemon.address("echo"), b"still here\n") == b"still here\n"
     assert daemon.stop() == 0, daemon.other_lines
+
+
+# ---------------------------------------------------------------------------------------------
+# In process: `prepare`, on real files and real sockets. What it refuses leaves nothing behind.
+
+
+def prepared_from(path: Path, running: Config, bound: list[Bound]) -> Prepared:
+    """`prepare` as the supervisor calls it, its groups serving `running`'s listeners; `bound`
+    collects every socket it binds (with sockd's own bind)."""
+
+    def binding(listener: Listener) -> Bound:
+        bound.append(bind(listener))
+        return bound[-1]
+
+    # Not started: no fork server, so sockd's files cannot have changed under one.
+    return prepare(path, running, list(running.listeners), Spawner(), binding)
+
+
+def loaded(directory: Path, listeners: list[dict[str, Any]], name: str, **settings: Any) -> tuple[Path, Config]:
+    path = directory / name
+    path.write_text(config_text(listeners, **settings))
+    return path, load(path)
+
+
+def test_a_file_that_does_not_load_is_refused_with_its_problems(tmp_path: Path) -> None:
+    _, running = loaded(tmp_path, [entry("a", "tcp", "echo", "asyncio")], "running.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("listeners: [\n")
+    bound: list[Bound] = []
+    with pytest.raises(Refused) as refused:
+        prepared_from(broken, running, bound)
+    assert refused.value.problems == check(broken)[1]
+    assert str(refused.value) == refused.value.problems[0]
+    assert bound == []
+
+
+def test_a_bind_that_fails_closes_every_socket_the_reload_had_bound(tmp_path: Path) -> None:
+    _, running = loaded(tmp_path, [entry("a", "tcp", "echo", "asyncio")], "running.yaml")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        added = [
+            entry("a", "tcp", "echo", "asyncio"),
+            entry("b", "tcp", "echo", "asyncio"),
+            entry("c", "udp", "echo", "selector"),
+            entry("d", "tcp", "echo", "asyncio", port=port),
+        ]
+        path, _ = loaded(tmp_path, added, "new.yaml")
+        bound: list[Bound] = []
+        with pytest.raises(Refused, match="address already in use"):
+            prepared_from(path, running, bound)
+    assert [b.listener.name for b in bound] == ["b", "c"]  # bound before d failed
+    assert [b.sock.fileno() for b in bound] == [-1, -1]
+
+
+def test_only_the_listeners_that_need_a_socket_get_one_and_the_metrics_settings_stay(tmp_path: Path) -> None:
+    old = [entry("kept", "tcp", "echo", "asyncio"), entry("changed", "tcp", "echo", "asyncio")]
+    _, running = loaded(tmp_path, old, "running.yaml")
+    new = [
+        entry("kept", "tcp", "echo", "asyncio"),
+        entry("changed", "tcp", "echo", "selector"),
+        entry("added", "udp", "echo", "selector"),
+    ]
+    path, _ = loaded(tmp_path, new, "new.yaml", metrics={"port": 0, "host": "127.0.0.2"})
+    bound: list[Bound] = []
+    prepared = prepared_from(path, running, bound)
+    try:
+        assert {step.name: step.action for step in prepared.steps} == {
+            "kept": "kept",
+            "changed": "restarted",
+            "added": "added",
+        }
+        assert list(prepared.fresh) == ["added"]
+        assert prepared.fresh["added"] is bound[0]
+        # The endpoint's socket and buckets are fixed for the process's life.
+        assert prepared.config.metrics == running.metrics
+    finally:
+        for each in bound:
+            each.close()
