@@ -18,7 +18,7 @@ test: $(STAMP) lint
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy sockd sockd_bench bench
+	$(BIN)/mypy sockd sockd_bench bench tests
 
 # The performance tables (minutes; not part of `make test`): see sockd_bench/suite.py. bench/compare.py
 # builds the C peers and load generators into build/bench first. A quick check that it all runs:

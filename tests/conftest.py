@@ -1,4 +1,4 @@
-"""The fixtures every test module may ask for; the helpers they build on are in support.py."""
+"""The fixtures every test module may ask for; the helpers they build on are in support/."""
 
 from __future__ import annotations
 

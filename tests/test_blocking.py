@@ -7,6 +7,7 @@ import os
 import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
@@ -46,7 +47,7 @@ def closed_by_the_server(sock: socket.socket) -> bool:
 def test_a_client_that_never_reads_is_timed_out_and_never_gets_the_worker_killed(
     start_sockd: Launcher, model: str
 ) -> None:
-    options = {"idle_timeout": IDLE_TIMEOUT, "recv_buffer": BUFFERS, "send_buffer": BUFFERS}
+    options: dict[str, Any] = {"idle_timeout": IDLE_TIMEOUT, "recv_buffer": BUFFERS, "send_buffer": BUFFERS}
     if model == "thread_pool":
         options["threads"] = 2
     daemon = start_sockd([entry("e", "tcp", "echo", model, **options)], worker_timeout=WORKER_TIMEOUT)

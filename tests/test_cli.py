@@ -137,7 +137,7 @@ def test_a_bad_config_without_check_is_the_same_error(tmp_path: Path) -> None:
     assert result.stderr == f"{path}:14: listeners[0].handler: {expected}\n"
 
 
-# What the config tests (test_config_schema.py, test_config_loader.py) rely on when they read the
+# What the config tests (test_config_*.py) rely on when they read the
 # problems of sockd.config.load in-process: the command prints exactly those, one per line, on
 # stderr, nothing on stdout, no traceback, and exits 78; or the OK line and exits 0.
 

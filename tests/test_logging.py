@@ -85,7 +85,7 @@ def test_a_terminal_gets_the_console_renderer(tmp_path: Path, no_color: str) -> 
     assert "ready" in text
     assert not text.lstrip().startswith("{")
     assert all(not line.startswith("{") for line in text.splitlines())
-    assert ("\x1b[" in text) is not no_color
+    assert ("\x1b[" in text) is not bool(no_color)
 
 
 def test_the_console_format_in_a_file_has_no_colour(tmp_path: Path) -> None:
@@ -524,7 +524,7 @@ class _Clock:
         return self.now
 
 
-def _said(captured: list[structlog.typing.EventDict]) -> list[tuple[object, object]]:
+def _said(captured: list[structlog.typing.EventDict]) -> list[tuple[object, int]]:
     return [(line.get("reason"), line["count"]) for line in captured]
 
 

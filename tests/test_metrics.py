@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 import os
 import re
@@ -87,7 +88,7 @@ def test_counts_are_exact_and_survive_a_killed_worker(start_sockd: Launcher, soc
 
     serve(7)
     for name in ("tcp", "udp", "unix"):
-        eventually(lambda name=name: published(name, 7), f"{name}: 7 requests")
+        eventually(functools.partial(published, name, 7), f"{name}: 7 requests")
     now = history[-1]
     for name in ("tcp", "udp", "unix"):
         assert value(now, "sockd_request_duration_seconds_count", listener=name) == 7
@@ -103,7 +104,7 @@ def test_counts_are_exact_and_survive_a_killed_worker(start_sockd: Launcher, soc
     daemon.wait_for("worker started", listener="tcp", after=mark)
     serve(5)
     for name in ("tcp", "udp", "unix"):
-        eventually(lambda name=name: published(name, 12), f"{name}: 12 requests")
+        eventually(functools.partial(published, name, 12), f"{name}: 12 requests")
     now = history[-1]
     for name in ("tcp", "udp", "unix"):
         assert value(now, "sockd_request_duration_seconds_count", listener=name) == 12
@@ -198,7 +199,7 @@ def test_healthz_is_503_while_a_worker_is_down_and_200_again_after(start_sockd: 
     pid = daemon.worker_pid("echo")
     os.kill(pid, signal.SIGKILL)
     daemon.wait_for("worker died; restarting", listener="echo", after=mark)
-    states = []
+    states: list[tuple[int, str]] = []
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and (not states or states[-1] != (200, "ok\n")):
         states.append(health())

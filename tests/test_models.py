@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import functools
 import itertools
 import os
 import random
@@ -14,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import pytest
 from hypothesis import given, settings
@@ -45,7 +46,7 @@ from support import listener as entry
 STREAMS = ["tcp-echo", "tcp6-echo", "unix-echo"]
 
 
-def listeners_for(model: str, directory: Path, **options: object) -> list[dict[str, object]]:
+def listeners_for(model: str, directory: Path, **options: Any) -> list[dict[str, object]]:
     return [
         entry("tcp-echo", "tcp", "echo", model, **options),
         entry("tcp6-echo", "tcp", "echo", model, "::1", **options),
@@ -146,7 +147,12 @@ def test_large_transfer_survives_partial_writes(served: Daemon, name: str) -> No
     partial and it must keep the bytes in order."""
     payload = os.urandom(4 << 20)
     with connect(served.address(name), timeout=30) as sock:
-        sender = threading.Thread(target=lambda: (sock.sendall(payload), sock.shutdown(socket.SHUT_WR)))
+
+        def send() -> None:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send)
         sender.start()
         received = read_to_eof(sock)
         sender.join(30)
@@ -248,7 +254,7 @@ def test_reloads_under_a_connection_per_request_load_refuse_and_reset_no_client(
 
     daemon = start_sockd(config(100))
     address = daemon.address("e")
-    answers: list[bytes | str] = []
+    answers: list[bool | str] = []
     done = threading.Event()
 
     def load() -> None:
@@ -262,12 +268,15 @@ def test_reloads_under_a_connection_per_request_load_refuse_and_reset_no_client(
             except OSError as exc:
                 answers.append(f"{n}: {exc!r}")
 
+    def answered(wanted: int) -> bool:
+        return len(answers) >= wanted
+
     clients = [threading.Thread(target=load) for _ in range(4)]
     for client in clients:
         client.start()
     try:
         for reload in range(1, 6):
-            eventually(lambda wanted=20 * reload: len(answers) >= wanted, "the load runs", timeout=TIMEOUT)
+            eventually(functools.partial(answered, 20 * reload), "the load runs", timeout=TIMEOUT)
             assert daemon.reload(config(100 + reload))["restarted"] == ["e"]
     finally:
         done.set()
@@ -288,7 +297,7 @@ DELAY, CLIENTS = 0.5, 6
 def test_concurrency_experiment_groups_clients_as_the_seed_shows(
     start_sockd: Launcher, model: str, protocol: str
 ) -> None:
-    options = {"threads": 3} if model == "thread_pool" else {}
+    options: dict[str, Any] = {"threads": 3} if model == "thread_pool" else {}
     daemon = start_sockd([entry("stamp", protocol, "timestamp", model, delay=DELAY, **options)])
     address = daemon.address("stamp")
     connected = threading.Barrier(CLIENTS + 1)

@@ -4,6 +4,7 @@ UDP, under every concurrency model; and socat gets the timestamp handler's one r
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import subprocess
 from collections.abc import Callable
@@ -109,4 +110,4 @@ def test_ncat_echo_over_tcp_and_unix(start_sockd: StartSockd, sockdir: Path, mod
     host, port = daemon.address("tcp").rsplit(":", 1)
     # ncat half-closes at the end of its stdin, and exits once sockd has echoed all and closed.
     for command in ([ncat, host, port], [ncat, "-U", daemon.address("unix")]):
-        assert_echoes(lambda payload, command=command: run_peer(command, input=payload), STREAM_SIZES)
+        assert_echoes(functools.partial(run_peer, command), STREAM_SIZES)

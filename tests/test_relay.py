@@ -4,6 +4,7 @@ against `socat TCP-LISTEN,fork TCP:upstream` as the reference."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import random
 import socket
@@ -425,6 +426,9 @@ def test_relays_looping_into_each_other_are_capped_and_unwind(start_sockd: Launc
         found = samples(daemon)
         return sum(value(found, "sockd_connections_active", listener=name) for name in "ab")
 
+    def counted(done: int) -> bool:
+        return refused() >= done
+
     for round_ in range(1, 3):  # the second: the workers serve on, undamaged, as they did the first
         with connect(daemon.address("a")) as client:
             client.sendall(b"round and round")
@@ -432,7 +436,7 @@ def test_relays_looping_into_each_other_are_capped_and_unwind(start_sockd: Launc
                 read_to_eof(client)  # the refused hop's end, passed back along the loop
         # Both as published (every PUBLISH_INTERVAL): a read right after the client's EOF may
         # still show the counts of before this round.
-        eventually(lambda done=round_: refused() >= done, "the refused hop counted")
+        eventually(functools.partial(counted, round_), "the refused hop counted")
         eventually(lambda: active() == 0, "every relayed connection closed")
     assert {name: daemon.worker_pid(name) for name in "ab"} == workers
     assert all(alive(pid) for pid in workers.values())

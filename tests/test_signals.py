@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from support import TIMEOUT, Daemon, Launcher, Session, alive, config_text, connect, request
 from support import listener as entry
@@ -138,7 +139,7 @@ def test_a_storm_of_hups_never_has_more_generations_alive_than_the_bound(start_s
     def listeners(model: str) -> list[dict[str, object]]:
         return [entry("storm", "tcp", "echo", model, workers=2)]
 
-    settings = {"shutdown_timeout": 60}  # old generations serve their sessions on through the storm
+    settings: dict[str, Any] = {"shutdown_timeout": 60}  # old generations serve their sessions on through the storm
     daemon = start_sockd(listeners("threaded"), **settings)
     address = daemon.address("storm")
     texts = [config_text(listeners(model), **settings) for model in ("selector", "threaded")]

@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -314,7 +314,7 @@ def test_socket_activation_of_a_udp_listener(start_sockd: Launcher) -> None:
 
 
 def _activated(
-    tmp_path: Path, config: Path, activating: list[str], wake: Callable[[], None]
+    tmp_path: Path, config: Path, activating: Sequence[str], wake: Callable[[], None]
 ) -> tuple[int, list[str], list[str]]:
     """sockd run by systemd-socket-activate (`activating`), woken by `wake` (which makes it exec
     sockd), to its exit: its exit code, every line of stderr, and the lines sockd printed."""
