@@ -116,7 +116,9 @@ def test_the_clients_eof_brings_the_handlers_last_word_then_close() -> None:
 def test_a_greeting_is_said_at_once_and_the_connection_closes() -> None:
     conn = Connection(service(handler="time"))
     conn.opened()
-    (kind, said), closed = conn.actions
+    written, closed = conn.actions
+    assert isinstance(written, tuple)
+    kind, said = written
     assert (kind, len(said), closed) == ("write", 4, "close")  # RFC 868: four bytes
 
 
