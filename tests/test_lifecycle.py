@@ -13,13 +13,24 @@ from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import pytest
+import structlog
 
 from sockd import handlers
 from sockd.config import InetListener, UnixListener
 from sockd.counters import RESET, SEND, TIMEOUT, TOO_LARGE, Recorder
-from sockd.lifecycle import DATAGRAMS_HELD, DUE_COST, Address, Datagrams, Service, Stream
+from sockd.lifecycle import (
+    DATAGRAMS_HELD,
+    DUE_COST,
+    Address,
+    Datagrams,
+    LoggedStream,
+    Service,
+    Staging,
+    Stream,
+    stream,
+)
 from sockd.limits import ACL, FREE, MAX_CONNECTIONS, MOVED, REFLECTION, Ticket, Unlimited
-from sockd.transports import HIGH_WATER
+from sockd.transports import HIGH_WATER, Receiver
 
 BOUNDS = [0.001, 1.0]
 
@@ -130,9 +141,11 @@ def lose(conn: Stream, exc: BaseException | None) -> None:
     conn.connection_lost(exc)
 
 
-def service(timers: Timers | None = None, udp_ports: frozenset[int] = frozenset(), **options: Any) -> Service:
+def service(
+    timers: Timers | None = None, udp_ports: frozenset[int] = frozenset(), stage: Staging | None = None, **options: Any
+) -> Service:
     listener = inet(**options)
-    return Service(listener, handlers.build(listener), later=timers or Timers(), udp_ports=udp_ports)
+    return Service(listener, handlers.build(listener), later=timers or Timers(), udp_ports=udp_ports, stage=stage)
 
 
 def test_an_echo_request_is_answered_counted_and_marks_the_connection_answered() -> None:
@@ -287,6 +300,98 @@ def test_the_asyncio_model_resumes_reading_once_neither_a_full_write_buffer_nor_
         timers.fire()
     assert transport.actions.count("resume_reading") == 1  # once both are gone
     assert conn.paused == 0
+
+
+class FirstLine:
+    """A trivial stage, where a PROXY header's would be: it takes the connection's first line,
+    tells the connection's log what it said, then hands the connection to the handler with
+    what came after it."""
+
+    def __init__(self, stream: Stream, entry: Receiver) -> None:
+        self.stream = stream
+        self.entry = entry
+        self.taken = b""
+
+    def data_received(self, data: bytes) -> None:
+        line, found, rest = (self.taken + data).partition(b"\n")
+        if not found:
+            self.taken = line
+            return
+        if self.stream.observer is not None:
+            self.stream.observer.note(first_line=line.decode())
+        self.stream.staged(self.entry, rest)
+
+    def eof_received(self) -> bool | None:
+        return self.entry.eof_received()
+
+    def pause_writing(self) -> None:
+        self.entry.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.entry.resume_writing()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.entry.connection_lost(exc)
+
+    def connection_made(self, transport: Any) -> None:
+        raise AssertionError("a stage begins once the connection has opened")
+
+
+def test_a_stage_takes_the_input_before_the_handler_then_hands_the_transport_back_to_the_connection() -> None:
+    conn = connection(service(stage=FirstLine))
+    transport = cast(Recording, conn.transport)
+    conn.opened()
+    stage = transport.get_protocol()
+    assert isinstance(stage, FirstLine)
+    stage.data_received(b"PROXY TCP4 192.0.2.1 ")
+    stage.data_received(b"192.0.2.2 1 2\r\nhel")
+    assert actions(conn) == [("write", b"hel")]  # the handler saw only what came after the line
+    # Done: the transport drives the connection itself again, so a request costs what it costs
+    # without a stage.
+    assert transport.get_protocol() is conn
+    conn.data_received(b"lo")
+    assert actions(conn) == [("write", b"hel"), ("write", b"lo")]
+    assert (conn.answered, sum(conn.recorder.buckets)) == (True, 2)
+
+
+def test_a_stage_holds_back_a_greeting_until_it_is_done() -> None:
+    conn = connection(service(handler="time", stage=FirstLine))
+    conn.opened()
+    assert actions(conn) == []
+    cast(Recording, conn.transport).get_protocol().data_received(b"line\n")
+    (kind, said), closed = actions(conn)
+    assert (kind, len(said), closed) == ("write", 4, "close")
+
+
+def made(shared: Service) -> tuple[Stream | LoggedStream, Recording]:
+    """A connection as a model makes it: its entry points, driven by its transport."""
+    entry = stream(shared, FREE, Recorder(BOUNDS))
+    transport = Recording(entry)
+    entry.connection_made(transport)
+    return entry, transport
+
+
+def test_a_listener_without_log_connections_has_its_transport_drive_the_bare_stream() -> None:
+    entry, transport = made(service())
+    assert type(entry) is Stream  # nothing between the transport and the handler's path
+    assert entry.observer is None
+    entry.data_received(b"ping")
+    assert transport.actions == [("write", b"ping")]
+
+
+def test_a_logged_connection_is_counted_by_its_hook_and_said_in_one_line_with_what_its_stage_learnt() -> None:
+    entry, transport = made(service(log_connections=True, stage=FirstLine))
+    assert isinstance(entry, LoggedStream)
+    transport.get_protocol().data_received(b"from 192.0.2.1\nping")
+    assert transport.get_protocol() is entry  # handed back to the counting entry points
+    entry.data_received(b"pong!")
+    with structlog.testing.capture_logs() as captured:
+        entry.eof_received()
+        entry.connection_lost(None)
+    (line,) = [event for event in captured if event["event"] == "connection closed"]
+    assert line["first_line"] == "from 192.0.2.1"
+    # What the handler was given and answered: the stage's line is the stage's.
+    assert (line["bytes_in"], line["bytes_out"], line["requests"], line["ended"]) == (9, 9, 2, "client closed")
 
 
 def test_a_request_over_max_message_size_aborts_and_counts() -> None:
