@@ -8,19 +8,21 @@ transport (`write`, `close`, `abort`, `pause_reading`, `resume_reading`), on its
 stop's `end_input`) and on the service's `later` (a timer, for `delay`). The asyncio model hands
 a connection to the loop as its protocol, and it gets the loop's own transport: a request there
 costs no call more than a bare protocol's. The other models give it a transport of
-sockd.transports. Nothing here reads or writes a socket, so the whole life can be driven
-in-process (tests/test_lifecycle.py).
+sockd.transports. Nothing here touches a socket itself (what needs one, `end_input` and the
+peer's name, is sockd.transports'), so the whole life can be driven in-process
+(tests/test_lifecycle.py).
 
 The life of a stream connection:
 
     accepted ── admission ──> refused: counted with its reason; the model closes the socket
                    │
-                   └─ ticket ──> connection_made ──> opened
-                                   │
-                                   └─> stage? ── it drives the connection's input until it is
-                                   │             done (a PROXY header, a TLS handshake), then
-                                   │             hands the transport back: `staged`
-                                   └─> greeting? ── write it, close
+                   └─ ticket ──> connection_made ──> opened ──> stage? ──────────────────┐
+                                                     a listener's stage (a PROXY header, │
+                                                     a TLS handshake) reads the input    │
+                                                     first, then hands the transport     │
+                                                     back to the connection: `staged`    │
+                                   ┌─────────────────────────────────────────────────────┘
+                                   ├─> greeting? ── write it, close
                                    │
                                    └─> data ─> reply (now, or `delay` later) ─> ... ─┐
                                         replies due hold HIGH_WATER ─> pause          │
@@ -32,13 +34,15 @@ The life of a stream connection:
                                                         connection_lost: counted, ticket released
 
 Reading is paused for reasons, each a bit of `Connection.paused` (see PAUSES), and resumed once
-none remains: every model and the relay pause and resume through `pause` and `resume`.
+none remains: the transports of every model, and the asyncio relay for its client, pause and
+resume a connection through `pause` and `resume` (`pause_writing` and `resume_writing` for a
+full write buffer).
 
-What a connection is observed doing (`log_connections`, and later a TLS handshake's outcome, a
-verified peer, a PROXY header's client) goes to its `observer`, a ConnectionLog, which only a
+What a connection is seen doing (`log_connections`; later a TLS handshake's outcome, a verified
+peer, the client a PROXY header names) goes to its `observer`, a ConnectionLog, which only a
 logged listener's connections have: they are made with a LoggedStream between their transport
 and themselves, which counts what passes, so a listener without it runs not one instruction
-per request for it.
+per request for it (as trio runs no hook that no instrument asked for).
 """
 
 from __future__ import annotations
