@@ -296,15 +296,28 @@ class Session(Protocol):
 S = TypeVar("S", bound=Session)
 
 
+class DatagramDriver(Protocol):
+    """What a UDP relay's driver does on its model's loop."""
+
+    def watch(self, sock: socket.socket, readable: Callable[[], None]) -> None:
+        """Call `readable()` whenever `sock` is, until unwatch."""
+
+    def unwatch(self, sock: socket.socket) -> None: ...
+
+    def reply(self, data: bytes, client: Address) -> None:
+        """Send `data` to `client` from the listening socket."""
+
+
 class DatagramRelay:
     """A UDP relay, as both drivers see it: each client's datagrams go out on its session's own
     socket, and what comes back on that socket goes to the client through the listening socket.
-    A driver defines how a socket is watched (`watch`, `unwatch`) and how a reply is sent."""
+    Its `driver` watches the sockets and sends the replies, on its model's loop."""
 
-    def __init__(self, names: Resolver, service: Service, recorder: Recorder) -> None:
+    def __init__(self, names: Resolver, service: Service, recorder: Recorder, driver: DatagramDriver) -> None:
         self.names = names
         self.relay = names.relay
         self.recorder = recorder
+        self.driver = driver
         self.sessions: Sessions[DatagramSession] = Sessions(self.relay, service, recorder, time.monotonic)
 
     def datagram_received(self, data: bytes, client: Address) -> None:
@@ -313,17 +326,6 @@ class DatagramRelay:
         session = self.sessions.open(client, lambda: DatagramSession(self, client))
         self.recorder.received += len(data)
         session.send(data)
-
-    def watch(self, sock: socket.socket, readable: Callable[[], None]) -> None:
-        """Call `readable()` whenever `sock` is, until unwatch."""
-        raise NotImplementedError
-
-    def unwatch(self, sock: socket.socket) -> None:
-        raise NotImplementedError
-
-    def reply(self, data: bytes, client: Address) -> None:
-        """Send `data` to `client` from the listening socket."""
-        raise NotImplementedError
 
     def failed(self, exc: BaseException) -> None:
         upstream_failed(self.relay, self.recorder, exc)
@@ -370,7 +372,7 @@ class DatagramSession:
             relaying.failed(exc)
             relaying.sessions.forget(self.client, self)
             return
-        relaying.watch(self.sock, self._replied)
+        relaying.driver.watch(self.sock, self._replied)
         waiting, self.waiting = self.waiting, []
         for data in waiting:
             self.send(data)
@@ -385,13 +387,13 @@ class DatagramSession:
             self.relaying.failed(exc)
             return
         self.relaying.sessions.replied(self.client, len(data))
-        self.relaying.reply(data, self.client)
+        self.relaying.driver.reply(data, self.client)
 
     def close(self) -> None:
         if self.sock is None:
             self.relaying.names.forget(self._found)
             return
-        self.relaying.unwatch(self.sock)
+        self.relaying.driver.unwatch(self.sock)
         self.sock.close()
 
 

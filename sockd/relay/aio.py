@@ -228,13 +228,18 @@ class UpstreamProtocol(asyncio.Protocol):
             self.client.transport.close()
 
 
-class DatagramRelayProtocol(DatagramRelay, asyncio.DatagramProtocol):
-    """A UDP relay on asyncio: each session's socket is one of the loop's readers, and replies go
-    out through the listening socket's transport (see relay.DatagramRelay)."""
+class DatagramRelayProtocol:
+    """A UDP relay on asyncio (see relay.DatagramRelay), the listening socket's protocol: each
+    session's socket is one of the loop's readers, and replies go out through the listening
+    socket's transport."""
+
+    transport: asyncio.DatagramTransport
 
     def __init__(self, service: Service, recorder: Recorder, names: Resolver) -> None:
-        super().__init__(names, service, recorder)
         self.loop = asyncio.get_running_loop()
+        self.relaying = DatagramRelay(names, service, recorder, self)
+        # What the loop calls for each datagram: the relay's own method, no call of ours between.
+        self.datagram_received = self.relaying.datagram_received
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -248,6 +253,18 @@ class DatagramRelayProtocol(DatagramRelay, asyncio.DatagramProtocol):
     def reply(self, data: bytes, client: Address) -> None:
         self.transport.sendto(data, client)
 
+    def error_received(self, exc: Exception) -> None:
+        """An ICMP error for a reply to a client: nothing to do (see DatagramSession for the upstream's)."""
+
+    def pause_writing(self) -> None:
+        """A full send buffer drops replies, as the network may: nothing to pause."""
+
+    def resume_writing(self) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
     def close(self) -> None:
-        super().close()
+        self.relaying.close()
         self.transport.close()

@@ -215,14 +215,17 @@ class Splice:
         self.events.connection_lost(exc)
 
 
-class DatagramSessions(DatagramRelay):
-    """A UDP relay on the loop: each session's socket watched by it, replies sent through the
-    listening socket as its Datagrams sends them (see relay.DatagramRelay)."""
+class DatagramSessions:
+    """A UDP relay on the loop (see relay.DatagramRelay): it watches each session's socket on the
+    loop, and sends the replies through the listening socket as its Datagrams sends them."""
 
     def __init__(self, loop: Reactor, service: Service, names: Resolver, replies: Datagrams) -> None:
-        super().__init__(names, service, loop.recorder)
         self.loop = loop
         self.replies = replies
+        self.relaying = DatagramRelay(names, service, loop.recorder, self)
+        # What the loop calls for each datagram: the relay's own method, no call of ours between.
+        self.datagram_received = self.relaying.datagram_received
+        self.close = self.relaying.close
 
     def watch(self, sock: socket.socket, readable: Callable[[], None]) -> None:
         self.loop.register(sock, 0, READ, lambda events: readable())
