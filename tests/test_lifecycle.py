@@ -359,7 +359,9 @@ def test_a_stage_holds_back_a_greeting_until_it_is_done() -> None:
     conn.opened()
     assert actions(conn) == []
     cast(Recording, conn.transport).get_protocol().data_received(b"line\n")
-    (kind, said), closed = actions(conn)
+    written, closed = actions(conn)
+    assert isinstance(written, tuple)
+    kind, said = written
     assert (kind, len(said), closed) == ("write", 4, "close")
 
 
