@@ -1,20 +1,28 @@
 """The life of a connection and of a datagram, written once for every concurrency model.
 
 A model only waits and moves bytes; what happens to a connection is decided here, the same way
-whatever the model. Events come in as method calls named as asyncio's protocols name them
-(`data_received`, `eof_received`, `connection_lost`); actions go out as calls on the connection's
-`transport`, which offers the part of asyncio's Transport the lifecycle uses (`write`, `close`,
-`abort`, `pause_reading`, `resume_reading`, `is_closing`), on `end_input` (a stop's drain) and on the service's
-`later` (a timer, for `delay`). The asyncio model hands the lifecycle uvloop's own transport, so
-a request there costs no call more than a bare protocol's; the other models give it a small
-transport of their own. Nothing here touches a socket, so the whole life can be driven
-in-process (tests/test_lifecycle.py).
+whatever the model. A connection *has* a transport (sockd.transports) and is driven by it as an
+asyncio protocol is: `connection_made(transport)`, `data_received`, `eof_received`,
+`pause_writing`/`resume_writing`, `connection_lost`. Its actions go out as calls on that
+transport (`write`, `close`, `abort`, `pause_reading`, `resume_reading`), on its socket (the
+stop's `end_input`) and on the service's `later` (a timer, for `delay`). The asyncio model hands
+a connection to the loop as its protocol, and it gets the loop's own transport: a request there
+costs no call more than a bare protocol's. The other models give it a transport of
+sockd.transports. Nothing here touches a socket itself (what needs one, `end_input` and the
+peer's name, is sockd.transports'), so the whole life can be driven in-process
+(tests/test_lifecycle.py).
 
 The life of a stream connection:
 
     accepted ── admission ──> refused: counted with its reason; the model closes the socket
                    │
-                   └─ ticket ──> opened ──> greeting? ── write it, close
+                   └─ ticket ──> connection_made ──> opened ──> stage? ──────────────────┐
+                                                     a listener's stage (a PROXY header, │
+                                                     a TLS handshake) reads the input    │
+                                                     first, then hands the transport     │
+                                                     back to the connection: `staged`    │
+                                   ┌─────────────────────────────────────────────────────┘
+                                   ├─> greeting? ── write it, close
                                    │
                                    └─> data ─> reply (now, or `delay` later) ─> ... ─┐
                                         replies due hold HIGH_WATER ─> pause          │
@@ -25,14 +33,23 @@ The life of a stream connection:
                                         stop ─> end_input once it has had an answer ──┘
                                                         connection_lost: counted, ticket released
 
-Later stages (a PROXY header, a TLS handshake) slot in between `opened` and the handler.
+Reading is paused for reasons, each a bit of `Connection.paused` (see PAUSES), and resumed once
+none remains: the transports of every model, and the asyncio relay for its client, pause and
+resume a connection through `pause` and `resume` (`pause_writing` and `resume_writing` for a
+full write buffer).
+
+What a connection is seen doing (`log_connections`; later a TLS handshake's outcome, a verified
+peer, the client a PROXY header names) goes to its `observer`, a ConnectionLog, which only a
+logged listener's connections have: they are made with a LoggedStream between their transport
+and themselves, which counts what passes, so a listener without it runs not one instruction
+per request for it (as trio runs no hook that no instrument asked for).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import structlog
 
@@ -41,13 +58,10 @@ from sockd.counters import RESET, SEND, TIMEOUT, TOO_LARGE, Recorder
 from sockd.handlers import Handler, TooLarge
 from sockd.limits import MOVED, REFLECTION, Admission, Ticket, Timeouts, Unlimited, admission_for
 from sockd.logging import Throttled
+from sockd.transports import HIGH_WATER, Receiver, StreamTransport, Transport, end_input, peer
 
 log = structlog.get_logger()
 
-# Stop reading from a peer once this many bytes wait to go to it (or, through a relay, to its
-# counterpart), until they go: a client that sends but never reads gets back-pressure, not a server
-# that grows without bound.
-HIGH_WATER = 1 << 20
 # What a reply waiting for its `delay` holds beyond its bytes: its timer, the timer's handle and
 # its arguments (about 600 B on uvloop, 300 B on asyncio's loop, measured with tracemalloc). Counted
 # so that many tiny replies are bounded as surely as a few large ones.
@@ -68,52 +82,59 @@ REFLECTORS = frozenset({0, 7, 13, 19, 37})
 
 _reflected = Throttled("rejected")
 
+# The reasons a connection's reading is paused (PAUSES: one bit each of Connection.paused).
+WRITE_FULL = 1  # what it writes to cannot take more (asyncio's pause_writing, a transport's HIGH_WATER)
+REPLIES_DUE = 2  # its replies waiting for `delay` hold HIGH_WATER
+CLOSING = 4  # its session has said its last word
+INPUT_ENDED = 8  # its peer ended its output (EOF): there is nothing more to read
+CONNECTING = 16  # a relay's upstream has not answered yet
+PAUSES = WRITE_FULL | REPLIES_DUE | CLOSING | INPUT_ENDED | CONNECTING
+
 # Where a datagram came from, as recvfrom() says: (host, port[, ...]) or a Unix path.
 Address = tuple[Any, ...] | str
-
-
-class Transport(Protocol):
-    """What the lifecycle asks of a connection's I/O: a subset of asyncio.Transport."""
-
-    def write(self, data: bytes) -> None:
-        """Send `data`, keeping what the peer cannot take yet."""
-
-    def close(self) -> None:
-        """Close once everything written has been sent."""
-
-    def abort(self) -> None:
-        """Close now, dropping what is not sent yet."""
-
-    def pause_reading(self) -> None:
-        """Read no more, until resume_reading (the lifecycle never resumes a closing connection)."""
-
-    def resume_reading(self) -> None:
-        """Read again."""
-
-    def is_closing(self) -> bool: ...
+# A stage's maker (see Service.stage): given the connection and what its transport drives.
+Staging = Callable[["Stream", Receiver], Receiver]
 
 
 class Service:
     """What every connection of one listener in one worker shares: the handler, the delay, the
     admission rules, the timeouts, the connections open, and whether the worker is stopping.
 
-    `later(delay, callback, *args)` is the model's timer (a loop's call_later, or a sleep for
-    the blocking models); `forget(connection)` is told of every connection that ends, after
-    it is counted, so an event-loop model can learn when its drain is over. `udp_ports` are the
-    ports of the daemon's UDP listeners (see REFLECTORS)."""
+    The model says what it does with its connections through callables, not by subclassing:
+    `later(delay, callback, *args)` is its timer (a loop's call_later, or a sleep for the
+    blocking models); `made(connection)`, if given, is asked whether a connection whose
+    transport was just made may open (the asyncio model's admission, which needs the loop's
+    transport); `gone(connection)` is told of every connection that ends, after it is counted,
+    so an event-loop model can learn when its drain is over. `stage`, if given, makes the stage
+    each connection passes through between `opened` and the handler (see Stream.staged).
+    `udp_ports` are the ports of the daemon's UDP listeners (see REFLECTORS)."""
 
     def __init__(
-        self, listener: Listener, handler: Handler, later: Callable[..., object], udp_ports: frozenset[int]
+        self,
+        listener: Listener,
+        handler: Handler,
+        later: Callable[..., object],
+        udp_ports: frozenset[int],
+        *,
+        made: Callable[[Connection], bool] | None = None,
+        gone: Callable[[Connection], None] | None = None,
+        stage: Staging | None = None,
     ) -> None:
         self.handler = handler
         self.delay = listener.delay
         self.admission: Admission | Unlimited = admission_for(listener)
         # A listener without limits or access rules asks nothing per connection or datagram.
         self.screening = not isinstance(self.admission, Unlimited)
+        self.logged = listener.log_connections
         self.timeouts = Timeouts(listener)
         self.open: set[Connection] = set()
         self.stopping = False
         self.later = later
+        self.made = made
+        self.gone = gone
+        self.stage = stage
+        # The write buffers the last sweep saw not empty, and their sizes (see sweep).
+        self.buffered: dict[Connection, int] = {}
         # The source ports whose datagrams are dropped (only UDP has datagrams). A worker that a
         # reload kept goes on with the ports it was started with: a listener new since knows
         # every current port, this one's included, so it drops what this one says to it, and the
@@ -136,22 +157,76 @@ class Service:
                 connection.end_input()
 
     def sweep(self) -> None:
-        """End the connections past first_byte_timeout or idle_timeout (see Timeouts)."""
+        """End the connections past first_byte_timeout or idle_timeout (see Timeouts). A
+        transport does not say when its buffer drains, so one whose buffer changed size since
+        the last sweep has been active: its client is reading."""
+        last, buffered = self.buffered, {}
+        for connection in self.open:
+            size = connection.transport.get_write_buffer_size()
+            if size:
+                buffered[connection] = size
+            if size != last.get(connection, 0):
+                connection.deadline = MOVED
+        self.buffered = buffered
         for connection in self.timeouts.expired(self.open):
             connection.timed_out()
 
     def forget(self, connection: Connection) -> None:
         self.open.discard(connection)
+        if self.gone is not None:
+            self.gone(connection)
+
+
+class ConnectionLog:
+    """What one connection is seen doing, said in one info line as it ends (`log_connections`,
+    as xinetd's log_on_success): who it served, for how long, what it moved and how it ended.
+    Only a logged listener's connections have one (their `observer`); it is the one place a
+    later stage reports what it learnt (`note`: a TLS handshake's outcome, a verified peer, the
+    client a PROXY header names).
+
+    `unprompted` is what `ended` says when no cause was given to ended_by and no reset came."""
+
+    __slots__ = ("began", "bytes_in", "bytes_out", "ending", "requests", "unprompted", "who")
+
+    def __init__(self, unprompted: str) -> None:
+        self.unprompted = unprompted
+        self.began = 0.0
+        self.bytes_in = self.bytes_out = self.requests = 0
+        self.ending: str | None = None
+        self.who: dict[str, object] = {}
+
+    def opened(self, transport: Transport) -> None:
+        self.began = time.monotonic()
+        self.who = peer(transport)
+
+    def note(self, **fields: object) -> None:
+        """Add what a stage learnt of the connection to its line."""
+        self.who.update(fields)
+
+    def ended_by(self, how: str) -> None:
+        """The first cause is the one said: a drained client's EOF follows its drain."""
+        if self.ending is None:
+            self.ending = how
+
+    def closed(self, exc: BaseException | None) -> None:
+        log.info(
+            "connection closed",
+            **self.who,
+            duration=round(time.monotonic() - self.began, 6),
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            requests=self.requests,
+            ended=self.ending or ("reset" if exc is not None else self.unprompted),
+        )
 
 
 class Connection:
-    """What every connection's life has, whatever it carries: its place under the limits (a
-    ticket, released once it ends), its counts, its timeout, and the stop's drain rule.
+    """What every connection's life has, whatever it carries: its transport, its place under the
+    limits (a ticket, released once it ends), its counts, its timeout, why its reading is
+    paused, and the stop's drain rule. A relay's is driven by the relay (sockd.relay), whose
+    driver is its transport; a handler's is a Stream."""
 
-    Subclasses define `end_input` (and `peer`, to be logged), and set `transport` before
-    `opened` (a relay, which has two, defines `abort` instead)."""
-
-    __slots__ = ("answered", "deadline", "delayed", "recorder", "service", "ticket", "transport")
+    __slots__ = ("answered", "deadline", "delayed", "observer", "paused", "recorder", "service", "ticket", "transport")
 
     transport: Transport
 
@@ -164,31 +239,57 @@ class Connection:
         # waits for the server, not the client; at HIGH_WATER reading pauses.
         self.delayed = 0
         self.deadline = MOVED  # see Timeouts
-
-    def end_input(self) -> None:
-        """Shut the connection's input (SHUT_RD): the model sees EOF once what was sent is read."""
-        raise NotImplementedError
-
-    def peer(self) -> dict[str, object]:
-        """Who the client is, for its log line (see LoggedStream)."""
-        raise NotImplementedError
+        self.paused = 0  # the reasons reading is paused (see PAUSES)
+        self.observer: ConnectionLog | None = None
 
     def opened(self) -> None:
+        if self.observer is not None:
+            self.observer.opened(self.transport)
         self.recorder.connections += 1
         self.service.timeouts.started(self)
         self.service.open.add(self)
+
+    def pause(self, reason: int) -> None:
+        """Stop reading, for `reason` (one of PAUSES); again only once every reason is gone."""
+        paused = self.paused
+        self.paused = paused | reason
+        if not paused:
+            self.transport.pause_reading()
+
+    def resume(self, reason: int) -> None:
+        """`reason` to pause is gone: read again if it was the last (and the connection is not closing)."""
+        paused = self.paused
+        if paused & reason:
+            self.paused = paused = paused & ~reason
+            if not paused and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        """What the transport writes to cannot take more: reading stops until it can."""
+        self.pause(WRITE_FULL)
+
+    def resume_writing(self) -> None:
+        self.resume(WRITE_FULL)
 
     def first_answer(self) -> None:
         self.answered = True
         if self.service.stopping:  # the drain passed it by while it had no answer yet
             self.end_input()
 
+    def end_input(self) -> None:
+        """Shut the connection's input (SHUT_RD): the model sees EOF once what was sent is read."""
+        if self.observer is not None:
+            self.observer.ended_by("drained")
+        end_input(self.transport)
+
     def timed_out(self) -> None:
+        if self.observer is not None:
+            self.observer.ended_by("timeout")
         self.recorder.errors[TIMEOUT] += 1
         self.abort()
 
     def abort(self) -> None:
-        """End the connection now (a relay: both its sides)."""
+        """End the connection now (a relay's transport: both its sides)."""
         self.transport.abort()
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -199,6 +300,8 @@ class Connection:
             self.recorder.errors[RESET] += 1
             log.debug("connection lost", error=str(exc))
         self.service.forget(self)
+        if self.observer is not None:
+            self.observer.closed(exc)
 
 
 class Stream(Connection):
@@ -206,14 +309,41 @@ class Stream(Connection):
 
     __slots__ = ("session",)
 
+    transport: StreamTransport
+
     def __init__(self, service: Service, ticket: Ticket, recorder: Recorder) -> None:
         super().__init__(service, ticket, recorder)
         self.session = service.handler.session()
 
+    def connection_made(self, transport: StreamTransport) -> None:
+        self.transport = transport
+        made = self.service.made
+        if made is None or made(self):
+            self.opened()
+
     def opened(self) -> None:
         super().opened()
+        stage = self.service.stage
+        if stage is None:
+            self.begin()
+        else:  # the stage reads the input until it is done (see staged)
+            self.transport.set_protocol(stage(self, self.transport.get_protocol()))
+
+    def staged(self, entry: Receiver, rest: bytes) -> None:
+        """The stage is done: the transport drives `entry` (what it drove before the stage)
+        again, so a request costs what it costs without a stage; the handler begins, and is fed
+        what came after what the stage took."""
+        self.transport.set_protocol(entry)
+        self.begin()
+        if rest and not self.transport.is_closing():
+            entry.data_received(rest)
+
+    def begin(self) -> None:
+        """The handler's turn: a greeting, if it has one."""
         greeting = self.session.greeting()
         if greeting is not None:  # it says all it has at connect, then closes
+            if self.observer is not None:
+                self.observer.requests += 1  # the handler spoke first, which counts as a request
             self._reply(greeting, True, 0, self.recorder.clock())
 
     def data_received(self, data: bytes) -> None:
@@ -227,11 +357,11 @@ class Stream(Connection):
             return
         closing = session.closing
         if closing:
-            self.transport.pause_reading()
+            self.pause(CLOSING)
         if self.service.delay:
             self.delayed += len(reply) + DUE_COST
             if self.delayed >= HIGH_WATER:  # a client sending faster than its replies leave
-                self.transport.pause_reading()
+                self.pause(REPLIES_DUE)
             self.service.later(self.service.delay, self._delayed_reply, reply, closing, len(data), started)
             return
         # The path of every request on a busy connection, written out: one call to the handler
@@ -244,24 +374,19 @@ class Stream(Connection):
 
     def too_large(self) -> None:
         """A request over max_message_size: the connection ends."""
+        if self.observer is not None:
+            self.observer.requests -= 1  # it was not answered
+            self.observer.ended_by("too large")
         self.recorder.errors[TOO_LARGE] += 1
         self.abort()
 
     def _delayed_reply(self, reply: bytes, closing: bool, received: int, started: float) -> None:
-        held = self.delayed
-        self.delayed = held - len(reply) - DUE_COST
+        self.delayed -= len(reply) + DUE_COST
         if self.transport.is_closing():  # the client reset meanwhile: nobody to answer
             return
         self._reply(reply, closing, received, started)
-        if held >= HIGH_WATER > self.delayed:
-            self.read_again()
-
-    def read_again(self) -> None:
-        """Resume reading after a pause, unless a reason for one remains: the session closing (or
-        closed), or the replies due later still holding HIGH_WATER. A model whose transport
-        cannot tell a full write buffer by itself adds that reason (see models/aio.py)."""
-        if not (self.session.closing or self.delayed >= HIGH_WATER or self.transport.is_closing()):
-            self.transport.resume_reading()
+        if self.delayed < HIGH_WATER:
+            self.resume(REPLIES_DUE)
 
     def _reply(self, reply: bytes, closing: bool, received: int, started: float) -> None:
         """A greeting, or a reply that waited for `delay`."""
@@ -281,6 +406,7 @@ class Stream(Connection):
     def eof_received(self) -> bool:
         """The client ended its output: the handler's last word follows the replies still due,
         then the connection closes. True: asyncio must not close it before."""
+        self.paused |= INPUT_ENDED  # the transport reads no more by itself: nothing to resume
         tail = self.session.eof()
         if self.delayed:  # it waits `delay` too, so the replies due go out first, in order
             self.delayed += len(tail) + DUE_COST
@@ -300,137 +426,115 @@ class Stream(Connection):
         self.transport.close()
 
 
-class Logged(Connection):
-    """A connection that says, in one info line as it ends, who it served, for how long, what it
-    moved and how it ended (`log_connections`, as xinetd's log_on_success). A
-    model serves its connections with `logged(listener, its class, ...)`: the counting is in the
-    subclasses here (LoggedStream) and in relay.LoggedRelay only, so a listener without it pays
-    not one instruction per request or chunk for it.
+class LoggedStream:
+    """A logged stream's transport, as the stream sees it, and its protocol, as the transport
+    sees it: it sits between the two, where a TLS layer would, and counts what passes for the
+    stream's ConnectionLog, then passes it on. Only a logged listener's connections have one
+    (see stream): the others' transports drive them directly."""
 
-    `peer()` is read as the connection opens: the client's `source` and `port` (or a Unix peer's
-    credentials), from its socket. A subclass counts `bytes_in`, `bytes_out` and `requests`, and
-    says how the connection ends through `ended_by`."""
+    __slots__ = ("log", "stream", "transport")
 
-    # No __slots__: a dict per connection, only where connections are logged (a layout of slots
-    # of its own could not be mixed with the models' classes, which have theirs).
+    transport: StreamTransport
 
-    unprompted: str  # what `ended` says when no cause was given to ended_by and no reset came
-    began: float
-    bytes_in: int
-    bytes_out: int
-    requests: int
-    ending: str | None
-    who: dict[str, object]
+    def __init__(self, stream: Stream, log: ConnectionLog) -> None:
+        self.stream = stream
+        self.log = log
 
-    def opened(self) -> None:
-        self.began = time.monotonic()
-        self.bytes_in = self.bytes_out = self.requests = 0
-        self.ending = None
-        self.who = self.peer()
-        super().opened()
+    # -- as the stream's protocol
 
-    def timed_out(self) -> None:
-        self.ended_by("timeout")
-        super().timed_out()
-
-    def end_input(self) -> None:
-        self.ended_by("drained")
-        super().end_input()
-
-    def ended_by(self, how: str) -> None:
-        """The first cause is the one said: a drained client's EOF follows its drain."""
-        if self.ending is None:
-            self.ending = how
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        super().connection_lost(exc)
-        log.info(
-            "connection closed",
-            **self.who,
-            duration=round(time.monotonic() - self.began, 6),
-            bytes_in=self.bytes_in,
-            bytes_out=self.bytes_out,
-            requests=self.requests,
-            ended=self.ending or ("reset" if exc is not None else self.unprompted),
-        )
-
-
-class LoggedStream(Logged, Stream):
-    """A Stream logged as it ends (see Logged): its requests are the chunks answered, and a
-    greeting."""
-
-    # Neither the client nor a limit: the handler had said all it had (daytime, timestamp).
-    unprompted = "server closed"
-
-    def opened(self) -> None:
-        self.transport = Counted(self.transport, self)
-        super().opened()
-        if self.bytes_out:  # a greeting: the handler spoke first, which counts as a request
-            self.requests += 1
+    def connection_made(self, transport: StreamTransport) -> None:
+        self.transport = transport
+        self.stream.connection_made(self)
 
     def data_received(self, data: bytes) -> None:
-        self.bytes_in += len(data)
-        self.requests += 1
-        super().data_received(data)
+        log = self.log
+        log.bytes_in += len(data)
+        log.requests += 1
+        self.stream.data_received(data)
 
     def eof_received(self) -> bool:
-        self.ended_by("client closed")
-        return super().eof_received()
+        self.log.ended_by("client closed")
+        return self.stream.eof_received()
 
-    def too_large(self) -> None:
-        self.requests -= 1  # it was not answered
-        self.ended_by("too large")
-        super().too_large()
+    def pause_writing(self) -> None:
+        self.stream.pause_writing()
 
+    def resume_writing(self) -> None:
+        self.stream.resume_writing()
 
-C = TypeVar("C", bound=Connection)
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.stream.connection_lost(exc)
 
-
-def logged(listener: Listener, cls: type[C], how: type[Logged] = LoggedStream) -> type[C]:
-    """The class of `listener`'s connections: `cls` (a model's Stream class, or a relay driver's
-    connection class with `how` relay.LoggedRelay; it defines `peer`), with its connections
-    logged as they end (see Logged) if the listener asks for it (`log_connections`)."""
-    if not listener.log_connections:
-        return cls
-    made: type[C] = type(f"Logged{cls.__name__}", (how, cls), {})
-    return made
-
-
-class Counted:
-    """A logged connection's transport: counts what is written, and is its transport otherwise."""
-
-    __slots__ = ("connection", "transport")
-
-    def __init__(self, transport: Transport, connection: LoggedStream) -> None:
-        self.transport = transport
-        self.connection = connection
+    # -- as the stream's transport
 
     def write(self, data: bytes) -> None:
-        self.connection.bytes_out += len(data)
+        self.log.bytes_out += len(data)
         self.transport.write(data)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.transport, name)
+    def close(self) -> None:
+        self.transport.close()
+
+    def abort(self) -> None:
+        self.transport.abort()
+
+    def pause_reading(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.transport.resume_reading()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default)
+
+    def get_write_buffer_size(self) -> int:
+        return self.transport.get_write_buffer_size()
+
+    def set_protocol(self, protocol: Receiver) -> None:
+        self.transport.set_protocol(protocol)
+
+    def get_protocol(self) -> Receiver:
+        protocol: Receiver = self.transport.get_protocol()
+        return protocol
+
+
+def stream(service: Service, ticket: Ticket, recorder: Recorder) -> Stream | LoggedStream:
+    """A new stream connection, as its transport is to drive it: the Stream itself, or, on a
+    logged listener, the LoggedStream that counts for it."""
+    connection = Stream(service, ticket, recorder)
+    if not service.logged:
+        return connection
+    # Neither the client nor a limit: the handler had said all it had (daytime, timestamp).
+    connection.observer = observer = ConnectionLog("server closed")
+    return LoggedStream(connection, observer)
 
 
 class Datagrams:
     """The life of a datagram: dropped if it comes from a port of REFLECTORS or of the daemon's
     UDP listeners, else admitted by its source, answered by the handler (now, or `delay`
-    later), counted once its reply is sent. Subclasses define `send`.
+    later), counted once its reply is sent by `send(reply, address)` (the model's: a socket's
+    sendto, or a loop transport's), which raises OSError if it could not be sent.
 
     `pending` is what the replies due later hold (see DUE_COST), nonzero while any is due: a
-    stopping model waits for them; at DATAGRAMS_HELD, replies are dropped."""
+    stopping model waits for them (`drained`, if given, is called each time it falls to zero);
+    at DATAGRAMS_HELD, replies are dropped."""
 
-    def __init__(self, service: Service, recorder: Recorder) -> None:
+    def __init__(
+        self,
+        service: Service,
+        recorder: Recorder,
+        send: Callable[[bytes, Address], object],
+        drained: Callable[[], None] | None = None,
+    ) -> None:
         self.service = service
         self.recorder = recorder
+        self.send = send
+        self.drained = drained
         self.pending = 0
         self.screened = service.screening
         self.reflecting = service.reflecting
-
-    def send(self, reply: bytes, address: Address) -> bool:
-        """Send one reply; False if it could not be sent (counted by `send_failed`)."""
-        raise NotImplementedError
 
     def send_failed(self, exc: BaseException) -> None:
         """A reply the kernel would not send, or an ICMP error for an earlier one."""
@@ -460,10 +564,21 @@ class Datagrams:
                 return
             self.pending += held
             service.later(service.delay, self._delayed_reply, reply, address, len(data), started)
-        elif self.send(reply, address):
-            recorder.request(len(data), len(reply), started)
+            return
+        try:
+            self.send(reply, address)
+        except OSError as exc:
+            self.send_failed(exc)
+            return
+        recorder.request(len(data), len(reply), started)
 
     def _delayed_reply(self, reply: bytes, address: Address, received: int, started: float) -> None:
         self.pending -= len(reply) + DUE_COST
-        if self.send(reply, address):
+        try:
+            self.send(reply, address)
+        except OSError as exc:
+            self.send_failed(exc)
+        else:
             self.recorder.request(received, len(reply), started)
+        if not self.pending and self.drained is not None:
+            self.drained()

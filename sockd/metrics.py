@@ -27,7 +27,7 @@ from sockd import __version__, logging
 from sockd.config import Listener, MetricsConfig
 from sockd.counters import ERROR_KINDS, REJECT_REASONS, Totals
 from sockd.logging import Throttled
-from sockd.sockets import OUT_OF_RESOURCES, BindError, inet_address, reason
+from sockd.sockets import OUT_OF_RESOURCES, RESOURCE_PAUSE, BindError, inet_address, reason
 
 MAX_SCRAPES = 16  # scrapes rendered and sent at once, a thread each (Prometheus sends one at a time)
 MAX_CONNECTIONS = 24  # connections held at once: requests being read, and scrapes waiting or being served
@@ -36,7 +36,6 @@ MAX_HEAD = 8192  # bytes of a request head
 BACKLOG = 128  # the listen backlog: where scrapes past the cap wait
 # At the cap, a connection whose head has not come whole after this long is closed for a new one.
 EVICTABLE_AFTER = 1.0
-RESOURCE_PAUSE = 0.1  # seconds between accepts while descriptors have run out
 
 _failed = Throttled("a scrape failed")
 _too_slow = Throttled("a scrape's request did not come whole in time; closed it")

@@ -19,6 +19,9 @@ IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # <linux/in.h>; Python names i
 # What accept() (or socket()) fails with when descriptors or memory run out: a reason to pause
 # and retry, never to spin or to die.
 OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# How long accepting pauses when it fails for one of them, while the connections already open
+# go on being served (rather than spinning, or dying).
+RESOURCE_PAUSE = 0.1
 PORT_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
 RESERVED_PORTS = "/proc/sys/net/ipv4/ip_local_reserved_ports"
 

@@ -7,19 +7,30 @@ tests (test_models.py and the others) show the models carry the actions out."""
 
 from __future__ import annotations
 
-import asyncio
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import pytest
+import structlog
 
 from sockd import handlers
 from sockd.config import InetListener, UnixListener
 from sockd.counters import RESET, SEND, TIMEOUT, TOO_LARGE, Recorder
-from sockd.lifecycle import DATAGRAMS_HELD, DUE_COST, HIGH_WATER, Address, Datagrams, Service, Stream
+from sockd.lifecycle import (
+    DATAGRAMS_HELD,
+    DUE_COST,
+    Address,
+    Datagrams,
+    LoggedStream,
+    Service,
+    Staging,
+    Stream,
+    stream,
+)
 from sockd.limits import ACL, FREE, MAX_CONNECTIONS, MOVED, REFLECTION, Ticket, Unlimited
-from sockd.models.aio import AioService, StreamProtocol
+from sockd.transports import HIGH_WATER, Receiver
 
 BOUNDS = [0.001, 1.0]
 
@@ -45,114 +56,156 @@ class Timers:
 
 
 class Recording:
-    """A transport that records the actions it is asked for."""
+    """A transport that records the actions it is asked for. Its socket (for the stop's
+    end_input, which is the transports' own) is one end of a real socket pair, made when asked
+    for: an input it ended reads as the action "end_input"."""
 
-    def __init__(self) -> None:
-        self.actions: list[tuple[str, bytes] | str] = []
+    def __init__(self, protocol: Any = None) -> None:
+        self.recorded: list[tuple[str, bytes] | str] = []
+        self.protocol = protocol
+        self.pair: tuple[socket.socket, socket.socket] | None = None
 
     def write(self, data: bytes) -> None:
-        self.actions.append(("write", data))
+        self.recorded.append(("write", data))
 
     def close(self) -> None:
-        self.actions.append("close")
+        self.recorded.append("close")
 
     def abort(self) -> None:
-        self.actions.append("abort")
+        self.recorded.append("abort")
 
     def pause_reading(self) -> None:
-        self.actions.append("pause_reading")
+        self.recorded.append("pause_reading")
 
     def resume_reading(self) -> None:
-        self.actions.append("resume_reading")
+        self.recorded.append("resume_reading")
 
     def is_closing(self) -> bool:
-        return "close" in self.actions or "abort" in self.actions or "lost" in self.actions
+        return "close" in self.recorded or "abort" in self.recorded or "lost" in self.recorded
 
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name != "socket":
+            return default
+        if self.pair is None:
+            self.pair = socket.socketpair()
+            PAIRS.append(self.pair)
+        return self.pair[0]
 
-class Connection(Stream):
-    __slots__ = ()
+    def get_write_buffer_size(self) -> int:
+        return 0
 
-    transport: Recording
+    def set_protocol(self, protocol: Any) -> None:
+        self.protocol = protocol
 
-    def __init__(self, service: Service, ticket: Ticket = FREE) -> None:
-        super().__init__(service, ticket, Recorder(BOUNDS))
-        self.transport = Recording()
-
-    def end_input(self) -> None:
-        self.transport.actions.append("end_input")
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self.transport.actions.append("lost")
-        super().connection_lost(exc)
+    def get_protocol(self) -> Any:
+        return self.protocol
 
     @property
     def actions(self) -> list[tuple[str, bytes] | str]:
-        return self.transport.actions
+        ended = self.pair is not None and _input_ended(self.pair[0])
+        return [*self.recorded, "end_input"] if ended else self.recorded
 
 
-def service(timers: Timers | None = None, udp_ports: frozenset[int] = frozenset(), **options: Any) -> Service:
+PAIRS: list[tuple[socket.socket, socket.socket]] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_pairs() -> Iterator[None]:
+    yield
+    while PAIRS:
+        for sock in PAIRS.pop():
+            sock.close()
+
+
+def _input_ended(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1, socket.MSG_DONTWAIT) == b""  # nothing was sent to it: only SHUT_RD says EOF
+    except BlockingIOError:
+        return False
+
+
+def connection(service: Service, ticket: Ticket = FREE) -> Stream:
+    """A stream connection its transport (a Recording) has just been made for, not opened yet."""
+    conn = Stream(service, ticket, Recorder(BOUNDS))
+    conn.transport = Recording(conn)
+    return conn
+
+
+def actions(conn: Stream) -> list[tuple[str, bytes] | str]:
+    return cast(Recording, conn.transport).actions
+
+
+def lose(conn: Stream, exc: BaseException | None) -> None:
+    """The connection is closed under it, as its transport tells it."""
+    cast(Recording, conn.transport).recorded.append("lost")
+    conn.connection_lost(exc)
+
+
+def service(
+    timers: Timers | None = None, udp_ports: frozenset[int] = frozenset(), stage: Staging | None = None, **options: Any
+) -> Service:
     listener = inet(**options)
-    return Service(listener, handlers.build(listener), later=timers or Timers(), udp_ports=udp_ports)
+    return Service(listener, handlers.build(listener), later=timers or Timers(), udp_ports=udp_ports, stage=stage)
 
 
 def test_an_echo_request_is_answered_counted_and_marks_the_connection_answered() -> None:
-    conn = Connection(service())
+    conn = connection(service())
     conn.opened()
-    assert conn.actions == []
+    assert actions(conn) == []
     conn.data_received(b"ping")
     conn.data_received(b"pong")
-    assert conn.actions == [("write", b"ping"), ("write", b"pong")]
+    assert actions(conn) == [("write", b"ping"), ("write", b"pong")]
     assert conn.answered
     assert (conn.recorder.connections, sum(conn.recorder.buckets), conn.recorder.received) == (1, 2, 8)
 
 
 def test_the_clients_eof_brings_the_handlers_last_word_then_close() -> None:
-    conn = Connection(service())
+    conn = connection(service())
     conn.opened()
     assert conn.eof_received() is True  # asyncio must leave the closing to the lifecycle
-    assert conn.actions == ["close"]
+    assert actions(conn) == ["close"]
 
 
 def test_a_greeting_is_said_at_once_and_the_connection_closes() -> None:
-    conn = Connection(service(handler="time"))
+    conn = connection(service(handler="time"))
     conn.opened()
-    written, closed = conn.actions
+    written, closed = actions(conn)
     assert isinstance(written, tuple)
     kind, said = written
     assert (kind, len(said), closed) == ("write", 4, "close")  # RFC 868: four bytes
 
 
 def test_a_request_that_closes_stops_reading_before_it_is_answered() -> None:
-    conn = Connection(service(handler="timestamp"))
+    conn = connection(service(handler="timestamp"))
     conn.opened()
     conn.data_received(b"what time is it?")
-    assert conn.actions[0] == "pause_reading"
-    assert conn.actions[1][0] == "write"
-    assert conn.actions[2] == "close"
+    assert actions(conn)[0] == "pause_reading"
+    assert actions(conn)[1][0] == "write"
+    assert actions(conn)[2] == "close"
 
 
 def test_a_delayed_reply_is_written_when_its_timer_fires_and_holds_back_the_close() -> None:
     timers = Timers()
-    conn = Connection(service(timers, delay=0.5))
+    conn = connection(service(timers, delay=0.5))
     conn.opened()
     conn.data_received(b"one")
     conn.eof_received()
-    assert conn.actions == []  # neither the reply nor the close yet
+    assert actions(conn) == []  # neither the reply nor the close yet
     assert [delay for delay, _, _ in timers.due] == [0.5, 0.5]  # the reply, then the close after it
     assert conn.delayed == len(b"one") + 2 * DUE_COST
     timers.fire()
-    assert conn.actions == [("write", b"one"), "close"]
+    assert actions(conn) == [("write", b"one"), "close"]
     assert conn.delayed == 0
 
 
 def test_a_delayed_reply_to_a_client_that_reset_meanwhile_is_dropped() -> None:
     timers = Timers()
-    conn = Connection(service(timers, delay=0.5))
+    conn = connection(service(timers, delay=0.5))
     conn.opened()
     conn.data_received(b"one")
-    conn.connection_lost(ConnectionResetError())
+    lose(conn, ConnectionResetError())
     timers.fire()
-    assert conn.actions == ["lost"]
+    assert actions(conn) == ["lost"]
     assert conn.recorder.errors[RESET] == 1
     assert sum(conn.recorder.buckets) == 0
 
@@ -162,9 +215,9 @@ CHUNK = bytes(65536)
 TO_HIGH_WATER = -(-HIGH_WATER // (len(CHUNK) + DUE_COST))
 
 
-def paused_by_held_replies(timers: Timers, **options: Any) -> Connection:
+def paused_by_held_replies(timers: Timers, **options: Any) -> Stream:
     """An echo connection whose replies, waiting for their delay, hold HIGH_WATER."""
-    conn = Connection(service(timers, delay=0.5, **options))
+    conn = connection(service(timers, delay=0.5, **options))
     conn.opened()
     for _ in range(TO_HIGH_WATER):
         conn.data_received(CHUNK)
@@ -173,54 +226,54 @@ def paused_by_held_replies(timers: Timers, **options: Any) -> Connection:
 
 def test_replies_waiting_for_their_delay_pause_reading_at_high_water_and_resume_below_it() -> None:
     timers = Timers()
-    conn = Connection(service(timers, delay=0.5))
+    conn = connection(service(timers, delay=0.5))
     conn.opened()
     for _ in range(TO_HIGH_WATER - 1):
         conn.data_received(CHUNK)
-    assert conn.actions == []
+    assert actions(conn) == []
     conn.data_received(CHUNK)
-    assert conn.actions == ["pause_reading"]
+    assert actions(conn) == ["pause_reading"]
     timers.fire()
     # Once, right after the reply that took what is held below the mark.
     rest = [("write", CHUNK)] * (TO_HIGH_WATER - 1)
-    assert conn.actions == ["pause_reading", ("write", CHUNK), "resume_reading", *rest]
+    assert actions(conn) == ["pause_reading", ("write", CHUNK), "resume_reading", *rest]
     assert conn.delayed == 0
 
 
 def test_many_tiny_delayed_replies_pause_reading_as_surely_as_a_few_large_ones() -> None:
-    conn = Connection(service(Timers(), delay=0.5))
+    conn = connection(service(Timers(), delay=0.5))
     conn.opened()
     reads = 0
-    while not conn.actions and reads < HIGH_WATER:
+    while not actions(conn) and reads < HIGH_WATER:
         conn.data_received(b"x")
         reads += 1
-    assert conn.actions == ["pause_reading"]
+    assert actions(conn) == ["pause_reading"]
     assert reads <= HIGH_WATER // DUE_COST  # each counts its timer, not only its byte
 
 
 def test_a_connection_paused_by_held_replies_is_not_resumed_once_the_client_has_gone() -> None:
     timers = Timers()
     conn = paused_by_held_replies(timers)
-    conn.connection_lost(ConnectionResetError())
+    lose(conn, ConnectionResetError())
     timers.fire()
-    assert conn.actions == ["pause_reading", "lost"]
+    assert actions(conn) == ["pause_reading", "lost"]
 
 
 def test_a_models_resume_does_not_undo_the_pause_of_held_replies() -> None:
     timers = Timers()
     conn = paused_by_held_replies(timers)
-    conn.read_again()  # as the asyncio model does when its write buffer drains
-    assert conn.actions == ["pause_reading"]
+    conn.resume_writing()  # as the asyncio model does when its write buffer drains
+    assert actions(conn) == ["pause_reading"]
 
 
 def test_a_closing_session_is_never_resumed() -> None:
     timers = Timers()
-    conn = Connection(service(timers, handler="timestamp", delay=0.5))
+    conn = connection(service(timers, handler="timestamp", delay=0.5))
     conn.opened()
     conn.data_received(b"what time is it?")
-    conn.read_again()  # its reply, due later, closes the connection: nothing more is read
+    conn.resume_writing()  # its reply, due later, closes the connection: nothing more is read
     timers.fire()
-    kinds = [action if isinstance(action, str) else action[0] for action in conn.actions]
+    kinds = [action if isinstance(action, str) else action[0] for action in actions(conn)]
     assert kinds == ["pause_reading", "write", "close"]
 
 
@@ -228,15 +281,11 @@ def test_a_closing_session_is_never_resumed() -> None:
 def test_the_asyncio_model_resumes_reading_once_neither_a_full_write_buffer_nor_held_replies_pause_it(
     held_first: bool,
 ) -> None:
+    # The asyncio model's loop drives the Stream itself, as here: pause_writing and
+    # resume_writing are its transport's calls.
     timers = Timers()
-    listener = inet(concurrency="asyncio", delay=0.5)
-    loop = asyncio.new_event_loop()
-    shared = AioService(listener, handlers.build(listener), loop, frozenset())
-    loop.close()  # its call_later is replaced by the hand-run timers
-    shared.later = timers
-    conn = StreamProtocol(shared, FREE, Recorder(BOUNDS))
-    transport = Recording()
-    conn.transport = cast(asyncio.Transport, transport)
+    conn = connection(service(timers, concurrency="asyncio", delay=0.5))
+    transport = cast(Recording, conn.transport)
     conn.opened()
     for _ in range(TO_HIGH_WATER):
         conn.data_received(CHUNK)
@@ -250,28 +299,122 @@ def test_the_asyncio_model_resumes_reading_once_neither_a_full_write_buffer_nor_
         assert "resume_reading" not in transport.actions
         timers.fire()
     assert transport.actions.count("resume_reading") == 1  # once both are gone
-    assert shared.backed_up == set()
+    assert conn.paused == 0
+
+
+class FirstLine:
+    """A trivial stage, where a PROXY header's would be: it takes the connection's first line,
+    tells the connection's log what it said, then hands the connection to the handler with
+    what came after it."""
+
+    def __init__(self, stream: Stream, entry: Receiver) -> None:
+        self.stream = stream
+        self.entry = entry
+        self.taken = b""
+
+    def data_received(self, data: bytes) -> None:
+        line, found, rest = (self.taken + data).partition(b"\n")
+        if not found:
+            self.taken = line
+            return
+        if self.stream.observer is not None:
+            self.stream.observer.note(first_line=line.decode())
+        self.stream.staged(self.entry, rest)
+
+    def eof_received(self) -> bool | None:
+        return self.entry.eof_received()
+
+    def pause_writing(self) -> None:
+        self.entry.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.entry.resume_writing()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.entry.connection_lost(exc)
+
+    def connection_made(self, transport: Any) -> None:
+        raise AssertionError("a stage begins once the connection has opened")
+
+
+def test_a_stage_takes_the_input_before_the_handler_then_hands_the_transport_back_to_the_connection() -> None:
+    conn = connection(service(stage=FirstLine))
+    transport = cast(Recording, conn.transport)
+    conn.opened()
+    stage = transport.get_protocol()
+    assert isinstance(stage, FirstLine)
+    stage.data_received(b"PROXY TCP4 192.0.2.1 ")
+    stage.data_received(b"192.0.2.2 1 2\r\nhel")
+    assert actions(conn) == [("write", b"hel")]  # the handler saw only what came after the line
+    # Done: the transport drives the connection itself again, so a request costs what it costs
+    # without a stage.
+    assert transport.get_protocol() is conn
+    conn.data_received(b"lo")
+    assert actions(conn) == [("write", b"hel"), ("write", b"lo")]
+    assert (conn.answered, sum(conn.recorder.buckets)) == (True, 2)
+
+
+def test_a_stage_holds_back_a_greeting_until_it_is_done() -> None:
+    conn = connection(service(handler="time", stage=FirstLine))
+    conn.opened()
+    assert actions(conn) == []
+    cast(Recording, conn.transport).get_protocol().data_received(b"line\n")
+    written, closed = actions(conn)
+    assert isinstance(written, tuple)
+    kind, said = written
+    assert (kind, len(said), closed) == ("write", 4, "close")
+
+
+def made(shared: Service) -> tuple[Stream | LoggedStream, Recording]:
+    """A connection as a model makes it: its entry points, driven by its transport."""
+    entry = stream(shared, FREE, Recorder(BOUNDS))
+    transport = Recording(entry)
+    entry.connection_made(transport)
+    return entry, transport
+
+
+def test_a_listener_without_log_connections_has_its_transport_drive_the_bare_stream() -> None:
+    entry, transport = made(service())
+    assert type(entry) is Stream  # nothing between the transport and the handler's path
+    assert entry.observer is None
+    entry.data_received(b"ping")
+    assert transport.actions == [("write", b"ping")]
+
+
+def test_a_logged_connection_is_counted_by_its_hook_and_said_in_one_line_with_what_its_stage_learnt() -> None:
+    entry, transport = made(service(log_connections=True, stage=FirstLine))
+    assert isinstance(entry, LoggedStream)
+    transport.get_protocol().data_received(b"from 192.0.2.1\nping")
+    assert transport.get_protocol() is entry  # handed back to the counting entry points
+    entry.data_received(b"pong!")
+    with structlog.testing.capture_logs() as captured:
+        entry.eof_received()
+        entry.connection_lost(None)
+    (line,) = [event for event in captured if event["event"] == "connection closed"]
+    assert line["first_line"] == "from 192.0.2.1"
+    # What the handler was given and answered: the stage's line is the stage's.
+    assert (line["bytes_in"], line["bytes_out"], line["requests"], line["ended"]) == (9, 9, 2, "client closed")
 
 
 def test_a_request_over_max_message_size_aborts_and_counts() -> None:
-    conn = Connection(service(handler="timestamp", max_message_size=10))
+    conn = connection(service(handler="timestamp", max_message_size=10))
     conn.opened()
     conn.data_received(b"x" * 11)
-    assert conn.actions == ["abort"]
+    assert actions(conn) == ["abort"]
     assert conn.recorder.errors[TOO_LARGE] == 1
 
 
 def test_a_stop_ends_the_input_of_answered_connections_now_and_of_the_others_after_their_first_answer() -> None:
     shared = service()
-    answered, waiting = Connection(shared), Connection(shared)
+    answered, waiting = connection(shared), connection(shared)
     for conn in (answered, waiting):
         conn.opened()
     answered.data_received(b"ping")
     shared.stop()
-    assert answered.actions == [("write", b"ping"), "end_input"]
-    assert waiting.actions == []  # its request may still be on its way
+    assert actions(answered) == [("write", b"ping"), "end_input"]
+    assert actions(waiting) == []  # its request may still be on its way
     waiting.data_received(b"late")
-    assert waiting.actions == [("write", b"late"), "end_input"]
+    assert actions(waiting) == [("write", b"late"), "end_input"]
 
 
 def test_a_closed_connection_is_counted_released_and_forgotten() -> None:
@@ -281,10 +424,10 @@ def test_a_closed_connection_is_counted_released_and_forgotten() -> None:
     assert ticket is not None
     assert shared.admission.admit(("10.0.0.2", 1), None, recorder) is None
     assert recorder.rejected[MAX_CONNECTIONS] == 1
-    conn = Connection(shared, ticket)
+    conn = connection(shared, ticket)
     conn.opened()
     assert shared.open == {conn}
-    conn.connection_lost(None)
+    lose(conn, None)
     assert shared.open == set()
     assert (conn.recorder.connections, conn.recorder.closed, conn.recorder.errors[RESET]) == (1, 1, 0)
     assert shared.admission.admit(("10.0.0.2", 1), None, recorder) is not None
@@ -323,31 +466,37 @@ def test_unix_peers_are_admitted_by_their_credentials() -> None:
 
 def test_the_sweep_aborts_the_quiet_and_spares_the_active_and_the_delayed() -> None:
     shared = service(delay=5.0, idle_timeout=0.05)
-    quiet, active, delayed = Connection(shared), Connection(shared), Connection(shared)
+    quiet, active, delayed = connection(shared), connection(shared), connection(shared)
     for conn in (quiet, active, delayed):
         conn.opened()
     delayed.data_received(b"waits for the server")
     time.sleep(0.1)
     active.deadline = MOVED
     shared.sweep()
-    assert quiet.actions == ["abort"]
+    assert actions(quiet) == ["abort"]
     assert quiet.recorder.errors[TIMEOUT] == 1
-    assert active.actions == []
-    assert delayed.actions == []
+    assert actions(active) == []
+    assert actions(delayed) == []
 
 
-class SentDatagrams(Datagrams):
+class SentDatagrams:
+    """A listener's Datagrams whose replies are kept in `sent` (or fail, if `fail`)."""
+
     def __init__(self, service: Service, fail: bool = False) -> None:
-        super().__init__(service, Recorder(BOUNDS))
+        self.datagrams = Datagrams(service, Recorder(BOUNDS), self.send)
+        self.recorder = self.datagrams.recorder
+        self.datagram_received = self.datagrams.datagram_received
         self.fail = fail
         self.sent: list[tuple[bytes, Address]] = []
 
-    def send(self, reply: bytes, address: Address) -> bool:
+    def send(self, reply: bytes, address: Address) -> None:
         if self.fail:
-            self.send_failed(OSError("no buffer space"))
-            return False
+            raise OSError("no buffer space")
         self.sent.append((reply, address))
-        return True
+
+    @property
+    def pending(self) -> int:
+        return self.datagrams.pending
 
 
 def test_a_datagram_is_answered_to_its_sender_and_counted() -> None:

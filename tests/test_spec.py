@@ -15,7 +15,15 @@ from sockd.spec import WorkerSettings, WorkerSpec
 # What only a worker may load: the worker module itself, everything that serves a request, and
 # uvloop, which the asyncio model imports. (The package sockd.models itself is the registry of
 # model names, which the config reads: its model modules are what a supervisor must not load.)
-WORKER_ONLY = ("sockd.worker", "sockd.lifecycle", "sockd.relay", "sockd.handlers", "sockd.limits", "uvloop")
+WORKER_ONLY = (
+    "sockd.worker",
+    "sockd.lifecycle",
+    "sockd.transports",
+    "sockd.relay",
+    "sockd.handlers",
+    "sockd.limits",
+    "uvloop",
+)
 
 
 @pytest.mark.parametrize("module", ["sockd.supervisor", "sockd.cli"])

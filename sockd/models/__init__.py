@@ -9,10 +9,11 @@ connection it creates. Its duties, whichever way it waits:
    description, which every worker sharing the socket sees, so no model may rely on a blocking
    accept() or recvfrom(). Wait for work without spinning (busy_poll excepted: spinning is its
    point).
-2. Accept through `shared.admit` (the listener's limits; a refused connection is closed at once,
-   an EOF to its client: see shared.refuse),
-   then drive a `lifecycle.Stream` per connection, giving it a transport; feed datagrams to a
-   `lifecycle.Datagrams`. A relaying model joins each client to its upstream (sockd.relay).
+2. Accept through `transports.admit` (the listener's limits; a refused connection is closed at
+   once, an EOF to its client: see transports.refuse), then make each connection with
+   `lifecycle.stream` and drive it through its transport (sockd.transports) as asyncio drives a
+   protocol; feed datagrams to a `lifecycle.Datagrams`. A relaying model joins each client to
+   its upstream (sockd.relay).
 3. When accept() fails for want of descriptors (`shared.accept_failed`), keep serving the open
    connections and accept again after RESOURCE_PAUSE.
 4. Count on a Recorder from `stats.recorder()`, one per thread. Beat: an event loop calls

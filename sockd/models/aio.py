@@ -1,6 +1,8 @@
 """asyncio with protocols (not streams, which cost a coroutine and a buffer copy per read), on
-uvloop when it is installed: the fast model. The lifecycle is the protocol, and uvloop's
-transport is its transport: a request costs what it costs a bare uvloop protocol."""
+uvloop when it is installed: the fast model. The loop drives each lifecycle connection as its
+protocol (a Stream speaks asyncio's protocol interface, without being an asyncio.Protocol), and
+uvloop's transport is the connection's transport: a request costs what it costs a bare uvloop
+protocol, three Python calls (data_received, the session's feed, the recorder's request)."""
 
 from __future__ import annotations
 
@@ -18,22 +20,14 @@ import structlog
 from sockd.config import EventLoop, Listener
 from sockd.counters import BEAT_INTERVAL, RESET, RESOURCES, Recorder, Stats
 from sockd.handlers import Handler, Relay
-from sockd.lifecycle import Address, Connection, Service, Stream, logged
-from sockd.limits import FREE, MOVED
-from sockd.models.shared import (
-    RESOURCE_PAUSE,
-    SocketDatagrams,
-    accept_failed,
-    admitted,
-    end_transport_input,
-    out_of_resources,
-    peer_of,
-    stop_listening,
-)
-from sockd.relay import LoggedRelay, Resolver
+from sockd.lifecycle import Address, Connection, Datagrams, Service, stream
+from sockd.limits import FREE
+from sockd.models.shared import accept_failed, out_of_resources, stop_listening
+from sockd.relay import Resolver
 from sockd.relay.aio import DatagramRelayProtocol, RelayProtocol
-from sockd.sockets import OUT_OF_RESOURCES
+from sockd.sockets import OUT_OF_RESOURCES, RESOURCE_PAUSE
 from sockd.stopping import Stop
+from sockd.transports import admitted
 
 log = structlog.get_logger()
 
@@ -57,32 +51,6 @@ def loop_factory(choice: EventLoop) -> Callable[[], asyncio.AbstractEventLoop]:
         return asyncio.new_event_loop
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory
-
-
-class AioService(Service):
-    """The service, knowing when its last connection is gone (the end of a drain), and which
-    connections have a full write buffer."""
-
-    def __init__(
-        self, listener: Listener, handler: Handler, loop: asyncio.AbstractEventLoop, udp_ports: frozenset[int]
-    ) -> None:
-        super().__init__(listener, handler, later=loop.call_later, udp_ports=udp_ports)
-        self.idle = asyncio.Event()
-        # asyncio and uvloop set TCP_NODELAY on every connection themselves: undo it if asked.
-        self.nagle = listener.protocol == "tcp" and not listener.nodelay
-        # Between pause_writing and resume_writing: the transports do not say it otherwise (their
-        # buffer's size between the two water marks could be either). A set, not a flag on each
-        # connection: it costs nothing to the thousands that are never backed up.
-        self.backed_up: set[Connection] = set()
-        self.acceptor: Acceptor | None = None  # a stream listener's: told of every connection gone
-
-    def forget(self, connection: Connection) -> None:
-        super().forget(connection)
-        self.backed_up.discard(connection)
-        if self.acceptor is not None:
-            self.acceptor.released()
-        if not self.open:
-            self.idle.set()
 
 
 class Full(Exception):
@@ -144,11 +112,11 @@ class Acceptor:
 
     def start(self) -> None:
         if self.server_accepts and self.held < self.capacity - MARGIN:
-            self._serve()
+            self._accept_by_loop_server()
         else:
-            self._read()
+            self._accept_by_sockd()
 
-    def _serve(self) -> None:
+    def _accept_by_loop_server(self) -> None:
         log.debug("accepting through the loop's server", held=self.held)
         self.starting = self.loop.create_task(self._new_server())
         self.starting.add_done_callback(self._server_made)
@@ -159,7 +127,7 @@ class Acceptor:
     def _server_made(self, task: asyncio.Task[None]) -> None:
         self.starting = None
         if task.cancelled() or task.exception() is not None:  # no descriptor for the duplicate
-            self._read()
+            self._accept_by_sockd()
         elif self.stopped:  # meanwhile
             self._close_server()
 
@@ -171,10 +139,10 @@ class Acceptor:
             raise Full
         self.held += 1
         if self.held == self.capacity - MARGIN:
-            self.loop.call_soon(self._read)  # not while the server is in its accept callback
+            self.loop.call_soon(self._accept_by_sockd)  # not while the server is in its accept callback
         return self.factory()
 
-    def _read(self) -> None:
+    def _accept_by_sockd(self) -> None:
         """sockd accepts from now on, instead of a server."""
         log.debug("accepting by sockd: near the descriptor limit", held=self.held)
         self._close_server()
@@ -242,7 +210,7 @@ class Acceptor:
         """sockd accepts, or is paused: a server takes over once there is room again."""
         if self.server_accepts and self.held <= self.capacity - MARGIN - RESUME_ROOM:
             self._stop_reading()
-            self._serve()
+            self._accept_by_loop_server()
 
     def halt(self) -> None:
         """Accept no more, from this turn on (the listening socket is the caller's to close)."""
@@ -264,7 +232,9 @@ class Model:
         self.udp_ports = udp_ports
         self.new_loop = loop_factory(listener.event_loop)
         self.relay = handler if isinstance(handler, Relay) else None
-        self.stream = logged(listener, StreamProtocol)
+        # asyncio and uvloop set TCP_NODELAY on every connection themselves: undo it if asked.
+        self.nagle = listener.protocol == "tcp" and not listener.nodelay
+        self.acceptor: Acceptor | None = None  # a stream listener's: told of every connection gone
 
     def serve(self, sock: socket.socket, stop: Stop) -> None:
         with self.stats.recorder() as self.recorder, asyncio.Runner(loop_factory=self.new_loop) as runner:
@@ -273,16 +243,21 @@ class Model:
     async def _serve(self, sock: socket.socket, stop: Stop) -> None:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_error)
-        self.service = service = AioService(self.listener, self.handler, loop, self.udp_ports)
+        self.idle = asyncio.Event()  # set when the last connection is gone (the end of a drain)
+        self.service = service = Service(
+            self.listener, self.handler, later=loop.call_later, udp_ports=self.udp_ports, gone=self._gone
+        )
+        if service.screening or self.nagle:  # else a connection the loop has made has nothing to pass
+            service.made = self._made
         stopped = asyncio.Event()
         loop.add_reader(stop.fileno(), self._stopped, loop, stop, stopped)
         loop.add_reader(stop.ending.fileno(), self._ending, loop, stop)
         self._beat(loop)
         if service.timeouts.interval is not None:
-            self._sweep(loop, service.timeouts.interval, {})
+            self._sweep(loop, service.timeouts.interval)
         if sock.type == socket.SOCK_DGRAM:
             datagrams = self._datagrams(sock)
-            await loop.create_datagram_endpoint(lambda: datagrams, sock=sock)
+            await loop.create_datagram_endpoint(lambda: cast(asyncio.DatagramProtocol, datagrams), sock=sock)
             await stopped.wait()
             if isinstance(datagrams, DatagramProtocol):
                 # No datagram more (the next generation takes them, under its rules), while the
@@ -292,7 +267,7 @@ class Model:
             datagrams.close()
             return
         per_connection = 1 if self.relay is None else 2
-        service.acceptor = acceptor = Acceptor(
+        self.acceptor = acceptor = Acceptor(
             loop, sock, self._protocol(), per_connection, self.recorder, backlog=self.listener.backlog
         )
         acceptor.start()
@@ -302,17 +277,39 @@ class Model:
         # Not `service.open`: a connection the loop's server accepted in its last turn opens in
         # the next, and a worker that left before would reset it.
         while acceptor.held:
-            service.idle.clear()
-            await service.idle.wait()
+            self.idle.clear()
+            await self.idle.wait()
 
     def _protocol(self) -> Callable[[], asyncio.Protocol]:
-        """A connection's protocol, its ticket had once it is made (see admitted)."""
-        service, recorder, relay, stream = self.service, self.recorder, self.relay, self.stream
+        """A connection's protocol, its ticket had once it is made (see _made)."""
+        service, recorder, relay = self.service, self.recorder, self.relay
         if relay is None:
-            return lambda: stream(service, FREE, recorder)
-        relayed = logged(self.listener, RelayProtocol, LoggedRelay)
+            # The lifecycle's connection is the protocol itself (see the module's docstring).
+            return lambda: cast(asyncio.Protocol, stream(service, FREE, recorder))
         names = Resolver(relay, asyncio.get_running_loop().call_soon_threadsafe)
-        return lambda: relayed(service, FREE, recorder, names)
+        return lambda: RelayProtocol(service, FREE, recorder, names)
+
+    def _made(self, connection: Connection) -> bool:
+        """Whether a connection the loop has made may open: its ticket had (the loop's server
+        accepted it before the listener's limits could be asked), and Nagle's algorithm back on
+        if asked for."""
+        transport = connection.transport
+        service = self.service
+        if service.screening:
+            ticket = admitted(cast(asyncio.Transport, transport), service.admission, connection.recorder)
+            if ticket is None:
+                service.forget(connection)
+                return False
+            connection.ticket = ticket
+        if self.nagle:
+            transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+        return True
+
+    def _gone(self, connection: Connection) -> None:
+        if self.acceptor is not None:
+            self.acceptor.released()
+        if not self.service.open:
+            self.idle.set()
 
     def _datagrams(self, sock: socket.socket) -> DatagramProtocol | DatagramRelayProtocol:
         if self.relay is None:
@@ -334,8 +331,8 @@ class Model:
 
     def _stopped(self, loop: asyncio.AbstractEventLoop, stop: Stop, stopped: asyncio.Event) -> None:
         loop.remove_reader(stop.fileno())  # it stays readable: left registered, it would spin
-        if self.service.acceptor is not None:
-            self.service.acceptor.halt()
+        if self.acceptor is not None:
+            self.acceptor.halt()
         stopped.set()
 
     def _ending(self, loop: asyncio.AbstractEventLoop, stop: Stop) -> None:
@@ -346,91 +343,52 @@ class Model:
         self.stats.beat()
         loop.call_later(BEAT_INTERVAL, self._beat, loop)
 
-    def _sweep(self, loop: asyncio.AbstractEventLoop, interval: float, buffered: dict[Connection, int]) -> None:
-        """A transport does not say when its buffer drains, so a buffer that changed size since
-        the last sweep counts as activity; then the lifecycle's sweep (see Timeouts). `buffered`
-        holds the sizes the last sweep saw, of the few buffers that were not empty."""
-        now_buffered: dict[Connection, int] = {}
-        for connection in self.service.open:
-            assert isinstance(connection, StreamProtocol | RelayProtocol)
-            size = connection.write_buffered()
-            if size:
-                now_buffered[connection] = size
-            if size != buffered.get(connection, 0):
-                connection.deadline = MOVED
+    def _sweep(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
         self.service.sweep()
-        loop.call_later(interval, self._sweep, loop, interval, now_buffered)
+        loop.call_later(interval, self._sweep, loop, interval)
 
 
-class StreamProtocol(Stream, asyncio.Protocol):
-    # Slots, not a dict per instance: with thousands of idle connections, the difference is a
-    # third of sockd's memory per connection.
-    __slots__ = ()
+class DatagramProtocol:
+    """A UDP listener's protocol on the loop: its datagrams go to the lifecycle's Datagrams, and
+    the replies out through the loop's transport."""
 
-    service: AioService
-    transport: asyncio.Transport
+    transport: asyncio.DatagramTransport
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
-        if self.service.screening and not admitted(self, self.transport):
-            return
-        if self.service.nagle:
-            transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
-        self.opened()
-
-    def pause_writing(self) -> None:
-        # The client is not reading its replies: stop reading its requests until it does.
-        self.service.backed_up.add(self)
-        self.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.service.backed_up.discard(self)
-        self.read_again()
-
-    def read_again(self) -> None:
-        # Each reason to pause resumes only once the other is gone too.
-        if self not in self.service.backed_up:
-            super().read_again()
-
-    def write_buffered(self) -> int:
-        return self.transport.get_write_buffer_size()
-
-    def end_input(self) -> None:
-        end_transport_input(self.transport)
-
-    def peer(self) -> dict[str, object]:
-        return peer_of(self.transport.get_extra_info("socket"))
-
-
-class DatagramProtocol(SocketDatagrams, asyncio.DatagramProtocol):
     def __init__(self, service: Service, recorder: Recorder, sock: socket.socket) -> None:
-        super().__init__(service, recorder, sock)
+        self.sock = sock
         self.idle = asyncio.Event()  # set when the last delayed reply has gone out
+        self.datagrams = Datagrams(service, recorder, self._send, drained=self.idle.set)
+        # What the loop calls for each datagram: the lifecycle's own method, no call between.
+        self.datagram_received = self.datagrams.datagram_received
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
 
-    def send(self, reply: bytes, address: Address) -> bool:
+    def _send(self, reply: bytes, address: Address) -> None:
         if not reply:
             # An empty datagram is a datagram (echo answers one with one), but asyncio's and
             # uvloop's sendto() drop empty data without a word: it goes out through the socket.
-            return super().send(reply, address)
-        self.transport.sendto(reply, address)  # a failure comes back through error_received
-        return True
-
-    def _delayed_reply(self, reply: bytes, address: Address, received: int, started: float) -> None:
-        super()._delayed_reply(reply, address, received, started)
-        if not self.pending:
-            self.idle.set()
+            self.sock.sendto(reply, address)
+        else:
+            self.transport.sendto(reply, address)  # a failure comes back through error_received
 
     async def replied(self) -> None:
         """Until no delayed reply is due."""
-        while self.pending:
+        while self.datagrams.pending:
             self.idle.clear()
             await self.idle.wait()
 
     def error_received(self, exc: Exception) -> None:
-        self.send_failed(exc)
+        self.datagrams.send_failed(exc)
+
+    def pause_writing(self) -> None:
+        """A full send buffer drops replies, as the network may: nothing to pause."""
+
+    def resume_writing(self) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
 
     def close(self) -> None:
         self.transport.close()

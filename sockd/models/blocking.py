@@ -14,18 +14,12 @@ from typing import TypeVar
 from sockd.config import BUFSIZE, Listener
 from sockd.counters import Recorder, Stats
 from sockd.handlers import Handler
-from sockd.lifecycle import Address, Service, Stream, logged
+from sockd.lifecycle import Address, Datagrams, Service, Stream, stream
 from sockd.limits import Ticket
-from sockd.models.shared import (
-    RESOURCE_PAUSE,
-    SocketDatagrams,
-    accept_failed,
-    admit,
-    peer_of,
-    shutdown_read,
-    stop_listening,
-)
+from sockd.models.shared import accept_failed, stop_listening
+from sockd.sockets import RESOURCE_PAUSE
 from sockd.stopping import Stop
+from sockd.transports import BlockingTransport, Receiver, admit
 
 T = TypeVar("T")
 
@@ -71,69 +65,6 @@ def sleep_then_call(delay: float, callback: Callable[..., object], *args: object
     callback(*args)
 
 
-class Blocking:
-    """The lifecycle's transport over a blocking socket: a write returns once the client has
-    taken it all (a timeout or a reset raises out of it), and closing ends the loop that serves
-    the connection."""
-
-    __slots__ = ("closed", "reading", "recorder", "send")
-
-    def __init__(self, sock: socket.socket, recorder: Recorder) -> None:
-        self.send = sock.send
-        self.recorder = recorder
-        self.reading = True
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        """Send all of `data`. A thread blocked here waits for the client to read, which is not
-        being busy (see Stats.publish): a client that reads nothing must not stop the heartbeat.
-        The socket's timeout bounds each send() rather than the whole (as sendall() would): a
-        client is timed out once it has taken no byte for idle_timeout, as in the event-loop
-        models, where each byte sent moves the deadline."""
-        recorder = self.recorder
-        busy = recorder.busy_since
-        recorder.busy_since = 0.0
-        send = self.send
-        sent = send(data)
-        if sent < len(data):
-            with memoryview(data) as view:
-                while sent < len(data):
-                    sent += send(view[sent:])
-        if busy:  # back at its work: busy from now (the clock tells time even with metrics off)
-            recorder.busy_since = time.monotonic()
-
-    def close(self) -> None:
-        self.reading, self.closed = False, True
-
-    abort = close
-
-    def pause_reading(self) -> None:
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-
-class BlockingStream(Stream):
-    __slots__ = ("sock",)
-
-    transport: Blocking
-
-    def __init__(self, service: Service, ticket: Ticket, recorder: Recorder, sock: socket.socket) -> None:
-        super().__init__(service, ticket, recorder)
-        self.sock = sock
-        self.transport = Blocking(sock, recorder)
-
-    def end_input(self) -> None:
-        shutdown_read(self.sock.fileno())
-
-    def peer(self) -> dict[str, object]:
-        return peer_of(self.sock)
-
-
 class BlockingModel:
     """What the blocking models share: serving one connection or one datagram with blocking calls.
     Each model's `serve` says which threads run these."""
@@ -144,7 +75,6 @@ class BlockingModel:
         # A socket timeout on each recv() and send() is the whole of first_byte_timeout and idle_timeout.
         self.first_timeout = listener.first_byte_timeout or listener.idle_timeout
         self.idle_timeout = listener.idle_timeout
-        self.stream = logged(listener, BlockingStream)
 
     def stopping_on(self, stop: Stop, sock: socket.socket) -> None:
         """Let go of the listening socket as soon as `stop` is set, from whichever thread sets it:
@@ -153,7 +83,11 @@ class BlockingModel:
         stop.on_set(lambda: stop_listening(sock))
         stop.ending.on_set(self.service.stop)
 
-    def answerer(self, datagrams: SocketDatagrams) -> Callable[[bytes, Address], None]:
+    def datagrams(self, sock: socket.socket, recorder: Recorder) -> Datagrams:
+        """Datagrams answered through `sock`."""
+        return Datagrams(self.service, recorder, sock.sendto)
+
+    def answerer(self, datagrams: Datagrams) -> Callable[[bytes, Address], None]:
         """What answers each datagram: with `delay`, the thread sleeps in it, and is marked busy
         meanwhile (see Stats.publish); without, a handler answers at once, and nothing is marked."""
         if not self.service.delay:
@@ -171,48 +105,65 @@ class BlockingModel:
 
     def serve_connection(self, conn: socket.socket, address: Address, recorder: Recorder) -> None:
         """Admit one connection and serve it to its end with blocking calls, then close it."""
-        ticket = admit(conn, address, self.service, recorder)
+        ticket = admit(conn, address, self.service.admission, recorder)
         if ticket is not None:
             self.serve_admitted(conn, ticket, recorder)
 
     def serve_admitted(self, conn: socket.socket, ticket: Ticket, recorder: Recorder) -> None:
-        stream = self.stream(self.service, ticket, recorder, conn)
+        entry = stream(self.service, ticket, recorder)
+        connection = entry if isinstance(entry, Stream) else entry.stream
+        transport = BlockingTransport(conn, recorder, entry)
         failure = None
         try:
             with conn:
                 if self.first_timeout is not None:
                     conn.settimeout(self.first_timeout)
-                stream.opened()
-                _requests(stream, recorder, until_answered=True)
-                if stream.transport.reading:
+                entry.connection_made(transport)
+                _until_answered(transport, connection, recorder)
+                if transport.reading:
                     if self.idle_timeout != self.first_timeout:
                         conn.settimeout(self.idle_timeout)
-                    _requests(stream, recorder)
+                    _requests(transport, recorder)
         except TimeoutError:
-            stream.timed_out()
+            connection.timed_out()
         except OSError as exc:  # reset, broken pipe: the client is gone, and so is its request
             failure = exc
         finally:
             recorder.busy_since = 0.0
-            stream.connection_lost(failure)
+            entry.connection_lost(failure)
 
 
-def _requests(stream: BlockingStream, recorder: Recorder, until_answered: bool = False) -> None:
-    """Read and feed requests until the connection closes (or, first, until it has an answer).
-    Threads serving many clients take turns on the GIL between these calls, so the loop keeps
-    its lookups in locals."""
-    recv, transport, received, clock = stream.sock.recv, stream.transport, stream.data_received, time.monotonic
+def _until_answered(transport: BlockingTransport, connection: Stream, recorder: Recorder) -> None:
+    """Read and feed requests until the connection has its first answer (or closes). What the
+    transport drives is looked up at each read: a stage (see lifecycle.Stream.staged) hands the
+    connection back to its stream before the handler answers anything."""
+    while transport.reading and not connection.answered:
+        _feed(transport.protocol, transport.sock.recv(BUFSIZE), recorder)
+
+
+def _feed(entry: Receiver, data: bytes, recorder: Recorder) -> None:
+    # The heartbeat's clock (see Stats.publish), which must tell time even when metrics are off.
+    recorder.busy_since = time.monotonic()
+    if data:
+        entry.data_received(data)
+    else:
+        entry.eof_received()
+    recorder.busy_since = 0.0
+
+
+def _requests(transport: BlockingTransport, recorder: Recorder) -> None:
+    """Read and feed requests until the connection closes. Threads serving many clients take
+    turns on the GIL between these calls, so the loop keeps its lookups in locals."""
+    entry = transport.protocol
+    recv, received, clock = transport.sock.recv, entry.data_received, time.monotonic
     while transport.reading:
         data = recv(BUFSIZE)
-        # The heartbeat's clock (see Stats.publish), which must tell time even when metrics are off.
         recorder.busy_since = clock()
         if data:
             received(data)
         else:
-            stream.eof_received()
+            entry.eof_received()
         recorder.busy_since = 0.0
-        if until_answered and stream.answered:
-            return
 
 
 class Threads:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 
 from sockd.models.blocking import BlockingModel, accepted, received
-from sockd.models.shared import SocketDatagrams
 from sockd.stopping import Stop
 
 
@@ -19,7 +18,7 @@ class Model(BlockingModel):
         threads runs too."""
         with self.stats.recorder() as recorder:
             if sock.type == socket.SOCK_DGRAM:
-                answer = self.answerer(SocketDatagrams(self.service, recorder, sock))
+                answer = self.answerer(self.datagrams(sock, recorder))
                 for data, sender in received(sock, stop, recorder):
                     answer(data, sender)
                 return

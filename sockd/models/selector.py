@@ -19,20 +19,13 @@ from collections.abc import Callable
 from sockd.config import BUFSIZE, Listener, SelectorBackend
 from sockd.counters import BEAT_INTERVAL, Stats
 from sockd.handlers import Handler, Relay
-from sockd.lifecycle import HIGH_WATER, Service, Stream, logged
-from sockd.limits import MOVED, Ticket
-from sockd.models.shared import (
-    RESOURCE_PAUSE,
-    SocketDatagrams,
-    accept_failed,
-    admit,
-    peer_of,
-    shutdown_read,
-    stop_listening,
-)
-from sockd.relay import LoggedRelay, Resolver
+from sockd.lifecycle import Datagrams, Service, stream
+from sockd.models.shared import accept_failed, stop_listening
+from sockd.relay import Resolver
 from sockd.relay.selector import DatagramSessions, Splice
+from sockd.sockets import RESOURCE_PAUSE
 from sockd.stopping import Stop
+from sockd.transports import READ, SelectorTransport, admit
 
 BACKENDS: dict[SelectorBackend, Callable[[], selectors.BaseSelector]] = {
     "auto": selectors.DefaultSelector,
@@ -40,8 +33,6 @@ BACKENDS: dict[SelectorBackend, Callable[[], selectors.BaseSelector]] = {
     "poll": selectors.PollSelector,
     "epoll": selectors.EpollSelector,
 }
-
-READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 
 class EventLoop:
@@ -71,8 +62,6 @@ class EventLoop:
         self.names = Resolver(handler, self.call_soon_threadsafe) if isinstance(handler, Relay) else None
         # Callbacks other threads ask the loop to run, and the socket pair whose byte wakes it.
         self.soon: collections.deque[tuple[Callable[..., object], tuple[object, ...]]] = collections.deque()
-        self.stream = logged(listener, SelectorStream)
-        self.splice = logged(listener, Splice, LoggedRelay)
 
     def serve(self, sock: socket.socket, stop: Stop) -> None:
         self.selector = self.make_selector()
@@ -89,7 +78,7 @@ class EventLoop:
         if self.service.timeouts.interval is not None:
             self.later(self.service.timeouts.interval, self._sweep)
         with self.stats.recorder() as self.recorder:
-            self.datagrams = SocketDatagrams(self.service, self.recorder, sock)
+            self.datagrams = Datagrams(self.service, self.recorder, sock.sendto)
             self.sessions = None
             if self.names is not None and not stream:
                 self.sessions = DatagramSessions(self, self.service, self.names, self.datagrams)
@@ -195,136 +184,18 @@ class EventLoop:
             self.selector.unregister(self.sock)
             self.later(RESOURCE_PAUSE, self._resume_accepting)
             return
-        ticket = admit(client, address, self.service, self.recorder)
+        ticket = admit(client, address, self.service.admission, self.recorder)
         if ticket is None:
             return
         client.setblocking(False)
         if self.names is not None:
-            self.splice(self, self.service, self.names, client, ticket).start()
+            Splice(self, self.service, self.names, client, ticket).start()
         else:
-            self.stream(self, client, ticket).opened()
+            SelectorTransport(self, client, stream(self.service, ticket, self.recorder)).start()
 
     def _resume_accepting(self) -> None:
         if not self.stop.is_set:
             self.selector.register(self.sock, READ, self._on_accept)
-
-
-class SelectorStream(Stream):
-    """A connection on the loop, and its own transport: what the kernel will not take yet waits
-    in `out`, and reading stops while HIGH_WATER bytes wait there."""
-
-    __slots__ = ("closed", "closing", "events", "loop", "out", "reading", "sock")
-
-    def __init__(self, loop: EventLoop, sock: socket.socket, ticket: Ticket) -> None:
-        super().__init__(loop.service, ticket, loop.recorder)
-        self.loop = loop
-        self.sock = sock
-        self.transport = self
-        self.out = bytearray()
-        self.reading = True
-        self.closing = False  # close once `out` is written
-        self.closed = False
-        self.events = 0
-
-    def opened(self) -> None:
-        super().opened()
-        self._update()
-
-    def ready(self, events: int) -> None:
-        if events & WRITE:
-            self._flush()
-        if events & READ and self.reading:
-            try:
-                data = self.sock.recv(BUFSIZE)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self._closed(exc)
-                return
-            if data:
-                self.data_received(data)
-            else:
-                self.reading = False
-                self.eof_received()
-                self._update()
-
-    # -- the transport
-
-    def write(self, data: bytes) -> None:
-        if self.closed:
-            return
-        if not self.out:
-            try:
-                sent = self.sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                self._closed(exc)
-                return
-            if sent == len(data):
-                return  # all out: nothing to wait for
-            data = data[sent:]
-        self.out += data
-        self._update()
-
-    def close(self) -> None:
-        self.closing, self.reading = True, False
-        if self.out:
-            self._update()  # closes once `out` is written
-        else:
-            self.abort()
-
-    def abort(self) -> None:
-        if not self.closed:
-            self._closed(None)
-
-    def pause_reading(self) -> None:
-        self.reading = False
-        self._update()
-
-    def resume_reading(self) -> None:
-        # Never after EOF: the lifecycle pauses only a connection it is still reading, and reads
-        # nothing till it resumes it. `_update` keeps a full `out` a reason to pause of its own.
-        self.reading = True
-        self._update()
-
-    def is_closing(self) -> bool:
-        return self.closing or self.closed
-
-    def end_input(self) -> None:
-        shutdown_read(self.sock.fileno())
-
-    def peer(self) -> dict[str, object]:
-        return peer_of(self.sock)
-
-    # -- its I/O
-
-    def _flush(self) -> None:
-        try:
-            sent = self.sock.send(self.out)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._closed(exc)
-            return
-        del self.out[:sent]
-        self.deadline = MOVED
-        if self.closing and not self.out:
-            self.abort()
-        else:
-            self._update()
-
-    def _update(self) -> None:
-        if self.closed:
-            return
-        events = (READ if self.reading and len(self.out) < HIGH_WATER else 0) | (WRITE if self.out else 0)
-        self.events = self.loop.register(self.sock, self.events, events, self.ready)
-
-    def _closed(self, exc: OSError | None) -> None:
-        self.closed, self.reading = True, False
-        self.events = self.loop.register(self.sock, self.events, 0, self.ready)
-        self.sock.close()
-        self.connection_lost(exc)
 
 
 class Model(EventLoop):

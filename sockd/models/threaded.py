@@ -12,8 +12,8 @@ from sockd.lifecycle import Address
 from sockd.limits import Ticket
 from sockd.logging import Throttled
 from sockd.models.blocking import BlockingModel, Threads, accepted, received
-from sockd.models.shared import SocketDatagrams, admit
 from sockd.stopping import Stop
+from sockd.transports import admit
 
 # Threads answering datagrams at once, per worker: past this, a datagram is dropped and counted
 # (a flood must not start a thread for each).
@@ -41,7 +41,7 @@ class Model(BlockingModel):
             else:
                 for conn, address in accepted(sock, stop, recorder):
                     # Refused before a thread is started for it: a flood costs no threads.
-                    ticket = admit(conn, address, self.service, recorder)
+                    ticket = admit(conn, address, self.service.admission, recorder)
                     if ticket is not None and not _started(threads, recorder, self._serve, conn, ticket):
                         conn.close()
                         ticket.release()
@@ -54,7 +54,7 @@ class Model(BlockingModel):
     def _answer(self, sock: socket.socket, data: bytes, sender: Address, slots: threading.BoundedSemaphore) -> None:
         try:
             with self.stats.recorder() as recorder:
-                self.answerer(SocketDatagrams(self.service, recorder, sock))(data, sender)
+                self.answerer(self.datagrams(sock, recorder))(data, sender)
         finally:
             slots.release()
 

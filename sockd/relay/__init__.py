@@ -6,7 +6,8 @@ too or is quiet for half_close_timeout), what counts as moved, how a failing ups
 and the UDP session table. Two drivers carry it out, each on its model's way of waiting:
 `relay.selector` (non-blocking sockets on the selector models' loop) and `relay.aio` (asyncio
 transports). Neither imports a model: each is given what it needs, a `Service` for timers and
-accounting, and the selector driver a `Reactor`. Both look the upstream's name up through a
+accounting, and the selector driver a `Reactor`. Each is its client connection's transport (see
+Relayed). Both look the upstream's name up through a
 `Resolver`, off their loop.
 """
 
@@ -26,9 +27,10 @@ from typing import Any, Protocol, TypeVar
 from sockd.config import BUFSIZE
 from sockd.counters import REJECT_REASONS, SEND, UPSTREAM, Recorder
 from sockd.handlers import Relay
-from sockd.lifecycle import Address, Connection, Logged, Service
+from sockd.lifecycle import Address, Connection, ConnectionLog, Service
 from sockd.limits import MOVED, RELAY_SESSIONS, Ticket, relayed_connections, source_of
 from sockd.logging import Throttled
+from sockd.transports import Transport
 
 # What opening an upstream can fail with: refused, unreachable, timed out; ValueError for a host
 # name IDNA cannot encode (config refuses most of them).
@@ -175,50 +177,49 @@ def reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__  # a TimeoutError says nothing
 
 
-class Relayed(Connection):
+class Relayed:
     """One relayed client, as both drivers see it: what it moved, how many of its two sides
-    have ended their output, and the rule that closes it. A driver defines `close_both`, and
-    `peer` for its log line (see LoggedRelay).
+    have ended their output, and the rule that closes it. It has a lifecycle Connection (its
+    ticket, counts, timeout and drain), whose transport is the driver: closing that closes both
+    sides once each has written what it holds, aborting it resets both, and its socket is the
+    client's.
 
     It is one request, counted when it ends and timed from its start to its end: a relay cannot
     tell where one of the client's requests ends, only the bytes it moves (counted as they come)."""
 
-    __slots__ = ("ended", "moved", "relay", "started")
+    __slots__ = ("connection", "ended", "moved", "relay", "started")
 
-    def __init__(self, service: Service, ticket: Ticket, recorder: Recorder, relay: Relay) -> None:
-        super().__init__(service, ticket, recorder)
+    def __init__(self, connection: Connection, relay: Relay) -> None:
+        self.connection = connection
         self.relay = relay
-        self.answered = True  # a stop may end its input at once: the end is passed on as a half-close
+        connection.answered = True  # a stop may end its input at once: the end is passed on as a half-close
         self.ended = 0  # sides that have ended their output
         self.moved = 0  # bytes copied either way (see _close_if_quiet)
         self.started = 0.0
 
     def opened(self) -> None:
-        self.started = self.recorder.clock()
-        super().opened()
+        self.started = self.connection.recorder.clock()
+        self.connection.opened()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self.recorder.request(0, 0, self.started)  # its bytes are counted as they move
-        super().connection_lost(exc)
-
-    def close_both(self) -> None:
-        """End both sides once each has written what it holds."""
-        raise NotImplementedError
+        self.connection.recorder.request(0, 0, self.started)  # its bytes are counted as they move
+        self.connection.connection_lost(exc)
 
     def carried(self, size: int, from_client: bool) -> None:
-        self.deadline = MOVED
+        connection = self.connection
+        connection.deadline = MOVED
         self.moved += size
         if from_client:
-            self.recorder.received += size
+            connection.recorder.received += size
         else:
-            self.recorder.sent += size
+            connection.recorder.sent += size
 
     def side_ended(self, client: bool) -> None:
         """One side (the client's, or the upstream's) ended its output (its end was passed on to
         the other side)."""
         self.ended += 1
         if self.ended == 2:
-            self.close_both()
+            self.connection.transport.close()
         else:
             self._close_if_quiet(-1)
 
@@ -226,41 +227,63 @@ class Relayed(Connection):
         """Half-closed: as socat's -t, give up on the other side once it has been quiet for
         half_close_timeout (a long transfer the other way is not cut short)."""
         if self.moved == moved:
-            self.close_both()
+            self.connection.transport.close()
         else:
-            self.service.later(self.relay.half_close_timeout, self._close_if_quiet, self.moved)
+            self.connection.service.later(self.relay.half_close_timeout, self._close_if_quiet, self.moved)
 
     def upstream_failed(self, exc: BaseException | str) -> None:
-        upstream_failed(self.relay, self.recorder, exc)
+        upstream_failed(self.relay, self.connection.recorder, exc)
 
 
-class LoggedRelay(Logged, Relayed):
-    """A relayed connection logged as it ends (see lifecycle.Logged): a driver's class, made so
-    by `logged(listener, that class, LoggedRelay)`. As the metrics count them, its bytes in are what the
-    client sent, its bytes out what came back for it, and it is one request."""
+class LoggedRelay:
+    """What a logged listener's relay driver reports to, instead of its Relayed: it counts for
+    the connection's log line (see lifecycle.ConnectionLog), then passes the report on. As the
+    metrics count them, its bytes in are what the client sent, its bytes out what came back for
+    it, and it is one request."""
 
-    # Every way a relay ends names its cause first, or is a client's reset; a close without
-    # either could only come from the upstream's side.
-    unprompted = "upstream closed"
+    __slots__ = ("log", "relayed")
+
+    def __init__(self, relayed: Relayed, log: ConnectionLog) -> None:
+        self.relayed = relayed
+        self.log = log
 
     def opened(self) -> None:
-        super().opened()
-        self.requests = 1
+        self.relayed.opened()
+        self.log.requests = 1
 
     def carried(self, size: int, from_client: bool) -> None:
         if from_client:
-            self.bytes_in += size
+            self.log.bytes_in += size
         else:
-            self.bytes_out += size
-        super().carried(size, from_client)
+            self.log.bytes_out += size
+        self.relayed.carried(size, from_client)
 
     def side_ended(self, client: bool) -> None:
-        self.ended_by("client closed" if client else "upstream closed")
-        super().side_ended(client)
+        self.log.ended_by("client closed" if client else "upstream closed")
+        self.relayed.side_ended(client)
 
     def upstream_failed(self, exc: BaseException | str) -> None:
-        self.ended_by("upstream failed")
-        super().upstream_failed(exc)
+        self.log.ended_by("upstream failed")
+        self.relayed.upstream_failed(exc)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.relayed.connection_lost(exc)
+
+
+def relayed(
+    service: Service, ticket: Ticket, recorder: Recorder, relay: Relay, driver: Transport
+) -> tuple[Relayed, Relayed | LoggedRelay]:
+    """A new relayed client whose driver is `driver`: its Relayed, and what the driver reports
+    its events to (the same, or on a logged listener, the LoggedRelay that counts for it)."""
+    connection = Connection(service, ticket, recorder)
+    connection.transport = driver
+    state = Relayed(connection, relay)
+    if not service.logged:
+        return state, state
+    # Every way a relay ends names its cause first, or is a client's reset; a close without
+    # either could only come from the upstream's side.
+    connection.observer = log = ConnectionLog("upstream closed")
+    return state, LoggedRelay(state, log)
 
 
 class Session(Protocol):
@@ -273,15 +296,28 @@ class Session(Protocol):
 S = TypeVar("S", bound=Session)
 
 
+class DatagramDriver(Protocol):
+    """What a UDP relay's driver does on its model's loop."""
+
+    def watch(self, sock: socket.socket, readable: Callable[[], None]) -> None:
+        """Call `readable()` whenever `sock` is, until unwatch."""
+
+    def unwatch(self, sock: socket.socket) -> None: ...
+
+    def reply(self, data: bytes, client: Address) -> None:
+        """Send `data` to `client` from the listening socket."""
+
+
 class DatagramRelay:
     """A UDP relay, as both drivers see it: each client's datagrams go out on its session's own
     socket, and what comes back on that socket goes to the client through the listening socket.
-    A driver defines how a socket is watched (`watch`, `unwatch`) and how a reply is sent."""
+    Its `driver` watches the sockets and sends the replies, on its model's loop."""
 
-    def __init__(self, names: Resolver, service: Service, recorder: Recorder) -> None:
+    def __init__(self, names: Resolver, service: Service, recorder: Recorder, driver: DatagramDriver) -> None:
         self.names = names
         self.relay = names.relay
         self.recorder = recorder
+        self.driver = driver
         self.sessions: Sessions[DatagramSession] = Sessions(self.relay, service, recorder, time.monotonic)
 
     def datagram_received(self, data: bytes, client: Address) -> None:
@@ -290,17 +326,6 @@ class DatagramRelay:
         session = self.sessions.open(client, lambda: DatagramSession(self, client))
         self.recorder.received += len(data)
         session.send(data)
-
-    def watch(self, sock: socket.socket, readable: Callable[[], None]) -> None:
-        """Call `readable()` whenever `sock` is, until unwatch."""
-        raise NotImplementedError
-
-    def unwatch(self, sock: socket.socket) -> None:
-        raise NotImplementedError
-
-    def reply(self, data: bytes, client: Address) -> None:
-        """Send `data` to `client` from the listening socket."""
-        raise NotImplementedError
 
     def failed(self, exc: BaseException) -> None:
         upstream_failed(self.relay, self.recorder, exc)
@@ -347,7 +372,7 @@ class DatagramSession:
             relaying.failed(exc)
             relaying.sessions.forget(self.client, self)
             return
-        relaying.watch(self.sock, self._replied)
+        relaying.driver.watch(self.sock, self._replied)
         waiting, self.waiting = self.waiting, []
         for data in waiting:
             self.send(data)
@@ -362,13 +387,13 @@ class DatagramSession:
             self.relaying.failed(exc)
             return
         self.relaying.sessions.replied(self.client, len(data))
-        self.relaying.reply(data, self.client)
+        self.relaying.driver.reply(data, self.client)
 
     def close(self) -> None:
         if self.sock is None:
             self.relaying.names.forget(self._found)
             return
-        self.relaying.unwatch(self.sock)
+        self.relaying.driver.unwatch(self.sock)
         self.sock.close()
 
 

@@ -8,13 +8,13 @@ import asyncio
 import errno
 import socket
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 from sockd.counters import Recorder
-from sockd.lifecycle import Address, Service
+from sockd.lifecycle import CONNECTING, INPUT_ENDED, WRITE_FULL, Address, Service
 from sockd.limits import Ticket
-from sockd.models.shared import admitted, end_transport_input, peer_of
-from sockd.relay import UPSTREAM_ERRORS, Answer, DatagramRelay, Endpoint, Relayed, Resolver
+from sockd.relay import UPSTREAM_ERRORS, Answer, DatagramRelay, Endpoint, Resolver, relayed
+from sockd.transports import admitted
 
 
 async def found(names: Resolver) -> list[Endpoint]:
@@ -62,15 +62,17 @@ async def open_upstream(
     raise failure
 
 
-class RelayProtocol(Relayed, asyncio.Protocol):
-    """A client of a relay: what it sends goes to its upstream connection, and back."""
+class RelayProtocol(asyncio.Protocol):
+    """A client of a relay: what it sends goes to its upstream connection, and back. It is the
+    loop's protocol for the client's connection, and the transport of its lifecycle connection
+    (see relay.Relayed): closing that closes both sides."""
 
-    __slots__ = ("client_ended", "connecting", "early", "names", "upstream")
+    __slots__ = ("client_ended", "connecting", "early", "events", "names", "state", "transport", "upstream")
 
     transport: asyncio.Transport
 
     def __init__(self, service: Service, ticket: Ticket, recorder: Recorder, names: Resolver) -> None:
-        super().__init__(service, ticket, recorder, names.relay)
+        self.state, self.events = relayed(service, ticket, recorder, names.relay, self)
         self.names = names
         self.upstream: UpstreamProtocol | None = None
         # What the client said before the upstream answered (None: its end, too); passed on then.
@@ -79,10 +81,16 @@ class RelayProtocol(Relayed, asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        if self.service.screening and not admitted(self, self.transport):
-            return
-        self.transport.pause_reading()  # until the upstream answers
-        self.opened()
+        connection = self.state.connection
+        service = connection.service
+        if service.screening:
+            ticket = admitted(self.transport, service.admission, connection.recorder)
+            if ticket is None:
+                service.forget(connection)
+                return
+            connection.ticket = ticket
+        connection.pause(CONNECTING)  # until the upstream answers
+        self.events.opened()
         self.connecting = asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
@@ -90,7 +98,7 @@ class RelayProtocol(Relayed, asyncio.Protocol):
         try:
             transport = await open_upstream(loop, self.names, lambda: UpstreamProtocol(self))
         except UPSTREAM_ERRORS as exc:
-            self.upstream_failed(exc)
+            self.events.upstream_failed(exc)
             self.transport.close()  # the client sees EOF at once
             return
         if self.transport.is_closing():  # the client gave up meanwhile
@@ -106,51 +114,32 @@ class RelayProtocol(Relayed, asyncio.Protocol):
                 self.data_received(data)
         self.early.clear()
         if not self.client_ended:
-            self.transport.resume_reading()
+            self.state.connection.resume(CONNECTING)
 
     def data_received(self, data: bytes) -> None:
         if self.upstream is None:  # the loop began reading before connection_made could pause it
             self.early.append(data)
             self.transport.pause_reading()
             return
-        self.carried(len(data), True)
+        self.events.carried(len(data), True)
         self.upstream.transport.write(data)
 
     def eof_received(self) -> bool:
         self.client_ended = True
+        self.state.connection.paused |= INPUT_ENDED  # the transport reads no more by itself
         if self.upstream is None:
             self.early.append(None)
             return True
         self.upstream.transport.write_eof()
-        self.side_ended(True)
+        self.events.side_ended(True)
         return True  # the other way may go on
 
-    def write_buffered(self) -> int:
-        """Bytes either transport still has to write (see the asyncio model's sweep)."""
-        upstream = 0 if self.upstream is None else self.upstream.transport.get_write_buffer_size()
-        return self.transport.get_write_buffer_size() + upstream
-
-    def close_both(self) -> None:
-        """A side that takes nothing for half_close_timeout is reset instead, so a stuck peer
-        cannot keep either open."""
-        self.transport.close()
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.connecting.cancel()
         if self.upstream is not None:
             self.upstream.transport.close()
-        self._abort_if_stuck(-1)
-
-    def _abort_if_stuck(self, buffered: int) -> None:
-        now = self.write_buffered()
-        if not now:
-            return
-        if now == buffered:
-            self.abort()
-        else:
-            self.service.later(self.relay.half_close_timeout, self._abort_if_stuck, now)
-
-    def abort(self) -> None:
-        self.transport.abort()
-        if self.upstream is not None:
-            self.upstream.transport.abort()
+            self._abort_if_stuck(-1)
+        self.events.connection_lost(exc)
 
     # Back-pressure: a side that cannot take more stops the other side's reading.
 
@@ -162,18 +151,46 @@ class RelayProtocol(Relayed, asyncio.Protocol):
         if self.upstream is not None:
             self.upstream.transport.resume_reading()
 
-    def end_input(self) -> None:
-        end_transport_input(self.transport)
+    # -- as the lifecycle connection's transport
 
-    def peer(self) -> dict[str, object]:
-        return peer_of(self.transport.get_extra_info("socket"))
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self.connecting.cancel()
+    def close(self) -> None:
+        """Both sides, once each has written what it holds. A side that takes nothing for
+        half_close_timeout is reset instead, so a stuck peer cannot keep either open."""
+        self.transport.close()
         if self.upstream is not None:
             self.upstream.transport.close()
-            self._abort_if_stuck(-1)
-        super().connection_lost(exc)
+        self._abort_if_stuck(-1)
+
+    def abort(self) -> None:
+        self.transport.abort()
+        if self.upstream is not None:
+            self.upstream.transport.abort()
+
+    def pause_reading(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.transport.resume_reading()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default)
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes either side still has to write (see lifecycle.Service.sweep)."""
+        upstream = 0 if self.upstream is None else self.upstream.transport.get_write_buffer_size()
+        return self.transport.get_write_buffer_size() + upstream
+
+    def _abort_if_stuck(self, buffered: int) -> None:
+        now = self.get_write_buffer_size()
+        if not now:
+            return
+        if now == buffered:
+            self.abort()
+        else:
+            self.state.connection.service.later(self.state.relay.half_close_timeout, self._abort_if_stuck, now)
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -189,35 +206,40 @@ class UpstreamProtocol(asyncio.Protocol):
         self.client.upstream_ready(self)
 
     def data_received(self, data: bytes) -> None:
-        self.client.carried(len(data), False)
+        self.client.events.carried(len(data), False)
         self.client.transport.write(data)
 
     def eof_received(self) -> bool:
         self.client.transport.write_eof()
-        self.client.side_ended(False)
+        self.client.events.side_ended(False)
         return True
 
     def pause_writing(self) -> None:
-        self.client.transport.pause_reading()
+        self.client.state.connection.pause(WRITE_FULL)
 
     def resume_writing(self) -> None:
-        self.client.transport.resume_reading()
+        self.client.state.connection.resume(WRITE_FULL)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:  # reset mid-stream: the client cannot be told more than that it ended
-            self.client.upstream_failed(exc)
+            self.client.events.upstream_failed(exc)
             self.client.transport.abort()
         else:
             self.client.transport.close()
 
 
-class DatagramRelayProtocol(DatagramRelay, asyncio.DatagramProtocol):
-    """A UDP relay on asyncio: each session's socket is one of the loop's readers, and replies go
-    out through the listening socket's transport (see relay.DatagramRelay)."""
+class DatagramRelayProtocol:
+    """A UDP relay on asyncio (see relay.DatagramRelay), the listening socket's protocol: each
+    session's socket is one of the loop's readers, and replies go out through the listening
+    socket's transport."""
+
+    transport: asyncio.DatagramTransport
 
     def __init__(self, service: Service, recorder: Recorder, names: Resolver) -> None:
-        super().__init__(names, service, recorder)
         self.loop = asyncio.get_running_loop()
+        self.relaying = DatagramRelay(names, service, recorder, self)
+        # What the loop calls for each datagram: the relay's own method, no call of ours between.
+        self.datagram_received = self.relaying.datagram_received
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -231,6 +253,18 @@ class DatagramRelayProtocol(DatagramRelay, asyncio.DatagramProtocol):
     def reply(self, data: bytes, client: Address) -> None:
         self.transport.sendto(data, client)
 
+    def error_received(self, exc: Exception) -> None:
+        """An ICMP error for a reply to a client: nothing to do (see DatagramSession for the upstream's)."""
+
+    def pause_writing(self) -> None:
+        """A full send buffer drops replies, as the network may: nothing to pause."""
+
+    def resume_writing(self) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
     def close(self) -> None:
-        super().close()
+        self.relaying.close()
         self.transport.close()

@@ -10,22 +10,21 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import selectors
 import socket
 import struct
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 
 from sockd.config import BUFSIZE
-from sockd.lifecycle import HIGH_WATER, Address, Service
+from sockd.lifecycle import Address, Datagrams, Service
 from sockd.limits import MOVED, Ticket
-from sockd.models.shared import SocketDatagrams, peer_of, shutdown_read
-from sockd.relay import UPSTREAM_ERRORS, Answer, DatagramRelay, Reactor, Relayed, Resolver, upstream_socket
+from sockd.relay import UPSTREAM_ERRORS, Answer, DatagramRelay, Reactor, Resolver, relayed, upstream_socket
+from sockd.transports import HIGH_WATER, READ, WRITE
 
 log = structlog.get_logger()
 
-READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 
@@ -41,13 +40,15 @@ class End:
         self.peer: End
 
 
-class Splice(Relayed):
-    """One relayed client: its connection and the upstream's, on the loop."""
+class Splice:
+    """One relayed client: its connection and the upstream's, on the loop; the transport of its
+    lifecycle connection (see relay.Relayed). Each End has its own reasons to stop reading: its
+    peer's `out` holding HIGH_WATER, its own EOF, the upstream still connecting."""
 
-    __slots__ = ("client", "closed", "connected", "ends", "loop", "names", "upstream")
+    __slots__ = ("client", "closed", "connected", "ends", "events", "loop", "names", "state", "upstream")
 
     def __init__(self, loop: Reactor, service: Service, names: Resolver, client: socket.socket, ticket: Ticket) -> None:
-        super().__init__(service, ticket, loop.recorder, names.relay)
+        self.state, self.events = relayed(service, ticket, loop.recorder, names.relay, self)
         self.loop = loop
         self.names = names
         self.client = End(client)
@@ -59,9 +60,9 @@ class Splice(Relayed):
     def start(self) -> None:
         """Look the upstream up and open a connection to it (within connect_timeout, the lookup
         included); the client is read once it answers."""
-        self.opened()
+        self.events.opened()
         self.client.reading = False
-        self.service.later(self.relay.connect_timeout, self._connect_timed_out)
+        self.state.connection.service.later(self.state.relay.connect_timeout, self._connect_timed_out)
         self.names.ask(self._found)
 
     def _found(self, answer: Answer) -> None:
@@ -70,7 +71,7 @@ class Splice(Relayed):
                 raise answer
             upstream = upstream_socket(answer)
         except UPSTREAM_ERRORS as exc:
-            self.upstream_failed(exc)
+            self.events.upstream_failed(exc)
             self.abort()  # the client sees EOF at once
             return
         self.upstream = End(upstream)
@@ -80,7 +81,7 @@ class Splice(Relayed):
 
     def _connect_timed_out(self) -> None:
         if not self.connected and not self.closed:
-            self.upstream_failed(os.strerror(errno.ETIMEDOUT))
+            self.events.upstream_failed(os.strerror(errno.ETIMEDOUT))
             self.abort()  # the client sees EOF at once
 
     def on_ready(self, end: End, events: int) -> None:
@@ -89,7 +90,7 @@ class Splice(Relayed):
         if not self.connected:
             error = end.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
-                self.upstream_failed(os.strerror(error))
+                self.events.upstream_failed(os.strerror(error))
                 self.abort()
                 return
             try:
@@ -120,9 +121,9 @@ class Splice(Relayed):
             peer.shut_when_flushed = True
             self._flush(peer)
             if not self.closed:
-                self.side_ended(end is self.client)
+                self.events.side_ended(end is self.client)
             return
-        self.carried(len(data), end is self.client)
+        self.events.carried(len(data), end is self.client)
         peer.out += data
         self._flush(peer)
 
@@ -136,9 +137,9 @@ class Splice(Relayed):
                 self._lost(end, exc)
                 return
             del end.out[:sent]
-            self.moved += sent
+            self.state.moved += sent
             if sent:
-                self.deadline = MOVED
+                self.state.connection.deadline = MOVED
         if not end.out and end.shut_when_flushed:
             end.shut_when_flushed = False
             try:
@@ -146,20 +147,22 @@ class Splice(Relayed):
             except OSError as exc:
                 self._lost(end, exc)
                 return
-        if self.ended == 2 and not (self.client.out or self.upstream.out):
+        if self.state.ended == 2 and not (self.client.out or self.upstream.out):
             self.abort()  # both sides ended, and all they said has been passed on
             return
         self._update(end)
         self._update(end.peer)
 
-    def close_both(self) -> None:
+    # -- as the lifecycle connection's transport
+
+    def close(self) -> None:
+        """Both sides, once each has written what it holds (the last flush closes them: see _flush)."""
         if not (self.client.out or self.upstream.out):
             self.abort()
-        # else the last flush closes it (see _flush)
 
     def _lost(self, end: End, exc: OSError) -> None:
         if end is self.upstream:
-            self.upstream_failed(exc)
+            self.events.upstream_failed(exc)
             self.abort()
         else:
             self._closed(exc)
@@ -177,17 +180,26 @@ class Splice(Relayed):
     def _register(self, end: End, events: int) -> None:
         end.events = self.loop.register(end.sock, end.events, events, lambda ready: self.on_ready(end, ready))
 
-    # -- as the lifecycle's transport: a timeout, a stop
-
     def abort(self) -> None:
         if not self.closed:
             self._closed(None)
 
-    def end_input(self) -> None:
-        shutdown_read(self.client.sock.fileno())
+    def pause_reading(self) -> None:
+        """Never asked: each End has its own reasons (see _update)."""
 
-    def peer(self) -> dict[str, object]:
-        return peer_of(self.client.sock)
+    def resume_reading(self) -> None:
+        """Never asked (see pause_reading)."""
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            return None if self.closed else self.client.sock
+        return default
+
+    def get_write_buffer_size(self) -> int:
+        return sum(len(end.out) for end in self.ends)
 
     def _closed(self, exc: OSError | None) -> None:
         """End both sides. Bytes still waiting for a side are dropped, and that side is reset rather
@@ -200,17 +212,20 @@ class Splice(Relayed):
                 with contextlib.suppress(OSError):
                     end.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
             end.sock.close()
-        self.connection_lost(exc)
+        self.events.connection_lost(exc)
 
 
-class DatagramSessions(DatagramRelay):
-    """A UDP relay on the loop: each session's socket watched by it, replies sent by
-    SocketDatagrams (see relay.DatagramRelay)."""
+class DatagramSessions:
+    """A UDP relay on the loop (see relay.DatagramRelay): it watches each session's socket on the
+    loop, and sends the replies through the listening socket as its Datagrams sends them."""
 
-    def __init__(self, loop: Reactor, service: Service, names: Resolver, replies: SocketDatagrams) -> None:
-        super().__init__(names, service, loop.recorder)
+    def __init__(self, loop: Reactor, service: Service, names: Resolver, replies: Datagrams) -> None:
         self.loop = loop
         self.replies = replies
+        self.relaying = DatagramRelay(names, service, loop.recorder, self)
+        # What the loop calls for each datagram: the relay's own method, no call of ours between.
+        self.datagram_received = self.relaying.datagram_received
+        self.close = self.relaying.close
 
     def watch(self, sock: socket.socket, readable: Callable[[], None]) -> None:
         self.loop.register(sock, 0, READ, lambda events: readable())
@@ -219,4 +234,7 @@ class DatagramSessions(DatagramRelay):
         self.loop.register(sock, READ, 0, lambda events: None)
 
     def reply(self, data: bytes, client: Address) -> None:
-        self.replies.send(data, client)
+        try:
+            self.replies.send(data, client)
+        except OSError as exc:
+            self.replies.send_failed(exc)
