@@ -98,7 +98,7 @@ Staging = Callable[["Stream", Receiver], Receiver]
 
 class Service:
     """What every connection of one listener in one worker shares: the handler, the delay, the
-    admission rules, the timeouts, the connections open, and whether the worker is stopping.
+    admission rules, the timeouts, the connections open, and whether the worker is draining them.
 
     The model says what it does with its connections through callables, not by subclassing:
     `later(delay, callback, *args)` is its timer (a loop's call_later, or a sleep for the
@@ -128,7 +128,7 @@ class Service:
         self.logged = listener.log_connections
         self.timeouts = Timeouts(listener)
         self.open: set[Connection] = set()
-        self.stopping = False
+        self.draining = False  # see drain
         self.later = later
         self.made = made
         self.gone = gone
@@ -146,12 +146,13 @@ class Service:
         recorder.rejected[REFLECTION] += 1
         _reflected(reason="reflection", source=str(address[0]), port=address[1])
 
-    def stop(self) -> None:
-        """The worker stops: every connection that has had an answer has its input ended now
-        (the client sees EOF once its pending requests are answered); one that has not is
-        answered first, as its request may still be on its way, and ended then. Safe from a
+    def drain(self) -> None:
+        """The worker ends its connections (its Stop's second step, `end`): every connection that
+        has had an answer has its input ended now (the client sees EOF once its pending requests
+        are answered); one that has not is answered first, as its request may still be on its
+        way, and ended then. Safe from a
         signal handler: no lock is taken."""
-        self.stopping = True
+        self.draining = True
         for connection in list(self.open):
             if connection.answered:
                 connection.end_input()
@@ -273,7 +274,7 @@ class Connection:
 
     def first_answer(self) -> None:
         self.answered = True
-        if self.service.stopping:  # the drain passed it by while it had no answer yet
+        if self.service.draining:  # the drain passed it by while it had no answer yet
             self.end_input()
 
     def end_input(self) -> None:

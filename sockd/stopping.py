@@ -34,7 +34,7 @@ class Switch:
 
 class Stop(Switch):
     """How a worker stops, in two steps. Set: accept no more, but go on serving the connections
-    open. `end()`: end those too, as Service.stop() does. A stop takes both at once; a
+    open. `end()`: end those too (the models call Service.drain()). A stop takes both at once; a
     generation that a reload replaced takes the second once its clients are gone or
     shutdown_timeout has passed, so that a reload never cuts a session (HAProxy and nginx keep
     an old process's connections the same way)."""

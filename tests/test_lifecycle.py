@@ -410,7 +410,7 @@ def test_a_stop_ends_the_input_of_answered_connections_now_and_of_the_others_aft
     for conn in (answered, waiting):
         conn.opened()
     answered.data_received(b"ping")
-    shared.stop()
+    shared.drain()
     assert actions(answered) == [("write", b"ping"), "end_input"]
     assert actions(waiting) == []  # its request may still be on its way
     waiting.data_received(b"late")

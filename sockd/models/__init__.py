@@ -20,7 +20,7 @@ connection it creates. Its duties, whichever way it waits:
    `stats.beat()` at least every BEAT_INTERVAL; a blocking thread marks `recorder.busy_since`
    while it works on a request, so a stuck request stops the heartbeat.
 5. Once `stop` is set, accept no more but go on serving the connections open; once
-   `stop.ending` is set, call `Service.stop()` (the drain). Return when both are set, no
+   `stop.ending` is set, call `Service.drain()`. Return when both are set, no
    connection is open and no delayed reply is due. (A datagram listener has no connection to
    keep: it may treat the first step as both.)
 

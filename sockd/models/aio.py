@@ -337,7 +337,7 @@ class Model:
 
     def _ending(self, loop: asyncio.AbstractEventLoop, stop: Stop) -> None:
         loop.remove_reader(stop.ending.fileno())
-        self.service.stop()
+        self.service.drain()
 
     def _beat(self, loop: asyncio.AbstractEventLoop) -> None:
         self.stats.beat()

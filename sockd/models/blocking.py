@@ -81,7 +81,7 @@ class BlockingModel:
         a thread busy with a session may not come back to it for long (see stop_listening). A
         thread that was about to accept finds it closed, and ends its loop (see _until_stopped)."""
         stop.on_set(lambda: stop_listening(sock))
-        stop.ending.on_set(self.service.stop)
+        stop.ending.on_set(self.service.drain)
 
     def datagrams(self, sock: socket.socket, recorder: Recorder) -> Datagrams:
         """Datagrams answered through `sock`."""

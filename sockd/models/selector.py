@@ -156,7 +156,7 @@ class EventLoop:
         if not self.stop.ending.is_set:
             return
         self.selector.unregister(self.stop.ending)
-        self.service.stop()
+        self.service.drain()
 
     # -- datagrams
 
