@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 
 from sockd.config import BUFSIZE
-from sockd.lifecycle import Address, Datagrams, Service
+from sockd.lifecycle import CONNECTING, INPUT_ENDED, WRITE_FULL, Address, Datagrams, Service
 from sockd.limits import MOVED, Ticket
 from sockd.relay import UPSTREAM_ERRORS, Answer, DatagramRelay, Reactor, Resolver, relayed, upstream_socket
 from sockd.transports import HIGH_WATER, READ, WRITE
@@ -29,12 +29,15 @@ RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a r
 
 
 class End:
-    __slots__ = ("events", "out", "peer", "reading", "shut_when_flushed", "sock")
+    """One side of a relayed client: its socket, what waits to be written to it, and the reasons
+    it is not read (the lifecycle's PAUSES, as a connection's `paused`)."""
+
+    __slots__ = ("events", "out", "paused", "peer", "shut_when_flushed", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.out = bytearray()
-        self.reading = True
+        self.paused = CONNECTING  # neither side is read before the upstream answers
         self.shut_when_flushed = False  # the other side ended: end this one's output once `out` is out
         self.events = 0
         self.peer: End
@@ -42,8 +45,9 @@ class End:
 
 class Splice:
     """One relayed client: its connection and the upstream's, on the loop; the transport of its
-    lifecycle connection (see relay.Relayed). Each End has its own reasons to stop reading: its
-    peer's `out` holding HIGH_WATER, its own EOF, the upstream still connecting."""
+    lifecycle connection (see relay.Relayed). Each End has its own reasons to stop reading, bits
+    of its `paused`: its peer's `out` holding HIGH_WATER (WRITE_FULL), its own EOF (INPUT_ENDED),
+    the upstream still connecting (CONNECTING)."""
 
     __slots__ = ("client", "closed", "connected", "ends", "events", "loop", "names", "state", "upstream")
 
@@ -61,7 +65,6 @@ class Splice:
         """Look the upstream up and open a connection to it (within connect_timeout, the lookup
         included); the client is read once it answers."""
         self.events.opened()
-        self.client.reading = False
         self.state.connection.service.later(self.state.relay.connect_timeout, self._connect_timed_out)
         self.names.ask(self._found)
 
@@ -98,7 +101,8 @@ class Splice:
             except OSError:  # still connecting (the busy-poll selector says "ready" regardless)
                 return
             self.connected = True
-            self.client.reading = True
+            self.client.paused &= ~CONNECTING
+            self.upstream.paused &= ~CONNECTING
             self._update(self.client)
         if events & WRITE:
             self._flush(end)
@@ -117,7 +121,7 @@ class Splice:
             return
         peer = end.peer
         if not data:
-            end.reading = False
+            end.paused |= INPUT_ENDED
             peer.shut_when_flushed = True
             self._flush(peer)
             if not self.closed:
@@ -170,9 +174,11 @@ class Splice:
     def _update(self, end: End) -> None:
         if self.closed:
             return
-        events = 0
-        if end.reading and len(end.peer.out) < HIGH_WATER and self.connected:
-            events |= READ
+        if len(end.peer.out) < HIGH_WATER:
+            end.paused &= ~WRITE_FULL
+        else:
+            end.paused |= WRITE_FULL
+        events = 0 if end.paused else READ
         if end.out or (end is self.upstream and not self.connected):
             events |= WRITE
         self._register(end, events)
