@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-footprint wheel install uninstall clean
+.PHONY: run test lint compiled compiled-test bench bench-footprint wheel install uninstall clean
 
 run: $(STAMP)
 	$(BIN)/sockd -c config/sockd.yaml
@@ -19,6 +19,27 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy sockd sockd_bench bench tests
+
+# The hot path compiled with mypyc, into a throwaway build/mypyc (a copy of sockd/ with each of
+# these modules' .so beside its .py), and the tests of those modules run against it, PYTHONPATH
+# first and from inside the build, so that the daemon they start (`python -m sockd` puts the working
+# directory first) and its fork server and workers import it too. Shipping it comes later: here it
+# must compile and pass. conftest.py stops a run that imported any of them as Python. The copy has
+# no pyproject.toml (the setup.py mypyc runs would take it for its own project's): mypy's settings
+# (strict, the pydantic plugin) are given with --config-file.
+MYPYC_MODULES := sockd/lifecycle.py sockd/handlers.py sockd/limits.py sockd/counters.py sockd/relay/__init__.py
+COMPILED_TESTS := tests/test_lifecycle.py tests/test_handlers.py tests/test_limits.py tests/test_resource_bounds.py tests/test_relay*.py
+MYPYC_BUILD := $(CURDIR)/build/mypyc
+
+compiled: $(STAMP)
+	rm -rf $(MYPYC_BUILD)
+	mkdir -p $(MYPYC_BUILD)
+	cp -r sockd $(MYPYC_BUILD)/
+	cd $(MYPYC_BUILD) && $(CURDIR)/$(BIN)/mypyc --config-file $(CURDIR)/pyproject.toml $(MYPYC_MODULES)
+
+compiled-test: compiled
+	cd $(MYPYC_BUILD) && PYTHONPATH=$(MYPYC_BUILD) SOCKD_EXPECT_COMPILED="$(MYPYC_MODULES)" \
+		$(CURDIR)/$(BIN)/pytest -n 4 $(addprefix $(CURDIR)/,$(COMPILED_TESTS))
 
 # The performance tables (minutes; not part of `make test`): see sockd_bench/suite.py. bench/compare.py
 # builds the C peers and load generators into build/bench first. A quick check that it all runs:

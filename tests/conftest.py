@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from support import Launcher, short_directory
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under `make compiled-test`, SOCKD_EXPECT_COMPILED names the modules mypyc built (as the
+    paths given to mypyc): a run that imported any of them as Python would pass while testing
+    nothing compiled, so it stops here instead."""
+    for path in os.environ.get("SOCKD_EXPECT_COMPILED", "").split():
+        name = path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+        where = importlib.import_module(name).__file__ or ""
+        if not where.endswith(".so"):
+            raise pytest.UsageError(f"SOCKD_EXPECT_COMPILED: {name} is not the compiled build: {where}")
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import resource
 import socket
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -305,16 +304,15 @@ def test_access_list(allow: list[str], deny: list[str], host: str, allowed: bool
     assert AccessList(_networks(*allow), _networks(*deny)).allows(host) is allowed
 
 
-def test_the_token_bucket_refills_at_the_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_token_bucket_refills_at_the_rate() -> None:
     # The bucket's clock is the test's: at this rate, a pause of a millisecond between two takes
     # (a busy machine's scheduler gives that) would refill a token.
     now = [1000.0]
-    monkeypatch.setattr("sockd.limits.time", SimpleNamespace(monotonic=lambda: now[0]))
     listener = InetListener.model_validate(
         {"name": "x", "protocol": "tcp", "host": "127.0.0.1", "port": 0, "handler": "echo"}
         | {"concurrency": "selector", "connection_rate": 1000.0, "connection_burst": 3}
     )
-    admission = Admission(listener)
+    admission = Admission(listener, clock=lambda: now[0])
     assert [admission._take_token("a") for _ in range(4)] == [True, True, True, False]
     now[0] += 0.01  # ten tokens' worth, capped at the burst
     assert [admission._take_token("a") for _ in range(4)] == [True, True, True, False]

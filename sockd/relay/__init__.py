@@ -22,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from sockd.config import BUFSIZE
 from sockd.counters import REJECT_REASONS, SEND, UPSTREAM, Recorder
@@ -397,7 +397,7 @@ class DatagramSession:
         self.sock.close()
 
 
-class Sessions(OrderedDict[Address, S]):
+class Sessions(Generic[S]):
     """A UDP relay's sessions, one per client address (each with its own upstream socket, so
     replies find their way back), least recently seen first: a datagram either way moves its
     session to the end (an OrderedDict's move and its popping of the first are O(1), where a dict
@@ -411,10 +411,13 @@ class Sessions(OrderedDict[Address, S]):
 
     Each reply passed back to a client is a request, timed from the client's latest datagram (as
     a datagram answered is for the other handlers): a session ends only session_timeout after its
-    last word, so its life would time nothing."""
+    last word, so its life would time nothing.
+
+    It holds its OrderedDict rather than being one: mypyc (mypyc/mypyc#1186) lays a compiled
+    subclass of a dict's subclass out at a plain dict's size, and OrderedDict writes past it."""
 
     def __init__(self, relay: Relay, service: Service, recorder: Recorder, clock: Callable[[], float]) -> None:
-        super().__init__()
+        self.table: OrderedDict[Address, S] = OrderedDict()
         self.relay = relay
         self.service = service
         self.recorder = recorder
@@ -422,6 +425,14 @@ class Sessions(OrderedDict[Address, S]):
         self.by_source: dict[str, set[Address]] = {}
         self.capacity = int(min(MAX_SESSIONS, relayed_connections(1)))
         self.service.later(relay.session_timeout / 4, self._forget_idle)
+
+    # The table read as a mapping of client to session (as its tests do); its own methods use
+    # self.table, which costs no call of Python code.
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, client: Address) -> S:
+        return self.table[client]
 
     def admits(self, client: Address) -> bool:
         """Whether a datagram from `client` is relayed: not from a reflecting port (see
@@ -436,14 +447,14 @@ class Sessions(OrderedDict[Address, S]):
     def open(self, client: Address, make: Callable[[], S]) -> S:
         """The session of `client`, made now if it has none (what `make` raises is passed on,
         and nothing is closed for it). Its socket is the driver's to open, by socket_for."""
-        session = self.get(client)
+        session = self.table.get(client)
         if session is None:
             session = make()
             self._make_room(client)
             self.by_source.setdefault(source_of(client), set()).add(client)
-            self[client] = session
+            self.table[client] = session
         else:
-            self.move_to_end(client)
+            self.table.move_to_end(client)
         session.last_seen = self.clock()
         session.asked = self.recorder.clock()
         return session
@@ -455,7 +466,7 @@ class Sessions(OrderedDict[Address, S]):
         try:
             return make()
         except OSError as exc:
-            victim = next((other for other in self if other != client), None)
+            victim = next((other for other in self.table if other != client), None)
             if exc.errno not in OUT_OF_DESCRIPTORS or victim is None:
                 raise
             self._evict(victim, client)
@@ -464,35 +475,35 @@ class Sessions(OrderedDict[Address, S]):
     def replied(self, client: Address, size: int) -> None:
         """A reply of `size` bytes came back for `client`: a request answered, and its session
         the most recent."""
-        session = self.get(client)
+        session = self.table.get(client)
         if session is None:
             self.recorder.sent += size
             return
-        self.move_to_end(client)
+        self.table.move_to_end(client)
         session.last_seen = self.clock()
         self.recorder.request(0, size, session.asked)
 
     def forget(self, client: Address, session: S) -> None:
         """Drop `session` of `client`, if it is still there (its upstream could not be opened)."""
-        if self.get(client) is session:
-            del self[client]
+        if self.table.get(client) is session:
+            del self.table[client]
             self._disown(client)
 
     def _make_room(self, client: Address) -> None:
         own = self.by_source.get(source_of(client), ())
         if len(own) >= MAX_SESSIONS_PER_SOURCE:
             # A scan of the source's own sessions, paid only by an address at its cap.
-            self._evict(min(own, key=lambda other: self[other].last_seen), client)
-        elif len(self) >= self.capacity:
-            self._evict(next(iter(self)), client)
+            self._evict(min(own, key=lambda other: self.table[other].last_seen), client)
+        elif len(self.table) >= self.capacity:
+            self._evict(next(iter(self.table)), client)
 
     def _evict(self, victim: Address, client: Address) -> None:
         self._close(victim)
         self.recorder.rejected[RELAY_SESSIONS] += 1
-        _evicted_warning(reason=REJECT_REASONS[RELAY_SESSIONS], source=source_of(client), sessions=len(self))
+        _evicted_warning(reason=REJECT_REASONS[RELAY_SESSIONS], source=source_of(client), sessions=len(self.table))
 
     def _close(self, client: Address) -> None:
-        self.pop(client).close()
+        self.table.pop(client).close()
         self._disown(client)
 
     def _disown(self, client: Address) -> None:
@@ -504,13 +515,13 @@ class Sessions(OrderedDict[Address, S]):
 
     def _forget_idle(self) -> None:
         idle_since = self.clock() - self.relay.session_timeout
-        idle = list(itertools.takewhile(lambda client: self[client].last_seen <= idle_since, self))
+        idle = list(itertools.takewhile(lambda client: self.table[client].last_seen <= idle_since, self.table))
         for client in idle:
             self._close(client)
         self.service.later(self.relay.session_timeout / 4, self._forget_idle)
 
     def close(self) -> None:
-        for session in self.values():
+        for session in self.table.values():
             session.close()
-        self.clear()
+        self.table.clear()
         self.by_source.clear()
