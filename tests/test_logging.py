@@ -208,9 +208,9 @@ def test_a_journal_stream_naming_something_else_adds_no_prefix(tmp_path: Path, o
     assert all(json.loads(line)["event"] for line in lines)  # bare JSON lines, as off the journal
 
 
-def test_on_the_journal_a_config_error_is_an_error(tmp_path: Path) -> None:
-    config = tmp_path / "c.yaml"
-    config.write_text(config_text([entry("echo", "tcp", "echo", "selector", port=70000, workers=0)]))
+def _failing_start_on_the_journal(config: Path) -> tuple[int, list[str]]:
+    """Start sockd on `config`, which it cannot serve, with stderr a journal stream (as in
+    _through_a_journal_stream): its exit code and every line it wrote."""
     journal, stderr = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     status = os.fstat(stderr.fileno())
     environment = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
@@ -225,7 +225,14 @@ def test_on_the_journal_a_config_error_is_an_error(tmp_path: Path) -> None:
         stderr.close()
         journal.settimeout(TIMEOUT)
         lines = b"".join(iter(lambda: journal.recv(65536), b"")).decode().splitlines()
-    assert ran.returncode == 78
+    return ran.returncode, lines
+
+
+def test_on_the_journal_a_config_error_is_an_error(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(config_text([entry("echo", "tcp", "echo", "selector", port=70000, workers=0)]))
+    returncode, lines = _failing_start_on_the_journal(config)
+    assert returncode == 78
     assert len(lines) == 2  # each problem its own line, each an error for `journalctl -p err`
     assert all(line.startswith(f"<3>{config}:") for line in lines), lines
 
@@ -452,21 +459,8 @@ def test_a_newline_in_a_path_that_fails_to_bind_stays_in_its_journal_line(tmp_pa
     config = tmp_path / "c.yaml"
     config.write_text(config_text([entry("uds", "unix", "echo", "selector", path)], logging={"format": "console"}))
     assert run_sockd("--check", "-c", str(config)).returncode == 0
-    journal, stderr = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    status = os.fstat(stderr.fileno())
-    environment = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
-    with journal, stderr:
-        ran = subprocess.run(
-            sockd_command("-c", str(config)),
-            stderr=stderr.fileno(),
-            env={**environment, "JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"},
-            timeout=30,
-            check=False,
-        )
-        stderr.close()
-        journal.settimeout(TIMEOUT)
-        lines = b"".join(iter(lambda: journal.recv(65536), b"")).decode().splitlines()
-    assert ran.returncode == 71
+    returncode, lines = _failing_start_on_the_journal(config)
+    assert returncode == 71
     errors = [line for line in lines if line.startswith("<3>")]
     assert len(errors) == 1, lines  # the bind error, one line, the path escaped in it
     assert "e\\n<0>sockd: EMERGENCY\\nWATCHDOG=trigger" in errors[0]

@@ -125,6 +125,21 @@ def echo_datagrams(sock: socket.socket, stop: threading.Event, heard: list[bytes
             sock.sendto(data, sender)
 
 
+@contextlib.contextmanager
+def echo_upstream(heard: list[bytes] | None = None) -> Iterator[tuple[str, int]]:
+    """The address of an echo_datagrams upstream on 127.0.0.1, for as long as the block lasts."""
+    stop = threading.Event()
+    with socket.socket(type=socket.SOCK_DGRAM) as far:
+        far.bind(("127.0.0.1", 0))
+        echo = threading.Thread(target=echo_datagrams, args=(far, stop, heard), daemon=True)
+        echo.start()
+        try:
+            yield far.getsockname()
+        finally:
+            stop.set()
+            echo.join(TIMEOUT)
+
+
 FLOOD_PORTS = 4200  # more than the 4,096 sessions a worker holds
 FLOOD_BATCH = 100  # datagrams in flight at once: well within the listener's receive buffer
 
@@ -173,25 +188,15 @@ def flood(relay_address: tuple[str, int], clients: Iterator[socket.socket]) -> i
 def test_a_host_flooding_from_many_ports_cannot_lock_others_out_of_a_udp_relay(
     start_sockd: Launcher, model: str
 ) -> None:
-    stop = threading.Event()
-    with socket.socket(type=socket.SOCK_DGRAM) as far:
-        far.bind(("127.0.0.1", 0))
-        echo = threading.Thread(target=echo_datagrams, args=(far, stop), daemon=True)
-        echo.start()
-        try:
-            daemon = start_sockd(
-                [entry("u", "udp", "relay", model, upstream=f"udp://127.0.0.1:{far.getsockname()[1]}")]
-            )
-            relay_address = inet(daemon.address("u"))
-            answered = flood(relay_address, flows(["127.0.0.1"], FLOOD_PORTS))
-            with socket.socket(type=socket.SOCK_DGRAM) as other:
-                other.bind(("127.0.0.2", 0))
-                other.settimeout(TIMEOUT)
-                other.sendto(b"me too", relay_address)
-                assert other.recvfrom(100) == (b"me too", relay_address)  # a new host, served at once
-        finally:
-            stop.set()
-            echo.join(TIMEOUT)
+    with echo_upstream() as upstream:
+        daemon = start_sockd([entry("u", "udp", "relay", model, upstream=f"udp://127.0.0.1:{upstream[1]}")])
+        relay_address = inet(daemon.address("u"))
+        answered = flood(relay_address, flows(["127.0.0.1"], FLOOD_PORTS))
+        with socket.socket(type=socket.SOCK_DGRAM) as other:
+            other.bind(("127.0.0.2", 0))
+            other.settimeout(TIMEOUT)
+            other.sendto(b"me too", relay_address)
+            assert other.recvfrom(100) == (b"me too", relay_address)  # a new host, served at once
     assert answered == FLOOD_PORTS  # each of the flood's new flows served too, in turn
     # The flood kept 256 sessions: each of its flows past them closed its own least recent one.
     evicted = FLOOD_PORTS - MAX_SESSIONS_PER_SOURCE
@@ -253,36 +258,27 @@ def test_a_datagram_forged_from_a_relays_upstream_starts_no_exchange(start_sockd
     forged to another UDP listener of the same daemon, that listener and the upstream would
     answer each other so. So neither takes a datagram from the upstream's port."""
     heard: list[bytes] = []
-    stop = threading.Event()
-    with socket.socket(type=socket.SOCK_DGRAM) as far:
-        far.bind(("127.0.0.1", 0))
-        upstream = far.getsockname()
-        echo = threading.Thread(target=echo_datagrams, args=(far, stop, heard), daemon=True)
-        echo.start()
-        try:
-            daemon = start_sockd(
-                [
-                    entry("u", "udp", "relay", model, upstream=f"udp://127.0.0.1:{upstream[1]}"),
-                    entry("e", "udp", "echo", model),
-                ]
-            )
-            relay, echoing = inet(daemon.address("u")), inet(daemon.address("e"))
-            forge_datagram(upstream, relay, b"loop")
-            forge_datagram(upstream, echoing, b"loop")
-            with socket.socket(type=socket.SOCK_DGRAM) as client:
-                client.settimeout(TIMEOUT)
-                for listener in (echoing, relay):  # both still serve an ordinary client
-                    client.sendto(b"hello", listener)
-                    assert client.recvfrom(100) == (b"hello", listener)
-            eventually(
-                lambda: rejected(daemon, "u", "reflection") >= 1 and rejected(daemon, "e", "reflection") >= 1,
-                "the forged datagrams counted",
-            )
-            # An exchange, had one begun, would have run up thousands of datagrams by now.
-            assert heard == [b"hello"]
-        finally:
-            stop.set()
-            echo.join(TIMEOUT)
+    with echo_upstream(heard) as upstream:
+        daemon = start_sockd(
+            [
+                entry("u", "udp", "relay", model, upstream=f"udp://127.0.0.1:{upstream[1]}"),
+                entry("e", "udp", "echo", model),
+            ]
+        )
+        relay, echoing = inet(daemon.address("u")), inet(daemon.address("e"))
+        forge_datagram(upstream, relay, b"loop")
+        forge_datagram(upstream, echoing, b"loop")
+        with socket.socket(type=socket.SOCK_DGRAM) as client:
+            client.settimeout(TIMEOUT)
+            for listener in (echoing, relay):  # both still serve an ordinary client
+                client.sendto(b"hello", listener)
+                assert client.recvfrom(100) == (b"hello", listener)
+        eventually(
+            lambda: rejected(daemon, "u", "reflection") >= 1 and rejected(daemon, "e", "reflection") >= 1,
+            "the forged datagrams counted",
+        )
+        # An exchange, had one begun, would have run up thousands of datagrams by now.
+        assert heard == [b"hello"]
 
 
 NOFILE = 1024
@@ -296,30 +292,18 @@ def test_a_udp_relay_holds_no_more_sessions_than_its_descriptors_allow(start_soc
     every descriptor of the worker, and a new client could get no socket for as long as they
     last (idle_timeout). The table is bounded by the descriptors instead: each new client past
     that closes the least recent session, and is served at once."""
-    stop = threading.Event()
-    with socket.socket(type=socket.SOCK_DGRAM) as far:
-        far.bind(("127.0.0.1", 0))
-        echo = threading.Thread(target=echo_datagrams, args=(far, stop), daemon=True)
-        echo.start()
-        try:
-            daemon = start_sockd(
-                [
-                    entry(
-                        "u", "udp", "relay", model, upstream=f"udp://127.0.0.1:{far.getsockname()[1]}", idle_timeout=300
-                    )
-                ],
-                prefix=("prlimit", f"--nofile={NOFILE}"),
-            )
-            relay_address = inet(daemon.address("u"))
-            answered = flood(relay_address, flows(SOURCES, PORTS_EACH))
-            with socket.socket(type=socket.SOCK_DGRAM) as newcomer:
-                newcomer.bind(("127.0.0.7", 0))
-                newcomer.settimeout(TIMEOUT)
-                newcomer.sendto(b"me too", relay_address)
-                assert newcomer.recvfrom(100) == (b"me too", relay_address)  # served at once
-        finally:
-            stop.set()
-            echo.join(TIMEOUT)
+    with echo_upstream() as upstream:
+        daemon = start_sockd(
+            [entry("u", "udp", "relay", model, upstream=f"udp://127.0.0.1:{upstream[1]}", idle_timeout=300)],
+            prefix=("prlimit", f"--nofile={NOFILE}"),
+        )
+        relay_address = inet(daemon.address("u"))
+        answered = flood(relay_address, flows(SOURCES, PORTS_EACH))
+        with socket.socket(type=socket.SOCK_DGRAM) as newcomer:
+            newcomer.bind(("127.0.0.7", 0))
+            newcomer.settimeout(TIMEOUT)
+            newcomer.sendto(b"me too", relay_address)
+            assert newcomer.recvfrom(100) == (b"me too", relay_address)  # served at once
     assert answered == len(SOURCES) * PORTS_EACH
     capacity = NOFILE - WORKER_RESERVED_DESCRIPTORS
     evicted = len(SOURCES) * PORTS_EACH + 1 - capacity
