@@ -245,8 +245,8 @@ def test_a_full_session_table_closes_its_least_recently_seen_session() -> None:
     sessions.replied(clients[1], 0)
     newcomer = sessions.open(("192.0.2.1", 5000), Flow)
     assert [flow.closed for flow in flows[:3]] == [False, False, True]  # the third: quiet the longest
-    assert len(sessions) == sessions.capacity
-    assert sessions[("192.0.2.1", 5000)] is newcomer
+    assert len(sessions.table) == sessions.capacity
+    assert sessions.table[("192.0.2.1", 5000)] is newcomer
     assert recorder.rejected[RELAY_SESSIONS] == 1
 
 

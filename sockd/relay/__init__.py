@@ -426,14 +426,6 @@ class Sessions(Generic[S]):
         self.capacity = int(min(MAX_SESSIONS, relayed_connections(1)))
         self.service.later(relay.session_timeout / 4, self._forget_idle)
 
-    # The table read as a mapping of client to session (as its tests do); its own methods use
-    # self.table, which costs no call of Python code.
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def __getitem__(self, client: Address) -> S:
-        return self.table[client]
-
     def admits(self, client: Address) -> bool:
         """Whether a datagram from `client` is relayed: not from a reflecting port (see
         lifecycle.Datagrams: a relay passes back what its upstream answers, so it could loop as
