@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import bisect
+import itertools
 import mmap
 import os
 import threading
@@ -40,13 +41,31 @@ REJECT_REASONS = (
     "relay_sessions",
     "reflection",
 )
+# sockd_tls_handshakes_total{result}: a TLS listener's handshakes by how they ended (see
+# sockd.tls.stage); sockd_tls_sessions_total{version}: the handshakes that succeeded, by the
+# protocol version they agreed (a bounded label: the versions a listener may allow).
+HANDSHAKE_RESULTS = ("ok", "failed", "timeout", "client_cert_rejected")
+HANDSHAKE_OK, HANDSHAKE_FAILED, HANDSHAKE_TIMEOUT, CLIENT_CERT_REJECTED = range(len(HANDSHAKE_RESULTS))
+TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
+# sockd_tls_handshake_duration_seconds's upper bounds: from a loopback handshake (about half a
+# millisecond of CPU) up to the longest handshake_timeout worth waiting for.
+HANDSHAKE_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 PUBLISH_INTERVAL = 0.1  # seconds between publications: the most a SIGKILL can cost the counters
 BEAT_INTERVAL = 0.5  # an event loop beats at least this often, busy or idle
 
-# The fields after the sequence number, in shared-memory order; then one per error kind, one per
-# reject reason, then the histogram's buckets (not cumulative; the last is +Inf).
-FIELDS = ("connections", "closed", "received", "sent", "duration_ns", "log_dropped")
-LISTS = ("errors", "rejected", "buckets")
+# The fields after the sequence number, in shared-memory order; then the lists: one word per error
+# kind, per reject reason, per handshake result, per TLS version, per handshake duration bucket,
+# then the request histogram's buckets (not cumulative; the last is +Inf), whose number is the
+# config's (the others' are fixed).
+FIELDS = ("connections", "closed", "received", "sent", "duration_ns", "log_dropped", "handshake_ns")
+LISTS = ("errors", "rejected", "handshakes", "versions", "handshake_buckets", "buckets")
+FIXED_LISTS = (
+    len(ERROR_KINDS),
+    len(REJECT_REASONS),
+    len(HANDSHAKE_RESULTS),
+    len(TLS_VERSIONS),
+    len(HANDSHAKE_BOUNDS) + 1,
+)
 _WORD = 8
 # Module-level names: a global lookup is cheaper than an attribute chain on the hot path.
 _clock = time.monotonic
@@ -63,8 +82,12 @@ class Totals:
     sent: int
     duration_ns: int
     log_dropped: int  # log lines the worker could not write (see sockd.logging.StderrLogger)
+    handshake_ns: int  # the TLS handshakes' time, summed
     errors: list[int]
     rejected: list[int]
+    handshakes: list[int]
+    versions: list[int]
+    handshake_buckets: list[int]
     buckets: list[int]
 
     @property
@@ -74,7 +97,7 @@ class Totals:
 
     @classmethod
     def zero(cls, bucket_count: int) -> Totals:
-        return cls(0, 0, 0, 0, 0, 0, [0] * len(ERROR_KINDS), [0] * len(REJECT_REASONS), [0] * bucket_count)
+        return cls.from_words([0] * (len(FIELDS) + sum(FIXED_LISTS) + bucket_count))
 
     def add(self, other: Totals) -> None:
         for name in FIELDS:
@@ -83,17 +106,35 @@ class Totals:
             setattr(self, name, [a + b for a, b in zip(getattr(self, name), getattr(other, name), strict=True)])
 
     def words(self) -> list[int]:
-        return [*(getattr(self, name) for name in FIELDS), *self.errors, *self.rejected, *self.buckets]
+        return [
+            *(getattr(self, name) for name in FIELDS),
+            *itertools.chain.from_iterable(getattr(self, name) for name in LISTS),
+        ]
 
     @classmethod
     def from_words(cls, words: Sequence[int]) -> Totals:
-        errors_at = len(FIELDS)
-        rejected_at = errors_at + len(ERROR_KINDS)
-        buckets_at = rejected_at + len(REJECT_REASONS)
-        connections, closed, received, sent, duration_ns, log_dropped = words[:errors_at]
-        errors, rejected = list(words[errors_at:rejected_at]), list(words[rejected_at:buckets_at])
-        buckets = list(words[buckets_at:])
-        return cls(connections, closed, received, sent, duration_ns, log_dropped, errors, rejected, buckets)
+        at = len(FIELDS)
+        lists = []
+        for size in (*FIXED_LISTS, len(words) - at - sum(FIXED_LISTS)):
+            lists.append(list(words[at : at + size]))
+            at += size
+        connections, closed, received, sent, duration_ns, log_dropped, handshake_ns = words[: len(FIELDS)]
+        errors, rejected, handshakes, versions, handshake_buckets, buckets = lists
+        return cls(
+            connections,
+            closed,
+            received,
+            sent,
+            duration_ns,
+            log_dropped,
+            handshake_ns,
+            errors,
+            rejected,
+            handshakes,
+            versions,
+            handshake_buckets,
+            buckets,
+        )
 
 
 class Recorder:
@@ -113,10 +154,14 @@ class Recorder:
         "connections",
         "errors",
         "first_bound",
+        "handshake_buckets",
+        "handshake_seconds",
+        "handshakes",
         "received",
         "rejected",
         "seconds",
         "sent",
+        "versions",
     )
     clock = staticmethod(_clock)
 
@@ -131,6 +176,10 @@ class Recorder:
         self.errors = [0] * len(ERROR_KINDS)
         self.rejected = [0] * len(REJECT_REASONS)
         self.buckets = [0] * (len(bounds) + 1)
+        self.handshakes = [0] * len(HANDSHAKE_RESULTS)
+        self.versions = [0] * len(TLS_VERSIONS)
+        self.handshake_buckets = [0] * (len(HANDSHAKE_BOUNDS) + 1)
+        self.handshake_seconds = 0.0
         self.bounds = bounds
         self.first_bound = bounds[0]
 
@@ -146,17 +195,31 @@ class Recorder:
         else:
             self.buckets[_bisect(self.bounds, elapsed)] += 1
 
+    def handshake(self, result: int, started: float, version: str | None = None) -> None:
+        """A TLS handshake that began at `started` (a clock() reading) ended with `result` (one
+        of HANDSHAKE_RESULTS); one that succeeded agreed on `version`. Counted whether or not
+        metrics are on: a handshake costs a thousand times the count."""
+        self.handshakes[result] += 1
+        if version in TLS_VERSIONS:
+            self.versions[TLS_VERSIONS.index(version)] += 1
+        elapsed = _clock() - started
+        self.handshake_seconds += elapsed
+        self.handshake_buckets[_bisect(HANDSHAKE_BOUNDS, elapsed)] += 1
+
     def totals(self) -> Totals:
-        duration_ns = round(self.seconds * 1e9)
         return Totals(
             self.connections,
             self.closed,
             self.received,
             self.sent,
-            duration_ns,
+            round(self.seconds * 1e9),
             0,  # log lines are the process's, not a thread's: see Stats.publish
+            round(self.handshake_seconds * 1e9),
             [*self.errors],
             [*self.rejected],
+            [*self.handshakes],
+            [*self.versions],
+            [*self.handshake_buckets],
             [*self.buckets],
         )
 
@@ -176,7 +239,7 @@ _SEQUENCE, _HEARTBEAT, _FIRST_FIELD = 0, 1, 2
 
 
 def words_needed(bucket_count: int) -> int:
-    return _FIRST_FIELD + len(FIELDS) + len(ERROR_KINDS) + len(REJECT_REASONS) + bucket_count
+    return _FIRST_FIELD + len(FIELDS) + sum(FIXED_LISTS) + bucket_count
 
 
 def create(bucket_count: int) -> int:

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -92,8 +92,10 @@ PAUSES = WRITE_FULL | REPLIES_DUE | CLOSING | INPUT_ENDED | CONNECTING
 
 # Where a datagram came from, as recvfrom() says: (host, port[, ...]) or a Unix path.
 Address = tuple[Any, ...] | str
-# A stage's maker (see Service.stage): given the connection and what its transport drives.
-Staging = Callable[["Stream", Receiver], Receiver]
+# A stage's maker (see Service.stage): given the connection, what its transport drives (the
+# Stream, or its LoggedStream) and that transport, it returns what the transport is to drive
+# until the stage is done.
+Staging = Callable[["Stream", Receiver, StreamTransport], Receiver]
 
 
 class Service:
@@ -327,14 +329,21 @@ class Stream(Connection):
         stage = self.service.stage
         if stage is None:
             self.begin()
-        else:  # the stage reads the input until it is done (see staged)
-            self.transport.set_protocol(stage(self, self.transport.get_protocol()))
+        else:  # the stage reads the input until it is done (see staged), beneath a LoggedStream
+            entry = cast(Stream | LoggedStream, self.transport.get_protocol())
+            carrier = entry.transport
+            carrier.set_protocol(stage(self, entry, carrier))
 
-    def staged(self, entry: Receiver, rest: bytes) -> None:
-        """The stage is done: the transport drives `entry` (what it drove before the stage)
-        again, so a request costs what it costs without a stage; the handler begins, and is fed
-        what came after what the stage took."""
-        self.transport.set_protocol(entry)
+    def staged(self, entry: Receiver, rest: bytes, layer: StreamTransport | None = None) -> None:
+        """The stage is done. Without a `layer`, the transport drives `entry` (what it drove
+        before the stage) again, so a request costs what it costs without a stage; a stage that
+        stays between them (TLS) is the `layer`, which drives `entry` and is its transport from
+        now on. The handler begins, and is fed what came after what the stage took."""
+        if layer is None:
+            self.transport.set_protocol(entry)
+        else:
+            cast(Stream | LoggedStream, entry).transport = layer
+        self.service.timeouts.staged(self)
         self.begin()
         if rest and not self.transport.is_closing():
             entry.data_received(rest)

@@ -254,18 +254,27 @@ T = TypeVar("T", bound=Timed)
 class Timeouts:
     """first_byte_timeout and idle_timeout for the event-loop models, which mark activity with one
     attribute store per read or write. A sweep every quarter of the shorter timeout finds the
-    expired, so a connection ends between its timeout and a quarter of it later.
+    expired, so a connection ends between its timeout and a quarter of it later. A listener's
+    stage (a TLS handshake) has until the shorter of its own timeout and first_byte_timeout: it
+    moves no deadline while it reads, so a client that trickles a handshake is ended all the same;
+    the first byte the handler sees is then awaited for first_byte_timeout from the stage's end.
 
     (The blocking models need none of this: a socket timeout on each recv() and send() does it.)"""
 
     def __init__(self, listener: Listener) -> None:
         self.first_byte = listener.first_byte_timeout or listener.idle_timeout or math.inf
         self.idle = listener.idle_timeout or math.inf
-        shortest = min(self.first_byte, self.idle)
+        self.staging = min(self.first_byte, listener.tls.handshake_timeout if listener.tls is not None else math.inf)
+        shortest = min(self.staging, self.idle)
         self.interval = max(0.01, shortest / 4) if shortest < math.inf else None
 
     def started(self, conn: Timed) -> None:
         if self.interval is not None:  # no clock read, no float per connection when nothing times out
+            conn.deadline = time.monotonic() + self.staging
+
+    def staged(self, conn: Timed) -> None:
+        """A stage is done: the first byte for the handler is due from now."""
+        if self.interval is not None:
             conn.deadline = time.monotonic() + self.first_byte
 
     def expired(self, connections: Iterable[T]) -> Iterator[T]:

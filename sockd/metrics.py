@@ -10,6 +10,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import itertools
 import selectors
 import socket
 import threading
@@ -25,7 +26,7 @@ from prometheus_client.registry import Collector
 
 from sockd import __version__, logging
 from sockd.config import Listener, MetricsConfig
-from sockd.counters import ERROR_KINDS, REJECT_REASONS, Totals
+from sockd.counters import ERROR_KINDS, HANDSHAKE_BOUNDS, HANDSHAKE_RESULTS, REJECT_REASONS, TLS_VERSIONS, Totals
 from sockd.logging import Throttled
 from sockd.sockets import OUT_OF_RESOURCES, RESOURCE_PAUSE, BindError, inet_address, reason
 
@@ -178,7 +179,35 @@ class SockdCollector(Collector):
         build.add_metric([__version__], 1)
         yield from (connections, active, requests, duration, received, sent, errors, rejected, restarts)
         yield from (generations, cpu, memory, info, build, log_dropped)
+        yield from _tls_metrics([report for report in [*reports, *snapshot.leaving] if report.listener.tls is not None])
         yield from _reload_metrics(snapshot.reloads)
+
+
+def _tls_metrics(reports: list[ListenerReport]) -> Iterator[Metric]:
+    """The TLS listeners' handshakes: by result, by the version agreed, and how long they took."""
+    label = ["listener"]
+    handshakes = CounterMetricFamily(
+        "sockd_tls_handshakes", f"TLS handshakes by result: {', '.join(HANDSHAKE_RESULTS)}.", labels=[*label, "result"]
+    )
+    sessions = CounterMetricFamily(
+        "sockd_tls_sessions", "TLS sessions established, by protocol version.", labels=[*label, "version"]
+    )
+    duration = HistogramMetricFamily(
+        "sockd_tls_handshake_duration_seconds", "From a TLS connection's opening to its handshake's end.", labels=label
+    )
+    bounds = [*map(_le, HANDSHAKE_BOUNDS), "+Inf"]
+    for report in reports:
+        name, totals = report.listener.name, report.totals
+        for result, count in zip(HANDSHAKE_RESULTS, totals.handshakes, strict=True):
+            handshakes.add_metric([name, result], count)
+        for version, count in zip(TLS_VERSIONS, totals.versions, strict=True):
+            sessions.add_metric([name, version], count)
+        duration.add_metric(
+            [name],
+            list(zip(bounds, itertools.accumulate(totals.handshake_buckets), strict=True)),
+            totals.handshake_ns / 1e9,
+        )
+    yield from (handshakes, sessions, duration)
 
 
 def _reload_metrics(reloads: Reloads) -> Iterator[Metric]:

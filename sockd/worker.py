@@ -32,6 +32,7 @@ from sockd.logging import configure, flush_throttled
 from sockd.models import registry
 from sockd.spec import WorkerSpec
 from sockd.stopping import Stop
+from sockd.tls.stage import stage_for
 
 log = structlog.get_logger()
 
@@ -63,7 +64,9 @@ def main(spec_json: bytes, fds: list[int]) -> int:
     sock.setblocking(False)  # see sockd.models: every model takes the listener as non-blocking
     shared = counters.Shared(counters_fd, len(spec.buckets) + 1)
     stats = counters.Stats(shared, spec.buckets, enabled=spec.metrics, stuck_after=spec.worker_timeout / 2)
-    model = registry.load(listener.concurrency)(listener, handlers.build(listener), stats, frozenset(spec.udp_ports))
+    model = registry.load(listener.concurrency)(
+        listener, handlers.build(listener), stats, frozenset(spec.udp_ports), stage=stage_for(spec)
+    )
     threading.Thread(target=_listen, args=(channel, stop, listener.name), daemon=True).start()
     stop.ending.on_set(lambda: _exit_after(spec.shutdown_timeout))
     served = threading.Event()

@@ -30,7 +30,7 @@ from sockd.lifecycle import (
     stream,
 )
 from sockd.limits import ACL, FREE, MAX_CONNECTIONS, MOVED, REFLECTION, Ticket, Unlimited
-from sockd.transports import HIGH_WATER, Receiver
+from sockd.transports import HIGH_WATER, Receiver, StreamTransport
 
 BOUNDS = [0.001, 1.0]
 
@@ -307,7 +307,7 @@ class FirstLine:
     tells the connection's log what it said, then hands the connection to the handler with
     what came after it."""
 
-    def __init__(self, stream: Stream, entry: Receiver) -> None:
+    def __init__(self, stream: Stream, entry: Receiver, transport: StreamTransport) -> None:
         self.stream = stream
         self.entry = entry
         self.taken = b""

@@ -132,6 +132,31 @@ OPTION_SCOPE: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+class TLSFiles(_Frozen):
+    cert: str
+    key: str
+
+
+class TLSAllow(_Frozen):
+    cn: list[str] = []
+    dns: list[str] = []
+    uri: list[str] = []
+
+
+class TLSConfig(_Frozen):
+    cert: str
+    key: str
+    client_ca: str | None = None
+    client_auth: Literal["none", "optional", "required"] = "none"
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    ciphers: str | None = None
+    alpn: list[str] = []
+    handshake_timeout: Timeout = 10.0
+    sni: dict[str, TLSFiles] = {}
+    crl: str | None = None
+    allow: TLSAllow | None = None
+
+
 class _ListenerBase(_Frozen):
     protocol: ProtocolName
     name: ListenerName
@@ -160,6 +185,7 @@ class _ListenerBase(_Frozen):
     first_byte_timeout: Timeout | None = None  # connected, and not a byte sent yet
     max_message_size: Annotated[int, Field(ge=1, le=BUFSIZE)] | None = None
     log_connections: bool = False  # a line as each connection ends (xinetd's log_on_success)
+    tls: TLSConfig | None = None
 
     # Socket options; None: the kernel's default.
     backlog: Annotated[int, Field(ge=1, le=65535)] = 4096

@@ -36,13 +36,22 @@ if TYPE_CHECKING:
     from sockd.config import Listener
     from sockd.counters import Stats
     from sockd.handlers import Handler
+    from sockd.lifecycle import Staging
     from sockd.stopping import Stop
 
 
 class Model(Protocol):
-    def __init__(self, listener: Listener, handler: Handler, stats: Stats, udp_ports: frozenset[int]) -> None:
+    def __init__(
+        self,
+        listener: Listener,
+        handler: Handler,
+        stats: Stats,
+        udp_ports: frozenset[int],
+        stage: Staging | None = None,
+    ) -> None:
         """`udp_ports`: the ports of the daemon's UDP listeners, for the Service (see
-        lifecycle.REFLECTORS)."""
+        lifecycle.REFLECTORS); `stage`: what each stream connection passes through before its
+        handler (a TLS handshake: see lifecycle.Service), for the Service too."""
 
     def serve(self, sock: socket.socket, stop: Stop) -> None:
         """Serve `sock` until `stop` is set, its open connections until `stop.ending` is set or

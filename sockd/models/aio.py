@@ -20,7 +20,7 @@ import structlog
 from sockd.config import EventLoop, Listener
 from sockd.counters import BEAT_INTERVAL, RESET, RESOURCES, Recorder, Stats
 from sockd.handlers import Handler, Relay
-from sockd.lifecycle import Address, Connection, Datagrams, Service, stream
+from sockd.lifecycle import Address, Connection, Datagrams, Service, Staging, stream
 from sockd.limits import FREE
 from sockd.models.shared import accept_failed, out_of_resources, stop_listening
 from sockd.relay import Resolver
@@ -225,11 +225,19 @@ class Acceptor:
 
 
 class Model:
-    def __init__(self, listener: Listener, handler: Handler, stats: Stats, udp_ports: frozenset[int]) -> None:
+    def __init__(
+        self,
+        listener: Listener,
+        handler: Handler,
+        stats: Stats,
+        udp_ports: frozenset[int],
+        stage: Staging | None = None,
+    ) -> None:
         self.listener = listener
         self.handler = handler
         self.stats = stats
         self.udp_ports = udp_ports
+        self.stage = stage
         self.new_loop = loop_factory(listener.event_loop)
         self.relay = handler if isinstance(handler, Relay) else None
         # asyncio and uvloop set TCP_NODELAY on every connection themselves: undo it if asked.
@@ -245,7 +253,12 @@ class Model:
         loop.set_exception_handler(self._loop_error)
         self.idle = asyncio.Event()  # set when the last connection is gone (the end of a drain)
         self.service = service = Service(
-            self.listener, self.handler, later=loop.call_later, udp_ports=self.udp_ports, gone=self._gone
+            self.listener,
+            self.handler,
+            later=loop.call_later,
+            udp_ports=self.udp_ports,
+            gone=self._gone,
+            stage=self.stage,
         )
         if service.screening or self.nagle:  # else a connection the loop has made has nothing to pass
             service.made = self._made

@@ -4,6 +4,7 @@ or a datagram with plain blocking calls. The models differ only in which thread 
 from __future__ import annotations
 
 import functools
+import math
 import select
 import socket
 import threading
@@ -14,7 +15,7 @@ from typing import TypeVar
 from sockd.config import BUFSIZE, Listener
 from sockd.counters import Recorder, Stats
 from sockd.handlers import Handler
-from sockd.lifecycle import Address, Datagrams, Service, Stream, stream
+from sockd.lifecycle import Address, Datagrams, Service, Staging, Stream, stream
 from sockd.limits import Ticket
 from sockd.models.shared import accept_failed, stop_listening
 from sockd.sockets import RESOURCE_PAUSE
@@ -69,11 +70,20 @@ class BlockingModel:
     """What the blocking models share: serving one connection or one datagram with blocking calls.
     Each model's `serve` says which threads run these."""
 
-    def __init__(self, listener: Listener, handler: Handler, stats: Stats, udp_ports: frozenset[int]) -> None:
+    def __init__(
+        self,
+        listener: Listener,
+        handler: Handler,
+        stats: Stats,
+        udp_ports: frozenset[int],
+        stage: Staging | None = None,
+    ) -> None:
         self.stats = stats
-        self.service = Service(listener, handler, later=sleep_then_call, udp_ports=udp_ports)
-        # A socket timeout on each recv() and send() is the whole of first_byte_timeout and idle_timeout.
-        self.first_timeout = listener.first_byte_timeout or listener.idle_timeout
+        self.service = Service(listener, handler, later=sleep_then_call, udp_ports=udp_ports, stage=stage)
+        # A socket timeout on each recv() and send() is the whole of first_byte_timeout and idle_timeout
+        # (and of a stage's: the first timeout bounds each read until the first answer).
+        staging = self.service.timeouts.staging
+        self.first_timeout = staging if staging < math.inf else None
         self.idle_timeout = listener.idle_timeout
 
     def stopping_on(self, stop: Stop, sock: socket.socket) -> None:
@@ -130,7 +140,7 @@ class BlockingModel:
             failure = exc
         finally:
             recorder.busy_since = 0.0
-            entry.connection_lost(failure)
+            transport.protocol.connection_lost(failure)  # through a stage, if the connection is in one
 
 
 def _until_answered(transport: BlockingTransport, connection: Stream, recorder: Recorder) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 from sockd.config import Listener
 from sockd.counters import Stats
 from sockd.handlers import Handler
+from sockd.lifecycle import Staging
 from sockd.models.selector import EventLoop
 
 
@@ -45,5 +46,12 @@ class BusySelector(selectors.BaseSelector):
 
 
 class Model(EventLoop):
-    def __init__(self, listener: Listener, handler: Handler, stats: Stats, udp_ports: frozenset[int]) -> None:
-        super().__init__(listener, handler, stats, udp_ports, BusySelector)
+    def __init__(
+        self,
+        listener: Listener,
+        handler: Handler,
+        stats: Stats,
+        udp_ports: frozenset[int],
+        stage: Staging | None = None,
+    ) -> None:
+        super().__init__(listener, handler, stats, udp_ports, BusySelector, stage=stage)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from sockd.config import BUFSIZE, Listener, SelectorBackend
 from sockd.counters import BEAT_INTERVAL, Stats
 from sockd.handlers import Handler, Relay
-from sockd.lifecycle import Datagrams, Service, stream
+from sockd.lifecycle import Datagrams, Service, Staging, stream
 from sockd.models.shared import accept_failed, stop_listening
 from sockd.relay import Resolver
 from sockd.relay.selector import DatagramSessions, Splice
@@ -49,9 +49,11 @@ class EventLoop:
         stats: Stats,
         udp_ports: frozenset[int],
         make_selector: Callable[[], selectors.BaseSelector],
+        *,
+        stage: Staging | None = None,
     ) -> None:
         self.stats = stats
-        self.service = Service(listener, handler, later=self.later, udp_ports=udp_ports)
+        self.service = Service(listener, handler, later=self.later, udp_ports=udp_ports, stage=stage)
         self.make_selector = make_selector
         # (when, tie-break, callback, args). The loop's other timers (sweeps, pauses, a relay's
         # timeouts) need not run once it stops: it ends when no connection is open and no
@@ -199,5 +201,12 @@ class EventLoop:
 
 
 class Model(EventLoop):
-    def __init__(self, listener: Listener, handler: Handler, stats: Stats, udp_ports: frozenset[int]) -> None:
-        super().__init__(listener, handler, stats, udp_ports, BACKENDS[listener.selector_backend])
+    def __init__(
+        self,
+        listener: Listener,
+        handler: Handler,
+        stats: Stats,
+        udp_ports: frozenset[int],
+        stage: Staging | None = None,
+    ) -> None:
+        super().__init__(listener, handler, stats, udp_ports, BACKENDS[listener.selector_backend], stage=stage)
