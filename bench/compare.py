@@ -49,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -202,16 +203,48 @@ def rss_kb(pids: list[int]) -> int:
     return total
 
 
-def cpu_times(pids: list[int]) -> dict[int, float]:
-    """CPU seconds (user + system, all threads, reaped children included) of each process."""
+def cpu_times(pids: Iterable[int]) -> dict[int, tuple[float, float]]:
+    """CPU seconds (user + system, all threads) of each process: its own, and its reaped children's."""
+    tick = os.sysconf("SC_CLK_TCK")
     times = {}
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            times[pid] = sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError):
-            pass
+            utime, stime, cutime, cstime = (int(field) / tick for field in fields[11:15])
+        except (OSError, ValueError):
+            continue
+        times[pid] = (utime + stime, cutime + cstime)
     return times
+
+
+def server_cpu(
+    start: dict[int, tuple[float, float]], end: dict[int, tuple[float, float]], settled: dict[int, tuple[float, float]]
+) -> float:
+    """CPU seconds a server's processes used from `start` to `end` (cpu_times of its tree).
+
+    A forking server's per-connection children exit as the load ends: read at that moment, a child
+    reaped between the read of its parent and its own would be lost, or counted twice the other way
+    round. So the children's time is read once they have been reaped (`settled`, the tree a moment
+    later, when it no longer shrinks), and the processes' own time at the end: what one that lives
+    on spends idling after the load (busy_poll spins) does not count."""
+    used = 0.0
+    for pid, (own, children) in settled.items():
+        used += (end[pid][0] if pid in end else own) + children
+    return used - sum(own + children for own, children in start.values())
+
+
+def settled_tree(pid: int, timeout: float = 2.0) -> list[int]:
+    """tree(pid) once it has stopped shrinking (or after `timeout`): each child that served one of
+    the load's connections has exited and been reaped."""
+    found = tree(pid)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = tree(pid)
+        if set(now) == set(found):
+            break
+        found = now
+    return found
 
 
 def tree(pid: int) -> list[int]:
@@ -284,8 +317,8 @@ def run_one(mode: str, command: str, args: argparse.Namespace) -> dict[str, floa
         time.sleep(args.seconds * 0.9)
         pids = set(start) | set(tree(server.pid))  # a forking server's children appear under load
         out, _ = load.communicate(timeout=args.seconds + 30)
-        end = cpu_times(sorted(pids))
-        cpu = sum(t - start.get(pid, 0.0) for pid, t in end.items())
+        end = cpu_times(pids)
+        cpu = server_cpu(start, end, cpu_times(settled_tree(server.pid)))
         fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
         rate = float(fields.get("rps", fields.get("cps", 0)))
         done = float(fields.get("requests", 0))

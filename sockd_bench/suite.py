@@ -8,9 +8,11 @@ minutes and its numbers belong to the machine it ran on.
 
 The tls-* workloads measure TLS 1.3 (compare.py's tlsload, a throwaway P-256 certificate per run)
 against stunnel 5 and socat `OPENSSL-LISTEN` in front of the C echo server (the setup a user has
-without sockd's TLS), a bare uvloop TLS echo server, and, for the relay, HAProxy terminating TLS;
-the C echo server behind a relay shares the relay's CPU 0 and counts in its CPU. A peer whose
-program is missing (stunnel, haproxy, socat) is skipped with a note.
+without sockd's TLS), a bare uvloop TLS echo server, and, for the relay, HAProxy terminating TLS.
+The C echo server behind a TLS relay runs on the relay's CPU 0 and counts in its CPU, so that a
+relay and its service compare with a server that echoes over TLS itself (the plain relay
+workloads give a relay CPU 0 to itself instead). A peer whose program is missing (stunnel,
+haproxy, socat) is skipped with a note.
 
     .venv/bin/python -m sockd_bench.suite [--rounds 3] [--seconds 3] [WORKLOAD ...]
 """
@@ -63,7 +65,7 @@ def tls_relays(*kinds: str) -> list[str]:
 # What the servers that start through relay.py run, which compare.py cannot see: without it, they
 # are skipped with a note (compare.py notes its own, such as Go's peer).
 PROGRAMS = {"socat-relay": "socat", "socat-tls": "socat", "stunnel": "stunnel", "haproxy-tls": "haproxy"}
-TLS = ("--tls", "{tls}")
+TLS = ("--tls", "{tls}")  # sockd's listener serves the run's certificate
 TLS_PEERS = [*tls_relays("stunnel", "socat"), "uvloop-tls"]
 TLS_MODELS = ["asyncio", "selector", "busy_poll", "threaded"]
 

@@ -256,11 +256,14 @@ def test_compare_builds_its_peers_and_measures_sockd() -> None:
 
 def test_compare_over_tls() -> None:
     """The tls-* modes: compare.py builds tlsload against OpenSSL and makes the run's certificate;
-    stunnel (its config in memory) relays to the C echo server; the bare uvloop TLS peer."""
+    stunnel (its config in memory) relays to the C echo server; the bare uvloop TLS peer; sockd
+    serves that certificate."""
     require("gcc")
     require("openssl")
     require("stunnel")
     if not Path("/usr/include/openssl/ssl.h").exists() and not os.environ.get("CI"):
         pytest.skip("OpenSSL's headers (libssl-dev) are not installed: compare.py skips the tls-* modes")
-    measured = compare("tls-echo", [*suite.tls_relays("stunnel"), "uvloop-tls"])
-    assert list(measured) == ["stunnel", "uvloop-tls"]
+    measured = compare(
+        "tls-echo", [*suite.tls_relays("stunnel"), "uvloop-tls", *suite.models("tcp", "echo", ["asyncio"], *suite.TLS)]
+    )
+    assert list(measured) == ["stunnel", "uvloop-tls", "sockd-asyncio"]
