@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sockd.config import BUFSIZE
+from sockd.tls.failures import HandshakeCut, HandshakeEOF
 from sockd.transports import Receiver, StreamTransport
 
 # What a failed handshake is told as: OpenSSL's reason, or the error itself.
@@ -32,21 +33,6 @@ Established = Callable[["TLSLayer", Failure], None]
 TLS_ERRORS = (ssl.SSLError, ssl.CertificateError, ValueError)
 
 
-class HandshakeEOF(ConnectionResetError):
-    """The peer ended its connection before the handshake did."""
-
-    def __init__(self) -> None:
-        super().__init__("the peer closed the connection during the TLS handshake")
-
-
-class HandshakeCut(ConnectionAbortedError):
-    """This side ended the connection during the handshake: the only reason it does is that the
-    handshake outlasted its timeout (see lifecycle.Timeouts)."""
-
-    def __init__(self) -> None:
-        super().__init__("the TLS handshake did not finish in time")
-
-
 class TLSLayer:
     """One connection's TLS. `protocol` is what it drives with the plaintext, once the handshake
     is done; `transport` what carries the ciphertext; `established` is told how the handshake
@@ -58,8 +44,10 @@ class TLSLayer:
         "failure",
         "handshaking",
         "incoming",
+        "input_ended",
         "outgoing",
         "output_ended",
+        "peer_ended",
         "protocol",
         "reading",
         "tls",
@@ -85,7 +73,9 @@ class TLSLayer:
         self.established = established
         self.handshaking = True
         self.reading = True  # what `protocol` asked (pause_reading): plaintext waits in the BIOs meanwhile
-        self.output_ended = False  # a close_notify has gone: nothing more may be written
+        self.peer_ended = False  # the peer's TCP stream ended (see eof_received)
+        self.input_ended = False  # `protocol` has been told of the end of the input
+        self.output_ended = False  # a close_notify has gone, or the connection is ending: write no more
         self.failure: BaseException | None = None  # what ended an established connection, if TLS did
 
     def start(self, transport: StreamTransport) -> None:
@@ -102,8 +92,24 @@ class TLSLayer:
         self.incoming.write(data)
         if self.handshaking:
             self._handshake()
-        elif self.reading:
-            self._read()
+            return
+        if not self.reading:
+            return
+        # The path of every request, written out as the loop of _read: one whole record come,
+        # its plaintext passed on, and nothing left to read.
+        try:
+            plain = self.tls.read(BUFSIZE)
+        except ssl.SSLWantReadError:  # a record not whole yet
+            return
+        except TLS_ERRORS:
+            self._read()  # which meets the error again, and ends the connection
+            return
+        if plain and not self.incoming.pending and not self.tls.pending():
+            self.protocol.data_received(plain)
+            if self.outgoing.pending:
+                self._flush()
+            return
+        self._read(plain)
 
     def eof_received(self) -> bool | None:
         """The peer's TCP stream ended. Without a close_notify first: a truncation, told as an
@@ -111,7 +117,7 @@ class TLSLayer:
         if self.handshaking:
             self._failed(HandshakeEOF())
             return None
-        self.incoming.write_eof()
+        self.peer_ended = True
         if self.reading:
             self._read()
         return True
@@ -123,6 +129,7 @@ class TLSLayer:
         self.protocol.resume_writing()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self.output_ended = True
         if self.handshaking:  # a reset, or this side's abort (see HandshakeCut)
             self.handshaking = False
             self.established(self, exc if isinstance(exc, OSError) else HandshakeCut())
@@ -152,29 +159,33 @@ class TLSLayer:
         self.established(self, failure)
         self.transport.close()
 
-    def _read(self) -> None:
-        """Give `protocol` the plaintext the incoming BIO holds, while it reads."""
+    def _read(self, data: bytes | None = None) -> None:
+        """Give `protocol` the plaintext the incoming BIO holds (after `data`, read already),
+        while it reads."""
         tls, incoming, protocol = self.tls, self.incoming, self.protocol
         while self.reading:
-            try:
-                data = tls.read(BUFSIZE)
-            except ssl.SSLWantReadError:
-                break
-            except TLS_ERRORS as exc:  # a bad record, or an alert from the peer: the connection is over
-                self.failure = exc
-                self._flush()
-                self.transport.abort()
-                return
+            if data is None:
+                try:
+                    data = tls.read(BUFSIZE)
+                except ssl.SSLWantReadError:
+                    if not self.peer_ended:
+                        break
+                    data = b""  # all that came whole is read: the end (a record cut short is dropped)
+                except TLS_ERRORS as exc:  # a bad record, or an alert from the peer: the connection is over
+                    self.failure = exc
+                    self._flush()
+                    self.abort()
+                    return
             if not data:  # a close_notify, or the TCP stream's end
-                self.reading = False
+                self.reading, self.input_ended = False, True
                 self._flush()
                 if not protocol.eof_received():
                     self.close()
                 return
             protocol.data_received(data)
-            # A whole record read and nothing more come: done, without the exception of a read
-            # that finds nothing (the common case, a request per record).
-            if not incoming.pending and not tls.pending():
+            data = None
+            # Nothing more come: done, without the exception of a read that finds nothing.
+            if not incoming.pending and not tls.pending() and not self.peer_ended:
                 break
         if self.outgoing.pending:  # a session ticket, a key update's answer
             self._flush()
@@ -186,7 +197,7 @@ class TLSLayer:
     # -- as the protocol's transport
 
     def write(self, data: bytes) -> None:
-        if self.output_ended or not data or self.transport.is_closing():
+        if self.output_ended or not data:  # see close and abort
             return
         self.tls.write(data)
         self.transport.write(self.outgoing.read())
@@ -208,9 +219,11 @@ class TLSLayer:
         """Say close_notify, then close the transport once what is written has gone."""
         if not self.handshaking:
             self.write_eof()
+        self.output_ended = True
         self.transport.close()
 
     def abort(self) -> None:
+        self.output_ended = True
         self.transport.abort()
 
     def pause_reading(self) -> None:
@@ -218,11 +231,11 @@ class TLSLayer:
         self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.reading:
+        if self.reading or self.input_ended:
             return
         self.reading = True
         self.transport.resume_reading()
-        if not self.handshaking and (self.incoming.pending or self.tls.pending() or self.incoming.eof):
+        if not self.handshaking and (self.incoming.pending or self.tls.pending() or self.peer_ended):
             self._read()
 
     def is_closing(self) -> bool:

@@ -20,8 +20,9 @@ import structlog
 
 from sockd.counters import CLIENT_CERT_REJECTED, HANDSHAKE_FAILED, HANDSHAKE_OK, HANDSHAKE_TIMEOUT
 from sockd.logging import Throttled
+from sockd.tls.failures import HandshakeCut, HandshakeEOF
 from sockd.tls.identity import Allowed, Identity
-from sockd.tls.layer import Failure, HandshakeCut, HandshakeEOF, TLSLayer
+from sockd.tls.layer import Failure, TLSLayer
 from sockd.transports import Receiver, StreamTransport, peer
 
 if TYPE_CHECKING:
