@@ -171,6 +171,8 @@ class TLSLayer:
                     if not self.peer_ended:
                         break
                     data = b""  # all that came whole is read: the end (a record cut short is dropped)
+                except ssl.SSLZeroReturnError:  # the peer's close_notify after ours (a half-close both ways)
+                    data = b""
                 except TLS_ERRORS as exc:  # a bad record, or an alert from the peer: the connection is over
                     self.failure = exc
                     self._flush()
