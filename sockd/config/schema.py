@@ -259,31 +259,6 @@ OPTION_SCOPE: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-class TLSFiles(_Frozen):
-    cert: str
-    key: str
-
-
-class TLSAllow(_Frozen):
-    cn: list[str] = []
-    dns: list[str] = []
-    uri: list[str] = []
-
-
-class TLSConfig(_Frozen):
-    cert: str
-    key: str
-    client_ca: str | None = None
-    client_auth: Literal["none", "optional", "required"] = "none"
-    min_version: Literal["1.2", "1.3"] = "1.2"
-    ciphers: str | None = None
-    alpn: list[str] = []
-    handshake_timeout: Timeout = 10.0
-    sni: dict[str, TLSFiles] = {}
-    crl: str | None = None
-    allow: TLSAllow | None = None
-
-
 class _ListenerBase(_Frozen):
     protocol: ProtocolName
     name: ListenerName

@@ -18,11 +18,14 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from sockd.config import Config
 from sockd.counters import CLIENT_CERT_REJECTED, HANDSHAKE_FAILED, HANDSHAKE_OK, HANDSHAKE_TIMEOUT
 from sockd.logging import Throttled
+from sockd.tls.contexts import server_context
 from sockd.tls.failures import HandshakeCut, HandshakeEOF
 from sockd.tls.identity import Allowed, Identity
 from sockd.tls.layer import Failure, TLSLayer
+from sockd.tls.material import read_material
 from sockd.transports import Receiver, StreamTransport, peer
 
 if TYPE_CHECKING:
@@ -106,6 +109,8 @@ def stage_for(spec: WorkerSpec) -> TLSStage | None:
     tls = spec.listener.tls
     if tls is None:
         return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(tls.cert, tls.key)
-    return TLSStage(context, tls)
+    # Until the spec carries the material the supervisor read: read here.
+    material, _ = read_material(Config(listeners=[spec.listener]))
+    server = material[spec.listener.name].server
+    assert server is not None
+    return TLSStage(server_context(tls, server), tls)
