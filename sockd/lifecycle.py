@@ -33,6 +33,9 @@ The life of a stream connection:
                                         stop ─> end_input once it has had an answer ──┘
                                                         connection_lost: counted, ticket released
 
+A relay's connection (sockd.relay) passes through the same stage, given the same way, before its
+upstream is connected: a client the stage refuses never reaches the upstream.
+
 Reading is paused for reasons, each a bit of `Connection.paused` (see PAUSES), and resumed once
 none remains: the transports of every model, and the asyncio relay for its client, pause and
 resume a connection through `pause` and `resume` (`pause_writing` and `resume_writing` for a

@@ -9,6 +9,12 @@ transports). Neither imports a model: each is given what it needs, a `Service` f
 accounting, and the selector driver a `Reactor`. Each is its client connection's transport (see
 Relayed). Both look the upstream's name up through a
 `Resolver`, off their loop.
+
+Either side may speak TLS, through a TLSLayer (sockd.tls.layer) each driver puts between that
+side's socket and the relay: on a `tls` listener the client's handshake is the listener's stage,
+judged as any connection's (sockd.tls.stage) before the upstream is connected; to a tls://
+upstream (the handler's UpstreamTLS) the upstream's handshake is part of connecting it, and its
+failure is the upstream's (handshake_failed). A side's end of output is then a close_notify.
 """
 
 from __future__ import annotations
