@@ -19,7 +19,21 @@ from typing import Any
 import pytest
 from test_relay import DRIVERS, digest, hash_to_eof, listening, send_then_shut, stream, unused_port, upstream
 
-from support import TIMEOUT, Daemon, Launcher, connect, eventually, read_to_eof, recv_exactly, require, samples, value
+from support import (
+    CA,
+    SERVER_NAME,
+    TIMEOUT,
+    Daemon,
+    Files,
+    Launcher,
+    connect,
+    eventually,
+    read_to_eof,
+    recv_exactly,
+    require,
+    samples,
+    value,
+)
 from support import listener as entry
 
 SIZE = 8 << 20
@@ -29,38 +43,21 @@ CHEAP = [*DRIVERS, "busy_poll"]
 
 @dataclass(frozen=True)
 class Certificates:
-    """A CA of the tests' own, a server certificate it signed (for localhost and 127.0.0.1), and
-    a client certificate it signed (CN relay-client); P-256 keys."""
+    """The tests' CA, a server certificate it issued (for SERVER_NAME and the loopback addresses),
+    and a client certificate it issued (CN relay-client)."""
 
     ca: Path
-    server: Path
-    server_key: Path
-    client: Path
-    client_key: Path
+    server: Files
+    client: Files
 
 
 @pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+def certs(tls_ca: CA, tmp_path_factory: pytest.TempPathFactory) -> Certificates:
     directory = tmp_path_factory.mktemp("certs")
-    openssl = require("openssl")
-    new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2"]
-
-    def make(name: str, subject: str, *extensions: str) -> None:
-        signed = ["-CA", "ca.pem", "-CAkey", "ca.key"] if name != "ca" else []
-        added = [arg for extension in extensions for arg in ("-addext", extension)]
-        command = [openssl, "req", "-x509", *new_key, *signed, "-keyout", f"{name}.key", "-out", f"{name}.pem"]
-        subprocess.run([*command, "-subj", subject, *added], cwd=directory, check=True, capture_output=True)
-
-    leaf = "basicConstraints=critical,CA:FALSE"
-    make("ca", "/CN=sockd test CA")
-    make("server", "/CN=localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1", leaf)
-    make("client", "/CN=relay-client", "extendedKeyUsage=clientAuth", leaf)
     return Certificates(
-        directory / "ca.pem",
-        directory / "server.pem",
-        directory / "server.key",
-        directory / "client.pem",
-        directory / "client.key",
+        tls_ca.write(directory),
+        tls_ca.server().write(directory, "server"),
+        tls_ca.client("relay-client").write(directory, "client"),
     )
 
 
@@ -71,7 +68,9 @@ def tls_echo(certs: Certificates, *, require_client_certificate: bool = False) -
     into its own full pipe would block it for good; -t gives the other way time to drain."""
     port = unused_port()
     verify = f"verify=1,cafile={certs.ca}" if require_client_certificate else "verify=0"
-    listen = f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={certs.server},key={certs.server_key},{verify}"
+    listen = (
+        f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={certs.server.cert},key={certs.server.key},{verify}"
+    )
     process = subprocess.Popen([require("socat"), "-b", "4096", "-t", str(TIMEOUT), listen, "PIPE"])
     try:
         eventually(lambda: listening(port), "socat listening", timeout=TIMEOUT)
@@ -103,7 +102,7 @@ def test_eight_mebibytes_reach_a_tls_upstream_and_come_back_after_a_half_close(
     start_sockd: Launcher, certs: Certificates, model: str
 ) -> None:
     with tls_echo(certs) as port:
-        daemon = relays_to_tls(start_sockd, model, port, upstream_ca=str(certs.ca), upstream_server_name="localhost")
+        daemon = relays_to_tls(start_sockd, model, port, upstream_ca=str(certs.ca), upstream_server_name=SERVER_NAME)
         with connect(daemon.address("r"), timeout=TIMEOUT * 3) as client:
             sender = threading.Thread(target=send_then_shut, args=(client, 1, SIZE))
             sender.start()
@@ -142,13 +141,14 @@ def test_an_upstream_that_fails_verification_refuses_the_client_as_a_refused_ups
 def test_the_relay_shows_its_client_certificate_to_an_upstream_that_requires_one(
     start_sockd: Launcher, certs: Certificates, model: str, presented: bool
 ) -> None:
-    mine = {"upstream_cert": str(certs.client), "upstream_key": str(certs.client_key)} if presented else {}
+    mine = {"upstream_cert": str(certs.client.cert), "upstream_key": str(certs.client.key)} if presented else {}
     with tls_echo(certs, require_client_certificate=True) as port:
         daemon = relays_to_tls(start_sockd, model, port, upstream_ca=str(certs.ca), **mine)
         with connect(daemon.address("r")) as client:
             client.sendall(b"who goes there")
             client.shutdown(socket.SHUT_WR)
-            with contextlib.suppress(ConnectionResetError):
+            answer = b""
+            with contextlib.suppress(ConnectionResetError):  # its upstream failed as it was relaying
                 answer = read_to_eof(client)
     if presented:
         assert answer == b"who goes there"
@@ -163,7 +163,7 @@ def test_the_relay_shows_its_client_certificate_to_an_upstream_that_requires_one
 
 
 def tls_listener(model: str, target: str, certs: Certificates, **options: Any) -> dict[str, Any]:
-    tls = {"cert": str(certs.server), "key": str(certs.server_key), **options.pop("tls", {})}
+    tls = {"cert": str(certs.server.cert), "key": str(certs.server.key), **options.pop("tls", {})}
     return entry("r", "tcp", "relay", model, upstream=target, tls=tls, **options)
 
 
@@ -179,7 +179,7 @@ def test_socat_through_a_tls_listener_gets_eight_mebibytes_back_after_a_half_clo
         daemon = start_sockd([tls_listener(model, server.url, certs, log_connections=True)])
         port = daemon.address("r").rsplit(":", 1)[1]
         # At the end of its input, socat ends its output (a close_notify) and reads on (-t).
-        client = f"OPENSSL:127.0.0.1:{port},cafile={certs.ca},commonname=localhost"
+        client = f"OPENSSL:127.0.0.1:{port},cafile={certs.ca},commonname={SERVER_NAME}"
         with sent.open("rb") as stdin:
             done = subprocess.run(
                 [require("socat"), "-t", str(TIMEOUT), "-", client],
@@ -228,7 +228,7 @@ def test_a_client_its_handshake_does_not_let_in_never_reaches_the_upstream(
         host, port = daemon.address("r").rsplit(":", 1)
         if client == "not-allowed":
             s_client = [require("openssl"), "s_client", "-connect", f"{host}:{port}", "-CAfile", str(certs.ca)]
-            s_client += ["-cert", str(certs.client), "-key", str(certs.client_key)]
+            s_client += ["-cert", str(certs.client.cert), "-key", str(certs.client.key)]
             subprocess.run(s_client, input=b"let me in", capture_output=True, timeout=TIMEOUT, check=False)
         else:
             with connect(daemon.address("r")) as sock, contextlib.suppress(ConnectionResetError):
