@@ -13,11 +13,12 @@ import sys
 from setproctitle import setproctitle
 
 from sockd import __version__, reloads
-from sockd.config import Config, load
+from sockd.config import Config
 from sockd.errors import SockdError
 from sockd.logging import configure, is_journal, one_line, priority
 from sockd.stdout import emit
 from sockd.supervisor import Supervisor
+from sockd.tls.material import load_config
 
 # Where a daemon's config is found unless the command says otherwise, as nginx and sshd do theirs.
 DEFAULT_CONFIG = "/etc/sockd/sockd.yaml"
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None, signals: collections.deque[int] | None =
 
 
 def _run(path: str, check: bool, signals: collections.deque[int] | None) -> int:
-    config = load(path)
+    config = load_config(path).config
     if check:
         count = len(config.listeners)
         emit(f"{path}: OK, {count} listener{'s' if count != 1 else ''}")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from sockd.config import Config, ConfigError, Listener, load
+from sockd.config import Config, ConfigError, Listener
 from sockd.descriptors import DescriptorLimit, make_room
 from sockd.forkserver import ForkServerError, Spawner
 from sockd.group import Group
@@ -18,6 +18,7 @@ from sockd.ledger import Ledger
 from sockd.plan import Step, plan
 from sockd.sockets import BindError, Bound, udp_ports
 from sockd.spec import WorkerSettings
+from sockd.tls.material import load_config
 
 log = structlog.get_logger()
 
@@ -58,7 +59,7 @@ def prepare(
     """Everything a reload of the file at `path` needs before it changes anything (Refused if
     something is missing): the config in force is `running`, its groups serve `serving`."""
     try:
-        new = load(path)
+        new = load_config(path).config
     except ConfigError as exc:
         raise Refused(exc.problems[0], exc.problems) from None
     if new.metrics != running.metrics:

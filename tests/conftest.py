@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from support import Launcher, short_directory
+from support import CA, Launcher, short_directory
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -44,3 +44,10 @@ def start_module_sockd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lau
     launcher = Launcher(tmp_path_factory.mktemp("sockd"))
     yield launcher
     launcher.finish()
+
+
+@pytest.fixture(scope="session")
+def tls_ca() -> CA:
+    """A certificate authority for the TLS tests (see support.certs); it issues a fresh
+    certificate each time it is asked."""
+    return CA()

@@ -35,7 +35,8 @@ def test_a_rule_waits_only_for_the_fields_it_reads() -> None:
         """
     ) == [
         "f.yaml:6: listeners[0].port: input should be less than or equal to 65535",
-        "f.yaml:9: listeners[0].upstream: a udp listener relays to a udp upstream, a stream listener to tcp or unix",
+        "f.yaml:9: listeners[0].upstream:"
+        " a udp listener relays to a udp upstream, a stream listener to tcp, tls or unix",
     ]
 
 

@@ -6,12 +6,13 @@
 - rules: what a single field's validation cannot see (settings that go together, listeners that
   cannot all be bound);
 - problems: ConfigError, and each problem worded and placed as `file:line: field: message`;
-- loader: `load` and `parse`, which join them.
+- loader: `load` and `parse`, which join them, and `load_document`, whose Document places the
+  problems found beyond the file (in the TLS files it names: sockd.tls.material) as its own.
 """
 
-from sockd.config.loader import load, parse
-from sockd.config.problems import ConfigError
-from sockd.config.reader import MAX_FILE_BYTES, MAX_VALUES
+from sockd.config.loader import Document, load, load_document, parse
+from sockd.config.problems import ConfigError, Problem, reason
+from sockd.config.reader import MAX_FILE_BYTES, MAX_VALUES, read_regular
 from sockd.config.rules import passive_address
 from sockd.config.schema import (
     BUFSIZE,
@@ -28,6 +29,8 @@ from sockd.config.schema import (
     ProtocolName,
     SelectorBackend,
     TimestampFormat,
+    TLSConfig,
+    TLSFiles,
     UnixListener,
 )
 
@@ -38,6 +41,7 @@ __all__ = [
     "RELAYING_MODELS",
     "Config",
     "ConfigError",
+    "Document",
     "EventLoop",
     "HandlerName",
     "InetListener",
@@ -46,11 +50,17 @@ __all__ = [
     "MetricsConfig",
     "ModelName",
     "Network",
+    "Problem",
     "ProtocolName",
     "SelectorBackend",
+    "TLSConfig",
+    "TLSFiles",
     "TimestampFormat",
     "UnixListener",
     "load",
+    "load_document",
     "parse",
     "passive_address",
+    "read_regular",
+    "reason",
 ]

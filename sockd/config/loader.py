@@ -4,17 +4,42 @@ turn every problem into one line `file:line: field: message` of a ConfigError.""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import yaml
 
-from sockd.config.problems import ConfigError, line_of, locate, one_line, reason
+from sockd.config.problems import ConfigError, Problem, line_of, locate, one_line, reason
 from sockd.config.reader import MAX_FILE_BYTES, Unreadable, duplicate_keys, read_regular, read_yaml, yaml_problem
 from sockd.config.recovery import validate
 from sockd.config.schema import Config
 
 
+@dataclass(frozen=True)
+class Document:
+    """A valid config, and what places a problem found beyond it (in a file it names, see
+    sockd.tls.material) at its line."""
+
+    config: Config
+    root: yaml.Node | None
+    shown: str
+
+    def error(self, problems: Iterable[Problem]) -> ConfigError:
+        return ConfigError(_lines(self.shown, locate(self.root, problems)))
+
+
 def load(path: str | os.PathLike[str]) -> Config:
     """Read, parse and validate a config file; every problem becomes a one-line `ConfigError`."""
+    return load_document(path).config
+
+
+def parse(text: str, shown: str) -> Config:
+    """Validate YAML `text`; `shown` is the file name the errors start with."""
+    return parse_document(text, shown).config
+
+
+def load_document(path: str | os.PathLike[str]) -> Document:
+    """As `load`, keeping the file's YAML to place later problems by."""
     shown = os.fspath(path)
     try:
         raw = read_regular(path)
@@ -23,11 +48,11 @@ def load(path: str | os.PathLike[str]) -> Config:
         text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{shown}: cannot read: {reason(exc)}"]) from None
-    return parse(text, shown)
+    return parse_document(text, shown)
 
 
-def parse(text: str, shown: str) -> Config:
-    """Validate YAML `text`; `shown` is the file name the errors start with."""
+def parse_document(text: str, shown: str) -> Document:
+    """As `parse`, keeping the YAML to place later problems by."""
     try:
         root, data = read_yaml(text)
     except yaml.YAMLError as exc:
@@ -44,5 +69,9 @@ def parse(text: str, shown: str) -> Config:
         config, problems = validate(data)
         found += locate(root, problems)
     if found or config is None:
-        raise ConfigError([f"{shown}:{line}: {one_line(field)}: {one_line(msg)}" for line, field, msg in sorted(found)])
-    return config
+        raise ConfigError(_lines(shown, found))
+    return Document(config, root, shown)
+
+
+def _lines(shown: str, found: Iterable[tuple[int, str, str]]) -> list[str]:
+    return [f"{shown}:{line}: {one_line(field)}: {one_line(msg)}" for line, field, msg in sorted(found)]

@@ -5,6 +5,8 @@ format rather than pydantic's."""
 from __future__ import annotations
 
 import difflib
+import types
+import typing
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -51,6 +53,8 @@ def explain(loc: tuple[Any, ...], error: ErrorDetails, model: type[BaseModel]) -
     """Turn one pydantic error at `loc`, in a mapping validated as `model`, into (location,
     message) in the words of this file's format."""
     kind = error["type"]
+    if loc[-1:] == ("[key]",):  # a mapping's key, not its value, is wrong: the key is named already
+        loc = loc[:-1]
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         loc += ("protocol",)
         if kind == "union_tag_not_found":
@@ -60,11 +64,12 @@ def explain(loc: tuple[Any, ...], error: ErrorDetails, model: type[BaseModel]) -
         return loc, "required"
     if kind == "extra_forbidden":
         key = loc[-1]
-        if model in LISTENER_KINDS.values():
+        if model in LISTENER_KINDS.values() and len(loc) == 1:
             for variant, protocols in ((InetListener, "tcp or udp"), (UnixListener, "unix")):
                 if key in variant.model_fields:
                     return loc, f"only valid with protocol: {protocols}"
-        near = difflib.get_close_matches(str(key), list(model.model_fields), n=1)
+        known = _model_at(model, loc[:-1]) or model
+        near = difflib.get_close_matches(str(key), list(known.model_fields), n=1)
         return loc, f"unknown key; did you mean {near[0]!r}?" if near else "unknown key"
     if kind == "string_pattern_mismatch":
         return loc, _PATTERN_MEANINGS[error["ctx"]["pattern"]]
@@ -76,10 +81,43 @@ def explain(loc: tuple[Any, ...], error: ErrorDetails, model: type[BaseModel]) -
     return loc, message[:1].lower() + message[1:]
 
 
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model of the mapping at `loc` within `model` (a listener's `tls`, a name's entry under
+    its `sni`), or None if none is there."""
+    found: object = model
+    for part in loc:
+        found = _inner(found, part)
+    return _model(found)
+
+
+def _inner(annotation: object, part: object) -> object:
+    """The type of `part` of a value of type `annotation`: a model's field, a list's item, a dict's value."""
+    if model := _model(annotation):
+        field = model.model_fields.get(str(part))
+        return None if field is None else field.annotation
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _inner(args[0], part)
+    if origin is list:
+        return args[0] if isinstance(part, int) else None
+    return args[1] if origin is dict else None
+
+
+def _model(annotation: object) -> type[BaseModel] | None:
+    """The model a type is (or, X | None, holds)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _model(typing.get_args(annotation)[0])
+    if isinstance(annotation, types.UnionType):
+        return next((model for arm in typing.get_args(annotation) if (model := _model(arm))), None)
+    return None
+
+
 _PATTERN_MEANINGS = {
     NAME_PATTERN: "may hold only letters, digits, '_', '.' and '-'",
     MODE_PATTERN: 'should be octal permission bits, as in "0660"',
-    UPSTREAM_PATTERN: "should be tcp://host:port, udp://host:port or unix:///path",
+    UPSTREAM_PATTERN: "should be tcp://host:port, tls://host:port, udp://host:port or unix:///path",
 }
 
 

@@ -21,7 +21,9 @@ from sockd.config.problems import Problem
 from sockd.config.schema import (
     RELAYING_MODELS,
     STREAM,
+    VERIFYING,
     InetListener,
+    TLSConfig,
     UnixListener,
     alternatives,
     host_name,
@@ -87,12 +89,45 @@ def _relay_upstream(handler: str, protocol: str, upstream: str | None) -> Iterat
         return
     scheme, where = upstream_endpoint(upstream)
     if (scheme == "udp") != (protocol == "udp"):
-        yield ("upstream",), "a udp listener relays to a udp upstream, a stream listener to tcp or unix"
+        yield ("upstream",), "a udp listener relays to a udp upstream, a stream listener to tcp, tls or unix"
     elif isinstance(where, tuple):
         try:
             host_name(where[0])
         except ValueError as exc:
             yield ("upstream",), str(exc)
+
+
+def _client_ca(tls: TLSConfig | None) -> Iterator[Problem]:
+    if tls is not None and tls.client_auth in VERIFYING and tls.client_ca is None:
+        yield ("tls", "client_auth"), "needs client_ca: the CA bundle that verifies client certificates"
+
+
+def _upstream_tls(
+    *,
+    handler: str,
+    upstream: str | None,
+    upstream_ca: str | None,
+    upstream_server_name: str | None,
+    upstream_cert: str | None,
+    upstream_key: str | None,
+) -> Iterator[Problem]:
+    if handler != "relay" or upstream is None:
+        return
+    written = {
+        "upstream_ca": upstream_ca,
+        "upstream_server_name": upstream_server_name,
+        "upstream_cert": upstream_cert,
+        "upstream_key": upstream_key,
+    }
+    scheme, _ = upstream_endpoint(upstream)
+    if scheme != "tls":
+        for name, value in written.items():
+            if value is not None:
+                yield (name,), f"only valid with a tls:// upstream (this listener's is {scheme}://)"
+        return
+    for present, missing in (("upstream_cert", "upstream_key"), ("upstream_key", "upstream_cert")):
+        if written[present] is not None and written[missing] is None:
+            yield (present,), f"needs {missing}: a client certificate goes with its key"
 
 
 RELAYS_TO_ITSELF = "is this listener's own address: each client would be relayed to itself, without end"
@@ -163,12 +198,14 @@ _RULES = [
     for rule in (
         _burst,
         _idle,
+        _client_ca,
         _select_sessions,
         _select_connections,
         _relay_message_size,
         _relay_model,
         _relay_needs_upstream,
         _relay_upstream,
+        _upstream_tls,
         _relay_to_own_port,
         _relay_to_own_path,
     )

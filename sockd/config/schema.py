@@ -6,12 +6,14 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import itertools
-from collections.abc import Sequence
+import ssl
+from collections.abc import Callable, Sequence
 from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
@@ -19,6 +21,7 @@ from pydantic import (
     ValidationInfo,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 
 ProtocolName = Literal["tcp", "udp", "unix"]
@@ -31,7 +34,7 @@ EventLoop = Literal["auto", "asyncio", "uvloop"]
 TimestampFormat = Literal["seed", "iso8601", "unix"]
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
-UPSTREAM_PATTERN = r"^((tcp|udp)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])|unix:///.{1,106})$"
+UPSTREAM_PATTERN = r"^((tcp|tls|udp)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])|unix:///.{1,106})$"
 MODE_PATTERN = r"^0?[0-7]{3}$"
 ListenerName = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
 Port = Annotated[int, Field(ge=0, le=65535)]
@@ -87,6 +90,22 @@ def _file_path(value: str) -> str:
     return value
 
 
+# A file the config names (a TLS certificate, key, CA bundle or CRL); a relative path is taken from
+# sockd's working directory (/ under systemd). PATH_MAX is 4,096 bytes with the terminating NUL.
+FilePath = Annotated[str, Field(min_length=1, max_length=4095), AfterValidator(no_nul)]
+
+
+def _quoted(example: str) -> Callable[[object], object]:
+    """A check, before a string's, of a field that YAML reads as a number unless it is quoted."""
+
+    def check(value: object) -> object:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            raise ValueError(f"must be quoted, as in {example} (YAML read the bare number as {value})")
+        return value
+
+    return check
+
+
 Network = Annotated[
     ipaddress.IPv4Network | ipaddress.IPv6Network,
     PlainValidator(_network),
@@ -106,6 +125,110 @@ class _Frozen(BaseModel):
 STREAM, INET, TCP, UNIX = ("tcp", "unix"), ("tcp", "udp"), ("tcp",), ("unix",)
 
 
+# -- TLS (the files named here are read and checked by sockd.tls.material)
+
+ClientAuth = Literal["none", "optional", "required"]
+TLSVersion = Literal["1.2", "1.3"]
+VERIFYING: tuple[ClientAuth, ...] = ("optional", "required")
+
+
+def _alpn_name(value: str) -> str:
+    # Python's ssl sends each name as ASCII bytes; the protocol gives a name 1 to 255 bytes.
+    if not value.isascii() or not 1 <= len(value) <= 255:
+        raise ValueError("an ALPN protocol name is 1 to 255 ASCII characters")
+    return no_nul(value)
+
+
+def _sni_name(value: str) -> str:
+    """A name a client asks for by SNI: a host name, not an address (SNI carries no address)."""
+    host_name(value)
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return value
+    raise ValueError("an address: SNI carries only host names, a client connecting to an address sends none")
+
+
+ServerName = Annotated[str, Field(min_length=1, max_length=253), AfterValidator(_sni_name)]
+Identity = Annotated[str, Field(min_length=1, max_length=1024), AfterValidator(no_nul)]
+
+
+class TLSFiles(_Frozen):
+    """A certificate chain (leaf first) and its key."""
+
+    cert: FilePath
+    key: FilePath
+
+
+class TLSAllow(_Frozen):
+    """Which verified clients may in: any that matches one of the names (ghostunnel's --allow-*)."""
+
+    cn: list[Identity] = []  # the subject's common name
+    dns: list[Identity] = []  # a DNS name among its SANs
+    uri: list[Identity] = []  # a URI among its SANs (SPIFFE IDs)
+
+    @model_validator(mode="after")
+    def _some(self) -> TLSAllow:
+        if not (self.cn or self.dns or self.uri):
+            raise ValueError("names no client: give cn, dns or uri (without allow, any verified client may in)")
+        return self
+
+
+class TLSConfig(_Frozen):
+    """A stream listener's TLS: it serves TLS on every connection, the handshake before the handler."""
+
+    cert: FilePath  # the certificate chain, leaf first
+    key: FilePath
+    client_auth: ClientAuth = "none"  # with optional or required, client_ca too (see sockd.config.rules)
+    client_ca: FilePath | None = None  # the CA bundle client certificates are verified against
+    min_version: Annotated[TLSVersion, BeforeValidator(_quoted('min_version: "1.2"'))] = "1.2"
+    ciphers: Annotated[str, Field(min_length=1), AfterValidator(no_nul)] | None = None  # OpenSSL's, for TLS 1.2
+    alpn: Annotated[list[Annotated[str, AfterValidator(_alpn_name)]], Field(max_length=64)] = []
+    handshake_timeout: Timeout = 10.0
+    sni: dict[ServerName, TLSFiles] = {}  # other certificates, by the server name a client asks for
+    crl: FilePath | None = None  # revoked client certificates
+    allow: TLSAllow | None = None
+
+    @field_validator("ciphers")
+    @classmethod
+    def _ciphers(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return value
+        if info.data.get("min_version") == "1.3":
+            raise ValueError(
+                'only valid with min_version: "1.2" (TLS 1.3\'s cipher suites are not chosen by this string)'
+            )
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(value)
+        except ssl.SSLError:
+            raise ValueError(
+                f"no cipher matches {value!r}: give an OpenSSL cipher list, as `openssl ciphers` reads"
+            ) from None
+        return value
+
+    @field_validator("sni")
+    @classmethod
+    def _distinct(cls, value: dict[str, TLSFiles]) -> dict[str, TLSFiles]:
+        seen: dict[str, str] = {}
+        for name in value:
+            first = seen.setdefault(name.lower(), name)
+            if first != name:
+                raise ValueError(f"{name!r} and {first!r} are one name: names are matched without regard to case")
+        return value
+
+    @field_validator("client_ca", "crl", "allow")
+    @classmethod
+    def _verifying(cls, value: object, info: ValidationInfo) -> object:
+        # Checked when written (a default never trips it), after client_auth (field order).
+        client_auth = info.data.get("client_auth")
+        if value is not None and client_auth is not None and client_auth not in VERIFYING:
+            raise ValueError(
+                "only valid with client_auth: optional or required"
+                f" (this listener has client_auth: {client_auth}: no client certificate is asked for)"
+            )
+        return value
+
+
 # An option that only makes sense beside some values of another field, e.g. `threads` only
 # with `concurrency: thread_pool`. Checked when the option is written, so defaults never trip
 # it; the owner is validated first (field order), so its value is known by then.
@@ -117,6 +240,10 @@ OPTION_SCOPE: dict[str, tuple[str, tuple[str, ...]]] = {
     "upstream": ("handler", ("relay",)),
     "connect_timeout": ("handler", ("relay",)),
     "half_close_timeout": ("handler", ("relay",)),
+    "upstream_ca": ("handler", ("relay",)),
+    "upstream_server_name": ("handler", ("relay",)),
+    "upstream_cert": ("handler", ("relay",)),
+    "upstream_key": ("handler", ("relay",)),
     "max_connections": ("protocol", STREAM),
     "first_byte_timeout": ("protocol", STREAM),
     "max_connections_per_source": ("protocol", TCP),
@@ -132,31 +259,6 @@ OPTION_SCOPE: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-class TLSFiles(_Frozen):
-    cert: str
-    key: str
-
-
-class TLSAllow(_Frozen):
-    cn: list[str] = []
-    dns: list[str] = []
-    uri: list[str] = []
-
-
-class TLSConfig(_Frozen):
-    cert: str
-    key: str
-    client_ca: str | None = None
-    client_auth: Literal["none", "optional", "required"] = "none"
-    min_version: Literal["1.2", "1.3"] = "1.2"
-    ciphers: str | None = None
-    alpn: list[str] = []
-    handshake_timeout: Timeout = 10.0
-    sni: dict[str, TLSFiles] = {}
-    crl: str | None = None
-    allow: TLSAllow | None = None
-
-
 class _ListenerBase(_Frozen):
     protocol: ProtocolName
     name: ListenerName
@@ -168,11 +270,18 @@ class _ListenerBase(_Frozen):
     selector_backend: SelectorBackend = "auto"
     event_loop: EventLoop = "auto"
     timestamp_format: TimestampFormat = "seed"
-    # handler: relay. Where each client is joined to: tcp://host:port, unix:///path or udp://host:port.
+    # handler: relay. Where each client is joined to: tcp://host:port, tls://host:port (TCP, TLS
+    # originated by sockd), unix:///path or udp://host:port.
     upstream: Annotated[str, Field(pattern=UPSTREAM_PATTERN), AfterValidator(no_nul)] | None = None
     connect_timeout: Timeout = 5.0
     # Once one side has ended, how long the other may still send (socat's -t).
     half_close_timeout: Seconds = 0.5
+    # A tls:// upstream: verified against these CAs (None: the system's), by this name (None: the
+    # upstream's host), and shown this client certificate (stunnel's client mode), if given.
+    upstream_ca: FilePath | None = None
+    upstream_server_name: Host | None = None
+    upstream_cert: FilePath | None = None
+    upstream_key: FilePath | None = None
 
     # Limits, each per worker process (as gunicorn's worker_connections); None: no limit.
     max_connections: Count | None = None
@@ -200,6 +309,13 @@ class _ListenerBase(_Frozen):
     def _installed(cls, value: EventLoop) -> EventLoop:
         if value == "uvloop" and importlib.util.find_spec("uvloop") is None:
             raise ValueError("uvloop is not installed: pip install uvloop, or use event_loop: asyncio")
+        return value
+
+    @field_validator("tls")
+    @classmethod
+    def _over_streams(cls, value: TLSConfig | None, info: ValidationInfo) -> TLSConfig | None:
+        if value is not None and info.data.get("protocol") == "udp":
+            raise ValueError("only valid with protocol: tcp or unix (DTLS, TLS over UDP, is out of scope)")
         return value
 
     @field_validator(*OPTION_SCOPE)
@@ -243,14 +359,8 @@ class UnixListener(_ListenerBase):
     protocol: Literal["unix"]
     # sun_path holds 108 bytes including the terminating NUL.
     path: Annotated[str, Field(min_length=1, max_length=107), AfterValidator(_file_path)]
-    mode: Annotated[str, Field(pattern=MODE_PATTERN)] = "0660"
-
-    @field_validator("mode", mode="before")
-    @classmethod
-    def _quoted(cls, value: object) -> object:
-        if isinstance(value, int):  # YAML 1.1 reads a bare 0660 as the octal number 432
-            raise ValueError(f'must be quoted, as in mode: "0660" (YAML read the bare number as {value})')
-        return value
+    # YAML 1.1 reads a bare 0660 as the octal number 432.
+    mode: Annotated[str, BeforeValidator(_quoted('mode: "0660"')), Field(pattern=MODE_PATTERN)] = "0660"
 
     @property
     def address(self) -> str:

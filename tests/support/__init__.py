@@ -1,9 +1,11 @@
 """What the tests share (`from support import ...`; conftest.py holds only the fixtures), one module a
 concern: the daemon as a subprocess (daemon), loopback clients (net), metrics (metrics), /proc
-(proc), config files checked in-process (config), and the waits they all use (waits)."""
+(proc), config files checked in-process (config), TLS certificates (certs), and the waits they all
+use (waits)."""
 
 from __future__ import annotations
 
+from support.certs import CA, LOOPBACK, SERVER_NAME, Files, Issued, subject
 from support.config import (
     PROBLEM,
     Expected,
@@ -60,20 +62,25 @@ from support.proc import _proc_net_address, alive, cpu_seconds, live_workers, rs
 from support.waits import PUBLISHED_WITHIN, TIMEOUT, becomes, eventually
 
 __all__ = [
+    "CA",
     "CONCURRENT",
+    "LOOPBACK",
     "MODELS",
     "PROBLEM",
     "PUBLISHED_WITHIN",
     "RELAY_MODELS",
     "RETIRED_OR_EXITED",
     "ROOT",
+    "SERVER_NAME",
     "STDLIB_LOOP",
     "SYSTEMD_VARIABLES",
     "TIMEOUT",
     "WAITING_FOR_CONNECTIONS",
     "Daemon",
     "Expected",
+    "Files",
     "InFlight",
+    "Issued",
     "Launcher",
     "Load",
     "Session",
@@ -119,6 +126,7 @@ __all__ = [
     "sockd_command",
     "squatting",
     "stderr_of",
+    "subject",
     "tcp_owner",
     "value",
     "write_config",

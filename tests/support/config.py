@@ -9,12 +9,14 @@ import textwrap
 import warnings
 from pathlib import Path
 
-from sockd.config import Config, ConfigError, load
+from sockd.config import Config, ConfigError
+from sockd.tls.material import load_config
 
 # ---------------------------------------------------------------------------------------------
 # Config files, checked in-process: `sockd --check -c FILE` prints `FILE: OK, N listeners`, or
-# exactly ConfigError.problems of sockd.config.load(FILE), one per line, and exits 78 (test_cli.py
-# pins that contract with the real command; the config tests read the same lines from `load`).
+# exactly ConfigError.problems of sockd.tls.material.load_config(FILE) (the config, and the TLS files
+# it names), one per line, and exits 78 (test_cli.py pins that contract with the real command; the
+# config tests read the same lines from `load_config`).
 
 Expected = tuple[int, str, str]  # (line, field, message)
 
@@ -47,7 +49,7 @@ def check(path: Path) -> tuple[Config | None, list[str]]:
     with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         warnings.simplefilter("error")
         try:
-            config = load(path)
+            config = load_config(path).config
         except ConfigError as exc:
             config, problems = None, exc.problems
         else:
