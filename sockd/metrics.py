@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from sockd.config import Listener, MetricsConfig
 from sockd.counters import ERROR_KINDS, REJECT_REASONS, Totals
 from sockd.logging import Throttled
 from sockd.sockets import OUT_OF_RESOURCES, RESOURCE_PAUSE, BindError, inet_address, reason
+from sockd.tls.material import Expiry
 
 MAX_SCRAPES = 16  # scrapes rendered and sent at once, a thread each (Prometheus sends one at a time)
 MAX_CONNECTIONS = 24  # connections held at once: requests being read, and scrapes waiting or being served
@@ -89,6 +90,7 @@ class Snapshot:
     reloads: Reloads
     # Listeners a reload removed whose old workers still serve open connections: counted, not checked.
     leaving: list[ListenerReport]
+    certificates: Sequence[Expiry] = ()  # those the config in force presents
 
 
 class SockdCollector(Collector):
@@ -179,6 +181,19 @@ class SockdCollector(Collector):
         yield from (connections, active, requests, duration, received, sent, errors, rejected, restarts)
         yield from (generations, cpu, memory, info, build, log_dropped)
         yield from _reload_metrics(snapshot.reloads)
+        yield _expiries(snapshot.certificates)
+
+
+def _expiries(certificates: Sequence[Expiry]) -> Metric:
+    expiry = GaugeMetricFamily(
+        "sockd_tls_certificate_expiry_timestamp_seconds",
+        "When each certificate sockd presents expires (Unix time): a TLS listener's, by the server name it is "
+        'served for, and a relay\'s client certificate for its tls:// upstream (server_name="upstream").',
+        labels=["listener", "server_name"],
+    )
+    for certificate in certificates:
+        expiry.add_metric([certificate.listener, certificate.server_name], certificate.not_after)
+    return expiry
 
 
 def _reload_metrics(reloads: Reloads) -> Iterator[Metric]:

@@ -1,19 +1,53 @@
 """The OpenSSL contexts of a listener, built from its material (sockd.tls.material) alone, so that a
 worker reads no file: `server_context` for a `tls` block, `upstream_context` for a relay to a
-tls:// upstream (with `upstream_server_name`, the name the caller passes as server_hostname)."""
+tls:// upstream (with `upstream_server_name`, the name the caller passes as server_hostname).
+A worker builds them from its spec: `stage_context` and `origination`."""
 
 from __future__ import annotations
 
 import ssl
+from dataclasses import dataclass
 
 from sockd.config import Listener, TLSConfig
-from sockd.tls.material import KeyPair, ServerMaterial, UpstreamMaterial, load_crl, load_pair
+from sockd.spec import WorkerSpec
+from sockd.tls.material import KeyPair, ServerMaterial, UpstreamMaterial, load_crl, load_pair, relays_to_tls
 
 VERIFY_MODES = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 # Renegotiation is a client's way to make the server redo a handshake's work at will; compression
 # leaks secrets (CRIME). Python's contexts already refuse compression: said here, not assumed.
 OPTIONS = ssl.OP_NO_COMPRESSION | getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+
+
+def stage_context(spec: WorkerSpec) -> ssl.SSLContext | None:
+    """The context a worker's listener serves TLS with, or None if it serves none."""
+    tls, material = spec.listener.tls, spec.tls.server if spec.tls is not None else None
+    if tls is None:
+        return None
+    if material is None:
+        raise ValueError(f"listener {spec.listener.name!r} has a tls block but its spec no TLS material")
+    return server_context(tls, material)
+
+
+@dataclass(frozen=True)
+class Origination:
+    """How a relay opens TLS to its upstream: the context, and the name to verify
+    (SSLContext.wrap_bio's server_hostname)."""
+
+    context: ssl.SSLContext
+    server_hostname: str
+
+
+def origination(spec: WorkerSpec) -> Origination | None:
+    """How a worker's relay opens TLS to its tls:// upstream, or None if its upstream is not one."""
+    if not relays_to_tls(spec.listener):
+        return None
+    material = spec.tls.upstream if spec.tls is not None else None
+    if material is None:
+        raise ValueError(
+            f"listener {spec.listener.name!r} relays to {spec.listener.upstream} but its spec has no TLS material"
+        )
+    return Origination(upstream_context(spec.listener, material), upstream_server_name(spec.listener))
 
 
 def server_context(tls: TLSConfig, material: ServerMaterial) -> ssl.SSLContext:
