@@ -36,9 +36,9 @@ from support import (
     StartSockd,
     TLSSession,
     client_context,
+    client_hello,
     connect,
     eventually,
-    half_client_hello,
     handshakes,
     inet,
     model_options,
@@ -276,14 +276,17 @@ def test_min_version_1_3_refuses_a_tls_1_2_client_and_counts_it_failed(
 
 
 # Handshakes begun and left half-way at once: with the test's and the worker's other descriptors
-# they fit under `prlimit --nofile=1024`.
+# they fit under `prlimit --nofile=1024`. Their timeout is what opening them all and serving a
+# good client take with room to spare on a busy machine (nearly 2 s, with busy_poll's spinning
+# workers on both cores), so that they are all still held once it is served.
 STALLED = 500
-STALL_TIMEOUT = 2.0
+STALL_TIMEOUT = 5.0
 
 
 def still_open(sock: socket.socket) -> bool:
     """Whether the server has neither closed nor reset a non-blocking connection (nothing is sent
-    to a handshake left half-way: a byte would be a TLS alert, which means it ended)."""
+    to a handshake left half-way: a byte would be a TLS alert, which means it ended). Python
+    waits out a socket's timeout before any recv, MSG_DONTWAIT or not: hence non-blocking."""
     try:
         sock.recv(1, socket.MSG_PEEK)
     except BlockingIOError:
@@ -323,7 +326,8 @@ def test_handshakes_stalled_half_way_are_ended_after_handshake_timeout_while_oth
     files = tls_ca.server().write(tmp_path, "server")
     tls = tls_of(files, handshake_timeout=STALL_TIMEOUT)
     daemon = start_sockd([entry("echo", "tcp", "echo", model, tls=tls)])
-    ca, address, half = tls_ca.write(tmp_path), daemon.address("echo"), half_client_hello()
+    ca, address, hello = tls_ca.write(tmp_path), daemon.address("echo"), client_hello()
+    half = hello[: len(hello) // 2]  # a handshake begun that will not go on
     stalled = []
     try:
         for _ in range(STALLED):
@@ -364,3 +368,38 @@ def test_a_stop_ends_an_idle_tls_session_with_a_close_notify(
         daemon.process.send_signal(signal.SIGTERM)
         assert idle.recv(16) == b""  # the drain ends the session; it does not hang
     assert daemon.process.wait(30) == 0
+
+
+# A handshake_timeout short enough to wait out a few times over in a test.
+SHORT = 0.5
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_handshake_trickled_a_byte_at_a_time_is_ended_after_handshake_timeout(
+    start_sockd: StartSockd, tls_ca: CA, tmp_path: Path, model: str
+) -> None:
+    files = tls_ca.server().write(tmp_path, "server")
+    daemon = start_sockd([entry("echo", "tcp", "echo", model, tls=tls_of(files, handshake_timeout=SHORT))])
+    hello, sent = client_hello(), 0
+    with connect(daemon.address("echo")) as sock:
+        sock.setblocking(False)  # see still_open
+        # Each byte comes well within the timeout, but the whole hello would take many times it:
+        # the timeout bounds the handshake, not each read, so the server ends it first.
+        while sent < len(hello) and still_open(sock):
+            sock.sendall(hello[sent : sent + 1])
+            sent += 1
+            time.sleep(SHORT / 5)
+    assert sent < len(hello)
+    eventually(lambda: handshakes(daemon, "echo", "timeout") == 1, "the trickled handshake counted timeout")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_after_its_handshake_a_client_waits_for_first_byte_timeout_not_handshake_timeout(
+    start_sockd: StartSockd, tls_ca: CA, tmp_path: Path, model: str
+) -> None:
+    files = tls_ca.server().write(tmp_path, "server")
+    daemon = start_sockd([entry("echo", "tcp", "echo", model, tls=tls_of(files, handshake_timeout=SHORT))])
+    session = TLSSession(daemon.address("echo"), "slow to ask", client_context(tls_ca.write(tmp_path)))
+    time.sleep(4 * SHORT)  # no first_byte_timeout: it may wait as long as it likes
+    session.exchange()
+    session.close()

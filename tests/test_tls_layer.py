@@ -4,7 +4,6 @@ more, and nothing raises; a real client's bytes, however cut, are echoed whole."
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import ssl
 from typing import cast
@@ -19,7 +18,7 @@ from sockd.lifecycle import Stream
 from sockd.tls.layer import TLSLayer
 from sockd.tls.stage import TLSStage
 
-from support import CA, SERVER_NAME
+from support import CA, SERVER_NAME, client_hello
 
 # Fixtures made once for every example (they are not reset between them, and need not be).
 EXAMPLES = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -61,14 +60,7 @@ def pieces(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[start:end] for start, end in itertools.pairwise(points)]
 
 
-def a_client_hello() -> bytes:
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    with contextlib.suppress(ssl.SSLWantReadError):
-        ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=SERVER_NAME).do_handshake()
-    return outgoing.read()
-
-
-HELLO = a_client_hello()
+HELLO = client_hello()
 # Any bytes; and a real ClientHello's beginning (or the whole of it) followed by any bytes, so
 # that the handshake gets past its first record before it meets what it cannot take.
 NOT_A_HANDSHAKE = st.one_of(

@@ -1,5 +1,5 @@
 """Clients of a TLS listener: `openssl s_client` held open for many requests, a Python ssl
-session (net.Session over TLS), and a ClientHello cut short; the certificates they are given come
+session (net.Session over TLS), and a ClientHello; the certificates they are given come
 from support.certs."""
 
 from __future__ import annotations
@@ -131,11 +131,9 @@ def s_client_session(address: str, *options: str) -> Iterator[SClient]:
                 pipe.close()
 
 
-def half_client_hello() -> bytes:
-    """The first half of a real ClientHello: a handshake that has begun and will not go on."""
-    context = ssl.create_default_context()
+def client_hello() -> bytes:
+    """A real client's first flight: its ClientHello."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     with contextlib.suppress(ssl.SSLWantReadError):
-        context.wrap_bio(incoming, outgoing, server_hostname=SERVER_NAME).do_handshake()
-    hello = outgoing.read()
-    return hello[: len(hello) // 2]
+        ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=SERVER_NAME).do_handshake()
+    return outgoing.read()
