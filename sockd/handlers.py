@@ -14,8 +14,10 @@ the lifecycle counts it and closes the connection or drops the datagram.
 from __future__ import annotations
 
 import datetime
+import ssl
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from sockd.config import HandlerName, Listener, TimestampFormat
@@ -134,15 +136,25 @@ def daytime() -> bytes:
 UDP_SESSION_TIMEOUT = 60.0
 
 
+@dataclass(frozen=True)
+class UpstreamTLS:
+    """How a relay speaks TLS to a tls:// upstream: the context that verifies it (and holds the
+    certificate shown to it, if any), and the name its certificate must have (sent as SNI)."""
+
+    context: ssl.SSLContext
+    server_name: str
+
+
 class Relay(Stateless):
     """`handler: relay`: not bytes in, bytes out, but each client joined to an upstream. It answers
     nothing itself; the models that can relay (config allows no other) see it and connect each
-    client to `upstream`, copying both ways."""
+    client to `upstream`, copying both ways; through TLS if `tls` is given."""
 
-    def __init__(self, listener: Listener) -> None:
+    def __init__(self, listener: Listener, tls: UpstreamTLS | None = None) -> None:
         assert listener.upstream is not None
         self.upstream = listener.upstream
         self.scheme, self.where = listener.upstream_endpoint
+        self.tls = tls
         self.connect_timeout = listener.connect_timeout
         self.half_close_timeout = listener.half_close_timeout
         self.session_timeout = listener.idle_timeout or UDP_SESSION_TIMEOUT
@@ -203,8 +215,9 @@ class LimitedSession:
         return self.session.eof()
 
 
-def build(listener: Listener) -> Handler:
-    handler = HANDLERS[listener.handler](listener)
+def build(listener: Listener, upstream_tls: UpstreamTLS | None = None) -> Handler:
+    """The listener's handler; a relay to a tls:// upstream is given its TLS (sockd.tls.contexts)."""
+    handler = Relay(listener, upstream_tls) if listener.handler == "relay" else HANDLERS[listener.handler](listener)
     if listener.max_message_size is None:
         return handler
     return Limited(handler, listener.max_message_size)

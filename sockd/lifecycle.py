@@ -33,6 +33,9 @@ The life of a stream connection:
                                         stop ─> end_input once it has had an answer ──┘
                                                         connection_lost: counted, ticket released
 
+A relay's connection (sockd.relay) passes through the same stage, given the same way, before its
+upstream is connected: a client the stage refuses never reaches the upstream.
+
 Reading is paused for reasons, each a bit of `Connection.paused` (see PAUSES), and resumed once
 none remains: the transports of every model, and the asyncio relay for its client, pause and
 resume a connection through `pause` and `resume` (`pause_writing` and `resume_writing` for a
@@ -92,10 +95,14 @@ PAUSES = WRITE_FULL | REPLIES_DUE | CLOSING | INPUT_ENDED | CONNECTING
 
 # Where a datagram came from, as recvfrom() says: (host, port[, ...]) or a Unix path.
 Address = tuple[Any, ...] | str
-# A stage's maker (see Service.stage): given the connection, what its transport drives (the
-# Stream, or its LoggedStream) and that transport, it returns what the transport is to drive
-# until the stage is done.
-Staging = Callable[["Stream", Receiver, StreamTransport], Receiver]
+# What a stage calls once it is done with a connection (see Stream.staged): with what came after
+# what it took, and the layer that stays between the transport and the connection (TLS's), if any.
+Staged = Callable[[bytes, StreamTransport | None], None]
+# A stage's maker (see Service.stage): given the connection, what its transport drives (a Stream,
+# its LoggedStream, or a relay's driver), that transport, and what to call once done, it returns
+# what the transport is to drive until the stage is done. A stage that refuses the connection
+# closes it instead.
+Staging = Callable[["Connection", Receiver, StreamTransport, Staged], Receiver]
 
 
 class Service:
@@ -332,7 +339,7 @@ class Stream(Connection):
         else:  # the stage reads the input until it is done (see staged), beneath a LoggedStream
             entry = cast(Stream | LoggedStream, self.transport.get_protocol())
             carrier = entry.transport
-            carrier.set_protocol(stage(self, entry, carrier))
+            carrier.set_protocol(stage(self, entry, carrier, lambda rest, layer: self.staged(entry, rest, layer)))
 
     def staged(self, entry: Receiver, rest: bytes, layer: StreamTransport | None = None) -> None:
         """The stage is done. Without a `layer`, the transport drives `entry` (what it drove

@@ -32,6 +32,7 @@ from sockd.logging import configure, flush_throttled
 from sockd.models import registry
 from sockd.spec import WorkerSpec
 from sockd.stopping import Stop
+from sockd.tls.contexts import upstream_tls_for
 from sockd.tls.stage import stage_for
 
 log = structlog.get_logger()
@@ -65,7 +66,11 @@ def main(spec_json: bytes, fds: list[int]) -> int:
     shared = counters.Shared(counters_fd, len(spec.buckets) + 1)
     stats = counters.Stats(shared, spec.buckets, enabled=spec.metrics, stuck_after=spec.worker_timeout / 2)
     model = registry.load(listener.concurrency)(
-        listener, handlers.build(listener), stats, frozenset(spec.udp_ports), stage=stage_for(spec)
+        listener,
+        handlers.build(listener, upstream_tls_for(spec)),
+        stats,
+        frozenset(spec.udp_ports),
+        stage=stage_for(spec),
     )
     threading.Thread(target=_listen, args=(channel, stop, listener.name), daemon=True).start()
     stop.ending.on_set(lambda: _exit_after(spec.shutdown_timeout))

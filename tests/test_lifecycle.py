@@ -22,9 +22,11 @@ from sockd.lifecycle import (
     DATAGRAMS_HELD,
     DUE_COST,
     Address,
+    Connection,
     Datagrams,
     LoggedStream,
     Service,
+    Staged,
     Staging,
     Stream,
     stream,
@@ -307,9 +309,10 @@ class FirstLine:
     tells the connection's log what it said, then hands the connection to the handler with
     what came after it."""
 
-    def __init__(self, stream: Stream, entry: Receiver, transport: StreamTransport) -> None:
-        self.stream = stream
+    def __init__(self, connection: Connection, entry: Receiver, transport: StreamTransport, staged: Staged) -> None:
+        self.connection = connection
         self.entry = entry
+        self.staged = staged
         self.taken = b""
 
     def data_received(self, data: bytes) -> None:
@@ -317,9 +320,9 @@ class FirstLine:
         if not found:
             self.taken = line
             return
-        if self.stream.observer is not None:
-            self.stream.observer.note(first_line=line.decode())
-        self.stream.staged(self.entry, rest)
+        if self.connection.observer is not None:
+            self.connection.observer.note(first_line=line.decode())
+        self.staged(rest, None)
 
     def eof_received(self) -> bool | None:
         return self.entry.eof_received()

@@ -107,7 +107,7 @@ def relay(
         [require("socat"), "-t", str(half_close_timeout), f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork", far]
     )
     try:
-        eventually(lambda: _listening(port), "socat listening", timeout=TIMEOUT)
+        eventually(lambda: listening(port), "socat listening", timeout=TIMEOUT)
         yield f"127.0.0.1:{port}", None
     finally:
         process.terminate()
@@ -121,7 +121,7 @@ def unused_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _listening(port: int) -> bool:
+def listening(port: int) -> bool:
     # Asked of the kernel, not by connecting: socat would relay a probe to the upstream.
     shown = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True)
     return bool(shown.stdout.strip())

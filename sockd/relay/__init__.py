@@ -9,6 +9,12 @@ transports). Neither imports a model: each is given what it needs, a `Service` f
 accounting, and the selector driver a `Reactor`. Each is its client connection's transport (see
 Relayed). Both look the upstream's name up through a
 `Resolver`, off their loop.
+
+Either side may speak TLS, through a TLSLayer (sockd.tls.layer) each driver puts between that
+side's socket and the relay: on a `tls` listener the client's handshake is the listener's stage,
+judged as any connection's (sockd.tls.stage) before the upstream is connected; to a tls://
+upstream (the handler's UpstreamTLS) the upstream's handshake is part of connecting it, and its
+failure is the upstream's (handshake_failed). A side's end of output is then a close_notify.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from sockd.handlers import Relay
 from sockd.lifecycle import Address, Connection, ConnectionLog, Service
 from sockd.limits import MOVED, RELAY_SESSIONS, Ticket, relayed_connections, source_of
 from sockd.logging import Throttled
+from sockd.tls.layer import Failure
+from sockd.tls.stage import judged
 from sockd.transports import Transport
 
 # What opening an upstream can fail with: refused, unreachable, timed out; ValueError for a host
@@ -177,6 +185,11 @@ def reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__  # a TimeoutError says nothing
 
 
+def handshake_failed(failure: Failure) -> str:
+    """Why a tls:// upstream's handshake failed, for the warning of upstream_failed."""
+    return f"TLS handshake failed: {judged(failure, 'upstream')[1]}"
+
+
 class Relayed:
     """One relayed client, as both drivers see it: what it moved, how many of its two sides
     have ended their output, and the rule that closes it. It has a lifecycle Connection (its
@@ -185,14 +198,19 @@ class Relayed:
     client's.
 
     It is one request, counted when it ends and timed from its start to its end: a relay cannot
-    tell where one of the client's requests ends, only the bytes it moves (counted as they come)."""
+    tell where one of the client's requests ends, only the bytes it moves (counted as they come).
+
+    On a listener with a stage (TLS), the client passes it before the upstream is connected: a
+    client the stage refuses never reaches the upstream, and is no request."""
 
     __slots__ = ("connection", "ended", "moved", "relay", "started")
 
     def __init__(self, connection: Connection, relay: Relay) -> None:
         self.connection = connection
         self.relay = relay
-        connection.answered = True  # a stop may end its input at once: the end is passed on as a half-close
+        # Answered once its stage is done, if it has one: a stop may end its input from then on
+        # (the end is passed on as a half-close), but not in the middle of a handshake.
+        connection.answered = connection.service.stage is None
         self.ended = 0  # sides that have ended their output
         self.moved = 0  # bytes copied either way (see _close_if_quiet)
         self.started = 0.0
@@ -201,8 +219,15 @@ class Relayed:
         self.started = self.connection.recorder.clock()
         self.connection.opened()
 
+    def staged(self) -> None:
+        """The listener's stage let the client in: the relay's turn."""
+        connection = self.connection
+        connection.service.timeouts.staged(connection)
+        connection.first_answer()
+
     def connection_lost(self, exc: BaseException | None) -> None:
-        self.connection.recorder.request(0, 0, self.started)  # its bytes are counted as they move
+        if self.connection.answered:  # its stage let it in: a request (its bytes are counted as they move)
+            self.connection.recorder.request(0, 0, self.started)
         self.connection.connection_lost(exc)
 
     def carried(self, size: int, from_client: bool) -> None:
@@ -249,7 +274,6 @@ class LoggedRelay:
 
     def opened(self) -> None:
         self.relayed.opened()
-        self.log.requests = 1
 
     def carried(self, size: int, from_client: bool) -> None:
         if from_client:
@@ -267,6 +291,7 @@ class LoggedRelay:
         self.relayed.upstream_failed(exc)
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self.log.requests = int(self.relayed.connection.answered)  # see Relayed.connection_lost
         self.relayed.connection_lost(exc)
 
 

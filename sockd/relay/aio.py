@@ -1,6 +1,12 @@
 """The relay on asyncio transports, which do the buffering: each side's transport pauses reading
 while the other side's write buffer is full. A UDP relay's sessions are the loop's readers (see
-relay.DatagramRelay)."""
+relay.DatagramRelay).
+
+TLS on either side is a TLSLayer between the loop's transport and the side's protocol, which
+takes it for its transport: on a `tls` listener, the client's handshake is the listener's stage,
+run before the upstream is connected; to a tls:// upstream, the upstream's handshake is part of
+opening it. The layer's `write_eof` is a close_notify, after which it goes on reading, so a
+half-close passes through TLS as through TCP (the loop's own TLS cannot do that)."""
 
 from __future__ import annotations
 
@@ -11,10 +17,15 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from sockd.counters import Recorder
+from sockd.handlers import UpstreamTLS
 from sockd.lifecycle import CONNECTING, INPUT_ENDED, WRITE_FULL, Address, Service
 from sockd.limits import Ticket
-from sockd.relay import UPSTREAM_ERRORS, Answer, DatagramRelay, Endpoint, Resolver, relayed
-from sockd.transports import admitted
+from sockd.relay import UPSTREAM_ERRORS, Answer, DatagramRelay, Endpoint, Resolver, handshake_failed, relayed
+from sockd.tls.layer import Failure, TLSLayer
+from sockd.transports import Receiver, StreamTransport, admitted
+
+# A side's transport: the loop's, or the TLSLayer over it.
+Carrier = asyncio.Transport | TLSLayer
 
 
 async def found(names: Resolver) -> list[Endpoint]:
@@ -37,9 +48,10 @@ async def found(names: Resolver) -> list[Endpoint]:
 
 async def open_upstream(
     loop: asyncio.AbstractEventLoop, names: Resolver, factory: Callable[[], asyncio.Protocol]
-) -> asyncio.BaseTransport:
-    """A connection to the upstream, within connect_timeout (its lookup included): each endpoint
-    is tried in turn until one answers."""
+) -> Carrier:
+    """A connection to the upstream, within connect_timeout (its lookup and, to a tls://
+    upstream, its handshake included): each endpoint is tried in turn until one answers. The
+    protocol `factory` makes is told of it (connection_made) once it can carry its bytes."""
     failure: OSError = OSError(errno.EADDRNOTAVAIL, "no address")
     async with asyncio.timeout(names.relay.connect_timeout):
         for family, kind, proto, where in await found(names):
@@ -54,12 +66,53 @@ async def open_upstream(
             except BaseException:
                 sock.close()
                 raise
-            if family == socket.AF_UNIX:
-                return (await loop.create_unix_connection(factory, sock=sock))[0]
-            # As create_connection(host, port) would: asyncio's loop leaves a socket handed to it as it is.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return (await loop.create_connection(factory, sock=sock))[0]
+            tls = names.relay.tls
+            if tls is None:
+                return await carrier(loop, sock, factory)
+            return await originate(loop, sock, cast(Receiver, factory()), tls)
     raise failure
+
+
+async def carrier(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, factory: Callable[[], asyncio.BaseProtocol]
+) -> asyncio.Transport:
+    """The loop's transport over `sock`, connected, driving what `factory` makes."""
+    if sock.family == socket.AF_UNIX:
+        return (await loop.create_unix_connection(factory, sock=sock))[0]
+    # As create_connection(host, port) would: asyncio's loop leaves a socket handed to it as it is.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return (await loop.create_connection(factory, sock=sock))[0]
+
+
+async def originate(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol: Receiver, tls: UpstreamTLS
+) -> TLSLayer:
+    """TLS over the connection to a tls:// upstream: `protocol` gets the layer for its transport
+    once the handshake has verified the upstream. A handshake that fails raises (the layer has
+    closed the connection, after the alert OpenSSL wrote); one cut short (connect_timeout) is
+    aborted."""
+    done: asyncio.Future[Failure] = loop.create_future()
+
+    def established(layer: TLSLayer, failure: Failure) -> None:
+        if done.done():  # cancelled: the connection was aborted
+            return
+        done.set_result(failure)
+        if failure is None:  # before the loop gives the layer anything more
+            layer.set_protocol(protocol)
+            protocol.connection_made(layer)
+
+    # Until then the layer drives a protocol that hears nothing: a failed handshake is the
+    # relay's to tell, once (see RelayProtocol._open_upstream), not `protocol`'s loss of its upstream.
+    layer = TLSLayer(tls.context, cast(Receiver, asyncio.Protocol()), established, server_hostname=tls.server_name)
+    transport = await carrier(loop, sock, lambda: cast(asyncio.Protocol, layer))
+    try:
+        failure = await done
+    except BaseException:
+        transport.abort()
+        raise
+    if failure is not None:
+        raise ConnectionError(handshake_failed(failure))
+    return layer
 
 
 class RelayProtocol(asyncio.Protocol):
@@ -69,31 +122,46 @@ class RelayProtocol(asyncio.Protocol):
 
     __slots__ = ("client_ended", "connecting", "early", "events", "names", "state", "transport", "upstream")
 
-    transport: asyncio.Transport
+    transport: Carrier
 
     def __init__(self, service: Service, ticket: Ticket, recorder: Recorder, names: Resolver) -> None:
         self.state, self.events = relayed(service, ticket, recorder, names.relay, self)
         self.names = names
         self.upstream: UpstreamProtocol | None = None
+        self.connecting: asyncio.Task[None] | None = None  # opening the upstream
         # What the client said before the upstream answered (None: its end, too); passed on then.
         self.early: list[bytes | None] = []
         self.client_ended = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
+        loop_transport = self.transport = cast(asyncio.Transport, transport)
         connection = self.state.connection
         service = connection.service
         if service.screening:
-            ticket = admitted(self.transport, service.admission, connection.recorder)
+            ticket = admitted(loop_transport, service.admission, connection.recorder)
             if ticket is None:
                 service.forget(connection)
                 return
             connection.ticket = ticket
-        connection.pause(CONNECTING)  # until the upstream answers
         self.events.opened()
-        self.connecting = asyncio.get_running_loop().create_task(self._connect())
+        if service.stage is None:
+            self._connect()
+        else:  # the client's handshake first, under the layer that stays (see _staged)
+            stage = service.stage(connection, self, loop_transport, self._staged)
+            loop_transport.set_protocol(cast(asyncio.Protocol, stage))
 
-    async def _connect(self) -> None:
+    def _staged(self, rest: bytes, layer: StreamTransport | None) -> None:
+        """The client's handshake let it in: its layer is its transport from now on."""
+        assert isinstance(layer, TLSLayer)  # a relay's stage is TLS's, which takes only its own records
+        self.transport = layer
+        self.state.staged()
+        self._connect()
+
+    def _connect(self) -> None:
+        self.state.connection.pause(CONNECTING)  # until the upstream answers
+        self.connecting = asyncio.get_running_loop().create_task(self._open_upstream())
+
+    async def _open_upstream(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             transport = await open_upstream(loop, self.names, lambda: UpstreamProtocol(self))
@@ -135,7 +203,8 @@ class RelayProtocol(asyncio.Protocol):
         return True  # the other way may go on
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self.connecting.cancel()
+        if self.connecting is not None:
+            self.connecting.cancel()
         if self.upstream is not None:
             self.upstream.transport.close()
             self._abort_if_stuck(-1)
@@ -198,11 +267,13 @@ class UpstreamProtocol(asyncio.Protocol):
 
     __slots__ = ("client", "transport")
 
+    transport: Carrier
+
     def __init__(self, client: RelayProtocol) -> None:
         self.client = client
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
+    def connection_made(self, transport: asyncio.BaseTransport | TLSLayer) -> None:
+        self.transport = cast(Carrier, transport)
         self.client.upstream_ready(self)
 
     def data_received(self, data: bytes) -> None:

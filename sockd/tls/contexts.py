@@ -1,13 +1,27 @@
 """The OpenSSL contexts of a listener, built from its material (sockd.tls.material) alone, so that a
 worker reads no file: `server_context` for a `tls` block, `upstream_context` for a relay to a
-tls:// upstream (with `upstream_server_name`, the name the caller passes as server_hostname)."""
+tls:// upstream (with `upstream_server_name`, the name the caller passes as server_hostname), both
+together as a worker's relay takes them: `upstream_tls_for`."""
 
 from __future__ import annotations
 
 import ssl
+from typing import TYPE_CHECKING
 
-from sockd.config import Listener, TLSConfig
-from sockd.tls.material import KeyPair, ServerMaterial, UpstreamMaterial, load_crl, load_pair
+from sockd.config import Config, Listener, TLSConfig
+from sockd.handlers import UpstreamTLS
+from sockd.tls.material import (
+    KeyPair,
+    ServerMaterial,
+    UpstreamMaterial,
+    load_crl,
+    load_pair,
+    read_material,
+    upstream_tls,
+)
+
+if TYPE_CHECKING:
+    from sockd.spec import WorkerSpec
 
 VERIFY_MODES = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
@@ -68,6 +82,18 @@ def upstream_context(listener: Listener, material: UpstreamMaterial) -> ssl.SSLC
     if material.client is not None:
         load_pair(context, material.client)
     return context
+
+
+def upstream_tls_for(spec: WorkerSpec) -> UpstreamTLS | None:
+    """The TLS of a worker's relay to a tls:// upstream, if it has one (see sockd.handlers.Relay)."""
+    listener = spec.listener
+    if not upstream_tls(listener):
+        return None
+    # Until the spec carries the material the supervisor read: read here, as stage_for does.
+    material, _ = read_material(Config(listeners=[listener]))
+    upstream = material[listener.name].upstream
+    assert upstream is not None
+    return UpstreamTLS(upstream_context(listener, upstream), upstream_server_name(listener))
 
 
 def upstream_server_name(listener: Listener) -> str:

@@ -101,8 +101,10 @@ class TLSLayer:
             plain = self.tls.read(BUFSIZE)
         except ssl.SSLWantReadError:  # a record not whole yet
             return
-        except TLS_ERRORS:
-            self._read()  # which meets the error again, and ends the connection
+        except ssl.SSLZeroReturnError:  # see _read
+            plain = b""
+        except TLS_ERRORS as exc:  # not read again: a second read after an alert says b"", an end
+            self._broken(exc)
             return
         if plain and not self.incoming.pending and not self.tls.pending():
             self.protocol.data_received(plain)
@@ -171,10 +173,10 @@ class TLSLayer:
                     if not self.peer_ended:
                         break
                     data = b""  # all that came whole is read: the end (a record cut short is dropped)
-                except TLS_ERRORS as exc:  # a bad record, or an alert from the peer: the connection is over
-                    self.failure = exc
-                    self._flush()
-                    self.abort()
+                except ssl.SSLZeroReturnError:  # the peer's close_notify after ours (a half-close both ways)
+                    data = b""
+                except TLS_ERRORS as exc:
+                    self._broken(exc)
                     return
             if not data:  # a close_notify, or the TCP stream's end
                 self.reading, self.input_ended = False, True
@@ -190,6 +192,13 @@ class TLSLayer:
         if self.outgoing.pending:  # a session ticket, a key update's answer
             self._flush()
 
+    def _broken(self, exc: BaseException) -> None:
+        """A bad record, or an alert from the peer: the connection is over (what OpenSSL wrote,
+        an alert of its own, goes first)."""
+        self.failure = exc
+        self._flush()
+        self.abort()
+
     def _flush(self) -> None:
         if self.outgoing.pending:
             self.transport.write(self.outgoing.read())
@@ -199,7 +208,11 @@ class TLSLayer:
     def write(self, data: bytes) -> None:
         if self.output_ended or not data:  # see close and abort
             return
-        self.tls.write(data)
+        try:
+            self.tls.write(data)
+        except TLS_ERRORS as exc:  # OpenSSL's connection is over already (an alert it has read)
+            self._broken(exc)
+            return
         self.transport.write(self.outgoing.read())
 
     def can_write_eof(self) -> bool:

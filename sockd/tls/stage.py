@@ -6,7 +6,9 @@ The handshake is bounded by the connection's first deadline (lifecycle's Timeout
 handshake_timeout and first_byte_timeout, as nothing the handler sees has come yet), counted by
 how it ended (counters.HANDSHAKE_RESULTS), and a failure said in one throttled warning with its
 reason. A verified client's names go to the connection's log line, and, with `allow`, decide
-whether it may in."""
+whether it may in. A stream's connection and a relay's are judged alike: the stage is given the
+lifecycle Connection and what to call once it admits the client (`staged`: a Stream's own; a
+relay's, which connects the upstream then)."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from sockd.transports import Receiver, StreamTransport, peer
 
 if TYPE_CHECKING:
     from sockd.config.schema import TLSConfig
-    from sockd.lifecycle import Stream
+    from sockd.lifecycle import Connection, Staged
     from sockd.spec import WorkerSpec
 
 log = structlog.get_logger()
@@ -50,51 +52,56 @@ class TLSStage:
             None if tls.allow is None else Allowed(frozenset(tls.allow.cn), tuple(tls.allow.dns), tuple(tls.allow.uri))
         )
 
-    def __call__(self, stream: Stream, entry: Receiver, transport: StreamTransport) -> Receiver:
+    def __call__(self, connection: Connection, entry: Receiver, transport: StreamTransport, staged: Staged) -> Receiver:
         began = time.monotonic()  # not the recorder's clock, which is 0 with metrics off
 
         def established(layer: TLSLayer, failure: Failure) -> None:
             if failure is None:
-                self._admit(stream, entry, layer, began)
+                self._admit(connection, layer, staged, began)
             else:
-                self._failed(stream, failure, began)
+                self._failed(connection, failure, began)
 
         layer = TLSLayer(self.context, entry, established)
         layer.start(transport)
         return layer
 
-    def _admit(self, stream: Stream, entry: Receiver, layer: TLSLayer, began: float) -> None:
+    def _admit(self, connection: Connection, layer: TLSLayer, staged: Staged, began: float) -> None:
         peer = Identity.of(layer.tls.getpeercert()) if self.verifies else None
-        observer = stream.observer
+        observer = connection.observer
         if observer is not None:
             observer.note(tls=layer.tls.version(), **(peer.fields() if peer is not None else {}))
         if self.allowed is not None and not self.allowed.admits(peer):
-            stream.recorder.handshake(CLIENT_CERT_REJECTED, began)
+            connection.recorder.handshake(CLIENT_CERT_REJECTED, began)
             _refused(reason="not allowed" if peer is not None else "no certificate", **(peer.fields() if peer else {}))
             if observer is not None:
                 observer.ended_by("client certificate refused")
             layer.close()
             return
-        stream.recorder.handshake(HANDSHAKE_OK, began, layer.tls.version())
-        stream.staged(entry, b"", layer)
+        connection.recorder.handshake(HANDSHAKE_OK, began, layer.tls.version())
+        staged(b"", layer)
 
-    def _failed(self, stream: Stream, failure: Failure, began: float) -> None:
-        if isinstance(failure, HandshakeCut):
-            result, reason = HANDSHAKE_TIMEOUT, "timeout"
-        elif isinstance(failure, ssl.SSLCertVerificationError):
-            result, reason = CLIENT_CERT_REJECTED, failure.verify_message
-        elif isinstance(failure, ssl.SSLError):
-            why = failure.reason or failure.strerror or type(failure).__name__
-            result = CLIENT_CERT_REJECTED if why in CERTIFICATE_REASONS else HANDSHAKE_FAILED
-            reason = why.lower().replace("_", " ")
-        elif isinstance(failure, HandshakeEOF):
-            result, reason = HANDSHAKE_FAILED, "closed by the client"
-        else:
-            result, reason = HANDSHAKE_FAILED, str(failure)
-        stream.recorder.handshake(result, began)
-        _failed(reason=reason, **peer(stream.transport))
-        if stream.observer is not None:
-            stream.observer.ended_by(f"TLS handshake failed: {reason}")
+    def _failed(self, connection: Connection, failure: Failure, began: float) -> None:
+        result, reason = judged(failure, "client")
+        connection.recorder.handshake(result, began)
+        _failed(reason=reason, **peer(connection.transport))
+        if connection.observer is not None:
+            connection.observer.ended_by(f"TLS handshake failed: {reason}")
+
+
+def judged(failure: Failure, by: str) -> tuple[int, str]:
+    """How a handshake that failed is counted (counters.HANDSHAKE_RESULTS), and its reason in
+    words; `by` is who the peer is, for the one that closed the connection."""
+    if isinstance(failure, HandshakeCut):
+        return HANDSHAKE_TIMEOUT, "timeout"
+    if isinstance(failure, ssl.SSLCertVerificationError):
+        return CLIENT_CERT_REJECTED, failure.verify_message
+    if isinstance(failure, ssl.SSLError):
+        why = failure.reason or failure.strerror or type(failure).__name__
+        result = CLIENT_CERT_REJECTED if why in CERTIFICATE_REASONS else HANDSHAKE_FAILED
+        return result, why.lower().replace("_", " ")
+    if isinstance(failure, HandshakeEOF):
+        return HANDSHAKE_FAILED, f"closed by the {by}"
+    return HANDSHAKE_FAILED, str(failure)
 
 
 def stage_for(spec: WorkerSpec) -> TLSStage | None:
