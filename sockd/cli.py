@@ -66,14 +66,14 @@ def main(argv: list[str] | None = None, signals: collections.deque[int] | None =
 
 
 def _run(path: str, check: bool, signals: collections.deque[int] | None) -> int:
-    config = load_config(path).config
+    loaded = load_config(path)
     if check:
-        count = len(config.listeners)
+        count = len(loaded.config.listeners)
         emit(f"{path}: OK, {count} listener{'s' if count != 1 else ''}")
         return os.EX_OK
-    configure(config.logging)
+    configure(loaded.config.logging)
     setproctitle(f"sockd: supervisor -c {path}")
-    return Supervisor(config, path, signals).run()
+    return Supervisor(loaded, path, signals).run()
 
 
 def _error_prefix() -> str:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 
 from sockd import metrics
 from sockd.group import Group
+from sockd.tls.material import Expiry
 
 
 class Ledger:
@@ -26,6 +27,8 @@ class Ledger:
         self._departed: dict[str, metrics.ListenerReport] = {}
         self._lock = threading.Lock()
         self.reloads = metrics.Reloads(last_success_time=time.time())
+        # The certificates the config in force presents: replaced whole at the start and by a reload.
+        self.certificates: list[Expiry] = []
 
     def all(self) -> Iterator[Group]:
         """Every group with workers to tend: those serving, and those leaving."""
@@ -79,7 +82,7 @@ class Ledger:
         for name, report in departed.items():
             if name in current or name in leaving:
                 _add(current if name in current else leaving, report)
-        return metrics.Snapshot(list(current.values()), self.reloads, list(leaving.values()))
+        return metrics.Snapshot(list(current.values()), self.reloads, list(leaving.values()), self.certificates)
 
 
 def _add(reports: dict[str, metrics.ListenerReport], report: metrics.ListenerReport) -> None:

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from sockd.config import Listener, MetricsConfig
 from sockd.counters import ERROR_KINDS, HANDSHAKE_BOUNDS, HANDSHAKE_RESULTS, REJECT_REASONS, TLS_VERSIONS, Totals
 from sockd.logging import Throttled
 from sockd.sockets import OUT_OF_RESOURCES, RESOURCE_PAUSE, BindError, inet_address, reason
+from sockd.tls.material import Expiry
 
 MAX_SCRAPES = 16  # scrapes rendered and sent at once, a thread each (Prometheus sends one at a time)
 MAX_CONNECTIONS = 24  # connections held at once: requests being read, and scrapes waiting or being served
@@ -90,6 +91,7 @@ class Snapshot:
     reloads: Reloads
     # Listeners a reload removed whose old workers still serve open connections: counted, not checked.
     leaving: list[ListenerReport]
+    certificates: Sequence[Expiry] = ()  # those the config in force presents
 
 
 class SockdCollector(Collector):
@@ -181,6 +183,19 @@ class SockdCollector(Collector):
         yield from (generations, cpu, memory, info, build, log_dropped)
         yield from _tls_metrics([report for report in [*reports, *snapshot.leaving] if report.listener.tls is not None])
         yield from _reload_metrics(snapshot.reloads)
+        yield _expiries(snapshot.certificates)
+
+
+def _expiries(certificates: Sequence[Expiry]) -> Metric:
+    expiry = GaugeMetricFamily(
+        "sockd_tls_certificate_expiry_timestamp_seconds",
+        "When each certificate sockd presents expires (Unix time): a TLS listener's, by the server name it is "
+        'served for, and a relay\'s client certificate for its tls:// upstream (server_name="upstream").',
+        labels=["listener", "server_name"],
+    )
+    for certificate in certificates:
+        expiry.add_metric([certificate.listener, certificate.server_name], certificate.not_after)
+    return expiry
 
 
 def _tls_metrics(reports: list[ListenerReport]) -> Iterator[Metric]:

@@ -1,16 +1,18 @@
-"""A reload (SIGHUP) as one transaction. `prepare` reads the file, plans, binds every new socket
-and renews the fork server if sockd's files changed: if any of it fails, nothing has changed
-(Refused says why). `apply` then carries the plan out on the supervisor's groups."""
+"""A reload (SIGHUP) as one transaction. `prepare` reads the file (and the TLS files it names),
+plans, binds every new socket and renews the fork server if sockd's files changed: if any of it
+fails, nothing has changed (Refused says why). `apply` then carries the plan out on the
+supervisor's groups."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
 
-from sockd.config import Config, ConfigError, Listener
+from sockd.config import ConfigError, Listener
 from sockd.descriptors import DescriptorLimit, make_room
 from sockd.forkserver import ForkServerError, Spawner
 from sockd.group import Group
@@ -18,7 +20,7 @@ from sockd.ledger import Ledger
 from sockd.plan import Step, plan
 from sockd.sockets import BindError, Bound, udp_ports
 from sockd.spec import WorkerSettings
-from sockd.tls.material import load_config
+from sockd.tls.material import Loaded, load_config
 
 log = structlog.get_logger()
 
@@ -42,41 +44,45 @@ class Refused(Exception):
 
 @dataclass(frozen=True)
 class Prepared:
-    """A reload ready to carry out: the new config, its steps, and the sockets bound for them."""
+    """A reload ready to carry out: the new config and its TLS material, its steps, and the
+    sockets bound for them."""
 
-    config: Config
+    loaded: Loaded
     steps: list[Step]
     fresh: dict[str, Bound]  # by listener name
 
 
 def prepare(
     path: str | os.PathLike[str],
-    running: Config,
+    running: Loaded,
     serving: list[Listener],
     spawner: Spawner,
     bind: Callable[[Listener], Bound],
 ) -> Prepared:
     """Everything a reload of the file at `path` needs before it changes anything (Refused if
-    something is missing): the config in force is `running`, its groups serve `serving`."""
+    something is missing): the config in force and its material are `running`, its groups serve
+    `serving`."""
     try:
-        new = load_config(path).config
+        loaded = load_config(path)
     except ConfigError as exc:
         raise Refused(exc.problems[0], exc.problems) from None
-    if new.metrics != running.metrics:
+    new = loaded.config
+    if new.metrics != running.config.metrics:
         # The endpoint's socket and the histogram's buckets are fixed for the process's life.
         log.warning("metrics settings change at the next restart, not on reload")
-        new = new.model_copy(update={"metrics": running.metrics})
+        new = new.model_copy(update={"metrics": running.config.metrics})
+        loaded = dataclasses.replace(loaded, config=new)
     try:
         make_room(new)
         # New workers from sockd's old files would not run the new ones: all of them are renewed.
         new_code = spawner.code_changed()
-        steps = plan(serving, new.listeners, new_code=new_code)
+        steps = plan(serving, new.listeners, new_code=new_code, old_tls=running.material, new_tls=loaded.material)
         fresh = _bind_new(steps, bind)
         if new_code:
             _renew_spawner(spawner, fresh)
     except (DescriptorLimit, BindError, ForkServerError) as exc:
         raise Refused(str(exc)) from None
-    return Prepared(new, steps, fresh)
+    return Prepared(loaded, steps, fresh)
 
 
 def _bind_new(steps: list[Step], bind: Callable[[Listener], Bound]) -> dict[str, Bound]:
@@ -131,9 +137,8 @@ def apply(
 def _settings(prepared: Prepared, running: dict[str, Group]) -> WorkerSettings:
     """The workers' settings under the new config, with the UDP ports of its sockets."""
     staying = [step.name for step in prepared.steps if step.action != "removed"]
-    return WorkerSettings.of(
-        prepared.config, udp_ports(prepared.fresh.get(name) or running[name].bound for name in staying)
-    )
+    ports = udp_ports(prepared.fresh.get(name) or running[name].bound for name in staying)
+    return WorkerSettings.of(prepared.loaded.config, prepared.loaded.material, ports)
 
 
 def _group_for(

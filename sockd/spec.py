@@ -3,16 +3,18 @@ fork server with the worker's descriptors (see sockd.forkserver), and `WorkerSet
 of it that is the same for every worker of a config.
 
 Apart from sockd.worker so that the supervisor can write a spec without importing a model or a
-handler: this module needs only the config's models.
+handler: this module needs only the config's models, and the TLS material's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict
 
 from sockd.config import Config, Listener, LoggingConfig
+from sockd.tls.material import TLSMaterial
 
 
 class WorkerSpec(BaseModel):
@@ -25,13 +27,16 @@ class WorkerSpec(BaseModel):
     shutdown_timeout: float  # how long a drain may take, even with no supervisor left to end it
     worker_timeout: float  # a request busy for half of this stops the heartbeat (blocking models)
     udp_ports: list[int]  # of every UDP listener's socket: datagrams from them go unanswered
+    # The listener's TLS files as read at load (see sockd.tls.contexts.stage_context): a worker reads none.
+    tls: TLSMaterial | None = None
 
 
 @dataclass(frozen=True)
 class WorkerSettings:
     """The config's settings that every worker gets, whatever its listener; the supervisor also
     times its workers' drains and heartbeats by them. With them, the ports the config's UDP
-    listeners are bound to (the kernel's choice for port 0, systemd's for a socket it passed)."""
+    listeners are bound to (the kernel's choice for port 0, systemd's for a socket it passed),
+    and the TLS material read with the config, by listener (each worker gets its listener's)."""
 
     logging: LoggingConfig
     buckets: tuple[float, ...]
@@ -39,9 +44,10 @@ class WorkerSettings:
     shutdown_timeout: float
     worker_timeout: float
     udp_ports: frozenset[int]
+    tls: Mapping[str, TLSMaterial]
 
     @classmethod
-    def of(cls, config: Config, udp_ports: frozenset[int]) -> WorkerSettings:
+    def of(cls, config: Config, tls: Mapping[str, TLSMaterial], udp_ports: frozenset[int]) -> WorkerSettings:
         return cls(
             logging=config.logging,
             buckets=tuple(config.metrics.buckets),
@@ -49,6 +55,7 @@ class WorkerSettings:
             shutdown_timeout=config.shutdown_timeout,
             worker_timeout=config.worker_timeout,
             udp_ports=udp_ports,
+            tls=tls,
         )
 
     @property
@@ -65,4 +72,5 @@ class WorkerSettings:
             shutdown_timeout=self.shutdown_timeout,
             worker_timeout=self.worker_timeout,
             udp_ports=sorted(self.udp_ports),
+            tls=self.tls.get(listener.name),
         )

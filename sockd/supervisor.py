@@ -31,6 +31,7 @@ from sockd.logging import configure, flush_throttled
 from sockd.plan import summary
 from sockd.sockets import BindError, Bound, adopt, bind, tcp_port, udp_ports
 from sockd.spec import WorkerSettings
+from sockd.tls.material import Loaded, expiries
 
 log = structlog.get_logger()
 
@@ -52,11 +53,13 @@ IGNORED = (
 
 class Supervisor:
     def __init__(
-        self, config: Config, path: str | os.PathLike[str], signals: collections.deque[int] | None = None
+        self, loaded: Loaded, path: str | os.PathLike[str], signals: collections.deque[int] | None = None
     ) -> None:
-        self.config = config  # the config in force: replaced only by a reload that succeeded
+        # The config in force and its TLS material: replaced only by a reload that succeeded.
+        self.loaded = loaded
         self.path = path
         self.ledger = Ledger()  # the groups, by listener name, and what the metrics endpoint reports
+        self.ledger.certificates = expiries(loaded.material)
         # What the signal handlers queue for the loop; `signals` if the command caught some before
         # the supervisor existed (see sockd.__main__).
         self.signals: collections.deque[int] = collections.deque() if signals is None else signals
@@ -69,6 +72,10 @@ class Supervisor:
         self.outcomes = reloads.Published()  # for `sockd reload`
         self.ignored: set[int] = set()  # the ignored signals that came, each logged once
         self.next_watchdog = time.monotonic()
+
+    @property
+    def config(self) -> Config:
+        return self.loaded.config
 
     def run(self) -> int:
         """Bind everything (raising BindError before anything serves), serve until stopped."""
@@ -91,7 +98,7 @@ class Supervisor:
                 bounds[listener.name] = bind_retrying(
                     bind_listener, tcp_port(listener), deadline, where, self._stop_requested
                 )
-            settings = WorkerSettings.of(self.config, udp_ports(bounds.values()))
+            settings = WorkerSettings.of(self.config, self.loaded.material, udp_ports(bounds.values()))
             groups = {name: self._group(bound.listener, bound, settings) for name, bound in bounds.items()}
             self.ledger.replace(groups, ())
             if self.config.metrics.enabled:
@@ -234,18 +241,19 @@ class Supervisor:
     def _reload(self) -> None:
         serving = [group.listener for group in self.ledger.groups.values()]
         try:
-            prepared = reloading.prepare(self.path, self.config, serving, self.spawner, self._bind)
+            prepared = reloading.prepare(self.path, self.loaded, serving, self.spawner, self._bind)
         except reloading.Refused as exc:
             self._reloaded(False, f"reload failed, still serving the previous config: {exc}")
             exc.log()
             return
-        new = prepared.config
+        new = prepared.loaded.config
         if new.logging != self.config.logging:
             configure(new.logging)
             line = b"logging " + new.logging.model_dump_json().encode()
             for group in self.ledger.all():  # the workers of kept listeners too
                 group.tell(line)
-        self.config = new
+        self.loaded = prepared.loaded
+        self.ledger.certificates = expiries(prepared.loaded.material)
         unstarted = reloading.apply(prepared, self.ledger, self._group)
         done = summary(prepared.steps)
         if unstarted:  # tried again after a backoff; meanwhile their old workers, if any, serve on

@@ -32,7 +32,7 @@ from sockd.logging import configure, flush_throttled
 from sockd.models import registry
 from sockd.spec import WorkerSpec
 from sockd.stopping import Stop
-from sockd.tls.contexts import upstream_tls_for
+from sockd.tls.contexts import origination
 from sockd.tls.stage import stage_for
 
 log = structlog.get_logger()
@@ -67,7 +67,7 @@ def main(spec_json: bytes, fds: list[int]) -> int:
     stats = counters.Stats(shared, spec.buckets, enabled=spec.metrics, stuck_after=spec.worker_timeout / 2)
     model = registry.load(listener.concurrency)(
         listener,
-        handlers.build(listener, upstream_tls_for(spec)),
+        handlers.build(listener, origination(spec)),
         stats,
         frozenset(spec.udp_ports),
         stage=stage_for(spec),

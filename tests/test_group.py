@@ -64,7 +64,7 @@ def listener(workers: int = 1) -> InetListener:
 
 def settings(shutdown_timeout: float = SESSIONS_TIMEOUT, worker_timeout: float = 30.0) -> WorkerSettings:
     config = Config(listeners=[listener()], shutdown_timeout=shutdown_timeout, worker_timeout=worker_timeout)
-    return WorkerSettings.of(config, frozenset())
+    return WorkerSettings.of(config, {}, frozenset())
 
 
 @pytest.fixture

@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from sockd.config import InetListener, Listener, UnixListener
+from sockd.config import InetListener, Listener, TLSConfig, UnixListener
 from sockd.plan import Step, plan, summary
+from sockd.tls.material import KeyPair, ServerMaterial, TLSMaterial
 
 
 def tcp(name: str = "a", **options: Any) -> Listener:
@@ -119,3 +120,21 @@ def test_new_code_restarts_what_would_be_kept_and_changes_nothing_else() -> None
     assert plan(old, new) == [
         step if step.name != "same" else Step("kept", step.listener) for step in plan(old, new, new_code=True)
     ]
+
+
+def material(cert: str) -> TLSMaterial:
+    return TLSMaterial(server=ServerMaterial(default=KeyPair(cert=cert, key="the key")))
+
+
+def test_new_contents_of_a_listeners_tls_files_restart_it_on_its_socket() -> None:
+    tls = TLSConfig(cert="/c.pem", key="/c.key")
+    old = [tcp("same", port=1, tls=tls), tcp("renewed", port=2, tls=tls), tcp("moved", port=3, tls=tls), tcp("plain")]
+    new = [tcp("same", port=1, tls=tls), tcp("renewed", port=2, tls=tls), tcp("moved", port=4, tls=tls), tcp("plain")]
+    old_tls = {"same": material("A"), "renewed": material("B"), "moved": material("C")}
+    # Equal contents read again: another object, the same material.
+    new_tls = {"same": material("A"), "renewed": material("B2"), "moved": material("C2")}
+    steps = plan(old, new, old_tls=old_tls, new_tls=new_tls)
+    assert summary(steps) == {"kept": ["same", "plain"], "restarted": ["renewed"], "rebound": ["moved"]}
+    assert [step.name for step in steps if step.binds] == ["moved"]
+    # Material on one side only is a change too.
+    assert summary(plan([tcp()], [tcp()], old_tls={}, new_tls={"a": material("A")})) == {"restarted": ["a"]}

@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 
-from sockd.config import Config, Listener, load
+from sockd.config import Listener
 from sockd.forkserver import Spawner
 from sockd.reloading import Prepared, Refused, prepare
 from sockd.sockets import Bound, bind
+from sockd.tls.material import Loaded, load_config
 
 from support import (
     MODELS,
@@ -225,7 +226,7 @@ def test_a_sighup_the_moment_sockd_starts_is_a_reload_once_it_serves(start_sockd
 # In process: `prepare`, on real files and real sockets. What it refuses leaves nothing behind.
 
 
-def prepared_from(path: Path, running: Config, bound: list[Bound]) -> Prepared:
+def prepared_from(path: Path, running: Loaded, bound: list[Bound]) -> Prepared:
     """`prepare` as the supervisor calls it, its groups serving `running`'s listeners; `bound`
     collects every socket it binds (with sockd's own bind)."""
 
@@ -234,13 +235,13 @@ def prepared_from(path: Path, running: Config, bound: list[Bound]) -> Prepared:
         return bound[-1]
 
     # Not started: no fork server, so sockd's files cannot have changed under one.
-    return prepare(path, running, list(running.listeners), Spawner(), binding)
+    return prepare(path, running, list(running.config.listeners), Spawner(), binding)
 
 
-def loaded(directory: Path, listeners: list[dict[str, Any]], name: str, **settings: Any) -> tuple[Path, Config]:
+def loaded(directory: Path, listeners: list[dict[str, Any]], name: str, **settings: Any) -> tuple[Path, Loaded]:
     path = directory / name
     path.write_text(config_text(listeners, **settings))
-    return path, load(path)
+    return path, load_config(path)
 
 
 def test_a_file_that_does_not_load_is_refused_with_its_problems(tmp_path: Path) -> None:
@@ -293,7 +294,7 @@ def test_only_the_listeners_that_need_a_socket_get_one_and_the_metrics_settings_
         assert list(prepared.fresh) == ["added"]
         assert prepared.fresh["added"] is bound[0]
         # The endpoint's socket and buckets are fixed for the process's life.
-        assert prepared.config.metrics == running.metrics
+        assert prepared.loaded.config.metrics == running.config.metrics
     finally:
         for each in bound:
             each.close()

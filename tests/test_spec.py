@@ -4,13 +4,19 @@ worker reads back exactly what was written."""
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from sockd.config import parse
 from sockd.spec import WorkerSettings, WorkerSpec
+from sockd.tls.contexts import origination, stage_context
+from sockd.tls.material import load_config
+
+from support import CA
 
 # What only a worker may load: the worker module itself, everything that serves a request, and
 # uvloop, which the asyncio model imports. (The package sockd.models itself is the registry of
@@ -48,7 +54,7 @@ listeners:
 """,
         "test.yaml",
     )
-    settings = WorkerSettings.of(config, frozenset({5300, 53}))
+    settings = WorkerSettings.of(config, {}, frozenset({5300, 53}))
     assert settings.bucket_count == 3
     spec = settings.spec(config.listeners[0])
     read = WorkerSpec.model_validate_json(spec.model_dump_json(exclude_unset=True))
@@ -61,4 +67,47 @@ listeners:
         "shutdown_timeout": 2.5,
         "worker_timeout": 7.0,
         "udp_ports": [53, 5300],
+        "tls": None,
     }
+    assert (stage_context(read), origination(read)) == (None, None)
+
+
+def test_a_spec_carries_its_listeners_tls_material_and_builds_its_contexts_without_a_file(
+    tmp_path: Path, tls_ca: CA
+) -> None:
+    server, client = tls_ca.server().write(tmp_path, "server"), tls_ca.client("relay").write(tmp_path, "client")
+    ca = tls_ca.write(tmp_path)
+    tls = {"cert": str(server.cert), "key": str(server.key), "client_auth": "required", "client_ca": str(ca)}
+    relay = {"upstream": "tls://127.0.0.1:9", "upstream_ca": str(ca), "upstream_server_name": "sockd.test"}
+    relay |= {"upstream_cert": str(client.cert), "upstream_key": str(client.key)}
+    listeners = [
+        {
+            "name": "plain",
+            "protocol": "tcp",
+            "host": "127.0.0.1",
+            "port": 0,
+            "handler": "echo",
+            "concurrency": "asyncio",
+        },
+        {"name": "tls", "protocol": "tcp", "host": "127.0.0.1", "port": 0, "handler": "relay", "concurrency": "asyncio"}
+        | relay
+        | {"tls": tls},
+    ]
+    path = tmp_path / "sockd.yaml"
+    path.write_text(json.dumps({"listeners": listeners}))
+    loaded = load_config(path)
+    settings = WorkerSettings.of(loaded.config, loaded.material, frozenset())
+    plain, served = (settings.spec(listener) for listener in loaded.config.listeners)
+    assert plain.tls is None
+    assert served.tls == loaded.material["tls"]
+    for file in tmp_path.iterdir():  # a worker reads none: everything is in its spec
+        file.unlink()
+    read = WorkerSpec.model_validate_json(served.model_dump_json(exclude_unset=True))
+    assert read == served
+    context = stage_context(read)
+    assert context is not None
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    upstream = origination(read)
+    assert upstream is not None
+    assert upstream.server_name == "sockd.test"
+    assert upstream.context.check_hostname

@@ -1,33 +1,44 @@
 """The OpenSSL contexts of a listener, built from its material (sockd.tls.material) alone, so that a
 worker reads no file: `server_context` for a `tls` block, `upstream_context` for a relay to a
-tls:// upstream (with `upstream_server_name`, the name the caller passes as server_hostname), both
-together as a worker's relay takes them: `upstream_tls_for`."""
+tls:// upstream (with `upstream_server_name`, the name the caller passes as server_hostname).
+A worker builds them from its spec: `stage_context` and `origination`."""
 
 from __future__ import annotations
 
 import ssl
-from typing import TYPE_CHECKING
 
-from sockd.config import Config, Listener, TLSConfig
+from sockd.config import Listener, TLSConfig
 from sockd.handlers import UpstreamTLS
-from sockd.tls.material import (
-    KeyPair,
-    ServerMaterial,
-    UpstreamMaterial,
-    load_crl,
-    load_pair,
-    read_material,
-    upstream_tls,
-)
-
-if TYPE_CHECKING:
-    from sockd.spec import WorkerSpec
+from sockd.spec import WorkerSpec
+from sockd.tls.material import KeyPair, ServerMaterial, UpstreamMaterial, load_crl, load_pair, relays_to_tls
 
 VERIFY_MODES = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 # Renegotiation is a client's way to make the server redo a handshake's work at will; compression
 # leaks secrets (CRIME). Python's contexts already refuse compression: said here, not assumed.
 OPTIONS = ssl.OP_NO_COMPRESSION | getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+
+
+def stage_context(spec: WorkerSpec) -> ssl.SSLContext | None:
+    """The context a worker's listener serves TLS with, or None if it serves none."""
+    tls, material = spec.listener.tls, spec.tls.server if spec.tls is not None else None
+    if tls is None:
+        return None
+    if material is None:
+        raise ValueError(f"listener {spec.listener.name!r} has a tls block but its spec no TLS material")
+    return server_context(tls, material)
+
+
+def origination(spec: WorkerSpec) -> UpstreamTLS | None:
+    """How a worker's relay opens TLS to its tls:// upstream, or None if its upstream is not one."""
+    if not relays_to_tls(spec.listener):
+        return None
+    material = spec.tls.upstream if spec.tls is not None else None
+    if material is None:
+        raise ValueError(
+            f"listener {spec.listener.name!r} relays to {spec.listener.upstream} but its spec has no TLS material"
+        )
+    return UpstreamTLS(upstream_context(spec.listener, material), upstream_server_name(spec.listener))
 
 
 def server_context(tls: TLSConfig, material: ServerMaterial) -> ssl.SSLContext:
@@ -82,18 +93,6 @@ def upstream_context(listener: Listener, material: UpstreamMaterial) -> ssl.SSLC
     if material.client is not None:
         load_pair(context, material.client)
     return context
-
-
-def upstream_tls_for(spec: WorkerSpec) -> UpstreamTLS | None:
-    """The TLS of a worker's relay to a tls:// upstream, if it has one (see sockd.handlers.Relay)."""
-    listener = spec.listener
-    if not upstream_tls(listener):
-        return None
-    # Until the spec carries the material the supervisor read: read here, as stage_for does.
-    material, _ = read_material(Config(listeners=[listener]))
-    upstream = material[listener.name].upstream
-    assert upstream is not None
-    return UpstreamTLS(upstream_context(listener, upstream), upstream_server_name(listener))
 
 
 def upstream_server_name(listener: Listener) -> str:

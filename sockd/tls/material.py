@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import itertools
 import os
 import re
 import ssl
@@ -102,19 +103,51 @@ def read_material(config: Config) -> tuple[Material, list[Problem]]:
     for index, listener in enumerate(config.listeners):
         reading = _Reading(("listeners", index), problems)
         server = _server(listener.tls, reading) if listener.tls is not None else None
-        upstream = _upstream(listener, reading) if upstream_tls(listener) else None
+        upstream = _upstream(listener, reading) if relays_to_tls(listener) else None
         if server is not None or upstream is not None:
             material[listener.name] = TLSMaterial(server=server, upstream=upstream)
     return material, problems
 
 
-def upstream_tls(listener: Listener) -> bool:
+def relays_to_tls(listener: Listener) -> bool:
     """Whether the listener relays to a tls:// upstream."""
     return listener.upstream is not None and listener.upstream_endpoint[0] == "tls"
 
 
-def chain_facts(pair: KeyPair) -> Facts:
-    """The facts of a material's leaf certificate (checked readable when it was loaded)."""
+@dataclass(frozen=True)
+class Expiry:
+    """When a certificate sockd presents ends (Unix time), and the name it is presented by."""
+
+    listener: str
+    server_name: str
+    not_after: float
+
+
+def expiries(material: Material) -> list[Expiry]:
+    """Every certificate the listeners present: a TLS listener's default one (by its first DNS
+    name, else its CN, else "default"), one per SNI name (by that name), and a relay's client
+    certificate for its upstream ("upstream"). A name already taken by another of the listener's
+    certificates is left for the role's ("default 2" at worst): each sample has labels of its own."""
+    found = []
+    for listener, tls in material.items():
+        presented: list[tuple[str | None, str, KeyPair]] = []
+        if tls.server is not None:
+            # SNI's first: a client asking for a name gets that name's certificate, which owns it.
+            presented += [(name, "sni", pair) for name, pair in tls.server.sni.items()]
+            presented.append((_facts(tls.server.default).name, "default", tls.server.default))
+        if tls.upstream is not None and tls.upstream.client is not None:
+            presented.append((None, "upstream", tls.upstream.client))
+        taken: set[str] = set()
+        for name, role, pair in presented:
+            candidates = itertools.chain((name, role), (f"{role} {n}" for n in itertools.count(2)))
+            label = next(label for label in candidates if label and label not in taken)
+            taken.add(label)
+            found.append(Expiry(listener, label, _facts(pair).not_after))
+    return found
+
+
+def _facts(pair: KeyPair) -> Facts:
+    """The facts of a pair's leaf certificate (found readable when it was loaded)."""
     return facts(pem_blocks(pair.cert)[0])
 
 

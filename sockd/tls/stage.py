@@ -18,14 +18,12 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from sockd.config import Config
 from sockd.counters import CLIENT_CERT_REJECTED, HANDSHAKE_FAILED, HANDSHAKE_OK, HANDSHAKE_TIMEOUT
 from sockd.logging import Throttled
-from sockd.tls.contexts import server_context
+from sockd.tls.contexts import stage_context
 from sockd.tls.failures import HandshakeCut, HandshakeEOF
 from sockd.tls.identity import Allowed, Identity
 from sockd.tls.layer import Failure, TLSLayer
-from sockd.tls.material import read_material
 from sockd.transports import Receiver, StreamTransport, peer
 
 if TYPE_CHECKING:
@@ -106,11 +104,7 @@ def judged(failure: Failure, by: str) -> tuple[int, str]:
 
 def stage_for(spec: WorkerSpec) -> TLSStage | None:
     """The stage of a worker's listener: its TLS, if it has any."""
-    tls = spec.listener.tls
-    if tls is None:
+    context = stage_context(spec)
+    if context is None or spec.listener.tls is None:
         return None
-    # Until the spec carries the material the supervisor read: read here.
-    material, _ = read_material(Config(listeners=[spec.listener]))
-    server = material[spec.listener.name].server
-    assert server is not None
-    return TLSStage(server_context(tls, server), tls)
+    return TLSStage(context, spec.listener.tls)
