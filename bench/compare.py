@@ -10,34 +10,46 @@ median requests/s as a ratio to the reference's, round by round, so machine drif
   compare.py unix-echo [opts] NAME='command' ...   the same over a Unix stream socket {sock}
   compare.py timestamp [opts] NAME='command' ...   connect, send, read to EOF, close; per second
   compare.py idle      [opts] NAME='command' ...   hold CONNS idle connections; server RSS per connection
+  compare.py tls-echo    [opts] NAME='command' ...  tcp-echo over TLS 1.3 (tlsload: OpenSSL, no verification)
+  compare.py tls-connect [opts] NAME='command' ...  a new TLS connection per request: a full handshake (nothing
+                                                    resumed), SIZE bytes echoed, close; per second
+  compare.py tls-bulk    [opts] NAME='command' ...  tls-echo with 1 MiB messages on 8 connections
+
+The tls-* modes make a throwaway self-signed P-256 certificate per run (with the openssl command):
+{tls} in a command names the temporary directory that holds its cert.pem and key.pem.
 
 The C load generators and peers are compiled on first use (and again when their source changes)
 into build/bench/ at the top of the checkout (git ignores it); {build} in a command names it.
 
 Besides requests/s, each row shows the server's CPU time per request (all its processes and
-threads; ratio = reference's CPU per request over this one's, so higher is better). By default the
-server runs on CPU 0 and the load generator on CPU 1 (--server-cpus, --client-cpus).
+threads, from /proc/PID/stat over the run; a request is a connection in the timestamp and
+tls-connect modes; ratio = reference's CPU per request over this one's, so higher is better). By
+default the server runs on CPU 0 and the load generator on CPU 1 (--server-cpus, --client-cpus).
 
 A NAME alone (no '=') picks a built-in peer: c, go, uvloop, uvloop-streams, asyncio, threaded,
 socat (tcp-echo); c-udp, python-udp, uvloop-udp, asyncio-udp (udp-echo); seed-iterative,
-seed-thread, uvloop-stamp, asyncio-stamp (timestamp); socat-unix (unix-echo). `--peers` adds the
-standard set for the mode. Needs gcc; peers need Go (golang-go), socat and uvloop
-(`pip install uvloop`); missing ones are skipped.
+seed-thread, uvloop-stamp, asyncio-stamp (timestamp); socat-unix (unix-echo); uvloop-tls (tls-*).
+`--peers` adds the standard set for the mode. Needs gcc, and OpenSSL's headers (Debian libssl-dev)
+for the tls-* modes; peers need Go (golang-go), socat and uvloop (`pip install uvloop`); a mode or
+peer whose program is missing is skipped, with a note.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -68,8 +80,22 @@ PEERS = {
     "unix-echo": {
         "socat-unix": "socat unix-listen:{sock},fork exec:cat",
     },
+    "tls-echo": {
+        "uvloop-tls": f"{PY} {HERE}/peers/tls_echo.py {{port}} {{tls}} uvloop",
+        "asyncio-tls": f"{PY} {HERE}/peers/tls_echo.py {{port}} {{tls}}",
+    },
 }
 PEERS["idle"] = PEERS["tcp-echo"]
+PEERS["tls-connect"] = PEERS["tls-bulk"] = PEERS["tls-echo"]
+# The load generator, and the kind of load it is told, per mode.
+LOADS = {
+    "udp-echo": ("echoload", "udp"),
+    "unix-echo": ("echoload", "unix"),
+    "timestamp": ("connload", "tcp"),
+    "tls-echo": ("tlsload", "echo"),
+    "tls-bulk": ("tlsload", "echo"),
+    "tls-connect": ("tlsload", "conn"),
+}
 
 
 def build() -> None:
@@ -80,6 +106,8 @@ def build() -> None:
         _compile(HERE / f"{name}.c", BUILD / name, ["gcc", "-O2"])
     for name in ("c_epoll_echo", "c_udp_echo"):
         _compile(HERE / "peers" / f"{name}.c", BUILD / name, ["gcc", "-O2"])
+    if Path("/usr/include/openssl/ssl.h").exists():  # libssl-dev; without it, the tls-* modes are skipped
+        _compile(HERE / "tlsload.c", BUILD / "tlsload", ["gcc", "-O2"], libraries=("-lssl", "-lcrypto"))
     go = shutil.which("go")
     if go:
         # A failed Go build leaves no binary: the go peer is then skipped, as without Go.
@@ -92,15 +120,31 @@ def build() -> None:
         )
 
 
-def _compile(src: Path, out: Path, compiler: list[str], check: bool = True, env: dict[str, str] | None = None) -> None:
+def _compile(
+    src: Path,
+    out: Path,
+    compiler: list[str],
+    *,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    libraries: tuple[str, ...] = (),
+) -> None:
     if out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
         return
     # Built beside, then renamed: an interrupted or concurrent build never leaves a half-written
     # binary that looks newer than its source.
     partial = out.with_name(f".{out.name}.{os.getpid()}")
-    done = subprocess.run([*compiler, "-o", str(partial), str(src)], check=check, cwd=BUILD, env=env)
+    command = [*compiler, "-o", str(partial), str(src), *libraries]  # libraries after what uses them
+    done = subprocess.run(command, check=check, cwd=BUILD, env=env)
     if done.returncode == 0:
         partial.replace(out)
+
+
+def make_certificate(directory: str) -> None:
+    """A self-signed P-256 certificate for localhost, valid for a day, as cert.pem and key.pem."""
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", f"{directory}/key.pem"]
+    certificate = ["-x509", "-out", f"{directory}/cert.pem", "-days", "1", "-subj", "/CN=localhost"]
+    subprocess.run(["openssl", "req", *key, *certificate], check=True, capture_output=True)
 
 
 def free_port() -> int:
@@ -110,11 +154,12 @@ def free_port() -> int:
         return port
 
 
-def wait_ready(mode: str, port: int, sock: str, timeout: float = 15.0) -> bool:
+def wait_ready(mode: str, port: int, sock: str, server: subprocess.Popen[bytes], timeout: float = 15.0) -> bool:
     """Whether the server answers a request within `timeout`: an accepted connection alone proves
-    nothing (a listening socket queues clients before any worker serves it)."""
+    nothing (a listening socket queues clients before any worker serves it). A server that has
+    exited (sockd refusing its config) is not waited for."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and server.poll() is None:
         try:
             if mode == "udp-echo":
                 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -128,6 +173,8 @@ def wait_ready(mode: str, port: int, sock: str, timeout: float = 15.0) -> bool:
                 client.connect(sock)
             else:
                 client = socket.create_connection(("127.0.0.1", port), timeout=1.0)
+            if mode.startswith("tls-"):
+                client = _ANY_SERVER.wrap_socket(client)  # the handshake, within the same timeout
             with client:
                 client.sendall(b"ready?")
                 if client.recv(4096):  # an echo or a timestamp: the server serves
@@ -136,6 +183,12 @@ def wait_ready(mode: str, port: int, sock: str, timeout: float = 15.0) -> bool:
             pass
         time.sleep(0.1)
     return False
+
+
+# A TLS client that takes any certificate: wait_ready asks whether a server answers, not who it is.
+_ANY_SERVER = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+_ANY_SERVER.check_hostname = False
+_ANY_SERVER.verify_mode = ssl.CERT_NONE
 
 
 def rss_kb(pids: list[int]) -> int:
@@ -150,16 +203,48 @@ def rss_kb(pids: list[int]) -> int:
     return total
 
 
-def cpu_times(pids: list[int]) -> dict[int, float]:
-    """CPU seconds (user + system, all threads, reaped children included) of each process."""
+def cpu_times(pids: Iterable[int]) -> dict[int, tuple[float, float]]:
+    """CPU seconds (user + system, all threads) of each process: its own, and its reaped children's."""
+    tick = os.sysconf("SC_CLK_TCK")
     times = {}
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            times[pid] = sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError):
-            pass
+            utime, stime, cutime, cstime = (int(field) / tick for field in fields[11:15])
+        except (OSError, ValueError):
+            continue
+        times[pid] = (utime + stime, cutime + cstime)
     return times
+
+
+def server_cpu(
+    start: dict[int, tuple[float, float]], end: dict[int, tuple[float, float]], settled: dict[int, tuple[float, float]]
+) -> float:
+    """CPU seconds a server's processes used from `start` to `end` (cpu_times of its tree).
+
+    A forking server's per-connection children exit as the load ends: read at that moment, a child
+    reaped between the read of its parent and its own would be lost, or counted twice the other way
+    round. So the children's time is read once they have been reaped (`settled`, the tree a moment
+    later, when it no longer shrinks), and the processes' own time at the end: what one that lives
+    on spends idling after the load (busy_poll spins) does not count."""
+    used = 0.0
+    for pid, (own, children) in settled.items():
+        used += (end[pid][0] if pid in end else own) + children
+    return used - sum(own + children for own, children in start.values())
+
+
+def settled_tree(pid: int, timeout: float = 2.0) -> list[int]:
+    """tree(pid) once it has stopped shrinking (or after `timeout`): each child that served one of
+    the load's connections has exited and been reaped."""
+    found = tree(pid)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = tree(pid)
+        if set(now) == set(found):
+            break
+        found = now
+    return found
 
 
 def tree(pid: int) -> list[int]:
@@ -181,7 +266,7 @@ def tree(pid: int) -> list[int]:
 def run_one(mode: str, command: str, args: argparse.Namespace) -> dict[str, float] | None:
     port = free_port()
     sock = os.path.join(tempfile.mkdtemp(prefix="sb"), "s")
-    cmd = command.format(port=port, sock=sock, build=BUILD)
+    cmd = command.format(port=port, sock=sock, build=BUILD, tls=args.tls)
     server = subprocess.Popen(
         f"exec taskset -c {args.server_cpus} {cmd}",
         shell=True,
@@ -190,7 +275,7 @@ def run_one(mode: str, command: str, args: argparse.Namespace) -> dict[str, floa
         start_new_session=True,
     )
     try:
-        if not wait_ready(mode, port, sock):
+        if not wait_ready(mode, port, sock, server):
             return None
         time.sleep(0.3)
         if mode == "idle":
@@ -211,8 +296,7 @@ def run_one(mode: str, command: str, args: argparse.Namespace) -> dict[str, floa
                 "p99_us": 0,
                 "errors": args.conns - ok,
             }
-        tool = "connload" if mode == "timestamp" else "echoload"
-        kind = {"udp-echo": "udp", "unix-echo": "unix"}.get(mode, "tcp")
+        tool, kind = LOADS.get(mode, ("echoload", "tcp"))
         addr = sock if kind == "unix" else f"127.0.0.1:{port}"
         start = cpu_times(tree(server.pid))
         load = subprocess.Popen(
@@ -233,8 +317,8 @@ def run_one(mode: str, command: str, args: argparse.Namespace) -> dict[str, floa
         time.sleep(args.seconds * 0.9)
         pids = set(start) | set(tree(server.pid))  # a forking server's children appear under load
         out, _ = load.communicate(timeout=args.seconds + 30)
-        end = cpu_times(sorted(pids))
-        cpu = sum(t - start.get(pid, 0.0) for pid, t in end.items())
+        end = cpu_times(pids)
+        cpu = server_cpu(start, end, cpu_times(settled_tree(server.pid)))
         fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
         rate = float(fields.get("rps", fields.get("cps", 0)))
         done = float(fields.get("requests", 0))
@@ -246,10 +330,13 @@ def run_one(mode: str, command: str, args: argparse.Namespace) -> dict[str, floa
             "errors": float(fields["errors"]),
         }
     finally:
-        try:
+        # The process group: a relay's echo server too, even once the server itself has exited
+        # (wait_ready reaps it); with neither left, there is nothing to stop.
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGTERM)
+        try:
             server.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
+        except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
 
@@ -259,25 +346,45 @@ def main() -> int:
     ap.add_argument("mode", choices=sorted(PEERS))
     ap.add_argument("servers", nargs="*", help="NAME='command with {port}' or a built-in peer name")
     ap.add_argument("--peers", action="store_true", help="add the standard peers for this mode")
-    ap.add_argument("--conns", type=int, default=None, help="connections (default 50; idle: 5000; udp-echo: 20)")
-    ap.add_argument("--size", type=int, default=None, help="message bytes (default 64)")
+    ap.add_argument(
+        "--conns", type=int, default=None, help="connections (default 50; idle: 5000; udp-echo: 20; tls-bulk: 8)"
+    )
+    ap.add_argument("--size", type=int, default=None, help="message bytes (default 64; tls-bulk: 1 MiB)")
     ap.add_argument("--seconds", type=float, default=3.0, help="seconds per measurement (default 3)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     ap.add_argument("--server-cpus", default="0", help="CPUs the server may use (taskset list, default 0)")
     ap.add_argument("--client-cpus", default="1", help="CPUs the load generator may use (default 1)")
     args = ap.parse_intermixed_args()
     if args.conns is None:
-        args.conns = {"idle": 5000, "udp-echo": 20}.get(args.mode, 50)
+        args.conns = {"idle": 5000, "udp-echo": 20, "tls-bulk": 8}.get(args.mode, 50)
     if args.size is None:
-        args.size = 64
+        args.size = 1 << 20 if args.mode == "tls-bulk" else 64
     build()
+    if args.mode.startswith("tls-") and not (BUILD / "tlsload").exists():
+        print(f"{args.mode}: skipped: tlsload needs OpenSSL's headers to build (Debian: libssl-dev)")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="sockd-bench-tls-") as tls:
+        if args.mode.startswith("tls-"):
+            make_certificate(tls)
+        args.tls = tls
+        return compare(ap, args)
+
+
+def compare(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     servers: list[tuple[str, str]] = []
     for spec in args.servers:
         name, _, command = spec.partition("=")
         servers.append((name, command or PEERS[args.mode][name]))
     if args.peers:
         servers += [(n, c) for n, c in PEERS[args.mode].items() if n not in dict(servers)]
-    servers = [(n, c) for n, c in servers if shutil.which(shlex.split(c.format(port=0, sock="x", build=BUILD))[0])]
+    present = []
+    for name, command in servers:
+        program = shlex.split(command.format(port=0, sock="x", build=BUILD, tls=args.tls))[0]
+        if shutil.which(program):
+            present.append((name, command))
+        else:
+            print(f"{name}: skipped: no {program}")
+    servers = present
     if not servers:
         ap.error("no servers to measure")
     results: dict[str, list[dict[str, float]]] = {n: [] for n, _ in servers}

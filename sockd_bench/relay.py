@@ -1,11 +1,16 @@
-"""A relay in front of the C epoll echo server, for compare.py's tcp-echo load: sockd's relay in
-one model, or socat (`TCP-LISTEN,fork TCP:`), the relay a user would reach for instead.
+"""A relay in front of the C epoll echo server, for compare.py's echo loads: sockd's relay in one
+model, or what a user would reach for instead: socat (`TCP-LISTEN,fork TCP:`), and, terminating
+TLS with --tls (compare.py's {tls} directory, its cert.pem and key.pem), socat `OPENSSL-LISTEN`,
+stunnel 5 and HAProxy (one thread, TCP mode; plain TCP without --tls).
 
     compare.py tcp-echo c "socat=python -P -m sockd_bench.relay {port} {build} socat" \\
         "sockd=python -P -m sockd_bench.relay {port} {build} asyncio"
+    compare.py tls-echo "stunnel=python -P -m sockd_bench.relay {port} {build} stunnel --tls {tls}"
 
 It starts the echo server on a free port, then becomes the relay (exec, same pid and process
-group: compare.py measures the relay and the echo server together, and stops both)."""
+group: compare.py measures the relay and the echo server together, and stops both). stunnel's and
+HAProxy's configs (and HAProxy's certificate, which it wants with its key in one file) are
+anonymous files the exec inherits: nothing is left on disk."""
 
 from __future__ import annotations
 
@@ -17,14 +22,20 @@ import sys
 import time
 from pathlib import Path
 
+MODELS = ["selector", "busy_poll", "asyncio"]  # sockd's relay under each of these
+PEERS = ["socat", "stunnel", "haproxy"]
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("port", help="where the relay listens")
     parser.add_argument("build", type=Path, help="compare.py's build directory, with c_epoll_echo")
-    parser.add_argument("relay", choices=["socat", "selector", "busy_poll", "asyncio"])
+    parser.add_argument("relay", choices=[*PEERS, *MODELS])
     parser.add_argument("--upstream-cpus", help="CPUs for the echo server (default: the relay's)")
+    parser.add_argument("--tls", type=Path, metavar="DIR", help="terminate TLS with DIR/cert.pem and DIR/key.pem")
     args = parser.parse_args()
+    if args.relay == "stunnel" and args.tls is None:
+        parser.error("stunnel needs --tls")
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -37,13 +48,53 @@ def main() -> None:
             if sock.connect_ex(("127.0.0.1", upstream)) == 0:
                 break
         time.sleep(0.05)
-    if args.relay == "socat":
-        command = ["socat", f"TCP-LISTEN:{args.port},bind=127.0.0.1,reuseaddr,fork,backlog=4096"]
-        command.append(f"TCP:127.0.0.1:{upstream}")
-    else:
-        command = [sys.executable, "-P", "-m", "sockd_bench.serve", args.port, "--handler", "relay"]
-        command += ["--concurrency", args.relay, "--option", f"upstream=tcp://127.0.0.1:{upstream}"]
+    command = _relay(args.relay, args.port, upstream, args.tls)
     os.execvp(command[0], command)
+
+
+def _relay(relay: str, port: str, upstream: int, tls: Path | None) -> list[str]:
+    """The command line that relays 127.0.0.1:`port` to the echo server."""
+    if relay == "socat":
+        # backlog: socat's default of 5 drops SYNs under a connection per request (1 s retransmits)
+        listen = f"{port},bind=127.0.0.1,reuseaddr,fork,backlog=4096"
+        if tls is None:
+            return ["socat", f"TCP-LISTEN:{listen}", f"TCP:127.0.0.1:{upstream}"]
+        listen += f",cert={tls / 'cert.pem'},key={tls / 'key.pem'},verify=0,nodelay"
+        return ["socat", f"OPENSSL-LISTEN:{listen}", f"TCP:127.0.0.1:{upstream},nodelay"]
+    if relay == "stunnel":
+        assert tls is not None  # main() checked
+        # -fd: stunnel reads its config from a descriptor (it refuses a /proc/self/fd path).
+        config = _anonymous(
+            "stunnel.conf",
+            "foreground = yes\npid =\nsyslog = no\ndebug = err\n[relay]\n"
+            f"accept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{upstream}\n"
+            f"cert = {tls / 'cert.pem'}\nkey = {tls / 'key.pem'}\n",
+        )
+        os.lseek(config, 0, os.SEEK_SET)
+        return ["stunnel", "-fd", str(config)]
+    if relay == "haproxy":
+        bind = f"bind 127.0.0.1:{port}"
+        if tls is not None:
+            pem = _anonymous("server.pem", (tls / "cert.pem").read_text() + (tls / "key.pem").read_text())
+            bind += f" ssl crt /proc/self/fd/{pem}"
+        config = _anonymous(
+            "haproxy.cfg",
+            "global\n    nbthread 1\n    maxconn 5000\n    nosplice\n"
+            "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n"
+            f"frontend relay\n    {bind}\n    default_backend echo\n"
+            f"backend echo\n    server echo 127.0.0.1:{upstream}\n",
+        )
+        return ["haproxy", "-db", "-f", f"/proc/self/fd/{config}"]
+    command = [sys.executable, "-P", "-m", "sockd_bench.serve", port, "--handler", "relay", "--concurrency", relay]
+    command += ["--option", f"upstream=tcp://127.0.0.1:{upstream}"]
+    return command + (["--tls", str(tls)] if tls is not None else [])
+
+
+def _anonymous(name: str, text: str) -> int:
+    """A file in memory with `text`, as a descriptor the exec inherits."""
+    fd = os.memfd_create(name, 0)
+    os.write(fd, text.encode())
+    return fd
 
 
 if __name__ == "__main__":

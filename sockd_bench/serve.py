@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="asyncio")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="another listener key")
     parser.add_argument("--no-metrics", action="store_true", help="metrics.enabled: false")
+    parser.add_argument("--tls", metavar="DIR", help="serve TLS with DIR/cert.pem and DIR/key.pem (compare.py's {tls})")
     args = parser.parse_args()
 
     listener: dict[str, object] = {"name": "bench", "protocol": args.protocol, "handler": args.handler}
@@ -37,6 +38,8 @@ def main() -> None:
     for option in args.option:
         key, _, value = option.partition("=")
         listener[key] = yaml.safe_load(value)
+    if args.tls:
+        listener["tls"] = {"cert": os.path.join(args.tls, "cert.pem"), "key": os.path.join(args.tls, "key.pem")}
     config = {
         "logging": {"level": "warning"},
         "metrics": {"enabled": not args.no_metrics, "port": 0},

@@ -6,6 +6,14 @@ footprint.py instead (memory and start-up, sockd alone, its startup section run 
 sockd runs with metrics enabled, as in production. This is not part of `make test`: it takes
 minutes and its numbers belong to the machine it ran on.
 
+The tls-* workloads measure TLS 1.3 (compare.py's tlsload, a throwaway P-256 certificate per run)
+against stunnel 5 and socat `OPENSSL-LISTEN` in front of the C echo server (the setup a user has
+without sockd's TLS), a bare uvloop TLS echo server, and, for the relay, HAProxy terminating TLS.
+The C echo server behind a TLS relay runs on the relay's CPU 0 and counts in its CPU, so that a
+relay and its service compare with a server that echoes over TLS itself (the plain relay
+workloads give a relay CPU 0 to itself instead). A peer whose program is missing (stunnel,
+haproxy, socat) is skipped with a note.
+
     .venv/bin/python -m sockd_bench.suite [--rounds 3] [--seconds 3] [WORKLOAD ...]
 """
 
@@ -13,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,14 +36,13 @@ def sockd(*options: str, where: str = "{port}") -> str:
     return f"{SERVE} {where} {' '.join(options)}"
 
 
-def models(protocol: str, handler: str, names: list[str]) -> list[str]:
+def models(protocol: str, handler: str, names: list[str], *options: str) -> list[str]:
     """sockd under each model (thread_pool sized for the load's 50 connections)."""
     servers = []
     for name in names:
         extra = ["--option", "threads=50"] if name == "thread_pool" else []
-        servers.append(
-            f"sockd-{name}={sockd('--protocol', protocol, '--handler', handler, '--concurrency', name, *extra)}"
-        )
+        command = sockd("--protocol", protocol, "--handler", handler, "--concurrency", name, *extra, *options)
+        servers.append(f"sockd-{name}={command}")
     return servers
 
 
@@ -45,6 +53,21 @@ def relays() -> list[str]:
     relay = f"{PYTHON} -P -m sockd_bench.relay {{port}} {{build}}"
     kinds = [("socat-relay", "socat"), ("sockd-relay-asyncio", "asyncio"), ("sockd-relay-selector", "selector")]
     return [f"{name}={relay} {kind} --upstream-cpus 1" for name, kind in kinds]
+
+
+def tls_relays(*kinds: str) -> list[str]:
+    """Relays terminating TLS in front of the C echo server, which shares their CPU (see relay.py)."""
+    names = {"socat": "socat-tls", "stunnel": "stunnel", "haproxy": "haproxy-tls"}
+    relay = f"{PYTHON} -P -m sockd_bench.relay {{port}} {{build}}"
+    return [f"{names.get(kind, f'sockd-relay-{kind}')}={relay} {kind} --tls {{tls}}" for kind in kinds]
+
+
+# What the servers that start through relay.py run, which compare.py cannot see: without it, they
+# are skipped with a note (compare.py notes its own, such as Go's peer).
+PROGRAMS = {"socat-relay": "socat", "socat-tls": "socat", "stunnel": "stunnel", "haproxy-tls": "haproxy"}
+TLS = ("--tls", "{tls}")  # sockd's listener serves the run's certificate
+TLS_PEERS = [*tls_relays("stunnel", "socat"), "uvloop-tls"]
+TLS_MODELS = ["asyncio", "selector", "busy_poll", "threaded"]
 
 
 WORKLOADS: dict[str, tuple[list[str], list[str]]] = {
@@ -94,6 +117,14 @@ WORKLOADS: dict[str, tuple[list[str], list[str]]] = {
     # A relay in front of the C echo server: requests/s against a direct connection to it.
     "relay": (["tcp-echo"], ["c", *relays()]),
     "relay-bulk": (["tcp-echo", "--size", str(1 << 20), "--conns", "8"], ["c", *relays()]),
+    # TLS 1.3: 64 bytes over 50 persistent connections; a new connection per request, with a full
+    # handshake each (cpu_us is per connection); 1 MiB messages over 8 connections.
+    "tls-echo": (["tls-echo"], [*TLS_PEERS, *models("tcp", "echo", TLS_MODELS, *TLS)]),
+    "tls-connect": (["tls-connect"], [*TLS_PEERS, *models("tcp", "echo", TLS_MODELS, *TLS)]),
+    "tls-bulk": (["tls-bulk"], [*TLS_PEERS, *models("tcp", "echo", ["asyncio", "selector"], *TLS)]),
+    # TLS termination in front of the C echo server: sockd's relay against HAProxy's and stunnel's.
+    "tls-relay": (["tls-echo"], tls_relays("haproxy", "stunnel", "asyncio", "selector")),
+    "tls-relay-connect": (["tls-connect"], tls_relays("haproxy", "stunnel", "asyncio", "selector")),
 }
 OWN = {"footprint": "sockd_bench.footprint"}  # workloads run by a module of this package, not compare.py
 
@@ -109,17 +140,27 @@ def main() -> int:
         parser.error(f"unknown workload: {', '.join(sorted(unknown))}")
     chosen = args.workloads or names
     for name in chosen:
+        print(f"== {name}", flush=True)
         if name in OWN:
             command = [sys.executable, "-P", "-m", OWN[name], "--runs", args.rounds]
         else:
             options, servers = WORKLOADS[name]
+            servers = [server for server in servers if _present(server)]
             timing = ["--rounds", args.rounds, "--seconds", args.seconds]
             command = [sys.executable, str(COMPARE), *options, *timing, *servers]
-        print(f"== {name}", flush=True)
         done = subprocess.run(command, check=False)
         if done.returncode:
             return done.returncode
     return 0
+
+
+def _present(server: str) -> bool:
+    name = server.partition("=")[0]
+    program = PROGRAMS.get(name)
+    if program is None or shutil.which(program):
+        return True
+    print(f"{name}: skipped: no {program}", flush=True)
+    return False
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, get_args
 
 import pytest
@@ -226,21 +227,43 @@ def test_footprint_of_a_small_sockd() -> None:
     assert all(size > 0 for size in idle["rss_bytes"] + idle["pss_bytes"])
 
 
+def compare(mode: str, servers: list[str]) -> dict[str, list[str]]:
+    """One short round of compare.py on `servers`: each server's row, by name, after the header
+    has been checked; every server must have answered, without an error."""
+    command = [sys.executable, str(suite.COMPARE), mode, "--rounds", "1", "--seconds", "1", *servers]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    header, columns, *rows = result.stdout.splitlines()
+    assert header.startswith(f"{mode}: ")
+    assert header.endswith(f"seconds=1.0 rounds=1 reference={servers[0].partition('=')[0]}")
+    assert columns.split() == ["server", "rps", "ratio", "cpu_us/req", "cpu_ratio", "p50_us", "p99_us", "errors"]
+    measured = {row.split()[0]: row.split()[1:] for row in rows}
+    for name, (rps, *_, errors) in measured.items():
+        assert float(rps) > 0, name
+        assert errors == "0", name
+    return measured
+
+
 def test_compare_builds_its_peers_and_measures_sockd() -> None:
     """The suite's yardstick from the checkout alone: compare.py compiles the C echo server and the
     load generator into the git-ignored build/bench/, then one short round of each server."""
     require("gcc")
     assert suite.COMPARE.is_relative_to(ROOT)  # nothing from outside the repository
-    servers = ["c", f"sockd-asyncio={suite.sockd()}"]
-    command = [sys.executable, str(suite.COMPARE), "tcp-echo", "--rounds", "1", "--seconds", "1", *servers]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
+    measured = compare("tcp-echo", ["c", f"sockd-asyncio={suite.sockd()}"])
     assert (ROOT / "build" / "bench" / "c_epoll_echo").exists()
-    header, columns, *rows = result.stdout.splitlines()
-    assert header.startswith("tcp-echo: conns=50 size=64 seconds=1.0 rounds=1 reference=c")
-    assert columns.split() == ["server", "rps", "ratio", "cpu_us/req", "cpu_ratio", "p50_us", "p99_us", "errors"]
-    measured = {row.split()[0]: row.split()[1:] for row in rows}
     assert list(measured) == ["c", "sockd-asyncio"]
-    for name, (rps, *_, errors) in measured.items():
-        assert float(rps) > 0, name
-        assert errors == "0", name
+
+
+def test_compare_over_tls() -> None:
+    """The tls-* modes: compare.py builds tlsload against OpenSSL and makes the run's certificate;
+    stunnel (its config in memory) relays to the C echo server; the bare uvloop TLS peer; sockd
+    serves that certificate."""
+    require("gcc")
+    require("openssl")
+    require("stunnel")
+    if not Path("/usr/include/openssl/ssl.h").exists() and not os.environ.get("CI"):
+        pytest.skip("OpenSSL's headers (libssl-dev) are not installed: compare.py skips the tls-* modes")
+    measured = compare(
+        "tls-echo", [*suite.tls_relays("stunnel"), "uvloop-tls", *suite.models("tcp", "echo", ["asyncio"], *suite.TLS)]
+    )
+    assert list(measured) == ["stunnel", "uvloop-tls", "sockd-asyncio"]
