@@ -259,7 +259,8 @@ class Timeouts:
     moves no deadline while it reads, so a client that trickles a handshake is ended all the same;
     the first byte the handler sees is then awaited for first_byte_timeout from the stage's end.
 
-    (The blocking models need none of this: a socket timeout on each recv() and send() does it.)"""
+    (The blocking models need none of this: a socket timeout on each recv() and send() does it,
+    each read of a stage waiting at most what is left of the stage's time.)"""
 
     def __init__(self, listener: Listener) -> None:
         self.first_byte = listener.first_byte_timeout or listener.idle_timeout or math.inf

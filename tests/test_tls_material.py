@@ -21,6 +21,7 @@ from sockd.tls.material import Expiry, KeyPair, ServerMaterial, TLSMaterial, Ups
 
 from support import CA, SERVER_NAME, Daemon, Files, Issued, Launcher, run_sockd, samples
 from support import listener as entry
+from support.tls import presented, s_client, s_client_session, verifying
 
 EXPIRY = "sockd_tls_certificate_expiry_timestamp_seconds"
 SERVER_AUTH = ExtendedKeyUsageOID.SERVER_AUTH
@@ -79,27 +80,41 @@ def test_workers_of_a_relay_verified_by_the_system_bundle_get_the_bundle_in_thei
     assert expiry_samples(daemon) == {}
 
 
-def test_new_certificate_files_are_served_by_new_workers_after_a_reload(
+def served_serial(daemon: Daemon, ca: Path) -> int:
+    """The serial number of the certificate a new `openssl s_client` is shown."""
+    done = s_client(daemon.address("web"), *verifying(ca))
+    assert done.returncode == 0, done.stderr
+    return int(presented(done.stdout).serial_number)
+
+
+def test_new_certificate_files_are_served_by_new_workers_after_a_reload_while_a_session_goes_on(
     start_sockd: Launcher, tmp_path: Path, tls_ca: CA
 ) -> None:
     first = tls_ca.server(not_after=in_days(30))
-    files = first.write(tmp_path, "server")
+    files, ca = first.write(tmp_path, "server"), tls_ca.write(tmp_path)
     daemon = start_sockd([tls_entry(files)])
     old_worker = daemon.worker_pid("web")
     assert expiry_samples(daemon) == {("web", SERVER_NAME): first.not_after}
+    assert served_serial(daemon, ca) == first.serial
     config = daemon.config_path.read_text()
 
-    renewed = tls_ca.server(not_after=in_days(60))
-    replace_files(renewed, files)
-    mark = len(daemon.events)
-    done = run_sockd("reload", str(daemon.process.pid))
-    assert (done.returncode, done.stdout, done.stderr) == (0, "reloaded: restarted 1\n", "")
-    assert daemon.config_path.read_text() == config  # the config is the same: its files are not
-    assert daemon.wait_for("reloaded", after=mark)["restarted"] == ["web"]
-    new_worker = daemon.worker_pid("web", after=mark)
-    assert new_worker != old_worker
-    assert daemon.wait_for("replaced", listener="web", after=mark)["retired"] == [old_worker]
-    assert expiry_samples(daemon) == {("web", SERVER_NAME): renewed.not_after}
+    with s_client_session(daemon.address("web"), *verifying(ca)) as session:
+        assert session.exchange(b"before the reload\n") == b"before the reload\n"
+        renewed = tls_ca.server(not_after=in_days(60))
+        replace_files(renewed, files)
+        mark = len(daemon.events)
+        done = run_sockd("reload", str(daemon.process.pid))
+        assert (done.returncode, done.stdout, done.stderr) == (0, "reloaded: restarted 1\n", "")
+        assert daemon.config_path.read_text() == config  # the config is the same: its files are not
+        assert daemon.wait_for("reloaded", after=mark)["restarted"] == ["web"]
+        new_worker = daemon.worker_pid("web", after=mark)
+        assert new_worker != old_worker
+        assert daemon.wait_for("replaced", listener="web", after=mark)["retired"] == [old_worker]
+        assert expiry_samples(daemon) == {("web", SERVER_NAME): renewed.not_after}
+        # A new client gets the new certificate; the session opened before goes on in the old worker.
+        assert served_serial(daemon, ca) == renewed.serial
+        assert session.exchange(b"after the reload\n") == b"after the reload\n"
+        assert old_worker in daemon.worker_pids("web")
 
     # The same contents again: nothing to do.
     mark = len(daemon.events)
@@ -132,6 +147,7 @@ def test_a_reload_to_a_key_that_does_not_match_is_refused_and_the_old_material_s
     found = samples(daemon)
     assert found[("sockd_config_last_reload_successful", frozenset())] == 0
     assert expiry_samples(daemon) == {("web", SERVER_NAME): first.not_after}
+    assert served_serial(daemon, tls_ca.write(tmp_path)) == first.serial
 
 
 def replace_files(issued: Issued, files: Files) -> None:

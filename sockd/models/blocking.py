@@ -15,7 +15,7 @@ from typing import TypeVar
 from sockd.config import BUFSIZE, Listener
 from sockd.counters import Recorder, Stats
 from sockd.handlers import Handler
-from sockd.lifecycle import Address, Datagrams, Service, Staging, Stream, stream
+from sockd.lifecycle import Address, Datagrams, LoggedStream, Service, Staging, Stream, stream
 from sockd.limits import Ticket
 from sockd.models.shared import accept_failed, stop_listening
 from sockd.sockets import RESOURCE_PAUSE
@@ -80,10 +80,12 @@ class BlockingModel:
     ) -> None:
         self.stats = stats
         self.service = Service(listener, handler, later=sleep_then_call, udp_ports=udp_ports, stage=stage)
-        # A socket timeout on each recv() and send() is the whole of first_byte_timeout and idle_timeout
-        # (and of a stage's: the first timeout bounds each read until the first answer).
-        staging = self.service.timeouts.staging
-        self.first_timeout = staging if staging < math.inf else None
+        # A socket timeout on each recv() and send() is the whole of first_byte_timeout and
+        # idle_timeout. A stage (a TLS handshake) is bounded as a whole, as in the event-loop
+        # models: each of its reads waits at most what is left of it (see _through_stage).
+        timeouts = self.service.timeouts
+        self.stage_timeout = timeouts.staging if stage is not None and timeouts.staging < math.inf else None
+        self.first_timeout = timeouts.first_byte if timeouts.first_byte < math.inf else None
         self.idle_timeout = listener.idle_timeout
 
     def stopping_on(self, stop: Stop, sock: socket.socket) -> None:
@@ -129,6 +131,9 @@ class BlockingModel:
                 if self.first_timeout is not None:
                     conn.settimeout(self.first_timeout)
                 entry.connection_made(transport)
+                if self.stage_timeout is not None:
+                    _through_stage(transport, entry, recorder, time.monotonic() + self.stage_timeout)
+                    conn.settimeout(self.first_timeout)
                 _until_answered(transport, connection, recorder)
                 if transport.reading:
                     if self.idle_timeout != self.first_timeout:
@@ -141,6 +146,20 @@ class BlockingModel:
         finally:
             recorder.busy_since = 0.0
             transport.protocol.connection_lost(failure)  # through a stage, if the connection is in one
+
+
+def _through_stage(transport: BlockingTransport, entry: Stream | LoggedStream, recorder: Recorder, ends: float) -> None:
+    """Read and feed a connection's stage until it is done (see lifecycle.Stream.staged: the
+    transport drives `entry` again, or a layer that stays, TLS, is `entry`'s transport) or has
+    closed the connection: each read waits at most until `ends`, so a client that trickles its
+    part of the stage is ended all the same."""
+    sock = transport.sock
+    while transport.reading and transport.protocol is not entry and entry.transport is transport:
+        remaining = ends - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        sock.settimeout(remaining)
+        _feed(transport.protocol, sock.recv(BUFSIZE), recorder)
 
 
 def _until_answered(transport: BlockingTransport, connection: Stream, recorder: Recorder) -> None:

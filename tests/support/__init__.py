@@ -1,7 +1,7 @@
 """What the tests share (`from support import ...`; conftest.py holds only the fixtures), one module a
 concern: the daemon as a subprocess (daemon), loopback clients (net), metrics (metrics), /proc
-(proc), config files checked in-process (config), TLS certificates (certs), and the waits they all
-use (waits)."""
+(proc), config files checked in-process (config), TLS certificates (certs) and clients (tls), and the
+waits they all use (waits)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,17 @@ from support.daemon import (
     short_directory,
     sockd_command,
 )
-from support.metrics import active_connections, errors, rejected, requests, samples, scrape, value
+from support.metrics import (
+    active_connections,
+    errors,
+    handshakes,
+    rejected,
+    requests,
+    samples,
+    scrape,
+    tls_sessions,
+    value,
+)
 from support.net import (
     WAITING_FOR_CONNECTIONS,
     InFlight,
@@ -59,6 +69,18 @@ from support.net import (
     squatting,
 )
 from support.proc import _proc_net_address, alive, cpu_seconds, live_workers, rss_bytes, server_inode, tcp_owner
+from support.tls import (
+    VERSIONS,
+    SClient,
+    TLSSession,
+    client_context,
+    client_hello,
+    presented,
+    s_client,
+    s_client_session,
+    tls_request,
+    verifying,
+)
 from support.waits import PUBLISHED_WITHIN, TIMEOUT, becomes, eventually
 
 __all__ = [
@@ -75,6 +97,7 @@ __all__ = [
     "STDLIB_LOOP",
     "SYSTEMD_VARIABLES",
     "TIMEOUT",
+    "VERSIONS",
     "WAITING_FOR_CONNECTIONS",
     "Daemon",
     "Expected",
@@ -83,9 +106,11 @@ __all__ = [
     "Issued",
     "Launcher",
     "Load",
+    "SClient",
     "Session",
     "SessionEnded",
     "StartSockd",
+    "TLSSession",
     "_proc_net_address",
     "active_connections",
     "alive",
@@ -94,6 +119,8 @@ __all__ = [
     "assert_rejected_raw",
     "becomes",
     "check",
+    "client_context",
+    "client_hello",
     "config_text",
     "connect",
     "cpu_seconds",
@@ -102,6 +129,7 @@ __all__ = [
     "errors",
     "eventually",
     "forge_datagram",
+    "handshakes",
     "held_port",
     "inet",
     "listen_backlog",
@@ -109,6 +137,7 @@ __all__ = [
     "live_workers",
     "model_options",
     "options_for",
+    "presented",
     "read_to_eof",
     "receive",
     "recv_exactly",
@@ -118,6 +147,8 @@ __all__ = [
     "require",
     "rss_bytes",
     "run_sockd",
+    "s_client",
+    "s_client_session",
     "samples",
     "scrape",
     "served",
@@ -128,7 +159,10 @@ __all__ = [
     "stderr_of",
     "subject",
     "tcp_owner",
+    "tls_request",
+    "tls_sessions",
     "value",
+    "verifying",
     "write_config",
     "yaml_text",
 ]

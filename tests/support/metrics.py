@@ -42,3 +42,13 @@ def active_connections(daemon: Daemon, name: str) -> float:
 
 def errors(daemon: Daemon, name: str, kind: str) -> float:
     return value(samples(daemon), "sockd_errors_total", listener=name, kind=kind)
+
+
+def handshakes(daemon: Daemon, name: str, result: str) -> float:
+    """A TLS listener's handshakes that ended with `result` (ok, failed, timeout, client_cert_rejected)."""
+    return value(samples(daemon), "sockd_tls_handshakes_total", listener=name, result=result)
+
+
+def tls_sessions(daemon: Daemon, name: str, version: str) -> float:
+    """A TLS listener's sessions established with `version` (TLSv1.2, TLSv1.3)."""
+    return value(samples(daemon), "sockd_tls_sessions_total", listener=name, version=version)
