@@ -265,7 +265,8 @@ def tree(pid: int) -> list[int]:
 
 def run_one(mode: str, command: str, args: argparse.Namespace) -> dict[str, float] | None:
     port = free_port()
-    sock = os.path.join(tempfile.mkdtemp(prefix="sb"), "s")
+    directory = tempfile.mkdtemp(prefix="sb")  # short: a Unix socket's path has 107 bytes at most
+    sock = os.path.join(directory, "s")
     cmd = command.format(port=port, sock=sock, build=BUILD, tls=args.tls)
     server = subprocess.Popen(
         f"exec taskset -c {args.server_cpus} {cmd}",
@@ -339,6 +340,7 @@ def run_one(mode: str, command: str, args: argparse.Namespace) -> dict[str, floa
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def main() -> int:
