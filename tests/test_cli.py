@@ -138,7 +138,7 @@ def test_a_bad_config_without_check_is_the_same_error(tmp_path: Path) -> None:
 
 
 # What the config tests (test_config_*.py) rely on when they read the
-# problems of sockd.config.load in-process: the command prints exactly those, one per line, on
+# problems of sockd.tls.material.load_config in-process: the command prints exactly those, one per line, on
 # stderr, nothing on stdout, no traceback, and exits 78; or the OK line and exits 0.
 
 

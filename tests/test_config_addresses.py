@@ -1,6 +1,6 @@
 """The config's rules on where a listener listens: ports, hosts, Unix paths, and two listeners
 that cannot both be bound, with the exact `FILE:LINE: FIELD: message` lines `sockd --check`
-prints (checked in-process with sockd.config.load, see support.check)."""
+prints (checked in-process with sockd.tls.material.load_config, see support.check)."""
 
 from __future__ import annotations
 

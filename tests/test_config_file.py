@@ -1,4 +1,4 @@
-"""The config file as the daemon reads it (sockd.config.load): a file that is no regular file, or
+"""The config file as the daemon reads it (sockd.tls.material.load_config): a file that is no regular file, or
 too large a document, is refused in one line at `--check`, and on a reload while the supervisor
 keeps supervising; and the file read when no `-c` is given."""
 

@@ -2,7 +2,7 @@
 cannot be read), duplicate keys, aliases and nesting, and where each problem is placed: its
 `FILE:LINE`, one line per problem, in line order.
 
-Checked in-process with sockd.config.load and parse (see support.check), as in
+Checked in-process with sockd.tls.material.load_config and parse (see support.check), as in
 test_config_schema.py; test_cli.py pins what the command prints for them."""
 
 from __future__ import annotations

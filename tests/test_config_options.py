@@ -1,7 +1,7 @@
 """The config's rules on what a listener runs: its handler, its concurrency model, and the options
 that belong to one of them (limits, socket options, the relay), where each applies and how they
 go together, with the exact `FILE:LINE: FIELD: message` lines `sockd --check` prints (checked
-in-process with sockd.config.load, see support.check)."""
+in-process with sockd.tls.material.load_config, see support.check)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ addresses are test_config_addresses.py's, the handlers, models and their options
 test_config_options.py's.
 
 Each case is a literal YAML text (line 1 is the first line of the string), written to a file and
-checked in-process with sockd.config.load (see support.check); test_cli.py pins that the command
+checked in-process with sockd.tls.material.load_config (see support.check); test_cli.py pins that the command
 prints exactly these lines and exits 78. Reading the YAML itself is test_config_loader.py's."""
 
 from __future__ import annotations

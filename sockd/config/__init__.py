@@ -6,11 +6,11 @@
 - rules: what a single field's validation cannot see (settings that go together, listeners that
   cannot all be bound);
 - problems: ConfigError, and each problem worded and placed as `file:line: field: message`;
-- loader: `load` and `parse`, which join them, and `load_document`, whose Document places the
-  problems found beyond the file (in the TLS files it names: sockd.tls.material) as its own.
+- loader: `load_document` and `parse`, which join them; a Document places the problems found
+  beyond the file (in the TLS files it names: sockd.tls.material) as its own.
 """
 
-from sockd.config.loader import Document, load, load_document, parse
+from sockd.config.loader import Document, load_document, parse
 from sockd.config.problems import ConfigError, Problem, reason
 from sockd.config.reader import MAX_FILE_BYTES, MAX_VALUES, read_regular
 from sockd.config.rules import passive_address
@@ -57,7 +57,6 @@ __all__ = [
     "TLSFiles",
     "TimestampFormat",
     "UnixListener",
-    "load",
     "load_document",
     "parse",
     "passive_address",

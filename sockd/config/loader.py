@@ -28,18 +28,14 @@ class Document:
         return ConfigError(_lines(self.shown, locate(self.root, problems)))
 
 
-def load(path: str | os.PathLike[str]) -> Config:
-    """Read, parse and validate a config file; every problem becomes a one-line `ConfigError`."""
-    return load_document(path).config
-
-
 def parse(text: str, shown: str) -> Config:
     """Validate YAML `text`; `shown` is the file name the errors start with."""
     return parse_document(text, shown).config
 
 
 def load_document(path: str | os.PathLike[str]) -> Document:
-    """As `load`, keeping the file's YAML to place later problems by."""
+    """Read, parse and validate a config file; every problem becomes a one-line `ConfigError`.
+    The file's YAML is kept, to place later problems by."""
     shown = os.fspath(path)
     try:
         raw = read_regular(path)
