@@ -21,8 +21,6 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-import structlog
-
 from sockd.config import BUFSIZE
 from sockd.lifecycle import CLOSING, CONNECTING, INPUT_ENDED, WRITE_FULL, Address, Datagrams, Service
 from sockd.limits import MOVED, Ticket
@@ -38,8 +36,6 @@ from sockd.relay import (
 )
 from sockd.tls.layer import Failure, TLSLayer
 from sockd.transports import HIGH_WATER, READ, WRITE, Receiver, StreamTransport
-
-log = structlog.get_logger()
 
 RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 

@@ -16,8 +16,6 @@ import ssl
 import time
 from typing import TYPE_CHECKING
 
-import structlog
-
 from sockd.counters import CLIENT_CERT_REJECTED, HANDSHAKE_FAILED, HANDSHAKE_OK, HANDSHAKE_TIMEOUT
 from sockd.logging import Throttled
 from sockd.tls.contexts import stage_context
@@ -30,8 +28,6 @@ if TYPE_CHECKING:
     from sockd.config.schema import TLSConfig
     from sockd.lifecycle import Connection, Staged
     from sockd.spec import WorkerSpec
-
-log = structlog.get_logger()
 
 _failed = Throttled("TLS handshake failed", per="reason")
 _refused = Throttled("TLS client refused: its certificate names none that `allow` lists", per="reason")
@@ -64,13 +60,14 @@ class TLSStage:
         return layer
 
     def _admit(self, connection: Connection, layer: TLSLayer, staged: Staged, began: float) -> None:
-        peer = Identity.of(layer.tls.getpeercert()) if self.verifies else None
+        client = Identity.of(layer.tls.getpeercert()) if self.verifies else None
+        names = client.fields() if client is not None else {}
         observer = connection.observer
         if observer is not None:
-            observer.note(tls=layer.tls.version(), **(peer.fields() if peer is not None else {}))
-        if self.allowed is not None and not self.allowed.admits(peer):
+            observer.note(tls=layer.tls.version(), **names)
+        if self.allowed is not None and not self.allowed.admits(client):
             connection.recorder.handshake(CLIENT_CERT_REJECTED, began)
-            _refused(reason="not allowed" if peer is not None else "no certificate", **(peer.fields() if peer else {}))
+            _refused(reason="not allowed" if client is not None else "no certificate", **names)
             if observer is not None:
                 observer.ended_by("client certificate refused")
             layer.close()
