@@ -275,10 +275,11 @@ def test_min_version_1_3_refuses_a_tls_1_2_client_and_counts_it_failed(
     assert (handshakes(daemon, "echo", "failed"), tls_sessions(daemon, "echo", "TLSv1.2")) == (2, 0)
 
 
-# Handshakes begun and left half-way at once: with the test's and the worker's other descriptors
-# they fit under `prlimit --nofile=1024`. Their timeout is what opening them all and serving a
-# good client take with room to spare on a busy machine (nearly 2 s, with busy_poll's spinning
-# workers on both cores), so that they are all still held once it is served.
+# Handshakes begun and left half-way at once: with the worker's other descriptors they fit under
+# the default descriptor limit, which the daemon is run under (`prlimit --nofile=1024`). Their
+# timeout is what opening them all and serving a good client take with room to spare on a busy
+# machine (nearly 2 s, with busy_poll's spinning workers on both cores), so that they are all
+# still held once it is served.
 STALLED = 500
 STALL_TIMEOUT = 5.0
 
@@ -325,7 +326,7 @@ def test_handshakes_stalled_half_way_are_ended_after_handshake_timeout_while_oth
 ) -> None:
     files = tls_ca.server().write(tmp_path, "server")
     tls = tls_of(files, handshake_timeout=STALL_TIMEOUT)
-    daemon = start_sockd([entry("echo", "tcp", "echo", model, tls=tls)])
+    daemon = start_sockd([entry("echo", "tcp", "echo", model, tls=tls)], prefix=("prlimit", "--nofile=1024", "--"))
     ca, address, hello = tls_ca.write(tmp_path), daemon.address("echo"), client_hello()
     half = hello[: len(hello) // 2]  # a handshake begun that will not go on
     stalled = []
