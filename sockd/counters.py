@@ -31,7 +31,8 @@ RESET, SEND, TIMEOUT, TOO_LARGE, RESOURCES, UPSTREAM = range(len(ERROR_KINDS))
 # sockd_connections_rejected_total{reason}: closed at once, or a datagram dropped, by a limit; a
 # relay's own limits: a client past the connections its worker's descriptors allow, a UDP session
 # closed to make room for a new one; a datagram dropped for its source port (see
-# lifecycle.REFLECTORS).
+# lifecycle.REFLECTORS); a connection without a valid PROXY header, or from a source
+# `proxy_trusted` does not name (see sockd.proxy).
 REJECT_REASONS = (
     "max_connections",
     "max_connections_per_source",
@@ -40,6 +41,7 @@ REJECT_REASONS = (
     "relay_connections",
     "relay_sessions",
     "reflection",
+    "proxy_protocol",
 )
 # sockd_tls_handshakes_total{result}: a TLS listener's handshakes by how they ended (see
 # sockd.tls.stage); sockd_tls_sessions_total{version}: the handshakes that succeeded, by the

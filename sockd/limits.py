@@ -20,7 +20,9 @@ from sockd.config import InetListener, Listener, Network, UnixListener
 from sockd.counters import REJECT_REASONS, Recorder
 from sockd.logging import Throttled
 
-MAX_CONNECTIONS, PER_SOURCE, RATE, ACL, RELAY_CONNECTIONS, RELAY_SESSIONS, REFLECTION = range(len(REJECT_REASONS))
+MAX_CONNECTIONS, PER_SOURCE, RATE, ACL, RELAY_CONNECTIONS, RELAY_SESSIONS, REFLECTION, PROXY_PROTOCOL = range(
+    len(REJECT_REASONS)
+)
 # Sources remembered for rates and access decisions: past this many, forgotten (the quiet first),
 # so a flood from many addresses costs bounded memory.
 MEMORY = 4096
