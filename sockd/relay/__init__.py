@@ -15,6 +15,11 @@ side's socket and the relay: on a `tls` listener the client's handshake is the l
 judged as any connection's (sockd.tls.stage) before the upstream is connected; to a tls://
 upstream (the handler's UpstreamTLS) the upstream's handshake is part of connecting it, and its
 failure is the upstream's (handshake_failed). A side's end of output is then a close_notify.
+
+With `upstream_proxy_protocol`, the upstream is sent a PROXY protocol header (sockd.proxy.writing)
+before anything else, a tls:// upstream's ClientHello included, as HAProxy sends it: it names the
+client, and over v2 the TLS the listener terminated (Relayed.proxy_header). Each driver asks for it
+once the upstream's connect() is done; a relay without it asks nothing.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from sockd.handlers import Relay
 from sockd.lifecycle import Address, Connection, ConnectionLog, Service
 from sockd.limits import MOVED, RELAY_SESSIONS, Ticket, relayed_connections, source_of
 from sockd.logging import Throttled
-from sockd.tls.layer import Failure
+from sockd.proxy.writing import Named, addresses, ssl_tlvs, v1, v2
+from sockd.tls.layer import Failure, TLSLayer
 from sockd.tls.stage import judged
 from sockd.transports import Transport
 
@@ -258,6 +264,25 @@ class Relayed:
 
     def upstream_failed(self, exc: BaseException | str) -> None:
         upstream_failed(self.relay, self.connection.recorder, exc)
+
+    def proxy_header(self, client: Named, layer: TLSLayer | None) -> bytes:
+        """The PROXY header for the upstream: the client and the address it reached, as its
+        socket `client` names them, and over v2 its TLS if the listener's stage terminated it
+        (`layer`: the version, the verified certificate the stage read, the ALPN protocol)."""
+        source, destination = addresses(client)
+        if self.relay.proxy_protocol == "v1":
+            return v1(source, destination)
+        if layer is None:
+            return v2(source, destination)
+        tls, peer = layer.tls, layer.peer
+        said = ssl_tlvs(
+            tls.version() or "",
+            verified=peer is not None,
+            reused=tls.session_reused,
+            cn=None if peer is None else peer.cn,
+            alpn=tls.selected_alpn_protocol(),
+        )
+        return v2(source, destination, said)
 
 
 class LoggedRelay:

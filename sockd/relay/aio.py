@@ -47,11 +47,13 @@ async def found(names: Resolver) -> list[Endpoint]:
 
 
 async def open_upstream(
-    loop: asyncio.AbstractEventLoop, names: Resolver, factory: Callable[[], asyncio.Protocol]
+    loop: asyncio.AbstractEventLoop, names: Resolver, factory: Callable[[], asyncio.Protocol], header: bytes = b""
 ) -> Carrier:
     """A connection to the upstream, within connect_timeout (its lookup and, to a tls://
     upstream, its handshake included): each endpoint is tried in turn until one answers. The
-    protocol `factory` makes is told of it (connection_made) once it can carry its bytes."""
+    protocol `factory` makes is told of it (connection_made) once it can carry its bytes.
+    `header` (a PROXY header) is sent first, before a tls:// upstream's ClientHello too, as
+    HAProxy sends it."""
     failure: OSError = OSError(errno.EADDRNOTAVAIL, "no address")
     async with asyncio.timeout(names.relay.connect_timeout):
         for family, kind, proto, where in await found(names):
@@ -59,6 +61,8 @@ async def open_upstream(
             sock.setblocking(False)
             try:
                 await loop.sock_connect(sock, where)
+                if header:  # on a new connection it fits the send buffer: sent at once
+                    await loop.sock_sendall(sock, header)
             except OSError as exc:
                 sock.close()
                 failure = exc
@@ -163,8 +167,13 @@ class RelayProtocol(asyncio.Protocol):
 
     async def _open_upstream(self) -> None:
         loop = asyncio.get_running_loop()
+        header = b""
+        if self.names.relay.proxy_protocol is not None:
+            client = self.transport
+            layer = client if isinstance(client, TLSLayer) else None
+            header = self.state.proxy_header(client.get_extra_info("socket"), layer)
         try:
-            transport = await open_upstream(loop, self.names, lambda: UpstreamProtocol(self))
+            transport = await open_upstream(loop, self.names, lambda: UpstreamProtocol(self), header)
         except UPSTREAM_ERRORS as exc:
             self.events.upstream_failed(exc)
             self.transport.close()  # the client sees EOF at once

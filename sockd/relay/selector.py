@@ -222,7 +222,12 @@ class Splice:
             self._update(end)
 
     def _upstream_connected(self, upstream: End) -> None:
-        tls = self.state.relay.tls
+        relay = self.state.relay
+        if relay.proxy_protocol is not None:
+            # First in `out`: sent in one write with what follows at once, a ClientHello or what
+            # came with the client's handshake (which _upstream_ready passes on).
+            upstream.out += self.state.proxy_header(self.client.sock, self.client.tls)
+        tls = relay.tls
         if tls is None:
             self._upstream_ready()
             return
