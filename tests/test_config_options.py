@@ -244,7 +244,7 @@ TCP, UDP, UNIX = (
         (
             "echo",
             "selector",
-            f"{UDP}, upstream_proxy_protocol: v2",
+            f"{TCP}, upstream_proxy_protocol: v2",
             "upstream_proxy_protocol",
             "only valid with handler: relay",
         ),
@@ -253,7 +253,7 @@ TCP, UDP, UNIX = (
             "asyncio",
             f"{UDP}, upstream: 'udp://h:1', upstream_proxy_protocol: v1",
             "upstream_proxy_protocol",
-            "only valid with protocol: tcp or unix (its header begins a stream, and a UDP relay has none)",
+            "only valid with protocol: tcp or unix (its header begins a stream, and UDP has none)",
         ),
         (
             "relay",

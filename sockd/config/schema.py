@@ -32,7 +32,7 @@ RELAYING_MODELS: tuple[ModelName, ...] = ("selector", "busy_poll", "asyncio")
 SelectorBackend = Literal["auto", "select", "poll", "epoll"]
 EventLoop = Literal["auto", "asyncio", "uvloop"]
 TimestampFormat = Literal["seed", "iso8601", "unix"]
-ProxyVersion = Literal["v1", "v2"]
+UpstreamProxyVersion = Literal["v1", "v2"]
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 UPSTREAM_PATTERN = r"^((tcp|tls|udp)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])|unix:///.{1,106})$"
@@ -233,7 +233,7 @@ class TLSConfig(_Frozen):
 # Why an option that applies to streams alone has no meaning over UDP.
 OVER_STREAMS = {
     "tls": "DTLS, TLS over UDP, is out of scope",
-    "upstream_proxy_protocol": "its header begins a stream, and a UDP relay has none",
+    "upstream_proxy_protocol": "its header begins a stream, and UDP has none",
 }
 
 
@@ -293,7 +293,7 @@ class _ListenerBase(_Frozen):
     upstream_key: FilePath | None = None
     # The PROXY protocol's header sent to the upstream before the client's bytes (HAProxy's
     # send-proxy, send-proxy-v2), naming the client; a stream relay's only (see _over_streams).
-    upstream_proxy_protocol: ProxyVersion | None = None
+    upstream_proxy_protocol: UpstreamProxyVersion | None = None
 
     # Limits, each per worker process (as gunicorn's worker_connections); None: no limit.
     max_connections: Count | None = None
@@ -323,6 +323,13 @@ class _ListenerBase(_Frozen):
             raise ValueError("uvloop is not installed: pip install uvloop, or use event_loop: asyncio")
         return value
 
+    @field_validator("tls", "upstream_proxy_protocol")
+    @classmethod
+    def _over_streams(cls, value: object, info: ValidationInfo) -> object:
+        if value is not None and info.data.get("protocol") == "udp":
+            raise ValueError(f"only valid with protocol: tcp or unix ({OVER_STREAMS[str(info.field_name)]})")
+        return value
+
     @field_validator(*OPTION_SCOPE)
     @classmethod
     def _only_where_it_applies(cls, value: object, info: ValidationInfo) -> object:
@@ -331,13 +338,6 @@ class _ListenerBase(_Frozen):
         actual = info.data.get(owner)
         if actual is not None and actual not in wanted:
             raise ValueError(f"only valid with {owner}: {alternatives(wanted)} (this listener has {owner}: {actual})")
-        return value
-
-    @field_validator("tls", "upstream_proxy_protocol")
-    @classmethod
-    def _over_streams(cls, value: object, info: ValidationInfo) -> object:
-        if value is not None and info.data.get("protocol") == "udp":
-            raise ValueError(f"only valid with protocol: tcp or unix ({OVER_STREAMS[str(info.field_name)]})")
         return value
 
     @property

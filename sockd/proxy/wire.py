@@ -34,9 +34,5 @@ PP2_TYPE_NETNS = 0x30
 PP2_CLIENT_SSL = 0x01
 PP2_CLIENT_CERT_CONN = 0x02
 PP2_CLIENT_CERT_SESS = 0x04
-# A Unix socket's path in an AF_UNIX address block: 108 bytes (sun_path), NUL-padded.
-UNIX_PATH = 108
-# A TLV's type and length (big-endian) before its value; a length is at most 0xFFFF, as is the
-# length of what follows the 16-byte header.
-TLV_HEADER = 3
+# A TLV's length is at most this, as is the length of what follows the 16-byte header.
 MAX_LENGTH = 0xFFFF

@@ -18,8 +18,11 @@ failure is the upstream's (handshake_failed). A side's end of output is then a c
 
 With `upstream_proxy_protocol`, the upstream is sent a PROXY protocol header (sockd.proxy.writing)
 before anything else, a tls:// upstream's ClientHello included, as HAProxy sends it: it names the
-client, and over v2 the TLS the listener terminated (Relayed.proxy_header). Each driver asks for it
-once the upstream's connect() is done; a relay without it asks nothing.
+client, and over v2 the TLS the listener terminated (Relayed.proxy_header). It goes as soon as the
+upstream is connected (a server that speaks first must have it), in the same write as what is
+ready to follow it then: what the client said meanwhile, or to a tls:// upstream, under the
+selector driver, the ClientHello. Each driver asks for it once per client, as it connects the
+upstream; a relay without it asks nothing.
 """
 
 from __future__ import annotations
