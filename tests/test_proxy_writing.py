@@ -246,3 +246,4 @@ def test_a_unix_client_and_one_gone_have_no_address() -> None:
     unconnected = socket.socket()
     with unconnected:
         assert addresses(unconnected) == (None, None)
+    assert addresses(None) == (None, None)

@@ -147,10 +147,11 @@ class Named(Protocol):
     def getsockname(self) -> object: ...
 
 
-def addresses(sock: Named) -> tuple[Endpoint, Endpoint]:
+def addresses(sock: Named | None) -> tuple[Endpoint, Endpoint]:
     """The client and the address it connected to, as the connection's socket names them: both
-    None for a Unix socket's client (no IP address), or for a client gone already."""
-    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+    None for a Unix socket's client (no IP address), or for a client gone already (its socket
+    too, as uvloop's transport says once closed)."""
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return None, None
     try:
         return _endpoint(sock.getpeername()), _endpoint(sock.getsockname())

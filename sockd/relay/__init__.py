@@ -268,7 +268,7 @@ class Relayed:
     def upstream_failed(self, exc: BaseException | str) -> None:
         upstream_failed(self.relay, self.connection.recorder, exc)
 
-    def proxy_header(self, client: Named, layer: TLSLayer | None) -> bytes:
+    def proxy_header(self, client: Named | None, layer: TLSLayer | None) -> bytes:
         """The PROXY header for the upstream: the client and the address it reached, as its
         socket `client` names them, and over v2 its TLS if the listener's stage terminated it
         (`layer`: the version, the verified certificate the stage read, the ALPN protocol)."""
