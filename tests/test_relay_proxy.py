@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_relay import DRIVERS, listening, unused_port, upstream
+from test_relay import DRIVERS, upstream
 from test_relay_tls import Certificates, certs, tls_listener
 
 from support import (
@@ -29,7 +29,6 @@ from support import (
     Launcher,
     client_context,
     connect,
-    eventually,
     inet,
     model_options,
     read_to_eof,
@@ -240,36 +239,45 @@ def test_a_resumed_session_says_the_certificate_came_with_the_session_not_the_co
 
 @contextlib.contextmanager
 def haproxy_accepting_proxy(directory: Path, backend: str) -> Iterator[tuple[int, queue.Queue[str]]]:
-    """HAProxy in the foreground, its frontend reading a PROXY header (v1 or v2, `accept-proxy`),
-    in front of `backend` (host:port); each connection's log line, as it ends, names the client
-    and the address it reached as HAProxy learnt them."""
-    port = unused_port()
-    config = directory / "haproxy.cfg"
-    config.write_text(
-        "global\n    log stdout format raw local0\n    nbthread 1\n"
-        "defaults\n    mode tcp\n    log global\n"
-        "    timeout connect 5s\n    timeout client 30s\n    timeout server 30s\n"
-        f"frontend in\n    bind 127.0.0.1:{port} accept-proxy\n"
-        '    log-format "client=%ci:%cp reached=%fi:%fp"\n    default_backend out\n'
-        f"backend out\n    server s {backend}\n"
-    )
-    process = subprocess.Popen(
-        [require("haproxy"), "-db", "-f", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    lines: queue.Queue[str] = queue.Queue()
+    """HAProxy in the foreground, its frontend reading a PROXY header (v1 or v2, `accept-proxy`)
+    on a loopback socket the test made and hands it (`bind fd@N`: no port to race other tests
+    for), in front of `backend` (host:port): its port, and each connection's log line as it ends,
+    naming the client and the address it reached as HAProxy learnt them."""
+    with socket.create_server(("127.0.0.1", 0)) as front:
+        port = front.getsockname()[1]
+        config = directory / "haproxy.cfg"
+        config.write_text(
+            "global\n    log stdout format raw local0\n    nbthread 1\n"
+            "defaults\n    mode tcp\n    log global\n"
+            "    timeout connect 5s\n    timeout client 30s\n    timeout server 30s\n"
+            f"frontend in\n    bind fd@{front.fileno()} accept-proxy\n"
+            '    log-format "client=%ci:%cp reached=%fi:%fp"\n    default_backend out\n'
+            f"backend out\n    server s {backend}\n"
+        )
+        with (directory / "haproxy.err").open("w") as errors:
+            process = subprocess.Popen(
+                [require("haproxy"), "-db", "-f", str(config)],
+                pass_fds=(front.fileno(),),
+                stdout=subprocess.PIPE,
+                stderr=errors,
+                text=True,
+            )
+        lines: queue.Queue[str] = queue.Queue()
 
-    def read() -> None:
-        for line in process.stdout or ():
-            lines.put(line.strip())
+        def read() -> None:
+            for line in process.stdout or ():
+                lines.put(line.strip())
 
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        eventually(lambda: listening(port) or process.poll() is not None, "haproxy listening", timeout=TIMEOUT)
-        assert process.poll() is None, process.communicate()
-        yield port, lines
-    finally:
-        process.terminate()
-        process.communicate(timeout=TIMEOUT)
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            yield port, lines
+        finally:
+            process.terminate()
+            process.wait(TIMEOUT)
+            reader.join(TIMEOUT)
+            if process.stdout is not None:
+                process.stdout.close()
 
 
 def echo_once(conn: socket.socket) -> None:
