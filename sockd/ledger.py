@@ -1,5 +1,6 @@
 """The supervisor's ledger of listeners, for the metrics endpoint: the groups serving, those a
-reload removed whose workers still serve, the counts of those gone, and how the reloads went.
+reload removed whose workers still serve, the counts of those gone, and how the reloads and
+upgrades went.
 
 The supervisor's loop changes it; the metrics thread reads it (`snapshot`, `down`). A group
 moves between serving, leaving and departed under one lock, so that a scrape sees its counts
@@ -27,6 +28,7 @@ class Ledger:
         self._departed: dict[str, metrics.ListenerReport] = {}
         self._lock = threading.Lock()
         self.reloads = metrics.Reloads(last_success_time=time.time())
+        self.upgrades = metrics.Upgrades()
         # The certificates the config in force presents: replaced whole at the start and by a reload.
         self.certificates: list[Expiry] = []
 
@@ -63,6 +65,10 @@ class Ledger:
             last_success_time=time.time() if success else last.last_success_time,
         )
 
+    def count_upgrade(self, ok: bool) -> None:
+        last = self.upgrades
+        self.upgrades = metrics.Upgrades(ok=last.ok + ok, failed=last.failed + (not ok))
+
     def down(self) -> list[str]:
         """The listeners none of whose generations accepts whole (see Group.up), for /healthz.
         Called from the metrics thread."""
@@ -82,7 +88,9 @@ class Ledger:
         for name, report in departed.items():
             if name in current or name in leaving:
                 _add(current if name in current else leaving, report)
-        return metrics.Snapshot(list(current.values()), self.reloads, list(leaving.values()), self.certificates)
+        return metrics.Snapshot(
+            list(current.values()), self.reloads, list(leaving.values()), self.certificates, self.upgrades
+        )
 
 
 def _add(reports: dict[str, metrics.ListenerReport], report: metrics.ListenerReport) -> None:
