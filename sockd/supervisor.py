@@ -276,7 +276,7 @@ class Supervisor:
         )
         flush_throttled()
         queued = [self.signals.popleft() for _ in range(len(self.signals))]
-        upgrade.execute(command, handoff, CAUGHT, queued)
+        upgrade.execute([*command, "-c", str(self.path)], handoff, CAUGHT, queued)
 
     def _adopt(self, groups: dict[str, Group], settings: WorkerSettings) -> list[Group]:
         """Take over what the supervisor this process was before an upgrade handed over: its
