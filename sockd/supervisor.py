@@ -102,7 +102,9 @@ class Supervisor:
             for name in sorted(self.activated.keys() - {listener.name for listener in self.config.listeners}):
                 if name != METRICS_FDNAME:
                     log.warning("systemd passed a socket that no listener is named after", name=name)
-                    self.notifier.unstore(name)  # a listener gone while sockd was stopped
+                if name != METRICS_FDNAME and self.notifier.store_room:  # a listener gone while sockd was stopped
+                    self.notifier.unstore(name)
+                    self.activated.pop(name).close()
             deadline = time.monotonic() + BIND_WAIT  # one wait for all: connections end together
             for listener in self.config.listeners:
                 bind_listener = functools.partial(self._bind, listener)

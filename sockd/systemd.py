@@ -13,6 +13,7 @@ sockd's unit for 252), and sockd stores nothing without it.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import os
 import socket
@@ -66,7 +67,9 @@ class Notifier:
         if name in self.stored or len(self.stored) >= self.store_room or self.sock is None:
             return
         with contextlib.suppress(OSError):
-            socket.send_fds(self.sock, [f"FDSTORE=1\nFDNAME={name}".encode()], [sock.fileno()], 0, self.address)
+            # sendmsg, not socket.send_fds: Python 3.11's drops the address.
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sock.fileno()]))]
+            self.sock.sendmsg([f"FDSTORE=1\nFDNAME={name}".encode()], rights, 0, self.address)
             self.stored.add(name)
 
     def unstore(self, name: str) -> None:
