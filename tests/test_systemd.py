@@ -520,6 +520,7 @@ def test_a_restart_keeps_the_listening_sockets_in_systemds_store(
     notify.expect("READY")
     changes = [(m.get("FDSTORE") or m.get("FDSTOREREMOVE"), m.get("FDNAME")) for m in notify.messages[mark:]]
     assert [change for change in changes if change[1]] == [("1", "tcp-echo")] * 2, notify.messages[mark:]
-    assert [m for m in notify.messages[mark:] if m.get("FDNAME")][0].get("FDSTOREREMOVE") == "1"
+    assert next(m for m in notify.messages[mark:] if m.get("FDNAME")).get("FDSTOREREMOVE") == "1"
     assert notify.stored[-1][0] == "tcp-echo"
-    assert socket.socket(fileno=os.dup(notify.stored[-1][1])).getsockname()[0] == "127.0.0.2"
+    with socket.socket(fileno=os.dup(notify.stored[-1][1])) as moved:
+        assert moved.getsockname()[0] == "127.0.0.2"

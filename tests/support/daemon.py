@@ -178,6 +178,7 @@ class Launcher:
         env: dict[str, str] | None = None,
         prefix: tuple[str, ...] = (),
         program: tuple[str, ...] = (),
+        *,
         pass_fds: tuple[int, ...] = (),
         **settings: Any,
     ) -> Daemon:
