@@ -9,10 +9,11 @@ each worker's channel is registered with the loop's selector, its data a callabl
 channel and returns True when the worker has just become ready.
 
 Each start is a generation. A reload starts a new one, and once that one serves retires the one
-before: it accepts no more but serves its open connections on until their clients close them or
-shutdown_timeout passes, and is stopped then (see sockd.worker). A storm of reloads is bounded:
+before: it accepts no more but serves its open connections on until their clients close them, or
+until reload_drain_timeout passes if the config sets one, and is stopped then as a stop stops a
+worker, shutdown_timeout to end its drain (see sockd.worker). A storm of reloads is bounded:
 past MAX_SERVING old generations the oldest is stopped at once, past MAX_ALIVE the oldest is
-killed.
+killed; so, without a reload_drain_timeout, are the processes that sessions no client ends keep.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class Worker:
     ready: bool = False
     heartbeat: int = 0  # the last heartbeat seen in its counters
     beat_at: float = field(default_factory=time.monotonic)
-    stop_at: float | None = None  # set once retired: stopped then if its clients have not all left
+    stop_at: float | None = None  # retired under a reload_drain_timeout: stopped then if its clients have not all left
     drain_until: float | None = None  # set once stopped: killed if still running then
     kill_at: float | None = None  # set once aborted as hung: killed if still running then
     cpu_seen: float = 0.0  # the most CPU seconds a scrape has seen it use: its count never goes back
@@ -181,9 +182,9 @@ class Group:
         return self.start()
 
     def retire(self) -> None:
-        """Its listener is gone: every generation accepts no more, serves its open connections on
-        until the clients close them, and is stopped once shutdown_timeout has passed. None of
-        its places is restarted."""
+        """Its listener is gone: every generation accepts no more and serves its open connections on
+        until the clients close them (or reload_drain_timeout passes, see _retire). None of its
+        places is restarted."""
         self._retire([*self._vacate(), *self._replaced()])
 
     def stop(self) -> None:
@@ -354,7 +355,10 @@ class Group:
         return replaced
 
     def _retire(self, workers: list[Worker]) -> None:
-        stop_at = time.monotonic() + self.settings.shutdown_timeout
+        """They accept no more and serve their sessions on: until their clients end them, or,
+        under a reload_drain_timeout, until it passes (then `tend` stops them)."""
+        timeout = self.settings.reload_drain_timeout
+        stop_at = None if timeout is None else time.monotonic() + timeout
         for worker in workers:
             worker.stop_at = stop_at
             worker.tell(b"retire")

@@ -42,6 +42,7 @@ class WorkerSettings:
     buckets: tuple[float, ...]
     metrics: bool
     shutdown_timeout: float
+    reload_drain_timeout: float | None
     worker_timeout: float
     udp_ports: frozenset[int]
     tls: Mapping[str, TLSMaterial]
@@ -53,6 +54,7 @@ class WorkerSettings:
             buckets=tuple(config.metrics.buckets),
             metrics=config.metrics.enabled,
             shutdown_timeout=config.shutdown_timeout,
+            reload_drain_timeout=config.reload_drain_timeout,
             worker_timeout=config.worker_timeout,
             udp_ports=udp_ports,
             tls=tls,

@@ -9,8 +9,9 @@ line each:
     retire            a reload replaced this worker: accept no more, serve the open connections on
     logging {JSON}    log with these settings (a reload changed them)
 
-and closes its end to stop the worker (a stop, or a retired worker's shutdown_timeout passed; or
-the supervisor died): it ends its connections as a drain does and exits 0.
+and closes its end to stop the worker (a stop, or a retired worker's reload_drain_timeout passed;
+or the supervisor died): it ends its connections as a drain does and exits 0, within
+shutdown_timeout.
 """
 
 from __future__ import annotations
