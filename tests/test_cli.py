@@ -234,7 +234,15 @@ def test_schema_is_a_json_schema_of_the_config() -> None:
     assert document["type"] == "object"
     properties = document["properties"]
     assert isinstance(properties, dict)
-    assert set(properties) == {"metrics", "logging", "shutdown_timeout", "worker_timeout", "listeners"}
+    assert set(properties) == {
+        "metrics",
+        "logging",
+        "shutdown_timeout",
+        "drain_delay",
+        "reload_drain_timeout",
+        "worker_timeout",
+        "listeners",
+    }
     assert document["required"] == ["listeners"]
     assert document["additionalProperties"] is False  # unknown keys are rejected
     listeners = properties["listeners"]
