@@ -38,7 +38,7 @@ from sockd.counters import BEAT_INTERVAL
 from sockd.forkserver import ForkServerError, Process, Spawner
 from sockd.logging import exit_status
 from sockd.sockets import Bound, reason, retune, set_mode
-from sockd.spec import WorkerSettings
+from sockd.spec import InstanceState, WorkerSettings
 
 log = structlog.get_logger()
 
@@ -124,6 +124,8 @@ class Group:
         self.retired = counters.Totals.zero(settings.bucket_count)  # what its exited workers counted
         self.retired_cpu = 0.0  # the CPU seconds its exited workers used
         self.restarts = 0
+        # What its workers were last told of the instance (see inform); a new worker starts with it.
+        self.state: InstanceState = "maint"
         # Held while a worker moves between a place, `draining` and `retired`, so that a scrape
         # never sees a count twice or not at all.
         self.counting = threading.Lock()
@@ -205,6 +207,13 @@ class Group:
         """Say `line` to every worker that still listens (see sockd.worker)."""
         for worker in self.workers():
             worker.tell(line)
+
+    def inform(self, state: InstanceState) -> None:
+        """Tell its workers the instance's state, if it changed since they were last told (an
+        agent listener answers from it); the workers started later get it in their spec."""
+        if state != self.state:
+            self.state = state
+            self.tell(b"state " + state.encode())
 
     def generations(self) -> int:
         """How many generations have a worker alive: the current one and those still draining."""
@@ -311,7 +320,7 @@ class Group:
     def _fork(self) -> Worker:
         """A worker process, from the fork server; on failure, no descriptor or mapping left."""
         bucket_count = self.settings.bucket_count
-        spec = self.settings.spec(self.listener).model_dump_json(exclude_unset=True).encode()
+        spec = self.settings.spec(self.listener, self.state).model_dump_json(exclude_unset=True).encode()
         with contextlib.ExitStack() as undo:
             ours, theirs = socket.socketpair()
             undo.callback(ours.close)

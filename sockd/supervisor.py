@@ -4,10 +4,10 @@
 and stops them all gracefully.
 
 A stop signal first says the instance drains, at once and everywhere a balancer looks (/healthz
-answers 503 `draining`, `sockd_draining` is 1, systemd hears STOPPING=1), while the listeners go
-on accepting and serving for `drain_delay` seconds; then the stop proper: every group stops
-(sockd.group). A second stop signal cuts the delay short, and one during the stop kills the
-workers.
+answers 503 `draining`, `sockd_draining` is 1, systemd hears STOPPING=1, an agent listener answers
+`drain`), while the listeners go on accepting and serving for `drain_delay` seconds; then the
+stop proper: every group stops (sockd.group). A second stop signal cuts the delay short, and one
+during the stop kills the workers.
 
 Signal handlers only queue the signal; the main loop takes it off the queue and calls
 `handle_<name>` (gunicorn's arbiter). The supervisor knows listeners, sockets and processes, never
@@ -159,6 +159,7 @@ class Supervisor:
             if not self.stopping:  # no new fork server for a stop's drain
                 self.spawner.tend(self._worker_pids)
             self.ledger.depart()
+            self._inform()
             if self.notifier.watchdog_interval and now >= self.next_watchdog:
                 # Only a turning loop pings: a supervisor stuck anywhere gets restarted by systemd.
                 self.notifier.watchdog()
@@ -206,6 +207,15 @@ class Supervisor:
 
     def _group(self, listener: Listener, bound: Bound, settings: WorkerSettings) -> Group:
         return Group(listener, bound, settings, self.selector, self.spawner)
+
+    def _inform(self) -> None:
+        """Tell the agent listeners' workers the instance's state as it changes: each turn, so a
+        stop signal, a worker down or up again, a reload's new listener, reach them within one."""
+        agents = [group for group in self.ledger.all() if group.listener.handler == "agent"]
+        if agents:
+            state = self.ledger.state()
+            for group in agents:
+                group.inform(state)
 
     def _announce_ready(self) -> None:
         """Once, when every listener's workers have all said they serve."""

@@ -7,21 +7,21 @@ from __future__ import annotations
 
 import datetime
 import signal
-import urllib.error
-import urllib.request
 
-from support import TIMEOUT, Daemon, InFlight, Launcher, Session, active_connections, becomes, request, samples, value
+from support import (
+    TIMEOUT,
+    Daemon,
+    InFlight,
+    Launcher,
+    Session,
+    active_connections,
+    becomes,
+    health,
+    request,
+    samples,
+    value,
+)
 from support import listener as entry
-
-
-def health(daemon: Daemon) -> tuple[int, str]:
-    """/healthz's status and body."""
-    address = daemon.wait_for("metrics")["address"]
-    try:
-        with urllib.request.urlopen(f"http://{address}/healthz", timeout=TIMEOUT) as response:
-            return int(response.status), response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
 
 
 def draining(daemon: Daemon) -> float:

@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 ProtocolName = Literal["tcp", "udp", "unix"]
-HandlerName = Literal["echo", "timestamp", "discard", "daytime", "time", "relay"]
+HandlerName = Literal["echo", "timestamp", "discard", "daytime", "time", "relay", "agent"]
 ModelName = Literal["iterative", "threaded", "thread_pool", "busy_poll", "selector", "asyncio"]
 # The models that can serve handler: relay (sockd.models.registry checks it agrees).
 RELAYING_MODELS: tuple[ModelName, ...] = ("selector", "busy_poll", "asyncio")
