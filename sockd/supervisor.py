@@ -139,6 +139,7 @@ class Supervisor:
             if self.exporter is not None:
                 self.exporter.start()
                 log.info("metrics", address=self.exporter.address, path="/metrics")
+            self._inform()  # the agents' first workers start with it: after an upgrade, the adopted ones' state
             for group in self.ledger.groups.values():
                 group.start()
             self._loop(wakeup_read)

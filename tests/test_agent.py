@@ -15,20 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from support import MODELS, TIMEOUT, Launcher, becomes, connect, health, inet, read_to_eof, request, require
+from support import MODELS, TIMEOUT, Launcher, becomes, health, inet, read_to_eof, request, require, said
 from support import listener as entry
 
 WORKER_TIMEOUT = 120  # a worker stopped by the test is down (1 s) long before it would be killed
 
 
-def ask(address: str) -> bytes:
-    """What an agent-check reads: everything the agent says before it closes, asking nothing."""
-    with connect(address) as sock:
-        return read_to_eof(sock)
-
-
 def every_answer(address: str, asked: int = 10) -> set[bytes]:
-    return {ask(address) for _ in range(asked)}
+    """What the agent answers `asked` agent-checks (each a connection that sends nothing)."""
+    return {said(address) for _ in range(asked)}
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -56,11 +51,11 @@ def test_the_agent_answers_maint_while_a_listener_is_down(start_sockd: Launcher,
         worker_timeout=WORKER_TIMEOUT,
     )
     agent = daemon.address("agent")
-    becomes(lambda: ask(agent), b"up ready\n", "the agent's answer once every listener serves")
+    becomes(lambda: said(agent), b"up ready\n", "the agent's answer once every listener serves")
     with stopped(daemon.worker_pid("echo")):
-        becomes(lambda: ask(agent), b"maint\n", "the agent's answer once the echo worker's heartbeat stopped")
+        becomes(lambda: said(agent), b"maint\n", "the agent's answer once the echo worker's heartbeat stopped")
         assert health(daemon) == (503, "down: echo\n")
-    becomes(lambda: ask(agent), b"up ready\n", "the agent's answer once it beats again")
+    becomes(lambda: said(agent), b"up ready\n", "the agent's answer once it beats again")
 
 
 @contextlib.contextmanager

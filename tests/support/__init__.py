@@ -66,6 +66,7 @@ from support.net import (
     receive,
     recv_exactly,
     request,
+    said,
     served,
     squatting,
 )
@@ -151,6 +152,7 @@ __all__ = [
     "run_sockd",
     "s_client",
     "s_client_session",
+    "said",
     "samples",
     "scrape",
     "served",
