@@ -144,6 +144,18 @@ def peer(transport: Transport) -> dict[str, object]:
     return {"source": host, "port": port}
 
 
+def peer_address(transport: Transport) -> Any:
+    """A connection's peer's address, as getpeername() says it: (host, port[, ...]), or a Unix
+    socket's name ("" for a client's, which has none); None if the peer has gone already."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None
+
+
 def peer_credentials(conn: _socket.socket) -> Credentials:
     pid, uid, gid = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
     return pid, uid, gid

@@ -309,6 +309,8 @@ class FirstLine:
     tells the connection's log what it said, then hands the connection to the handler with
     what came after it."""
 
+    bounds = (3.0,)  # as a PROXY header's stage: its time to take its line
+
     def __init__(self, connection: Connection, entry: Receiver, transport: StreamTransport, staged: Staged) -> None:
         self.connection = connection
         self.entry = entry
