@@ -31,12 +31,13 @@ from sockd.proxy.wire import (
     PP2_TYPE_SSL,
     PP2_TYPE_UNIQUE_ID,
     PROXY,
-    STREAM,
     V1_MAX,
     V2_HEADER,
     V2_SIGNATURE,
     crc32c,
 )
+
+from support.proxy import tlv, v2
 
 VERSIONS: list[ProxyVersion] = ["v1", "v2", "any"]
 FUZZ_EXAMPLES = 2000  # per property: tens of seconds on a loaded machine
@@ -88,14 +89,6 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
 
 
 # -- what the spec allows
-
-
-def v2(command: int, family: int, block: bytes, transport: int = STREAM) -> bytes:
-    return V2_SIGNATURE + bytes([0x20 | command, family << 4 | transport]) + struct.pack("!H", len(block)) + block
-
-
-def tlv(kind: int, value: bytes) -> bytes:
-    return struct.pack("!BH", kind, len(value)) + value
 
 
 INET = bytes([192, 0, 2, 1, 198, 51, 100, 7]) + struct.pack("!HH", 5000, 443)
