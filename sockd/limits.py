@@ -38,7 +38,7 @@ WORKER_RESERVED_DESCRIPTORS = 64
 
 class AccessList:
     """allow/deny by source address: the longest matching block decides, deny on a tie; a source no
-    block matches is let in unless there is an `allow` list."""
+    block matches (or no IP address at all) is let in unless there is an `allow` list."""
 
     def __init__(self, allow: Iterable[Network], deny: Iterable[Network]) -> None:
         rules = [(net, True) for net in allow] + [(net, False) for net in deny]
@@ -57,7 +57,10 @@ class AccessList:
         return decision
 
     def _decide(self, host: str) -> bool:
-        address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(host.partition("%")[0])
+        try:
+            address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(host.partition("%")[0])
+        except ValueError:  # no IP address: a client a PROXY header names by a Unix path, or none known
+            return self.default
         # A dual-stack IPv6 socket sees IPv4 clients as ::ffff:a.b.c.d; the rules name them as IPv4.
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped

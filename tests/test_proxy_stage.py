@@ -14,10 +14,18 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
+from test_lifecycle import BOUNDS, Recording, actions, connection, service
 from test_tls import tls_of
+
+from sockd.counters import RESET, Recorder
+from sockd.lifecycle import Stream
+from sockd.limits import ACL, PROXY_PROTOCOL, Admission
+from sockd.proxy.reading import Header
+from sockd.proxy.stage import HeaderStage, ProxyStage
+from sockd.proxy.wire import AF_UNIX, PROXY
 
 from support import (
     CA,
@@ -39,7 +47,7 @@ from support import (
     value,
 )
 from support import listener as entry
-from support.proxy import LOCAL_HEADER, header
+from support.proxy import LOCAL_HEADER, SERVER, header, v2
 
 TRUSTED = ["127.0.0.1/32"]  # the balancer is the test itself; a client from 127.0.0.2 is not one
 CLIENT = ("192.0.2.7", 40000)  # who the headers say the client is
@@ -109,6 +117,68 @@ def exchange(address: str, payload: bytes, data: bytes = b"hello") -> bytes:
             return read_to_eof(sock)
     except ConnectionError:
         return b""
+
+
+# -- in-process: the stage driven as a model drives it, its transport recording what it is asked
+
+
+def staging(**options: Any) -> tuple[Stream, Recording, HeaderStage]:
+    """A connection from the balancer 127.0.0.1 to a listener taking either version, opened:
+    its transport drives the stage."""
+    shared = service(stage=ProxyStage("any", 3.0), proxy_protocol="any", proxy_trusted=["127.0.0.1/32"], **options)
+    ticket = shared.admission.admit(("127.0.0.1", 5555), None, Recorder(BOUNDS))
+    assert ticket is not None
+    conn = connection(shared, ticket)
+    conn.opened()
+    transport = cast(Recording, conn.transport)
+    stage = transport.get_protocol()
+    assert isinstance(stage, HeaderStage)
+    return conn, transport, stage
+
+
+def test_the_client_a_header_names_is_kept_on_the_connection_and_one_named_by_none_is_not() -> None:
+    conn, transport, stage = staging()
+    stage.data_received(header("v2", CLIENT) + b"hi")
+    assert conn.proxied == Header(2, CLIENT, SERVER)
+    assert transport.get_protocol() is conn
+    assert actions(conn) == [("write", b"hi")]
+    local, _, stage = staging()
+    stage.data_received(LOCAL_HEADER)
+    assert local.proxied is None  # the connection's own addresses are the client's
+
+
+def test_only_a_header_cut_short_is_refused_at_the_peers_end_not_a_peer_that_only_connected() -> None:
+    quiet, transport, stage = staging()
+    stage.eof_received()
+    assert (transport.actions, quiet.recorder.rejected[PROXY_PROTOCOL]) == (["close"], 0)
+    cut, transport, stage = staging()
+    stage.data_received(b"PROXY TCP4 ")
+    stage.eof_received()
+    assert (transport.actions, cut.recorder.rejected[PROXY_PROTOCOL]) == (["close"], 1)
+
+
+def test_a_stage_this_side_cut_short_is_refused_and_a_reset_is_only_a_reset() -> None:
+    timed_out, _, stage = staging()
+    stage.connection_lost(None)  # aborted: its proxy_timeout passed
+    assert (timed_out.recorder.rejected[PROXY_PROTOCOL], timed_out.recorder.closed) == (1, 1)
+    reset, _, stage = staging()
+    stage.data_received(b"\r\n\r\n")
+    stage.connection_lost(ConnectionResetError())
+    assert (reset.recorder.rejected[PROXY_PROTOCOL], reset.recorder.errors[RESET], reset.recorder.closed) == (0, 1, 1)
+
+
+def test_a_client_the_source_rules_refuse_is_closed_and_its_place_given_back() -> None:
+    conn, transport, stage = staging(deny=["192.0.2.0/24"], max_connections=1)
+    admission = conn.service.admission
+    assert isinstance(admission, Admission)
+    stage.data_received(header("v1", CLIENT) + b"never seen")
+    assert transport.actions == ["close"]
+    assert (conn.recorder.rejected[ACL], conn.proxied, conn.ticket.source) == (1, None, None)
+    conn.connection_lost(None)
+    assert (admission.open, admission.by_source) == (0, {})
+
+
+# -- the real daemon
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
@@ -182,6 +252,14 @@ def test_a_balancers_own_local_connection_is_served_as_itself(served: Served) ->
     line = daemon.wait_for("connection closed", listener="v2", after=mark)
     assert line["source"] == "127.0.0.1"
     assert "via" not in line
+
+
+def test_a_client_named_by_a_unix_path_matches_no_address_block(served: Served) -> None:
+    daemon = served.daemon
+    paths = b"/run/balancer.sock".ljust(108, b"\0") + b"/run/sockd.sock".ljust(108, b"\0")
+    mark = len(daemon.events)
+    assert exchange(daemon.address("v2"), v2(PROXY, AF_UNIX, paths)) == b"hello"  # v2 has a deny list only
+    assert daemon.wait_for("connection closed", listener="v2", after=mark)["source"] == "/run/balancer.sock"
 
 
 def test_deny_is_decided_by_the_headers_client_not_by_the_balancer(served: Served) -> None:

@@ -99,6 +99,11 @@ class Reader:
         self.accepts = accepts
         self.taken = bytearray()  # what came before, short of a whole header
 
+    @property
+    def begun(self) -> bool:
+        """Whether part of a header has come (and waits for the rest)."""
+        return bool(self.taken)
+
     def feed(self, data: bytes) -> tuple[Header, bytes] | None:
         """The header and what came after it, or None until it is whole; InvalidHeader if what
         came cannot begin one. Not to be fed again once it has answered."""

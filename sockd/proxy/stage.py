@@ -8,7 +8,10 @@ The peer was let in at accept because `proxy_trusted` names it (limits.Admission
 asks, nothing is guessed: what the peer sends must be a whole, valid header of the listener's
 version within proxy_timeout (the stage's bound: limits.Timeouts), or the connection is closed
 and counted (`sockd_connections_rejected_total{reason="proxy_protocol"}`, and one throttled
-warning a reason); nothing of the client's reaches the handler, or a relay's upstream, before.
+warning a reason): garbage, a header cut short by the peer's end, or one too slow. A peer that
+ends or resets its connection having sent nothing of a header refused nothing: it is a client
+that closed, or a reset (counted as one). Nothing of the client's reaches the handler, or a
+relay's upstream, before the header is whole.
 Then the client the header names (the peer itself, for LOCAL or UNKNOWN) is judged by the
 listener's source rules (allow/deny, per-source counts and rates: Admission.admit_client), and,
 let in, is the connection's source for the rest of its life: kept on the connection
@@ -76,8 +79,14 @@ class HeaderStage:
             self._read(*read)
 
     def eof_received(self) -> bool | None:
-        if self.reader is not None:
+        reader = self.reader
+        if reader is not None and reader.begun:
             self._refuse("closed before its header was whole")
+        elif reader is not None:  # a peer that only connected (a plain TCP check): nothing to refuse
+            self.reader = None
+            if self.connection.observer is not None:
+                self.connection.observer.ended_by("client closed")
+            self.transport.close()
         return None
 
     def pause_writing(self) -> None:
@@ -87,8 +96,10 @@ class HeaderStage:
         self.entry.resume_writing()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self.reader is not None:  # this side aborted it (its time was up), or the peer reset it
-            self._refused("timeout" if exc is None else "reset before its header was whole")
+        # Cut short by this side, its time up; a reset is the peer's, counted as any reset is
+        # (HAProxy resets its health checks: the header may be lost with the rest).
+        if self.reader is not None and exc is None:
+            self._refused("timeout")
         self.entry.connection_lost(exc)
 
     def _refuse(self, why: str) -> None:
