@@ -328,6 +328,11 @@ class Connection:
         self.service.timeouts.started(self)
         self.service.open.add(self)
 
+    def who(self) -> dict[str, object]:
+        """The client, as a warning names it: the one its PROXY header named, or its peer."""
+        proxied = self.proxied
+        return peer(self.transport) if proxied is None else proxied.named()
+
     def pause(self, reason: int) -> None:
         """Stop reading, for `reason` (one of PAUSES); again only once every reason is gone."""
         paused = self.paused

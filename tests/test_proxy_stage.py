@@ -298,6 +298,14 @@ def test_tls_follows_the_header_on_the_same_connection(served: Served) -> None:
     assert line["tls"].startswith("TLSv1.")
 
 
+def test_a_handshake_that_fails_after_the_header_is_said_of_the_headers_client(served: Served) -> None:
+    daemon = served.daemon
+    mark = len(daemon.events)
+    assert exchange(daemon.address("tls"), header("v2", CLIENT), b"\x16\x03\x01\x00\x01\xff") == b""
+    # Throttled: said at once, or at the end of the window another failure opened.
+    daemon.wait_for("TLS handshake failed", after=mark, timeout=20, source=CLIENT[0], port=CLIENT[1])
+
+
 def test_a_handshake_before_the_header_is_garbage(served: Served) -> None:
     daemon = served.daemon
     before = rejected(daemon, "tls", "proxy_protocol")

@@ -78,6 +78,16 @@ class Header:
     authority: str | None = None
     alpn: bytes | None = None
 
+    def named(self) -> dict[str, object]:
+        """The client, as a log line names it: its address and port, or its Unix socket's path
+        (nothing, if the header names none)."""
+        source = self.source
+        if source is None:
+            return {}
+        if isinstance(source, str):
+            return {"source": source}
+        return {"source": source[0], "port": source[1]}
+
     def fields(self) -> dict[str, object]:
         """What the connection's log line says of it, beyond the client's address."""
         said: dict[str, object] = {}

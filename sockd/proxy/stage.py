@@ -26,7 +26,7 @@ from sockd.config import Listener, ProxyVersion
 from sockd.config.schema import host_port
 from sockd.limits import PROXY_PROTOCOL
 from sockd.logging import Throttled
-from sockd.proxy.reading import Endpoint, Header, InvalidHeader, Reader
+from sockd.proxy.reading import Header, InvalidHeader, Reader
 from sockd.transports import Receiver, StreamTransport, peer, peer_address
 
 if TYPE_CHECKING:
@@ -128,7 +128,7 @@ class HeaderStage:
         )
         observer = connection.observer
         if observer is not None and client is not None:
-            observer.note(**_named(client), **shown, **header.fields())
+            observer.note(**header.named(), **shown, **header.fields())
         if not admitted:
             if observer is not None:
                 observer.ended_by("rejected")
@@ -137,13 +137,6 @@ class HeaderStage:
         if client is not None:
             connection.proxied = header
         self.staged(rest, None)
-
-
-def _named(client: Endpoint) -> dict[str, object]:
-    """A client as a log line names it: its address and port, or its Unix socket's path."""
-    if isinstance(client, str):
-        return {"source": client}
-    return {"source": client[0], "port": client[1]}
 
 
 def stage_for(listener: Listener) -> ProxyStage | None:

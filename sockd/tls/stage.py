@@ -23,7 +23,7 @@ from sockd.tls.contexts import stage_context
 from sockd.tls.failures import HandshakeCut, HandshakeEOF
 from sockd.tls.identity import Allowed, Identity
 from sockd.tls.layer import Failure, TLSLayer
-from sockd.transports import Receiver, StreamTransport, peer
+from sockd.transports import Receiver, StreamTransport
 
 if TYPE_CHECKING:
     from sockd.config.schema import TLSConfig
@@ -80,7 +80,7 @@ class TLSStage:
     def _failed(self, connection: Connection, failure: Failure, began: float) -> None:
         result, reason = judged(failure, "client")
         connection.recorder.handshake(result, began)
-        _failed(reason=reason, **peer(connection.transport))
+        _failed(reason=reason, **connection.who())
         if connection.observer is not None:
             connection.observer.ended_by(f"TLS handshake failed: {reason}")
 
