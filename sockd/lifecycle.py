@@ -47,7 +47,7 @@ none remains: the transports of every model, and the asyncio relay for its clien
 resume a connection through `pause` and `resume` (`pause_writing` and `resume_writing` for a
 full write buffer).
 
-What a connection is seen doing (`log_connections`; later a TLS handshake's outcome, a verified
+What a connection is seen doing (`log_connections`; a TLS handshake's outcome, a verified
 peer, the client a PROXY header names) goes to its `observer`, a ConnectionLog, which only a
 logged listener's connections have: they are made with a LoggedStream between their transport
 and themselves, which counts what passes, so a listener without it runs not one instruction
@@ -247,7 +247,7 @@ class ConnectionLog:
     """What one connection is seen doing, said in one info line as it ends (`log_connections`,
     as xinetd's log_on_success): who it served, for how long, what it moved and how it ended.
     Only a logged listener's connections have one (their `observer`); it is the one place a
-    later stage reports what it learnt (`note`: a TLS handshake's outcome, a verified peer, the
+    stage reports what it learnt (`note`: a TLS handshake's outcome, a verified peer, the
     client a PROXY header names).
 
     `unprompted` is what `ended` says when no cause was given to ended_by and no reset came."""
