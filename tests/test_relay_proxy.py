@@ -1,19 +1,17 @@
 """handler: relay with upstream_proxy_protocol, in both relay drivers (uvloop's and the standard
 loop's asyncio too): the PROXY header an upstream of the test's reads byte for byte before
-anything else (from a tcp or a unix listener, before a tls:// upstream's ClientHello, and with
-the SSL TLVs of a TLS listener's verified client), and the real HAProxy, `accept-proxy`,
-naming the client it learnt in its log."""
+anything else (from a tcp or a unix listener, before a tls:// upstream's ClientHello, with the SSL
+TLVs of a TLS listener's verified client, and naming the client a balancer's header named); a
+second sockd behind the relay, reading the header, logs the first one's client; and the real
+HAProxy, `accept-proxy`, names the client it learnt in its log. The expected headers are built
+by support.proxy, not by sockd's writer."""
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import socket
 import ssl
 import struct
-import subprocess
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +25,23 @@ from support import (
     TIMEOUT,
     VERSIONS,
     Launcher,
+    accepting_proxy,
     client_context,
     connect,
     inet,
     model_options,
     read_to_eof,
     recv_exactly,
-    require,
 )
 from support import listener as entry
+from support.proxy import LOCAL_HEADER, SERVER, header
 
 __all__ = ["certs"]  # the fixture, shared with test_relay_tls
 
 LOOPS = [*DRIVERS, STDLIB_LOOP]  # asyncio's sock_sendall is the loop's own: uvloop's, then the standard one's
-SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
-LOCAL_UNSPEC = SIGNATURE + b"\x20\x00\x00\x00"
+SIGNATURE = LOCAL_HEADER[:12]
 GREETING = b"the upstream speaks first"
+TRUSTED: dict[str, Any] = {"proxy_trusted": ["127.0.0.1/32"]}
 
 
 def relay_to(model: str, target: str, version: str, where: str | Path = "127.0.0.1", **options: Any) -> dict[str, Any]:
@@ -56,9 +55,9 @@ def relay_to(model: str, target: str, version: str, where: str | Path = "127.0.0
 def read_header(conn: socket.socket) -> bytes:
     """A PROXY header, framed as the spec has it, and nothing after it: v1 to its CRLF (at most
     107 bytes), v2 to the end of the length its 16th byte gives. Read a byte at a time until
-    which it is shows, as the shortest v1 (`PROXY UNKNOWN\r\n`) is shorter than v2's 16."""
+    which it is shows, as the shortest v1 (`PROXY UNKNOWN\\r\\n`) is shorter than v2's 16."""
     start = b""
-    while SIGNATURE.startswith(start) and len(start) < 12:
+    while SIGNATURE.startswith(start) and len(start) < len(SIGNATURE):
         start += recv_exactly(conn, 1)
     if start == SIGNATURE:
         start += recv_exactly(conn, 4)
@@ -68,17 +67,13 @@ def read_header(conn: socket.socket) -> bytes:
     return start
 
 
-def expected_v1(client: socket.socket, listener: str) -> bytes:
-    return b"PROXY TCP4 127.0.0.1 127.0.0.1 %d %d\r\n" % (client.getsockname()[1], inet(listener)[1])
-
-
-def expected_v2(client: socket.socket, listener: str, tlvs: bytes = b"") -> bytes:
-    block = socket.inet_aton("127.0.0.1") * 2 + struct.pack("!HH", client.getsockname()[1], inet(listener)[1])
-    return SIGNATURE + struct.pack("!BBH", 0x21, 0x11, len(block) + len(tlvs)) + block + tlvs
+def naming(version: str, client: socket.socket, listener: str, tlvs: bytes = b"") -> bytes:
+    """The header that names `client`, connected to the relay's `listener` (both on loopback)."""
+    return header(version, ("127.0.0.1", client.getsockname()[1]), ("127.0.0.1", inet(listener)[1]), tlvs)
 
 
 class Heard:
-    """What an upstream of the test read: the header, then the client's bytes to their end."""
+    """An upstream of the test's: what it read, the header, then the client's bytes to their end."""
 
     def __init__(self) -> None:
         self.headers: queue.Queue[bytes] = queue.Queue()
@@ -98,13 +93,8 @@ class Heard:
         return self.rests.get(timeout=TIMEOUT)
 
 
-def exchange(address: str, payload: bytes) -> None:
-    """Connect, wait for the upstream's greeting, send `payload` and end; the upstream's end follows."""
-    with connect(address) as client:
-        assert recv_exactly(client, len(GREETING)) == GREETING
-        client.sendall(payload)
-        client.shutdown(socket.SHUT_WR)
-        assert read_to_eof(client) == b""
+def greeted(client: socket.socket) -> None:
+    assert recv_exactly(client, len(GREETING)) == GREETING
 
 
 # -- an upstream of the test's, reading the raw bytes
@@ -120,24 +110,27 @@ def test_a_tcp_client_is_named_to_the_upstream_before_anything_else(
         daemon = start_sockd([relay_to(model, server.url, version)])
         address = daemon.address("r")
         with connect(address) as client:
-            assert recv_exactly(client, len(GREETING)) == GREETING
+            greeted(client)
             client.sendall(b"and then the client")
             client.shutdown(socket.SHUT_WR)
             assert read_to_eof(client) == b""
-            expected = expected_v1(client, address) if version == "v1" else expected_v2(client, address)
-    assert heard.header() == expected
-    assert heard.rest() == b"and then the client"
+            assert heard.header() == naming(version, client, address)
+        assert heard.rest() == b"and then the client"
 
 
 @pytest.mark.parametrize("model", DRIVERS)
-@pytest.mark.parametrize(("version", "expected"), [("v1", b"PROXY UNKNOWN\r\n"), ("v2", LOCAL_UNSPEC)])
+@pytest.mark.parametrize(("version", "expected"), [("v1", b"PROXY UNKNOWN\r\n"), ("v2", LOCAL_HEADER)])
 def test_a_unix_client_has_no_address_to_name_so_the_upstream_uses_its_own(
     start_sockd: Launcher, sockdir: Path, model: str, version: str, expected: bytes
 ) -> None:
     heard = Heard()
     with upstream(heard.serve, sockdir / "up") as server:
         daemon = start_sockd([relay_to(model, server.url, version, sockdir / "r")])
-        exchange(daemon.address("r"), b"from a unix client")
+        with connect(daemon.address("r")) as client:
+            greeted(client)
+            client.sendall(b"from a unix client")
+            client.shutdown(socket.SHUT_WR)
+            assert read_to_eof(client) == b""
         assert (heard.header(), heard.rest()) == (expected, b"from a unix client")
 
 
@@ -161,10 +154,34 @@ def test_the_header_goes_before_a_tls_upstreams_client_hello(
         daemon = start_sockd([relay_to(model, target, "v2", **options)])
         address = daemon.address("r")
         with connect(address) as client:
-            assert recv_exactly(client, len(GREETING)) == GREETING
+            greeted(client)
             client.sendall(b"through TLS")
-            expected = expected_v2(client, address)
-    assert (heard.header(), heard.rest()) == (expected, b"through TLS")
+            assert heard.header() == naming("v2", client, address)
+        assert heard.rest() == b"through TLS"
+
+
+@pytest.mark.parametrize("model", LOOPS)
+@pytest.mark.parametrize(("incoming", "outgoing"), [("v1", "v2"), ("v2", "v1"), ("local", "v2")])
+def test_the_client_a_balancer_named_is_the_one_named_to_the_upstream(
+    start_sockd: Launcher, model: str, incoming: str, outgoing: str
+) -> None:
+    heard = Heard()
+    named = ("192.0.2.7", 51000)
+    with upstream(heard.serve) as server:
+        options = {"proxy_protocol": "any", **TRUSTED}
+        daemon = start_sockd([relay_to(model, server.url, outgoing, **options)])
+        address = daemon.address("r")
+        with connect(address) as balancer:
+            # The balancer's header and its client's first bytes, in one segment, as HAProxy sends them.
+            said = LOCAL_HEADER if incoming == "local" else header(incoming, named)
+            balancer.sendall(said + b"the client's first bytes")
+            balancer.shutdown(socket.SHUT_WR)
+            greeted(balancer)
+            assert read_to_eof(balancer) == b""
+            # A health check of the balancer's names no client: the balancer's connection is the client.
+            expected = naming(outgoing, balancer, address) if incoming == "local" else header(outgoing, named, SERVER)
+            assert heard.header() == expected
+        assert heard.rest() == b"the client's first bytes"
 
 
 # -- a TLS listener's client, described by the SSL TLVs
@@ -178,6 +195,13 @@ def ssl_tlv(client: int, verify: int, version: str, cn: bytes | None) -> bytes:
     return b"\x20" + struct.pack("!H", len(inner)) + inner
 
 
+def relaying_tls(model: str, target: str, certs: Certificates, **tls: Any) -> dict[str, Any]:
+    """A TLS listener relaying with v2; a client certificate, with client_auth, is verified by the tests' CA."""
+    if "client_auth" in tls:
+        tls["client_ca"] = str(certs.ca)
+    return tls_listener(model, target, certs, tls=tls, upstream_proxy_protocol="v2")
+
+
 @pytest.mark.parametrize("model", DRIVERS)
 @pytest.mark.parametrize("version", ["1.2", "1.3"])
 def test_a_verified_client_certificates_cn_and_the_tls_version_reach_the_upstream(
@@ -185,18 +209,16 @@ def test_a_verified_client_certificates_cn_and_the_tls_version_reach_the_upstrea
 ) -> None:
     heard = Heard()
     with upstream(heard.serve) as server:
-        tls = {"client_auth": "required", "client_ca": str(certs.ca), "alpn": ["h2", "http/1.1"]}
-        daemon = start_sockd([tls_listener(model, server.url, certs, tls=tls, upstream_proxy_protocol="v2")])
+        tls = {"client_auth": "required", "alpn": ["h2", "http/1.1"]}
+        daemon = start_sockd([relaying_tls(model, server.url, certs, **tls)])
         address = daemon.address("r")
         context = client_context(certs.ca, version, certs.client)
         context.set_alpn_protocols(["http/1.1"])
         with context.wrap_socket(connect(address), server_hostname=SERVER_NAME) as client:
-            assert recv_exactly(client, len(GREETING)) == GREETING
-            client.sendall(b"verified")
-            name = VERSIONS[version][2]
+            greeted(client)
             # PP2_CLIENT_SSL | CERT_CONN | CERT_SESS, verify 0; the chosen ALPN after the SSL TLV.
-            tlvs = ssl_tlv(0x07, 0, name, b"relay-client") + b"\x01\x00\x08http/1.1"
-            assert heard.header() == expected_v2(client, address, tlvs)
+            tlvs = ssl_tlv(0x07, 0, VERSIONS[version][2], b"relay-client") + b"\x01\x00\x08http/1.1"
+            assert heard.header() == naming("v2", client, address, tlvs)
 
 
 @pytest.mark.parametrize("model", DRIVERS)
@@ -205,13 +227,11 @@ def test_a_client_without_a_certificate_is_said_to_be_unverified(
 ) -> None:
     heard = Heard()
     with upstream(heard.serve) as server:
-        tls = {"client_auth": "optional", "client_ca": str(certs.ca)}
-        daemon = start_sockd([tls_listener(model, server.url, certs, tls=tls, upstream_proxy_protocol="v2")])
+        daemon = start_sockd([relaying_tls(model, server.url, certs, client_auth="optional")])
         address = daemon.address("r")
         with client_context(certs.ca, "1.3").wrap_socket(connect(address), server_hostname=SERVER_NAME) as client:
-            assert recv_exactly(client, len(GREETING)) == GREETING
-            client.sendall(b"anonymous")
-            assert heard.header() == expected_v2(client, address, ssl_tlv(0x01, 1, "TLSv1.3", None))
+            greeted(client)
+            assert heard.header() == naming("v2", client, address, ssl_tlv(0x01, 1, "TLSv1.3", None))
 
 
 @pytest.mark.parametrize("model", DRIVERS)
@@ -220,64 +240,58 @@ def test_a_resumed_session_says_the_certificate_came_with_the_session_not_the_co
 ) -> None:
     heard = Heard()
     with upstream(heard.serve) as server:
-        tls = {"client_auth": "required", "client_ca": str(certs.ca)}
-        daemon = start_sockd([tls_listener(model, server.url, certs, tls=tls, upstream_proxy_protocol="v2")])
+        daemon = start_sockd([relaying_tls(model, server.url, certs, client_auth="required")])
         address = daemon.address("r")
         context = client_context(certs.ca, "1.3", certs.client)
         with context.wrap_socket(connect(address), server_hostname=SERVER_NAME) as first:
-            assert recv_exactly(first, len(GREETING)) == GREETING  # TLS 1.3's tickets came before it
+            greeted(first)  # TLS 1.3's tickets came before it
             session = first.session
         heard.header()
         with context.wrap_socket(connect(address), server_hostname=SERVER_NAME, session=session) as client:
-            assert recv_exactly(client, len(GREETING)) == GREETING
+            greeted(client)
             assert client.session_reused
-            assert heard.header() == expected_v2(client, address, ssl_tlv(0x05, 0, "TLSv1.3", b"relay-client"))
+            assert heard.header() == naming("v2", client, address, ssl_tlv(0x05, 0, "TLSv1.3", b"relay-client"))
+
+
+# -- a second sockd behind the relay, reading the header
+
+
+def echo_reading(version: str, **options: Any) -> dict[str, Any]:
+    return entry("e", "tcp", "echo", "asyncio", proxy_protocol=version, log_connections=True, **TRUSTED, **options)
+
+
+@pytest.mark.parametrize("model", DRIVERS)
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_sockd_behind_the_relay_logs_the_relays_client(start_sockd: Launcher, model: str, version: str) -> None:
+    behind = start_sockd([echo_reading(version)])
+    front = start_sockd([relay_to(model, f"tcp://{behind.address('e')}", version)])
+    with connect(front.address("r")) as client:
+        client.sendall(b"who am I")
+        client.shutdown(socket.SHUT_WR)
+        assert read_to_eof(client) == b"who am I"
+        mine = client.getsockname()[1]
+    line = behind.wait_for("connection closed")
+    assert (line["source"], line["port"], line["bytes_in"]) == ("127.0.0.1", mine, len(b"who am I"))
+    assert line["via"].startswith("127.0.0.1:")  # the relay's own connection
+
+
+@pytest.mark.parametrize("model", DRIVERS)
+def test_a_sockd_behind_a_tls_relay_logs_the_alpn_its_client_chose(
+    start_sockd: Launcher, certs: Certificates, model: str
+) -> None:
+    behind = start_sockd([echo_reading("v2")])
+    front = start_sockd([relaying_tls(model, f"tcp://{behind.address('e')}", certs, alpn=["http/1.1"])])
+    context = client_context(certs.ca, "1.3")
+    context.set_alpn_protocols(["http/1.1"])
+    with context.wrap_socket(connect(front.address("r")), server_hostname=SERVER_NAME) as client:
+        client.sendall(b"over TLS")
+        assert recv_exactly(client, len(b"over TLS")) == b"over TLS"
+        mine = client.getsockname()[1]
+    line = behind.wait_for("connection closed")
+    assert (line["source"], line["port"], line["alpn"]) == ("127.0.0.1", mine, "http/1.1")
 
 
 # -- the real HAProxy as the upstream
-
-
-@contextlib.contextmanager
-def haproxy_accepting_proxy(directory: Path, backend: str) -> Iterator[tuple[int, queue.Queue[str]]]:
-    """HAProxy in the foreground, its frontend reading a PROXY header (v1 or v2, `accept-proxy`)
-    on a loopback socket the test made and hands it (`bind fd@N`: no port to race other tests
-    for), in front of `backend` (host:port): its port, and each connection's log line as it ends,
-    naming the client and the address it reached as HAProxy learnt them."""
-    with socket.create_server(("127.0.0.1", 0)) as front:
-        port = front.getsockname()[1]
-        config = directory / "haproxy.cfg"
-        config.write_text(
-            "global\n    log stdout format raw local0\n    nbthread 1\n"
-            "defaults\n    mode tcp\n    log global\n"
-            "    timeout connect 5s\n    timeout client 30s\n    timeout server 30s\n"
-            f"frontend in\n    bind fd@{front.fileno()} accept-proxy\n"
-            '    log-format "client=%ci:%cp reached=%fi:%fp"\n    default_backend out\n'
-            f"backend out\n    server s {backend}\n"
-        )
-        with (directory / "haproxy.err").open("w") as errors:
-            process = subprocess.Popen(
-                [require("haproxy"), "-db", "-f", str(config)],
-                pass_fds=(front.fileno(),),
-                stdout=subprocess.PIPE,
-                stderr=errors,
-                text=True,
-            )
-        lines: queue.Queue[str] = queue.Queue()
-
-        def read() -> None:
-            for line in process.stdout or ():
-                lines.put(line.strip())
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        try:
-            yield port, lines
-        finally:
-            process.terminate()
-            process.wait(TIMEOUT)
-            reader.join(TIMEOUT)
-            if process.stdout is not None:
-                process.stdout.close()
 
 
 def echo_once(conn: socket.socket) -> None:
@@ -289,7 +303,7 @@ def echo_once(conn: socket.socket) -> None:
 def test_haproxy_behind_the_relay_learns_the_client_and_the_address_it_reached(
     start_sockd: Launcher, tmp_path: Path, model: str, version: str
 ) -> None:
-    with upstream(echo_once) as echo, haproxy_accepting_proxy(tmp_path, echo.url.removeprefix("tcp://")) as (port, log):
+    with upstream(echo_once) as echo, accepting_proxy(tmp_path, echo.url.removeprefix("tcp://")) as (port, log):
         daemon = start_sockd([relay_to(model, f"tcp://127.0.0.1:{port}", version)])
         address = daemon.address("r")
         with connect(address) as client:
@@ -306,7 +320,7 @@ def test_haproxy_behind_the_relay_learns_the_client_and_the_address_it_reached(
 def test_haproxy_takes_a_unix_clients_header_and_keeps_the_connections_own_addresses(
     start_sockd: Launcher, tmp_path: Path, sockdir: Path, model: str, version: str
 ) -> None:
-    with upstream(echo_once) as echo, haproxy_accepting_proxy(tmp_path, echo.url.removeprefix("tcp://")) as (port, log):
+    with upstream(echo_once) as echo, accepting_proxy(tmp_path, echo.url.removeprefix("tcp://")) as (port, log):
         daemon = start_sockd([relay_to(model, f"tcp://127.0.0.1:{port}", version, sockdir / "r")])
         with connect(daemon.address("r")) as client:
             client.sendall(b"from a unix client")

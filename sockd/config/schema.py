@@ -32,6 +32,7 @@ RELAYING_MODELS: tuple[ModelName, ...] = ("selector", "busy_poll", "asyncio")
 SelectorBackend = Literal["auto", "select", "poll", "epoll"]
 EventLoop = Literal["auto", "asyncio", "uvloop"]
 TimestampFormat = Literal["seed", "iso8601", "unix"]
+ProxyVersion = Literal["v1", "v2", "any"]
 UpstreamProxyVersion = Literal["v1", "v2"]
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
@@ -233,6 +234,7 @@ class TLSConfig(_Frozen):
 # Why an option that applies to streams alone has no meaning over UDP.
 OVER_STREAMS = {
     "tls": "DTLS, TLS over UDP, is out of scope",
+    "proxy_protocol": "the PROXY protocol over UDP is out of scope",
     "upstream_proxy_protocol": "its header begins a stream, and UDP has none",
 }
 
@@ -307,6 +309,13 @@ class _ListenerBase(_Frozen):
     max_message_size: Annotated[int, Field(ge=1, le=BUFSIZE)] | None = None
     log_connections: bool = False  # a line as each connection ends (xinetd's log_on_success)
     tls: TLSConfig | None = None
+    # The PROXY protocol (sockd.proxy): a header before each client's bytes names the client, and
+    # is its source for everything (access rules, per-source limits, logs). Taken only from the
+    # balancers `proxy_trusted` names (a tcp listener's; a Unix listener's peers are trusted by
+    # allow_uids/allow_gids or its file's mode), within proxy_timeout.
+    proxy_protocol: ProxyVersion | None = None
+    proxy_trusted: list[Network] = []
+    proxy_timeout: Timeout = 3.0
 
     # Socket options; None: the kernel's default.
     backlog: Annotated[int, Field(ge=1, le=65535)] = 4096
@@ -323,11 +332,24 @@ class _ListenerBase(_Frozen):
             raise ValueError("uvloop is not installed: pip install uvloop, or use event_loop: asyncio")
         return value
 
-    @field_validator("tls", "upstream_proxy_protocol")
+    @field_validator(*OVER_STREAMS)
     @classmethod
     def _over_streams(cls, value: object, info: ValidationInfo) -> object:
         if value is not None and info.data.get("protocol") == "udp":
             raise ValueError(f"only valid with protocol: tcp or unix ({OVER_STREAMS[str(info.field_name)]})")
+        return value
+
+    @field_validator("proxy_trusted", "proxy_timeout")
+    @classmethod
+    def _proxied(cls, value: object, info: ValidationInfo) -> object:
+        # Checked when written, after proxy_protocol (field order); not if proxy_protocol failed.
+        if "proxy_protocol" in info.data and info.data["proxy_protocol"] is None:
+            raise ValueError("only valid with proxy_protocol")
+        if info.field_name == "proxy_trusted" and info.data.get("protocol") == "unix":
+            raise ValueError(
+                "not valid with protocol: unix: a Unix listener trusts its peers by allow_uids/allow_gids"
+                " or its socket file's mode"
+            )
         return value
 
     @field_validator(*OPTION_SCOPE)

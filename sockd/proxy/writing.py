@@ -2,12 +2,14 @@
 upstream before any byte of the client's (HAProxy's `send-proxy` and `send-proxy-v2`).
 
 It is written as HAProxy writes it (make_proxy_line, in its src/connection.c), so that whatever
-reads HAProxy's header reads this one. Two IP addresses of one family are TCP4 (AF_INET in v2)
-or TCP6 (AF_INET6); an IPv4 address beside an IPv6 one is given as IPv4-mapped IPv6. A client
-without an IP address (a Unix socket's) is v1's `UNKNOWN` and v2's LOCAL command with no address,
-after which the receiver must use the connection's own addresses; v2 could carry a Unix client's
-paths in an AF_UNIX block, but HAProxy's reader (2.6 and since) then parses its TLVs from the
-header's first byte, and refuses the connection.
+reads HAProxy's header reads this one. The ends it names are the reader's Endpoints (a host and
+port, or a Unix socket's path): the client's as the listener knows it (its socket's peer, or what
+a PROXY header in front named) and the address it reached. Two IP addresses of one family are
+TCP4 (AF_INET in v2) or TCP6 (AF_INET6); an IPv4 address beside an IPv6 one is given as
+IPv4-mapped IPv6. A client without an IP address (a Unix socket's) is v1's `UNKNOWN` and v2's
+LOCAL command with no address, after which the receiver must use the connection's own addresses;
+v2 could carry a Unix client's paths in an AF_UNIX block, but HAProxy's reader (2.6 and since)
+then parses its TLVs from the header's first byte, and refuses the connection.
 
 v2 carries TLVs besides: with TLS terminated by the listener, PP2_TYPE_SSL (the version, whether
 the client showed a verified certificate, and its subject's CN) and PP2_TYPE_ALPN, as HAProxy's
@@ -21,6 +23,7 @@ import socket
 import struct
 from typing import Protocol
 
+from sockd.proxy.reading import Endpoint
 from sockd.proxy.wire import (
     AF_INET,
     AF_INET6,
@@ -43,8 +46,7 @@ from sockd.proxy.wire import (
 )
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-# An IP address and its port; None: no IP address (a Unix socket's client), or none known.
-Endpoint = tuple[IPAddress, int] | None
+Inet = tuple[IPAddress, int]
 
 UNKNOWN = V1_PREFIX + b"UNKNOWN\r\n"
 # The SSL TLV's verify field when the client showed no verified certificate: the spec asks for
@@ -63,26 +65,28 @@ _PORTS = struct.Struct("!HH")
 _MAPPED = b"\0" * 10 + b"\xff\xff"  # an IPv4-mapped IPv6 address's first 12 bytes
 
 
-def v1(source: Endpoint, destination: Endpoint) -> bytes:
+def v1(source: Endpoint | None, destination: Endpoint | None) -> bytes:
     """A version 1 header: `PROXY TCP4|TCP6 source destination sport dport\\r\\n`, or
     `PROXY UNKNOWN\\r\\n` unless both ends have an IP address; at most 104 bytes (V1_MAX: 107)."""
-    if source is None or destination is None:
+    ends = _inet(source, destination)
+    if ends is None:
         return UNKNOWN
-    (src, sport), (dst, dport) = _same_family(source, destination)
+    (src, sport), (dst, dport) = ends
     family, name = (socket.AF_INET, b"TCP4") if src.version == 4 else (socket.AF_INET6, b"TCP6")
     # inet_ntop, as HAProxy writes them: an IPv4-mapped address ends in dotted quad.
     texts = (socket.inet_ntop(family, src.packed).encode(), socket.inet_ntop(family, dst.packed).encode())
     return b"%s%s %s %s %d %d\r\n" % (V1_PREFIX, name, *texts, sport, dport)
 
 
-def v2(source: Endpoint, destination: Endpoint, tlvs: bytes = b"") -> bytes:
+def v2(source: Endpoint | None, destination: Endpoint | None, tlvs: bytes = b"") -> bytes:
     """A version 2 header, its TLVs (`tlv`'s, joined) after the addresses: the PROXY command with
     both ends' addresses, or the LOCAL command without any unless both have an IP address. A
     ValueError if the addresses and TLVs exceed the header's length field (MAX_LENGTH)."""
-    if source is None or destination is None:
+    ends = _inet(source, destination)
+    if ends is None:
         command, family, block = LOCAL, AF_UNSPEC << 4 | UNSPEC, b""
     else:
-        (src, sport), (dst, dport) = _same_family(source, destination)
+        (src, sport), (dst, dport) = ends
         command = PROXY
         family = (AF_INET if src.version == 4 else AF_INET6) << 4 | STREAM
         block = src.packed + dst.packed + _PORTS.pack(sport, dport)
@@ -120,20 +124,20 @@ def ssl_tlvs(version: str, *, verified: bool, reused: bool, cn: str | None, alpn
     return said
 
 
-def _same_family(
-    source: tuple[IPAddress, int], destination: tuple[IPAddress, int]
-) -> tuple[tuple[IPAddress, int], tuple[IPAddress, int]]:
-    """Both ends in one family: an IPv4 address beside an IPv6 one becomes IPv4-mapped."""
-    if source[0].version == destination[0].version:
-        return source, destination
-    return _as_ipv6(source), _as_ipv6(destination)
+def _inet(source: Endpoint | None, destination: Endpoint | None) -> tuple[Inet, Inet] | None:
+    """Both ends as IP addresses of one family (an IPv4 address beside an IPv6 one becomes
+    IPv4-mapped), or None unless both have one. A link-local address's interface (fe80::1%eth0),
+    which is this host's, is dropped."""
+    if not isinstance(source, tuple) or not isinstance(destination, tuple):
+        return None
+    src, dst = ipaddress.ip_address(source[0]), ipaddress.ip_address(destination[0])
+    if src.version != dst.version:
+        src, dst = _as_ipv6(src), _as_ipv6(dst)
+    return (src, source[1]), (dst, destination[1])
 
 
-def _as_ipv6(endpoint: tuple[IPAddress, int]) -> tuple[IPAddress, int]:
-    address, port = endpoint
-    if address.version == 6:
-        return endpoint
-    return ipaddress.IPv6Address(_MAPPED + address.packed), port
+def _as_ipv6(address: IPAddress) -> IPAddress:
+    return address if address.version == 6 else ipaddress.IPv6Address(_MAPPED + address.packed)
 
 
 class Named(Protocol):
@@ -147,7 +151,7 @@ class Named(Protocol):
     def getsockname(self) -> object: ...
 
 
-def addresses(sock: Named | None) -> tuple[Endpoint, Endpoint]:
+def addresses(sock: Named | None) -> tuple[Endpoint | None, Endpoint | None]:
     """The client and the address it connected to, as the connection's socket names them: both
     None for a Unix socket's client (no IP address), or for a client gone already (its socket
     too, as uvloop's transport says once closed)."""
@@ -159,8 +163,6 @@ def addresses(sock: Named | None) -> tuple[Endpoint, Endpoint]:
         return None, None
 
 
-def _endpoint(name: object) -> tuple[IPAddress, int]:
+def _endpoint(name: object) -> tuple[str, int]:
     assert isinstance(name, tuple)
-    host, port = name[0], name[1]
-    # A link-local IPv6 address comes with its interface (fe80::1%eth0), which is this host's.
-    return ipaddress.ip_address(host.partition("%")[0]), port
+    return name[0], name[1]
