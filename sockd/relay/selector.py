@@ -236,8 +236,8 @@ class Splice:
     def _upstream_connected(self, upstream: End) -> None:
         relay = self.state.relay
         if relay.proxy_protocol is not None:
-            # First in `out`: sent in one write with what follows at once, a ClientHello or what
-            # came with the client's handshake (which _upstream_ready passes on).
+            # First in `out`: sent in one write with what follows at once, a ClientHello, or what
+            # came after the client's PROXY header or with its handshake (_upstream_ready passes it on).
             upstream.out += self.state.proxy_header(self.client.sock, self.client.tls)
         tls = relay.tls
         if tls is None:
