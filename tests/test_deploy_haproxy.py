@@ -21,7 +21,19 @@ from typing import Any
 import pytest
 import yaml
 
-from support import ROOT, TIMEOUT, Daemon, Launcher, eventually, read_to_eof, recv_exactly, rejected, requests, require
+from support import (
+    ROOT,
+    TIMEOUT,
+    Daemon,
+    Launcher,
+    eventually,
+    free_port,
+    read_to_eof,
+    recv_exactly,
+    rejected,
+    requests,
+    require,
+)
 
 DEPLOY = ROOT / "deploy" / "haproxy"
 # What the example files say, and what each becomes here: the example's fixed ports are the
@@ -38,12 +50,6 @@ SEEN_WITHIN = 30.0  # HAProxy's checks: a few seconds, on a busy machine many mo
 
 
 PAYLOAD = 64  # bytes a request
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def instantiate(path: Path, replacements: dict[str, str]) -> str:
