@@ -47,8 +47,6 @@ CLIENT_TIMEOUT = 30.0  # a request without an answer this long is a failure
 LOAD_LIMIT = 600.0  # seconds the load may run, whatever happens to the test
 STOPPED_WITHIN = 60.0  # drain_delay, then the stop (shutdown_timeout at most), on a busy machine
 SEEN_WITHIN = 30.0  # HAProxy's checks: a few seconds, on a busy machine many more
-
-
 PAYLOAD = 64  # bytes a request
 
 
@@ -204,7 +202,6 @@ class Traffic:
         number = 0
         while self._going():
             payload = f"request {client}#{number}|".encode().ljust(PAYLOAD, b".")
-            number += 1
             try:
                 with self._connect() as sock:
                     sock.sendall(payload)
@@ -213,6 +210,7 @@ class Traffic:
                 self._failed(f"request {client}#{number}: {exc!r}")
             else:
                 self._answered("request", payload, reply)
+            number += 1
 
     def _persistent(self, client: int) -> None:
         sock: socket.socket | None = None
@@ -295,14 +293,18 @@ def exchange_from(source: str, address: tuple[str, int], payload: bytes) -> byte
 
 def test_the_client_address_crosses_haproxy_to_sockd(balanced: Balanced) -> None:
     """The example's `deny: [127.0.0.2/32]` is applied to the address in HAProxy's PROXY header:
-    a client from 127.0.0.2 is refused, one from 127.0.0.3 served, and named in sockd's log."""
+    a client from 127.0.0.2 is refused, one from 127.0.0.3 served, each named in sockd's log."""
     daemons = [instance.daemon for instance in balanced.instances]
     assert exchange_from("127.0.0.2", balanced.frontend, b"denied") == b""
     assert exchange_from("127.0.0.3", balanced.frontend, b"served") == b"served"
     eventually(lambda: sum(rejected(d, LISTENER, "acl") for d in daemons) == 1, "one connection refused by the acl")
 
-    def named(source: str) -> bool:
-        return any(e.get("event") == "connection closed" and e["source"] == source for d in daemons for e in d.events)
+    def logged(event: str, **fields: str) -> bool:
+        return any(
+            e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
+            for d in daemons
+            for e in list(d.events)
+        )
 
-    eventually(lambda: named("127.0.0.3"), "the client from 127.0.0.3 in a connection's log line")
-    assert not named("127.0.0.2")
+    eventually(lambda: logged("rejected", reason="acl", source="127.0.0.2"), "the refusal of 127.0.0.2 logged")
+    eventually(lambda: logged("connection closed", source="127.0.0.3"), "the connection from 127.0.0.3 logged")
