@@ -1,7 +1,8 @@
 """The supervisor's ledger of listeners, for the metrics endpoint: the groups serving, those a
-reload removed whose workers still serve, the counts of those gone, and how the reloads went.
+reload removed whose workers still serve, the counts of those gone, how the reloads went, and
+whether the instance drains (a stop signal came: see sockd.supervisor).
 
-The supervisor's loop changes it; the metrics thread reads it (`snapshot`, `down`). A group
+The supervisor's loop changes it; the metrics thread reads it (`snapshot`, `unwell`). A group
 moves between serving, leaving and departed under one lock, so that a scrape sees its counts
 once, never twice or not at all."""
 
@@ -29,6 +30,9 @@ class Ledger:
         self.reloads = metrics.Reloads(last_success_time=time.time())
         # The certificates the config in force presents: replaced whole at the start and by a reload.
         self.certificates: list[Expiry] = []
+        # Set by the first stop signal, for good: the instance is on its way out, whether its
+        # listeners still accept (drain_delay) or the stop has begun.
+        self.draining = False
 
     def all(self) -> Iterator[Group]:
         """Every group with workers to tend: those serving, and those leaving."""
@@ -64,9 +68,16 @@ class Ledger:
         )
 
     def down(self) -> list[str]:
-        """The listeners none of whose generations accepts whole (see Group.up), for /healthz.
-        Called from the metrics thread."""
+        """The listeners none of whose generations accepts whole (see Group.up)."""
         return [name for name, group in self.groups.items() if not group.up()]
+
+    def unwell(self) -> str | None:
+        """Why /healthz answers 503: `draining` from the first stop signal on, else the listeners
+        down; None while all is well. Called from the metrics thread."""
+        if self.draining:
+            return "draining"
+        down = self.down()
+        return f"down: {', '.join(down)}" if down else None
 
     def snapshot(self) -> metrics.Snapshot:
         """Each listener's counts as of now, and how the reloads went. A listener removed and
@@ -82,7 +93,9 @@ class Ledger:
         for name, report in departed.items():
             if name in current or name in leaving:
                 _add(current if name in current else leaving, report)
-        return metrics.Snapshot(list(current.values()), self.reloads, list(leaving.values()), self.certificates)
+        return metrics.Snapshot(
+            list(current.values()), self.reloads, list(leaving.values()), self.certificates, self.draining
+        )
 
 
 def _add(reports: dict[str, metrics.ListenerReport], report: metrics.ListenerReport) -> None:

@@ -92,6 +92,7 @@ class Snapshot:
     # Listeners a reload removed whose old workers still serve open connections: counted, not checked.
     leaving: list[ListenerReport]
     certificates: Sequence[Expiry] = ()  # those the config in force presents
+    draining: bool = False  # a stop signal came (see Ledger.draining)
 
 
 class SockdCollector(Collector):
@@ -179,8 +180,14 @@ class SockdCollector(Collector):
         )
         build = GaugeMetricFamily("sockd_build_info", "The running sockd (always 1).", labels=["version"])
         build.add_metric([__version__], 1)
+        draining = GaugeMetricFamily(
+            "sockd_draining",
+            "1 once a stop signal came: /healthz answers 503 draining while the listeners serve on for drain_delay, "
+            "then stop.",
+            value=int(snapshot.draining),
+        )
         yield from (connections, active, requests, duration, received, sent, errors, rejected, restarts)
-        yield from (generations, cpu, memory, info, build, log_dropped)
+        yield from (generations, cpu, memory, info, build, log_dropped, draining)
         yield from _tls_metrics([report for report in [*reports, *snapshot.leaving] if report.listener.tls is not None])
         yield from _reload_metrics(snapshot.reloads)
         yield _expiries(snapshot.certificates)
@@ -263,13 +270,13 @@ class Exporter:
         sock: socket.socket,
         buckets: Iterable[float],
         snapshot: Callable[[], Snapshot],
-        down: Callable[[], list[str]],
+        unwell: Callable[[], str | None],
     ) -> None:
         registry = CollectorRegistry(auto_describe=True)
         registry.register(SockdCollector(snapshot, buckets))
         ProcessCollector(registry=registry)
         self._metrics = make_wsgi_app(registry)
-        self.down = down
+        self.unwell = unwell  # why /healthz fails (draining, the listeners down), None while all is well
         self.sock = sock
         sock.setblocking(False)
         host, port = sock.getsockname()[:2]
@@ -436,9 +443,9 @@ class Exporter:
         self._next_scrape()
 
     def _health(self) -> bytes:
-        down = self.down()
-        if down:
-            return _response("503 Service Unavailable", _TEXT, f"down: {', '.join(down)}\n".encode())
+        unwell = self.unwell()
+        if unwell is not None:
+            return _response("503 Service Unavailable", _TEXT, f"{unwell}\n".encode())
         return _response("200 OK", _TEXT, b"ok\n")
 
     # -- a scrape's thread

@@ -3,6 +3,12 @@
 (sockd.reloading), tells systemd and the metrics endpoint (through sockd.ledger) how it goes,
 and stops them all gracefully.
 
+A stop signal first says the instance drains, at once and everywhere a balancer looks (/healthz
+answers 503 `draining`, `sockd_draining` is 1, systemd hears STOPPING=1), while the listeners go
+on accepting and serving for `drain_delay` seconds; then the stop proper: every group stops
+(sockd.group). A second stop signal cuts the delay short, and one during the stop kills the
+workers.
+
 Signal handlers only queue the signal; the main loop takes it off the queue and calls
 `handle_<name>` (gunicorn's arbiter). The supervisor knows listeners, sockets and processes, never
 a model or a handler: those live in the worker.
@@ -67,7 +73,8 @@ class Supervisor:
         self.spawner = Spawner()
         self.notifier = systemd.Notifier()
         self.activated = systemd.listen_fds()
-        self.stopping = False
+        self.stopping = False  # the stop proper has begun: every group stopped
+        self.stop_at: float | None = None  # set by a stop signal with a drain_delay: when the stop begins
         self.announced_ready = False
         self.outcomes = reloads.Published()  # for `sockd reload`
         self.ignored: set[int] = set()  # the ignored signals that came, each logged once
@@ -145,6 +152,8 @@ class Supervisor:
                     self._announce_ready()
             self._handle_signals()
             now = time.monotonic()
+            if not self.stopping and self.stop_at is not None and now >= self.stop_at:
+                self._stop()
             for group in self.ledger.all():
                 group.tend(now)
             if not self.stopping:  # no new fork server for a stop's drain
@@ -186,6 +195,8 @@ class Supervisor:
         due = [when for group in self.ledger.all() if (when := group.due()) is not None]
         if self.notifier.watchdog_interval:
             due.append(self.next_watchdog)
+        if self.stop_at is not None and not self.stopping:
+            due.append(self.stop_at)
         # Heartbeats are checked at least this often (see Worker.beating).
         due.append(time.monotonic() + min(BEAT_INTERVAL, self.config.worker_timeout / 4))
         return max(0.0, min(due) - time.monotonic())
@@ -207,25 +218,41 @@ class Supervisor:
     # -- signals
 
     def handle_term(self) -> None:
+        """The first stop signal drains (then stops, `drain_delay` later), the next one during the
+        delay stops at once, and one during the stop kills."""
         if self.stopping:
             for group in self.ledger.all():
                 group.kill("second stop signal")
             return
+        if self.stop_at is not None:
+            log.info("second stop signal: the drain delay is cut short")
+            self._stop()
+            return
+        self.ledger.draining = True
+        delay = self.config.drain_delay
+        if not delay:
+            self._stop()
+            return
+        log.info("draining", drain_delay=delay)
+        self.notifier.stopping(f"draining: serving on for {delay:g} s while balancers take this instance out")
+        self.stop_at = time.monotonic() + delay
+
+    handle_int = handle_term
+
+    def _stop(self) -> None:
         log.info("stopping", shutdown_timeout=self.config.shutdown_timeout)
         self.notifier.stopping("stopping: draining in-flight requests")
         self.stopping = True
         for group in self.ledger.all():
             group.stop()
 
-    handle_int = handle_term
-
     def handle_chld(self) -> None:
         pass  # every turn of the loop reaps; the signal only wakes it up
 
     def handle_hup(self) -> None:
         """Reload: read the file, plan, bind every new socket, then carry the plan out. A bad file
-        or a socket that cannot be bound changes nothing."""
-        if self.stopping:
+        or a socket that cannot be bound changes nothing. None once a stop signal came."""
+        if self.ledger.draining:
             return
         self.outcomes.begin()
         self.notifier.reloading()
@@ -297,7 +324,7 @@ class Supervisor:
         where = {"endpoint": "metrics", "address": f"{settings.host}:{settings.port}"}
         bind_endpoint = functools.partial(metrics.bind, settings)
         sock = bind_retrying(bind_endpoint, settings.port, deadline, where, self._stop_requested)
-        return metrics.Exporter(sock, settings.buckets, self.ledger.snapshot, self.ledger.down)
+        return metrics.Exporter(sock, settings.buckets, self.ledger.snapshot, self.ledger.unwell)
 
     def _close_sockets(self) -> None:
         for group in self.ledger.groups.values():

@@ -181,6 +181,23 @@ def test_an_invalid_file_on_sighup_is_notified_and_the_old_config_keeps_serving(
     assert notify.states() == ["READY", "RELOADING", "READY", "STOPPING"], notify.messages
 
 
+def test_a_drain_delay_is_notified_as_stopping_at_once_while_it_serves_on(
+    start_sockd: Launcher, notify_path: Notifications
+) -> None:
+    notify = notify_path
+    daemon = start_sockd(
+        [listener("tcp-echo", "tcp", "echo", "asyncio")], env={"NOTIFY_SOCKET": notify.variable}, drain_delay=60
+    )
+    notify.expect("READY")
+    daemon.process.send_signal(signal.SIGTERM)
+    draining = notify.expect("STOPPING")
+    assert draining["STATUS"].startswith("draining: serving on for 60 s"), draining
+    echo(daemon.address("tcp-echo"))  # systemd has heard it stops; the listener still serves
+    assert daemon.stop() == 0, daemon.other_lines  # the second signal: the stop itself
+    stopping = notify.expect("STOPPING")
+    assert stopping["STATUS"].startswith("stopping"), stopping
+
+
 # -- the watchdog
 
 

@@ -411,6 +411,9 @@ class Config(_Frozen):
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
     shutdown_timeout: Seconds = 10.0
+    # After a stop signal, how long the listeners serve on while /healthz says `draining`, so that a
+    # balancer takes the instance out before it stops accepting (see sockd.supervisor).
+    drain_delay: Seconds = 0.0
     # A worker whose heartbeat stops (hung, stopped) for this long is killed and replaced.
     worker_timeout: Timeout = 30.0
     listeners: Annotated[list[Listener], Field(min_length=1)]
