@@ -69,6 +69,9 @@ FIXED_LISTS = (
     len(HANDSHAKE_BOUNDS) + 1,
 )
 _WORD = 8
+# What the counters after the header hold, for a supervisor of another version to tell whether it
+# can read a worker's (see sockd.upgrade): the fields, and the lists of fixed size.
+LAYOUT = " ".join([*FIELDS, *(f"{name}:{size}" for name, size in zip(LISTS, FIXED_LISTS, strict=False))])
 # Module-level names: a global lookup is cheaper than an attribute chain on the hot path.
 _clock = time.monotonic
 _bisect = bisect.bisect_left
@@ -236,7 +239,9 @@ class NullRecorder(Recorder):
         pass
 
 
-# Before the fields: the sequence number (odd while a write is under way) and the heartbeat.
+# Before the fields: the sequence number (odd while a write is under way) and the heartbeat. This
+# header never moves, whatever LAYOUT becomes: a supervisor upgraded in place (see sockd.upgrade)
+# watches the heartbeat of its predecessor's workers even when it cannot read their counts.
 _SEQUENCE, _HEARTBEAT, _FIRST_FIELD = 0, 1, 2
 
 
@@ -252,12 +257,29 @@ def create(bucket_count: int) -> int:
 
 
 class Shared:
-    """A view of one worker's shared counters: the worker writes, the supervisor reads."""
+    """A view of one worker's shared counters: the worker writes, the supervisor reads. It owns
+    `fd`, which the supervisor hands on to its successor when it is upgraded in place (see
+    sockd.upgrade); `blind` if the counts past the header are laid out as another version of
+    sockd does them, which then reads as zeros."""
 
-    def __init__(self, fd: int, bucket_count: int) -> None:
+    def __init__(self, fd: int, bucket_count: int, blind: bool = False) -> None:
+        self.fd = fd
         self.bucket_count = bucket_count
-        self._map = mmap.mmap(fd, words_needed(bucket_count) * _WORD)
+        self.blind = blind
+        try:
+            # The whole file: one another version made may be longer or shorter than ours.
+            size = os.fstat(fd).st_size if blind else words_needed(bucket_count) * _WORD
+            self._map = mmap.mmap(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
         self._words = memoryview(self._map).cast("Q")
+
+    @classmethod
+    def adopt(cls, fd: int, bucket_count: int, layout: str, ours: int) -> Shared:
+        """A worker's counters from a supervisor before an upgrade, laid out as `layout` says with
+        `bucket_count` buckets: readable if that is how they are laid out here with `ours`, else blind."""
+        return cls(fd, ours, blind=(layout, bucket_count) != (LAYOUT, ours))
 
     def write(self, totals: Totals, heartbeat: int) -> None:
         words = self._words
@@ -273,6 +295,8 @@ class Shared:
     def read(self, attempts: int = 1000) -> Totals:
         """A consistent snapshot if one can be had; else the fields as they are (still lower bounds,
         which is all a writer that died mid-write leaves)."""
+        if self.blind:
+            return Totals.zero(self.bucket_count)
         words = self._words
         for _ in range(attempts):
             before = words[_SEQUENCE]
@@ -284,6 +308,7 @@ class Shared:
     def close(self) -> None:
         self._words.release()
         self._map.close()
+        os.close(self.fd)
 
 
 class Stats:

@@ -14,10 +14,12 @@ log = structlog.get_logger()
 
 # The supervisor's descriptors besides its listeners' and the metrics endpoint's: the standard
 # streams, its selector and wake-up pipe, systemd's socket, the fork server's, the reloads'
-# outcome (see sockd.reloads), a starting worker's socketpair and counters, and room to spare.
+# outcome (see sockd.reloads), a starting worker's socketpair, an upgrade's handoff (see
+# sockd.upgrade), and room to spare.
 # Nothing a client does can spend them (the endpoint's connections are capped), so a dead worker
 # can always be replaced.
 SUPERVISOR_RESERVED_DESCRIPTORS = 32
+WORKER_DESCRIPTORS = 3  # its channel, its counters' file, and the mapping's (mmap keeps a duplicate)
 
 
 class DescriptorLimit(SockdError):
@@ -25,12 +27,13 @@ class DescriptorLimit(SockdError):
 
 
 def descriptors_needed(config: Config) -> int:
-    """The descriptors the supervisor holds for `config`: a socket for each listener and a
-    channel for each of its workers, twice over (a reload starts the new generation before it
+    """The descriptors the supervisor holds for `config`: a socket for each listener and, for
+    each of its workers, a channel and the shared counters' memory file (ours, kept for an
+    upgrade to hand on, and the mapping's own), twice over (a reload starts the new generation before it
     retires the old one), the metrics endpoint's at their cap, and SUPERVISOR_RESERVED_DESCRIPTORS. (Old
     generations that serve sessions on through a storm of reloads hold more: a worker that
     cannot be started then is retried after a backoff.)"""
-    listeners = sum(1 + 2 * listener.workers for listener in config.listeners)
+    listeners = sum(1 + 2 * WORKER_DESCRIPTORS * listener.workers for listener in config.listeners)
     endpoint = 1 + metrics.MAX_CONNECTIONS + 2 if config.metrics.enabled else 0  # its socket, its socketpair
     return SUPERVISOR_RESERVED_DESCRIPTORS + listeners + endpoint
 

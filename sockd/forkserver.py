@@ -89,9 +89,10 @@ def main(argv: list[str]) -> int:
     gc.disable()  # until frozen: no collection leaves holes in pages the workers will share
     control = socket.socket(fileno=int(argv[1]))
     setproctitle("sockd: fork server")
-    # Ctrl-C and SIGHUP reach every process of the terminal's group: the supervisor decides what
-    # they mean, and closes our socket when we are to go. (A worker ignores them too.)
-    for signum in (signal.SIGINT, signal.SIGHUP):
+    # Ctrl-C and SIGHUP reach every process of the terminal's group, and `systemctl kill -s USR2`
+    # every process of the unit: the supervisor decides what they mean, and closes our socket
+    # when we are to go. (A worker ignores them too.)
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
     configure(LoggingConfig())  # until a worker configures its own: a failing one logs to stderr
     code = fingerprint(PACKAGE)  # before importing: a change during the imports shows next time
@@ -358,6 +359,9 @@ class Spawner:
     def __init__(self) -> None:
         self.server: ForkServer | None = None
         self.retry_at = 0.0  # after a failed start, the next try waits: no tight loop of imports
+        # The fork server of the supervisor this process was before an upgrade (see sockd.upgrade):
+        # it exits as its socket closed with the exec, and is reaped here.
+        self.exiting: list[Process] = []
 
     def start(self) -> None:
         """The first fork server (ForkServerError if it cannot be had), before the supervisor
@@ -374,7 +378,11 @@ class Spawner:
         if self.server is not None and self.server.exited() is not None:
             with contextlib.suppress(ForkServerError):  # logged; the next spawn tries again
                 self._running()
-        _reap_strays(lambda: {*known(), *([self.server.pid] if self.server else [])})
+        for process in [process for process in self.exiting if process.poll() is not None]:
+            self.exiting.remove(process)
+            log.info("the old fork server exited", pid=process.pid, **exit_status(process.returncode))
+        leftovers = [process.pid for process in self.exiting]
+        _reap_strays(lambda: {*known(), *leftovers, *([self.server.pid] if self.server else [])})
 
     def code_changed(self) -> bool:
         """Whether sockd's files differ from those the fork server imported."""

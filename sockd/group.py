@@ -8,11 +8,12 @@ supervisor decides when groups come, change and go, and tends each on every turn
 each worker's channel is registered with the loop's selector, its data a callable that reads the
 channel and returns True when the worker has just become ready.
 
-Each start is a generation. A reload starts a new one, and once that one serves retires the one
-before: it accepts no more but serves its open connections on until their clients close them or
-shutdown_timeout passes, and is stopped then (see sockd.worker). A storm of reloads is bounded:
-past MAX_SERVING old generations the oldest is stopped at once, past MAX_ALIVE the oldest is
-killed.
+Each start is a generation. A supervisor upgraded in place (sockd.upgrade) adopts the workers
+its predecessor left as generations of their own (`adopt`). A reload starts a new one, and once
+that one serves retires the one before: it accepts no more but serves its open connections on
+until their clients close them or shutdown_timeout passes, and is stopped then (see
+sockd.worker). A storm of reloads is bounded: past MAX_SERVING old generations the oldest is
+stopped at once, past MAX_ALIVE the oldest is killed.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import os
 import selectors
 import signal
 import socket
@@ -180,6 +180,21 @@ class Group:
         self.listener = listener
         return self.start()
 
+    def adopt(self, workers: list[Worker], accepting: list[Worker], bounds: list[Bound], generation: int) -> None:
+        """`workers`: its listener's, started by the supervisor before an upgrade re-executed it
+        (see sockd.upgrade); `accepting`: those of them that accepted then, on `bound` or on
+        `bounds` (sockets of theirs that are no longer the listener's). They are a reload's old
+        generation: they accept until the first generation started here serves, and are retired
+        then, their sockets closed; the others go on as they were (retired, or stopped)."""
+        self.generation = max(self.generation, generation)
+        with self.counting:
+            self.draining.update(workers)
+            self.replacing += accepting
+        self.replaced_bounds += bounds
+        for worker in workers:
+            if worker.channel.fileno() >= 0:
+                self.selector.register(worker.channel, selectors.EVENT_READ, functools.partial(self._hear, worker))
+
     def retire(self) -> None:
         """Its listener is gone: every generation accepts no more, serves its open connections on
         until the clients close them, and is stopped once shutdown_timeout has passed. None of
@@ -315,13 +330,10 @@ class Group:
             ours, theirs = socket.socketpair()
             undo.callback(ours.close)
             with theirs:  # the worker has its copy
-                counters_fd = counters.create(bucket_count)
-                try:
-                    shared = counters.Shared(counters_fd, bucket_count)
-                    undo.callback(shared.close)
-                    process = self.spawner.spawn(spec, [self.bound.sock.fileno(), theirs.fileno(), counters_fd])
-                finally:
-                    os.close(counters_fd)  # the worker has its copy; our mapping outlives the descriptor
+                # Ours kept with the mapping: an upgrade hands it on (see sockd.upgrade).
+                shared = counters.Shared(counters.create(bucket_count), bucket_count)
+                undo.callback(shared.close)
+                process = self.spawner.spawn(spec, [self.bound.sock.fileno(), theirs.fileno(), shared.fd])
             undo.pop_all()
         return Worker(process, ours, shared, self.generation)
 

@@ -1,6 +1,6 @@
 """The supervisor's ledger of listeners, for the metrics endpoint: the groups serving, those a
-reload removed whose workers still serve, the counts of those gone, how the reloads went, and
-whether the instance drains (a stop signal came: see sockd.supervisor).
+reload removed whose workers still serve, the counts of those gone, how the reloads and
+upgrades went, and whether the instance drains (a stop signal came: see sockd.supervisor).
 
 The supervisor's loop changes it; the metrics thread reads it (`snapshot`, `unwell`). A group
 moves between serving, leaving and departed under one lock, so that a scrape sees its counts
@@ -28,6 +28,7 @@ class Ledger:
         self._departed: dict[str, metrics.ListenerReport] = {}
         self._lock = threading.Lock()
         self.reloads = metrics.Reloads(last_success_time=time.time())
+        self.upgrades = metrics.Upgrades()
         # The certificates the config in force presents: replaced whole at the start and by a reload.
         self.certificates: list[Expiry] = []
         # Set by the first stop signal, for good: the instance is on its way out, whether its
@@ -67,6 +68,10 @@ class Ledger:
             last_success_time=time.time() if success else last.last_success_time,
         )
 
+    def count_upgrade(self, ok: bool) -> None:
+        last = self.upgrades
+        self.upgrades = metrics.Upgrades(ok=last.ok + ok, failed=last.failed + (not ok))
+
     def down(self) -> list[str]:
         """The listeners none of whose generations accepts whole (see Group.up)."""
         return [name for name, group in self.groups.items() if not group.up()]
@@ -94,7 +99,12 @@ class Ledger:
             if name in current or name in leaving:
                 _add(current if name in current else leaving, report)
         return metrics.Snapshot(
-            list(current.values()), self.reloads, list(leaving.values()), self.certificates, self.draining
+            list(current.values()),
+            self.reloads,
+            list(leaving.values()),
+            self.certificates,
+            self.draining,
+            self.upgrades,
         )
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import itertools
 import selectors
+import signal
 import socket
 import threading
 import time
@@ -31,6 +32,8 @@ from sockd.logging import Throttled
 from sockd.sockets import OUT_OF_RESOURCES, RESOURCE_PAUSE, BindError, inet_address, reason
 from sockd.tls.material import Expiry
 
+# Signals a thread raises on itself for a fault it made: never blocked.
+FAULTS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGTRAP, signal.SIGSYS})
 MAX_SCRAPES = 16  # scrapes rendered and sent at once, a thread each (Prometheus sends one at a time)
 MAX_CONNECTIONS = 24  # connections held at once: requests being read, and scrapes waiting or being served
 REQUEST_TIMEOUT = 5.0  # seconds a request's head may take to come whole, and its answer to be taken
@@ -86,6 +89,14 @@ class Reloads:
 
 
 @dataclass(frozen=True)
+class Upgrades:
+    """How the upgrades in place went (SIGUSR2, see sockd.upgrade), counted across them."""
+
+    ok: int = 0
+    failed: int = 0
+
+
+@dataclass(frozen=True)
 class Snapshot:
     listeners: list[ListenerReport]
     reloads: Reloads
@@ -93,6 +104,7 @@ class Snapshot:
     leaving: list[ListenerReport]
     certificates: Sequence[Expiry] = ()  # those the config in force presents
     draining: bool = False  # a stop signal came (see Ledger.draining)
+    upgrades: Upgrades = Upgrades()
 
 
 class SockdCollector(Collector):
@@ -190,6 +202,12 @@ class SockdCollector(Collector):
         yield from (generations, cpu, memory, info, build, log_dropped, draining)
         yield from _tls_metrics([report for report in [*reports, *snapshot.leaving] if report.listener.tls is not None])
         yield from _reload_metrics(snapshot.reloads)
+        upgrades = CounterMetricFamily(
+            "sockd_upgrades", "Upgrades in place (SIGUSR2) by result: ok, failed.", labels=["result"]
+        )
+        upgrades.add_metric(["ok"], snapshot.upgrades.ok)
+        upgrades.add_metric(["failed"], snapshot.upgrades.failed)
+        yield upgrades
         yield _expiries(snapshot.certificates)
 
 
@@ -312,6 +330,10 @@ class Exporter:
     # -- the selector thread
 
     def _serve(self) -> None:
+        # The supervisor's signals go to its main thread alone (this thread's scrapes inherit the
+        # mask): those it blocks for an upgrade's exec must wait in the kernel (see sockd.upgrade),
+        # not be taken here by a handler the exec then forgets.
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals() - FAULTS)
         self._admit(time.monotonic())
         while not self.stopping:
             for key, _ in self.selector.select(self._timeout()):
@@ -513,6 +535,17 @@ def _send(conn: socket.socket, data: bytes, deadline: float) -> None:
             raise TimeoutError("the client did not take its answer in time")
         conn.settimeout(remaining)
         view = view[conn.send(view) :]
+
+
+def serves(settings: MetricsConfig, sock: socket.socket) -> bool:
+    """Whether a socket systemd passed in (from its file descriptor store) is where `settings`
+    put the endpoint (at any port for port 0)."""
+    try:
+        address = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return False
+    host, port = sock.getsockname()[:2]
+    return bool(host == address[0][4][0] and settings.port in (0, port))
 
 
 def bind(settings: MetricsConfig) -> socket.socket:

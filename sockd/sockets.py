@@ -98,6 +98,24 @@ class Bound:
                 self.sock.shutdown(socket.SHUT_RD)
         self.sock.close()
 
+    def release(self) -> None:
+        """Close our descriptor alone, at a stop: systemd holds the socket in its file descriptor
+        store (see sockd.systemd), listening, its Unix socket file in place, for the next start."""
+        self.sock.close()
+
+
+def serves(listener: Listener, sock: socket.socket) -> bool:
+    """Whether a socket systemd passed in is bound where `listener` says (at any port for port
+    0): one from the file descriptor store may be the listener's before its address changed."""
+    name = sock.getsockname()
+    if isinstance(listener, UnixListener):
+        return bool(name == listener.path)
+    try:
+        _, _, address = passive_address(listener.host, listener.port, listener.protocol)
+    except OSError:
+        return False
+    return bool(name[0] == address[0] and listener.port in (0, name[1]))
+
 
 def adopt(listener: Listener, sock: socket.socket) -> Bound:
     """A socket systemd passed in for `listener` (socket activation), once it is checked to be of

@@ -1,7 +1,9 @@
 """The supervisor: binds every listener, keeps a group of worker processes serving each
 (sockd.group), forked by its fork server (sockd.forkserver), reloads the config on SIGHUP
-(sockd.reloading), tells systemd and the metrics endpoint (through sockd.ledger) how it goes,
-and stops them all gracefully.
+(sockd.reloading), upgrades in place on SIGUSR2 (sockd.upgrade: it re-executes itself and
+adopts its workers), tells systemd and the metrics endpoint (through sockd.ledger) how it goes,
+keeps its listening sockets in systemd's file descriptor store so that a restart refuses no
+connection, and stops them all gracefully.
 
 A stop signal first says the instance drains, at once and everywhere a balancer looks (/healthz
 answers 503 `draining`, `sockd_draining` is 1, systemd hears STOPPING=1), while the listeners go
@@ -17,6 +19,7 @@ a model or a handler: those live in the worker.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import os
 import selectors
@@ -25,29 +28,28 @@ import time
 
 import structlog
 
-from sockd import metrics, reloading, reloads, systemd
+from sockd import __version__, metrics, reloading, reloads, systemd, upgrade
 from sockd.bind_retry import BIND_WAIT, bind_retrying
 from sockd.config import Config, Listener
 from sockd.counters import BEAT_INTERVAL
 from sockd.descriptors import make_room
-from sockd.forkserver import Spawner
+from sockd.forkserver import ForkServerError, Process, Spawner
 from sockd.group import Group
 from sockd.ledger import Ledger
 from sockd.logging import configure, flush_throttled
 from sockd.plan import summary
-from sockd.sockets import BindError, Bound, adopt, bind, tcp_port, udp_ports
+from sockd.sockets import BindError, Bound, adopt, bind, reason, serves, tcp_port, udp_ports
 from sockd.spec import WorkerSettings
 from sockd.tls.material import Loaded, expiries
 
 log = structlog.get_logger()
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR2)
 # Signals whose default action ends a process and that mean nothing to sockd (a stray `kill
 # -USR1`, a timer signal meant for a profiler): caught, logged the first time, and ignored. Not
 # SIGQUIT, SIGABRT and the like, which dump a core on purpose (systemd's watchdog sends SIGABRT).
 IGNORED = (
     signal.SIGUSR1,
-    signal.SIGUSR2,
     signal.SIGALRM,
     signal.SIGVTALRM,
     signal.SIGPROF,
@@ -55,6 +57,9 @@ IGNORED = (
     signal.SIGPWR,
     *range(signal.SIGRTMIN, signal.SIGRTMAX + 1),
 )
+CAUGHT = (*SIGNALS, *IGNORED)
+# The metrics endpoint's socket in systemd's file descriptor store: a name no listener can have.
+METRICS_FDNAME = "+metrics"
 
 
 class Supervisor:
@@ -73,6 +78,10 @@ class Supervisor:
         self.spawner = Spawner()
         self.notifier = systemd.Notifier()
         self.activated = systemd.listen_fds()
+        # What the supervisor this process was before an upgrade hands over (see sockd.upgrade).
+        handoff = upgrade.received()
+        self.adoption = upgrade.Adoption(handoff) if handoff is not None else None
+        self.exporter: metrics.Exporter | None = None
         self.stopping = False  # the stop proper has begun: every group stopped
         self.stop_at: float | None = None  # set by a stop signal with a drain_delay: when the stop begins
         self.announced_ready = False
@@ -89,15 +98,20 @@ class Supervisor:
         # First of all: a stop or a reload sent while sockd starts waits for the loop, rather
         # than ending the process (SIGHUP's default) or raising in the middle of a bind (SIGINT).
         # They stay caught to the end (see _ignore_signals).
-        for signum in (*SIGNALS, *IGNORED):
+        for signum in CAUGHT:
             signal.signal(signum, lambda signum, _: self.signals.append(signum))
-        exporter = None
+        # Blocked across an upgrade's exec (see sockd.upgrade): what came meanwhile comes now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, CAUGHT)
         bounds: dict[str, Bound] = {}
         try:
             make_room(self.config)
             # Said before binding: a listener that then fails to bind may be the one meant.
             for name in sorted(self.activated.keys() - {listener.name for listener in self.config.listeners}):
-                log.warning("systemd passed a socket that no listener is named after", name=name)
+                if name != METRICS_FDNAME:
+                    log.warning("systemd passed a socket that no listener is named after", name=name)
+                if name != METRICS_FDNAME and self.notifier.store_room:  # a listener gone while sockd was stopped
+                    self.notifier.unstore(name)
+                    self.activated.pop(name).close()
             deadline = time.monotonic() + BIND_WAIT  # one wait for all: connections end together
             for listener in self.config.listeners:
                 bind_listener = functools.partial(self._bind, listener)
@@ -107,10 +121,11 @@ class Supervisor:
                 )
             settings = WorkerSettings.of(self.config, self.loaded.material, udp_ports(bounds.values()))
             groups = {name: self._group(bound.listener, bound, settings) for name, bound in bounds.items()}
-            self.ledger.replace(groups, ())
-            if self.config.metrics.enabled:
-                exporter = self._exporter(deadline)
-            self.spawner.start()  # before the exporter's thread: nothing forks a threaded process
+            leaving = self._adopt(groups, settings) if self.adoption is not None else []
+            self.ledger.replace(groups, leaving)
+            self.exporter = self._exporter(deadline)
+            self._store_sockets()
+            self._start_spawner()  # before the exporter's thread: nothing forks a threaded process
         except BaseException:
             for bound in bounds.values():
                 bound.close()
@@ -121,9 +136,9 @@ class Supervisor:
         signal.set_wakeup_fd(wakeup_write, warn_on_full_buffer=False)
         self.selector.register(wakeup_read, selectors.EVENT_READ, None)
         try:
-            if exporter is not None:
-                exporter.start()
-                log.info("metrics", address=exporter.address, path="/metrics")
+            if self.exporter is not None:
+                self.exporter.start()
+                log.info("metrics", address=self.exporter.address, path="/metrics")
             for group in self.ledger.groups.values():
                 group.start()
             self._loop(wakeup_read)
@@ -131,8 +146,8 @@ class Supervisor:
             signal.set_wakeup_fd(-1)
             os.close(wakeup_read)
             os.close(wakeup_write)
-            if exporter is not None:
-                exporter.close()
+            if self.exporter is not None:
+                self.exporter.close()
             self._close_sockets()
             self.spawner.close()
             self.outcomes.close()
@@ -207,6 +222,16 @@ class Supervisor:
     def _group(self, listener: Listener, bound: Bound, settings: WorkerSettings) -> Group:
         return Group(listener, bound, settings, self.selector, self.spawner)
 
+    def _start_spawner(self) -> None:
+        """The first fork server. After an upgrade one that does not start is no reason to stop:
+        the old workers serve on, and new ones are tried again with the restart backoff."""
+        try:
+            self.spawner.start()
+        except ForkServerError as exc:
+            if self.adoption is None:
+                raise
+            log.error("no new workers yet: the fork server did not start; the old ones serve on", error=str(exc))
+
     def _announce_ready(self) -> None:
         """Once, when every listener's workers have all said they serve."""
         groups = self.ledger.groups
@@ -249,6 +274,62 @@ class Supervisor:
     def handle_chld(self) -> None:
         pass  # every turn of the loop reaps; the signal only wakes it up
 
+    def handle_usr2(self) -> None:
+        """Upgrade in place: check the sockd now on disk, then re-execute it with this pid, handing
+        it the sockets and the workers (see sockd.upgrade). Returns only if that failed: the old
+        supervisor and its workers serve on. None once a stop signal came."""
+        if self.ledger.draining:
+            return
+        self.notifier.reloading()
+        command = upgrade.program()
+        log.info("upgrading", program=" ".join(command), version=__version__)
+        why = upgrade.check(command, str(self.path))
+        if why is None:
+            try:
+                self._execute(command)
+            except OSError as exc:
+                why = f"cannot execute {command[0]}: {reason(exc)}"
+        self._upgraded(False, f"upgrade failed, the old sockd serves on: {why}")
+        log.error("upgrade failed, the old sockd serves on", reason=why)
+
+    def _execute(self, command: list[str]) -> None:
+        """Re-execute this process as `command` (OSError if that fails)."""
+        handoff = upgrade.describe(
+            self.ledger.groups.values(),
+            leaving=self.ledger.leaving,
+            metrics=self.exporter.sock if self.exporter is not None else None,
+            metrics_settings=self.config.metrics,
+            fork_server=self.spawner.server.pid if self.spawner.server is not None else None,
+            upgrades=(self.ledger.upgrades.ok, self.ledger.upgrades.failed),
+            reloads=dataclasses.astuple(self.ledger.reloads),
+        )
+        flush_throttled()
+        queued = [self.signals.popleft() for _ in range(len(self.signals))]
+        upgrade.execute([*command, "-c", str(self.path)], handoff, CAUGHT, queued)
+
+    def _adopt(self, groups: dict[str, Group], settings: WorkerSettings) -> list[Group]:
+        """Take over what the supervisor this process was before an upgrade handed over: its
+        workers, its counts, its fork server to reap. The groups of listeners gone: returned."""
+        assert self.adoption is not None
+        handoff = self.adoption.handoff
+        leaving = self.adoption.hand_over(groups, functools.partial(self._group, settings=settings), settings)
+        for name in self.adoption.moved():
+            self.notifier.unstore(name)
+        if handoff.fork_server is not None:
+            self.spawner.exiting.append(Process(handoff.fork_server))
+        self.ledger.reloads = metrics.Reloads(*handoff.reloads)
+        self.ledger.upgrades = metrics.Upgrades(*handoff.upgrades)
+        workers = sum(len(group.workers) for group in handoff.groups)
+        self._upgraded(True, f"upgraded from sockd {handoff.version} to {__version__}")
+        log.info("upgraded", previous=handoff.version, version=__version__, pid=os.getpid(), workers=workers)
+        return leaving
+
+    def _upgraded(self, ok: bool, status: str) -> None:
+        self.ledger.count_upgrade(ok)
+        self.notifier.status(status)
+        if not ok:  # else READY=1 comes once the new workers serve (see _announce_ready)
+            self.notifier.ready(status)
+
     def handle_hup(self) -> None:
         """Reload: read the file, plan, bind every new socket, then carry the plan out. A bad file
         or a socket that cannot be bound changes nothing. None once a stop signal came."""
@@ -282,6 +363,11 @@ class Supervisor:
         self.loaded = prepared.loaded
         self.ledger.certificates = expiries(prepared.loaded.material)
         unstarted = reloading.apply(prepared, self.ledger, self._group)
+        for step in prepared.steps:  # systemd's store keeps the sockets the listeners have now
+            if step.action in ("removed", "rebound"):
+                self.notifier.unstore(step.name)
+            if step.binds:
+                self.notifier.store(step.name, prepared.fresh[step.name].sock)
         done = summary(prepared.steps)
         if unstarted:  # tried again after a backoff; meanwhile their old workers, if any, serve on
             names = ", ".join(unstarted)
@@ -302,8 +388,15 @@ class Supervisor:
     # -- binding
 
     def _bind(self, listener: Listener) -> Bound:
-        if listener.name in self.activated:
-            return adopt(listener, self.activated.pop(listener.name))
+        if self.adoption is not None and (inherited := self.adoption.inherit(listener)) is not None:
+            return inherited
+        passed = self.activated.pop(listener.name, None)
+        if passed is not None and (not self.notifier.store_room or serves(listener, passed)):
+            return adopt(listener, passed)
+        if passed is not None:  # from the file descriptor store: its listener has moved since
+            log.info("systemd passed a socket where the listener no longer is", listener=listener.name)
+            self.notifier.unstore(listener.name)
+            passed.close()
         try:
             return bind(listener)
         except BindError as exc:
@@ -318,17 +411,45 @@ class Supervisor:
 
     # -- metrics
 
-    def _exporter(self, deadline: float) -> metrics.Exporter:
-        """The metrics endpoint, its port waited for as a listener's is (see sockd.bind_retry)."""
+    def _exporter(self, deadline: float) -> metrics.Exporter | None:
+        """The metrics endpoint, if enabled, on the socket it had before an upgrade or a restart
+        (from systemd's store) if it is where the settings say, else its port waited for as a
+        listener's is (see sockd.bind_retry)."""
         settings = self.config.metrics
-        where = {"endpoint": "metrics", "address": f"{settings.host}:{settings.port}"}
-        bind_endpoint = functools.partial(metrics.bind, settings)
-        sock = bind_retrying(bind_endpoint, settings.port, deadline, where, self._stop_requested)
+        sock = None
+        if self.adoption is not None:
+            sock = self.adoption.metrics(settings)
+            if sock is None:
+                self.notifier.unstore(METRICS_FDNAME)
+        passed = self.activated.pop(METRICS_FDNAME, None)
+        if passed is not None and settings.enabled and metrics.serves(settings, passed):
+            sock = passed
+        elif passed is not None:  # the endpoint has moved, or is off, since it was stored
+            self.notifier.unstore(METRICS_FDNAME)
+            passed.close()
+        if not settings.enabled:
+            return None
+        if sock is None:
+            where = {"endpoint": "metrics", "address": f"{settings.host}:{settings.port}"}
+            bind_endpoint = functools.partial(metrics.bind, settings)
+            sock = bind_retrying(bind_endpoint, settings.port, deadline, where, self._stop_requested)
         return metrics.Exporter(sock, settings.buckets, self.ledger.snapshot, self.ledger.unwell)
 
+    def _store_sockets(self) -> None:
+        """Every listening socket into systemd's file descriptor store, by its listener's name:
+        `systemctl restart` passes them to the next sockd, so that clients wait in their backlogs
+        rather than being refused meanwhile."""
+        for name, group in self.ledger.groups.items():
+            self.notifier.store(name, group.bound.sock)
+        if self.exporter is not None:
+            self.notifier.store(METRICS_FDNAME, self.exporter.sock)
+
     def _close_sockets(self) -> None:
-        for group in self.ledger.groups.values():
-            group.bound.close()
+        for name, group in self.ledger.groups.items():
+            if name in self.notifier.stored:
+                group.bound.release()
+            else:
+                group.bound.close()
 
 
 def _ignore_signals() -> None:
@@ -337,7 +458,7 @@ def _ignore_signals() -> None:
     its socket files were removed); not restored to their default, which would end it with no exit
     status (nor left to the interpreter, which restores the default of a signal it handles as it
     exits)."""
-    for signum in (*SIGNALS, *IGNORED):
+    for signum in CAUGHT:
         signal.signal(signum, signal.SIG_IGN)
 
 

@@ -1,12 +1,19 @@
-"""systemd integration with the standard library only: sd_notify and socket activation.
+"""systemd integration with the standard library only: sd_notify, socket activation and the file
+descriptor store.
 
-Both protocols are small and stable (sd_notify(3), sd_listen_fds(3)): a datagram of
+The protocols are small and stable (sd_notify(3), sd_listen_fds(3)): a datagram of
 newline-separated KEY=VALUE lines to $NOTIFY_SOCKET, and descriptors from 3 on described by
-$LISTEN_PID, $LISTEN_FDS and $LISTEN_FDNAMES.
+$LISTEN_PID, $LISTEN_FDS and $LISTEN_FDNAMES. A socket sent with FDSTORE=1 and FDNAME= (its
+descriptor in the datagram, SCM_RIGHTS) is kept by systemd while the service runs and across a
+`systemctl restart`, and passed again with that name at the next start, as a socket unit's
+are; FDSTOREREMOVE=1 with its name drops it. systemd keeps only FileDescriptorStoreMax= of them,
+and says nothing of the rest: the number is in $FDSTORE (set by systemd from 254 on, and by
+sockd's unit for 252), and sockd stores nothing without it.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import os
 import socket
@@ -41,6 +48,9 @@ class Notifier:
         self.address = "\0" + address[1:] if address.startswith("@") else address
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) if self.address else None
         self.watchdog_interval = _watchdog_interval()
+        room = os.environ.get("FDSTORE", "")
+        self.store_room = int(room) if room.isdigit() and self.sock is not None else 0
+        self.stored: set[str] = set()
 
     def send(self, *lines: str) -> None:
         """Each of `lines` one KEY=VALUE line: a newline in a value (a path in a STATUS=) must not
@@ -50,6 +60,23 @@ class Notifier:
         # OSError: systemd gone or not listening; the service itself must not care.
         with contextlib.suppress(OSError):
             self.sock.sendto("\n".join(one_line(line) for line in lines).encode(), self.address)
+
+    def store(self, name: str, sock: socket.socket) -> None:
+        """Put `sock` in systemd's file descriptor store under `name`, if there is room; systemd
+        ignores a socket it already holds."""
+        if name in self.stored or len(self.stored) >= self.store_room or self.sock is None:
+            return
+        with contextlib.suppress(OSError):
+            # sendmsg, not socket.send_fds: Python 3.11's drops the address.
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sock.fileno()]))]
+            self.sock.sendmsg([f"FDSTORE=1\nFDNAME={name}".encode()], rights, 0, self.address)
+            self.stored.add(name)
+
+    def unstore(self, name: str) -> None:
+        """Drop the sockets stored under `name`: its listener is gone, or moved to another address."""
+        if self.store_room:
+            self.send("FDSTOREREMOVE=1", f"FDNAME={name}")
+            self.stored.discard(name)
 
     def ready(self, status: str) -> None:
         self.send("READY=1", f"STATUS={status}")

@@ -58,6 +58,7 @@ def main(spec_json: bytes, fds: list[int]) -> int:
     # process) drains like a stop from the supervisor.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # the supervisor's upgrade: `systemctl kill` sends it to all
     signal.signal(signal.SIGTERM, lambda *_: stop.end())
 
     channel = socket.socket(fileno=channel_fd)

@@ -24,8 +24,8 @@ from support import listener as entry
 @pytest.mark.parametrize("model", ["selector", "threaded", "asyncio"])
 def test_running_out_of_descriptors_pauses_accepting_and_recovers(start_sockd: Launcher, model: str) -> None:
     prlimit = require("prlimit")
-    # The limit is inherited by the workers: with 64 descriptors, 80 clients cannot all be had.
-    daemon = start_sockd([entry("echo", "tcp", "echo", model)], prefix=(prlimit, "--nofile=64:64", "--"))
+    # The limit is inherited by the workers: with 72 descriptors, 80 clients cannot all be had.
+    daemon = start_sockd([entry("echo", "tcp", "echo", model)], prefix=(prlimit, "--nofile=72:72", "--"))
     address, held = daemon.address("echo"), []
     try:
         for _ in range(80):

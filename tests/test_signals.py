@@ -15,11 +15,11 @@ from typing import Any
 from support import TIMEOUT, Daemon, Launcher, Session, alive, config_text, connect, request
 from support import listener as entry
 
-IGNORED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)  # the three
+IGNORED = (signal.SIGUSR1, signal.SIGALRM)  # the three, but SIGUSR2: an upgrade (test_upgrade.py)
 IGNORED_EVENT = "signal ignored: sockd gives it no meaning"
 
 
-def test_usr1_usr2_and_alrm_are_ignored_logged_once_and_sockd_serves_on(start_sockd: Launcher) -> None:
+def test_usr1_and_alrm_are_ignored_logged_once_and_sockd_serves_on(start_sockd: Launcher) -> None:
     daemon = start_sockd([entry("echo", "tcp", "echo", "asyncio")])
     for signum in IGNORED:
         os.kill(daemon.process.pid, signum)

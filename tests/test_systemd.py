@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -23,6 +24,7 @@ from support import (
     TIMEOUT,
     Launcher,
     config_text,
+    connect,
     listen_backlog,
     listener,
     read_to_eof,
@@ -46,17 +48,28 @@ class Notifications:
         self.sock = sock
         self.variable = variable  # the value of $NOTIFY_SOCKET that reaches it
         self.messages: list[dict[str, str]] = []
+        self.stored: list[tuple[str, int]] = []  # (FDNAME, descriptor) of each FDSTORE=1, in order
 
     def receive(self, timeout: float) -> dict[str, str] | None:
         """The next message as KEY -> VALUE, or None if none comes within `timeout` seconds."""
         self.sock.settimeout(max(timeout, 0.001))
         try:
-            data = self.sock.recv(65536)
+            data, fds, _, _ = socket.recv_fds(self.sock, 65536, 16)
         except TimeoutError:
             return None
         message = dict(line.split("=", 1) for line in data.decode().split("\n"))
         self.messages.append(message)
+        if message.get("FDSTORE") == "1":
+            self.stored += [(message["FDNAME"], fd) for fd in fds]
+        else:
+            for fd in fds:
+                os.close(fd)
         return message
+
+    def close(self) -> None:
+        self.sock.close()
+        for _, fd in self.stored:
+            os.close(fd)
 
     def expect(self, key: str, value: str = "1", timeout: float = TIMEOUT) -> dict[str, str]:
         """The next message that sets `key` to `value`, skipping the others (they stay in `messages`)."""
@@ -87,20 +100,24 @@ def notify_path() -> Iterator[Notifications]:
     directory = tempfile.mkdtemp(prefix="sn", dir="/tmp")  # short: a socket path fits in 107 bytes
     path = os.path.join(directory, "notify")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notifications = Notifications(sock, path)
     try:
         sock.bind(path)
-        yield Notifications(sock, path)
+        yield notifications
     finally:
-        sock.close()
+        notifications.close()
         shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
 def notify_abstract() -> Iterator[Notifications]:
     name = f"sockd-test-{uuid.uuid4().hex}"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind("\0" + name)
-        yield Notifications(sock, "@" + name)
+    notifications = Notifications(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM), "@" + name)
+    try:
+        notifications.sock.bind("\0" + name)
+        yield notifications
+    finally:
+        notifications.close()
 
 
 @pytest.fixture(params=["path", "abstract"])
@@ -455,3 +472,72 @@ def test_a_passed_descriptor_that_is_not_a_socket_is_one_line_and_exit_71(tmp_pa
     assert done.stderr.splitlines() == [f"sockd: systemd passed descriptor 3 ('tcp-echo'), {passed}, not a socket"], (
         done.stderr
     )
+
+
+# -- the file descriptor store
+
+# What systemd does to start a service with stored descriptors: each at 3, 4, ... in the order
+# stored, LISTEN_FDNAMES their names, LISTEN_PID the pid that execs sockd.
+PASS_STORED = """
+import fcntl, os, sys
+fds = [fcntl.fcntl(int(fd), fcntl.F_DUPFD, 100) for fd in sys.argv[1].split(",")]
+for index, fd in enumerate(fds):
+    os.dup2(fd, 3 + index)
+    os.close(fd)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)), LISTEN_FDNAMES=sys.argv[2])
+os.execv(sys.argv[3], sys.argv[3:])
+"""
+
+
+def test_a_restart_keeps_the_listening_sockets_in_systemds_store(
+    start_sockd: Launcher, notify_path: Notifications, sockdir: Path
+) -> None:
+    """`systemctl restart` with FileDescriptorStoreMax=, as systemd carries it out: it keeps the
+    sockets sockd stored (FDSTORE=1 with their names) while no sockd runs, and passes them by
+    name to the next. A client that connects in between waits in the backlog and is served by
+    the next sockd, not refused; a listener gone meanwhile has its socket dropped from the store."""
+    notify, path = notify_path, sockdir / "echo.sock"
+    listeners = [
+        listener("tcp-echo", "tcp", "echo", "asyncio"),
+        listener("uds-echo", "unix", "echo", "threaded", path),
+        listener("gone", "tcp", "echo", "selector"),
+    ]
+    env = {"NOTIFY_SOCKET": notify.variable, "FDSTORE": "8"}
+    first = start_sockd(listeners, env=env)
+    notify.expect("READY")
+    assert sorted(name for name, _ in notify.stored) == ["+metrics", "gone", "tcp-echo", "uds-echo"]
+    tcp = first.address("tcp-echo")
+    assert first.stop() == 0, first.other_lines
+
+    # No sockd runs: the sockets listen still, held by the store alone.
+    waiting = []
+    for address in (tcp, str(path)):
+        client = connect(address)
+        client.sendall(b"waited in the backlog")
+        client.shutdown(socket.SHUT_WR)
+        waiting.append(client)
+
+    fds = ",".join(str(fd) for _, fd in notify.stored)
+    names = ":".join(name for name, _ in notify.stored)
+    prefix = (sys.executable, "-c", PASS_STORED, fds, names)
+    fds_passed = tuple(fd for _, fd in notify.stored)
+    second = start_sockd(listeners[:2], env=env, prefix=prefix, pass_fds=fds_passed)
+    for client in waiting:
+        with client:
+            assert read_to_eof(client) == b"waited in the backlog"
+    assert second.address("tcp-echo") == tcp  # the port the kernel chose for the first
+    notify.expect("FDSTOREREMOVE")
+    assert notify.messages[-1]["FDNAME"] == "gone", notify.messages
+    second.wait_for("systemd passed a socket that no listener is named after", name="gone")
+
+    # A reload that moves a listener: its old socket leaves the store, and its new one goes in.
+    notify.expect("READY")
+    mark = len(notify.messages)
+    second.reload([listener("tcp-echo", "tcp", "echo", "asyncio", "127.0.0.2"), listeners[1]])
+    notify.expect("READY")
+    changes = [(m.get("FDSTORE") or m.get("FDSTOREREMOVE"), m.get("FDNAME")) for m in notify.messages[mark:]]
+    assert [change for change in changes if change[1]] == [("1", "tcp-echo")] * 2, notify.messages[mark:]
+    assert next(m for m in notify.messages[mark:] if m.get("FDNAME")).get("FDSTOREREMOVE") == "1"
+    assert notify.stored[-1][0] == "tcp-echo"
+    with socket.socket(fileno=os.dup(notify.stored[-1][1])) as moved:
+        assert moved.getsockname()[0] == "127.0.0.2"

@@ -194,3 +194,14 @@ def test_hosts_unix_sockets_are_in_the_runtime_directory() -> None:
 def test_unit_parses_by_lines(unit: Path) -> None:
     sections = {section for section, _, _ in parse_unit(unit)}
     assert sections == {"Unit", "Install", "Service" if unit.suffix == ".service" else "Socket"}
+
+
+def test_the_file_descriptor_store_holds_every_socket_and_sockd_knows_its_size() -> None:
+    # sockd stores nothing unless $FDSTORE says how many the store takes (systemd sets it itself
+    # only from 254 on): one socket per listener of the host's config, and the metrics endpoint's.
+    room = int(value(SERVICE, "Service", "FileDescriptorStoreMax"))
+    listeners = yaml.safe_load(EXAMPLES[1].read_text())["listeners"]
+    assert room >= len(listeners) + 1
+    assert f"FDSTORE={room}" in values(SERVICE, "Service", "Environment")
+    # A Unix listener's socket comes back from the store: its file, in /run/sockd, must stay.
+    assert value(SERVICE, "Service", "RuntimeDirectoryPreserve") == "restart"

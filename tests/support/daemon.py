@@ -178,11 +178,14 @@ class Launcher:
         env: dict[str, str] | None = None,
         prefix: tuple[str, ...] = (),
         program: tuple[str, ...] = (),
+        *,
+        pass_fds: tuple[int, ...] = (),
         **settings: Any,
     ) -> Daemon:
         """Start `sockd -c` on these listeners and top-level settings, with `env` added to the
         environment and `prefix` before the command (e.g. systemd-socket-activate); wait until
-        it is ready. `program` is another sockd than this environment's (an installed one)."""
+        it is ready. `program` is another sockd than this environment's (an installed one);
+        `pass_fds`, descriptors the command inherits (for `prefix` to hand on)."""
         path = self.directory / f"sockd-{len(self.started)}.yaml"
         path.write_text(config_text(listeners, **settings))
         environment = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
@@ -193,6 +196,7 @@ class Launcher:
             text=True,
             env={**environment, **(env or {})},
             start_new_session=True,  # its own process group, as a terminal would give it
+            pass_fds=pass_fds,
         )
         daemon = Daemon(process, path)
         daemon.start_reading()
