@@ -11,9 +11,11 @@ channel and returns True when the worker has just become ready.
 Each start is a generation. A supervisor upgraded in place (sockd.upgrade) adopts the workers
 its predecessor left as generations of their own (`adopt`). A reload starts a new one, and once
 that one serves retires the one before: it accepts no more but serves its open connections on
-until their clients close them or shutdown_timeout passes, and is stopped then (see
-sockd.worker). A storm of reloads is bounded: past MAX_SERVING old generations the oldest is
-stopped at once, past MAX_ALIVE the oldest is killed.
+until their clients close them, or until reload_drain_timeout passes if the config sets one, and
+is stopped then as a stop stops a worker, shutdown_timeout to end its drain (see sockd.worker). A
+storm of reloads is bounded: past MAX_SERVING old generations the oldest is stopped at once, past
+MAX_ALIVE the oldest is killed; so, without a reload_drain_timeout, are the processes that
+sessions no client ends keep.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from sockd.counters import BEAT_INTERVAL
 from sockd.forkserver import ForkServerError, Process, Spawner
 from sockd.logging import exit_status
 from sockd.sockets import Bound, reason, retune, set_mode
-from sockd.spec import WorkerSettings
+from sockd.spec import InstanceState, WorkerSettings
 
 log = structlog.get_logger()
 
@@ -60,7 +62,7 @@ class Worker:
     ready: bool = False
     heartbeat: int = 0  # the last heartbeat seen in its counters
     beat_at: float = field(default_factory=time.monotonic)
-    stop_at: float | None = None  # set once retired: stopped then if its clients have not all left
+    stop_at: float | None = None  # retired under a reload_drain_timeout: stopped then if its clients have not all left
     drain_until: float | None = None  # set once stopped: killed if still running then
     kill_at: float | None = None  # set once aborted as hung: killed if still running then
     cpu_seen: float = 0.0  # the most CPU seconds a scrape has seen it use: its count never goes back
@@ -123,6 +125,8 @@ class Group:
         self.retired = counters.Totals.zero(settings.bucket_count)  # what its exited workers counted
         self.retired_cpu = 0.0  # the CPU seconds its exited workers used
         self.restarts = 0
+        # What its workers were last told of the instance (see inform); a new worker starts with it.
+        self.state: InstanceState = "maint"
         # Held while a worker moves between a place, `draining` and `retired`, so that a scrape
         # never sees a count twice or not at all.
         self.counting = threading.Lock()
@@ -196,9 +200,9 @@ class Group:
                 self.selector.register(worker.channel, selectors.EVENT_READ, functools.partial(self._hear, worker))
 
     def retire(self) -> None:
-        """Its listener is gone: every generation accepts no more, serves its open connections on
-        until the clients close them, and is stopped once shutdown_timeout has passed. None of
-        its places is restarted."""
+        """Its listener is gone: every generation accepts no more and serves its open connections on
+        until the clients close them (or reload_drain_timeout passes, see _retire). None of its
+        places is restarted."""
         self._retire([*self._vacate(), *self._replaced()])
 
     def stop(self) -> None:
@@ -219,6 +223,13 @@ class Group:
         """Say `line` to every worker that still listens (see sockd.worker)."""
         for worker in self.workers():
             worker.tell(line)
+
+    def inform(self, state: InstanceState) -> None:
+        """Tell its workers the instance's state, if it changed since they were last told (an
+        agent listener answers from it); the workers started later get it in their spec."""
+        if state != self.state:
+            self.state = state
+            self.tell(b"state " + state.encode())
 
     def generations(self) -> int:
         """How many generations have a worker alive: the current one and those still draining."""
@@ -325,7 +336,7 @@ class Group:
     def _fork(self) -> Worker:
         """A worker process, from the fork server; on failure, no descriptor or mapping left."""
         bucket_count = self.settings.bucket_count
-        spec = self.settings.spec(self.listener).model_dump_json(exclude_unset=True).encode()
+        spec = self.settings.spec(self.listener, self.state).model_dump_json(exclude_unset=True).encode()
         with contextlib.ExitStack() as undo:
             ours, theirs = socket.socketpair()
             undo.callback(ours.close)
@@ -366,7 +377,10 @@ class Group:
         return replaced
 
     def _retire(self, workers: list[Worker]) -> None:
-        stop_at = time.monotonic() + self.settings.shutdown_timeout
+        """They accept no more and serve their sessions on: until their clients end them, or,
+        under a reload_drain_timeout, until it passes (then `tend` stops them)."""
+        timeout = self.settings.reload_drain_timeout
+        stop_at = None if timeout is None else time.monotonic() + timeout
         for worker in workers:
             worker.stop_at = stop_at
             worker.tell(b"retire")

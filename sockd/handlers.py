@@ -9,6 +9,9 @@ returns is written and the connection closes. A datagram is answered with whatev
 
 A request over the listener's `max_message_size` raises `TooLarge` from `feed` or `datagram`;
 the lifecycle counts it and closes the connection or drops the datagram.
+
+A handler holds no state of the instance's own: the agent answers from a `Told`, what the
+supervisor last said of the instance to the worker (sockd.worker's `state` line).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from sockd.config import HandlerName, Listener, TimestampFormat
+from sockd.spec import InstanceState
 
 
 class TooLarge(Exception):
@@ -131,6 +135,31 @@ def daytime() -> bytes:
     return time.strftime("%A, %B %d, %Y %H:%M:%S-%Z\r\n").encode()
 
 
+@dataclass
+class Told:
+    """What the supervisor last told the worker of the instance (see sockd.worker): until told
+    otherwise, a listener may be down (maint)."""
+
+    state: InstanceState = "maint"
+
+
+# HAProxy's agent-check reads one line of words (its configuration manual, "agent-check"). "drain"
+# and "maint" set the server's administrative state, which only "ready" sets back: an agent that
+# answered "drain" before a restart must say "ready" after it, or the server stays out for good.
+AGENT_ANSWERS: dict[InstanceState, bytes] = {"up": b"up ready\n", "drain": b"drain\n", "maint": b"maint\n"}
+
+
+class Agent(Stateless):
+    """`handler: agent`: answers HAProxy's agent-check with the instance's state, as the worker was
+    last told it, in one line at connect, and closes."""
+
+    def __init__(self, told: Told) -> None:
+        self.told = told
+
+    def greeting(self) -> bytes:
+        return AGENT_ANSWERS[self.told.state]
+
+
 # How long a relay keeps a UDP client's upstream socket after its last datagram, if the listener
 # sets no idle_timeout.
 UDP_SESSION_TIMEOUT = 60.0
@@ -215,9 +244,16 @@ class LimitedSession:
         return self.session.eof()
 
 
-def build(listener: Listener, upstream_tls: UpstreamTLS | None = None) -> Handler:
-    """The listener's handler; a relay to a tls:// upstream is given its TLS (sockd.tls.contexts)."""
-    handler = Relay(listener, upstream_tls) if listener.handler == "relay" else HANDLERS[listener.handler](listener)
+def build(listener: Listener, upstream_tls: UpstreamTLS | None = None, told: Told | None = None) -> Handler:
+    """The listener's handler; a relay to a tls:// upstream is given its TLS (sockd.tls.contexts),
+    an agent what its worker is told (nothing yet, without `told`)."""
+    handler: Handler
+    if listener.handler == "relay":
+        handler = Relay(listener, upstream_tls)
+    elif listener.handler == "agent":
+        handler = Agent(Told() if told is None else told)
+    else:
+        handler = HANDLERS[listener.handler](listener)
     if listener.max_message_size is None:
         return handler
     return Limited(handler, listener.max_message_size)

@@ -4,7 +4,8 @@ upgrades went, and whether the instance drains (a stop signal came: see sockd.su
 
 The supervisor's loop changes it; the metrics thread reads it (`snapshot`, `unwell`). A group
 moves between serving, leaving and departed under one lock, so that a scrape sees its counts
-once, never twice or not at all."""
+once, never twice or not at all. What it says of the instance as a whole (`state`: up, drain or
+maint) is what the supervisor tells the agent listeners' workers, and /healthz says the same."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from collections.abc import Iterable, Iterator
 
 from sockd import metrics
 from sockd.group import Group
+from sockd.spec import InstanceState
 from sockd.tls.material import Expiry
 
 
@@ -83,6 +85,12 @@ class Ledger:
             return "draining"
         down = self.down()
         return f"down: {', '.join(down)}" if down else None
+
+    def state(self) -> InstanceState:
+        """The instance as a balancer's agent is told it: draining, a listener down (maint), or up."""
+        if self.draining:
+            return "drain"
+        return "maint" if self.down() else "up"
 
     def snapshot(self) -> metrics.Snapshot:
         """Each listener's counts as of now, and how the reloads went. A listener removed and

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from sockd.config import Config, Listener, LoggingConfig
 from sockd.tls.material import TLSMaterial
+
+# What the supervisor says of the instance as a whole (see sockd.ledger's `state`): serving (up),
+# a stop signal come (drain), or a listener without a generation accepting whole (maint).
+InstanceState = Literal["up", "drain", "maint"]
 
 
 class WorkerSpec(BaseModel):
@@ -27,6 +32,9 @@ class WorkerSpec(BaseModel):
     shutdown_timeout: float  # how long a drain may take, even with no supervisor left to end it
     worker_timeout: float  # a request busy for half of this stops the heartbeat (blocking models)
     udp_ports: list[int]  # of every UDP listener's socket: datagrams from them go unanswered
+    # The instance's state as of the worker's start, for an agent listener; then said on the
+    # channel as it changes (see sockd.worker).
+    state: InstanceState
     # The listener's TLS files as read at load (see sockd.tls.contexts.stage_context): a worker reads none.
     tls: TLSMaterial | None = None
 
@@ -42,6 +50,7 @@ class WorkerSettings:
     buckets: tuple[float, ...]
     metrics: bool
     shutdown_timeout: float
+    reload_drain_timeout: float | None
     worker_timeout: float
     udp_ports: frozenset[int]
     tls: Mapping[str, TLSMaterial]
@@ -53,6 +62,7 @@ class WorkerSettings:
             buckets=tuple(config.metrics.buckets),
             metrics=config.metrics.enabled,
             shutdown_timeout=config.shutdown_timeout,
+            reload_drain_timeout=config.reload_drain_timeout,
             worker_timeout=config.worker_timeout,
             udp_ports=udp_ports,
             tls=tls,
@@ -63,7 +73,7 @@ class WorkerSettings:
         """The histogram's buckets in the shared counters: one per bound, and +Inf."""
         return len(self.buckets) + 1
 
-    def spec(self, listener: Listener) -> WorkerSpec:
+    def spec(self, listener: Listener, state: InstanceState) -> WorkerSpec:
         return WorkerSpec(
             listener=listener,
             logging=self.logging,
@@ -72,5 +82,6 @@ class WorkerSettings:
             shutdown_timeout=self.shutdown_timeout,
             worker_timeout=self.worker_timeout,
             udp_ports=sorted(self.udp_ports),
+            state=state,
             tls=self.tls.get(listener.name),
         )

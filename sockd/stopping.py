@@ -35,9 +35,10 @@ class Switch:
 class Stop(Switch):
     """How a worker stops, in two steps. Set: accept no more, but go on serving the connections
     open. `end()`: end those too (the models call Service.drain()). A stop takes both at once; a
-    generation that a reload replaced takes the second once its clients are gone or
-    shutdown_timeout has passed, so that a reload never cuts a session (HAProxy and nginx keep
-    an old process's connections the same way)."""
+    generation that a reload replaced takes the second only once its clients are gone, or once
+    reload_drain_timeout has passed if the config sets one, so that a reload cuts no session
+    before then (HAProxy and nginx keep an old process's connections the same way; their
+    hard-stop-after and worker_shutdown_timeout are the bound)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -6,10 +6,10 @@ keeps its listening sockets in systemd's file descriptor store so that a restart
 connection, and stops them all gracefully.
 
 A stop signal first says the instance drains, at once and everywhere a balancer looks (/healthz
-answers 503 `draining`, `sockd_draining` is 1, systemd hears STOPPING=1), while the listeners go
-on accepting and serving for `drain_delay` seconds; then the stop proper: every group stops
-(sockd.group). A second stop signal cuts the delay short, and one during the stop kills the
-workers.
+answers 503 `draining`, `sockd_draining` is 1, systemd hears STOPPING=1, an agent listener answers
+`drain`), while the listeners go on accepting and serving for `drain_delay` seconds; then the
+stop proper: every group stops (sockd.group). A second stop signal cuts the delay short, and one
+during the stop kills the workers.
 
 Signal handlers only queue the signal; the main loop takes it off the queue and calls
 `handle_<name>` (gunicorn's arbiter). The supervisor knows listeners, sockets and processes, never
@@ -139,6 +139,7 @@ class Supervisor:
             if self.exporter is not None:
                 self.exporter.start()
                 log.info("metrics", address=self.exporter.address, path="/metrics")
+            self._inform()  # the agents' first workers start with it: after an upgrade, the adopted ones' state
             for group in self.ledger.groups.values():
                 group.start()
             self._loop(wakeup_read)
@@ -174,6 +175,7 @@ class Supervisor:
             if not self.stopping:  # no new fork server for a stop's drain
                 self.spawner.tend(self._worker_pids)
             self.ledger.depart()
+            self._inform()
             if self.notifier.watchdog_interval and now >= self.next_watchdog:
                 # Only a turning loop pings: a supervisor stuck anywhere gets restarted by systemd.
                 self.notifier.watchdog()
@@ -221,6 +223,15 @@ class Supervisor:
 
     def _group(self, listener: Listener, bound: Bound, settings: WorkerSettings) -> Group:
         return Group(listener, bound, settings, self.selector, self.spawner)
+
+    def _inform(self) -> None:
+        """Tell the agent listeners' workers the instance's state as it changes: each turn, so a
+        stop signal, a worker down or up again, a reload's new listener, reach them within one."""
+        agents = [group for group in self.ledger.all() if group.listener.handler == "agent"]
+        if agents:
+            state = self.ledger.state()
+            for group in agents:
+                group.inform(state)
 
     def _start_spawner(self) -> None:
         """The first fork server. After an upgrade one that does not start is no reason to stop:

@@ -8,9 +8,12 @@ line each:
 
     retire            a reload replaced this worker: accept no more, serve the open connections on
     logging {JSON}    log with these settings (a reload changed them)
+    state WORD        the instance is now up, drain or maint (an agent listener's workers are told
+                      as it changes; the spec says what it was at their start)
 
-and closes its end to stop the worker (a stop, or a retired worker's shutdown_timeout passed; or
-the supervisor died): it ends its connections as a drain does and exits 0.
+and closes its end to stop the worker (a stop, or a retired worker's reload_drain_timeout passed;
+or the supervisor died): it ends its connections as a drain does and exits 0, within
+shutdown_timeout.
 """
 
 from __future__ import annotations
@@ -66,14 +69,15 @@ def main(spec_json: bytes, fds: list[int]) -> int:
     sock.setblocking(False)  # see sockd.models: every model takes the listener as non-blocking
     shared = counters.Shared(counters_fd, len(spec.buckets) + 1)
     stats = counters.Stats(shared, spec.buckets, enabled=spec.metrics, stuck_after=spec.worker_timeout / 2)
+    told = handlers.Told(spec.state)
     model = registry.load(listener.concurrency)(
         listener,
-        handlers.build(listener, origination(spec)),
+        handlers.build(listener, origination(spec), told),
         stats,
         frozenset(spec.udp_ports),
         stage=stage_for(spec),
     )
-    threading.Thread(target=_listen, args=(channel, stop, listener.name), daemon=True).start()
+    threading.Thread(target=_listen, args=(channel, stop, listener.name, told), daemon=True).start()
     stop.ending.on_set(lambda: _exit_after(spec.shutdown_timeout))
     served = threading.Event()
     publisher = threading.Thread(target=stats.publish_until, args=(served,), daemon=True)
@@ -106,7 +110,7 @@ def _exit_after(timeout: float) -> None:
     timer.start()
 
 
-def _listen(channel: socket.socket, stop: Stop, listener: str) -> None:
+def _listen(channel: socket.socket, stop: Stop, listener: str, told: handlers.Told) -> None:
     """Carry out what the supervisor says on the channel until it closes it; whatever happens
     here, the worker then stops, so it is never left deaf to its supervisor."""
     pending = b""
@@ -116,12 +120,12 @@ def _listen(channel: socket.socket, stop: Stop, listener: str) -> None:
             while data := channel.recv(4096):
                 *lines, pending = (pending + data).split(b"\n")
                 for line in lines:
-                    _obey(line, stop, listener)
+                    _obey(line, stop, listener, told)
     finally:
         stop.end()
 
 
-def _obey(line: bytes, stop: Stop, listener: str) -> None:
+def _obey(line: bytes, stop: Stop, listener: str, told: handlers.Told) -> None:
     command, _, argument = line.partition(b" ")
     if command == b"retire":
         stop.set()
@@ -133,3 +137,7 @@ def _obey(line: bytes, stop: Stop, listener: str) -> None:
             log.warning("cannot apply the logging settings", error=str(exc))
             return
         configure(settings, listener=listener, pid=os.getpid())
+    elif command == b"state":
+        state = argument.decode("ascii", "replace")
+        if state in handlers.AGENT_ANSWERS:  # else a supervisor of another version: keep the one we have
+            told.state = state

@@ -2,7 +2,9 @@
 
 Each workload is one run of bench/compare.py (interleaved rounds, server on CPU 0,
 load on CPU 1), whose first server is the reference of the ratios it prints; `footprint` is
-footprint.py instead (memory and start-up, sockd alone, its startup section run --rounds times).
+footprint.py instead (memory and start-up, sockd alone, its startup section run --rounds times),
+and `healthz` healthz.py (how long /healthz takes to answer while a tcp-echo load saturates every
+core, --rounds runs).
 sockd runs with metrics enabled, as in production. This is not part of `make test`: it takes
 minutes and its numbers belong to the machine it ran on.
 
@@ -126,7 +128,8 @@ WORKLOADS: dict[str, tuple[list[str], list[str]]] = {
     "tls-relay": (["tls-echo"], tls_relays("haproxy", "stunnel", "asyncio", "selector")),
     "tls-relay-connect": (["tls-connect"], tls_relays("haproxy", "stunnel", "asyncio", "selector")),
 }
-OWN = {"footprint": "sockd_bench.footprint"}  # workloads run by a module of this package, not compare.py
+# Workloads run by a module of this package, not compare.py.
+OWN = {"footprint": "sockd_bench.footprint", "healthz": "sockd_bench.healthz"}
 
 
 def main() -> int:

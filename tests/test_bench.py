@@ -227,6 +227,25 @@ def test_footprint_of_a_small_sockd() -> None:
     assert all(size > 0 for size in idle["rss_bytes"] + idle["pss_bytes"])
 
 
+def test_healthz_probes_sockd_idle_and_under_the_echo_load() -> None:
+    """The healthz workload's one short run: a row per phase, each with probes all answered 200."""
+    require("gcc")
+    result = subprocess.run(
+        [sys.executable, "-P", "-m", "sockd_bench.healthz", "--runs", "1", "--seconds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[1]: line.split()[2:] for line in result.stdout.splitlines() if line.startswith("1 ")}
+    assert list(rows) == ["idle", "loaded"], result.stdout
+    for probes, not_200, *_ in rows.values():
+        assert int(probes) > 0, result.stdout
+        assert not_200 == "0", result.stdout
+    assert "req/s, CPUs" in " ".join(rows["loaded"]), result.stdout
+
+
 def compare(mode: str, servers: list[str]) -> dict[str, list[str]]:
     """One short round of compare.py on `servers`: each server's row, by name, after the header
     has been checked; every server must have answered, without an error."""

@@ -27,8 +27,33 @@ HANDLERS_AND_MODELS = [
             handler: reverse
             concurrency: threaded
         """,
-        [(6, "listeners[0].handler", "input should be 'echo', 'timestamp', 'discard', 'daytime', 'time' or 'relay'")],
+        [
+            (
+                6,
+                "listeners[0].handler",
+                "input should be 'echo', 'timestamp', 'discard', 'daytime', 'time', 'relay' or 'agent'",
+            )
+        ],
         id="unknown_handler",
+    ),
+    pytest.param(
+        """
+        listeners:
+          - name: agent
+            protocol: udp
+            host: 127.0.0.1
+            port: 5555
+            handler: agent
+            concurrency: asyncio
+        """,
+        [
+            (
+                6,
+                "listeners[0].handler",
+                "agent answers HAProxy's agent-check, over TCP: only valid with protocol: tcp or unix",
+            )
+        ],
+        id="agent_over_udp",
     ),
     pytest.param(
         """

@@ -321,7 +321,11 @@ def test_a_protocol_in_the_wrong_case_hides_none_of_the_listeners_other_problems
         """,
         (3, "listeners[0].protocol", "input should be 'tcp', 'udp' or 'unix', not 'TCP'"),
         (5, "listeners[0].port", "input should be less than or equal to 65535"),
-        (6, "listeners[0].handler", "input should be 'echo', 'timestamp', 'discard', 'daytime', 'time' or 'relay'"),
+        (
+            6,
+            "listeners[0].handler",
+            "input should be 'echo', 'timestamp', 'discard', 'daytime', 'time', 'relay' or 'agent'",
+        ),
         (
             7,
             "listeners[0].concurrency",
@@ -389,7 +393,11 @@ def test_a_rule_across_fields_is_reported_beside_the_fields_own_errors(tmp_path:
         ),
         (9, "listeners[1].name", "'web' is already the name of listeners[0]"),
         (10, "listeners[1].protocol", "input should be 'tcp', 'udp' or 'unix', not 'TCP'"),
-        (13, "listeners[1].handler", "input should be 'echo', 'timestamp', 'discard', 'daytime', 'time' or 'relay'"),
+        (
+            13,
+            "listeners[1].handler",
+            "input should be 'echo', 'timestamp', 'discard', 'daytime', 'time', 'relay' or 'agent'",
+        ),
         (
             15,
             "listeners[1].threads",

@@ -1,27 +1,32 @@
 """Draining a balancer can see (sockd.supervisor, sockd.ledger): a stop signal turns /healthz to
 503 `draining` and `sockd_draining` to 1 at once, while the listeners serve on for `drain_delay`;
-then the usual stop. A second signal cuts the delay short, a third kills. The real daemon, real
-signals."""
+then the usual stop. A second signal cuts the delay short, a third kills. And /healthz answers
+while a load saturates the listeners. The real daemon, real signals, a real load."""
 
 from __future__ import annotations
 
 import datetime
 import signal
-import urllib.error
-import urllib.request
+import subprocess
+import time
 
-from support import TIMEOUT, Daemon, InFlight, Launcher, Session, active_connections, becomes, request, samples, value
+from sockd_bench.healthz import load_generators
+
+from support import (
+    TIMEOUT,
+    Daemon,
+    InFlight,
+    Launcher,
+    Session,
+    active_connections,
+    becomes,
+    health,
+    request,
+    require,
+    samples,
+    value,
+)
 from support import listener as entry
-
-
-def health(daemon: Daemon) -> tuple[int, str]:
-    """/healthz's status and body."""
-    address = daemon.wait_for("metrics")["address"]
-    try:
-        with urllib.request.urlopen(f"http://{address}/healthz", timeout=TIMEOUT) as response:
-            return int(response.status), response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
 
 
 def draining(daemon: Daemon) -> float:
@@ -35,7 +40,7 @@ def _at(event: dict[str, object]) -> datetime.datetime:
 def test_during_the_drain_delay_new_clients_are_served_and_healthz_says_draining(start_sockd: Launcher) -> None:
     daemon = start_sockd([entry("echo", "tcp", "echo", "asyncio")], drain_delay=60, shutdown_timeout=30)
     address = daemon.address("echo")
-    assert health(daemon) == (200, "ok\n")
+    becomes(lambda: health(daemon), (200, "ok\n"), "/healthz once every worker serves")
     assert draining(daemon) == 0
     session = Session(address, "before")
     try:
@@ -89,3 +94,27 @@ def test_a_third_signal_kills_what_the_stop_waits_for(start_sockd: Launcher) -> 
     assert daemon.stop(signal.SIGTERM, timeout=TIMEOUT) == 0
     assert pending.result() == b""
     assert daemon.wait_for("killing worker", why="second stop signal")
+
+
+def test_healthz_answers_while_a_load_saturates_the_listener(start_sockd: Launcher) -> None:
+    """Two workers and the C echoload on the machine's cores (how fast /healthz answers then is
+    sockd_bench/healthz.py's to measure): every probe is answered, and answered 200."""
+    require("gcc")
+    echoload = load_generators().BUILD / "echoload"
+    daemon = start_sockd([entry("echo", "tcp", "echo", "asyncio", workers=2)])
+    becomes(lambda: health(daemon), (200, "ok\n"), "/healthz once every worker serves")
+    load = subprocess.Popen(
+        [echoload, "tcp", daemon.address("echo"), "50", "64", "5"], stdout=subprocess.PIPE, text=True
+    )
+    answers: list[tuple[int, str]] = []
+    try:
+        while load.poll() is None and len(answers) < 200:
+            answers.append(health(daemon))
+            time.sleep(0.02)
+    finally:
+        out, _ = load.communicate(timeout=30)
+    report = dict(item.split("=", 1) for item in out.split() if "=" in item)
+    assert report["errors"] == "0", out
+    assert int(report["requests"]) > 0, out
+    assert len(answers) >= 10, answers  # probes while the load ran
+    assert set(answers) == {(200, "ok\n")}

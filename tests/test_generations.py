@@ -42,8 +42,8 @@ from support import listener as entry
 # =============================================================================================
 # Sessions across a reload (HAProxy's and nginx's semantics). A listener that is restarted,
 # rebound or removed stops accepting at once, but its old generation goes on serving the
-# connections it has (reading, answering, relaying) until their clients close them or
-# shutdown_timeout passes; a stop ends them (what is pending is answered, then EOF). At most
+# connections it has (reading, answering, relaying) until their clients close them (or
+# reload_drain_timeout passes, if set); a stop ends them (what is pending is answered, then EOF). At most
 # KEPT_GENERATIONS old generations of a listener keep serving: a reload past that ends the oldest
 # as a stop does; and past ALIVE_GENERATIONS old ones alive, the oldest is killed.
 
@@ -53,7 +53,7 @@ KEPT_GENERATIONS = 4
 ALIVE_GENERATIONS = 8
 
 
-SESSIONS_TIMEOUT = 120  # shutdown_timeout here: longer than any test, so it never ends a session
+SESSIONS_TIMEOUT = 120  # shutdown_timeout here: longer than any test, so no stopped generation's drain ends early
 
 
 SIZES = (1, 16, 200, 1500, 9000, 32768)  # payload sizes (at least the payload's unique head)
@@ -552,3 +552,79 @@ def test_a_reloaded_udp_listener_takes_no_datagram_more_in_its_old_generation(st
             thread.join(30)
     late = [when for when in answers if when > settled]
     assert late == [], f"{len(late)} answers to a denied source after the reload"
+
+
+# =============================================================================================
+# reload_drain_timeout: how long an old generation may serve its sessions on, apart from
+# shutdown_timeout (which bounds a stop alone). By default there is no limit.
+
+RELOADED = [("echo", "threaded"), ("relay", "selector")]
+
+
+def _reloaded_session(
+    start_sockd: Launcher,
+    upstream: EchoUpstream,
+    handler: str,
+    model: str,
+    *,
+    shutdown_timeout: float,
+    reload_drain_timeout: float | None = None,
+) -> tuple[Daemon, Session, int, float]:
+    """A daemon on one listener of `handler` (a relay to `upstream`), a session on it, and a reload
+    that restarts the listener: the daemon, the session, its old worker, and when the SIGHUP was sent."""
+
+    def config(idle: int) -> list[dict[str, object]]:
+        options = {"upstream": upstream.url} if handler == "relay" else {}
+        return [entry("kept", "tcp", handler, model, idle_timeout=idle, **options)]
+
+    daemon = start_sockd(config(300), shutdown_timeout=shutdown_timeout, reload_drain_timeout=reload_drain_timeout)
+    old = daemon.worker_pid("kept")
+    session = Session(daemon.address("kept"), f"{handler}-session")
+    session.exchange()
+    reloaded_at = time.monotonic()
+    settings = {"shutdown_timeout": shutdown_timeout, "reload_drain_timeout": reload_drain_timeout}
+    assert daemon.reload(config(301), **settings)["restarted"] == ["kept"]
+    return daemon, session, old, reloaded_at
+
+
+@pytest.mark.parametrize(("handler", "model"), RELOADED)
+def test_sessions_outlive_shutdown_timeout_after_a_reload_without_a_reload_drain_timeout(
+    start_sockd: Launcher, handler: str, model: str
+) -> None:
+    upstream = EchoUpstream()
+    try:
+        daemon, session, old, _ = _reloaded_session(start_sockd, upstream, handler, model, shutdown_timeout=1)
+        try:
+            session.exchange()
+            time.sleep(3)  # well past shutdown_timeout, which no longer bounds a reload's drain
+            for size in SIZES:
+                session.exchange(size)
+            assert tcp_owner(session.sock, [old]) == old  # served by the old generation all along
+        finally:
+            session.close()
+        assert daemon.wait_for("worker exited", listener="kept", pid=old)["code"] == 0  # its client gone
+    finally:
+        upstream.close()
+    assert not [event for event in daemon.events if event.get("event") == "killing worker"]
+    assert upstream.errors == []
+
+
+@pytest.mark.parametrize(("handler", "model"), RELOADED)
+def test_a_reload_drain_timeout_ends_the_old_generations_sessions_once_it_passes(
+    start_sockd: Launcher, handler: str, model: str
+) -> None:
+    upstream = EchoUpstream()
+    try:
+        daemon, session, old, reloaded_at = _reloaded_session(
+            start_sockd, upstream, handler, model, shutdown_timeout=60, reload_drain_timeout=2
+        )
+        try:
+            becomes(session.state, "eof", "the old generation's session ended", timeout=TIMEOUT + 2)
+            assert time.monotonic() - reloaded_at >= 2  # not before the timeout passed
+        finally:
+            session.close()
+        # Its drain took what a stop's takes, far less than shutdown_timeout: nothing was killed.
+        assert daemon.wait_for("worker exited", listener="kept", pid=old)["code"] == 0
+    finally:
+        upstream.close()
+    assert not [event for event in daemon.events if event.get("event") == "killing worker"]

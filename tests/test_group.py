@@ -26,7 +26,7 @@ from sockd.spec import WorkerSettings
 from support import TIMEOUT, Session, alive, request, tcp_owner
 
 PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
-SESSIONS_TIMEOUT = 120.0  # shutdown_timeout here: longer than any test, so it never ends a session
+SESSIONS_TIMEOUT = 120.0  # shutdown_timeout here: longer than any test, so no stopped worker's drain ends early
 
 
 @dataclass

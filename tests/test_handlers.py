@@ -9,7 +9,7 @@ from typing import get_args
 import pytest
 
 from sockd.config import HandlerName, InetListener
-from sockd.handlers import HANDLERS, Echo, Timestamp, TooLarge, build
+from sockd.handlers import AGENT_ANSWERS, HANDLERS, Agent, Echo, Timestamp, Told, TooLarge, build
 
 
 def _listener(**options: object) -> InetListener:
@@ -111,4 +111,28 @@ def test_max_message_size_bounds_requests_and_datagrams_not_a_streams_chunks() -
 
 
 def test_every_handler_name_has_a_handler_and_every_handler_a_name() -> None:
-    assert set(get_args(HandlerName)) == set(HANDLERS)
+    # The agent answers from what its worker is told as well as from its listener: build makes it.
+    assert set(get_args(HandlerName)) == {*HANDLERS, "agent"}
+
+
+def test_the_agent_answers_one_line_from_the_state_it_was_last_told_and_closes() -> None:
+    told = Told()
+    handler = build(_listener(handler="agent"), told=told)
+    assert isinstance(handler, Agent)
+    assert handler.session().greeting() == b"maint\n"  # told nothing yet: not known to be up
+    said = {}
+    for state in ("up", "drain", "maint", "up"):
+        told.state = state
+        session = handler.session()
+        said[state] = session.greeting()
+    # "ready" with "up": only it takes a server out of the DRAIN or MAINT an earlier answer set.
+    assert said == {"up": b"up ready\n", "drain": b"drain\n", "maint": b"maint\n"}
+    assert set(AGENT_ANSWERS) == {"up", "drain", "maint"}
+    for answer in said.values():
+        assert answer is not None
+        assert answer.isascii()
+        assert answer.endswith(b"\n")
+        assert b"\n" not in answer[:-1]  # one line: HAProxy reads up to the first end of line
+    # A greeting is all the session says: the lifecycle writes it at connect and closes.
+    assert handler.datagram(b"?") is None
+    assert build(_listener(handler="agent", max_message_size=1), told=told).session().greeting() == b"up ready\n"

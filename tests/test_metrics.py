@@ -38,6 +38,7 @@ from support import (
     cpu_seconds,
     datagram,
     eventually,
+    health,
     inet,
     read_to_eof,
     request,
@@ -187,14 +188,7 @@ def test_promtool_finds_nothing_to_criticise(start_sockd: Launcher) -> None:
 
 def test_healthz_is_503_while_a_worker_is_down_and_200_again_after(start_sockd: Launcher) -> None:
     daemon = start_sockd([entry("echo", "tcp", "echo", "iterative"), entry("other", "tcp", "echo", "selector")])
-
-    def health() -> tuple[int, str]:
-        try:
-            return 200, scrape(daemon, "/healthz")
-        except urllib.error.HTTPError as error:
-            return error.code, error.read().decode()
-
-    assert health() == (200, "ok\n")
+    assert health(daemon) == (200, "ok\n")
     mark = len(daemon.events)
     pid = daemon.worker_pid("echo")
     os.kill(pid, signal.SIGKILL)
@@ -202,7 +196,7 @@ def test_healthz_is_503_while_a_worker_is_down_and_200_again_after(start_sockd: 
     states: list[tuple[int, str]] = []
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and (not states or states[-1] != (200, "ok\n")):
-        states.append(health())
+        states.append(health(daemon))
         time.sleep(0.01)
     assert (503, "down: echo\n") in states, states
     assert states[-1] == (200, "ok\n")
@@ -298,22 +292,14 @@ def test_healthz_reports_a_stopped_worker_down_long_before_worker_timeout_kills_
     start_sockd: Launcher, model: str
 ) -> None:
     daemon = start_sockd([entry("echo", "tcp", "echo", model)], worker_timeout=120)
-
-    def health() -> int:
-        try:
-            scrape(daemon, "/healthz")
-        except urllib.error.HTTPError as error:
-            return error.code
-        return 200
-
     pid = daemon.worker_pid("echo")
-    eventually(lambda: health() == 200, "healthy at first")
+    eventually(lambda: health(daemon)[0] == 200, "healthy at first")
     os.kill(pid, signal.SIGSTOP)
     try:
-        eventually(lambda: health() == 503, "down once its heartbeat stopped", timeout=20)
+        eventually(lambda: health(daemon)[0] == 503, "down once its heartbeat stopped", timeout=20)
     finally:
         os.kill(pid, signal.SIGCONT)
-    eventually(lambda: health() == 200, "up again once it beats", timeout=20)
+    eventually(lambda: health(daemon)[0] == 200, "up again once it beats", timeout=20)
     assert request(daemon.address("echo"), b"x") == b"x"
     # worker_timeout, not the health check, decides when a worker is killed: this one never was.
     assert [e["pid"] for e in daemon.events if e.get("event") == "worker started"] == [pid]

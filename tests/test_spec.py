@@ -56,7 +56,7 @@ listeners:
     )
     settings = WorkerSettings.of(config, {}, frozenset({5300, 53}))
     assert settings.bucket_count == 3
-    spec = settings.spec(config.listeners[0])
+    spec = settings.spec(config.listeners[0], "drain")
     read = WorkerSpec.model_validate_json(spec.model_dump_json(exclude_unset=True))
     assert read == spec
     assert json.loads(read.model_dump_json()) == {
@@ -67,6 +67,7 @@ listeners:
         "shutdown_timeout": 2.5,
         "worker_timeout": 7.0,
         "udp_ports": [53, 5300],
+        "state": "drain",
         "tls": None,
     }
     assert (stage_context(read), origination(read)) == (None, None)
@@ -97,7 +98,7 @@ def test_a_spec_carries_its_listeners_tls_material_and_builds_its_contexts_witho
     path.write_text(json.dumps({"listeners": listeners}))
     loaded = load_config(path)
     settings = WorkerSettings.of(loaded.config, loaded.material, frozenset())
-    plain, served = (settings.spec(listener) for listener in loaded.config.listeners)
+    plain, served = (settings.spec(listener, "up") for listener in loaded.config.listeners)
     assert plain.tls is None
     assert served.tls == loaded.material["tls"]
     for file in tmp_path.iterdir():  # a worker reads none: everything is in its spec

@@ -11,6 +11,7 @@ to the path) and sending SIGUSR2."""
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import re
@@ -32,6 +33,7 @@ from test_install import building, run_directory
 from sockd import __version__
 
 from support import (
+    RETIRED_OR_EXITED,
     ROOT,
     Daemon,
     Launcher,
@@ -42,6 +44,7 @@ from support import (
     eventually,
     listener,
     request,
+    said,
     samples,
     scrape,
     short_directory,
@@ -306,3 +309,33 @@ def test_the_workers_ignore_sigusr2_sent_to_every_process_of_the_unit(start_sock
     assert request(daemon.address("echo"), b"served") == b"served"  # by that worker, the only one
     assert alive(worker)
     assert not [e for e in daemon.events if e.get("event") == "worker died; restarting"]
+
+
+def test_the_agent_answers_up_ready_throughout_an_upgrade(start_sockd: Launcher) -> None:
+    """A balancer's agent-check sees no MAINT in an upgrade: the adopted workers are told the state
+    the new supervisor finds, and its first workers start with it."""
+    daemon = start_sockd([listener("echo", "tcp", "echo", "asyncio"), listener("agent", "tcp", "agent", "selector")])
+    agent = daemon.address("agent")
+    eventually(lambda: said(agent) == b"up ready\n", "the agent up")
+    answers: collections.Counter[bytes] = collections.Counter()
+    done = threading.Event()
+
+    def check() -> None:  # as HAProxy's agent-check, only much more often
+        deadline = time.monotonic() + 120
+        while not done.is_set() and time.monotonic() < deadline:
+            answers[said(agent)] += 1
+
+    checker = threading.Thread(target=check)
+    checker.start()
+    try:
+        old = daemon.worker_pids("agent")
+        mark = upgrade(daemon)
+        new = daemon.worker_pid("agent", after=mark)
+        daemon.wait_for(RETIRED_OR_EXITED, pid=old[0], after=mark)  # the new worker answers now
+        before = answers.total()
+        eventually(lambda: answers.total() > before + 50, "agent-checks after the upgrade")
+    finally:
+        done.set()
+        checker.join(30)
+    assert new not in old
+    assert answers == {b"up ready\n": answers.total()}

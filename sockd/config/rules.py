@@ -68,6 +68,11 @@ def _idle(idle_timeout: float | None, protocol: str, handler: str) -> Iterator[P
         yield ("idle_timeout",), "only valid with protocol: tcp or unix, or handler: relay"
 
 
+def _agent_over_streams(handler: str, protocol: str) -> Iterator[Problem]:
+    if handler == "agent" and protocol not in STREAM:
+        yield ("handler",), "agent answers HAProxy's agent-check, over TCP: only valid with protocol: tcp or unix"
+
+
 def _relay_message_size(handler: str, max_message_size: int | None) -> Iterator[Problem]:
     if handler == "relay" and max_message_size is not None:
         yield ("max_message_size",), "not valid with handler: relay (it passes bytes through)"
@@ -198,6 +203,7 @@ _RULES = [
     for rule in (
         _burst,
         _idle,
+        _agent_over_streams,
         _client_ca,
         _select_sessions,
         _select_connections,

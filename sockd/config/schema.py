@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 ProtocolName = Literal["tcp", "udp", "unix"]
-HandlerName = Literal["echo", "timestamp", "discard", "daytime", "time", "relay"]
+HandlerName = Literal["echo", "timestamp", "discard", "daytime", "time", "relay", "agent"]
 ModelName = Literal["iterative", "threaded", "thread_pool", "busy_poll", "selector", "asyncio"]
 # The models that can serve handler: relay (sockd.models.registry checks it agrees).
 RELAYING_MODELS: tuple[ModelName, ...] = ("selector", "busy_poll", "asyncio")
@@ -410,10 +410,13 @@ class LoggingConfig(_Frozen):
 class Config(_Frozen):
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
-    shutdown_timeout: Seconds = 10.0
+    shutdown_timeout: Seconds = 10.0  # how long a stop's drain may take
     # After a stop signal, how long the listeners serve on while /healthz says `draining`, so that a
     # balancer takes the instance out before it stops accepting (see sockd.supervisor).
     drain_delay: Seconds = 0.0
+    # How long a generation a reload replaced may serve its sessions on (HAProxy's hard-stop-after,
+    # nginx's worker_shutdown_timeout); None: until their clients end them.
+    reload_drain_timeout: Seconds | None = None
     # A worker whose heartbeat stops (hung, stopped) for this long is killed and replaced.
     worker_timeout: Timeout = 30.0
     listeners: Annotated[list[Listener], Field(min_length=1)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.error
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -13,6 +14,14 @@ def scrape(daemon: Daemon, path: str = "/metrics") -> str:
     address = daemon.wait_for("metrics")["address"]
     with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as response:
         return str(response.read().decode())
+
+
+def health(daemon: Daemon) -> tuple[int, str]:
+    """/healthz's status and body."""
+    try:
+        return 200, scrape(daemon, "/healthz")
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
 
 
 def samples(daemon: Daemon) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

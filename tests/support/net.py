@@ -75,6 +75,13 @@ def read_to_eof(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+def said(address: str) -> bytes:
+    """Everything the server says to a client that says nothing, until it closes (a greeting:
+    daytime's line, an agent's answer)."""
+    with connect(address) as sock:
+        return read_to_eof(sock)
+
+
 def request(address: str, payload: bytes) -> bytes:
     """Send `payload`, half-close, and read everything the server sends until it closes."""
     with connect(address) as sock:
