@@ -27,8 +27,8 @@ lint: $(STAMP)
 # must compile and pass. conftest.py stops a run that imported any of them as Python. The copy has
 # no pyproject.toml (the setup.py mypyc runs would take it for its own project's): mypy's settings
 # (strict, the pydantic plugin) are given with --config-file.
-MYPYC_MODULES := sockd/lifecycle.py sockd/handlers.py sockd/limits.py sockd/counters.py sockd/relay/__init__.py sockd/tls/layer.py
-COMPILED_TESTS := tests/test_lifecycle.py tests/test_handlers.py tests/test_limits.py tests/test_resource_bounds.py tests/test_relay*.py tests/test_tls.py tests/test_tls_layer.py tests/test_tls_stage.py
+MYPYC_MODULES := sockd/lifecycle.py sockd/handlers.py sockd/limits.py sockd/counters.py sockd/relay/__init__.py sockd/tls/layer.py sockd/proxy/reading.py sockd/proxy/stage.py
+COMPILED_TESTS := tests/test_lifecycle.py tests/test_handlers.py tests/test_limits.py tests/test_resource_bounds.py tests/test_relay*.py tests/test_tls.py tests/test_tls_layer.py tests/test_tls_stage.py tests/test_proxy*.py
 MYPYC_BUILD := $(CURDIR)/build/mypyc
 
 compiled: $(STAMP)

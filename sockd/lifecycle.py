@@ -36,12 +36,18 @@ The life of a stream connection:
 A relay's connection (sockd.relay) passes through the same stage, given the same way, before its
 upstream is connected: a client the stage refuses never reaches the upstream.
 
+A listener's stages run one after another on the same transport (`chain`): a PROXY header
+(sockd.proxy.stage) precedes the TLS ClientHello (sockd.tls.stage), so the header's stage hands
+what came after it to the handshake's. Each step has its own time (Timeouts.restaged). The
+client a header names is kept on its connection (`proxied`), for whatever later needs the
+client's address rather than the balancer's.
+
 Reading is paused for reasons, each a bit of `Connection.paused` (see PAUSES), and resumed once
 none remains: the transports of every model, and the asyncio relay for its client, pause and
 resume a connection through `pause` and `resume` (`pause_writing` and `resume_writing` for a
 full write buffer).
 
-What a connection is seen doing (`log_connections`; later a TLS handshake's outcome, a verified
+What a connection is seen doing (`log_connections`; a TLS handshake's outcome, a verified
 peer, the client a PROXY header names) goes to its `observer`, a ConnectionLog, which only a
 logged listener's connections have: they are made with a LoggedStream between their transport
 and themselves, which counts what passes, so a listener without it runs not one instruction
@@ -52,7 +58,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import structlog
 
@@ -62,6 +68,9 @@ from sockd.handlers import Handler, TooLarge
 from sockd.limits import MOVED, REFLECTION, Admission, Ticket, Timeouts, Unlimited, admission_for
 from sockd.logging import Throttled
 from sockd.transports import HIGH_WATER, Receiver, StreamTransport, Transport, end_input, peer
+
+if TYPE_CHECKING:
+    from sockd.proxy.reading import Header
 
 log = structlog.get_logger()
 
@@ -98,11 +107,58 @@ Address = tuple[Any, ...] | str
 # What a stage calls once it is done with a connection (see Stream.staged): with what came after
 # what it took, and the layer that stays between the transport and the connection (TLS's), if any.
 Staged = Callable[[bytes, StreamTransport | None], None]
-# A stage's maker (see Service.stage): given the connection, what its transport drives (a Stream,
-# its LoggedStream, or a relay's driver), that transport, and what to call once done, it returns
-# what the transport is to drive until the stage is done. A stage that refuses the connection
-# closes it instead.
-Staging = Callable[["Connection", Receiver, StreamTransport, Staged], Receiver]
+
+
+class Staging(Protocol):
+    """A stage's maker (see Service.stage): given the connection, what its transport drives (a
+    Stream, its LoggedStream, or a relay's driver), that transport, and what to call once done,
+    it returns what the transport is to drive until the stage is done. A stage that refuses the
+    connection closes it instead. `bounds`: how long a connection may take over each of its
+    steps, in order (one, but for a chain's)."""
+
+    @property
+    def bounds(self) -> tuple[float, ...]: ...
+
+    def __call__(
+        self, connection: Connection, entry: Receiver, transport: StreamTransport, staged: Staged
+    ) -> Receiver: ...
+
+
+class Chain:
+    """Two stages on one transport, one after the other: `then` is made once `first` is done,
+    the transport drives it, and it is fed what came after what `first` took. `first` leaves no
+    layer: one that stays between the transport and the connection (TLS's) comes last."""
+
+    __slots__ = ("bounds", "first", "then")
+
+    def __init__(self, first: Staging, then: Staging) -> None:
+        self.first = first
+        self.then = then
+        self.bounds = first.bounds + then.bounds
+
+    def __call__(self, connection: Connection, entry: Receiver, transport: StreamTransport, staged: Staged) -> Receiver:
+        then = self.then
+
+        def first_done(rest: bytes, layer: StreamTransport | None) -> None:
+            assert layer is None, "a stage that leaves a layer must come last"
+            receiver = then(connection, entry, transport, staged)
+            transport.set_protocol(receiver)
+            connection.service.timeouts.restaged(connection, then.bounds[0])
+            if rest and not transport.is_closing():
+                receiver.data_received(rest)
+
+        return self.first(connection, entry, transport, first_done)
+
+
+def chain(*stages: Staging | None) -> Staging | None:
+    """The stages given (None: not this listener's), one after another; None if there is none."""
+    present = [stage for stage in stages if stage is not None]
+    if not present:
+        return None
+    chained = present[-1]
+    for stage in reversed(present[:-1]):
+        chained = Chain(stage, chained)
+    return chained
 
 
 class Service:
@@ -135,7 +191,7 @@ class Service:
         # A listener without limits or access rules asks nothing per connection or datagram.
         self.screening = not isinstance(self.admission, Unlimited)
         self.logged = listener.log_connections
-        self.timeouts = Timeouts(listener)
+        self.timeouts = Timeouts(listener, stage.bounds if stage is not None else ())
         self.open: set[Connection] = set()
         self.draining = False  # see drain
         self.later = later
@@ -191,7 +247,7 @@ class ConnectionLog:
     """What one connection is seen doing, said in one info line as it ends (`log_connections`,
     as xinetd's log_on_success): who it served, for how long, what it moved and how it ended.
     Only a logged listener's connections have one (their `observer`); it is the one place a
-    later stage reports what it learnt (`note`: a TLS handshake's outcome, a verified peer, the
+    stage reports what it learnt (`note`: a TLS handshake's outcome, a verified peer, the
     client a PROXY header names).
 
     `unprompted` is what `ended` says when no cause was given to ended_by and no reset came."""
@@ -233,10 +289,22 @@ class ConnectionLog:
 class Connection:
     """What every connection's life has, whatever it carries: its transport, its place under the
     limits (a ticket, released once it ends), its counts, its timeout, why its reading is
-    paused, and the stop's drain rule. A relay's is driven by the relay (sockd.relay), whose
-    driver is its transport; a handler's is a Stream."""
+    paused, and the stop's drain rule; behind a balancer, the client its PROXY header named
+    (`proxied`; None: the socket's peer is the client). A relay's is driven by the relay
+    (sockd.relay), whose driver is its transport; a handler's is a Stream."""
 
-    __slots__ = ("answered", "deadline", "delayed", "observer", "paused", "recorder", "service", "ticket", "transport")
+    __slots__ = (
+        "answered",
+        "deadline",
+        "delayed",
+        "observer",
+        "paused",
+        "proxied",
+        "recorder",
+        "service",
+        "ticket",
+        "transport",
+    )
 
     transport: Transport
 
@@ -251,6 +319,7 @@ class Connection:
         self.deadline = MOVED  # see Timeouts
         self.paused = 0  # the reasons reading is paused (see PAUSES)
         self.observer: ConnectionLog | None = None
+        self.proxied: Header | None = None
 
     def opened(self) -> None:
         if self.observer is not None:
@@ -258,6 +327,11 @@ class Connection:
         self.recorder.connections += 1
         self.service.timeouts.started(self)
         self.service.open.add(self)
+
+    def who(self) -> dict[str, object]:
+        """The client, as a warning names it: the one its PROXY header named, or its peer."""
+        proxied = self.proxied
+        return peer(self.transport) if proxied is None else proxied.named()
 
     def pause(self, reason: int) -> None:
         """Stop reading, for `reason` (one of PAUSES); again only once every reason is gone."""

@@ -2,6 +2,11 @@
 connection counts and rates, timeouts. Sans-IO, like the handlers: it is told addresses,
 credentials and times, never given a socket; the connection lifecycle asks and the models act.
 
+Behind a balancer (`proxy_protocol`), the client is not the peer: the peer is let in at accept
+if `proxy_trusted` names it (and by the limits that count connections, not sources), and the
+client its PROXY header names is judged by the source rules (allow/deny, per-source counts and
+rates) once the header is read (Admission.admit_client).
+
 Everything here is per worker process, as gunicorn's worker_connections is: a listener with
 `workers: 3` and `max_connections: 100` serves up to 300 connections.
 """
@@ -33,7 +38,7 @@ WORKER_RESERVED_DESCRIPTORS = 64
 
 class AccessList:
     """allow/deny by source address: the longest matching block decides, deny on a tie; a source no
-    block matches is let in unless there is an `allow` list."""
+    block matches (or no IP address at all) is let in unless there is an `allow` list."""
 
     def __init__(self, allow: Iterable[Network], deny: Iterable[Network]) -> None:
         rules = [(net, True) for net in allow] + [(net, False) for net in deny]
@@ -52,7 +57,10 @@ class AccessList:
         return decision
 
     def _decide(self, host: str) -> bool:
-        address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(host.partition("%")[0])
+        try:
+            address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(host.partition("%")[0])
+        except ValueError:  # no IP address: a client a PROXY header names by a Unix path, or none known
+            return self.default
         # A dual-stack IPv6 socket sees IPv4 clients as ::ffff:a.b.c.d; the rules name them as IPv4.
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
@@ -67,11 +75,12 @@ Credentials = tuple[int, int, int]  # a Unix peer's pid, uid and gid (SO_PEERCRE
 
 class Ticket:
     """A connection's place under its listener's limits, given back exactly once: by the
-    connection's lifecycle when it closes, or by whoever gives up on it before it opens."""
+    connection's lifecycle when it closes, or by whoever gives up on it before it opens. Its
+    `source` is what it is counted by per source: None until a PROXY header names its client."""
 
     __slots__ = ("admission", "source")
 
-    def __init__(self, admission: Admission | None, source: str) -> None:
+    def __init__(self, admission: Admission | None, source: str | None) -> None:
         self.admission = admission
         self.source = source
 
@@ -97,6 +106,9 @@ class Unlimited:
     def allows_datagram(self, address: object, recorder: Recorder) -> bool:
         return True
 
+    def admit_client(self, ticket: Ticket, address: object, recorder: Recorder, **shown: object) -> bool:
+        return True
+
 
 class Admission:
     """Decides whether a new connection or datagram is served, and counts and logs it when not.
@@ -112,6 +124,9 @@ class Admission:
         self.rate = listener.connection_rate
         self.burst = listener.connection_burst or max(1, math.ceil(self.rate or 1))
         self.access = AccessList(listener.allow, listener.deny) if isinstance(listener, InetListener) else None
+        # Behind a balancer: only its addresses may connect, and sources are its clients'.
+        self.proxied = listener.proxy_protocol is not None
+        self.trusted = AccessList(listener.proxy_trusted, ()) if listener.proxy_trusted else None
         self.uids = set(listener.allow_uids)
         self.gids = set(listener.allow_gids)
         # A refused Unix peer is logged by its credentials: it has no address to name it by.
@@ -131,11 +146,29 @@ class Admission:
         source = source_of(address)
         reason = self._refusal(source, credentials)
         if reason is None:
-            return Ticket(self, source)
+            return Ticket(self, None if self.proxied else source)
         recorder.rejected[reason] += 1
         shown = "pid={} uid={} gid={}".format(*credentials) if credentials is not None else source
         self.warn(reason=REJECT_REASONS[reason], source=shown)
         return None
+
+    def admit_client(self, ticket: Ticket, address: object, recorder: Recorder, **shown: object) -> bool:
+        """Whether the client at `address`, which a PROXY header named (or the peer itself, for a
+        header that names none), is served on the connection `ticket` let in: by the source
+        rules the peer was not judged by at accept. If so, `ticket` counts by its source from
+        now on; if not, it is counted and logged (with `shown`: the balancer it came through)."""
+        source = source_of(address)
+        if self.access is not None and not self.access.allows(source):
+            reason: int | None = ACL
+        else:
+            with self.lock:
+                reason = self._take_source(source)
+        if reason is None:
+            ticket.source = source
+            return True
+        recorder.rejected[reason] += 1
+        self.warn(reason=REJECT_REASONS[reason], source=source, **shown)
+        return False
 
     def allows_datagram(self, address: object, recorder: Recorder) -> bool:
         source = source_of(address)
@@ -145,15 +178,20 @@ class Admission:
         self.warn(reason=REJECT_REASONS[ACL], source=source)
         return False
 
-    def release(self, source: str) -> None:
+    def release(self, source: str | None) -> None:
         with self.lock:
             self.open -= 1
-            left = self.by_source.pop(source) - 1
-            if left:
-                self.by_source[source] = left
+            if source is not None:
+                left = self.by_source.pop(source) - 1
+                if left:
+                    self.by_source[source] = left
 
     def _refusal(self, source: str, credentials: Credentials | None) -> int | None:
-        if self.access is not None and not self.access.allows(source):
+        """Why a just-accepted connection from `source` is refused, if it is (None: it is let in)."""
+        if self.trusted is not None:  # a balancer's: its clients are judged by their headers
+            if not self.trusted.allows(source):
+                return PROXY_PROTOCOL
+        elif self.access is not None and not self.access.allows(source):
             return ACL
         if (self.uids or self.gids) and not self._credentials_allowed(credentials):
             return ACL
@@ -162,13 +200,21 @@ class Admission:
                 return MAX_CONNECTIONS
             if self.open >= self.relayed:
                 return RELAY_CONNECTIONS
-            count = self.by_source.get(source, 0)
-            if count >= self.per_source:
-                return PER_SOURCE
-            if self.rate is not None and not self._take_token(source):
-                return RATE
+            if not self.proxied:
+                reason = self._take_source(source)
+                if reason is not None:
+                    return reason
             self.open += 1
-            self.by_source[source] = count + 1
+        return None
+
+    def _take_source(self, source: str) -> int | None:
+        """Count a connection from `source`, or why its source may have no more (under the lock)."""
+        count = self.by_source.get(source, 0)
+        if count >= self.per_source:
+            return PER_SOURCE
+        if self.rate is not None and not self._take_token(source):
+            return RATE
+        self.by_source[source] = count + 1
         return None
 
     def _credentials_allowed(self, credentials: Credentials | None) -> bool:
@@ -210,7 +256,7 @@ def admission_for(listener: Listener) -> Admission | Unlimited:
         listener.allow_gids,
     )
     if isinstance(listener, InetListener):
-        limited += (listener.allow, listener.deny)
+        limited += (listener.allow, listener.deny, listener.proxy_trusted)
     return Admission(listener) if any(limited) or relays_streams(listener) else Unlimited()
 
 
@@ -255,25 +301,31 @@ T = TypeVar("T", bound=Timed)
 
 class Timeouts:
     """first_byte_timeout and idle_timeout for the event-loop models, which mark activity with one
-    attribute store per read or write. A sweep every quarter of the shorter timeout finds the
-    expired, so a connection ends between its timeout and a quarter of it later. A listener's
-    stage (a TLS handshake) has until the shorter of its own timeout and first_byte_timeout: it
-    moves no deadline while it reads, so a client that trickles a handshake is ended all the same;
-    the first byte the handler sees is then awaited for first_byte_timeout from the stage's end.
+    attribute store per read or write. A sweep every quarter of the shortest timeout finds the
+    expired, so a connection ends between its timeout and a quarter of it later. Each step of a
+    listener's stage (a PROXY header, a TLS handshake: `stages`, their bounds in order) has until
+    the shorter of its own bound and first_byte_timeout: it moves no deadline while it reads, so
+    a client that trickles a header or a handshake is ended all the same; the first byte the
+    handler sees is then awaited for first_byte_timeout from the stage's end.
 
-    (The blocking models need none of this: a socket timeout on each recv() and send() does it,
-    each read of a stage waiting at most what is left of the stage's time.)"""
+    (The blocking models need no sweep: a socket timeout on each recv() and send() does it, each
+    read of a stage waiting at most until the deadline set here.)"""
 
-    def __init__(self, listener: Listener) -> None:
+    def __init__(self, listener: Listener, stages: tuple[float, ...] = ()) -> None:
         self.first_byte = listener.first_byte_timeout or listener.idle_timeout or math.inf
         self.idle = listener.idle_timeout or math.inf
-        self.staging = min(self.first_byte, listener.tls.handshake_timeout if listener.tls is not None else math.inf)
-        shortest = min(self.staging, self.idle)
+        self.staging = min(self.first_byte, stages[0]) if stages else self.first_byte
+        shortest = min(self.first_byte, self.idle, *stages)
         self.interval = max(0.01, shortest / 4) if shortest < math.inf else None
 
     def started(self, conn: Timed) -> None:
         if self.interval is not None:  # no clock read, no float per connection when nothing times out
             conn.deadline = time.monotonic() + self.staging
+
+    def restaged(self, conn: Timed, bound: float) -> None:
+        """The next step of a stage begins, bounded by `bound`."""
+        if self.interval is not None:
+            conn.deadline = time.monotonic() + min(self.first_byte, bound)
 
     def staged(self, conn: Timed) -> None:
         """A stage is done: the first byte for the handler is due from now."""

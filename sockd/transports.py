@@ -25,7 +25,7 @@ import time
 from typing import Any, Protocol
 
 from sockd.config import BUFSIZE
-from sockd.counters import Recorder
+from sockd.counters import RESET, Recorder
 from sockd.limits import Admission, Credentials, Ticket, Unlimited
 
 # Stop reading from a peer once this many bytes wait to go to it (or, through a relay, to its
@@ -144,6 +144,18 @@ def peer(transport: Transport) -> dict[str, object]:
     return {"source": host, "port": port}
 
 
+def peer_address(transport: Transport) -> Any:
+    """A connection's peer's address, as getpeername() says it: (host, port[, ...]), or a Unix
+    socket's name ("" for a client's, which has none); None if the peer has gone already."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None
+
+
 def peer_credentials(conn: _socket.socket) -> Credentials:
     pid, uid, gid = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
     return pid, uid, gid
@@ -167,9 +179,16 @@ def admit(conn: _socket.socket, address: Any, admission: Admission | Unlimited, 
 
 def admitted(transport: asyncio.Transport, admission: Admission | Unlimited, recorder: Recorder) -> Ticket | None:
     """admit, for a connection a loop has made: None if refused, and it is closed at once, its
-    protocol swapped for one that hears nothing of it (it never opened)."""
+    protocol swapped for one that hears nothing of it (it never opened). A client that reset its
+    connection before the loop made its transport has left no address to judge it by: it is
+    counted as the reset it is, not as refused (HAProxy resets its health checks so)."""
     sock = transport.get_extra_info("socket")  # a stand-in with getsockopt, on uvloop
-    ticket = screen(sock, transport.get_extra_info("peername"), admission, recorder)
+    address = transport.get_extra_info("peername")
+    if address is None:
+        recorder.errors[RESET] += 1
+        ticket = None
+    else:
+        ticket = screen(sock, address, admission, recorder)
     if ticket is None:
         transport.set_protocol(asyncio.Protocol())
         refuse(sock.fileno())

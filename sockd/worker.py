@@ -31,12 +31,14 @@ from setproctitle import setproctitle
 
 from sockd import counters, handlers
 from sockd.config import LoggingConfig
+from sockd.lifecycle import chain
 from sockd.logging import configure, flush_throttled
 from sockd.models import registry
+from sockd.proxy import stage as proxy
 from sockd.spec import WorkerSpec
 from sockd.stopping import Stop
+from sockd.tls import stage as tls
 from sockd.tls.contexts import origination
-from sockd.tls.stage import stage_for
 
 log = structlog.get_logger()
 
@@ -75,7 +77,8 @@ def main(spec_json: bytes, fds: list[int]) -> int:
         handlers.build(listener, origination(spec), told),
         stats,
         frozenset(spec.udp_ports),
-        stage=stage_for(spec),
+        # A balancer's PROXY header comes before anything of its client's, TLS's ClientHello too.
+        stage=chain(proxy.stage_for(listener), tls.stage_for(spec)),
     )
     threading.Thread(target=_listen, args=(channel, stop, listener.name, told), daemon=True).start()
     stop.ending.on_set(lambda: _exit_after(spec.shutdown_timeout))

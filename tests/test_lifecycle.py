@@ -29,6 +29,7 @@ from sockd.lifecycle import (
     Staged,
     Staging,
     Stream,
+    chain,
     stream,
 )
 from sockd.limits import ACL, FREE, MAX_CONNECTIONS, MOVED, REFLECTION, Ticket, Unlimited
@@ -309,6 +310,8 @@ class FirstLine:
     tells the connection's log what it said, then hands the connection to the handler with
     what came after it."""
 
+    bounds = (3.0,)  # as a PROXY header's stage: its time to take its line
+
     def __init__(self, connection: Connection, entry: Receiver, transport: StreamTransport, staged: Staged) -> None:
         self.connection = connection
         self.entry = entry
@@ -366,6 +369,34 @@ def test_a_stage_holds_back_a_greeting_until_it_is_done() -> None:
     assert isinstance(written, tuple)
     kind, said = written
     assert (kind, len(said), closed) == ("write", 4, "close")
+
+
+class SecondLine(FirstLine):
+    """FirstLine again, with a longer time of its own: the step after another in a chain."""
+
+    bounds = (60.0,)
+
+
+def test_chained_stages_take_their_parts_in_turn_each_in_its_own_time() -> None:
+    conn = connection(service(stage=chain(None, FirstLine, SecondLine)))
+    transport = cast(Recording, conn.transport)
+    conn.opened()
+    first = transport.get_protocol()
+    assert isinstance(first, FirstLine)
+    assert conn.deadline < time.monotonic() + 4  # the first step's 3 s
+    first.data_received(b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\nClient")
+    second = transport.get_protocol()
+    assert isinstance(second, SecondLine)  # made once the first was done, and fed what came after it
+    assert second.taken == b"Client"
+    assert conn.deadline > time.monotonic() + 30  # its own 60 s, from its start
+    second.data_received(b"Hello\nhel")
+    assert actions(conn) == [("write", b"hel")]  # the handler's turn, with what came after both
+    assert transport.get_protocol() is conn
+
+
+def test_a_chain_of_one_stage_is_that_stage_and_of_none_is_none() -> None:
+    assert chain(None, FirstLine) is FirstLine
+    assert chain(None, None) is None
 
 
 def made(shared: Service) -> tuple[Stream | LoggedStream, Recording]:

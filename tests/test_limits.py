@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from sockd.config import InetListener
-from sockd.limits import MEMORY, AccessList, Admission
+from sockd.counters import Recorder
+from sockd.limits import ACL, MAX_CONNECTIONS, MEMORY, PER_SOURCE, PROXY_PROTOCOL, AccessList, Admission
 
 from support import (
     CONCURRENT,
@@ -298,6 +299,8 @@ def _networks(*blocks: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Networ
         (["10.0.0.0/8"], [], "::ffff:10.1.2.3", True),  # IPv4 through a dual-stack socket
         (["2001:db8::/32"], [], "2001:db8::1", True),
         (["2001:db8::/32"], [], "fe80::1%lo", False),
+        (["10.0.0.0/8"], [], "", False),  # no address: matches no block
+        ([], ["10.0.0.0/8"], "/run/balancer.sock", True),  # a client a PROXY header names by its path
     ],
 )
 def test_access_list(allow: list[str], deny: list[str], host: str, allowed: bool) -> None:
@@ -327,6 +330,31 @@ def test_the_token_buckets_forget_sources_beyond_a_bound() -> None:
     for number in range(3 * MEMORY):
         admission._take_token(f"10.0.{number // 256}.{number % 256}")
     assert len(admission.buckets) <= MEMORY
+
+
+def test_behind_a_balancer_its_peer_is_trusted_at_accept_and_its_clients_judged_by_their_headers() -> None:
+    listener = InetListener.model_validate(
+        {"name": "x", "protocol": "tcp", "host": "127.0.0.1", "port": 0, "handler": "echo"}
+        | {"concurrency": "selector", "proxy_protocol": "v2", "proxy_trusted": ["10.0.0.0/8"]}
+        | {"deny": ["10.0.0.0/8", "192.0.2.66/32"], "max_connections": 3, "max_connections_per_source": 1}
+    )
+    admission, recorder = Admission(listener), Recorder([1.0])
+    assert admission.admit(("192.0.2.1", 1), None, recorder) is None  # not a balancer
+    assert recorder.rejected[PROXY_PROTOCOL] == 1
+    # The balancer's own block is denied: `deny` is for its clients, and it is not one.
+    tickets = [admission.admit(("10.0.0.1", port), None, recorder) for port in range(3)]
+    assert [ticket is not None and ticket.source is None for ticket in tickets] == [True] * 3
+    assert admission.admit(("10.0.0.1", 9), None, recorder) is None  # max_connections counts at accept
+    assert recorder.rejected[MAX_CONNECTIONS] == 1
+    first, second, third = (ticket for ticket in tickets if ticket is not None)
+    assert admission.admit_client(first, ("192.0.2.7", 1), recorder)
+    assert first.source == "192.0.2.7"
+    assert not admission.admit_client(second, ("192.0.2.7", 2), recorder)  # its one connection is taken
+    assert not admission.admit_client(third, ("192.0.2.66", 3), recorder)
+    assert (recorder.rejected[PER_SOURCE], recorder.rejected[ACL]) == (1, 1)
+    for ticket in (first, second, third):
+        ticket.release()
+    assert (admission.open, admission.by_source) == (0, {})
 
 
 def test_a_reload_applies_new_limits_and_the_backlog_to_the_same_socket(start_sockd: Launcher) -> None:

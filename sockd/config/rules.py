@@ -102,6 +102,15 @@ def _relay_upstream(handler: str, protocol: str, upstream: str | None) -> Iterat
             yield ("upstream",), str(exc)
 
 
+def _proxy_trusted(protocol: str, proxy_protocol: str | None, proxy_trusted: list[object]) -> Iterator[Problem]:
+    if protocol == "tcp" and proxy_protocol is not None and not proxy_trusted:
+        yield (
+            ("proxy_protocol",),
+            "needs proxy_trusted: the balancers' address blocks (as in [10.0.0.0/8]); a connection from any"
+            " other source is refused, as a header from it could name any client",
+        )
+
+
 def _client_ca(tls: TLSConfig | None) -> Iterator[Problem]:
     if tls is not None and tls.client_auth in VERIFYING and tls.client_ca is None:
         yield ("tls", "client_auth"), "needs client_ca: the CA bundle that verifies client certificates"
@@ -205,6 +214,7 @@ _RULES = [
         _idle,
         _agent_over_streams,
         _client_ca,
+        _proxy_trusted,
         _select_sessions,
         _select_connections,
         _relay_message_size,

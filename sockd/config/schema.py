@@ -32,6 +32,7 @@ RELAYING_MODELS: tuple[ModelName, ...] = ("selector", "busy_poll", "asyncio")
 SelectorBackend = Literal["auto", "select", "poll", "epoll"]
 EventLoop = Literal["auto", "asyncio", "uvloop"]
 TimestampFormat = Literal["seed", "iso8601", "unix"]
+ProxyVersion = Literal["v1", "v2", "any"]
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 UPSTREAM_PATTERN = r"^((tcp|tls|udp)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])|unix:///.{1,106})$"
@@ -295,6 +296,13 @@ class _ListenerBase(_Frozen):
     max_message_size: Annotated[int, Field(ge=1, le=BUFSIZE)] | None = None
     log_connections: bool = False  # a line as each connection ends (xinetd's log_on_success)
     tls: TLSConfig | None = None
+    # The PROXY protocol (sockd.proxy): a header before each client's bytes names the client, and
+    # is its source for everything (access rules, per-source limits, logs). Taken only from the
+    # balancers `proxy_trusted` names (a tcp listener's; a Unix listener's peers are trusted by
+    # allow_uids/allow_gids or its file's mode), within proxy_timeout.
+    proxy_protocol: ProxyVersion | None = None
+    proxy_trusted: list[Network] = []
+    proxy_timeout: Timeout = 3.0
 
     # Socket options; None: the kernel's default.
     backlog: Annotated[int, Field(ge=1, le=65535)] = 4096
@@ -316,6 +324,26 @@ class _ListenerBase(_Frozen):
     def _over_streams(cls, value: TLSConfig | None, info: ValidationInfo) -> TLSConfig | None:
         if value is not None and info.data.get("protocol") == "udp":
             raise ValueError("only valid with protocol: tcp or unix (DTLS, TLS over UDP, is out of scope)")
+        return value
+
+    @field_validator("proxy_protocol")
+    @classmethod
+    def _proxied_streams(cls, value: ProxyVersion | None, info: ValidationInfo) -> ProxyVersion | None:
+        if value is not None and info.data.get("protocol") == "udp":
+            raise ValueError("only valid with protocol: tcp or unix (the PROXY protocol over UDP is out of scope)")
+        return value
+
+    @field_validator("proxy_trusted", "proxy_timeout")
+    @classmethod
+    def _proxied(cls, value: object, info: ValidationInfo) -> object:
+        # Checked when written, after proxy_protocol (field order); not if proxy_protocol failed.
+        if "proxy_protocol" in info.data and info.data["proxy_protocol"] is None:
+            raise ValueError("only valid with proxy_protocol")
+        if info.field_name == "proxy_trusted" and info.data.get("protocol") == "unix":
+            raise ValueError(
+                "not valid with protocol: unix: a Unix listener trusts its peers by allow_uids/allow_gids"
+                " or its socket file's mode"
+            )
         return value
 
     @field_validator(*OPTION_SCOPE)

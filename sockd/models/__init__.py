@@ -51,7 +51,7 @@ class Model(Protocol):
     ) -> None:
         """`udp_ports`: the ports of the daemon's UDP listeners, for the Service (see
         lifecycle.REFLECTORS); `stage`: what each stream connection passes through before its
-        handler (a TLS handshake: see lifecycle.Service), for the Service too."""
+        handler (a PROXY header, a TLS handshake: see lifecycle.Service), for the Service too."""
 
     def serve(self, sock: socket.socket, stop: Stop) -> None:
         """Serve `sock` until `stop` is set, its open connections until `stop.ending` is set or

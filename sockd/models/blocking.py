@@ -81,10 +81,11 @@ class BlockingModel:
         self.stats = stats
         self.service = Service(listener, handler, later=sleep_then_call, udp_ports=udp_ports, stage=stage)
         # A socket timeout on each recv() and send() is the whole of first_byte_timeout and
-        # idle_timeout. A stage (a TLS handshake) is bounded as a whole, as in the event-loop
-        # models: each of its reads waits at most what is left of it (see _through_stage).
+        # idle_timeout. A stage (a PROXY header, a TLS handshake) is bounded as a whole, as in
+        # the event-loop models: each of its reads waits at most what is left of it (see
+        # _through_stage).
         timeouts = self.service.timeouts
-        self.stage_timeout = timeouts.staging if stage is not None and timeouts.staging < math.inf else None
+        self.staged = stage is not None
         self.first_timeout = timeouts.first_byte if timeouts.first_byte < math.inf else None
         self.idle_timeout = listener.idle_timeout
 
@@ -131,8 +132,8 @@ class BlockingModel:
                 if self.first_timeout is not None:
                     conn.settimeout(self.first_timeout)
                 entry.connection_made(transport)
-                if self.stage_timeout is not None:
-                    _through_stage(transport, entry, recorder, time.monotonic() + self.stage_timeout)
+                if self.staged:
+                    _through_stage(transport, entry, connection, recorder)
                     conn.settimeout(self.first_timeout)
                 _until_answered(transport, connection, recorder)
                 if transport.reading:
@@ -148,14 +149,17 @@ class BlockingModel:
             transport.protocol.connection_lost(failure)  # through a stage, if the connection is in one
 
 
-def _through_stage(transport: BlockingTransport, entry: Stream | LoggedStream, recorder: Recorder, ends: float) -> None:
+def _through_stage(
+    transport: BlockingTransport, entry: Stream | LoggedStream, connection: Stream, recorder: Recorder
+) -> None:
     """Read and feed a connection's stage until it is done (see lifecycle.Stream.staged: the
     transport drives `entry` again, or a layer that stays, TLS, is `entry`'s transport) or has
-    closed the connection: each read waits at most until `ends`, so a client that trickles its
+    closed the connection: each read waits at most until the connection's deadline (Timeouts:
+    a stage always has one, moved on by each step of a chain), so a client that trickles its
     part of the stage is ended all the same."""
     sock = transport.sock
     while transport.reading and transport.protocol is not entry and entry.transport is transport:
-        remaining = ends - time.monotonic()
+        remaining = connection.deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError
         sock.settimeout(remaining)

@@ -34,3 +34,33 @@ PP2_TYPE_NETNS = 0x30
 PP2_CLIENT_SSL = 0x01
 PP2_CLIENT_CERT_CONN = 0x02
 PP2_CLIENT_CERT_SESS = 0x04
+# The address block's fields: two IPv4 or IPv6 addresses and two ports, or two Unix paths of
+# AF_UNIX_PATH bytes each (NUL-padded), all in network byte order.
+AF_UNIX_PATH = 108
+# A TLV's header: its type and the length of its value (big-endian), before the value.
+TLV_HEADER = 3
+PP2_CRC32C_LENGTH = 4
+PP2_UNIQUE_ID_MAX = 128  # section 2.2.5: "up to 128 bytes"
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)  # Castagnoli's polynomial, reflected
+        table.append(crc)
+    return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c(data: bytes | bytearray) -> int:
+    """The CRC32c of `data` (RFC 4960, appendix B), as PP2_TYPE_CRC32C carries it: of the whole
+    header, its own four bytes zero."""
+    crc = 0xFFFFFFFF
+    table = _CRC32C
+    for byte in data:
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF

@@ -10,9 +10,10 @@ accounting, and the selector driver a `Reactor`. Each is its client connection's
 Relayed). Both look the upstream's name up through a
 `Resolver`, off their loop.
 
-Either side may speak TLS, through a TLSLayer (sockd.tls.layer) each driver puts between that
-side's socket and the relay: on a `tls` listener the client's handshake is the listener's stage,
-judged as any connection's (sockd.tls.stage) before the upstream is connected; to a tls://
+A listener's stage (a PROXY header, a TLS handshake: lifecycle.Staging) reads the client before
+the upstream is connected, judged as any connection's. Either side may speak TLS, through a
+TLSLayer (sockd.tls.layer) each driver puts between that side's socket and the relay: on a `tls`
+listener the client's handshake is the listener's stage (sockd.tls.stage); to a tls://
 upstream (the handler's UpstreamTLS) the upstream's handshake is part of connecting it, and its
 failure is the upstream's (handshake_failed). A side's end of output is then a close_notify.
 """
@@ -200,8 +201,8 @@ class Relayed:
     It is one request, counted when it ends and timed from its start to its end: a relay cannot
     tell where one of the client's requests ends, only the bytes it moves (counted as they come).
 
-    On a listener with a stage (TLS), the client passes it before the upstream is connected: a
-    client the stage refuses never reaches the upstream, and is no request."""
+    On a listener with a stage (a PROXY header, TLS), the client passes it before the upstream
+    is connected: a client the stage refuses never reaches the upstream, and is no request."""
 
     __slots__ = ("connection", "ended", "moved", "relay", "started")
 
@@ -209,7 +210,7 @@ class Relayed:
         self.connection = connection
         self.relay = relay
         # Answered once its stage is done, if it has one: a stop may end its input from then on
-        # (the end is passed on as a half-close), but not in the middle of a handshake.
+        # (the end is passed on as a half-close), but not in the middle of a header or handshake.
         connection.answered = connection.service.stage is None
         self.ended = 0  # sides that have ended their output
         self.moved = 0  # bytes copied either way (see _close_if_quiet)

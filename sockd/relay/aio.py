@@ -2,9 +2,10 @@
 while the other side's write buffer is full. A UDP relay's sessions are the loop's readers (see
 relay.DatagramRelay).
 
-TLS on either side is a TLSLayer between the loop's transport and the side's protocol, which
-takes it for its transport: on a `tls` listener, the client's handshake is the listener's stage,
-run before the upstream is connected; to a tls:// upstream, the upstream's handshake is part of
+A listener's stage (a PROXY header, a TLS handshake: see lifecycle.Staging) reads the client
+before the upstream is connected. TLS on either side is a TLSLayer between the loop's transport
+and the side's protocol, which takes it for its transport: on a `tls` listener, the client's
+handshake is the stage's; to a tls:// upstream, the upstream's handshake is part of
 opening it. The layer's `write_eof` is a close_notify, after which it goes on reading, so a
 half-close passes through TLS as through TCP (the loop's own TLS cannot do that)."""
 
@@ -146,16 +147,23 @@ class RelayProtocol(asyncio.Protocol):
         self.events.opened()
         if service.stage is None:
             self._connect()
-        else:  # the client's handshake first, under the layer that stays (see _staged)
+        else:  # the client's header or handshake first (see _staged)
             stage = service.stage(connection, self, loop_transport, self._staged)
             loop_transport.set_protocol(cast(asyncio.Protocol, stage))
 
     def _staged(self, rest: bytes, layer: StreamTransport | None) -> None:
-        """The client's handshake let it in: its layer is its transport from now on."""
-        assert isinstance(layer, TLSLayer)  # a relay's stage is TLS's, which takes only its own records
-        self.transport = layer
+        """The listener's stage let the client in: the loop's transport drives the relay again,
+        or the layer that stays (TLS's) is the client's transport from now on; what came after
+        what the stage took goes to the upstream once it answers."""
+        if layer is None:
+            self.transport.set_protocol(self)
+        else:
+            assert isinstance(layer, TLSLayer)  # the one layer a stage leaves
+            self.transport = layer
         self.state.staged()
         self._connect()
+        if rest:
+            self.data_received(rest)
 
     def _connect(self) -> None:
         self.state.connection.pause(CONNECTING)  # until the upstream answers

@@ -4,8 +4,10 @@ Each side of a relayed client is an `End`: a socket and what waits to be written
 from one side stops while the other side's buffer holds HIGH_WATER bytes, so memory per client is
 bounded whichever side is slow.
 
-A side can speak TLS: a TLSLayer sits between its socket and the relay (see End). On a `tls`
-listener the client's handshake is the listener's stage, run before the upstream is looked up;
+A listener's stage (a PROXY header, a TLS handshake: see lifecycle.Staging) reads the client
+before the upstream is looked up: what the client's socket brings goes to the stage's receiver
+(its End's `reader`) until it is done. A side can speak TLS: a TLSLayer sits between its socket
+and the relay (see End). On a `tls` listener the client's handshake is the listener's stage;
 to a tls:// upstream, the upstream's handshake follows its connect(), and the client is read once
 it is done. A TLS side's end of output is a close_notify, after which it is still read: a
 half-close passes through TLS as it passes through TCP.
@@ -41,8 +43,10 @@ RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a r
 
 
 class End:
-    """One side of a relayed client: its socket, what waits to be written to it, and the reasons
-    it is not read (the lifecycle's PAUSES, as a connection's `paused`).
+    """One side of a relayed client: its socket, what waits to be written to it, the reasons it
+    is not read (the lifecycle's PAUSES, as a connection's `paused`), and what reads what its
+    socket brings, if not the relay itself (`reader`: the client's stage while it lasts, then a
+    TLS side's layer).
 
     A TLS side has its TLSLayer (`tls`) between its socket and the relay, and is both the layer's
     transport (the records it writes wait in `out`, for the relay to send) and its protocol (the
@@ -50,7 +54,7 @@ class End:
     side's are: `out` by HIGH_WATER, and the layer's by one read, as it decrypts whatever comes
     (the relay stops reading the socket instead)."""
 
-    __slots__ = ("events", "out", "paused", "peer", "relay", "shut_when_flushed", "sock", "tls")
+    __slots__ = ("events", "out", "paused", "peer", "reader", "relay", "shut_when_flushed", "sock", "tls")
 
     def __init__(self, sock: socket.socket, relay: Splice) -> None:
         self.sock = sock
@@ -60,6 +64,7 @@ class End:
         self.shut_when_flushed = False  # the other side ended: end this one's output once `out` is out
         self.events = 0
         self.peer: End
+        self.reader: Receiver | None = None
         self.tls: TLSLayer | None = None
 
     # -- as its TLS layer's transport
@@ -68,7 +73,7 @@ class End:
         self.out += data  # sent by the relay, which flushes after each call into the layer
 
     def close(self) -> None:
-        """A failed handshake (after its alert), or a client the stage refused."""
+        """A client the stage refused (a failed handshake, after its alert)."""
         self.relay.close()
 
     def abort(self) -> None:
@@ -91,7 +96,8 @@ class End:
         return len(self.out)
 
     def set_protocol(self, protocol: Receiver) -> None:
-        """Never asked: the layer is its own side's for good."""
+        """A chain's next stage reads the client's socket from now on (see lifecycle.Chain)."""
+        self.reader = protocol
 
     def get_protocol(self) -> Receiver:
         return self
@@ -115,7 +121,7 @@ class End:
         """See pause_writing."""
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        """Told by a handshake cut short, which the relay itself ended (see Splice._closed)."""
+        """Told by a stage cut short, which the relay itself ended (see Splice._closed)."""
 
 
 class Splice:
@@ -129,6 +135,7 @@ class Splice:
         "closed",
         "closing",
         "connected",
+        "early",
         "ends",
         "events",
         "loop",
@@ -147,25 +154,30 @@ class Splice:
         self.ends: tuple[End, ...] = (self.client,)
         self.connected = False  # the upstream's connect() is done
         self.ready = False  # and its handshake, to a tls:// upstream: it carries bytes
+        self.early = b""  # what came after the client's stage took its part, for the upstream once ready
         self.closing = False  # see close
         self.closed = False
 
     def start(self) -> None:
-        """The client's handshake first, on a `tls` listener (the stage), then the upstream."""
+        """The listener's stage first (the client's header, its handshake), then the upstream."""
         self.events.opened()
         stage = self.state.connection.service.stage
         if stage is None:
             self._connect()
             return
         client = self.client
-        layer = stage(self.state.connection, client, client, self._staged)
-        assert isinstance(layer, TLSLayer)  # a relay's stage is TLS's (see sockd.tls.stage)
-        client.tls = layer
-        client.paused = 0  # read for the handshake
+        client.reader = stage(self.state.connection, client, client, self._staged)
+        client.paused = 0  # read for the stage
         self._update(client)
 
     def _staged(self, rest: bytes, layer: StreamTransport | None) -> None:
-        """The client's handshake let it in (its layer, client.tls, stays): the upstream's turn."""
+        """The stage let the client in: the layer it leaves (TLS's) stays, if any, and what came
+        after what it took waits for the upstream (see _upstream_ready). The upstream's turn."""
+        if layer is not None:
+            assert isinstance(layer, TLSLayer)  # the one layer a stage leaves
+        client = self.client
+        client.reader = client.tls = layer
+        self.early = rest
         self.state.staged()
         self._connect()
 
@@ -226,7 +238,7 @@ class Splice:
         if tls is None:
             self._upstream_ready()
             return
-        layer = upstream.tls = TLSLayer(
+        layer = upstream.reader = upstream.tls = TLSLayer(
             tls.context, upstream, self._upstream_established, server_hostname=tls.server_name
         )
         upstream.paused &= ~CONNECTING  # read for the handshake
@@ -246,6 +258,9 @@ class Splice:
         self.upstream.paused &= ~CONNECTING
         if client.tls is not None:
             client.tls.resume_reading()  # what came with the client's handshake
+        if self.early:
+            early, self.early = self.early, b""
+            self.received(client, early)
         self._update(client)
 
     def _read(self, end: End) -> None:
@@ -256,15 +271,15 @@ class Splice:
         except OSError as exc:
             self.lost(end, exc)
             return
-        layer = end.tls
-        if layer is None:
+        reader = end.reader
+        if reader is None:
             self.received(end, data)
             return
         if data:
-            layer.data_received(data)  # its plaintext comes back through `received`
+            reader.data_received(data)  # a layer's plaintext comes back through `received`
         else:
-            layer.eof_received()
-        if end.out:  # what the layer answered: its handshake, a session ticket, an alert
+            reader.eof_received()
+        if end.out:  # what a layer answered: its handshake, a session ticket, an alert
             self._flush(end)
 
     def received(self, end: End, data: bytes) -> None:
@@ -383,9 +398,9 @@ class Splice:
     def _closed(self, exc: BaseException | None) -> None:
         """End both sides. Bytes still waiting for a side are dropped, and that side is reset rather
         than closed, so it cannot take a cut-short stream for a whole one."""
-        layer = self.client.tls
-        if layer is not None and layer.handshaking:  # cut short (a timeout, a reset): the stage judges it
-            layer.connection_lost(exc)
+        reader = self.client.reader
+        if reader is not None and not self.state.connection.answered:  # cut short: the stage judges it
+            reader.connection_lost(exc)
         self.closed = True
         self.names.forget(self._found)
         for end in self.ends:

@@ -2,8 +2,9 @@
 and its handler, then the TLSLayer stays between the two for the connection's life. Written once
 for every model: each gives the stage the transport it made, whatever it is.
 
-The handshake is bounded by the connection's first deadline (lifecycle's Timeouts: the shorter of
-handshake_timeout and first_byte_timeout, as nothing the handler sees has come yet), counted by
+The handshake is bounded by its own deadline (lifecycle's Timeouts: the shorter of
+handshake_timeout and first_byte_timeout, as nothing the handler sees has come yet; from the
+end of a PROXY header, if one comes first), counted by
 how it ended (counters.HANDSHAKE_RESULTS), and a failure said in one throttled warning with its
 reason. A verified client's names go to the connection's log line, and, with `allow`, decide
 whether it may in. A stream's connection and a relay's are judged alike: the stage is given the
@@ -22,7 +23,7 @@ from sockd.tls.contexts import stage_context
 from sockd.tls.failures import HandshakeCut, HandshakeEOF
 from sockd.tls.identity import Allowed, Identity
 from sockd.tls.layer import Failure, TLSLayer
-from sockd.transports import Receiver, StreamTransport, peer
+from sockd.transports import Receiver, StreamTransport
 
 if TYPE_CHECKING:
     from sockd.config.schema import TLSConfig
@@ -41,6 +42,7 @@ class TLSStage:
 
     def __init__(self, context: ssl.SSLContext, tls: TLSConfig) -> None:
         self.context = context
+        self.bounds = (tls.handshake_timeout,)
         self.verifies = tls.client_auth != "none"
         self.allowed = (
             None if tls.allow is None else Allowed(frozenset(tls.allow.cn), tuple(tls.allow.dns), tuple(tls.allow.uri))
@@ -78,7 +80,7 @@ class TLSStage:
     def _failed(self, connection: Connection, failure: Failure, began: float) -> None:
         result, reason = judged(failure, "client")
         connection.recorder.handshake(result, began)
-        _failed(reason=reason, **peer(connection.transport))
+        _failed(reason=reason, **connection.who())
         if connection.observer is not None:
             connection.observer.ended_by(f"TLS handshake failed: {reason}")
 

@@ -1,7 +1,7 @@
 """What the tests share (`from support import ...`; conftest.py holds only the fixtures), one module a
 concern: the daemon as a subprocess (daemon), loopback clients (net), metrics (metrics), /proc
-(proc), config files checked in-process (config), TLS certificates (certs) and clients (tls), and the
-waits they all use (waits)."""
+(proc), config files checked in-process (config), TLS certificates (certs) and clients (tls), HAProxy
+as a balancer (haproxy), and the waits they all use (waits)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from support.daemon import (
     short_directory,
     sockd_command,
 )
+from support.haproxy import SEND_PROXY, balancer
 from support.metrics import (
     active_connections,
     errors,
@@ -96,6 +97,7 @@ __all__ = [
     "RELAY_MODELS",
     "RETIRED_OR_EXITED",
     "ROOT",
+    "SEND_PROXY",
     "SERVER_NAME",
     "STDLIB_LOOP",
     "SYSTEMD_VARIABLES",
@@ -120,6 +122,7 @@ __all__ = [
     "assert_accepted",
     "assert_rejected",
     "assert_rejected_raw",
+    "balancer",
     "becomes",
     "check",
     "client_context",

@@ -43,14 +43,15 @@ def free_port() -> int:
 WAITING_FOR_CONNECTIONS = "address in use by connections, not a server: waiting for them to end"
 
 
-def connect(address: str, timeout: float = TIMEOUT) -> socket.socket:
-    """A stream connection to a listener's logged address: host:port, [v6]:port or a path."""
+def connect(address: str, timeout: float = TIMEOUT, source: str | None = None) -> socket.socket:
+    """A stream connection to a listener's logged address: host:port, [v6]:port or a path; from
+    the loopback address `source` if given (any of 127.0.0.0/8 is this host's)."""
     if address.startswith("/"):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         sock.connect(address)
         return sock
-    return socket.create_connection(inet(address), timeout=timeout)
+    return socket.create_connection(inet(address), timeout=timeout, source_address=source and (source, 0))
 
 
 def inet(address: str) -> tuple[str, int]:
