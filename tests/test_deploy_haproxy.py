@@ -26,6 +26,7 @@ from support import (
     TIMEOUT,
     Daemon,
     Launcher,
+    connect,
     eventually,
     free_port,
     read_to_eof,
@@ -83,7 +84,7 @@ class Balanced:
     """The three instances and the HAProxy in front of them."""
 
     instances: list[Instance]
-    frontend: tuple[str, int]
+    frontend: str  # host:port
     stats: Path
     log: Path
 
@@ -141,7 +142,7 @@ def balanced(start_sockd: Launcher, sockdir: Path, tmp_path: Path) -> Iterator[B
     with log.open("w") as output:
         process = subprocess.Popen([haproxy, "-db", "-f", str(config)], stdout=output, stderr=subprocess.STDOUT)
     try:
-        running = Balanced(instances, ("127.0.0.1", frontend), stats, log)
+        running = Balanced(instances, f"127.0.0.1:{frontend}", stats, log)
         for server in INSTANCES:
             running.wait_until(server, "UP")
         yield running
@@ -162,7 +163,7 @@ class Traffic:
     else is a failure: a refused or reset connection, a request without an answer within
     CLIENT_TIMEOUT, a short or wrong answer, a session ended before its first answer."""
 
-    def __init__(self, address: tuple[str, int], per_request: int, persistent: int) -> None:
+    def __init__(self, address: str, per_request: int, persistent: int) -> None:
         self.address = address
         self.deadline = time.monotonic() + LOAD_LIMIT
         self.done = threading.Event()
@@ -196,7 +197,7 @@ class Traffic:
         return not self.done.is_set() and time.monotonic() < self.deadline
 
     def _connect(self) -> socket.socket:
-        return socket.create_connection(self.address, timeout=CLIENT_TIMEOUT)
+        return connect(self.address, timeout=CLIENT_TIMEOUT)
 
     def _per_request(self, client: int) -> None:
         number = 0
@@ -279,10 +280,10 @@ def test_a_rolling_restart_behind_haproxy_fails_no_request(balanced: Balanced, s
     assert [event for event in connections if event["bytes_in"] != event["bytes_out"]] == []
 
 
-def exchange_from(source: str, address: tuple[str, int], payload: bytes) -> bytes:
+def exchange_from(source: str, address: str, payload: bytes) -> bytes:
     """Send `payload` from `source` (a loopback address), half-close, and read until the end: b""
     if the connection was closed without an answer."""
-    with socket.create_connection(address, timeout=CLIENT_TIMEOUT, source_address=(source, 0)) as sock:
+    with connect(address, timeout=CLIENT_TIMEOUT, source=source) as sock:
         sock.sendall(payload)
         sock.shutdown(socket.SHUT_WR)
         try:
