@@ -28,6 +28,7 @@ from support import (
     becomes,
     connect,
     eventually,
+    free_port,
     inet,
     live_workers,
     read_to_eof,
@@ -495,14 +496,8 @@ def test_a_removed_unix_listener_is_let_go_by_its_old_worker_while_its_session_g
         session.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_a_listener_moved_to_another_port_and_back_rebinds_its_first_one(start_sockd: Launcher) -> None:
-    first, second = _free_port(), _free_port()
+    first, second = free_port(), free_port()
 
     def on(port: int) -> list[dict[str, object]]:
         return [entry("moving", "tcp", "echo", "asyncio", port=port)]

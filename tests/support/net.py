@@ -31,6 +31,14 @@ def held_port() -> Iterator[int]:
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
+def free_port() -> int:
+    """A loopback TCP port free now, for a listener that must keep its port across restarts (port 0
+    would give each start another)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 # What sockd logs while it waits for a held port (see held_port).
 WAITING_FOR_CONNECTIONS = "address in use by connections, not a server: waiting for them to end"
 
