@@ -177,7 +177,8 @@ class UpstreamTLS:
 class Relay(Stateless):
     """`handler: relay`: not bytes in, bytes out, but each client joined to an upstream. It answers
     nothing itself; the models that can relay (config allows no other) see it and connect each
-    client to `upstream`, copying both ways; through TLS if `tls` is given."""
+    client to `upstream`, copying both ways; through TLS if `tls` is given, and after a PROXY
+    protocol header if `proxy_protocol` says which (sockd.proxy.writing)."""
 
     def __init__(self, listener: Listener, tls: UpstreamTLS | None = None) -> None:
         assert listener.upstream is not None
@@ -187,6 +188,7 @@ class Relay(Stateless):
         self.connect_timeout = listener.connect_timeout
         self.half_close_timeout = listener.half_close_timeout
         self.session_timeout = listener.idle_timeout or UDP_SESSION_TIMEOUT
+        self.proxy_protocol = listener.upstream_proxy_protocol
 
 
 CLOCKS: dict[TimestampFormat, Callable[[], str]] = {

@@ -266,6 +266,27 @@ TCP, UDP, UNIX = (
         ),
         ("echo", "selector", f"{UNIX}, freebind: true", "freebind", "only valid with protocol: tcp or udp"),
         ("echo", "selector", f"{TCP}, upstream: 'tcp://h:1'", "upstream", "only valid with handler: relay"),
+        (
+            "echo",
+            "selector",
+            f"{TCP}, upstream_proxy_protocol: v2",
+            "upstream_proxy_protocol",
+            "only valid with handler: relay",
+        ),
+        (
+            "relay",
+            "asyncio",
+            f"{UDP}, upstream: 'udp://h:1', upstream_proxy_protocol: v1",
+            "upstream_proxy_protocol",
+            "only valid with protocol: tcp or unix (its header begins a stream, and UDP has none)",
+        ),
+        (
+            "relay",
+            "asyncio",
+            f"{TCP}, upstream: 'tcp://h:1', upstream_proxy_protocol: 2",
+            "upstream_proxy_protocol",
+            "input should be 'v1' or 'v2'",
+        ),
         ("relay", "selector", TCP, "upstream", "required with handler: relay"),
         (
             "relay",
@@ -323,7 +344,7 @@ listeners:
      recv_buffer: 65536, send_buffer: 65536, ipv6_only: false, freebind: true, log_connections: true}
   - {name: b, protocol: unix, path: /tmp/b.sock, handler: relay, concurrency: selector,
      upstream: "tcp://[::1]:8080", connect_timeout: 2, half_close_timeout: 1, allow_uids: [0], allow_gids: [0],
-     log_connections: true}
+     log_connections: true, upstream_proxy_protocol: v2}
   - {name: c, protocol: udp, host: 127.0.0.1, port: 0, handler: relay, concurrency: busy_poll,
      upstream: "udp://127.0.0.1:53", idle_timeout: 30}
 """
@@ -332,4 +353,5 @@ listeners:
     assert [str(block) for block in a.allow] == ["10.0.0.0/8", "2001:db8::/32"]
     assert b.upstream_endpoint == ("tcp", ("::1", 8080))
     assert b.log_connections
+    assert b.upstream_proxy_protocol == "v2"
     assert c.upstream_endpoint == ("udp", ("127.0.0.1", 53))

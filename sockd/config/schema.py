@@ -33,6 +33,7 @@ SelectorBackend = Literal["auto", "select", "poll", "epoll"]
 EventLoop = Literal["auto", "asyncio", "uvloop"]
 TimestampFormat = Literal["seed", "iso8601", "unix"]
 ProxyVersion = Literal["v1", "v2", "any"]
+UpstreamProxyVersion = Literal["v1", "v2"]
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 UPSTREAM_PATTERN = r"^((tcp|tls|udp)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])|unix:///.{1,106})$"
@@ -230,6 +231,14 @@ class TLSConfig(_Frozen):
         return value
 
 
+# Why an option that applies to streams alone has no meaning over UDP.
+OVER_STREAMS = {
+    "tls": "DTLS, TLS over UDP, is out of scope",
+    "proxy_protocol": "the PROXY protocol over UDP is out of scope",
+    "upstream_proxy_protocol": "its header begins a stream, and UDP has none",
+}
+
+
 # An option that only makes sense beside some values of another field, e.g. `threads` only
 # with `concurrency: thread_pool`. Checked when the option is written, so defaults never trip
 # it; the owner is validated first (field order), so its value is known by then.
@@ -245,6 +254,7 @@ OPTION_SCOPE: dict[str, tuple[str, tuple[str, ...]]] = {
     "upstream_server_name": ("handler", ("relay",)),
     "upstream_cert": ("handler", ("relay",)),
     "upstream_key": ("handler", ("relay",)),
+    "upstream_proxy_protocol": ("handler", ("relay",)),
     "max_connections": ("protocol", STREAM),
     "first_byte_timeout": ("protocol", STREAM),
     "max_connections_per_source": ("protocol", TCP),
@@ -283,6 +293,9 @@ class _ListenerBase(_Frozen):
     upstream_server_name: Host | None = None
     upstream_cert: FilePath | None = None
     upstream_key: FilePath | None = None
+    # The PROXY protocol's header sent to the upstream before the client's bytes (HAProxy's
+    # send-proxy, send-proxy-v2), naming the client; a stream relay's only (see _over_streams).
+    upstream_proxy_protocol: UpstreamProxyVersion | None = None
 
     # Limits, each per worker process (as gunicorn's worker_connections); None: no limit.
     max_connections: Count | None = None
@@ -319,18 +332,11 @@ class _ListenerBase(_Frozen):
             raise ValueError("uvloop is not installed: pip install uvloop, or use event_loop: asyncio")
         return value
 
-    @field_validator("tls")
+    @field_validator(*OVER_STREAMS)
     @classmethod
-    def _over_streams(cls, value: TLSConfig | None, info: ValidationInfo) -> TLSConfig | None:
+    def _over_streams(cls, value: object, info: ValidationInfo) -> object:
         if value is not None and info.data.get("protocol") == "udp":
-            raise ValueError("only valid with protocol: tcp or unix (DTLS, TLS over UDP, is out of scope)")
-        return value
-
-    @field_validator("proxy_protocol")
-    @classmethod
-    def _proxied_streams(cls, value: ProxyVersion | None, info: ValidationInfo) -> ProxyVersion | None:
-        if value is not None and info.data.get("protocol") == "udp":
-            raise ValueError("only valid with protocol: tcp or unix (the PROXY protocol over UDP is out of scope)")
+            raise ValueError(f"only valid with protocol: tcp or unix ({OVER_STREAMS[str(info.field_name)]})")
         return value
 
     @field_validator("proxy_trusted", "proxy_timeout")

@@ -39,6 +39,8 @@ PP2_CLIENT_CERT_SESS = 0x04
 AF_UNIX_PATH = 108
 # A TLV's header: its type and the length of its value (big-endian), before the value.
 TLV_HEADER = 3
+# A TLV's length is at most this, as is the length of what follows the 16-byte header.
+MAX_LENGTH = 0xFFFF
 PP2_CRC32C_LENGTH = 4
 PP2_UNIQUE_ID_MAX = 128  # section 2.2.5: "up to 128 bytes"
 

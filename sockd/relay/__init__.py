@@ -16,6 +16,14 @@ TLSLayer (sockd.tls.layer) each driver puts between that side's socket and the r
 listener the client's handshake is the listener's stage (sockd.tls.stage); to a tls://
 upstream (the handler's UpstreamTLS) the upstream's handshake is part of connecting it, and its
 failure is the upstream's (handshake_failed). A side's end of output is then a close_notify.
+
+With `upstream_proxy_protocol`, the upstream is sent a PROXY protocol header (sockd.proxy.writing)
+before anything else, a tls:// upstream's ClientHello included, as HAProxy sends it: it names the
+client, and over v2 the TLS the listener terminated (Relayed.proxy_header). It goes as soon as the
+upstream is connected (a server that speaks first must have it), in the same write as what is
+ready to follow it then: what the client said meanwhile, or to a tls:// upstream, under the
+selector driver, the ClientHello. Each driver asks for it once per client, as it connects the
+upstream; a relay without it asks nothing.
 """
 
 from __future__ import annotations
@@ -37,7 +45,8 @@ from sockd.handlers import Relay
 from sockd.lifecycle import Address, Connection, ConnectionLog, Service
 from sockd.limits import MOVED, RELAY_SESSIONS, Ticket, relayed_connections, source_of
 from sockd.logging import Throttled
-from sockd.tls.layer import Failure
+from sockd.proxy.writing import Named, addresses, ssl_tlvs, v1, v2
+from sockd.tls.layer import Failure, TLSLayer
 from sockd.tls.stage import judged
 from sockd.transports import Transport
 
@@ -259,6 +268,30 @@ class Relayed:
 
     def upstream_failed(self, exc: BaseException | str) -> None:
         upstream_failed(self.relay, self.connection.recorder, exc)
+
+    def proxy_header(self, client: Named | None, layer: TLSLayer | None) -> bytes:
+        """The PROXY header for the upstream: the client and the address it reached, as the
+        PROXY header in front named them if the listener read one, else as the client's socket
+        `client` names them; and over v2 its TLS, if the listener's stage terminated it
+        (`layer`: the version, the verified certificate the stage read, the ALPN protocol)."""
+        proxied = self.connection.proxied
+        if proxied is None:
+            source, destination = addresses(client)
+        else:
+            source, destination = proxied.source, proxied.destination
+        if self.relay.proxy_protocol == "v1":
+            return v1(source, destination)
+        if layer is None:
+            return v2(source, destination)
+        tls, peer = layer.tls, layer.peer
+        said = ssl_tlvs(
+            tls.version() or "",
+            verified=peer is not None,
+            reused=tls.session_reused,
+            cn=None if peer is None else peer.cn,
+            alpn=tls.selected_alpn_protocol(),
+        )
+        return v2(source, destination, said)
 
 
 class LoggedRelay:

@@ -48,11 +48,13 @@ async def found(names: Resolver) -> list[Endpoint]:
 
 
 async def open_upstream(
-    loop: asyncio.AbstractEventLoop, names: Resolver, factory: Callable[[], asyncio.Protocol]
+    loop: asyncio.AbstractEventLoop, names: Resolver, factory: Callable[[], asyncio.Protocol], header: bytes = b""
 ) -> Carrier:
     """A connection to the upstream, within connect_timeout (its lookup and, to a tls://
     upstream, its handshake included): each endpoint is tried in turn until one answers. The
-    protocol `factory` makes is told of it (connection_made) once it can carry its bytes."""
+    protocol `factory` makes is told of it (connection_made) once it can carry its bytes.
+    `header` (a PROXY header) is sent first, on the bare connection: before a tls:// upstream's
+    ClientHello."""
     failure: OSError = OSError(errno.EADDRNOTAVAIL, "no address")
     async with asyncio.timeout(names.relay.connect_timeout):
         for family, kind, proto, where in await found(names):
@@ -60,6 +62,8 @@ async def open_upstream(
             sock.setblocking(False)
             try:
                 await loop.sock_connect(sock, where)
+                if header:  # on a new connection it fits the send buffer: sent at once
+                    await loop.sock_sendall(sock, header)
             except OSError as exc:
                 sock.close()
                 failure = exc
@@ -121,7 +125,7 @@ class RelayProtocol(asyncio.Protocol):
     loop's protocol for the client's connection, and the transport of its lifecycle connection
     (see relay.Relayed): closing that closes both sides."""
 
-    __slots__ = ("client_ended", "connecting", "early", "events", "names", "state", "transport", "upstream")
+    __slots__ = ("client_ended", "connecting", "early", "events", "header", "names", "state", "transport", "upstream")
 
     transport: Carrier
 
@@ -132,6 +136,7 @@ class RelayProtocol(asyncio.Protocol):
         self.connecting: asyncio.Task[None] | None = None  # opening the upstream
         # What the client said before the upstream answered (None: its end, too); passed on then.
         self.early: list[bytes | None] = []
+        self.header = b""  # the PROXY header, to go with what the client said meanwhile (see upstream_ready)
         self.client_ended = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -171,8 +176,19 @@ class RelayProtocol(asyncio.Protocol):
 
     async def _open_upstream(self) -> None:
         loop = asyncio.get_running_loop()
+        relay, before_tls = self.names.relay, b""
+        if relay.proxy_protocol is not None:
+            client = self.transport
+            layer = client if isinstance(client, TLSLayer) else None
+            header = self.state.proxy_header(client.get_extra_info("socket"), layer)
+            # Before a tls:// upstream's ClientHello, on the bare connection, as HAProxy sends it;
+            # else in one write with what the client said meanwhile.
+            if relay.tls is None:
+                self.header = header
+            else:
+                before_tls = header
         try:
-            transport = await open_upstream(loop, self.names, lambda: UpstreamProtocol(self))
+            transport = await open_upstream(loop, self.names, lambda: UpstreamProtocol(self), before_tls)
         except UPSTREAM_ERRORS as exc:
             self.events.upstream_failed(exc)
             self.transport.close()  # the client sees EOF at once
@@ -181,13 +197,16 @@ class RelayProtocol(asyncio.Protocol):
             transport.close()
 
     def upstream_ready(self, upstream: UpstreamProtocol) -> None:
-        """The upstream answered: pass on what the client said meanwhile, then copy as it comes."""
+        """The upstream answered: pass on the PROXY header, if it is still to go, and what the
+        client said meanwhile, in one write; then copy as it comes."""
         self.upstream = upstream
-        for data in self.early:
-            if data is None:
-                self.eof_received()
-            else:
-                self.data_received(data)
+        said = b"".join(data for data in self.early if data is not None)
+        if said:
+            self.events.carried(len(said), True)
+        if self.header or said:
+            upstream.transport.write(self.header + said)
+        if None in self.early:  # the client's end, after what it said
+            self.eof_received()
         self.early.clear()
         if not self.client_ended:
             self.state.connection.resume(CONNECTING)

@@ -234,7 +234,12 @@ class Splice:
             self._update(end)
 
     def _upstream_connected(self, upstream: End) -> None:
-        tls = self.state.relay.tls
+        relay = self.state.relay
+        if relay.proxy_protocol is not None:
+            # First in `out`: sent in one write with what follows at once, a ClientHello, or what
+            # came after the client's PROXY header or with its handshake (_upstream_ready passes it on).
+            upstream.out += self.state.proxy_header(self.client.sock, self.client.tls)
+        tls = relay.tls
         if tls is None:
             self._upstream_ready()
             return

@@ -20,6 +20,7 @@ from typing import Any
 
 from sockd.config import BUFSIZE
 from sockd.tls.failures import HandshakeCut, HandshakeEOF
+from sockd.tls.identity import Identity
 from sockd.transports import Receiver, StreamTransport
 
 # What a failed handshake is told as: OpenSSL's reason, or the error itself.
@@ -47,6 +48,7 @@ class TLSLayer:
         "input_ended",
         "outgoing",
         "output_ended",
+        "peer",
         "peer_ended",
         "protocol",
         "reading",
@@ -77,6 +79,9 @@ class TLSLayer:
         self.input_ended = False  # `protocol` has been told of the end of the input
         self.output_ended = False  # a close_notify has gone, or the connection is ending: write no more
         self.failure: BaseException | None = None  # what ended an established connection, if TLS did
+        # The peer's verified certificate's names, once its owner has read them (a stage that
+        # verifies clients): read once, for the connection's log and a relay's PROXY header.
+        self.peer: Identity | None = None
 
     def start(self, transport: StreamTransport) -> None:
         """Begin the handshake over `transport` (a client speaks first)."""

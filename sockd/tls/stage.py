@@ -7,9 +7,10 @@ handshake_timeout and first_byte_timeout, as nothing the handler sees has come y
 end of a PROXY header, if one comes first), counted by
 how it ended (counters.HANDSHAKE_RESULTS), and a failure said in one throttled warning with its
 reason. A verified client's names go to the connection's log line, and, with `allow`, decide
-whether it may in. A stream's connection and a relay's are judged alike: the stage is given the
-lifecycle Connection and what to call once it admits the client (`staged`: a Stream's own; a
-relay's, which connects the upstream then)."""
+whether it may in; they stay on its layer (`peer`), for a relay's PROXY header. A stream's
+connection and a relay's are judged alike: the stage is given the lifecycle Connection and what
+to call once it admits the client (`staged`: a Stream's own; a relay's, which connects the
+upstream then)."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ class TLSStage:
         return layer
 
     def _admit(self, connection: Connection, layer: TLSLayer, staged: Staged, began: float) -> None:
-        client = Identity.of(layer.tls.getpeercert()) if self.verifies else None
+        client = layer.peer = Identity.of(layer.tls.getpeercert()) if self.verifies else None
         names = client.fields() if client is not None else {}
         observer = connection.observer
         if observer is not None:

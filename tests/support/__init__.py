@@ -1,7 +1,7 @@
 """What the tests share (`from support import ...`; conftest.py holds only the fixtures), one module a
 concern: the daemon as a subprocess (daemon), loopback clients (net), metrics (metrics), /proc
 (proc), config files checked in-process (config), TLS certificates (certs) and clients (tls), HAProxy
-as a balancer (haproxy), and the waits they all use (waits)."""
+as a balancer and behind a relay (haproxy), and the waits they all use (waits)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from support.daemon import (
     short_directory,
     sockd_command,
 )
-from support.haproxy import SEND_PROXY, balancer
+from support.haproxy import SEND_PROXY, accepting_proxy, balancer
 from support.metrics import (
     active_connections,
     errors,
@@ -117,6 +117,7 @@ __all__ = [
     "StartSockd",
     "TLSSession",
     "_proc_net_address",
+    "accepting_proxy",
     "active_connections",
     "alive",
     "assert_accepted",
