@@ -37,7 +37,7 @@ from support.daemon import (
     short_directory,
     sockd_command,
 )
-from support.haproxy import SEND_PROXY, balancer
+from support.haproxy import SEND_PROXY, HAProxy, balancer, haproxy
 from support.metrics import (
     active_connections,
     errors,
@@ -107,6 +107,7 @@ __all__ = [
     "Daemon",
     "Expected",
     "Files",
+    "HAProxy",
     "InFlight",
     "Issued",
     "Launcher",
@@ -137,6 +138,7 @@ __all__ = [
     "forge_datagram",
     "free_port",
     "handshakes",
+    "haproxy",
     "health",
     "held_port",
     "inet",
