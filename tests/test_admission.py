@@ -6,14 +6,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-import signal
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from support import MODELS, STDLIB_LOOP, Daemon, Launcher, connect, eventually, model_options, rejected
+from support import MODELS, STDLIB_LOOP, Daemon, Launcher, connect, eventually, model_options, rejected, stopped
 from support import listener as entry
 
 # Enough refused clients that a reset, when any were possible, is all but certain among them.
@@ -40,22 +38,11 @@ def outcome(address: str) -> str:
         return read_outcome(sock)
 
 
-@contextlib.contextmanager
-def stopped(pids: list[int]) -> Iterator[None]:
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
-
-
 def outcomes(daemon: Daemon, listener: str) -> tuple[collections.Counter[str], collections.Counter[str]]:
     """What the clients whose request came before their refusal saw, and what the others saw."""
     address = daemon.address(listener)
     with contextlib.ExitStack() as clients:
-        with stopped(daemon.worker_pids(listener)):  # its requests wait with each client's connect
+        with stopped(*daemon.worker_pids(listener)):  # its requests wait with each client's connect
             early = [clients.enter_context(connect(address)) for _ in range(CLIENTS // 2)]
             for sock in early:
                 sock.sendall(REQUEST)

@@ -5,17 +5,13 @@ HAProxy (Debian's 2.6) reading it as an agent-check puts the server in MAINT and
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import socket
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from support import MODELS, TIMEOUT, Launcher, becomes, health, inet, read_to_eof, request, require, said
+from support import MODELS, HAProxy, Launcher, becomes, haproxy, health, inet, request, said, stopped
 from support import listener as entry
 
 WORKER_TIMEOUT = 120  # a worker stopped by the test is down (1 s) long before it would be killed
@@ -58,67 +54,25 @@ def test_the_agent_answers_maint_while_a_listener_is_down(start_sockd: Launcher,
     becomes(lambda: said(agent), b"up ready\n", "the agent's answer once it beats again")
 
 
-@contextlib.contextmanager
-def stopped(pid: int) -> Iterator[None]:
-    """The process SIGSTOPped for the block: its heartbeat stops, so its listener is down."""
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
+def checking(stats: Path, server: str, agent: str) -> str:
+    """HAProxy's config: one backend server checked by TCP connect and by agent-check every 100 ms,
+    and its stats socket (level admin) to read the server's status."""
+    return (
+        "global\n"
+        f"    stats socket {stats} level admin\n"
+        "defaults\n"
+        "    mode tcp\n"
+        "    timeout connect 1s\n"
+        "    timeout client 10s\n"
+        "    timeout server 10s\n"
+        "backend sockd\n"
+        f"    server s1 {server} check inter 100ms agent-check agent-port {inet(agent)[1]} agent-inter 100ms\n"
+    )
 
 
-class HAProxy:
-    """The real HAProxy in the foreground (-db), one backend server checked by TCP connect and by
-    agent-check every 100 ms, and its stats socket (level admin) to read the server's status."""
-
-    def __init__(self, directory: Path, server: str, agent: str) -> None:
-        self.stats = directory / "stats.sock"
-        host, port = inet(server)
-        config = directory / "haproxy.cfg"
-        config.write_text(
-            "global\n"
-            f"    stats socket {self.stats} level admin\n"
-            "defaults\n"
-            "    mode tcp\n"
-            "    timeout connect 1s\n"
-            "    timeout client 10s\n"
-            "    timeout server 10s\n"
-            "backend sockd\n"
-            f"    server s1 {host}:{port} check inter 100ms agent-check agent-port {inet(agent)[1]} agent-inter 100ms\n"
-        )
-        self.process = subprocess.Popen(
-            [require("haproxy"), "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
-
-    def status(self) -> str:
-        """The server's status as `show stat` says it: UP, DRAIN (agent), MAINT, DOWN…; `starting`
-        until the stats socket answers."""
-        try:
-            with socket.socket(socket.AF_UNIX) as sock:
-                sock.settimeout(TIMEOUT)
-                sock.connect(str(self.stats))
-                sock.sendall(b"show stat\n")
-                table = read_to_eof(sock).decode()
-        except (FileNotFoundError, ConnectionRefusedError):
-            return "starting"
-        header, *rows = table.splitlines()
-        columns = header.removeprefix("# ").split(",")
-        for row in rows:
-            fields = dict(zip(columns, row.split(","), strict=False))
-            if fields.get("svname") == "s1":
-                return fields["status"]
-        raise AssertionError(f"no server s1 in {table!r}")
-
-    def close(self) -> str:
-        """Stop it: what it said on stderr."""
-        self.process.terminate()
-        _, errors = self.process.communicate(timeout=TIMEOUT)
-        return errors
-
-
-def _word(status: str) -> str:
-    return status.split(maxsplit=1)[0]  # "DRAIN (agent)": the state, not who set it
+def state(running: HAProxy) -> str:
+    """The server's state, not who set it: DRAIN of "DRAIN (agent)"."""
+    return running.status("sockd/s1").split(maxsplit=1)[0]
 
 
 def test_haproxy_takes_the_server_to_maint_and_drain_as_the_agent_says_and_back(
@@ -129,18 +83,18 @@ def test_haproxy_takes_the_server_to_maint_and_drain_as_the_agent_says_and_back(
         drain_delay=60,
         worker_timeout=WORKER_TIMEOUT,
     )
-    haproxy = HAProxy(sockdir, daemon.address("echo"), daemon.address("agent"))
-    try:
-        becomes(lambda: _word(haproxy.status()), "UP", "the server, once checked")
+    stats = sockdir / "stats.sock"
+    config = checking(stats, daemon.address("echo"), daemon.address("agent"))
+    with haproxy(sockdir, config, stats=stats) as running:
+        becomes(lambda: state(running), "UP", "the server, once checked")
         with stopped(daemon.worker_pid("echo")):
-            becomes(lambda: _word(haproxy.status()), "MAINT", "the server while its echo listener is down")
+            becomes(lambda: state(running), "MAINT", "the server while its echo listener is down")
         # `ready` takes it out of MAINT: an agent that said only `up` would leave it there for good.
-        becomes(lambda: _word(haproxy.status()), "UP", "the server once the listener is up again")
+        becomes(lambda: state(running), "UP", "the server once the listener is up again")
         daemon.process.send_signal(signal.SIGTERM)
-        becomes(lambda: _word(haproxy.status()), "DRAIN", "the server once sockd drains")
+        becomes(lambda: state(running), "DRAIN", "the server once sockd drains")
         assert request(daemon.address("echo"), b"still served") == b"still served"
-    finally:
-        said = haproxy.close()
-    assert "is going DOWN for maintenance" in said, said
-    assert "enters drain state" in said, said
+    output = running.output()
+    assert "is going DOWN for maintenance" in output, output
+    assert "enters drain state" in output, output
     assert daemon.stop() == 0

@@ -5,12 +5,9 @@ the client's own address crosses the balancer to sockd's access rules."""
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import re
 import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,17 +20,18 @@ import yaml
 
 from support import (
     ROOT,
-    TIMEOUT,
     Daemon,
+    HAProxy,
     Launcher,
+    becomes,
     connect,
     eventually,
     free_port,
+    haproxy,
     read_to_eof,
     recv_exactly,
     rejected,
     requests,
-    require,
 )
 
 DEPLOY = ROOT / "deploy" / "haproxy"
@@ -85,17 +83,7 @@ class Balanced:
 
     instances: list[Instance]
     frontend: str  # host:port
-    stats: Path
-    log: Path
-
-    def states(self) -> dict[str, str]:
-        """HAProxy's view of each server: `show stat`'s status (UP, DOWN, "UP 1/2" going down...)."""
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(TIMEOUT)
-            sock.connect(str(self.stats))
-            sock.sendall(b"show stat\n")
-            rows = csv.DictReader(read_to_eof(sock).decode().removeprefix("# ").splitlines())
-            return {row["svname"]: row["status"] for row in rows if row["pxname"] == "sockd"}
+    haproxy: HAProxy
 
     def restart(self, place: int, launcher: Launcher) -> None:
         """Stop an instance (SIGTERM) and start it again: HAProxy sees it down as it drains, and up
@@ -113,21 +101,17 @@ class Balanced:
         eventually(lambda: requests(new.daemon, LISTENER) > 0, f"{new.server} serving again through HAProxy")
 
     def wait_until(self, server: str, status: str) -> None:
-        def seen() -> bool:
-            with contextlib.suppress(OSError):  # HAProxy still starting
-                return self.states().get(server) == status
-            return False
-
+        """Until HAProxy's view of the server is `status`: its `show stat` status (UP, DOWN, "UP 1/2"
+        going down...)."""
         try:
-            eventually(seen, f"HAProxy to see {server} {status}", timeout=SEEN_WITHIN)
+            becomes(lambda: self.haproxy.status(f"sockd/{server}"), status, f"HAProxy's {server}", SEEN_WITHIN)
         except AssertionError as exc:
-            raise AssertionError(f"{exc}; HAProxy's log:\n{self.log.read_text()}") from None
+            raise AssertionError(f"{exc}; HAProxy's log:\n{self.haproxy.output()}") from None
 
 
 @pytest.fixture
 def balanced(start_sockd: Launcher, sockdir: Path, tmp_path: Path) -> Iterator[Balanced]:
     """The example running: the three instances, then HAProxy, once it sees all three up."""
-    haproxy = require("haproxy")
     ports = {server: (str(free_port()), str(free_port())) for server in INSTANCES}
     instances = []
     for server, ours in ports.items():
@@ -137,18 +121,11 @@ def balanced(start_sockd: Launcher, sockdir: Path, tmp_path: Path) -> Iterator[B
     replacements = {FRONTEND: str(frontend), STATS_SOCKET: str(stats)}
     for server, example in INSTANCES.items():
         replacements.update(zip(example, ports[server], strict=True))
-    config, log = tmp_path / "haproxy.cfg", tmp_path / "haproxy.log"
-    config.write_text(instantiate(DEPLOY / "haproxy.cfg", replacements))
-    with log.open("w") as output:
-        process = subprocess.Popen([haproxy, "-db", "-f", str(config)], stdout=output, stderr=subprocess.STDOUT)
-    try:
-        running = Balanced(instances, f"127.0.0.1:{frontend}", stats, log)
+    with haproxy(tmp_path, instantiate(DEPLOY / "haproxy.cfg", replacements), stats=stats) as running:
+        ready = Balanced(instances, f"127.0.0.1:{frontend}", running)
         for server in INSTANCES:
-            running.wait_until(server, "UP")
-        yield running
-    finally:
-        process.terminate()
-        process.wait(TIMEOUT)
+            ready.wait_until(server, "UP")
+        yield ready
 
 
 class Traffic:

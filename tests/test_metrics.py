@@ -48,6 +48,7 @@ from support import (
     samples,
     scrape,
     squatting,
+    stopped,
     value,
 )
 from support import listener as entry
@@ -294,11 +295,8 @@ def test_healthz_reports_a_stopped_worker_down_long_before_worker_timeout_kills_
     daemon = start_sockd([entry("echo", "tcp", "echo", model)], worker_timeout=120)
     pid = daemon.worker_pid("echo")
     eventually(lambda: health(daemon)[0] == 200, "healthy at first")
-    os.kill(pid, signal.SIGSTOP)
-    try:
+    with stopped(pid):
         eventually(lambda: health(daemon)[0] == 503, "down once its heartbeat stopped", timeout=20)
-    finally:
-        os.kill(pid, signal.SIGCONT)
     eventually(lambda: health(daemon)[0] == 200, "up again once it beats", timeout=20)
     assert request(daemon.address("echo"), b"x") == b"x"
     # worker_timeout, not the health check, decides when a worker is killed: this one never was.

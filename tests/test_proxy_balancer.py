@@ -83,17 +83,21 @@ def through(front: str, source: str, payload: bytes = b"hello") -> bytes:
             return b""
 
 
-def names(served: Served, kind: str) -> str:
-    if kind == "relay" and served.model not in RELAY_MODELS:
-        pytest.skip(f"{served.model} does not relay")
-    return kind
+@pytest.mark.parametrize("version", list(SEND_PROXY))
+def test_the_clients_address_crosses_haproxy(served: Served, tmp_path: Path, version: str) -> None:
+    crosses(served.daemon, f"echo-{version}", tmp_path, version)
 
 
 @pytest.mark.parametrize("version", list(SEND_PROXY))
-@pytest.mark.parametrize("kind", ["echo", "relay"])
-def test_the_clients_address_crosses_haproxy(served: Served, tmp_path: Path, kind: str, version: str) -> None:
-    daemon, name = served.daemon, f"{names(served, kind)}-{version}"
-    with balancer(tmp_path, daemon.address(name), SEND_PROXY[version]) as front:
+@pytest.mark.parametrize("served", RELAY_MODELS, indirect=True)
+def test_the_clients_address_crosses_haproxy_and_the_relay(served: Served, tmp_path: Path, version: str) -> None:
+    crosses(served.daemon, f"relay-{version}", tmp_path, version)
+
+
+def crosses(daemon: Daemon, name: str, directory: Path, version: str) -> None:
+    """A client from SERVED is served through HAProxy and named in the log line; one from DENIED
+    is refused by `deny`, judged by the address in HAProxy's header."""
+    with balancer(directory, daemon.address(name), SEND_PROXY[version]) as front:
         mark = len(daemon.events)
         assert through(front, SERVED) == b"hello"
         line = daemon.wait_for("connection closed", listener=name, after=mark)

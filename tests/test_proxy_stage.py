@@ -270,9 +270,9 @@ def test_deny_is_decided_by_the_headers_client_not_by_the_balancer(served: Serve
     assert exchange(address, header("v2", ("192.0.2.67", 1234))) == b"hello"
 
 
+# iterative serves one connection at a time: the next would wait in the backlog, not be refused.
+@pytest.mark.parametrize("served", CONCURRENT, indirect=True)
 def test_max_connections_per_source_counts_by_the_headers_client(served: Served) -> None:
-    if served.model not in CONCURRENT:
-        pytest.skip("iterative serves one connection at a time: the next waits in the backlog")
     daemon, address = served.daemon, served.daemon.address("limited")
     before = rejected(daemon, "limited", "max_connections_per_source")
     with connect(address) as held:
@@ -323,26 +323,22 @@ def test_a_unix_listener_takes_the_header_from_its_peers(served: Served) -> None
     assert "peer_uid" in line  # the balancer, as a Unix peer is named
 
 
-def relaying(served: Served) -> Daemon:
-    if served.model not in RELAY_MODELS:
-        pytest.skip(f"{served.model} does not relay")
-    return served.daemon
-
-
 def upstream_connections(daemon: Daemon) -> float:
     return value(samples(daemon), "sockd_connections_total", listener="upstream")
 
 
+@pytest.mark.parametrize("served", RELAY_MODELS, indirect=True)
 def test_a_relay_passes_on_what_follows_the_header_and_logs_the_client(served: Served) -> None:
-    daemon = relaying(served)
+    daemon = served.daemon
     mark = len(daemon.events)
     assert exchange(daemon.address("relay"), header("v2", CLIENT), b"relayed") == b"relayed"
     line = daemon.wait_for("connection closed", listener="relay", after=mark)
     assert (line["source"], line["port"], line["bytes_in"]) == (*CLIENT, 7)
 
 
+@pytest.mark.parametrize("served", RELAY_MODELS, indirect=True)
 def test_a_relay_refuses_garbage_before_its_upstream_is_even_connected(served: Served) -> None:
-    daemon = relaying(served)
+    daemon = served.daemon
     before, connected = rejected(daemon, "relay", "proxy_protocol"), upstream_connections(daemon)
     assert refused(daemon.address("relay"), b"SSH-2.0-OpenSSH_9.2\r\n")
     counted(daemon, "relay", "proxy_protocol", before)
@@ -350,8 +346,9 @@ def test_a_relay_refuses_garbage_before_its_upstream_is_even_connected(served: S
     eventually(lambda: upstream_connections(daemon) == connected + 1, "the served client's upstream connection")
 
 
+@pytest.mark.parametrize("served", RELAY_MODELS, indirect=True)
 def test_a_relay_with_tls_reads_the_header_then_the_handshake(served: Served) -> None:
-    daemon = relaying(served)
+    daemon = served.daemon
     raw = connect(daemon.address("relay-tls"))
     raw.sendall(header("v1", CLIENT))
     with client_context(served.ca).wrap_socket(raw, server_hostname=SERVER_NAME) as sock:

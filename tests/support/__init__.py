@@ -37,7 +37,7 @@ from support.daemon import (
     short_directory,
     sockd_command,
 )
-from support.haproxy import SEND_PROXY, accepting_proxy, balancer
+from support.haproxy import SEND_PROXY, HAProxy, accepting_proxy, balancer, haproxy
 from support.metrics import (
     active_connections,
     errors,
@@ -72,7 +72,16 @@ from support.net import (
     served,
     squatting,
 )
-from support.proc import _proc_net_address, alive, cpu_seconds, live_workers, rss_bytes, server_inode, tcp_owner
+from support.proc import (
+    _proc_net_address,
+    alive,
+    cpu_seconds,
+    live_workers,
+    rss_bytes,
+    server_inode,
+    stopped,
+    tcp_owner,
+)
 from support.tls import (
     VERSIONS,
     SClient,
@@ -107,6 +116,7 @@ __all__ = [
     "Daemon",
     "Expected",
     "Files",
+    "HAProxy",
     "InFlight",
     "Issued",
     "Launcher",
@@ -138,6 +148,7 @@ __all__ = [
     "forge_datagram",
     "free_port",
     "handshakes",
+    "haproxy",
     "health",
     "held_port",
     "inet",
@@ -167,6 +178,7 @@ __all__ = [
     "sockd_command",
     "squatting",
     "stderr_of",
+    "stopped",
     "subject",
     "tcp_owner",
     "tls_request",

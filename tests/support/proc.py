@@ -1,15 +1,18 @@
 """What /proc says about a process: alive, its CPU time and memory, the workers alive, and which
-process holds the server end of a TCP connection."""
+process holds the server end of a TCP connection; and a process held stopped."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from support.daemon import Daemon
+from support.waits import eventually
 
 
 def cpu_seconds(pid: int) -> float:
@@ -33,6 +36,26 @@ def alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@contextlib.contextmanager
+def stopped(*pids: int) -> Iterator[None]:
+    """The processes SIGSTOPped for the block, every thread of each stopped before it begins: kill()
+    returns before a thread running on another CPU has stopped, and one that got to accept()
+    meanwhile would serve what the test meant to wait."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        eventually(lambda: all(_all_threads_stopped(pid) for pid in pids), "every thread stopped")
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    tasks = Path(f"/proc/{pid}/task")
+    return all((task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "T" for task in tasks.iterdir())
 
 
 def live_workers(daemon: Daemon, listener: str) -> list[int]:
