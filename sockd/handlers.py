@@ -4,7 +4,9 @@ A stream connection gets a `Session` from `Handler.session()`, and its lifecycle
 drives it: if `greeting()` is not None, that is written at once and the connection closes.
 Otherwise each chunk read is fed to `feed` and what it returns is written back; once `closing`
 is true that last reply is written and the connection closes. At the client's EOF, what `eof()`
-returns is written and the connection closes. A datagram is answered with whatever
+returns is written and the connection closes. A `flowing` session (chargen) speaks without being
+asked: from connect, the lifecycle writes what `more()` returns for as long as the transport
+takes it, and again each time it can take more. A datagram is answered with whatever
 `Handler.datagram` returns (None: no reply).
 
 A request over the listener's `max_message_size` raises `TooLarge` from `feed` or `datagram`;
@@ -17,6 +19,7 @@ supervisor last said of the instance to the worker (sockd.worker's `state` line)
 from __future__ import annotations
 
 import datetime
+import random
 import ssl
 import time
 from collections.abc import Callable
@@ -35,11 +38,16 @@ class Session(Protocol):
     @property
     def closing(self) -> bool: ...
 
+    @property
+    def flowing(self) -> bool: ...
+
     def greeting(self) -> bytes | None: ...
 
     def feed(self, data: bytes) -> bytes: ...
 
     def eof(self) -> bytes: ...
+
+    def more(self) -> bytes: ...
 
 
 class Handler(Protocol):
@@ -58,6 +66,7 @@ class Stateless:
 
     closing = False
     chunked = True
+    flowing = False
 
     def session(self) -> Stateless:
         return self
@@ -71,6 +80,10 @@ class Stateless:
         return b""
 
     def eof(self) -> bytes:
+        return b""
+
+    def more(self) -> bytes:
+        """A flowing session's next output, written when the transport can take it."""
         return b""
 
     def datagram(self, data: bytes) -> bytes | None:
@@ -118,6 +131,36 @@ class Announce(Stateless):
 
     def datagram(self, data: bytes) -> bytes:
         return self.say()
+
+
+def chargen_cycle() -> bytes:
+    """RFC 864's pattern, one whole period of it: line n is the 72 characters of the 95 printable
+    ASCII ones (32 to 126) that start n places along their rotation, and CRLF. After 95 lines it
+    repeats, so a stream is this, again and again."""
+    printable = bytes(range(32, 127))
+    ring = printable * 2
+    return b"".join(ring[n : n + 72] + b"\r\n" for n in range(len(printable)))
+
+
+CHARGEN_CYCLE = chargen_cycle()
+# RFC 864 over UDP: "a datagram containing a random number (between 0 and 512) of characters".
+CHARGEN_DATAGRAM_MOST = 512
+
+
+class Chargen(Stateless):
+    """RFC 864: on a stream, the pattern's lines from connect until the client closes (input is
+    discarded), as fast as the client takes them and no faster (see lifecycle.Stream.flow); each
+    datagram is answered by one of a random length from 0 to 512, the pattern truncated. The
+    stream's state is none: each `more()` is one whole period, which ends where the next begins."""
+
+    flowing = True
+
+    def more(self) -> bytes:
+        return CHARGEN_CYCLE
+
+    def datagram(self, data: bytes) -> bytes:
+        # Not a secret, only the RFC's variety: the module's generator will do.
+        return CHARGEN_CYCLE[: random.randint(0, CHARGEN_DATAGRAM_MOST)]
 
 
 # RFC 868 counts seconds since 1900-01-01 00:00 UTC, not since 1970 (70 years, 17 of them leap).
@@ -203,6 +246,7 @@ HANDLERS: dict[HandlerName, Callable[[Listener], Handler]] = {
     "discard": lambda listener: Discard(),
     "daytime": lambda listener: Announce(daytime),
     "time": lambda listener: Announce(rfc868_time),
+    "chargen": lambda listener: Chargen(),
     "relay": Relay,
 }
 
@@ -234,6 +278,10 @@ class LimitedSession:
     def closing(self) -> bool:
         return self.session.closing
 
+    @property
+    def flowing(self) -> bool:
+        return self.session.flowing
+
     def greeting(self) -> bytes | None:
         return self.session.greeting()
 
@@ -244,6 +292,9 @@ class LimitedSession:
 
     def eof(self) -> bytes:
         return self.session.eof()
+
+    def more(self) -> bytes:
+        return self.session.more()
 
 
 def build(listener: Listener, upstream_tls: UpstreamTLS | None = None, told: Told | None = None) -> Handler:

@@ -33,6 +33,12 @@ The life of a stream connection:
                                         stop ─> end_input once it has had an answer ──┘
                                                         connection_lost: counted, ticket released
 
+A flowing session (chargen) is not asked: from `begin`, its output is written turn by turn
+(`flow`) until the transport says it can take no more (`pause_writing`), and again from
+`resume_writing`; so a client that does not read holds what one full write buffer holds, and no
+more. A turn is bounded (FLOW_TURN): one that the transport never stops (a client reading as fast
+as it is written to) goes on from the model's `later`, after its other work.
+
 A relay's connection (sockd.relay) passes through the same stage, given the same way, before its
 upstream is connected: a client the stage refuses never reaches the upstream.
 
@@ -93,6 +99,10 @@ _datagrams_held = Throttled("too many delayed datagram replies held; dropping re
 REFLECTORS = frozenset({0, 7, 13, 19, 37})
 
 _reflected = Throttled("rejected")
+
+# How many of a flowing session's outputs one turn of Stream.flow writes before the model's other
+# connections have their turn.
+FLOW_TURN = 16
 
 # The reasons a connection's reading is paused (PAUSES: one bit each of Connection.paused).
 WRITE_FULL = 1  # what it writes to cannot take more (asyncio's pause_writing, a transport's HIGH_WATER)
@@ -430,12 +440,31 @@ class Stream(Connection):
             entry.data_received(rest)
 
     def begin(self) -> None:
-        """The handler's turn: a greeting, if it has one."""
+        """The handler's turn: a greeting, if it has one; a flowing session's output, if it flows."""
         greeting = self.session.greeting()
         if greeting is not None:  # it says all it has at connect, then closes
             if self.observer is not None:
                 self.observer.requests += 1  # the handler spoke first, which counts as a request
             self._reply(greeting, True, 0, self.recorder.clock())
+        elif self.session.flowing:
+            self.first_answer()  # it is answering: a drain may end its input now
+            self.flow()
+
+    def flow(self) -> None:
+        """One turn of a flowing session's output: written until the transport is full (its
+        resume_writing starts the next turn) or closing, or FLOW_TURN outputs have gone, when
+        the next turn waits for the model's `later`."""
+        transport, more = self.transport, self.session.more
+        for _ in range(FLOW_TURN):
+            if self.paused & WRITE_FULL or transport.is_closing():
+                return
+            transport.write(more())
+        self.service.later(0, self.flow)
+
+    def resume_writing(self) -> None:
+        self.resume(WRITE_FULL)
+        if self.session.flowing:
+            self.flow()
 
     def data_received(self, data: bytes) -> None:
         started = self.recorder.clock()

@@ -136,3 +136,29 @@ def test_the_agent_answers_one_line_from_the_state_it_was_last_told_and_closes()
     # A greeting is all the session says: the lifecycle writes it at connect and closes.
     assert handler.datagram(b"?") is None
     assert build(_listener(handler="agent", max_message_size=1), told=told).session().greeting() == b"up ready\n"
+
+
+def rfc864_lines(count: int) -> bytes:
+    """The RFC's figure, built as the RFC draws it: line n starts n characters along the 95
+    printable characters (32 to 126), wraps, is 72 long and ends CRLF."""
+    printable = [chr(c) for c in range(32, 127)]
+    return b"".join(("".join(printable[(n + i) % 95] for i in range(72)) + "\r\n").encode() for n in range(count))
+
+
+def test_chargen_flows_the_rfc_pattern_and_answers_datagrams_of_0_to_512() -> None:
+    handler = build(_listener(handler="chargen"))
+    session = handler.session()
+    assert session.flowing
+    assert session.greeting() is None
+    assert session.feed(b"ignored") == b""
+    flowed = b"".join(session.more() for _ in range(106))  # 10,070 lines
+    assert flowed[: 10_000 * 74] == rfc864_lines(10_000)
+    pattern = rfc864_lines(7)
+    lengths = set()
+    for _ in range(2000):
+        reply = handler.datagram(b"?")
+        assert reply is not None
+        assert len(reply) <= 512
+        assert reply == pattern[: len(reply)]
+        lengths.add(len(reply))
+    assert len(lengths) > 100  # random, not one length

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import fcntl
 import functools
 import itertools
 import os
@@ -11,6 +12,7 @@ import random
 import signal
 import socket
 import struct
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -20,8 +22,9 @@ from typing import Any, get_args
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_handlers import rfc864_lines
 
-from sockd.config import ConfigError, ModelName, parse
+from sockd.config import RELAYING_MODELS, ConfigError, ModelName, parse
 from sockd.models.registry import MODELS as MODEL_REGISTRY
 from sockd.models.registry import load as load_model
 
@@ -39,6 +42,7 @@ from support import (
     model_options,
     read_to_eof,
     request,
+    rss_bytes,
     short_directory,
 )
 from support import listener as entry
@@ -361,6 +365,75 @@ def test_the_inetd_services(start_sockd: Launcher, model: str) -> None:
         sock.sendto(b"into the void", inet(daemon.address("udp-discard")))
         with pytest.raises(TimeoutError):
             sock.recv(1)
+
+
+CHARGEN_LINES = 10_000
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_chargen_streams_the_rfc_pattern_over_tcp_and_unix_and_answers_udp(
+    start_sockd: Launcher, model: str, sockdir: Path
+) -> None:
+    if model in RELAYING_MODELS:
+        streams = [entry("tcp", "tcp", "chargen", model), entry("unix", "unix", "chargen", model, sockdir / "cg")]
+    else:  # a blocking model cannot serve an endless stream: a config error (test_config_rules)
+        streams = []
+    daemon = start_sockd([*streams, entry("udp", "udp", "chargen", model)])
+    expected = rfc864_lines(CHARGEN_LINES)
+    for stream in streams:
+        with connect(daemon.address(stream["name"])) as sock:
+            got = bytearray()
+            while len(got) < len(expected):
+                chunk = sock.recv(1 << 16)
+                assert chunk, "chargen closed the stream"
+                got += chunk
+            assert bytes(got[: len(expected)]) == expected
+    pattern = rfc864_lines(7)
+    for _ in range(50):
+        reply = datagram(daemon.address("udp"), b"?")
+        assert len(reply) <= 512
+        assert reply == pattern[: len(reply)]
+
+
+@pytest.mark.parametrize("model", sorted(set(MODEL_REGISTRY) - set(RELAYING_MODELS)))
+def test_chargen_over_a_stream_needs_an_event_loop(model: str) -> None:
+    text = f"""
+listeners:
+  - {{name: cg, protocol: tcp, host: 127.0.0.1, port: 0, handler: chargen, concurrency: {model}}}
+"""
+    with pytest.raises(ConfigError, match=f"handler: chargen over a stream needs concurrency: .*not {model}"):
+        parse(text, "c.yaml")
+
+
+@pytest.mark.parametrize("model", RELAYING_MODELS)
+def test_a_chargen_client_that_does_not_read_is_not_buffered_for(start_sockd: Launcher, model: str) -> None:
+    daemon = start_sockd([entry("cg", "tcp", "chargen", model)])
+    worker = daemon.worker_pid("cg")
+    with connect(daemon.address("cg")) as idle:
+        got = bytearray(idle.recv(1))  # it has begun
+        before = rss_bytes(worker)
+        # Back-pressure reached: once the client's receive queue is full, it stays so (sampled,
+        # never timed; busy_poll spins by design, so its CPU time cannot tell).
+        eventually(lambda: _queue_still(idle), "the client's queue fills and stays full")
+        # Without back-pressure it would have buffered without end by now; with it, its memory
+        # grew by at most its write buffer and a margin.
+        assert rss_bytes(worker) - before < 16 << 20
+        for _ in range(200):  # it reads on: the lines go on, unbroken, from the first byte
+            got += idle.recv(1 << 16)
+        period = rfc864_lines(95)
+        assert bytes(got) == (period * (len(got) // len(period) + 1))[: len(got)]
+
+
+def _queue_still(sock: socket.socket) -> bool:
+    first = _queued(sock)
+    time.sleep(0.5)
+    return first > 0 and _queued(sock) == first
+
+
+def _queued(sock: socket.socket) -> int:
+    """The bytes waiting in a socket's receive queue (FIONREAD)."""
+    queued: int = struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0\0\0\0"))[0]
+    return queued
 
 
 # ---------------------------------------------------------------------------------------------
