@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None, signals: collections.deque[int] | None =
 def _run(path: str, check: bool, signals: collections.deque[int] | None) -> int:
     loaded = load_config(path)
     if check:
+        for line in loaded.warnings:  # on stderr, as a problem would be; the verdict stays OK
+            print(line, file=sys.stderr)
         count = len(loaded.config.listeners)
         emit(f"{path}: OK, {count} listener{'s' if count != 1 else ''}")
         return os.EX_OK

@@ -32,7 +32,7 @@ RESET, SEND, TIMEOUT, TOO_LARGE, RESOURCES, UPSTREAM = range(len(ERROR_KINDS))
 # relay's own limits: a client past the connections its worker's descriptors allow, a UDP session
 # closed to make room for a new one; a datagram dropped for its source port (see
 # lifecycle.REFLECTORS); a connection without a valid PROXY header, or from a source
-# `proxy_trusted` does not name (see sockd.proxy).
+# `proxy_trusted` does not name (see sockd.proxy); a datagram past its source's datagram_rate.
 REJECT_REASONS = (
     "max_connections",
     "max_connections_per_source",
@@ -42,6 +42,7 @@ REJECT_REASONS = (
     "relay_sessions",
     "reflection",
     "proxy_protocol",
+    "datagram_rate",
 )
 # sockd_tls_handshakes_total{result}: a TLS listener's handshakes by how they ended (see
 # sockd.tls.stage); sockd_tls_sessions_total{version}: the handshakes that succeeded, by the

@@ -1,6 +1,7 @@
 """What a listener lets in and how long it lets a connection sit: access rules, peer credentials,
-connection counts and rates, timeouts. Sans-IO, like the handlers: it is told addresses,
-credentials and times, never given a socket; the connection lifecycle asks and the models act.
+connection counts and rates, datagram rates, timeouts. Sans-IO, like the handlers: it is told
+addresses, credentials and times, never given a socket; the connection lifecycle asks and the
+models act.
 
 Behind a balancer (`proxy_protocol`), the client is not the peer: the peer is let in at accept
 if `proxy_trusted` names it (and by the limits that count connections, not sources), and the
@@ -25,9 +26,17 @@ from sockd.config import InetListener, Listener, Network, UnixListener
 from sockd.counters import REJECT_REASONS, Recorder
 from sockd.logging import Throttled
 
-MAX_CONNECTIONS, PER_SOURCE, RATE, ACL, RELAY_CONNECTIONS, RELAY_SESSIONS, REFLECTION, PROXY_PROTOCOL = range(
-    len(REJECT_REASONS)
-)
+(
+    MAX_CONNECTIONS,
+    PER_SOURCE,
+    RATE,
+    ACL,
+    RELAY_CONNECTIONS,
+    RELAY_SESSIONS,
+    REFLECTION,
+    PROXY_PROTOCOL,
+    DATAGRAM_RATE,
+) = range(len(REJECT_REASONS))
 # Sources remembered for rates and access decisions: past this many, forgotten (the quiet first),
 # so a flood from many addresses costs bounded memory.
 MEMORY = 4096
@@ -121,8 +130,6 @@ class Admission:
         self.max_connections = listener.max_connections or math.inf
         self.relayed = relayed_connections(2) if relays_streams(listener) else math.inf
         self.per_source = listener.max_connections_per_source or math.inf
-        self.rate = listener.connection_rate
-        self.burst = listener.connection_burst or max(1, math.ceil(self.rate or 1))
         self.access = AccessList(listener.allow, listener.deny) if isinstance(listener, InetListener) else None
         # Behind a balancer: only its addresses may connect, and sources are its clients'.
         self.proxied = listener.proxy_protocol is not None
@@ -133,10 +140,9 @@ class Admission:
         self.wants_credentials = isinstance(listener, UnixListener)
         self.open = 0
         self.by_source: dict[str, int] = {}
-        self.buckets: dict[str, tuple[float, float]] = {}  # source: (tokens, when counted)
-        # The token buckets' clock, given rather than read from the time module: compiled (mypyc),
-        # this module holds time.monotonic where no test's stand-in reaches it.
-        self.clock = clock
+        # New connections and datagrams per source (connection_rate, datagram_rate), if limited.
+        self.connections = buckets(listener.connection_rate, listener.connection_burst, clock)
+        self.datagrams = buckets(listener.datagram_rate, listener.datagram_burst, clock)
         self.lock = threading.Lock()
         self.warn = Throttled("rejected", per="reason")
 
@@ -171,11 +177,20 @@ class Admission:
         return False
 
     def allows_datagram(self, address: object, recorder: Recorder) -> bool:
+        """Whether a datagram from `address` is answered: by the access rules, then its source's
+        datagram_rate (counted and logged when not: it is dropped unanswered)."""
         source = source_of(address)
-        if self.access is None or self.access.allows(source):
+        if self.access is not None and not self.access.allows(source):
+            reason = ACL
+        elif self.datagrams is not None:
+            with self.lock:
+                if self.datagrams.take(source):
+                    return True
+            reason = DATAGRAM_RATE
+        else:
             return True
-        recorder.rejected[ACL] += 1
-        self.warn(reason=REJECT_REASONS[ACL], source=source)
+        recorder.rejected[reason] += 1
+        self.warn(reason=REJECT_REASONS[reason], source=source)
         return False
 
     def release(self, source: str | None) -> None:
@@ -212,7 +227,7 @@ class Admission:
         count = self.by_source.get(source, 0)
         if count >= self.per_source:
             return PER_SOURCE
-        if self.rate is not None and not self._take_token(source):
+        if self.connections is not None and not self.connections.take(source):
             return RATE
         self.by_source[source] = count + 1
         return None
@@ -223,9 +238,22 @@ class Admission:
         _, uid, gid = credentials
         return uid in self.uids or gid in self.gids
 
-    def _take_token(self, source: str) -> bool:
-        """The token bucket of `source`: `burst` tokens, refilled at `rate` per second."""
-        assert self.rate is not None
+
+class TokenBuckets:
+    """A token bucket per source: `burst` tokens each, refilled at `rate` per second; at most
+    MEMORY sources remembered. Not thread-safe: its Admission takes its lock around it.
+
+    The clock is given rather than read from the time module: compiled (mypyc), this module holds
+    time.monotonic where no test's stand-in reaches it."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self.buckets: dict[str, tuple[float, float]] = {}  # source: (tokens, when counted)
+
+    def take(self, source: str) -> bool:
+        """A token from the bucket of `source`, if it has one."""
         now = self.clock()
         tokens, then = self.buckets.pop(source, (self.burst, now))
         tokens = min(self.burst, tokens + (now - then) * self.rate)
@@ -237,7 +265,6 @@ class Admission:
     def _forget_full(self, now: float) -> None:
         """Drop the buckets that have refilled (they hold nothing a new one would not), and if that is
         not enough, the least recently used half."""
-        assert self.rate is not None
         for source, (tokens, then) in list(self.buckets.items()):
             if tokens + (now - then) * self.rate >= self.burst:
                 del self.buckets[source]
@@ -246,12 +273,18 @@ class Admission:
                 del self.buckets[source]
 
 
+def buckets(rate: float | None, burst: int | None, clock: Callable[[], float]) -> TokenBuckets | None:
+    """The token buckets of a rate and its burst (default: the rate, at least 1); None: no rate."""
+    return None if rate is None else TokenBuckets(rate, burst or max(1, math.ceil(rate)), clock)
+
+
 def admission_for(listener: Listener) -> Admission | Unlimited:
     """The admission rules of `listener`; a listener with none pays nothing per connection."""
     limited: tuple[object, ...] = (
         listener.max_connections,
         listener.max_connections_per_source,
         listener.connection_rate,
+        listener.datagram_rate,
         listener.allow_uids,
         listener.allow_gids,
     )

@@ -71,6 +71,7 @@ class Supervisor:
         self.path = path
         self.ledger = Ledger()  # the groups, by listener name, and what the metrics endpoint reports
         self.ledger.certificates = expiries(loaded.material)
+        _warn(loaded)
         # What the signal handlers queue for the loop; `signals` if the command caught some before
         # the supervisor existed (see sockd.__main__).
         self.signals: collections.deque[int] = collections.deque() if signals is None else signals
@@ -372,6 +373,7 @@ class Supervisor:
             for group in self.ledger.all():  # the workers of kept listeners too
                 group.tell(line)
         self.loaded = prepared.loaded
+        _warn(self.loaded)
         self.ledger.certificates = expiries(prepared.loaded.material)
         unstarted = reloading.apply(prepared, self.ledger, self._group)
         for step in prepared.steps:  # systemd's store keeps the sockets the listeners have now
@@ -486,3 +488,9 @@ def _drain_pipe(fd: int) -> None:
             pass
     except BlockingIOError:
         pass
+
+
+def _warn(loaded: Loaded) -> None:
+    """What `sockd --check` warns of, logged as the config comes into force."""
+    for line in loaded.warnings:
+        log.warning("config warning", warning=line)

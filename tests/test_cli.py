@@ -33,6 +33,7 @@ from support import (
     squatting,
     stderr_of,
     write_config,
+    yaml_text,
 )
 
 EX_USAGE = 2  # argparse
@@ -109,6 +110,46 @@ def test_check_prints_ok_and_the_listener_count(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"{path}: OK, 4 listeners\n"
     assert result.stderr == ""
+
+
+AMPLIFIER = yaml_text(
+    """
+    listeners:
+      - name: daytime
+        protocol: udp
+        host: 0.0.0.0
+        port: 0
+        handler: daytime
+        concurrency: selector
+    """
+)
+AMPLIFIER_WARNING = (
+    "listeners[0].handler: warning: daytime over UDP on 0.0.0.0 answers with more bytes than it receives,"
+    " to whatever source a datagram forges (a reflection amplifier): set datagram_rate"
+)
+
+
+@pytest.mark.parametrize("rate", [None, 10.0])
+def test_check_warns_of_a_udp_amplifier_open_beyond_loopback_without_datagram_rate(
+    tmp_path: Path, rate: float | None
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(AMPLIFIER + (f"    datagram_rate: {rate}\n" if rate else ""))
+    result = run_sockd("--check", "-c", str(path))
+    assert (result.returncode, result.stdout) == (0, f"{path}: OK, 1 listener\n")  # a warning, not a problem
+    assert result.stderr == ("" if rate else f"{path}:6: {AMPLIFIER_WARNING}\n")
+
+
+@pytest.mark.parametrize("rate", [None, 10.0])
+def test_a_start_logs_the_warning_check_prints(start_sockd: StartSockd, rate: float | None) -> None:
+    options = {"datagram_rate": rate} if rate else {}
+    daemon = start_sockd([listener("daytime", "udp", "daytime", "selector", "0.0.0.0", **options)])
+    warnings = [event for event in daemon.events if event["event"] == "config warning"]
+    assert len(warnings) == (0 if rate else 1)
+    for event in warnings:  # the line --check prints, placed in the file as the test wrote it
+        assert event["warning"].startswith(f"{daemon.config_path}:")
+        assert event["warning"].endswith(f": {AMPLIFIER_WARNING}")
+    assert all(event["level"] == "warning" for event in warnings)
 
 
 def test_check_names_the_file_as_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

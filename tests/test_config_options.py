@@ -223,6 +223,23 @@ TCP, UDP, UNIX = (
         ("echo", "selector", f"{UDP}, max_connections: 5", "max_connections", "only valid with protocol: tcp or unix"),
         ("echo", "selector", f"{UNIX}, connection_rate: 5", "connection_rate", "only valid with protocol: tcp"),
         ("echo", "selector", f"{TCP}, connection_burst: 5", "connection_burst", "only valid with connection_rate"),
+        (
+            "daytime",
+            "selector",
+            f"{TCP}, datagram_rate: 5",
+            "datagram_rate",
+            "only valid with protocol: udp (this listener has protocol: tcp)",
+        ),
+        (
+            "daytime",
+            "selector",
+            f"{UNIX}, datagram_burst: 5",
+            "datagram_burst",
+            "only valid with protocol: udp (this listener has protocol: unix)",
+        ),
+        ("daytime", "selector", f"{UDP}, datagram_burst: 5", "datagram_burst", "only valid with datagram_rate"),
+        ("daytime", "selector", f"{UDP}, datagram_rate: 0", "datagram_rate", "input should be greater than 0"),
+        ("daytime", "selector", f"{UDP}, datagram_rate: .inf", "datagram_rate", "input should be a finite number"),
         ("echo", "selector", f"{TCP}, allow_uids: [0]", "allow_uids", "only valid with protocol: unix"),
         ("echo", "selector", f"{UNIX}, allow: [10.0.0.0/8]", "allow", "only valid with protocol: tcp or udp"),
         (
@@ -346,7 +363,7 @@ listeners:
      upstream: "tcp://[::1]:8080", connect_timeout: 2, half_close_timeout: 1, allow_uids: [0], allow_gids: [0],
      log_connections: true, upstream_proxy_protocol: v2}
   - {name: c, protocol: udp, host: 127.0.0.1, port: 0, handler: relay, concurrency: busy_poll,
-     upstream: "udp://127.0.0.1:53", idle_timeout: 30}
+     upstream: "udp://127.0.0.1:53", idle_timeout: 30, datagram_rate: 50, datagram_burst: 100}
 """
     a, b, c = parse(text, "c.yaml").listeners
     assert isinstance(a, InetListener)
@@ -355,3 +372,4 @@ listeners:
     assert b.log_connections
     assert b.upstream_proxy_protocol == "v2"
     assert c.upstream_endpoint == ("udp", ("127.0.0.1", 53))
+    assert (c.datagram_rate, c.datagram_burst) == (50, 100)

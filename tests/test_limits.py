@@ -16,13 +16,26 @@ from typing import Any
 import pytest
 
 from sockd.config import InetListener
+from sockd.config.rules import AMPLIFIERS
 from sockd.counters import Recorder
-from sockd.limits import ACL, MAX_CONNECTIONS, MEMORY, PER_SOURCE, PROXY_PROTOCOL, AccessList, Admission
+from sockd.limits import (
+    ACL,
+    DATAGRAM_RATE,
+    MAX_CONNECTIONS,
+    MEMORY,
+    PER_SOURCE,
+    PROXY_PROTOCOL,
+    AccessList,
+    Admission,
+    TokenBuckets,
+    admission_for,
+)
 
 from support import (
     CONCURRENT,
     MODELS,
     TIMEOUT,
+    Daemon,
     Launcher,
     connect,
     datagram,
@@ -36,7 +49,10 @@ from support import (
     rejected,
     request,
     requests,
+    rss_bytes,
+    samples,
     served,
+    value,
 )
 from support import listener as entry
 
@@ -279,6 +295,124 @@ def test_a_thousand_silent_clients_are_closed_on_time_while_others_are_served(
     eventually(lambda: errors(daemon, "e", "timeout") == 1000, "every silent client counted")
 
 
+# -- amplification: what a datagram gets back, and datagram_rate, which bounds it per source
+
+# The amplifiers measured, a datagram each: (listener name, handler, options). README's table
+# (Security) is this test's output; chargen (0 to 512 bytes for any datagram, RFC 864) has its own.
+MEASURED = [
+    ("echo", "echo", {}),
+    ("daytime", "daytime", {}),
+    ("time", "time", {}),
+    ("timestamp-seed", "timestamp", {}),
+    ("timestamp-iso8601", "timestamp", {"timestamp_format": "iso8601"}),
+    ("timestamp-unix", "timestamp", {"timestamp_format": "unix"}),
+]
+IP_UDP_HEADERS = 28  # an IPv4 header (no options) and a UDP header: what a datagram costs on the wire
+
+
+def test_each_handlers_bytes_out_per_byte_in_over_udp_and_which_amplify(start_sockd: Launcher) -> None:
+    daemon = start_sockd([entry(name, "udp", handler, "selector", **options) for name, handler, options in MEASURED])
+    print("\nhandler | in | out | out/in | on the wire, empty datagram")
+    for name, handler, _ in MEASURED:
+        address = daemon.address(name)
+        outs = {size: len(datagram(address, b"x" * size)) for size in (0, 1, 64)}
+        for size in (1, 64):
+            print(f"{name} | {size} | {outs[size]} | {outs[size] / size:.2f} |", end=" ")
+            print(f"{(outs[0] + IP_UDP_HEADERS) / IP_UDP_HEADERS:.2f}")
+        if handler == "echo":
+            assert outs == {0: 0, 1: 1, 64: 64}  # as much as it gets: a reflector, not an amplifier
+        else:  # the reply does not depend on what came: the smaller the datagram, the more it gains
+            assert outs[0] == outs[1] == outs[64] or handler == "timestamp"  # its length follows the clock
+            assert outs[1] > 1
+        assert (handler in AMPLIFIERS) == (outs[1] > 1), handler
+    assert AMPLIFIERS - {handler for _, handler, _ in MEASURED} == {"chargen"}
+
+
+# Sources of the flood, each its own loopback address (all of 127.0.0.0/8 is this host).
+FLOOD_SOURCES = 64
+FLOOD_ROUNDS = 20
+
+
+@pytest.mark.parametrize("model", ["selector", "asyncio", "threaded"])
+def test_datagram_rate_bounds_the_replies_to_each_source_and_counts_the_drops(
+    start_sockd: Launcher, model: str
+) -> None:
+    rate, burst = 1.0, 3
+    daemon = start_sockd([entry("d", "udp", "daytime", model, datagram_rate=rate, datagram_burst=burst)])
+    address = inet(daemon.address("d"))
+    offset = ["selector", "asyncio", "threaded"].index(model)  # sources of the test's own
+    with contextlib.ExitStack() as stack:
+        senders = []
+        for number in range(FLOOD_SOURCES):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            sock.bind((f"127.{40 + offset}.{number}.1", 0))
+            sock.setblocking(False)
+            senders.append(sock)
+        began = time.monotonic()
+        for round_ in range(1, FLOOD_ROUNDS + 1):
+            for sock in senders:
+                sock.sendto(b"?", address)
+            # Each round seen by the worker before the next: none lost in its socket's buffer.
+            _all_seen(daemon, round_ * FLOOD_SOURCES)
+        elapsed = time.monotonic() - began
+        replies = [_drain(sock) for sock in senders]
+    allowed = burst + rate * elapsed + 1  # + 1: the clock of the worker's bucket is not the test's
+    assert max(replies) <= allowed, (replies, elapsed)
+    assert min(replies) >= burst  # each source had its burst, whatever the others sent
+    answered, limited, reflected = _fates(daemon)
+    assert (answered, limited) == (sum(replies), FLOOD_SOURCES * FLOOD_ROUNDS - sum(replies) - reflected)
+    assert daemon.wait_for("rejected", listener="d")["reason"] == "datagram_rate"
+
+
+def _all_seen(daemon: Daemon, sent: int) -> None:
+    """Wait until the worker has answered or dropped every datagram sent to "d"."""
+    eventually(lambda: sum(_fates(daemon)) == sent, f"{sent} datagrams answered or dropped")
+
+
+def _fates(daemon: Daemon) -> tuple[float, float, float]:
+    """The datagrams listener "d" answered, dropped by datagram_rate, and dropped because their
+    source port happened to be the listener's own (see lifecycle.REFLECTORS: one of the many
+    ephemeral ports a flood's sockets are given may be it)."""
+    found = samples(daemon)
+    return (
+        value(found, "sockd_requests_total", listener="d"),
+        value(found, "sockd_connections_rejected_total", listener="d", reason="datagram_rate"),
+        value(found, "sockd_connections_rejected_total", listener="d", reason="reflection"),
+    )
+
+
+def _drain(sock: socket.socket) -> int:
+    """How many replies wait at a non-blocking socket (each sent before its count was published)."""
+    count = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            sock.recv(100)
+            count += 1
+    return count
+
+
+def test_a_flood_from_more_sources_than_are_remembered_leaves_the_worker_s_memory_bounded(
+    start_sockd: Launcher,
+) -> None:
+    """Sources beyond limits.MEMORY, each its own 127.x.y.z as forged sources would be, are
+    forgotten: the worker's memory grows by no more than a bound, however many come."""
+    # A receive buffer that holds a whole batch: none is lost before the worker counts it.
+    rules: dict[str, Any] = {"datagram_rate": 0.01, "datagram_burst": 1, "recv_buffer": 1 << 20}
+    daemon = start_sockd([entry("d", "udp", "daytime", "selector", **rules)])
+    address, pid = inet(daemon.address("d")), daemon.worker_pid("d")
+    before = rss_bytes(pid)
+    batch = 512
+    for first in range(0, 3 * MEMORY, batch):
+        for number in range(first, first + batch):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.bind((f"127.{100 + (number >> 16)}.{(number >> 8) & 255}.{number & 255}", 0))
+                sock.sendto(b"?", address)
+        _all_seen(daemon, first + batch)
+    answered, limited, reflected = _fates(daemon)
+    assert (answered, limited) == (3 * MEMORY - reflected, 0)  # each a new source, with its burst's reply
+    assert rss_bytes(pid) < before + (8 << 20)
+
+
 # -- the rules on their own (sans-IO)
 
 
@@ -311,25 +445,53 @@ def test_the_token_bucket_refills_at_the_rate() -> None:
     # The bucket's clock is the test's: at this rate, a pause of a millisecond between two takes
     # (a busy machine's scheduler gives that) would refill a token.
     now = [1000.0]
-    listener = InetListener.model_validate(
-        {"name": "x", "protocol": "tcp", "host": "127.0.0.1", "port": 0, "handler": "echo"}
-        | {"concurrency": "selector", "connection_rate": 1000.0, "connection_burst": 3}
-    )
-    admission = Admission(listener, clock=lambda: now[0])
-    assert [admission._take_token("a") for _ in range(4)] == [True, True, True, False]
+    buckets = TokenBuckets(1000.0, 3, clock=lambda: now[0])
+    assert [buckets.take("a") for _ in range(4)] == [True, True, True, False]
     now[0] += 0.01  # ten tokens' worth, capped at the burst
-    assert [admission._take_token("a") for _ in range(4)] == [True, True, True, False]
+    assert [buckets.take("a") for _ in range(4)] == [True, True, True, False]
 
 
 def test_the_token_buckets_forget_sources_beyond_a_bound() -> None:
-    listener = InetListener.model_validate(
-        {"name": "x", "protocol": "tcp", "host": "127.0.0.1", "port": 0, "handler": "echo"}
-        | {"concurrency": "selector", "connection_rate": 0.001, "connection_burst": 1}
-    )
-    admission = Admission(listener)
+    buckets = TokenBuckets(0.001, 1, clock=time.monotonic)
     for number in range(3 * MEMORY):
-        admission._take_token(f"10.0.{number // 256}.{number % 256}")
-    assert len(admission.buckets) <= MEMORY
+        buckets.take(f"10.0.{number // 256}.{number % 256}")
+    assert len(buckets.buckets) <= MEMORY
+
+
+@pytest.mark.parametrize(
+    ("options", "connections", "datagrams"),
+    [
+        ({"protocol": "tcp", "connection_rate": 2.5}, (2.5, 3), None),
+        ({"protocol": "tcp", "connection_rate": 0.1}, (0.1, 1), None),  # at least one
+        ({"protocol": "udp", "datagram_rate": 10.0}, None, (10.0, 10)),
+        ({"protocol": "udp", "datagram_rate": 10.0, "datagram_burst": 40}, None, (10.0, 40)),
+    ],
+)
+def test_each_rate_has_its_buckets_and_burst(
+    options: dict[str, Any], connections: tuple[float, int] | None, datagrams: tuple[float, int] | None
+) -> None:
+    listener = InetListener.model_validate(
+        {"name": "x", "host": "127.0.0.1", "port": 0, "handler": "echo", "concurrency": "selector"} | options
+    )
+    admission = admission_for(listener)
+    assert isinstance(admission, Admission)
+    for made, expected in ((admission.connections, connections), (admission.datagrams, datagrams)):
+        assert (None if made is None else (made.rate, made.burst)) == expected
+
+
+def test_a_datagram_past_its_sources_bucket_is_dropped_and_counted() -> None:
+    now = [1000.0]
+    listener = InetListener.model_validate(
+        {"name": "x", "protocol": "udp", "host": "127.0.0.1", "port": 0, "handler": "daytime"}
+        | {"concurrency": "selector", "datagram_rate": 1.0, "datagram_burst": 2}
+    )
+    admission, recorder = Admission(listener, clock=lambda: now[0]), Recorder([1.0])
+    answered = [admission.allows_datagram(("127.0.0.1", 5000 + n), recorder) for n in range(3)]
+    assert answered == [True, True, False]  # by address, whatever the port
+    assert admission.allows_datagram(("127.0.0.2", 5000), recorder)  # another source's own bucket
+    now[0] += 1.0
+    assert admission.allows_datagram(("127.0.0.1", 5000), recorder)
+    assert recorder.rejected[DATAGRAM_RATE] == 1
 
 
 def test_behind_a_balancer_its_peer_is_trusted_at_accept_and_its_clients_judged_by_their_headers() -> None:

@@ -4,7 +4,7 @@
 - reader: reading the file and its YAML, hardened against what no config holds;
 - recovery: validating, and keeping what validated of a listener that failed in part;
 - rules: what a single field's validation cannot see (settings that go together, listeners that
-  cannot all be bound);
+  cannot all be bound), and what is valid but worth a warning;
 - problems: ConfigError, and each problem worded and placed as `file:line: field: message`;
 - loader: `load_document` and `parse`, which join them; a Document places the problems found
   beyond the file (in the TLS files it names: sockd.tls.material) as its own.
@@ -13,7 +13,7 @@
 from sockd.config.loader import Document, load_document, parse
 from sockd.config.problems import ConfigError, Problem, reason
 from sockd.config.reader import MAX_FILE_BYTES, MAX_VALUES, read_regular
-from sockd.config.rules import passive_address
+from sockd.config.rules import config_warnings, passive_address
 from sockd.config.schema import (
     BUFSIZE,
     RELAYING_MODELS,
@@ -59,6 +59,7 @@ __all__ = [
     "TLSFiles",
     "TimestampFormat",
     "UnixListener",
+    "config_warnings",
     "load_document",
     "parse",
     "passive_address",

@@ -25,7 +25,11 @@ class Document:
     shown: str
 
     def error(self, problems: Iterable[Problem]) -> ConfigError:
-        return ConfigError(_lines(self.shown, locate(self.root, problems)))
+        return ConfigError(self.lines(problems))
+
+    def lines(self, problems: Iterable[Problem]) -> list[str]:
+        """Problems (or warnings) as `file:line: field: message`, in line order."""
+        return _lines(self.shown, locate(self.root, problems))
 
 
 def parse(text: str, shown: str) -> Config:

@@ -58,9 +58,17 @@ def _combinations(fields: Fields) -> Iterator[Problem]:
             yield from rule(**{name: fields[name] for name in reads})
 
 
-def _burst(connection_burst: int | None, connection_rate: float | None) -> Iterator[Problem]:
-    if connection_burst is not None and connection_rate is None:
-        yield ("connection_burst",), "only valid with connection_rate"
+def _connection_burst(connection_burst: int | None, connection_rate: float | None) -> Iterator[Problem]:
+    return _burst("connection", connection_burst, connection_rate)
+
+
+def _datagram_burst(datagram_burst: int | None, datagram_rate: float | None) -> Iterator[Problem]:
+    return _burst("datagram", datagram_burst, datagram_rate)
+
+
+def _burst(kind: str, burst: int | None, rate: float | None) -> Iterator[Problem]:
+    if burst is not None and rate is None:
+        yield (f"{kind}_burst",), f"only valid with {kind}_rate"
 
 
 def _idle(idle_timeout: float | None, protocol: str, handler: str) -> Iterator[Problem]:
@@ -218,7 +226,8 @@ def _reads(rule: Callable[..., Iterator[Problem]]) -> tuple[str, ...]:
 _RULES = [
     (rule, _reads(rule))
     for rule in (
-        _burst,
+        _connection_burst,
+        _datagram_burst,
         _idle,
         _agent_over_streams,
         _client_ca,
@@ -235,6 +244,32 @@ _RULES = [
         _relay_to_own_path,
     )
 ]
+
+
+# -- what is valid but worth a warning (`sockd --check` prints it, a start or reload logs it)
+
+# The handlers that answer a datagram with more bytes than it held (README, Handlers:
+# Amplification, measures each): over UDP, whose source address anyone can forge, each is a
+# reflection amplifier (US-CERT TA14-017A). Echo answers as much as it got: a reflector, not an
+# amplifier. chargen answers any datagram with 0 to 512 bytes (RFC 864).
+AMPLIFIERS = frozenset({"daytime", "time", "timestamp", "chargen"})
+
+
+def config_warnings(listeners: Sequence[InetListener | UnixListener]) -> Iterator[Problem]:
+    """An amplifier over UDP, open beyond loopback, with no datagram_rate to bound what it sends."""
+    for index, listener in enumerate(listeners):
+        if (
+            isinstance(listener, InetListener)
+            and listener.protocol == "udp"
+            and listener.handler in AMPLIFIERS
+            and listener.datagram_rate is None
+            and not _loopback(listener.host)
+        ):
+            yield (
+                ("listeners", index, "handler"),
+                f"warning: {listener.handler} over UDP on {listener.host} answers with more bytes than it"
+                " receives, to whatever source a datagram forges (a reflection amplifier): set datagram_rate",
+            )
 
 
 # -- which listeners cannot all be bound

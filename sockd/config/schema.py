@@ -125,7 +125,7 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
-STREAM, INET, TCP, UNIX = ("tcp", "unix"), ("tcp", "udp"), ("tcp",), ("unix",)
+STREAM, INET, TCP, UDP, UNIX = ("tcp", "unix"), ("tcp", "udp"), ("tcp",), ("udp",), ("unix",)
 
 
 # -- TLS (the files named here are read and checked by sockd.tls.material)
@@ -261,6 +261,8 @@ OPTION_SCOPE: dict[str, tuple[str, tuple[str, ...]]] = {
     "max_connections_per_source": ("protocol", TCP),
     "connection_rate": ("protocol", TCP),
     "connection_burst": ("protocol", TCP),
+    "datagram_rate": ("protocol", UDP),
+    "datagram_burst": ("protocol", UDP),
     "nodelay": ("protocol", TCP),
     "keepalive": ("protocol", TCP),
     "backlog": ("protocol", STREAM),
@@ -303,6 +305,10 @@ class _ListenerBase(_Frozen):
     max_connections_per_source: Count | None = None
     connection_rate: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None  # per source, per second
     connection_burst: Count | None = None  # the rate's bucket size; default: the rate, at least 1
+    # Datagrams answered per source, per second (udp): bounds what a reflection through this
+    # listener sends its victim, whatever source the datagrams forge (see README, Handlers: Amplification).
+    datagram_rate: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    datagram_burst: Count | None = None  # as connection_burst, for datagram_rate
     allow_uids: list[Annotated[int, Field(ge=0)]] = []
     allow_gids: list[Annotated[int, Field(ge=0)]] = []
     idle_timeout: Timeout | None = None  # no byte either way for this long: close (a relay's UDP session: forget)

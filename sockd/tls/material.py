@@ -31,6 +31,7 @@ from sockd.config import (
     Problem,
     TLSConfig,
     TLSFiles,
+    config_warnings,
     load_document,
     read_regular,
     reason,
@@ -79,10 +80,12 @@ Material = dict[str, TLSMaterial]  # by listener name: the listeners with TLS on
 
 @dataclass(frozen=True)
 class Loaded:
-    """A config, and the TLS material of its listeners, read together."""
+    """A config, and the TLS material of its listeners, read together; and what is valid in it but
+    worth a warning (sockd.config.rules.config_warnings), as `file:line: field: message` lines."""
 
     config: Config
     material: Material
+    warnings: tuple[str, ...]
 
 
 def load_config(path: str | os.PathLike[str]) -> Loaded:
@@ -92,7 +95,7 @@ def load_config(path: str | os.PathLike[str]) -> Loaded:
     material, problems = read_material(document.config)
     if problems:
         raise document.error(problems)
-    return Loaded(document.config, material)
+    return Loaded(document.config, material, tuple(document.lines(config_warnings(document.config.listeners))))
 
 
 def read_material(config: Config) -> tuple[Material, list[Problem]]:
