@@ -37,7 +37,10 @@ A flowing session (chargen) is not asked: from `begin`, its output is written tu
 (`flow`) until the transport says it can take no more (`pause_writing`), and again from
 `resume_writing`; so a client that does not read holds what one full write buffer holds, and no
 more. A turn is bounded (FLOW_TURN): one that the transport never stops (a client reading as fast
-as it is written to) goes on from the model's `later`, after its other work.
+as it is written to) goes on from the model's `later`, after its other work. On a blocking
+model a write returns once the client has taken it, so a client that does not read holds the
+thread in its send (until idle_timeout), and the next turn is the thread's next call, after it
+has looked at the connection's input (see models.blocking).
 
 A relay's connection (sockd.relay) passes through the same stage, given the same way, before its
 upstream is connected: a client the stage refuses never reaches the upstream.
@@ -454,11 +457,13 @@ class Stream(Connection):
         """One turn of a flowing session's output: written until the transport is full (its
         resume_writing starts the next turn) or closing, or FLOW_TURN outputs have gone, when
         the next turn waits for the model's `later`."""
-        transport, more = self.transport, self.session.more
+        transport, more, recorder = self.transport, self.session.more, self.recorder
         for _ in range(FLOW_TURN):
             if self.paused & WRITE_FULL or transport.is_closing():
                 return
-            transport.write(more())
+            output = more()
+            transport.write(output)
+            recorder.sent += len(output)  # sockd_sent_bytes: what it wrote, unasked
         self.service.later(0, self.flow)
 
     def resume_writing(self) -> None:
