@@ -180,7 +180,8 @@ class Service:
 
     The model says what it does with its connections through callables, not by subclassing:
     `later(delay, callback, *args)` is its timer (a loop's call_later, or a sleep for the
-    blocking models); `made(connection)`, if given, is asked whether a connection whose
+    blocking models, whose thread makes a call of no delay once back in its loop: see
+    models.blocking); `made(connection)`, if given, is asked whether a connection whose
     transport was just made may open (the asyncio model's admission, which needs the loop's
     transport); `gone(connection)` is told of every connection that ends, after it is counted,
     so an event-loop model can learn when its drain is over. `stage`, if given, makes the stage
