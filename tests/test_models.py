@@ -34,8 +34,11 @@ from support import (
     TIMEOUT,
     Daemon,
     Launcher,
+    active_connections,
+    becomes,
     connect,
     datagram,
+    errors,
     eventually,
     inet,
     listen_backlog,
@@ -446,6 +449,15 @@ def test_a_chargen_stream_ends_when_its_client_closes_and_when_the_daemon_stops(
         assert bytes(got) == (period * (len(got) // len(period) + 1))[: len(got)]
     assert daemon.process.wait(30) == 0
     assert not [e for e in daemon.events if e.get("event") == "killing worker"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_chargen_client_that_stops_reading_is_ended_by_idle_timeout(start_sockd: Launcher, model: str) -> None:
+    daemon = start_sockd([entry("cg", "tcp", "chargen", model, idle_timeout=1)])
+    with connect(daemon.address("cg")) as idle:
+        assert idle.recv(1)
+        becomes(lambda: errors(daemon, "cg", "timeout"), 1, "the client that reads nothing timed out")
+        becomes(lambda: active_connections(daemon, "cg"), 0, "its connection closed")
 
 
 def _queue_still(sock: socket.socket) -> bool:
