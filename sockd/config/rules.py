@@ -92,14 +92,6 @@ def _relay_model(handler: str, concurrency: str) -> Iterator[Problem]:
         yield ("concurrency",), f"handler: relay needs concurrency: {models} (not {concurrency})"
 
 
-def _chargen_stream_model(handler: str, protocol: str, concurrency: str) -> Iterator[Problem]:
-    # A blocking model's thread would be held writing the endless stream, never reading for the
-    # client's close or the stop's drain.
-    if handler == "chargen" and protocol in STREAM and concurrency not in RELAYING_MODELS:
-        models = alternatives(RELAYING_MODELS)
-        yield ("concurrency",), f"handler: chargen over a stream needs concurrency: {models} (not {concurrency})"
-
-
 def _relay_needs_upstream(handler: str, upstream: str | None) -> Iterator[Problem]:
     if handler == "relay" and upstream is None:
         yield ("upstream",), "required with handler: relay"
@@ -236,7 +228,6 @@ _RULES = [
         _select_connections,
         _relay_message_size,
         _relay_model,
-        _chargen_stream_model,
         _relay_needs_upstream,
         _relay_upstream,
         _upstream_tls,
