@@ -155,7 +155,7 @@ def free_port() -> int:
 
 
 def wait_ready(
-    mode: str, port: int, sock: str, server: subprocess.Popen[bytes], size: int, timeout: float = 15.0
+    mode: str, port: int, sock: str, server: subprocess.Popen[bytes], *, size: int, timeout: float = 15.0
 ) -> bool:
     """Whether the server answers a request within `timeout`: an accepted connection alone proves
     nothing (a listening socket queues clients before any worker serves it). A server that has
@@ -281,7 +281,7 @@ def run_one(mode: str, command: str, args: argparse.Namespace) -> dict[str, floa
         start_new_session=True,
     )
     try:
-        if not wait_ready(mode, port, sock, server, args.size):
+        if not wait_ready(mode, port, sock, server, size=args.size):
             return None
         time.sleep(0.3)
         if mode == "idle":

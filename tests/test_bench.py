@@ -12,6 +12,7 @@ import select
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -286,3 +287,18 @@ def test_compare_over_tls() -> None:
         "tls-echo", [*suite.tls_relays("stunnel"), "uvloop-tls", *suite.models("tcp", "echo", ["asyncio"], *suite.TLS)]
     )
     assert list(measured) == ["stunnel", "uvloop-tls", "sockd-asyncio"]
+
+
+def test_compare_programs_per_connection() -> None:
+    """The exec workload: `head -c 64` per connection under xinetd (its config removed once it
+    listens), systemd-socket-activate, socat and sockd's exec handler, each answering the
+    timestamp load's 64 bytes."""
+    require("gcc")
+    for program in suite.INETDS:
+        require(suite.PROGRAMS[program])
+    options, servers = suite.WORKLOADS["exec"]
+    assert options[0] == "timestamp"
+    before = set(Path(tempfile.gettempdir()).glob("sockd-bench-xinetd-*"))
+    measured = compare("timestamp", servers)
+    assert list(measured) == ["xinetd", "systemd-socket-activate", "socat-exec", "sockd-exec"]
+    assert set(Path(tempfile.gettempdir()).glob("sockd-bench-xinetd-*")) <= before
