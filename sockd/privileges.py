@@ -33,7 +33,7 @@ class PrivilegeError(SockdError):
 def account_id(value: str | int, kind: str) -> int:
     """The id of a user (`kind` "user") or group ("group") named by name or number; a string of
     digits is a number, as systemd's User= reads it. ValueError names what is wrong."""
-    if isinstance(value, int) or value.isdigit():
+    if isinstance(value, int) or (value.isascii() and value.isdigit()):
         number = int(value)
         if number > MAX_ID:
             raise ValueError(f"{number} is not a {kind} id: at most {MAX_ID}")

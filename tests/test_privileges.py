@@ -17,7 +17,17 @@ import yaml
 from sockd import privileges
 from sockd.privileges import PrivilegeError
 
-from support import MODELS, Launcher, assert_rejected, request, require, run_sockd, sockd_command
+from support import (
+    MODELS,
+    Launcher,
+    assert_rejected,
+    becomes,
+    request,
+    requests,
+    require,
+    run_sockd,
+    sockd_command,
+)
 from support import listener as entry
 
 NOBODY = pwd.getpwnam("nobody").pw_uid
@@ -45,6 +55,8 @@ def test_a_worker_runs_as_its_listeners_user_and_serves(start_sockd: Launcher, m
     daemon = start_sockd([entry("e", "tcp", "echo", model, user="nobody")])
     assert request(daemon.address("e"), b"as nobody") == b"as nobody"
     assert _credentials(daemon.worker_pid("e")) == _as(NOBODY, NOGROUP)
+    # Its counts still reach the supervisor: the shared memory was mapped before the drop.
+    becomes(lambda: requests(daemon, "e"), 1.0, "the request counted")
     assert _credentials(daemon.process.pid)["Uid"] == [0] * 4  # the supervisor stays root
 
 
