@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import os
 import pwd
+import socket
 import stat
 import subprocess
 from collections.abc import Callable
@@ -18,10 +19,16 @@ from sockd import privileges
 from sockd.privileges import PrivilegeError
 
 from support import (
+    CA,
     MODELS,
+    SERVER_NAME,
+    TIMEOUT,
     Launcher,
     assert_rejected,
     becomes,
+    client_context,
+    free_port,
+    recv_exactly,
     request,
     requests,
     require,
@@ -58,6 +65,37 @@ def test_a_worker_runs_as_its_listeners_user_and_serves(start_sockd: Launcher, m
     # Its counts still reach the supervisor: the shared memory was mapped before the drop.
     becomes(lambda: requests(daemon, "e"), 1.0, "the request counted")
     assert _credentials(daemon.process.pid)["Uid"] == [0] * 4  # the supervisor stays root
+
+
+def test_a_dropped_worker_serves_tls_with_a_key_only_root_can_read(
+    start_sockd: Launcher, tls_ca: CA, tmp_path: Path
+) -> None:
+    issued = tls_ca.server().write(tmp_path, "server")
+    Path(issued.key).chmod(0o600)  # root's, in pytest's 0700 directory: the supervisor reads it
+    daemon = start_sockd(
+        [entry("t", "tcp", "echo", "asyncio", user="nobody", tls={"cert": str(issued.cert), "key": str(issued.key)})]
+    )
+    host, port = daemon.address("t").rsplit(":", 1)
+    context = client_context(tls_ca.write(tmp_path))
+    with (
+        socket.create_connection((host, int(port)), timeout=TIMEOUT) as raw,
+        context.wrap_socket(raw, server_hostname=SERVER_NAME) as client,
+    ):
+        client.sendall(b"over tls")
+        assert recv_exactly(client, 8) == b"over tls"
+    assert _credentials(daemon.worker_pid("t")) == _as(NOBODY, NOGROUP)
+
+
+def test_a_dropped_relay_resolves_its_upstream(start_sockd: Launcher) -> None:
+    port = free_port()
+    daemon = start_sockd(
+        [
+            entry("echo", "tcp", "echo", "selector", port=port),
+            entry("r", "tcp", "relay", "asyncio", user="nobody", upstream=f"tcp://localhost:{port}"),
+        ]
+    )
+    assert request(daemon.address("r"), b"relayed") == b"relayed"
+    assert _credentials(daemon.worker_pid("r")) == _as(NOBODY, NOGROUP)
 
 
 def test_a_listener_without_user_runs_as_sockd_does(start_sockd: Launcher) -> None:
