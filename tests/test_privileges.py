@@ -98,6 +98,27 @@ def test_a_dropped_relay_resolves_its_upstream(start_sockd: Launcher) -> None:
     assert _credentials(daemon.worker_pid("r")) == _as(NOBODY, NOGROUP)
 
 
+def _free_privileged_port() -> int:
+    """A loopback TCP port below 1024 that nothing holds now."""
+    for port in range(1023, 899, -1):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.fail("no free port in 900-1023")
+
+
+def test_a_port_below_1024_is_bound_by_the_supervisor_and_served_by_the_dropped_worker(
+    start_sockd: Launcher,
+) -> None:
+    port = _free_privileged_port()
+    daemon = start_sockd([entry("low", "tcp", "echo", "asyncio", port=port, user="nobody")])
+    assert request(f"127.0.0.1:{port}", b"low port") == b"low port"
+    assert _credentials(daemon.worker_pid("low")) == _as(NOBODY, NOGROUP)
+
+
 def test_a_listener_without_user_runs_as_sockd_does(start_sockd: Launcher) -> None:
     daemon = start_sockd([entry("e", "tcp", "echo", "selector"), entry("n", "tcp", "echo", "selector", user=NOBODY)])
     assert _credentials(daemon.worker_pid("e"))["Uid"] == [0] * 4
@@ -159,14 +180,26 @@ def test_a_reload_that_changes_the_user_replaces_the_workers(start_sockd: Launch
     assert request(address, b"as daemon") == b"as daemon"
 
 
-def test_a_worker_that_could_become_root_again_refuses_to_serve(start_sockd: Launcher) -> None:
-    # SECBIT_NO_SETUID_FIXUP: the capabilities of root outlive the worker's setuid, so setuid(0)
-    # would work again; the worker says so, exits 1 and is restarted like any failed worker.
-    prefix = (require("setpriv"), "--securebits", "+no_setuid_fixup")
-    daemon = start_sockd([entry("e", "tcp", "echo", "asyncio", user="nobody")], wait=False, prefix=prefix)
+REFUSALS = {
+    # Capabilities of root outlive the worker's setuid, so setuid(0) would work again.
+    "could become root again": (("--securebits", "+no_setuid_fixup"), "still holds capabilities after setuid: CapPrm "),
+    # A root without CAP_SETGID and CAP_SETUID (a container's, a unit's bounding set): no drop at all.
+    "cannot drop": (("--bounding-set", "-setuid,-setgid"), f"cannot become uid {NOBODY} gid {NOGROUP}: "),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_a_worker_that_cannot_drop_for_good_refuses_to_serve(start_sockd: Launcher, case: str) -> None:
+    # Still root (uid 0) to the config; the worker finds out, says so, exits 1 and is restarted
+    # like any worker that failed.
+    options, error = REFUSALS[case]
+    daemon = start_sockd(
+        [entry("e", "tcp", "echo", "asyncio", user="nobody")], wait=False, prefix=(require("setpriv"), *options)
+    )
     refused = daemon.wait_for("cannot drop privileges; not serving", listener="e")
-    assert refused["error"].startswith("still holds capabilities after setuid: CapPrm ")
+    assert refused["error"].startswith(error)
     assert daemon.wait_for("worker died; restarting", pid=refused["pid"])["code"] == 1
+    assert not any(event.get("event") == "serving" and event.get("pid") == refused["pid"] for event in daemon.events)
 
 
 def _in_child(act: Callable[[], None]) -> str:
