@@ -4,11 +4,11 @@ Started by the supervisor (exec, so it owes nothing to the supervisor's threads)
 sockd.forkserver FD`, FD its end of a SOCK_SEQPACKET socketpair. It imports the worker, every
 model, handler and relay module, structlog, asyncio, uvloop and the idna codec, then calls
 gc.freeze(), so that what it imported sits in pages every worker shares and no worker's garbage
-collector ever touches (and so copies) them. Then it answers requests: the worker's spec (JSON), its length first, in
-as many messages as it takes (a message of a SOCK_SEQPACKET socket must fit in the socket's send
-buffer, some 200 kB, and a listener's `allow` list may make a spec longer), the first carrying the
-worker's descriptors (SCM_RIGHTS: the listening socket, the channel to the supervisor, the shared
-counters); answered with the worker's pid, or -errno.
+collector ever touches (and so copies) them. Then it answers requests: the worker's spec (JSON),
+its length first, in as many messages as it takes (a message of a SOCK_SEQPACKET socket must fit
+in the socket's send buffer, some 200 kB, and a listener's `allow` list may make a spec longer),
+the first carrying the worker's descriptors (SCM_RIGHTS: the listening socket, the channel to
+the supervisor, the shared counters); answered with the worker's pid, or -errno.
 
 Workers are the supervisor's children, not the fork server's: the supervisor is a child
 subreaper (PR_SET_CHILD_SUBREAPER), and the fork server forks twice, the intermediate process
