@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import itertools
+import os
 import ssl
 from collections.abc import Callable, Sequence
 from typing import Annotated, Literal
@@ -23,6 +24,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from sockd import privileges
 
 ProtocolName = Literal["tcp", "udp", "unix"]
 HandlerName = Literal["echo", "timestamp", "discard", "daytime", "time", "chargen", "relay", "agent"]
@@ -45,6 +48,12 @@ MAX_SECONDS = 86_400.0
 Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)]
 Timeout = Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=1)]
+# A user or group, by name or number, as looked up at load (see sockd.privileges): the id.
+AccountId = Annotated[
+    int,
+    Field(ge=0, le=privileges.MAX_ID),
+    WithJsonSchema({"type": ["string", "integer"], "description": "a name, or a number"}),
+]
 
 
 def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -279,6 +288,10 @@ class _ListenerBase(_Frozen):
     concurrency: ModelName
     delay: Seconds = 0.0
     workers: Annotated[int, Field(ge=1, le=256)] = 1  # processes serving the one socket
+    # Whom the workers run as (sockd.privileges): the supervisor binds as root, each worker then
+    # drops to this user with this group alone (by default, the user's own). None: as sockd runs.
+    user: AccountId | None = None
+    group: AccountId | None = Field(default=None, validate_default=True)
     threads: Annotated[int, Field(ge=1, le=1024)] = 4
     selector_backend: SelectorBackend = "auto"
     event_loop: EventLoop = "auto"
@@ -330,6 +343,29 @@ class _ListenerBase(_Frozen):
     keepalive: bool = False
     recv_buffer: Annotated[int, Field(ge=1024, le=1 << 30)] | None = None
     send_buffer: Annotated[int, Field(ge=1024, le=1 << 30)] | None = None
+
+    @field_validator("user", mode="before")
+    @classmethod
+    def _user(cls, value: object) -> object:
+        uid = _account(value, "user")
+        if uid == 0:
+            raise ValueError("root: a worker runs as root when its listener names no user")
+        if isinstance(uid, int) and (why := privileges.may_become(uid=uid)):
+            raise ValueError(why)
+        return uid
+
+    @field_validator("group", mode="before")
+    @classmethod
+    def _group(cls, value: object, info: ValidationInfo) -> object:
+        user = info.data.get("user")  # missing if it has an error of its own, which says what is wrong
+        if value is None:
+            return None if user is None else privileges.primary_group(user)
+        if "user" in info.data and user is None:
+            raise ValueError("only valid with user (a worker that stays root could take any group back)")
+        gid = _account(value, "group")
+        if user is not None and gid != os.getegid() and os.geteuid() != 0:
+            raise ValueError(f"sockd runs as gid {os.getegid()}, not root, so its workers cannot run as gid {gid}")
+        return gid
 
     @field_validator("event_loop")
     @classmethod
@@ -402,6 +438,20 @@ class UnixListener(_ListenerBase):
     # YAML 1.1 reads a bare 0660 as the octal number 432.
     mode: Annotated[str, BeforeValidator(_quoted('mode: "0660"')), Field(pattern=MODE_PATTERN)] = "0660"
 
+    # Whom the socket file belongs to (systemd's SocketUser=, SocketGroup=), set as it is bound
+    # (and at a reload); None: as bind() made it. `group` is the worker's, not the file's.
+    owner: AccountId | None = None
+    owner_group: AccountId | None = None
+
+    @field_validator("owner", "owner_group", mode="before")
+    @classmethod
+    def _owner(cls, value: object, info: ValidationInfo) -> object:
+        kind = "user" if info.field_name == "owner" else "group"
+        number = _account(value, kind)
+        if isinstance(number, int) and (why := privileges.may_become(**{kind[0] + "id": number})):
+            raise ValueError(why)
+        return number
+
     @property
     def address(self) -> str:
         return self.path
@@ -409,6 +459,13 @@ class UnixListener(_ListenerBase):
     @property
     def mode_bits(self) -> int:
         return int(self.mode, 8)
+
+
+def _account(value: object, kind: str) -> object:
+    """A user's or group's name or number as its id; anything else as is, for the type's check."""
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return privileges.account_id(no_nul(value) if isinstance(value, str) else value, kind)
+    return value
 
 
 Listener = Annotated[InetListener | UnixListener, Field(discriminator="protocol")]
