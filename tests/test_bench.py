@@ -257,6 +257,8 @@ def compare(mode: str, servers: list[str]) -> dict[str, list[str]]:
     assert header.startswith(f"{mode}: ")
     assert header.endswith(f"seconds=1.0 rounds=1 reference={servers[0].partition('=')[0]}")
     assert columns.split() == ["server", "rps", "ratio", "cpu_us/req", "cpu_ratio", "p50_us", "p99_us", "errors"]
+    for row in rows:
+        assert not row.endswith("did not start"), result.stdout
     measured = {row.split()[0]: row.split()[1:] for row in rows}
     for name, (rps, *_, errors) in measured.items():
         assert float(rps) > 0, name
