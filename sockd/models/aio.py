@@ -19,7 +19,8 @@ import structlog
 
 from sockd.config import EventLoop, Listener
 from sockd.counters import BEAT_INTERVAL, RESET, RESOURCES, Recorder, Stats
-from sockd.handlers import Handler, Relay
+from sockd.exec import Children, ExecProtocol, settle
+from sockd.handlers import Exec, Handler, Relay
 from sockd.lifecycle import Address, Connection, Datagrams, Service, Staging, stream
 from sockd.limits import FREE
 from sockd.models.shared import accept_failed, out_of_resources, stop_listening
@@ -240,6 +241,8 @@ class Model:
         self.stage = stage
         self.new_loop = loop_factory(listener.event_loop)
         self.relay = handler if isinstance(handler, Relay) else None
+        self.exec = handler if isinstance(handler, Exec) else None
+        self.children: Children | None = None  # an exec listener's (see sockd.exec)
         # asyncio and uvloop set TCP_NODELAY on every connection themselves: undo it if asked.
         self.nagle = listener.protocol == "tcp" and not listener.nodelay
         self.acceptor: Acceptor | None = None  # a stream listener's: told of every connection gone
@@ -279,7 +282,9 @@ class Model:
                 await datagrams.replied()
             datagrams.close()
             return
-        per_connection = 1 if self.relay is None else 2
+        # A relay holds its client's socket and its upstream's; an exec's child, its pidfd and
+        # the pipe of its stderr (the child has the socket).
+        per_connection = 1 if self.relay is None and self.exec is None else 2
         self.acceptor = acceptor = Acceptor(
             loop, sock, self._protocol(), per_connection, self.recorder, backlog=self.listener.backlog
         )
@@ -296,6 +301,10 @@ class Model:
     def _protocol(self) -> Callable[[], asyncio.Protocol]:
         """A connection's protocol, its ticket had once it is made (see _made)."""
         service, recorder, relay = self.service, self.recorder, self.relay
+        if self.exec is not None:
+            settle(self.exec)
+            children = self.children = Children(self.exec, asyncio.get_running_loop(), self.nagle)
+            return lambda: ExecProtocol(service, FREE, recorder, children)
         if relay is None:
             # The lifecycle's connection is the protocol itself (see the module's docstring).
             return lambda: cast(asyncio.Protocol, stream(service, FREE, recorder))
@@ -351,6 +360,8 @@ class Model:
     def _ending(self, loop: asyncio.AbstractEventLoop, stop: Stop) -> None:
         loop.remove_reader(stop.ending.fileno())
         self.service.drain()
+        if self.children is not None:
+            self.children.stop()
 
     def _beat(self, loop: asyncio.AbstractEventLoop) -> None:
         self.stats.beat()
