@@ -78,7 +78,11 @@ class Acceptor:
     loop's default (100) would be the listener's from then on.
 
     A connection holds `per_connection` descriptors (a relay's two). `factory` makes a
-    connection's protocol, which takes its ticket once it is made (see admitted)."""
+    connection's protocol, which takes its ticket once it is made (see admitted).
+
+    With a `limit` (an exec listener's max_connections: its children), sockd accepts, and not
+    past it: the clients beyond wait in the backlog, as inetd's, until a connection has gone,
+    rather than being refused as another listener's are."""
 
     def __init__(
         self,
@@ -89,8 +93,11 @@ class Acceptor:
         recorder: Recorder,
         *,
         backlog: int,
+        limit: int | None = None,
     ) -> None:
         self.loop = loop
+        self.limit = limit
+        self.full = False  # held reached `limit`: sockd accepts no more until one has gone
         self.sock = sock
         self.backlog = backlog
         self.factory = factory
@@ -109,7 +116,7 @@ class Acceptor:
         # The standard loop's server makes each in a task, as sockd's own accept does, so it saves
         # nothing; and closed while such a task is pending (a worker retiring), it loses that
         # connection (its Server._attach asserts it is still open).
-        self.server_accepts = not isinstance(loop, asyncio.BaseEventLoop)
+        self.server_accepts = limit is None and not isinstance(loop, asyncio.BaseEventLoop)
 
     def start(self) -> None:
         if self.server_accepts and self.held < self.capacity - MARGIN:
@@ -161,6 +168,10 @@ class Acceptor:
 
     def _accept(self) -> None:
         for _ in range(ACCEPT_BATCH):
+            if self.limit is not None and self.held >= self.limit:
+                self._stop_reading()
+                self.full = True
+                return
             try:
                 fd, _address = self.sock._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, ConnectionAbortedError):
@@ -203,8 +214,11 @@ class Acceptor:
     def released(self) -> None:
         """A connection has gone (or was refused)."""
         self.held -= 1
+        if self.full:
+            self.full = False
+            self._start_reading()
         # While a server accepts (nearly always), there is nothing more to do.
-        if self.server is None and self.starting is None and not self.stopped:
+        elif self.server is None and self.starting is None and not self.stopped:
             self._serve_again_with_room()
 
     def _serve_again_with_room(self) -> None:
@@ -286,7 +300,13 @@ class Model:
         # the pipe of its stderr (the child has the socket).
         per_connection = 1 if self.relay is None and self.exec is None else 2
         self.acceptor = acceptor = Acceptor(
-            loop, sock, self._protocol(), per_connection, self.recorder, backlog=self.listener.backlog
+            loop,
+            sock,
+            self._protocol(),
+            per_connection,
+            self.recorder,
+            backlog=self.listener.backlog,
+            limit=self.listener.max_connections if self.exec is not None else None,
         )
         acceptor.start()
         await stopped.wait()
