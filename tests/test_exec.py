@@ -100,7 +100,7 @@ sys.exit(3)
 """,
     )
     # LC_ALL, or the interpreter would add LC_CTYPE to its own environment (PEP 538).
-    options = {"env": {"LC_ALL": "C.UTF-8"}, "limits": {"cpu": 60, "memory": "256MiB", "files": 64}}
+    options: dict[str, Any] = {"env": {"LC_ALL": "C.UTF-8"}, "limits": {"cpu": 60, "memory": "256MiB", "files": 64}}
     daemon = start_sockd([exec_listener([program], log_connections=True, **options)])
     with connect(daemon.address("x")) as sock:
         said = json.loads(read_to_eof(sock))
