@@ -43,15 +43,19 @@ import os
 import resource
 import signal
 import socket
+from collections.abc import Callable
 from typing import Any, cast
 
 import structlog
 
 from sockd.counters import EXEC_ERROR, EXEC_FAILED, EXEC_OK, EXEC_SIGNAL, EXEC_TIMEOUT, Recorder
-from sockd.handlers import Exec
+from sockd.handlers import Exec, Relay
 from sockd.lifecycle import Connection, ConnectionLog, Service
 from sockd.limits import Ticket, TokenBuckets
 from sockd.logging import Throttled
+from sockd.relay import Resolver
+from sockd.relay.aio import RelayProtocol, UpstreamProtocol, carrier
+from sockd.tls.layer import TLSLayer
 from sockd.transports import admitted
 
 log = structlog.get_logger()
@@ -68,6 +72,9 @@ LINE_BYTES = 1024
 LINES_PER_SECOND = 100.0
 LINES_BURST = 200
 READ_BYTES = 65536
+# Once the client or the child has ended its output, how long the other may still send, copied
+# through a socketpair (see ExecRelay): the relay's default (half_close_timeout).
+HALF_CLOSE_TIMEOUT = 0.5
 # Every signal a child starts with at its default disposition (SIGKILL and SIGSTOP have no other).
 SIGNALS = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
 LIMITS = (("cpu", resource.RLIMIT_CPU), ("memory", resource.RLIMIT_AS), ("files", resource.RLIMIT_NOFILE))
@@ -144,14 +151,16 @@ def spawn(handler: Exec, fd: int, env: dict[str, str]) -> tuple[int, int]:
 
 class Children:
     """A worker's running children: the stop ends them, and the stderr lines they write share one
-    rate (see LINES_PER_SECOND)."""
+    rate (see LINES_PER_SECOND). `names` are the settings of the relay that copies for a staged
+    client (see ExecRelay), None on a listener without a stage."""
 
-    def __init__(self, handler: Exec, loop: asyncio.AbstractEventLoop, nagle: bool) -> None:
+    def __init__(self, handler: Exec, loop: asyncio.AbstractEventLoop, nagle: bool, staged: bool) -> None:
         self.handler = handler
         self.loop = loop
         self.nagle = nagle  # the listener has nodelay: false (the loop set TCP_NODELAY)
-        self.running: set[ExecProtocol] = set()
+        self.running: set[Child] = set()
         self.lines = TokenBuckets(LINES_PER_SECOND, LINES_BURST, loop.time)
+        self.names = Resolver(ToChild(handler), loop.call_soon_threadsafe) if staged else None
 
     def stop(self) -> None:
         """The worker's drain has begun: the children still running near its end are ended."""
@@ -174,18 +183,34 @@ class Children:
         else:
             _dropped(child=pid)
 
+    def start(self, connection: Connection, fd: int, env: dict[str, str], exited: Callable[[], None]) -> Child | None:
+        """The child of `connection`, started on `fd` (its stdin and stdout), `exited` called
+        once it is reaped and counted; None if it could not start (counted, logged, and said in
+        the connection's log line)."""
+        handler = self.handler
+        try:
+            pid, stderr = spawn(handler, fd, env)
+        except OSError as exc:  # ENOENT, EACCES, ENOEXEC
+            connection.recorder.exits[EXEC_FAILED] += 1
+            _failed(command=handler.command[0], error=exc.strerror or str(exc))
+            if connection.observer is not None:
+                connection.observer.ended_by("failed")
+            return None
+        return Child(self, connection, pid, stderr, exited)
 
-class ExecProtocol(asyncio.Protocol):
-    """A client of an exec listener: the loop's protocol for its socket until its child starts,
-    and the transport of its lifecycle Connection until the child is reaped."""
+
+class Child:
+    """One running child: its exit watched through its pidfd, its stderr read into the log, its
+    exec_timeout kept; once reaped it is counted and `exited` is told."""
 
     __slots__ = (
-        "carrier",
         "children",
         "connection",
+        "exited",
         "partial",
         "pid",
         "pidfd",
+        "reaped",
         "skipping",
         "started",
         "stderr",
@@ -193,77 +218,25 @@ class ExecProtocol(asyncio.Protocol):
         "timer",
     )
 
-    def __init__(self, service: Service, ticket: Ticket, recorder: Recorder, children: Children) -> None:
-        self.connection = connection = Connection(service, ticket, recorder)
-        connection.transport = self
-        if service.logged:
-            connection.observer = ConnectionLog("exited")
+    def __init__(
+        self, children: Children, connection: Connection, pid: int, stderr: int, exited: Callable[[], None]
+    ) -> None:
         self.children = children
-        self.carrier: asyncio.Transport | None = None  # the loop's transport, until the child has the socket
-        self.pid = 0  # 0: no child (yet, or it could not start)
-        self.pidfd = self.stderr = -1
-        self.started = 0.0
-        self.timed_out = False
-        self.timer: asyncio.TimerHandle | None = None
+        self.connection = connection
+        self.pid = pid
+        self.stderr = stderr
+        self.exited = exited
+        self.started = connection.recorder.clock()
+        self.timed_out = self.reaped = False
         self.partial = b""  # a stderr line's beginning, its end not read yet
         self.skipping = False  # past LINE_BYTES of the current stderr line: dropped until its end
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        carrier = self.carrier = cast(asyncio.Transport, transport)
-        connection = self.connection
-        service = connection.service
-        if service.screening:
-            ticket = admitted(carrier, service.admission, connection.recorder)
-            if ticket is None:
-                service.forget(connection)
-                return
-            connection.ticket = ticket
-        carrier.pause_reading()  # the child reads it, not the loop
-        connection.opened()
-        connection.answered = True  # a stop's drain ends the child (Children.stop), not its input
-        self.started = connection.recorder.clock()
-        self._start(carrier.get_extra_info("socket"))
-
-    def _start(self, sock: Any) -> None:
-        children, connection = self.children, self.connection
-        handler = children.handler
-        try:
-            fd = sock.fileno()
-            if children.nagle:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
-            # O_NONBLOCK belongs to the socket's open file, shared with the child's copies: the
-            # loop set it, and a program expects a blocking stdin and stdout.
-            os.set_blocking(fd, True)
-            pid, self.stderr = spawn(handler, fd, environment(handler, sock))
-        except OSError as exc:  # ENOENT, EACCES, ENOEXEC; or the client left (getpeername)
-            connection.recorder.exits[EXEC_FAILED] += 1
-            _failed(command=handler.command[0], error=exc.strerror or str(exc))
-            if connection.observer is not None:
-                connection.observer.ended_by("failed")
-            self._close_carrier()
-            return
-        self.pid = pid
-        self.children.running.add(self)
+        children.running.add(self)
         # pidfd_open() cannot fail on our own child before it is reaped, but for want of a descriptor.
         self.pidfd = os.pidfd_open(pid)
         loop = children.loop
         loop.add_reader(self.pidfd, self._exited)
-        loop.add_reader(self.stderr, self._stderr)
-        self.timer = loop.call_later(handler.timeout, self._expired)
-        self._close_carrier()
-        self.carrier = None  # its socket is the child's: a drain must not shut its input
-
-    def _close_carrier(self) -> None:
-        """The worker's copy of the socket is closed (a close(), not a shutdown(): the child's
-        copies keep the connection open)."""
-        if self.carrier is not None:
-            self.carrier.close()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        """The loop closed its transport: the session goes on while the child runs."""
-        self.carrier = None
-        if not self.pid:
-            self.connection.connection_lost(exc)
+        loop.add_reader(stderr, self._stderr)
+        self.timer = loop.call_later(children.handler.timeout, self._expired)
 
     def _expired(self) -> None:
         self.timed_out = True
@@ -272,6 +245,8 @@ class ExecProtocol(asyncio.Protocol):
 
     def signal(self, signum: int) -> None:
         """Signal the child's process group (the pid is ours until it is reaped, so is its group)."""
+        if self.reaped:
+            return
         # ESRCH: the group is gone, the child a zombie about to be reaped.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signum)
@@ -295,9 +270,8 @@ class ExecProtocol(asyncio.Protocol):
             self.partial, self.skipping = b"", True
 
     def _line(self, line: bytes) -> None:
-        if self.skipping:
-            return
-        self.children.say(self.pid, line[:LINE_BYTES], len(line) > LINE_BYTES)
+        if not self.skipping:
+            self.children.say(self.pid, line[:LINE_BYTES], len(line) > LINE_BYTES)
 
     def _stderr_closed(self) -> None:
         if self.partial:
@@ -308,14 +282,14 @@ class ExecProtocol(asyncio.Protocol):
         self.stderr = -1
 
     def _exited(self) -> None:
-        """The child exited: reaped, counted, and its connection ends."""
+        """The child exited: reaped and counted, its run time too; then `exited`."""
         loop, connection = self.children.loop, self.connection
         loop.remove_reader(self.pidfd)
         os.close(self.pidfd)
         _, status = os.waitpid(self.pid, 0)
+        self.reaped = True
         self.children.running.discard(self)
-        if self.timer is not None:
-            self.timer.cancel()
+        self.timer.cancel()
         if self.stderr >= 0:  # what it wrote last; a grandchild holding the pipe is not waited for
             self._stderr()
             if self.stderr >= 0:
@@ -327,13 +301,72 @@ class ExecProtocol(asyncio.Protocol):
             result, ending = EXEC_SIGNAL, f"signal {signal.Signals(-code).name}"
         else:
             result, ending = (EXEC_OK if code == 0 else EXEC_ERROR), f"exit {code}"
-        recorder = connection.recorder
-        recorder.exits[result] += 1
-        recorder.request(0, 0, self.started)
+        connection.recorder.exits[result] += 1
         if connection.observer is not None:
             connection.observer.note(child=self.pid)
             connection.observer.ended_by(ending)
-        connection.connection_lost(None)
+        self.exited()
+
+
+class ExecProtocol(asyncio.Protocol):
+    """A client of an exec listener without a stage: the loop's protocol for its socket until
+    its child starts on that socket, and the transport of its lifecycle Connection until the
+    child is reaped."""
+
+    __slots__ = ("carrier", "child", "children", "connection", "started")
+
+    def __init__(self, service: Service, ticket: Ticket, recorder: Recorder, children: Children) -> None:
+        self.connection = connection = Connection(service, ticket, recorder)
+        connection.transport = self
+        if service.logged:
+            connection.observer = ConnectionLog("exited")
+        self.children = children
+        self.carrier: asyncio.Transport | None = None  # the loop's transport, until the child has the socket
+        self.child: Child | None = None
+        self.started = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        carrier = self.carrier = cast(asyncio.Transport, transport)
+        connection = self.connection
+        service = connection.service
+        if service.screening:
+            ticket = admitted(carrier, service.admission, connection.recorder)
+            if ticket is None:
+                service.forget(connection)
+                return
+            connection.ticket = ticket
+        carrier.pause_reading()  # the child reads it, not the loop
+        connection.opened()
+        connection.answered = True  # a stop's drain ends the child (Children.stop), not its input
+        self.started = connection.recorder.clock()
+        sock = carrier.get_extra_info("socket")
+        try:
+            if self.children.nagle:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+            # O_NONBLOCK belongs to the socket's open file, shared with the child's copies: the
+            # loop set it, and a program expects a blocking stdin and stdout.
+            os.set_blocking(sock.fileno(), True)
+            env = environment(self.children.handler, sock)
+        except OSError as exc:  # the client left already (getpeername)
+            log.debug("connection lost", error=str(exc))
+            carrier.close()
+            return
+        self.child = self.children.start(connection, sock.fileno(), env, self._exited)
+        # The worker's copy is closed (a close(), not a shutdown(): the child's copies keep the
+        # connection open), and a drain must not shut the child's input: it has no socket more.
+        carrier.close()
+        if self.child is not None:
+            self.carrier = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        """The loop closed its transport: the session goes on while the child runs."""
+        self.carrier = None
+        if self.child is None:
+            self.connection.connection_lost(exc)
+
+    def _exited(self) -> None:
+        self.connection.recorder.request(0, 0, self.started)
+        self.connection.connection_lost(None)
 
     # -- as the lifecycle connection's transport
 
@@ -342,8 +375,8 @@ class ExecProtocol(asyncio.Protocol):
 
     def abort(self) -> None:
         """End the session now: the child is killed (or, not started, the socket closed)."""
-        if self.pid and self in self.children.running:
-            self.signal(signal.SIGKILL)
+        if self.child is not None:
+            self.child.signal(signal.SIGKILL)
         elif self.carrier is not None:
             self.carrier.abort()
 
@@ -363,3 +396,92 @@ class ExecProtocol(asyncio.Protocol):
 
     def get_write_buffer_size(self) -> int:
         return 0
+
+
+class ToChild(Relay):
+    """The settings of the relay that copies between a staged client and its child (see
+    ExecRelay): its upstream is the child's end of a socketpair, with no address to look up, no
+    TLS and no header of its own."""
+
+    def __init__(self, handler: Exec) -> None:  # not Relay's, which reads a listener's upstream
+        self.upstream = f"exec {handler.command[0]}"  # as the relay's warnings name it
+        self.scheme, self.where = "unix", ""
+        self.tls = None
+        self.connect_timeout = handler.timeout
+        self.half_close_timeout = HALF_CLOSE_TIMEOUT
+        self.session_timeout = handler.timeout
+        self.proxy_protocol = None
+
+
+class ExecRelay(RelayProtocol):
+    """A client of an exec listener with a stage (a PROXY header, TLS): the stage has read what
+    the child cannot be given (the header, what came after it; TLS's records), so the child gets
+    one end of a socketpair, and the relay (sockd.relay.aio) copies between the client and the
+    other end as it copies to an upstream: half-close, back-pressure and the counts are the
+    relay's. Over TLS the child is also told the client's certificate's CN and the protocol
+    (SSL_CLIENT_S_DN_CN, SSL_PROTOCOL, as stunnel's exec). The connection ends once the relay
+    has ended and the child is reaped, in either order."""
+
+    __slots__ = ("child", "children", "lost")
+
+    def __init__(self, service: Service, ticket: Ticket, recorder: Recorder, children: Children) -> None:
+        assert children.names is not None
+        super().__init__(service, ticket, recorder, children.names)
+        self.children = children
+        self.child: Child | None = None
+        self.lost: tuple[BaseException | None] | None = None  # the relay's end, while the child runs
+
+    async def _open_upstream(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        connection = self.state.connection
+        with theirs:
+            try:
+                env = self._environment()
+            except OSError as exc:  # the client left already
+                ours.close()
+                log.debug("connection lost", error=str(exc))
+                self.transport.close()
+                return
+            self.child = self.children.start(connection, theirs.fileno(), env, self._exited)
+        if self.child is None:
+            ours.close()
+            self.transport.close()  # the client sees EOF at once
+            return
+        try:
+            upstream = await carrier(asyncio.get_running_loop(), ours, lambda: UpstreamProtocol(self))
+        except OSError as exc:  # no descriptor left for the loop's transport
+            ours.close()
+            self.events.upstream_failed(exc)
+            self.transport.close()
+            return
+        if self.transport.is_closing():  # the client gave up meanwhile
+            upstream.close()
+
+    def _environment(self) -> dict[str, str]:
+        client = self.transport
+        env = environment(self.children.handler, client.get_extra_info("socket"))
+        proxied = self.state.connection.proxied
+        if proxied is not None and isinstance(proxied.source, tuple):
+            env["REMOTE_ADDR"], env["REMOTE_PORT"] = proxied.source[0], str(proxied.source[1])
+        if proxied is not None and isinstance(proxied.destination, tuple):
+            env["LOCAL_ADDR"], env["LOCAL_PORT"] = proxied.destination[0], str(proxied.destination[1])
+        if isinstance(client, TLSLayer):
+            env["SSL_PROTOCOL"] = client.tls.version() or ""
+            if client.peer is not None and client.peer.cn is not None:
+                env["SSL_CLIENT_S_DN_CN"] = client.peer.cn
+        return env
+
+    def _ended(self, exc: BaseException | None) -> None:
+        if self.child is not None and not self.child.reaped:
+            self.lost = (exc,)  # the child's exit ends the connection
+        else:
+            super()._ended(exc)
+
+    def _exited(self) -> None:
+        if self.lost is not None:
+            super()._ended(self.lost[0])
+
+    def abort(self) -> None:
+        super().abort()
+        if self.child is not None:
+            self.child.signal(signal.SIGKILL)

@@ -17,6 +17,8 @@ import pytest
 from sockd.config.schema import ExecLimits
 
 from support import (
+    CA,
+    SERVER_NAME,
     STDLIB_LOOP,
     TIMEOUT,
     Daemon,
@@ -31,6 +33,7 @@ from support import (
     write_config,
 )
 from support import listener as entry
+from support.tls import client_context
 
 LOOPS = ["asyncio", STDLIB_LOOP]  # uvloop (the default, if installed) and the standard library's
 
@@ -239,7 +242,6 @@ def test_a_missing_or_not_executable_program_is_a_config_error(tmp_path: Path) -
     [
         ("protocol: udp", 6, "listeners[0].handler: exec serves streams only"),
         ("concurrency: selector", 7, "listeners[0].concurrency: handler: exec needs concurrency: asyncio"),
-        ("tls: {cert: c.pem, key: k.pem}", 9, "listeners[0].tls: not valid with handler: exec yet"),
         ("idle_timeout: 5", 9, "listeners[0].idle_timeout: not valid with handler: exec"),
         ("limits: {memory: 12 parsecs}", 9, "listeners[0].limits.memory: not a size: '12 parsecs'"),
     ],
@@ -283,4 +285,69 @@ def test_children_start_with_default_signal_dispositions(start_sockd: Launcher) 
     masks = {line.split()[0]: int(line.split()[1], 16) for line in said.splitlines()}
     # The standard signals (glibc keeps its own real-time ones, 32 and 33, for itself).
     assert {name: mask & (1 << 31) - 1 for name, mask in masks.items()} == {"SigBlk:": 0, "SigIgn:": 0}
+    reaped(daemon)
+
+
+# -- behind a stage: the child's bytes copied through a socketpair
+
+
+ENV_PROGRAM = """import json, os, sys
+line = sys.stdin.buffer.readline()
+print(json.dumps({"line": line.decode(), "env": dict(os.environ)}), flush=True)
+sys.stdout.buffer.write(sys.stdin.buffer.read())
+"""
+
+
+@pytest.mark.parametrize("model", LOOPS)
+def test_behind_a_proxy_header_the_child_sees_the_client_it_names(
+    start_sockd: Launcher, tmp_path: Path, model: str
+) -> None:
+    program = script(tmp_path, ENV_PROGRAM)
+    daemon = start_sockd(
+        [exec_listener([program], model, proxy_protocol="v1", proxy_trusted=["127.0.0.0/8"], env={"LC_ALL": "C"})]
+    )
+    payload = os.urandom(1 << 20)
+    with connect(daemon.address("x")) as sock:
+        # What follows the header in the same segment is the stage's to pass on, not lost.
+        sock.sendall(b"PROXY TCP4 192.0.2.7 10.0.0.1 51000 8080\r\nhello\n" + payload)
+        sock.shutdown(socket.SHUT_WR)
+        said = read_to_eof(sock)
+    first, rest = said.split(b"\n", 1)
+    answer = json.loads(first)
+    assert answer["line"] == "hello\n"
+    assert answer["env"] == {
+        "LC_ALL": "C",
+        "SOCKD_LISTENER": "x",
+        "REMOTE_ADDR": "192.0.2.7",
+        "REMOTE_PORT": "51000",
+        "LOCAL_ADDR": "10.0.0.1",
+        "LOCAL_PORT": "8080",
+    }
+    assert rest == payload  # half-closed through the copy, byte-exact
+    eventually(lambda: exits(daemon, "ok") == 1, "the exit counted ok")
+    reaped(daemon)
+
+
+def test_over_tls_the_child_gets_the_plaintext_and_the_clients_name(
+    start_sockd: Launcher, tmp_path: Path, tls_ca: CA
+) -> None:
+    program = script(tmp_path, ENV_PROGRAM)
+    ca = tls_ca.write(tmp_path)
+    server = tls_ca.server().write(tmp_path, "server")
+    client = tls_ca.client("exec-client").write(tmp_path, "client")
+    tls = {"cert": str(server.cert), "key": str(server.key), "client_auth": "required", "client_ca": str(ca)}
+    daemon = start_sockd([exec_listener([program], tls=tls, env={"LC_ALL": "C"})])
+    context = client_context(ca, "1.3", cert=client)
+    with context.wrap_socket(connect(daemon.address("x")), server_hostname=SERVER_NAME) as sock:
+        sock.sendall(b"over tls\n")
+        first = b""
+        while not first.endswith(b"\n"):
+            first += sock.recv(65536)
+    answer = json.loads(first)
+    assert answer["line"] == "over tls\n"
+    env = answer["env"]
+    assert env["SSL_CLIENT_S_DN_CN"] == "exec-client"
+    assert env["SSL_PROTOCOL"] == "TLSv1.3"
+    assert env["REMOTE_ADDR"] == "127.0.0.1"
+    eventually(lambda: exits(daemon, "ok") + exits(daemon, "error") == 1, "the exit counted")
     reaped(daemon)

@@ -141,17 +141,6 @@ def _exec_model(handler: str, concurrency: str) -> Iterator[Problem]:
         )
 
 
-def _exec_stage(handler: str, tls: TLSConfig | None, proxy_protocol: str | None) -> Iterator[Problem]:
-    # The child is given the connection's socket itself; behind a stage it would need the stream
-    # the stage leaves (TLS's plaintext, what came after the PROXY header), copied through a
-    # socketpair: not done yet.
-    if handler != "exec":
-        return
-    for name, value in (("tls", tls), ("proxy_protocol", proxy_protocol)):
-        if value is not None:
-            yield (name,), "not valid with handler: exec yet (its child gets the raw connection)"
-
-
 def _exec_connection_options(
     handler: str,
     delay: float,
@@ -311,7 +300,6 @@ _RULES = [
         _exec_cwd,
         _exec_stream,
         _exec_model,
-        _exec_stage,
         _exec_connection_options,
         _relay_upstream,
         _upstream_tls,

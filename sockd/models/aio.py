@@ -19,7 +19,7 @@ import structlog
 
 from sockd.config import EventLoop, Listener
 from sockd.counters import BEAT_INTERVAL, RESET, RESOURCES, Recorder, Stats
-from sockd.exec import Children, ExecProtocol, settle
+from sockd.exec import Children, ExecProtocol, ExecRelay, settle
 from sockd.handlers import Exec, Handler, Relay
 from sockd.lifecycle import Address, Connection, Datagrams, Service, Staging, stream
 from sockd.limits import FREE
@@ -297,8 +297,11 @@ class Model:
             datagrams.close()
             return
         # A relay holds its client's socket and its upstream's; an exec's child, its pidfd and
-        # the pipe of its stderr (the child has the socket).
+        # the pipe of its stderr (the child has the socket), and behind a stage the client's
+        # socket and its end of the child's socketpair too.
         per_connection = 1 if self.relay is None and self.exec is None else 2
+        if self.exec is not None and service.stage is not None:
+            per_connection = 4
         self.acceptor = acceptor = Acceptor(
             loop,
             sock,
@@ -323,7 +326,10 @@ class Model:
         service, recorder, relay = self.service, self.recorder, self.relay
         if self.exec is not None:
             settle(self.exec)
-            children = self.children = Children(self.exec, asyncio.get_running_loop(), self.nagle)
+            staged = service.stage is not None  # the child's bytes are copied (see sockd.exec)
+            children = self.children = Children(self.exec, asyncio.get_running_loop(), self.nagle, staged)
+            if staged:
+                return lambda: ExecRelay(service, FREE, recorder, children)
             return lambda: ExecProtocol(service, FREE, recorder, children)
         if relay is None:
             # The lifecycle's connection is the protocol itself (see the module's docstring).
