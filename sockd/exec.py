@@ -9,6 +9,10 @@ streams at socket speed), and the child's exit, or its shutdown(), is the client
 half-close works as the program does it. The Connection (its ticket, the active gauge, its log
 line) lives on until the child is reaped: the running child is the session.
 
+Behind a listener's stage (a PROXY header, TLS: lifecycle.Staging), the child cannot have the
+socket: `ExecRelay` is the relay's driver (sockd.relay.aio) with the child's socketpair for its
+upstream, started once the stage is done.
+
 Spawning: os.posix_spawn, which glibc makes with CLONE_VFORK, so the worker's memory is never
 copied, however large. The child's descriptors are 0 and 1 (the connection), 2 (a pipe sockd
 reads: one log line per line written, bounded and rate-limited) and nothing else: posix_spawn

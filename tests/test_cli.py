@@ -174,7 +174,9 @@ def test_a_bad_config_without_check_is_the_same_error(tmp_path: Path) -> None:
     path.write_text(EXAMPLE.replace("handler: echo", "handler: ping", 1))
     result = run_sockd("-c", str(path))
     assert result.returncode == EX_CONFIG
-    expected = "input should be 'echo', 'timestamp', 'discard', 'daytime', 'time', 'chargen', 'relay', 'agent' or 'exec'"
+    expected = (
+        "input should be 'echo', 'timestamp', 'discard', 'daytime', 'time', 'chargen', 'relay', 'agent' or 'exec'"
+    )
     assert result.stderr == f"{path}:14: listeners[0].handler: {expected}\n"
 
 
