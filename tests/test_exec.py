@@ -23,6 +23,7 @@ from support import (
     TIMEOUT,
     Daemon,
     Launcher,
+    alive,
     connect,
     eventually,
     model_options,
@@ -96,6 +97,7 @@ def test_environment_descriptors_limits_stderr_and_exit_code(start_sockd: Launch
 print(json.dumps({
     "env": dict(os.environ),
     "fds": sorted(os.listdir("/proc/self/fd"), key=int),
+    "cwd": os.getcwd(),
     "limits": [line for line in open("/proc/self/limits") if line.startswith(("Max cpu", "Max open", "Max address"))],
 }), flush=True)
 sys.stderr.write("first line\\nsecond line\\n")
@@ -104,7 +106,7 @@ sys.exit(3)
     )
     # LC_ALL, or the interpreter would add LC_CTYPE to its own environment (PEP 538).
     options: dict[str, Any] = {"env": {"LC_ALL": "C.UTF-8"}, "limits": {"cpu": 60, "memory": "256MiB", "files": 64}}
-    daemon = start_sockd([exec_listener([program], log_connections=True, **options)])
+    daemon = start_sockd([exec_listener([program], log_connections=True, cwd=str(tmp_path), **options)])
     with connect(daemon.address("x")) as sock:
         said = json.loads(read_to_eof(sock))
         local, remote = sock.getsockname(), sock.getpeername()
@@ -117,6 +119,7 @@ sys.exit(3)
         "LOCAL_PORT": str(remote[1]),
     }
     assert said["fds"] == ["0", "1", "2", "3"]  # 3: the listing's own
+    assert said["cwd"] == str(tmp_path)
     limits = {" ".join(line.split()[:3]): line.split()[3:5] for line in said["limits"]}
     assert limits == {
         "Max cpu time": ["60", "60"],
@@ -206,6 +209,29 @@ def test_a_stop_ends_the_children_still_running(start_sockd: Launcher) -> None:
         assert daemon.stop() == 0
         assert read_to_eof(sock) == b""
     assert not os.path.exists(f"/proc/{child}")  # ended and reaped before its worker exited
+
+
+def test_a_reload_leaves_a_running_child_its_session(start_sockd: Launcher) -> None:
+    listeners = [exec_listener(["/bin/cat"])]
+    daemon = start_sockd(listeners)
+    old = daemon.worker_pid("x")
+    with connect(daemon.address("x")) as sock:
+        assert echo_line(sock, b"before\n") == b"before\n"
+        plan = daemon.reload([exec_listener(["/bin/cat"], exec_timeout=60)])
+        assert plan["restarted"] == ["x"]
+        assert echo_line(sock, b"after\n") == b"after\n"  # the same child, through its old worker
+        sock.shutdown(socket.SHUT_WR)
+        assert read_to_eof(sock) == b""
+    eventually(lambda: not alive(old), "the old worker gone once its child was reaped")
+    eventually(lambda: exits(daemon, "ok") == 1, "the exit counted")
+
+
+def echo_line(sock: socket.socket, line: bytes) -> bytes:
+    sock.sendall(line)
+    got = b""
+    while not got.endswith(b"\n"):
+        got += sock.recv(4096)
+    return got
 
 
 def test_a_missing_or_not_executable_program_is_a_config_error(tmp_path: Path) -> None:
