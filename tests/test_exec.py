@@ -136,6 +136,18 @@ sys.exit(3)
     reaped(daemon)
 
 
+def test_a_unix_listeners_child_gets_the_sockets_path_and_no_ports(start_sockd: Launcher, sockdir: Path) -> None:
+    path = sockdir / "x.sock"
+    command = ["/usr/bin/env"]  # prints its environment: what sockd gave it
+    daemon = start_sockd([entry("x", "unix", "exec", "asyncio", path, command=command)])
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(TIMEOUT)
+        sock.connect(str(path))
+        said = read_to_eof(sock).decode()
+    assert sorted(said.splitlines()) == [f"LOCAL_ADDR={path}", "SOCKD_LISTENER=x"]
+    reaped(daemon)
+
+
 def test_a_child_past_exec_timeout_is_killed_and_counted(start_sockd: Launcher, tmp_path: Path) -> None:
     # It ignores SIGTERM, so it takes the SIGKILL; its grandchild (the sleep) goes with its group.
     program = script(
