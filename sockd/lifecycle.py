@@ -40,7 +40,8 @@ more. A turn is bounded (FLOW_TURN): one that the transport never stops (a clien
 as it is written to) goes on from the model's `later`, after its other work.
 
 A relay's connection (sockd.relay) passes through the same stage, given the same way, before its
-upstream is connected: a client the stage refuses never reaches the upstream.
+upstream is connected: a client the stage refuses never reaches the upstream. So does an exec's
+(sockd.exec), before its child is started.
 
 A listener's stages run one after another on the same transport (`chain`): a PROXY header
 (sockd.proxy.stage) precedes the TLS ClientHello (sockd.tls.stage), so the header's stage hands
