@@ -148,6 +148,20 @@ def test_a_unix_listeners_child_gets_the_sockets_path_and_no_ports(start_sockd: 
     reaped(daemon)
 
 
+def test_stderr_lines_are_bounded_in_length_and_rate(start_sockd: Launcher, tmp_path: Path) -> None:
+    program = script(tmp_path, "import sys\nsys.stderr.write('x' * 5000 + '\\n' + 'line\\n' * 1000)\n")
+    daemon = start_sockd([exec_listener([program])])
+    with connect(daemon.address("x")) as sock:
+        assert read_to_eof(sock) == b""
+    eventually(lambda: exits(daemon, "ok") == 1, "the exit counted")
+    long = daemon.wait_for("child stderr", truncated=True)
+    assert long["line"] == "x" * 1024
+    daemon.wait_for("child stderr lines dropped: more than the log takes")
+    logged = [event for event in daemon.events if event.get("event") == "child stderr"]
+    assert len(logged) < 1001  # the burst (200), and what the rate (100 a second) let through since
+    reaped(daemon)
+
+
 def test_a_child_past_exec_timeout_is_killed_and_counted(start_sockd: Launcher, tmp_path: Path) -> None:
     # It ignores SIGTERM, so it takes the SIGKILL; its grandchild (the sleep) goes with its group.
     program = script(
