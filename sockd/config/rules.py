@@ -93,14 +93,6 @@ def _relay_model(handler: str, concurrency: str) -> Iterator[Problem]:
         yield ("concurrency",), f"handler: relay needs concurrency: {models} (not {concurrency})"
 
 
-def _chargen_stream_model(handler: str, protocol: str, concurrency: str) -> Iterator[Problem]:
-    # A blocking model's thread would be held writing the endless stream, never reading for the
-    # client's close or the stop's drain.
-    if handler == "chargen" and protocol in STREAM and concurrency not in RELAYING_MODELS:
-        models = alternatives(RELAYING_MODELS)
-        yield ("concurrency",), f"handler: chargen over a stream needs concurrency: {models} (not {concurrency})"
-
-
 def _exec_command(handler: str, command: list[str] | None) -> Iterator[Problem]:
     """The program must be there and executable at load and --check, not only found missing at
     the first client's connection (where it is still counted, as `failed`: it may go meanwhile)."""
@@ -294,7 +286,6 @@ _RULES = [
         _select_connections,
         _relay_message_size,
         _relay_model,
-        _chargen_stream_model,
         _relay_needs_upstream,
         _exec_command,
         _exec_cwd,

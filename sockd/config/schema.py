@@ -27,8 +27,7 @@ from pydantic import (
 ProtocolName = Literal["tcp", "udp", "unix"]
 HandlerName = Literal["echo", "timestamp", "discard", "daytime", "time", "chargen", "relay", "agent", "exec"]
 ModelName = Literal["iterative", "threaded", "thread_pool", "busy_poll", "selector", "asyncio"]
-# The models that can serve handler: relay (sockd.models.registry checks it agrees), and chargen
-# over a stream: those with an event loop, which can write as a client takes the output.
+# The models that can serve handler: relay (sockd.models.registry checks it agrees).
 RELAYING_MODELS: tuple[ModelName, ...] = ("selector", "busy_poll", "asyncio")
 # The models that can serve handler: exec (sockd.exec): an event loop that watches each child's
 # pidfd and stderr beside its connections.
