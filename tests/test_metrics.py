@@ -294,10 +294,15 @@ def test_healthz_reports_a_stopped_worker_down_long_before_worker_timeout_kills_
 ) -> None:
     daemon = start_sockd([entry("echo", "tcp", "echo", model)], worker_timeout=120)
     pid = daemon.worker_pid("echo")
-    eventually(lambda: health(daemon)[0] == 200, "healthy at first")
+
+    def up() -> float:
+        return value(samples(daemon), "sockd_listener_up", listener="echo")
+
+    eventually(lambda: health(daemon)[0] == 200 and up() == 1, "healthy at first")
     with stopped(pid):
-        eventually(lambda: health(daemon)[0] == 503, "down once its heartbeat stopped", timeout=20)
-    eventually(lambda: health(daemon)[0] == 200, "up again once it beats", timeout=20)
+        # sockd_listener_up says what /healthz says, for an alert to name the listener.
+        eventually(lambda: health(daemon)[0] == 503 and up() == 0, "down once its heartbeat stopped", timeout=20)
+    eventually(lambda: health(daemon)[0] == 200 and up() == 1, "up again once it beats", timeout=20)
     assert request(daemon.address("echo"), b"x") == b"x"
     # worker_timeout, not the health check, decides when a worker is killed: this one never was.
     assert [e["pid"] for e in daemon.events if e.get("event") == "worker started"] == [pid]
