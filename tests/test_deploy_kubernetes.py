@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from sockd.config import InetListener
 from sockd.config.loader import parse
 
 from support import ROOT, Launcher, datagram, eventually, health, request, run_sockd
@@ -64,6 +65,31 @@ def test_the_grace_period_outlasts_the_configs_drain_and_shutdown() -> None:
     assert config.drain_delay > 0  # the drain is sockd's own: the Deployment has no preStop
     assert "lifecycle" not in pod["containers"][0]
     assert pod["terminationGracePeriodSeconds"] > config.drain_delay + config.shutdown_timeout
+
+
+def test_the_manifests_agree_with_each_other_and_with_the_config() -> None:
+    """What no schema sees: the names and ports that tie the files together."""
+    config = parse(sockd_config(), "configmap.yaml")
+    deployment, service, monitor = (manifest(name) for name in ("deployment.yaml", "service.yaml", "podmonitor.yaml"))
+    pod = deployment["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert pod["spec"]["volumes"][0]["configMap"]["name"] == manifest("configmap.yaml")["metadata"]["name"]
+    # Each listener's port, and the metrics endpoint's, declared on the container under a name
+    # (the listener's), which the Service, the probe and the PodMonitor name.
+    container = pod["spec"]["containers"][0]
+    ports = {(port["name"], port["containerPort"], port["protocol"]) for port in container["ports"]}
+    listeners = [listener for listener in config.listeners if isinstance(listener, InetListener)]
+    assert len(listeners) == len(config.listeners)  # a Unix socket would be reachable in the pod alone
+    wanted = {(listener.name, listener.port, listener.protocol.upper()) for listener in listeners}
+    assert ports == {*wanted, ("metrics", config.metrics.port, "TCP")}
+    assert {(port["targetPort"], port["protocol"]) for port in service["spec"]["ports"]} == {
+        (name, protocol) for name, _, protocol in wanted
+    }
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert [endpoint["port"] for endpoint in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
 
 
 def test_the_configmaps_config_passes_check_and_is_served(start_sockd: Launcher) -> None:
