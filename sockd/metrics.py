@@ -166,11 +166,19 @@ class SockdCollector(Collector):
         memory = GaugeMetricFamily(
             "sockd_worker_resident_memory_bytes", "Resident memory of the listener's live workers.", labels=label
         )
+        # What /healthz says per listener, for an alert to name the listener (see ListenerReport.up).
+        up = GaugeMetricFamily(
+            "sockd_listener_up",
+            "1 while every worker place of the listener serves with its heartbeat moving, 0 while one is down.",
+            labels=label,
+        )
         info = GaugeMetricFamily(
             "sockd_listener_info",
             "What each listener is (always 1).",
             labels=[*label, "protocol", "concurrency", "handler", "address"],
         )
+        for report in reports:  # a listener a reload removed is not checked (see Snapshot.leaving)
+            up.add_metric([report.listener.name], int(report.up))
         for report in [*reports, *snapshot.leaving]:
             name, totals = report.listener.name, report.totals
             connections.add_metric([name], totals.connections)
@@ -207,7 +215,7 @@ class SockdCollector(Collector):
             value=int(snapshot.draining),
         )
         yield from (connections, active, requests, duration, received, sent, errors, rejected, restarts)
-        yield from (generations, cpu, memory, info, build, log_dropped, draining)
+        yield from (generations, cpu, memory, up, info, build, log_dropped, draining)
         yield from _tls_metrics([report for report in [*reports, *snapshot.leaving] if report.listener.tls is not None])
         yield _exec_metrics([report for report in [*reports, *snapshot.leaving] if report.listener.handler == "exec"])
         yield from _reload_metrics(snapshot.reloads)
