@@ -43,7 +43,8 @@ thread in its send (until idle_timeout), and the next turn is the thread's next 
 has looked at the connection's input (see models.blocking).
 
 A relay's connection (sockd.relay) passes through the same stage, given the same way, before its
-upstream is connected: a client the stage refuses never reaches the upstream.
+upstream is connected: a client the stage refuses never reaches the upstream. So does an exec's
+(sockd.exec), before its child is started.
 
 A listener's stages run one after another on the same transport (`chain`): a PROXY header
 (sockd.proxy.stage) precedes the TLS ClientHello (sockd.tls.stage), so the header's stage hands

@@ -76,7 +76,7 @@ def main(spec_json: bytes, fds: list[int]) -> int:
     told = handlers.Told(spec.state)
     model = registry.load(listener.concurrency)(
         listener,
-        handlers.build(listener, origination(spec), told),
+        handlers.build(listener, origination(spec), told, spec.shutdown_timeout),
         stats,
         frozenset(spec.udp_ports),
         # A balancer's PROXY header comes before anything of its client's, TLS's ClientHello too.

@@ -28,10 +28,13 @@ from pydantic import (
 from sockd import privileges
 
 ProtocolName = Literal["tcp", "udp", "unix"]
-HandlerName = Literal["echo", "timestamp", "discard", "daytime", "time", "chargen", "relay", "agent"]
+HandlerName = Literal["echo", "timestamp", "discard", "daytime", "time", "chargen", "relay", "agent", "exec"]
 ModelName = Literal["iterative", "threaded", "thread_pool", "busy_poll", "selector", "asyncio"]
 # The models that can serve handler: relay (sockd.models.registry checks it agrees).
 RELAYING_MODELS: tuple[ModelName, ...] = ("selector", "busy_poll", "asyncio")
+# The models that can serve handler: exec (sockd.exec): an event loop that watches each child's
+# pidfd and stderr beside its connections.
+EXEC_MODELS: tuple[ModelName, ...] = ("asyncio",)
 SelectorBackend = Literal["auto", "select", "poll", "epoll"]
 EventLoop = Literal["auto", "asyncio", "uvloop"]
 TimestampFormat = Literal["seed", "iso8601", "unix"]
@@ -240,6 +243,43 @@ class TLSConfig(_Frozen):
         return value
 
 
+# -- handler: exec (sockd.exec)
+
+SIZE_UNITS = {"": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2, "mib": 1 << 20}
+SIZE_UNITS |= {"g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
+
+
+def _size(value: object) -> object:
+    """A byte count: a number, or a string with a unit (256MiB, 1.5GB, 64k)."""
+    if not isinstance(value, str):
+        return value
+    number, unit = value.strip(), ""
+    while number and not (number[-1].isdigit() or number[-1] == "."):
+        number, unit = number[:-1], number[-1] + unit
+    try:
+        return round(float(number) * SIZE_UNITS[unit.strip().lower()])
+    except (ValueError, KeyError):
+        raise ValueError(
+            f"not a size: {value!r} (a number of bytes, or with a unit: k, M, G (powers of 1000) or KiB, MiB, GiB)"
+        ) from None
+
+
+Size = Annotated[int, BeforeValidator(_size), Field(ge=1)]
+
+
+class ExecLimits(_Frozen):
+    """A child's resource limits (xinetd's rlimit_cpu, rlimit_as, rlimit_files): soft and hard."""
+
+    cpu: Count | None = None  # seconds of CPU (RLIMIT_CPU): SIGXCPU, then SIGKILL
+    memory: Size | None = None  # address space in bytes (RLIMIT_AS)
+    files: Count | None = None  # open descriptors (RLIMIT_NOFILE)
+
+
+# execve() takes C strings: a NUL would end an argument where the config does not.
+Argument = Annotated[str, AfterValidator(no_nul)]
+EnvName = Annotated[str, Field(min_length=1, pattern=r"^[^=\x00]+$")]
+
+
 # Why an option that applies to streams alone has no meaning over UDP.
 OVER_STREAMS = {
     "tls": "DTLS, TLS over UDP, is out of scope",
@@ -264,6 +304,11 @@ OPTION_SCOPE: dict[str, tuple[str, tuple[str, ...]]] = {
     "upstream_cert": ("handler", ("relay",)),
     "upstream_key": ("handler", ("relay",)),
     "upstream_proxy_protocol": ("handler", ("relay",)),
+    "command": ("handler", ("exec",)),
+    "env": ("handler", ("exec",)),
+    "cwd": ("handler", ("exec",)),
+    "exec_timeout": ("handler", ("exec",)),
+    "limits": ("handler", ("exec",)),
     "max_connections": ("protocol", STREAM),
     "first_byte_timeout": ("protocol", STREAM),
     "max_connections_per_source": ("protocol", TCP),
@@ -311,6 +356,14 @@ class _ListenerBase(_Frozen):
     # The PROXY protocol's header sent to the upstream before the client's bytes (HAProxy's
     # send-proxy, send-proxy-v2), naming the client; a stream relay's only (see _over_streams).
     upstream_proxy_protocol: UpstreamProxyVersion | None = None
+    # handler: exec. The program each connection runs (an absolute path, then its arguments: no
+    # shell), what its environment holds beside what sockd sets, where it runs, how long it may
+    # run (SIGTERM, then SIGKILL KILL_AFTER later: sockd.exec) and its resource limits.
+    command: Annotated[list[Argument], Field(min_length=1)] | None = None
+    env: dict[EnvName, Argument] = {}
+    cwd: FilePath | None = None
+    exec_timeout: Timeout = 300.0
+    limits: ExecLimits | None = None
 
     # Limits, each per worker process (as gunicorn's worker_connections); None: no limit.
     max_connections: Count | None = None
