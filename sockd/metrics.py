@@ -26,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from sockd import __version__, logging
+from sockd.build import compiled
 from sockd.config import Listener, MetricsConfig
 from sockd.counters import ERROR_KINDS, HANDSHAKE_BOUNDS, HANDSHAKE_RESULTS, REJECT_REASONS, TLS_VERSIONS, Totals
 from sockd.logging import Throttled
@@ -190,8 +191,12 @@ class SockdCollector(Collector):
         log_dropped = CounterMetricFamily(
             "sockd_log_lines_dropped", "Log lines dropped because stderr could not take them.", value=dropped
         )
-        build = GaugeMetricFamily("sockd_build_info", "The running sockd (always 1).", labels=["version"])
-        build.add_metric([__version__], 1)
+        build = GaugeMetricFamily(
+            "sockd_build_info",
+            "The running sockd (always 1): its version, and whether its hot path is compiled with mypyc.",
+            labels=["version", "compiled"],
+        )
+        build.add_metric([__version__, str(compiled()).lower()], 1)
         draining = GaugeMetricFamily(
             "sockd_draining",
             "1 once a stop signal came: /healthz answers 503 draining while the listeners serve on for drain_delay, "
