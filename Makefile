@@ -28,10 +28,10 @@ lint: $(STAMP)
 # server and workers import it too. conftest.py stops a run that imported any of them as Python.
 # The development virtualenv stays pure (SOCKD_PURE=1 at its editable install): an edit to a
 # source file takes effect at once there, and `make test` tests the pure build.
-# But for the tests that build sockd themselves (the wheel, `make install`, and the package and the
-# image of deploy/, each built from the checkout by `pip install .`): they test the build they make
-# and run once, in `make test`.
-BUILDS_OF_THEIR_OWN := tests/test_install.py $(wildcard tests/test_deploy_debian.py tests/test_deploy_image.py)
+# But for the tests that build sockd themselves (the wheel, `make install`, the upgrade's two
+# installs, and the package and the image of deploy/), which test the build they make and whose
+# daemons import no module of the build here: they run once, in `make test`.
+BUILDS_OF_THEIR_OWN := tests/test_install.py tests/test_upgrade.py $(wildcard tests/test_deploy_debian.py tests/test_deploy_image.py)
 MYPYC_BUILD := $(CURDIR)/build/mypyc
 
 COMPILED := $(MYPYC_BUILD)/.built
