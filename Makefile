@@ -19,15 +19,15 @@ test: $(STAMP) lint
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy sockd sockd_bench bench tests setup.py
+	$(BIN)/mypy sockd sockd_bench bench tests deploy/grafana setup.py
 
 # The hot path compiled with mypyc (sockd/build.py's HOT_MODULES, by setup.py, as `pip install .`
 # compiles it) into a throwaway copy of the checkout, build/mypyc, each module's .so beside its .py;
 # the whole suite then runs against it, PYTHONPATH first and from inside the build, so
 # that the daemon they start (`python -m sockd` puts the working directory first) and its fork
 # server and workers import it too. conftest.py stops a run that imported any of them as Python.
-# The development virtualenv stays pure (SOCKD_PURE=1 at its editable install): an edit to a
-# source file takes effect at once there, and `make test` tests the pure build.
+# The development virtualenv stays pure (setup.py compiles nothing for an editable install): an
+# edit to a source file takes effect at once there, and `make test` tests the pure build.
 # But for the tests that build sockd themselves (the wheel, `make install`, the upgrade's two
 # installs, and the package and the image of deploy/), which test the build they make and whose
 # daemons import no module of the build here: they run once, in `make test`.
@@ -104,7 +104,7 @@ uninstall:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	SOCKD_PURE=1 $(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
 clean:

@@ -1,9 +1,9 @@
 """The compiled build: `pip install .` compiles sockd's hot path with mypyc where it can.
 
 Everything else about the package is in pyproject.toml. mypyc needs a C compiler and Python's
-headers: where either is missing, or SOCKD_PURE=1 is set (the editable install `make test`
-uses, whose sources must take effect as they are edited), sockd installs as pure Python and says
-so. `sockd --version` and `sockd_build_info{compiled=...}` tell which build runs.
+headers: where either is missing, in an editable install (`pip install -e .`, as `make test`
+uses: its sources must take effect as they are edited), or where SOCKD_PURE=1 is set, sockd
+installs as pure Python and says so. `sockd --version` and `sockd_build_info{compiled=...}` tell which build runs.
 """
 
 from __future__ import annotations
@@ -41,6 +41,10 @@ def _source(name: str) -> str:
 def why_pure() -> str | None:
     if os.environ.get("SOCKD_PURE") == "1":
         return "SOCKD_PURE=1"
+    # An extension module beside its source is imported instead of it: in an editable install
+    # (`pip install -e .`, which setuptools runs as editable_wheel) an edit would not take effect.
+    if {"editable_wheel", "develop"} & set(sys.argv):
+        return "an editable install, whose sources must take effect as they are edited"
     # setuptools compiles with $CC where it is set, else with what Python was built with.
     compiler = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(compiler) is None:
