@@ -7,8 +7,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint compiled compiled-test bench bench-footprint wheel install uninstall clean
 
-run: $(STAMP)
-	$(BIN)/sockd -c config/sockd.yaml
+# The compiled build, as `pip install .` makes it (see `compiled`).
+run: $(COMPILED)
+	PYTHONPATH=$(MYPYC_BUILD) $(BIN)/sockd -c config/sockd.yaml
 
 # The soak test runs on its own after the rest: its minute of load would crowd the others.
 test: $(STAMP) lint
@@ -18,28 +19,37 @@ test: $(STAMP) lint
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy sockd sockd_bench bench tests deploy/grafana
+	$(BIN)/mypy sockd sockd_bench bench tests deploy/grafana setup.py
 
-# The hot path compiled with mypyc, into a throwaway build/mypyc (a copy of sockd/ with each of
-# these modules' .so beside its .py), and the tests of those modules run against it, PYTHONPATH
-# first and from inside the build, so that the daemon they start (`python -m sockd` puts the working
-# directory first) and its fork server and workers import it too. Shipping it comes later: here it
-# must compile and pass. conftest.py stops a run that imported any of them as Python. The copy has
-# no pyproject.toml (the setup.py mypyc runs would take it for its own project's): mypy's settings
-# (strict, the pydantic plugin) are given with --config-file.
-MYPYC_MODULES := sockd/lifecycle.py sockd/handlers.py sockd/limits.py sockd/counters.py sockd/relay/__init__.py sockd/tls/layer.py sockd/proxy/reading.py sockd/proxy/stage.py
-COMPILED_TESTS := tests/test_lifecycle.py tests/test_handlers.py tests/test_limits.py tests/test_resource_bounds.py tests/test_relay*.py tests/test_tls.py tests/test_tls_layer.py tests/test_tls_stage.py tests/test_proxy*.py
+# The hot path compiled with mypyc (sockd/build.py's HOT_MODULES, by setup.py, as `pip install .`
+# compiles it) into a throwaway copy of the checkout, build/mypyc, each module's .so beside its .py;
+# the whole suite then runs against it, PYTHONPATH first and from inside the build, so
+# that the daemon they start (`python -m sockd` puts the working directory first) and its fork
+# server and workers import it too. conftest.py stops a run that imported any of them as Python.
+# The development virtualenv stays pure (setup.py compiles nothing for an editable install): an
+# edit to a source file takes effect at once there, and `make test` tests the pure build.
+# But for the tests that build sockd themselves (the wheel, `make install`, the upgrade's two
+# installs, and the package and the image of deploy/), which test the build they make and whose
+# daemons import no module of the build here: they run once, in `make test`.
+BUILDS_OF_THEIR_OWN := tests/test_install.py tests/test_upgrade.py $(wildcard tests/test_deploy_debian.py tests/test_deploy_image.py)
 MYPYC_BUILD := $(CURDIR)/build/mypyc
 
-compiled: $(STAMP)
+COMPILED := $(MYPYC_BUILD)/.built
+
+compiled: $(COMPILED)
+
+# Built again when a source changes; where no compiler is found, setup.py says so and the copy is
+# pure Python.
+$(COMPILED): $(STAMP) setup.py pyproject.toml $(shell find sockd -name '*.py')
 	rm -rf $(MYPYC_BUILD)
 	mkdir -p $(MYPYC_BUILD)
-	cp -r sockd $(MYPYC_BUILD)/
-	cd $(MYPYC_BUILD) && $(CURDIR)/$(BIN)/mypyc --config-file $(CURDIR)/pyproject.toml $(MYPYC_MODULES)
+	cp -r sockd setup.py pyproject.toml README.md $(MYPYC_BUILD)/
+	cd $(MYPYC_BUILD) && $(CURDIR)/$(BIN)/python setup.py --quiet build_ext --inplace
+	touch $@
 
-compiled-test: compiled
-	cd $(MYPYC_BUILD) && PYTHONPATH=$(MYPYC_BUILD) SOCKD_EXPECT_COMPILED="$(MYPYC_MODULES)" \
-		$(CURDIR)/$(BIN)/pytest -n 4 $(addprefix $(CURDIR)/,$(COMPILED_TESTS))
+compiled-test: $(COMPILED)
+	cd $(MYPYC_BUILD) && PYTHONPATH=$(MYPYC_BUILD) SOCKD_EXPECT_COMPILED=1 \
+		$(CURDIR)/$(BIN)/pytest -n 4 -m "not soak" $(addprefix --ignore=$(CURDIR)/,$(BUILDS_OF_THEIR_OWN)) $(CURDIR)/tests
 
 # The performance tables (minutes; not part of `make test`): see sockd_bench/suite.py. bench/compare.py
 # builds the C peers and load generators into build/bench first. A quick check that it all runs:

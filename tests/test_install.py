@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,9 @@ from pathlib import Path
 import pytest
 import yaml
 from test_systemd_units import analyze, value
+
+from sockd import __version__
+from sockd.build import HOT_MODULES
 
 from support import ROOT, StartSockd, datagram, request, require, scrape
 
@@ -129,6 +133,15 @@ def test_installed_sockd_checks_the_installed_config(staged: Path) -> None:
     assert result.stdout == f"{staged_config}: OK, 3 listeners\n"
 
 
+def test_installed_sockd_is_the_compiled_build(staged: Path) -> None:
+    # `make install` is `pip install .`, which compiles the hot path where it can, as here.
+    program = value(installed_unit(staged), "Service", "ExecStart").split()[0]
+    result = subprocess.run(
+        [*in_place(staged), program, "--version"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.stdout == f"sockd {__version__} (compiled with mypyc)\n", result.stderr
+
+
 def test_installed_sockd_serves_the_installed_config(staged: Path, start_sockd: StartSockd, sockdir: Path) -> None:
     config = yaml.safe_load((staged / CONFIG.lstrip("/")).read_text())
     # Its ports and /run/sockd are the host's: the same listeners on free ports, in a directory of the test.
@@ -181,18 +194,26 @@ def test_install_keeps_the_hosts_config_and_uninstall_the_rest(
 # -- the wheel
 
 
+def build_wheel(into: Path, factory: pytest.TempPathFactory, **environment: str) -> Path:
+    """What `make wheel` runs, into a directory of the test's."""
+    with building(factory):
+        result = subprocess.run(
+            [sys.executable, "-m", "build", "--wheel", "--outdir", str(into), str(ROOT)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+            env={**os.environ, **environment},
+        )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (wheel,) = into.glob("sockd-*.whl")
+    return wheel
+
+
 def test_wheel_holds_the_daemon_its_command_and_its_dependencies(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    # What `make wheel` runs, into a directory of the test.
-    with building(tmp_path_factory):
-        subprocess.run(
-            [sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp_path), str(ROOT)],
-            capture_output=True,
-            timeout=600,
-            check=True,
-        )
-    (wheel,) = tmp_path.glob("sockd-*-py3-none-any.whl")
+    wheel = build_wheel(tmp_path, tmp_path_factory)
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         (info,) = {name.split("/")[0] for name in names if name.endswith(".dist-info/METADATA")}
@@ -203,3 +224,20 @@ def test_wheel_holds_the_daemon_its_command_and_its_dependencies(
     assert "sockd = sockd.__main__:main" in entry_points.splitlines()
     requires = set(re.findall(r"^Requires-Dist: ([A-Za-z0-9_.-]+)", metadata, re.MULTILINE))
     assert {"pydantic", "structlog", "pyyaml", "prometheus-client", "uvloop"} <= {name.lower() for name in requires}
+    # Here there are a compiler and Python's headers (.ci/run installs them): the hot path is
+    # compiled, each module an extension beside its source.
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    assert {compiled_path(name, suffix) for name in HOT_MODULES} <= names, sorted(names)
+
+
+def test_wheel_without_a_compiler_is_pure_python(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    wheel = build_wheel(tmp_path, tmp_path_factory, CC="/nonexistent/cc")
+    assert wheel.name.endswith("-py3-none-any.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        assert not [name for name in archive.namelist() if name.endswith(".so")]
+
+
+def compiled_path(module: str, suffix: str) -> str:
+    path = Path(*module.split("."))
+    package = ROOT / path / "__init__.py"
+    return f"{path / '__init__' if package.exists() else path}{suffix}"
