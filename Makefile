@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint compiled compiled-test bench bench-footprint wheel install uninstall clean
+.PHONY: run test lint compiled compiled-test bench bench-footprint wheel lock install uninstall clean
 
 run: $(STAMP)
 	$(BIN)/sockd -c config/sockd.yaml
@@ -55,6 +55,14 @@ bench-footprint: $(STAMP)
 wheel: $(STAMP)
 	$(BIN)/python -m build --wheel --outdir dist .
 
+# requirements.lock: every runtime dependency of pyproject.toml pinned with its hashes (for Python 3.11
+# on Linux), what `make install`, the package and the image install; pyproject.toml keeps its ranges
+# for those who install sockd as a library. `make lock` takes in a change of pyproject.toml and keeps
+# the pins that still fit it; `make lock LOCK_ARGS=--upgrade` moves every pin to its newest release.
+lock: $(STAMP)
+	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe --no-emit-index-url \
+		--no-emit-find-links $(LOCK_ARGS) --output-file requirements.lock pyproject.toml
+
 # `make install` (as root): sockd in a virtualenv of its own under PREFIX, as sockd is on no
 # package index and Debian's pydantic and structlog are too old; the unit, pointed at PREFIX;
 # a config for the unit, unless the host has one. Running it again upgrades sockd in place.
@@ -71,7 +79,9 @@ STAGE = $(abspath $(DESTDIR)$(PREFIX))
 
 install:
 	$(INSTALL_PYTHON) -m venv $(STAGE)
-	$(STAGE)/bin/pip install --quiet .
+# The locked releases, each checked against its hash; then sockd alone, whose dependencies they are.
+	$(STAGE)/bin/pip install --quiet --require-hashes -r requirements.lock
+	$(STAGE)/bin/pip install --quiet --no-deps .
 # A virtualenv runs where it was made: one built under DESTDIR must name PREFIX alone, in its
 # scripts' shebangs, activate scripts and pyvenv.cfg, and in the source paths of its .pyc files.
 	set -e; if [ -n "$(DESTDIR)" ]; then \
