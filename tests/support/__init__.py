@@ -6,7 +6,7 @@ use (waits)."""
 
 from __future__ import annotations
 
-from support.build import building, make, run_directory
+from support.build import building, machine_config, make, run_directory
 from support.certs import CA, LOOPBACK, SERVER_NAME, Files, Issued, subject
 from support.config import (
     PROBLEM,
@@ -158,6 +158,7 @@ __all__ = [
     "listen_backlog",
     "listener",
     "live_workers",
+    "machine_config",
     "make",
     "model_options",
     "options_for",

@@ -1,5 +1,6 @@
 """The clone's Makefile targets as tests run them (make), one build at a time (building): the
-installs, wheels and packages all build sockd in the clone's build/."""
+installs, wheels and packages all build sockd in the clone's build/. And the machine's own
+/etc/sockd, one test at a time (machine_config)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import fcntl
 import os
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,5 +41,15 @@ def run_directory(factory: pytest.TempPathFactory) -> Path:
 def building(factory: pytest.TempPathFactory) -> Iterator[None]:
     """Held while the clone builds sockd: two builds at once would share its build/."""
     with (run_directory(factory) / "build.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@contextlib.contextmanager
+def machine_config() -> Iterator[None]:
+    """Held while a test writes this machine's /etc/sockd (tests run as root): the package's test
+    installs its conffile there, another writes the file `sockd` reads without -c. A lock of the
+    machine, not of the run, as no two runs on one machine may share that file either."""
+    with (Path(tempfile.gettempdir()) / "sockd-tests-etc-sockd.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
