@@ -140,6 +140,9 @@ deb:
 	install -D -m 0644 deploy/debian/lintian-overrides $(DEB_ROOT)/usr/share/lintian/overrides/sockd
 	$(DEB_FILL) -e 's|@ARCH@|$(shell dpkg --print-architecture)|' -e "s|@DEPENDS@|$(DEB_PYTHON), libc6 (>= $(DEB_LIBC))|" \
 		-e "s|@SIZE@|$$(du -sk --exclude=DEBIAN $(DEB_ROOT) | cut -f1)|" deploy/debian/control >$(DEB_ROOT)/DEBIAN/control
+# For `dpkg --verify` (and debsums), as dh_md5sums writes it: every file but the conffile, whose sum dpkg keeps.
+	cd $(DEB_ROOT) && find . -path ./DEBIAN -prune -o -path ./etc -prune -o -type f -printf '%P\0' | LC_ALL=C sort -z \
+		| xargs -0 md5sum >DEBIAN/md5sums
 	mkdir -p $(DEB_DIR)
 	dpkg-deb --root-owner-group --build $(DEB_ROOT) $(DEB_DIR)/sockd_$(DEB_VERSION)_$(shell dpkg --print-architecture).deb
 

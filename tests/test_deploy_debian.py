@@ -167,6 +167,9 @@ def test_package_installs_serves_upgrades_keeping_the_config_and_purges(
         assert status() == f"{INSTALLED} {version}"
         assert COMMAND.resolve() == VIRTUALENV / "bin" / "sockd"
         assert ENABLED.resolve() == UNITS[0].resolve()  # /lib may be a link to /usr/lib
+        # Every file as packaged (DEBIAN/md5sums), postinst's bytecode beside them.
+        verified = subprocess.run(["dpkg", "--verify", "sockd"], capture_output=True, text=True, check=False)
+        assert (verified.returncode, verified.stdout, verified.stderr) == (0, "", "")
         check(f"{CONFIG}: OK, 3 listeners\n")
 
         # The admin's edit: the host's ports and /run/sockd (the unit's) become the test's own.
