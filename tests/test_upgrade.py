@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from test_install import building, run_directory
 
 from sockd import __version__
 
@@ -40,10 +39,12 @@ from support import (
     Load,
     Session,
     alive,
+    building,
     connect,
     eventually,
     listener,
     request,
+    run_directory,
     said,
     samples,
     scrape,
