@@ -198,7 +198,7 @@ class Children:
             connection.recorder.exits[EXEC_FAILED] += 1
             _failed(command=handler.command[0], error=exc.strerror or str(exc))
             if connection.observer is not None:
-                connection.observer.ended_by("failed")
+                connection.observer.ending = "failed"  # as a child's exit is said (see Child._exited)
             return None
         return Child(self, connection, pid, stderr, exited)
 
@@ -308,7 +308,9 @@ class Child:
         connection.recorder.exits[result] += 1
         if connection.observer is not None:
             connection.observer.note(child=self.pid)
-            connection.observer.ended_by(ending)
+            # The child's exit is how the session ended, whatever a copy behind a stage saw
+            # first (the client's or the child's end of output: see ExecRelay).
+            connection.observer.ending = ending
         self.exited()
 
 
@@ -447,7 +449,8 @@ class ExecRelay(RelayProtocol):
                 self.transport.close()
                 return
             self.child = self.children.start(connection, theirs.fileno(), env, self._exited)
-        if self.child is None:
+        if self.child is None:  # counted `failed` (Children.start), and no request: none ran
+            connection.answered = False  # Relayed.connection_lost counts an answered one as a request
             ours.close()
             self.transport.close()  # the client sees EOF at once
             return
