@@ -24,6 +24,7 @@ from support import (
     Daemon,
     Launcher,
     alive,
+    children,
     connect,
     eventually,
     model_options,
@@ -42,15 +43,6 @@ LOOPS = ["asyncio", STDLIB_LOOP]  # uvloop (the default, if installed) and the s
 def exec_listener(command: list[str], model: str = "asyncio", **options: Any) -> dict[str, Any]:
     concurrency, extra = model_options(model)
     return entry("x", "tcp", "exec", concurrency, command=command, **extra, **options)
-
-
-def children(worker: int) -> list[int]:
-    """The worker's children now, as the kernel lists them (zombies included)."""
-    found: list[int] = []
-    for task in os.listdir(f"/proc/{worker}/task"):
-        with open(f"/proc/{worker}/task/{task}/children") as listing:
-            found += [int(pid) for pid in listing.read().split()]
-    return found
 
 
 def exits(daemon: Daemon, result: str) -> float:

@@ -75,6 +75,7 @@ from support.net import (
 from support.proc import (
     _proc_net_address,
     alive,
+    children,
     cpu_seconds,
     live_workers,
     rss_bytes,
@@ -136,6 +137,7 @@ __all__ = [
     "balancer",
     "becomes",
     "check",
+    "children",
     "client_context",
     "client_hello",
     "config_text",
