@@ -33,7 +33,8 @@ that pid alone, so no SIGCHLD handler and no other waiter's children. A child st
 exec_timeout gets SIGTERM, then SIGKILL KILL_AFTER later; at a stop, those still running when the
 drain nears shutdown_timeout are ended the same way before the supervisor kills the worker (see
 Children.stop). The worker waits for every child to be reaped before it exits (its connections
-are open until then).
+are open until then); the children of a worker that died first are the supervisor's to end,
+reap and count (sockd.orphans).
 
 Counted: sockd_exec_exits_total{result} (sockd.counters.EXEC_RESULTS), each child's run time in
 sockd_request_duration_seconds (one request per child, as a relayed connection is one).

@@ -26,10 +26,10 @@ delegated hierarchy that sockd cannot count on (a container, a plain root shell)
 worker telling the supervisor each child's pid: a message per connection on the channel, and a
 pid that may be reused before the supervisor acts; the kernel's reparenting is exact and free.
 
-Not covered: a leftover that makes itself a subreaper or escapes through a double fork before
-the signal reaches it; and the processes that outlive a child whose worker lives on (the worker
-is not a subreaper: they become the supervisor's too, and are ended the next time a worker is
-reaped, or reaped as strays when they exit, see sockd.forkserver._reap_strays).
+Not covered: what a leftover starts once the supervisor has reaped all it was ending (taken on
+as they become the supervisor's until then); and the processes that outlive a child whose worker
+lives on (the worker is no subreaper: they become the supervisor's too, and are ended the next
+time a worker is reaped, or reaped as strays when they exit, see sockd.forkserver._reap_strays).
 """
 
 from __future__ import annotations

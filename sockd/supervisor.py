@@ -1,9 +1,10 @@
 """The supervisor: binds every listener, keeps a group of worker processes serving each
 (sockd.group), forked by its fork server (sockd.forkserver), reloads the config on SIGHUP
 (sockd.reloading), upgrades in place on SIGUSR2 (sockd.upgrade: it re-executes itself and
-adopts its workers), tells systemd and the metrics endpoint (through sockd.ledger) how it goes,
-keeps its listening sockets in systemd's file descriptor store so that a restart refuses no
-connection, and stops them all gracefully.
+adopts its workers), ends what a worker that died left running (sockd.orphans), tells systemd
+and the metrics endpoint (through sockd.ledger) how it goes, keeps its listening sockets in
+systemd's file descriptor store so that a restart refuses no connection, and stops them all
+gracefully.
 
 A stop signal first says the instance drains, at once and everywhere a balancer looks (/healthz
 answers 503 `draining`, `sockd_draining` is 1, systemd hears STOPPING=1, an agent listener answers
