@@ -12,6 +12,7 @@ import struct
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -335,7 +336,7 @@ listeners:
 # -- an exec listener's child runs as its user
 
 
-def _exec_entry(command: list[str], **options: object) -> dict[str, object]:
+def _exec_entry(command: list[str], **options: Any) -> dict[str, Any]:
     return entry("x", "tcp", "exec", "asyncio", command=command, user="nobody", group="nogroup", **options)
 
 
