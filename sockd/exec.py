@@ -33,7 +33,8 @@ that pid alone, so no SIGCHLD handler and no other waiter's children. A child st
 exec_timeout gets SIGTERM, then SIGKILL KILL_AFTER later; at a stop, those still running when the
 drain nears shutdown_timeout are ended the same way before the supervisor kills the worker (see
 Children.stop). The worker waits for every child to be reaped before it exits (its connections
-are open until then).
+are open until then); the children of a worker that died first are the supervisor's to end,
+reap and count (sockd.orphans).
 
 Counted: sockd_exec_exits_total{result} (sockd.counters.EXEC_RESULTS), each child's run time in
 sockd_request_duration_seconds (one request per child, as a relayed connection is one).
@@ -87,12 +88,18 @@ _failed = Throttled("exec failed: the program could not start")
 _dropped = Throttled("child stderr lines dropped: more than the log takes")
 
 
-def settle(handler: Exec) -> None:
+def settle(handler: Exec) -> OSError | None:
     """Make the worker ready to start the listener's children: run in `cwd` (posix_spawn cannot
     change a child's directory; a worker serves one listener, so its own can be the children's),
-    and no inherited descriptor but stdin, stdout and stderr left open across an exec."""
+    and no inherited descriptor but stdin, stdout and stderr left open across an exec. The error
+    if `cwd` cannot be entered (by the listener's user: --check judges it, but an ACL or a change
+    since may differ): then every child fails to start, counted, rather than the worker dying."""
+    unable = None
     if handler.cwd is not None:
-        os.chdir(handler.cwd)
+        try:
+            os.chdir(handler.cwd)
+        except OSError as exc:
+            unable = exc
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd > 2:
@@ -100,6 +107,7 @@ def settle(handler: Exec) -> None:
                 os.set_inheritable(fd, False)
             except OSError:  # the listing's own descriptor, closed by now
                 continue
+    return unable
 
 
 def environment(handler: Exec, sock: Any) -> dict[str, str]:
@@ -158,8 +166,11 @@ class Children:
     rate (see LINES_PER_SECOND). `names` are the settings of the relay that copies for a staged
     client (see ExecRelay), None on a listener without a stage."""
 
-    def __init__(self, handler: Exec, loop: asyncio.AbstractEventLoop, nagle: bool, staged: bool) -> None:
+    def __init__(
+        self, handler: Exec, loop: asyncio.AbstractEventLoop, nagle: bool, staged: bool, unable: OSError | None
+    ) -> None:
         self.handler = handler
+        self.unable = unable  # why no child can start (see settle)
         self.loop = loop
         self.nagle = nagle  # the listener has nodelay: false (the loop set TCP_NODELAY)
         self.running: set[Child] = set()
@@ -192,15 +203,21 @@ class Children:
         once it is reaped and counted; None if it could not start (counted, logged, and said in
         the connection's log line)."""
         handler = self.handler
+        if self.unable is not None:
+            self._failed(connection, self.unable, cwd=handler.cwd)
+            return None
         try:
             pid, stderr = spawn(handler, fd, env)
         except OSError as exc:  # ENOENT, EACCES, ENOEXEC
-            connection.recorder.exits[EXEC_FAILED] += 1
-            _failed(command=handler.command[0], error=exc.strerror or str(exc))
-            if connection.observer is not None:
-                connection.observer.ended_by("failed")
+            self._failed(connection, exc)
             return None
         return Child(self, connection, pid, stderr, exited)
+
+    def _failed(self, connection: Connection, exc: OSError, **where: object) -> None:
+        connection.recorder.exits[EXEC_FAILED] += 1
+        _failed(command=self.handler.command[0], error=exc.strerror or str(exc), **where)
+        if connection.observer is not None:
+            connection.observer.ending = "failed"  # as a child's exit is said (see Child._exited)
 
 
 class Child:
@@ -308,7 +325,9 @@ class Child:
         connection.recorder.exits[result] += 1
         if connection.observer is not None:
             connection.observer.note(child=self.pid)
-            connection.observer.ended_by(ending)
+            # The child's exit is how the session ended, whatever a copy behind a stage saw
+            # first (the client's or the child's end of output: see ExecRelay).
+            connection.observer.ending = ending
         self.exited()
 
 
@@ -447,7 +466,8 @@ class ExecRelay(RelayProtocol):
                 self.transport.close()
                 return
             self.child = self.children.start(connection, theirs.fileno(), env, self._exited)
-        if self.child is None:
+        if self.child is None:  # counted `failed` (Children.start), and no request: none ran
+            connection.answered = False  # Relayed.connection_lost counts an answered one as a request
             ours.close()
             self.transport.close()  # the client sees EOF at once
             return

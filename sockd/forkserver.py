@@ -385,8 +385,11 @@ class Spawner:
         for process in [process for process in self.exiting if process.poll() is not None]:
             self.exiting.remove(process)
             log.info("the old fork server exited", pid=process.pid, **exit_status(process.returncode))
-        leftovers = [process.pid for process in self.exiting]
-        _reap_strays(lambda: {*known(), *leftovers, *([self.server.pid] if self.server else [])})
+        _reap_strays(lambda: {*known(), *self.pids()})
+
+    def pids(self) -> set[int]:
+        """Its fork servers' pids: the one in use, and an upgraded supervisor's old one, exiting."""
+        return {process.pid for process in self.exiting} | ({self.server.pid} if self.server else set())
 
     def code_changed(self) -> bool:
         """Whether sockd's files differ from those the fork server imported."""

@@ -236,15 +236,22 @@ class Group:
         return len({worker.generation for worker in self.workers()})
 
     def kill(self, why: str) -> None:
+        now = time.monotonic()
         for worker in list(self.workers()):
+            worker.drain_until = now  # its sessions' time is up too: what it leaves is killed at once (sockd.orphans)
             self._kill(worker, why)
+
+    def count_exit(self, result: int) -> None:
+        """Count the end of an exec child its worker could not reap (see sockd.orphans)."""
+        with self.counting:
+            self.retired.exits[result] += 1
 
     # -- every turn of the supervisor's loop
 
-    def tend(self, now: float) -> None:
+    def tend(self, now: float) -> list[Worker]:
         """Reap the workers that exited, kill the hung and the overdue, stop the retired ones whose
-        time is up, start the ones due again."""
-        self._reap()
+        time is up, start the ones due again. The workers reaped, for what they left (sockd.orphans)."""
+        reaped = self._reap()
         self._check_heartbeats(now)
         # On every turn, not only at a reload: what a worker counted reaches us up to a
         # publication later, and a generation's clients may come and go.
@@ -260,6 +267,7 @@ class Group:
             if place.restart_at is not None and now >= place.restart_at:
                 self.restarts += 1
                 self._spawn(place)
+        return reaped
 
     def due(self) -> float | None:
         """The next restart, end of a drain or kill of an aborted worker, when `tend` must run at
@@ -455,10 +463,12 @@ class Group:
             elif now - worker.beat_at > timeout:
                 self._abort(worker, now, f"no heartbeat for {timeout:g} s")
 
-    def _reap(self) -> None:
+    def _reap(self) -> list[Worker]:
+        reaped = []
         for worker in list(self.workers()):
             if worker.process.poll() is None:
                 continue
+            reaped.append(worker)
             self._hang_up(worker)
             final = worker.counters.read()
             final.closed = final.connections  # a dead worker holds no connection open
@@ -471,6 +481,7 @@ class Group:
                     place.worker = None
             worker.counters.close()
             self._exited(worker, place)
+        return reaped
 
     def _exited(self, worker: Worker, place: Place | None) -> None:
         name, pid, code = self.listener.name, worker.process.pid, worker.process.returncode

@@ -1,6 +1,7 @@
 """Who a listener's worker runs as, and whom its Unix socket file belongs to: a listener's `user`
 and `group` (and a Unix listener's `owner` and `owner_group`), looked up as the config is loaded
-(`account_id`, `primary_group`, `may_become`), and `drop`, the one place a worker gives up root.
+(`account_id`, `primary_group`, `may_become`; `unreachable`: whether that user can run an
+`exec` listener's program in its `cwd`), and `drop`, the one place a worker gives up root.
 
 The supervisor stays root: it binds every socket (ports below 1024 too) and passes each worker
 its descriptors (see sockd.forkserver). A worker whose listener names a user calls `drop` once it
@@ -16,6 +17,7 @@ import errno
 import grp
 import os
 import pwd
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,6 +65,32 @@ def may_become(uid: int | None = None, gid: int | None = None) -> str | None:
         return f"sockd runs as uid {euid}, not root, so cannot use uid {uid}: name uid {euid} or start sockd as root"
     if gid is not None and gid != os.getegid() and gid not in os.getgroups():
         return f"sockd runs as uid {euid}, not root, and is not in group {gid}: start sockd as root"
+    return None
+
+
+def unreachable(path: str, uid: int, gid: int, what: str) -> str | None:
+    """Why `uid`, with `gid` its only group (as a dropped worker is), cannot search its way to
+    `path` and then search (a directory) or execute (a file) it; None if it can. Judged from the
+    mode bits, as the kernel does for a user that is not root (ACLs are not read: one that grants
+    more passes at the first client, one that takes away is counted `failed` there). `what` names
+    `path` in the answer."""
+    real = os.path.realpath(path)
+    for directory in [*reversed(Path(real).parents), Path(real)]:
+        try:
+            status = os.stat(directory)
+        except OSError:  # missing: another rule says so
+            return None
+        if status.st_uid == uid:
+            allowed = status.st_mode & stat.S_IXUSR
+        elif status.st_gid == gid:
+            allowed = status.st_mode & stat.S_IXGRP
+        else:
+            allowed = status.st_mode & stat.S_IXOTH
+        if not allowed:
+            if str(directory) == real:
+                verb = "search" if stat.S_ISDIR(status.st_mode) else "execute"
+                return f"uid {uid} gid {gid} (the listener's user) cannot {verb} {what}"
+            return f"uid {uid} gid {gid} (the listener's user) cannot reach {what}: no search permission on {directory}"
     return None
 
 

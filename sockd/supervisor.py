@@ -1,9 +1,10 @@
 """The supervisor: binds every listener, keeps a group of worker processes serving each
 (sockd.group), forked by its fork server (sockd.forkserver), reloads the config on SIGHUP
 (sockd.reloading), upgrades in place on SIGUSR2 (sockd.upgrade: it re-executes itself and
-adopts its workers), tells systemd and the metrics endpoint (through sockd.ledger) how it goes,
-keeps its listening sockets in systemd's file descriptor store so that a restart refuses no
-connection, and stops them all gracefully.
+adopts its workers), ends what a worker that died left running (sockd.orphans), tells systemd
+and the metrics endpoint (through sockd.ledger) how it goes, keeps its listening sockets in
+systemd's file descriptor store so that a restart refuses no connection, and stops them all
+gracefully.
 
 A stop signal first says the instance drains, at once and everywhere a balancer looks (/healthz
 answers 503 `draining`, `sockd_draining` is 1, systemd hears STOPPING=1, an agent listener answers
@@ -34,9 +35,10 @@ from sockd.config import Config, Listener
 from sockd.counters import BEAT_INTERVAL
 from sockd.descriptors import make_room
 from sockd.forkserver import ForkServerError, Process, Spawner
-from sockd.group import Group
+from sockd.group import Group, Worker
 from sockd.ledger import Ledger
 from sockd.logging import configure, flush_throttled
+from sockd.orphans import KILL_AFTER, Orphans
 from sockd.plan import summary
 from sockd.sockets import BindError, Bound, adopt, bind, reason, serves, tcp_port, udp_ports
 from sockd.spec import WorkerSettings
@@ -77,6 +79,7 @@ class Supervisor:
         self.signals: collections.deque[int] = collections.deque() if signals is None else signals
         self.selector = selectors.DefaultSelector()
         self.spawner = Spawner()
+        self.orphans = Orphans()  # what workers that are gone left running (see sockd.orphans)
         self.notifier = systemd.Notifier()
         self.activated = systemd.listen_fds()
         # What the supervisor this process was before an upgrade hands over (see sockd.upgrade).
@@ -161,7 +164,7 @@ class Supervisor:
     # -- the loop
 
     def _loop(self, wakeup: int) -> None:
-        while not self.stopping or any(any(group.workers()) for group in self.ledger.all()):
+        while not self.stopping or any(any(group.workers()) for group in self.ledger.all()) or self.orphans:
             for key, _ in self.selector.select(self._timeout()):
                 if key.data is None:
                     _drain_pipe(wakeup)
@@ -172,9 +175,11 @@ class Supervisor:
             if not self.stopping and self.stop_at is not None and now >= self.stop_at:
                 self._stop()
             for group in self.ledger.all():
-                group.tend(now)
+                for worker in group.tend(now):
+                    self._orphaned(group, worker, now)
+            self.orphans.tend(self._own_pids(), now)
             if not self.stopping:  # no new fork server for a stop's drain
-                self.spawner.tend(self._worker_pids)
+                self.spawner.tend(lambda: {*self._worker_pids(), *self.orphans.pids()})
             self.ledger.depart()
             self._inform()
             if self.notifier.watchdog_interval and now >= self.next_watchdog:
@@ -215,12 +220,30 @@ class Supervisor:
             due.append(self.next_watchdog)
         if self.stop_at is not None and not self.stopping:
             due.append(self.stop_at)
+        if (kill_at := self.orphans.due()) is not None:
+            due.append(kill_at)
         # Heartbeats are checked at least this often (see Worker.beating).
         due.append(time.monotonic() + min(BEAT_INTERVAL, self.config.worker_timeout / 4))
         return max(0.0, min(due) - time.monotonic())
 
     def _worker_pids(self) -> set[int]:
         return {worker.process.pid for group in self.ledger.all() for worker in group.workers()}
+
+    def _own_pids(self) -> set[int]:
+        """The children the supervisor started: its workers and fork servers."""
+        return self._worker_pids() | self.spawner.pids()
+
+    def _orphaned(self, group: Group, worker: Worker, now: float) -> None:
+        """`worker` is reaped: what it left running is ended (see sockd.orphans), at once if its
+        time was up (killed at shutdown_timeout, or by a second stop signal), else with SIGTERM
+        first and SIGKILL KILL_AFTER later, or at the stopped worker's shutdown_timeout."""
+        kill_at = now + KILL_AFTER
+        if worker.drain_until is not None:
+            kill_at = min(kill_at, worker.drain_until)
+        count = group.count_exit if group.listener.handler == "exec" else None
+        self.orphans.adopt(
+            group.listener.name, worker.process.pid, self._own_pids(), kill_at=kill_at, now=now, count=count
+        )
 
     def _group(self, listener: Listener, bound: Bound, settings: WorkerSettings) -> Group:
         return Group(listener, bound, settings, self.selector, self.spawner)

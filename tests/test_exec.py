@@ -24,6 +24,7 @@ from support import (
     Daemon,
     Launcher,
     alive,
+    children,
     connect,
     eventually,
     model_options,
@@ -42,15 +43,6 @@ LOOPS = ["asyncio", STDLIB_LOOP]  # uvloop (the default, if installed) and the s
 def exec_listener(command: list[str], model: str = "asyncio", **options: Any) -> dict[str, Any]:
     concurrency, extra = model_options(model)
     return entry("x", "tcp", "exec", concurrency, command=command, **extra, **options)
-
-
-def children(worker: int) -> list[int]:
-    """The worker's children now, as the kernel lists them (zombies included)."""
-    found: list[int] = []
-    for task in os.listdir(f"/proc/{worker}/task"):
-        with open(f"/proc/{worker}/task/{task}/children") as listing:
-            found += [int(pid) for pid in listing.read().split()]
-    return found
 
 
 def exits(daemon: Daemon, result: str) -> float:
@@ -403,3 +395,43 @@ def test_over_tls_the_child_gets_the_plaintext_and_the_clients_name(
     assert env["REMOTE_ADDR"] == "127.0.0.1"
     eventually(lambda: exits(daemon, "ok") + exits(daemon, "error") == 1, "the exit counted")
     reaped(daemon)
+
+
+def test_behind_a_stage_the_log_line_ends_with_the_childs_exit(start_sockd: Launcher, tmp_path: Path) -> None:
+    # The copy sees the child end its output (`upstream closed`) well before the child exits:
+    # the line says how the child ended.
+    body = """import socket, sys
+sys.stdout.write(sys.stdin.readline())
+sys.stdout.flush()
+socket.socket(fileno=1).shutdown(socket.SHUT_WR)
+sys.stdin.read()
+sys.exit(3)
+"""
+    program = script(tmp_path, body)
+    options: dict[str, Any] = {"proxy_protocol": "v1", "proxy_trusted": ["127.0.0.0/8"], "log_connections": True}
+    daemon = start_sockd([exec_listener([program], **options)])
+    with connect(daemon.address("x")) as sock:
+        sock.sendall(b"PROXY TCP4 192.0.2.7 10.0.0.1 51000 8080\r\nhello\n")
+        assert read_to_eof(sock) == b"hello\n"
+        sock.shutdown(socket.SHUT_WR)  # the child reads to its end, then exits
+    closed = daemon.wait_for("connection closed", listener="x")
+    assert closed["ended"] == "exit 3"
+    assert closed["requests"] == 1
+    eventually(lambda: exits(daemon, "error") == 1, "exit 3 counted as error")
+    assert value(samples(daemon), "sockd_requests_total", listener="x") == 1
+    reaped(daemon)
+
+
+def test_behind_a_stage_a_child_that_cannot_start_is_counted_failed_only(start_sockd: Launcher, tmp_path: Path) -> None:
+    program = script(tmp_path, "")
+    options: dict[str, Any] = {"proxy_protocol": "v1", "proxy_trusted": ["127.0.0.0/8"], "log_connections": True}
+    daemon = start_sockd([exec_listener([program], **options)])
+    os.unlink(program)
+    with connect(daemon.address("x")) as sock:
+        sock.sendall(b"PROXY TCP4 192.0.2.7 10.0.0.1 51000 8080\r\nhello\n")
+        assert read_to_eof(sock) == b""
+    closed = daemon.wait_for("connection closed", listener="x")
+    assert (closed["ended"], closed["requests"]) == ("failed", 0)
+    eventually(lambda: exits(daemon, "failed") == 1, "the failure counted")
+    assert value(samples(daemon), "sockd_requests_total", listener="x") == 0
+    assert value(samples(daemon), "sockd_connections_active", listener="x") == 0

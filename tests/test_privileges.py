@@ -8,9 +8,11 @@ import os
 import pwd
 import socket
 import stat
+import struct
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -33,7 +35,9 @@ from support import (
     requests,
     require,
     run_sockd,
+    samples,
     sockd_command,
+    value,
 )
 from support import listener as entry
 
@@ -327,3 +331,98 @@ listeners:
     # The line of the field named; one not written (a group for want of one) is told at the listener's first.
     line = next((7 + n for n, option in enumerate(options, 1) if option.startswith(field)), 2)
     assert_rejected(tmp_path, text, (line, f"listeners[0].{field}", message))
+
+
+# -- an exec listener's child runs as its user
+
+
+def _exec_entry(command: list[str], **options: Any) -> dict[str, Any]:
+    return entry("x", "tcp", "exec", "asyncio", command=command, user="nobody", group="nogroup", **options)
+
+
+def test_an_exec_listeners_child_runs_as_its_user(start_sockd: Launcher, sockdir: Path) -> None:
+    sockdir.chmod(0o755)  # the child's cwd: nobody must be able to enter it
+    command = ["/bin/sh", "-c", "grep -E '^(Uid|Gid|Groups):' /proc/self/status; pwd"]
+    daemon = start_sockd([_exec_entry(command, cwd=str(sockdir))])
+    host, port = daemon.address("x").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+        said = b"".join(iter(lambda: sock.recv(4096), b"")).decode().splitlines()
+    fields = (line.split(":", 1) for line in said[:-1])
+    assert {name: [int(n) for n in value.split()] for name, value in fields} == _as(NOBODY, NOGROUP)
+    assert said[-1] == str(sockdir)
+
+
+def test_a_program_or_cwd_the_user_cannot_reach_is_a_config_error(tmp_path: Path, sockdir: Path) -> None:
+    sockdir.chmod(0o755)
+    private = sockdir / "private"
+    private.mkdir(mode=0o700)  # root's: nobody cannot search it
+    hidden = private / "program"
+    owners_only = sockdir / "program"
+    for program in (hidden, owners_only):
+        program.write_text("#!/bin/sh\n")
+        program.chmod(0o744)  # root may execute it; nobody may not
+    listeners = [
+        _exec_entry([str(hidden)]),
+        _exec_entry([str(owners_only)]),
+        _exec_entry(["/bin/cat"], cwd=str(private)),
+    ]
+    for index, listener in enumerate(listeners):
+        listener["name"] = f"x{index}"
+    path = tmp_path / "sockd.yaml"
+    path.write_text(yaml.safe_dump({"listeners": listeners}))
+    done = run_sockd("--check", "-c", str(path))
+    assert done.returncode == 78
+    who = f"uid {NOBODY} gid {NOGROUP} (the listener's user)"
+    messages = [line.split(": ", 1)[1] for line in done.stderr.splitlines()]
+    assert messages == [
+        f"listeners[0].command: {who} cannot reach {hidden}: no search permission on {private}",
+        f"listeners[1].command: {who} cannot execute {owners_only}",
+        f"listeners[2].cwd: {who} cannot search {private}",
+    ]
+
+
+def test_a_program_the_user_can_no_longer_run_is_counted_failed(start_sockd: Launcher, sockdir: Path) -> None:
+    sockdir.chmod(0o755)
+    program = sockdir / "program"
+    program.write_text("#!/bin/sh\necho ran\n")
+    program.chmod(0o755)
+    daemon = start_sockd([_exec_entry([str(program)])])
+    program.chmod(0o744)  # since the check: nobody may not execute it any more
+    host, port = daemon.address("x").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+        assert sock.recv(4096) == b""
+    failed = daemon.wait_for("exec failed: the program could not start", command=str(program))
+    assert failed["error"] == "Permission denied"
+    becomes(lambda: value(samples(daemon), "sockd_exec_exits_total", listener="x", result="failed"), 1.0, "counted")
+
+
+def test_a_cwd_an_acl_closes_to_the_user_fails_each_child_and_not_the_worker(
+    start_sockd: Launcher, sockdir: Path
+) -> None:
+    """The mode bits let nobody in (what --check reads); an ACL entry for nobody does not. The
+    worker serves on, and each child is counted failed."""
+    sockdir.chmod(0o755)
+    closed = sockdir / "closed"
+    closed.mkdir(mode=0o755)
+    # system.posix_acl_access: version 2, then (tag, permissions, id) entries in tag order:
+    # owner rwx, user nobody nothing, owning group r-x, mask r-x, others r-x.
+    undefined = 0xFFFFFFFF
+    entries = [
+        (0x01, 7, undefined),
+        (0x02, 0, NOBODY),
+        (0x04, 5, undefined),
+        (0x10, 5, undefined),
+        (0x20, 5, undefined),
+    ]
+    os.setxattr(
+        closed, "system.posix_acl_access", struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    )
+    daemon = start_sockd([_exec_entry(["/bin/cat"], cwd=str(closed))])
+    host, port = daemon.address("x").rsplit(":", 1)
+    for _ in range(2):
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+            assert sock.recv(4096) == b""
+    failed = daemon.wait_for("exec failed: the program could not start", command="/bin/cat")
+    assert (failed["error"], failed["cwd"]) == ("Permission denied", str(closed))
+    becomes(lambda: value(samples(daemon), "sockd_exec_exits_total", listener="x", result="failed"), 2.0, "counted")
+    assert len(daemon.worker_pids("x")) == 1  # the worker lives on

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sockd import privileges
 from sockd.config.problems import Problem
 from sockd.config.schema import (
     EXEC_MODELS,
@@ -113,6 +114,24 @@ def _exec_command(handler: str, command: list[str] | None) -> Iterator[Problem]:
 def _exec_cwd(handler: str, cwd: str | None) -> Iterator[Problem]:
     if handler == "exec" and cwd is not None and not os.path.isdir(cwd):
         yield ("cwd",), f"{cwd} is not a directory"
+
+
+def _exec_as_user(
+    handler: str, command: list[str] | None, cwd: str | None, user: int | None, group: int | None
+) -> Iterator[Problem]:
+    """The child runs as the listener's user (its worker has dropped to it): that user must reach
+    the program and `cwd`. Judged where sockd is root; otherwise the user is sockd's own, whose
+    access _exec_command and _exec_cwd have seen."""
+    if handler != "exec" or user is None or group is None or os.geteuid() != 0:
+        return
+    # Only what the rules above found right: a program missing or not executable at all is said once.
+    if command is not None:
+        program = command[0]
+        runnable = os.path.isabs(program) and os.path.isfile(program) and os.access(program, os.X_OK)
+        if runnable and (why := privileges.unreachable(program, user, group, program)):
+            yield ("command",), why
+    if cwd is not None and os.path.isdir(cwd) and (why := privileges.unreachable(cwd, user, group, cwd)):
+        yield ("cwd",), why
 
 
 def _exec_stream(handler: str, protocol: str) -> Iterator[Problem]:
@@ -289,6 +308,7 @@ _RULES = [
         _relay_needs_upstream,
         _exec_command,
         _exec_cwd,
+        _exec_as_user,
         _exec_stream,
         _exec_model,
         _exec_connection_options,

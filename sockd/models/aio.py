@@ -325,9 +325,9 @@ class Model:
         """A connection's protocol, its ticket had once it is made (see _made)."""
         service, recorder, relay = self.service, self.recorder, self.relay
         if self.exec is not None:
-            settle(self.exec)
+            unable = settle(self.exec)
             staged = service.stage is not None  # the child's bytes are copied (see sockd.exec)
-            children = self.children = Children(self.exec, asyncio.get_running_loop(), self.nagle, staged)
+            children = self.children = Children(self.exec, asyncio.get_running_loop(), self.nagle, staged, unable)
             if staged:
                 return lambda: ExecRelay(service, FREE, recorder, children)
             return lambda: ExecProtocol(service, FREE, recorder, children)

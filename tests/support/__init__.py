@@ -77,6 +77,7 @@ from support.net import (
 from support.proc import (
     _proc_net_address,
     alive,
+    children,
     cpu_seconds,
     live_workers,
     rss_bytes,
@@ -139,6 +140,7 @@ __all__ = [
     "becomes",
     "building",
     "check",
+    "children",
     "client_context",
     "client_hello",
     "config_text",

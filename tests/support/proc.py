@@ -38,6 +38,15 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def children(pid: int) -> list[int]:
+    """A process's children now, as the kernel lists them (zombies included)."""
+    found: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as listing:
+            found += [int(child) for child in listing.read().split()]
+    return found
+
+
 @contextlib.contextmanager
 def stopped(*pids: int) -> Iterator[None]:
     """The processes SIGSTOPped for the block, every thread of each stopped before it begins: kill()
