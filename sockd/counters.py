@@ -53,21 +53,26 @@ TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 # sockd_tls_handshake_duration_seconds's upper bounds: from a loopback handshake (about half a
 # millisecond of CPU) up to the longest handshake_timeout worth waiting for.
 HANDSHAKE_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# sockd_exec_exits_total{result}: an exec listener's children by how they ended (see sockd.exec):
+# exit 0; another exit code; killed by a signal; killed at exec_timeout; could not be started.
+EXEC_RESULTS = ("ok", "error", "signal", "timeout", "failed")
+EXEC_OK, EXEC_ERROR, EXEC_SIGNAL, EXEC_TIMEOUT, EXEC_FAILED = range(len(EXEC_RESULTS))
 PUBLISH_INTERVAL = 0.1  # seconds between publications: the most a SIGKILL can cost the counters
 BEAT_INTERVAL = 0.5  # an event loop beats at least this often, busy or idle
 
 # The fields after the sequence number, in shared-memory order; then the lists: one word per error
 # kind, per reject reason, per handshake result, per TLS version, per handshake duration bucket,
-# then the request histogram's buckets (not cumulative; the last is +Inf), whose number is the
+# per exec result, then the request histogram's buckets (not cumulative; the last is +Inf), whose number is the
 # config's (the others' are fixed).
 FIELDS = ("connections", "closed", "received", "sent", "duration_ns", "log_dropped", "handshake_ns")
-LISTS = ("errors", "rejected", "handshakes", "versions", "handshake_buckets", "buckets")
+LISTS = ("errors", "rejected", "handshakes", "versions", "handshake_buckets", "exits", "buckets")
 FIXED_LISTS = (
     len(ERROR_KINDS),
     len(REJECT_REASONS),
     len(HANDSHAKE_RESULTS),
     len(TLS_VERSIONS),
     len(HANDSHAKE_BOUNDS) + 1,
+    len(EXEC_RESULTS),
 )
 _WORD = 8
 # What the counters after the header hold, for a supervisor of another version to tell whether it
@@ -94,6 +99,7 @@ class Totals:
     handshakes: list[int]
     versions: list[int]
     handshake_buckets: list[int]
+    exits: list[int]
     buckets: list[int]
 
     @property
@@ -125,7 +131,7 @@ class Totals:
             lists.append(list(words[at : at + size]))
             at += size
         connections, closed, received, sent, duration_ns, log_dropped, handshake_ns = words[: len(FIELDS)]
-        errors, rejected, handshakes, versions, handshake_buckets, buckets = lists
+        errors, rejected, handshakes, versions, handshake_buckets, exits, buckets = lists
         return cls(
             connections,
             closed,
@@ -139,6 +145,7 @@ class Totals:
             handshakes,
             versions,
             handshake_buckets,
+            exits,
             buckets,
         )
 
@@ -159,6 +166,7 @@ class Recorder:
         "closed",
         "connections",
         "errors",
+        "exits",
         "first_bound",
         "handshake_buckets",
         "handshake_seconds",
@@ -186,6 +194,7 @@ class Recorder:
         self.versions = [0] * len(TLS_VERSIONS)
         self.handshake_buckets = [0] * (len(HANDSHAKE_BOUNDS) + 1)
         self.handshake_seconds = 0.0
+        self.exits = [0] * len(EXEC_RESULTS)
         self.bounds = bounds
         self.first_bound = bounds[0]
 
@@ -226,6 +235,7 @@ class Recorder:
             [*self.handshakes],
             [*self.versions],
             [*self.handshake_buckets],
+            [*self.exits],
             [*self.buckets],
         )
 

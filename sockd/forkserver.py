@@ -2,13 +2,13 @@
 
 Started by the supervisor (exec, so it owes nothing to the supervisor's threads) as `python -P -m
 sockd.forkserver FD`, FD its end of a SOCK_SEQPACKET socketpair. It imports the worker, every
-model, handler and relay module, structlog, asyncio and uvloop, then calls gc.freeze(), so that
-what it imported sits in pages every worker shares and no worker's garbage collector ever touches
-(and so copies) them. Then it answers requests: the worker's spec (JSON), its length first, in
-as many messages as it takes (a message of a SOCK_SEQPACKET socket must fit in the socket's send
-buffer, some 200 kB, and a listener's `allow` list may make a spec longer), the first carrying the
-worker's descriptors (SCM_RIGHTS: the listening socket, the channel to the supervisor, the shared
-counters); answered with the worker's pid, or -errno.
+model, handler and relay module, structlog, asyncio, uvloop and the idna codec, then calls
+gc.freeze(), so that what it imported sits in pages every worker shares and no worker's garbage
+collector ever touches (and so copies) them. Then it answers requests: the worker's spec (JSON),
+its length first, in as many messages as it takes (a message of a SOCK_SEQPACKET socket must fit
+in the socket's send buffer, some 200 kB, and a listener's `allow` list may make a spec longer),
+the first carrying the worker's descriptors (SCM_RIGHTS: the listening socket, the channel to
+the supervisor, the shared counters); answered with the worker's pid, or -errno.
 
 Workers are the supervisor's children, not the fork server's: the supervisor is a child
 subreaper (PR_SET_CHILD_SUBREAPER), and the fork server forks twice, the intermediate process
@@ -150,7 +150,11 @@ def _preload() -> Entry:
     """Import what every worker runs, and return the worker's entry."""
     registry = importlib.import_module("sockd.models.registry")
     relay = importlib.import_module("sockd.relay")
-    names = ["asyncio", "structlog", "sockd.handlers", *(kind.module for kind in registry.MODELS.values())]
+    # encodings.idna: the codec every host name is encoded with (the relay's resolver, TLS's
+    # server_hostname), imported at its first use: by then a worker may have dropped to a user
+    # that cannot read the interpreter's files (see sockd.privileges).
+    names = ["asyncio", "structlog", "encodings.idna", "sockd.handlers"]
+    names += [kind.module for kind in registry.MODELS.values()]
     names += [f"sockd.relay.{module.name}" for module in pkgutil.iter_modules(relay.__path__)]
     for name in names:
         importlib.import_module(name)

@@ -38,7 +38,7 @@ from sockd.config import Listener, UnixListener
 from sockd.counters import BEAT_INTERVAL
 from sockd.forkserver import ForkServerError, Process, Spawner
 from sockd.logging import exit_status
-from sockd.sockets import Bound, reason, retune, set_mode
+from sockd.sockets import Bound, reason, retune, set_file
 from sockd.spec import InstanceState, WorkerSettings
 
 log = structlog.get_logger()
@@ -178,7 +178,7 @@ class Group:
             retune(self.bound.sock, listener)
             if isinstance(listener, UnixListener):
                 try:
-                    set_mode(self.bound, listener.mode_bits)
+                    set_file(self.bound, listener)
                 except OSError as exc:  # removed or replaced behind our back: the socket still serves
                     log.warning("cannot apply the socket file's new mode", path=listener.path, error=reason(exc))
         self.listener = listener

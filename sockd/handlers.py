@@ -234,6 +234,23 @@ class Relay(Stateless):
         self.proxy_protocol = listener.upstream_proxy_protocol
 
 
+class Exec(Stateless):
+    """`handler: exec`: not bytes in, bytes out, but a program per connection, whose stdin and
+    stdout are the connection (sockd.exec). It answers nothing itself; the models that can
+    supervise children (config allows no other) see it and run `command` for each client.
+    `shutdown_timeout` is when a stop's drain ends the children still running."""
+
+    def __init__(self, listener: Listener, shutdown_timeout: float) -> None:
+        assert listener.command is not None
+        self.listener = listener.name
+        self.command = listener.command
+        self.env = listener.env
+        self.cwd = listener.cwd
+        self.timeout = listener.exec_timeout
+        self.limits = listener.limits
+        self.shutdown_timeout = shutdown_timeout
+
+
 CLOCKS: dict[TimestampFormat, Callable[[], str]] = {
     "seed": lambda: str(datetime.datetime.now()),
     "iso8601": lambda: datetime.datetime.now(datetime.UTC).isoformat(),
@@ -297,11 +314,16 @@ class LimitedSession:
         return self.session.more()
 
 
-def build(listener: Listener, upstream_tls: UpstreamTLS | None = None, told: Told | None = None) -> Handler:
+def build(
+    listener: Listener, upstream_tls: UpstreamTLS | None = None, told: Told | None = None, shutdown_timeout: float = 0.0
+) -> Handler:
     """The listener's handler; a relay to a tls:// upstream is given its TLS (sockd.tls.contexts),
-    an agent what its worker is told (nothing yet, without `told`)."""
+    an agent what its worker is told (nothing yet, without `told`), an exec its worker's
+    shutdown_timeout."""
     handler: Handler
-    if listener.handler == "relay":
+    if listener.handler == "exec":
+        handler = Exec(listener, shutdown_timeout)
+    elif listener.handler == "relay":
         handler = Relay(listener, upstream_tls)
     elif listener.handler == "agent":
         handler = Agent(Told() if told is None else told)

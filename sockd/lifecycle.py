@@ -37,10 +37,14 @@ A flowing session (chargen) is not asked: from `begin`, its output is written tu
 (`flow`) until the transport says it can take no more (`pause_writing`), and again from
 `resume_writing`; so a client that does not read holds what one full write buffer holds, and no
 more. A turn is bounded (FLOW_TURN): one that the transport never stops (a client reading as fast
-as it is written to) goes on from the model's `later`, after its other work.
+as it is written to) goes on from the model's `later`, after its other work. On a blocking
+model a write returns once the client has taken it, so a client that does not read holds the
+thread in its send (until idle_timeout), and the next turn is the thread's next call, after it
+has looked at the connection's input (see models.blocking).
 
 A relay's connection (sockd.relay) passes through the same stage, given the same way, before its
-upstream is connected: a client the stage refuses never reaches the upstream.
+upstream is connected: a client the stage refuses never reaches the upstream. So does an exec's
+(sockd.exec), before its child is started.
 
 A listener's stages run one after another on the same transport (`chain`): a PROXY header
 (sockd.proxy.stage) precedes the TLS ClientHello (sockd.tls.stage), so the header's stage hands
@@ -177,7 +181,8 @@ class Service:
 
     The model says what it does with its connections through callables, not by subclassing:
     `later(delay, callback, *args)` is its timer (a loop's call_later, or a sleep for the
-    blocking models); `made(connection)`, if given, is asked whether a connection whose
+    blocking models, whose thread makes a call of no delay once back in its loop: see
+    models.blocking); `made(connection)`, if given, is asked whether a connection whose
     transport was just made may open (the asyncio model's admission, which needs the loop's
     transport); `gone(connection)` is told of every connection that ends, after it is counted,
     so an event-loop model can learn when its drain is over. `stage`, if given, makes the stage
@@ -454,11 +459,13 @@ class Stream(Connection):
         """One turn of a flowing session's output: written until the transport is full (its
         resume_writing starts the next turn) or closing, or FLOW_TURN outputs have gone, when
         the next turn waits for the model's `later`."""
-        transport, more = self.transport, self.session.more
+        transport, more, recorder = self.transport, self.session.more, self.recorder
         for _ in range(FLOW_TURN):
             if self.paused & WRITE_FULL or transport.is_closing():
                 return
-            transport.write(more())
+            output = more()
+            transport.write(output)
+            recorder.sent += len(output)  # sockd_sent_bytes: what it wrote, unasked
         self.service.later(0, self.flow)
 
     def resume_writing(self) -> None:

@@ -27,7 +27,15 @@ from prometheus_client.registry import Collector
 
 from sockd import __version__, logging
 from sockd.config import Listener, MetricsConfig
-from sockd.counters import ERROR_KINDS, HANDSHAKE_BOUNDS, HANDSHAKE_RESULTS, REJECT_REASONS, TLS_VERSIONS, Totals
+from sockd.counters import (
+    ERROR_KINDS,
+    EXEC_RESULTS,
+    HANDSHAKE_BOUNDS,
+    HANDSHAKE_RESULTS,
+    REJECT_REASONS,
+    TLS_VERSIONS,
+    Totals,
+)
 from sockd.logging import Throttled
 from sockd.sockets import OUT_OF_RESOURCES, RESOURCE_PAUSE, BindError, inet_address, reason
 from sockd.tls.material import Expiry
@@ -201,6 +209,7 @@ class SockdCollector(Collector):
         yield from (connections, active, requests, duration, received, sent, errors, rejected, restarts)
         yield from (generations, cpu, memory, info, build, log_dropped, draining)
         yield from _tls_metrics([report for report in [*reports, *snapshot.leaving] if report.listener.tls is not None])
+        yield _exec_metrics([report for report in [*reports, *snapshot.leaving] if report.listener.handler == "exec"])
         yield from _reload_metrics(snapshot.reloads)
         upgrades = CounterMetricFamily(
             "sockd_upgrades", "Upgrades in place (SIGUSR2) by result: ok, failed.", labels=["result"]
@@ -221,6 +230,19 @@ def _expiries(certificates: Sequence[Expiry]) -> Metric:
     for certificate in certificates:
         expiry.add_metric([certificate.listener, certificate.server_name], certificate.not_after)
     return expiry
+
+
+def _exec_metrics(reports: list[ListenerReport]) -> Metric:
+    """The exec listeners' children, by how they ended (their run time is the request duration)."""
+    exits = CounterMetricFamily(
+        "sockd_exec_exits",
+        f"An exec listener's children by how they ended: {', '.join(EXEC_RESULTS)}.",
+        labels=["listener", "result"],
+    )
+    for report in reports:
+        for result, count in zip(EXEC_RESULTS, report.totals.exits, strict=True):
+            exits.add_metric([report.listener.name, result], count)
+    return exits
 
 
 def _tls_metrics(reports: list[ListenerReport]) -> Iterator[Metric]:

@@ -260,6 +260,9 @@ def _bind_unix(listener: UnixListener) -> Bound:
         finally:
             os.umask(old)
         info = os.lstat(path)
+        # Its directory is checked (_check_directory): nobody else can have put a link at the
+        # path since bind() made the file, and lchown() would not follow one anyway.
+        _chown(path, info, listener, follow_symlinks=False)
         tune(sock, listener)
         sock.listen(listener.backlog)
     return Bound(listener, sock, path, (info.st_dev, info.st_ino))
@@ -282,20 +285,33 @@ def _check_directory(directory: str) -> None:
         raise OSError(f"its directory {directory} is writable by every user and not sticky")
 
 
-def set_mode(bound: Bound, mode: int) -> None:
-    """Give the Unix socket file sockd made a new mode, if it is still that file: through a
-    descriptor of its own (O_PATH, never following a link), checked by device and inode, so
-    neither a symlink nor another file put at the path meanwhile gets the mode."""
+def set_file(bound: Bound, listener: UnixListener) -> None:
+    """Give the Unix socket file sockd made the listener's mode, and its owner and owner_group if
+    it names them, if it is still that file: through a descriptor of its own (O_PATH, never
+    following a link), checked by device and inode, so neither a symlink nor another file put at
+    the path meanwhile gets them."""
     if bound.activated:
-        raise OSError("systemd made the socket file: its mode is the socket unit's SocketMode=")
+        raise OSError("systemd made the socket file: its mode and owner are the socket unit's SocketMode=, SocketUser=")
     fd = os.open(bound.address, os.O_PATH | os.O_NOFOLLOW)
     try:
         info = os.fstat(fd)
         if not stat.S_ISSOCK(info.st_mode) or (info.st_dev, info.st_ino) != bound.file_id:
             raise OSError("the socket file was replaced by something else")
-        os.chmod(f"/proc/self/fd/{fd}", mode)  # fchmod() refuses an O_PATH descriptor
+        # fchmod() and fchown() refuse an O_PATH descriptor; its /proc link is the file itself.
+        os.chmod(f"/proc/self/fd/{fd}", listener.mode_bits)
+        _chown(f"/proc/self/fd/{fd}", info, listener, follow_symlinks=True)
     finally:
         os.close(fd)
+
+
+def _chown(path: str, info: os.stat_result, listener: UnixListener, *, follow_symlinks: bool) -> None:
+    """The owner and group the listener names, if the file (as `info` saw it) has others: no
+    chown() otherwise (one that changes nothing is still refused where chown is, as in the
+    systemd unit's sandbox)."""
+    uid = info.st_uid if listener.owner is None else listener.owner
+    gid = info.st_gid if listener.owner_group is None else listener.owner_group
+    if (uid, gid) != (info.st_uid, info.st_gid):
+        os.chown(path, uid, gid, follow_symlinks=follow_symlinks)
 
 
 def _clear_stale(path: str) -> None:

@@ -43,7 +43,7 @@ from sockd import __version__, counters
 from sockd.config import Listener, MetricsConfig, UnixListener
 from sockd.forkserver import Process
 from sockd.group import Group, Worker
-from sockd.sockets import Bound, reason, retune, set_mode
+from sockd.sockets import Bound, reason, retune, set_file
 from sockd.spec import WorkerSettings
 
 log = structlog.get_logger()
@@ -286,7 +286,7 @@ class Adoption:
         retune(bound.sock, listener)
         if isinstance(listener, UnixListener) and not bound.activated:
             with contextlib.suppress(OSError):  # removed or replaced behind our back: it still serves
-                set_mode(bound, listener.mode_bits)
+                set_file(bound, listener)
         self.taken.add(listener.name)
         return bound
 

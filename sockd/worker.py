@@ -3,7 +3,8 @@
 Forked by the fork server (sockd.forkserver), which calls `main` with the spec the supervisor
 sent (JSON: the listener and the settings) and the descriptors that came with it: the listening
 socket, the worker's end of a socketpair to the supervisor, and the shared memory it publishes
-its counts to. The worker says `ready` on that channel once it serves. The supervisor says, a
+its counts to. Its listener's `user`, if any, it becomes once those are open and before it
+serves (see sockd.privileges). The worker says `ready` on that channel once it serves. The supervisor says, a
 line each:
 
     retire            a reload replaced this worker: accept no more, serve the open connections on
@@ -29,11 +30,12 @@ import threading
 import structlog
 from setproctitle import setproctitle
 
-from sockd import counters, handlers
+from sockd import counters, handlers, privileges
 from sockd.config import LoggingConfig
 from sockd.lifecycle import chain
 from sockd.logging import configure, flush_throttled
 from sockd.models import registry
+from sockd.privileges import PrivilegeError
 from sockd.proxy import stage as proxy
 from sockd.spec import WorkerSpec
 from sockd.stopping import Stop
@@ -74,12 +76,21 @@ def main(spec_json: bytes, fds: list[int]) -> int:
     told = handlers.Told(spec.state)
     model = registry.load(listener.concurrency)(
         listener,
-        handlers.build(listener, origination(spec), told),
+        handlers.build(listener, origination(spec), told, spec.shutdown_timeout),
         stats,
         frozenset(spec.udp_ports),
         # A balancer's PROXY header comes before anything of its client's, TLS's ClientHello too.
         stage=chain(proxy.stage_for(listener), tls.stage_for(spec)),
     )
+    # Root's part is done: the descriptors are open, the TLS contexts built. Before a thread
+    # starts or a client is accepted, the listener's user, if it names one; one that could become
+    # root again serves nothing (the supervisor restarts it as any worker that failed).
+    if listener.user is not None and listener.group is not None:
+        try:
+            privileges.drop(listener.user, listener.group)
+        except PrivilegeError as exc:
+            log.error("cannot drop privileges; not serving", error=str(exc), user=listener.user, group=listener.group)
+            return 1
     threading.Thread(target=_listen, args=(channel, stop, listener.name, told), daemon=True).start()
     stop.ending.on_set(lambda: _exit_after(spec.shutdown_timeout))
     served = threading.Event()

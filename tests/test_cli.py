@@ -174,7 +174,9 @@ def test_a_bad_config_without_check_is_the_same_error(tmp_path: Path) -> None:
     path.write_text(EXAMPLE.replace("handler: echo", "handler: ping", 1))
     result = run_sockd("-c", str(path))
     assert result.returncode == EX_CONFIG
-    expected = "input should be 'echo', 'timestamp', 'discard', 'daytime', 'time', 'chargen', 'relay' or 'agent'"
+    expected = (
+        "input should be 'echo', 'timestamp', 'discard', 'daytime', 'time', 'chargen', 'relay', 'agent' or 'exec'"
+    )
     assert result.stderr == f"{path}:14: listeners[0].handler: {expected}\n"
 
 
@@ -207,7 +209,7 @@ def test_check_prints_every_problem_on_a_line_of_its_own_in_line_order(tmp_path:
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == EX_CONFIG, result.stderr
     assert result.stdout == ""
-    handlers = "'echo', 'timestamp', 'discard', 'daytime', 'time', 'chargen', 'relay' or 'agent'"
+    handlers = "'echo', 'timestamp', 'discard', 'daytime', 'time', 'chargen', 'relay', 'agent' or 'exec'"
     assert result.stderr.splitlines() == [
         f"{path}:8: listeners[1].host: required",
         f"{path}:10: listeners[1].port: input should be less than or equal to 65535",

@@ -225,7 +225,8 @@ DUPLICATES_AND_LINE_ORDER = [
             (
                 11,
                 "listeners[1].handler",
-                "input should be 'echo', 'timestamp', 'discard', 'daytime', 'time', 'chargen', 'relay' or 'agent'",
+                "input should be 'echo', 'timestamp', 'discard', 'daytime', 'time', 'chargen', 'relay',"
+                " 'agent' or 'exec'",
             ),
             (14, "logging.level", "input should be 'debug', 'info', 'warning' or 'error'"),
         ],

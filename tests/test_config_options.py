@@ -31,7 +31,8 @@ HANDLERS_AND_MODELS = [
             (
                 6,
                 "listeners[0].handler",
-                "input should be 'echo', 'timestamp', 'discard', 'daytime', 'time', 'chargen', 'relay' or 'agent'",
+                "input should be 'echo', 'timestamp', 'discard', 'daytime', 'time', 'chargen', 'relay',"
+                " 'agent' or 'exec'",
             )
         ],
         id="unknown_handler",

@@ -218,6 +218,9 @@ FITTING: dict[str, st.SearchStrategy[Any]] = {
     "upstream": st.sampled_from(["tcp://127.0.0.1:9", "udp://[::1]:53", "unix:///tmp/sockd-u.sock", "http://x"]),
     "allow": st.lists(st.sampled_from(["10.0.0.0/8", "::/0", "1.2.3.4/99"]), max_size=2),
     "buckets": st.lists(st.floats(min_value=0, max_value=10), max_size=3),
+    **dict.fromkeys(
+        ("user", "group", "owner", "owner_group"), st.sampled_from(["nobody", "root", 65534, "nosuch", "0"])
+    ),
 }
 
 

@@ -324,7 +324,7 @@ def test_a_protocol_in_the_wrong_case_hides_none_of_the_listeners_other_problems
         (
             6,
             "listeners[0].handler",
-            "input should be 'echo', 'timestamp', 'discard', 'daytime', 'time', 'chargen', 'relay' or 'agent'",
+            "input should be 'echo', 'timestamp', 'discard', 'daytime', 'time', 'chargen', 'relay', 'agent' or 'exec'",
         ),
         (
             7,
@@ -396,7 +396,7 @@ def test_a_rule_across_fields_is_reported_beside_the_fields_own_errors(tmp_path:
         (
             13,
             "listeners[1].handler",
-            "input should be 'echo', 'timestamp', 'discard', 'daytime', 'time', 'chargen', 'relay' or 'agent'",
+            "input should be 'echo', 'timestamp', 'discard', 'daytime', 'time', 'chargen', 'relay', 'agent' or 'exec'",
         ),
         (
             15,

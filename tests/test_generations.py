@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from test_handlers import rfc864_lines
 
 from support import (
     MODELS,
@@ -627,4 +628,30 @@ def test_a_reload_drain_timeout_ends_the_old_generations_sessions_once_it_passes
         assert daemon.wait_for("worker exited", listener="kept", pid=old)["code"] == 0
     finally:
         upstream.close()
+    assert not [event for event in daemon.events if event.get("event") == "killing worker"]
+
+
+@pytest.mark.parametrize("model", ["threaded", "selector"])
+def test_a_chargen_stream_goes_on_through_a_reload_until_the_reload_drain_timeout(
+    start_sockd: Launcher, model: str
+) -> None:
+    def config(idle: int) -> list[dict[str, object]]:
+        return [entry("cg", "tcp", "chargen", model, idle_timeout=idle)]
+
+    daemon = start_sockd(config(300), shutdown_timeout=60, reload_drain_timeout=2)
+    old = daemon.worker_pid("cg")
+    period = rfc864_lines(95)
+    cycle = period * (2 + (1 << 16) // len(period))  # any read of up to 64 KiB, from any offset
+    with connect(daemon.address("cg"), timeout=TIMEOUT) as sock:
+        received = 0
+        reloaded_at = time.monotonic()
+        assert daemon.reload(config(301), shutdown_timeout=60, reload_drain_timeout=2)["restarted"] == ["cg"]
+        assert tcp_owner(sock, [old]) == old
+        while chunk := sock.recv(1 << 16):  # the old worker streams on, unbroken, until its drain's EOF
+            offset = received % len(period)
+            assert chunk == cycle[offset : offset + len(chunk)]
+            received += len(chunk)
+            time.sleep(0.01)  # a slow reader: the stream waits for it, and spares the CPU
+        assert time.monotonic() - reloaded_at >= 2  # not before the timeout passed
+    assert daemon.wait_for("worker exited", listener="cg", pid=old)["code"] == 0
     assert not [event for event in daemon.events if event.get("event") == "killing worker"]

@@ -111,8 +111,9 @@ def test_max_message_size_bounds_requests_and_datagrams_not_a_streams_chunks() -
 
 
 def test_every_handler_name_has_a_handler_and_every_handler_a_name() -> None:
-    # The agent answers from what its worker is told as well as from its listener: build makes it.
-    assert set(get_args(HandlerName)) == {*HANDLERS, "agent"}
+    # The agent answers from what its worker is told as well as from its listener, and exec is
+    # given its worker's shutdown_timeout: build makes them.
+    assert set(get_args(HandlerName)) == {*HANDLERS, "agent", "exec"}
 
 
 def test_the_agent_answers_one_line_from_the_state_it_was_last_told_and_closes() -> None:

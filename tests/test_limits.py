@@ -333,14 +333,19 @@ FLOOD_SOURCES = 64
 FLOOD_ROUNDS = 20
 
 
-@pytest.mark.parametrize("model", ["selector", "asyncio", "threaded"])
+# The models and handlers flooded: the event loops and a blocking model, and chargen, the
+# amplifier with the largest answer (up to 512 bytes for an empty datagram).
+FLOODED = [("selector", "daytime"), ("asyncio", "daytime"), ("threaded", "daytime"), ("iterative", "chargen")]
+
+
+@pytest.mark.parametrize(("model", "handler"), FLOODED)
 def test_datagram_rate_bounds_the_replies_to_each_source_and_counts_the_drops(
-    start_sockd: Launcher, model: str
+    start_sockd: Launcher, model: str, handler: str
 ) -> None:
     rate, burst = 1.0, 3
-    daemon = start_sockd([entry("d", "udp", "daytime", model, datagram_rate=rate, datagram_burst=burst)])
+    daemon = start_sockd([entry("d", "udp", handler, model, datagram_rate=rate, datagram_burst=burst)])
     address = inet(daemon.address("d"))
-    offset = ["selector", "asyncio", "threaded"].index(model)  # sources of the test's own
+    offset = FLOODED.index((model, handler))  # sources of the test's own
     with contextlib.ExitStack() as stack:
         senders = []
         for number in range(FLOOD_SOURCES):

@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_handlers import rfc864_lines
 
-from sockd.config import RELAYING_MODELS, ConfigError, ModelName, parse
+from sockd.config import ConfigError, ModelName, parse
 from sockd.models.registry import MODELS as MODEL_REGISTRY
 from sockd.models.registry import load as load_model
 
@@ -34,8 +34,11 @@ from support import (
     TIMEOUT,
     Daemon,
     Launcher,
+    active_connections,
+    becomes,
     connect,
     datagram,
+    errors,
     eventually,
     inet,
     listen_backlog,
@@ -43,7 +46,9 @@ from support import (
     read_to_eof,
     request,
     rss_bytes,
+    samples,
     short_directory,
+    value,
 )
 from support import listener as entry
 
@@ -374,10 +379,7 @@ CHARGEN_LINES = 10_000
 def test_chargen_streams_the_rfc_pattern_over_tcp_and_unix_and_answers_udp(
     start_sockd: Launcher, model: str, sockdir: Path
 ) -> None:
-    if model in RELAYING_MODELS:
-        streams = [entry("tcp", "tcp", "chargen", model), entry("unix", "unix", "chargen", model, sockdir / "cg")]
-    else:  # a blocking model cannot serve an endless stream: a config error (test_config_rules)
-        streams = []
+    streams = [entry("tcp", "tcp", "chargen", model), entry("unix", "unix", "chargen", model, sockdir / "cg")]
     daemon = start_sockd([*streams, entry("udp", "udp", "chargen", model)])
     expected = rfc864_lines(CHARGEN_LINES)
     for stream in streams:
@@ -395,17 +397,13 @@ def test_chargen_streams_the_rfc_pattern_over_tcp_and_unix_and_answers_udp(
         assert reply == pattern[: len(reply)]
 
 
-@pytest.mark.parametrize("model", sorted(set(MODEL_REGISTRY) - set(RELAYING_MODELS)))
-def test_chargen_over_a_stream_needs_an_event_loop(model: str) -> None:
-    text = f"""
-listeners:
-  - {{name: cg, protocol: tcp, host: 127.0.0.1, port: 0, handler: chargen, concurrency: {model}}}
-"""
-    with pytest.raises(ConfigError, match=f"handler: chargen over a stream needs concurrency: .*not {model}"):
-        parse(text, "c.yaml")
+# What may stand between the chargen server and a client that does not read, besides what the
+# client's kernel holds for it: the server's socket buffer (Linux's tcp_wmem grows it to 4 MiB at
+# most), a transport's write buffer (up to HIGH_WATER, 1 MiB, and a turn past it) and a margin.
+IN_FLIGHT = 8 << 20
 
 
-@pytest.mark.parametrize("model", RELAYING_MODELS)
+@pytest.mark.parametrize("model", MODELS)
 def test_a_chargen_client_that_does_not_read_is_not_buffered_for(start_sockd: Launcher, model: str) -> None:
     daemon = start_sockd([entry("cg", "tcp", "chargen", model)])
     worker = daemon.worker_pid("cg")
@@ -415,6 +413,10 @@ def test_a_chargen_client_that_does_not_read_is_not_buffered_for(start_sockd: La
         # Back-pressure reached: once the client's receive queue is full, it stays so (sampled,
         # never timed; busy_poll spins by design, so its CPU time cannot tell).
         eventually(lambda: _queue_still(idle), "the client's queue fills and stays full")
+        # And the server's count of what it wrote stops too: a bounded amount past what reached
+        # the client, not a buffer that grows for as long as the client does not read.
+        eventually(lambda: _sent_still(daemon), "sockd_sent_bytes stops growing")
+        assert 0 < _sent(daemon) - (len(got) + _queued(idle)) < IN_FLIGHT
         # Without back-pressure it would have buffered without end by now; with it, its memory
         # grew by at most its write buffer and a margin.
         assert rss_bytes(worker) - before < 16 << 20
@@ -424,10 +426,54 @@ def test_a_chargen_client_that_does_not_read_is_not_buffered_for(start_sockd: La
         assert bytes(got) == (period * (len(got) // len(period) + 1))[: len(got)]
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_a_chargen_stream_ends_when_its_client_closes_and_when_the_daemon_stops(
+    start_sockd: Launcher, model: str
+) -> None:
+    # One thread for the iterative model and a pool of one: the second client is served only
+    # once the first one's close has ended its stream.
+    pool: dict[str, Any] = {"threads": 1} if model == "thread_pool" else {}
+    daemon = start_sockd([entry("cg", "tcp", "chargen", model, **pool)], shutdown_timeout=60)
+    with connect(daemon.address("cg")) as first:
+        assert first.recv(1 << 16)
+    with connect(daemon.address("cg"), timeout=30) as reading:
+        got = bytearray()
+        while len(got) < 1 << 20:  # it streams: the first client's close ended its session
+            chunk = reading.recv(1 << 16)
+            assert chunk, "chargen closed the stream"
+            got += chunk
+        daemon.process.send_signal(signal.SIGTERM)
+        while chunk := reading.recv(1 << 16):  # the drain ends the stream: EOF, not a hang
+            got += chunk
+        period = rfc864_lines(95)
+        assert bytes(got) == (period * (len(got) // len(period) + 1))[: len(got)]
+    assert daemon.process.wait(30) == 0
+    assert not [e for e in daemon.events if e.get("event") == "killing worker"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_chargen_client_that_stops_reading_is_ended_by_idle_timeout(start_sockd: Launcher, model: str) -> None:
+    daemon = start_sockd([entry("cg", "tcp", "chargen", model, idle_timeout=1)])
+    with connect(daemon.address("cg")) as idle:
+        assert idle.recv(1)
+        becomes(lambda: errors(daemon, "cg", "timeout"), 1, "the client that reads nothing timed out")
+        becomes(lambda: active_connections(daemon, "cg"), 0, "its connection closed")
+
+
 def _queue_still(sock: socket.socket) -> bool:
     first = _queued(sock)
     time.sleep(0.5)
     return first > 0 and _queued(sock) == first
+
+
+def _sent(daemon: Daemon) -> float:
+    return value(samples(daemon), "sockd_sent_bytes_total", listener="cg")
+
+
+def _sent_still(daemon: Daemon) -> bool:
+    first = _sent(daemon)
+    time.sleep(0.5)
+    return first > 0 and _sent(daemon) == first
 
 
 def _queued(sock: socket.socket) -> int:

@@ -16,6 +16,7 @@ from sockd.config.reader import MAX_FILE_BYTES, MAX_VALUES, read_regular
 from sockd.config.rules import config_warnings, passive_address
 from sockd.config.schema import (
     BUFSIZE,
+    EXEC_MODELS,
     RELAYING_MODELS,
     Config,
     EventLoop,
@@ -37,6 +38,7 @@ from sockd.config.schema import (
 
 __all__ = [
     "BUFSIZE",
+    "EXEC_MODELS",
     "MAX_FILE_BYTES",
     "MAX_VALUES",
     "RELAYING_MODELS",

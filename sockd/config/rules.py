@@ -19,6 +19,7 @@ from typing import Any
 
 from sockd.config.problems import Problem
 from sockd.config.schema import (
+    EXEC_MODELS,
     RELAYING_MODELS,
     STREAM,
     VERIFYING,
@@ -92,12 +93,61 @@ def _relay_model(handler: str, concurrency: str) -> Iterator[Problem]:
         yield ("concurrency",), f"handler: relay needs concurrency: {models} (not {concurrency})"
 
 
-def _chargen_stream_model(handler: str, protocol: str, concurrency: str) -> Iterator[Problem]:
-    # A blocking model's thread would be held writing the endless stream, never reading for the
-    # client's close or the stop's drain.
-    if handler == "chargen" and protocol in STREAM and concurrency not in RELAYING_MODELS:
-        models = alternatives(RELAYING_MODELS)
-        yield ("concurrency",), f"handler: chargen over a stream needs concurrency: {models} (not {concurrency})"
+def _exec_command(handler: str, command: list[str] | None) -> Iterator[Problem]:
+    """The program must be there and executable at load and --check, not only found missing at
+    the first client's connection (where it is still counted, as `failed`: it may go meanwhile)."""
+    if handler != "exec":
+        return
+    if command is None:
+        yield ("command",), "required with handler: exec (the program each connection runs, and its arguments)"
+        return
+    program = command[0]
+    if not os.path.isabs(program):
+        yield ("command",), f"{program!r} is not an absolute path: sockd searches no PATH (as inetd's `server`)"
+    elif not os.path.isfile(program):
+        yield ("command",), f"{program} does not exist" if not os.path.exists(program) else f"{program} is not a file"
+    elif not os.access(program, os.X_OK):
+        yield ("command",), f"{program} is not executable"
+
+
+def _exec_cwd(handler: str, cwd: str | None) -> Iterator[Problem]:
+    if handler == "exec" and cwd is not None and not os.path.isdir(cwd):
+        yield ("cwd",), f"{cwd} is not a directory"
+
+
+def _exec_stream(handler: str, protocol: str) -> Iterator[Problem]:
+    if handler == "exec" and protocol not in STREAM:
+        yield (
+            ("handler",),
+            "exec serves streams only: protocol: tcp or unix (inetd's UDP `wait` mode, a program given the"
+            " socket itself, is out of scope)",
+        )
+
+
+def _exec_model(handler: str, concurrency: str) -> Iterator[Problem]:
+    if handler == "exec" and concurrency not in EXEC_MODELS:
+        models = alternatives(EXEC_MODELS)
+        yield (
+            ("concurrency",),
+            f"handler: exec needs concurrency: {models}, which supervises its children (not {concurrency})",
+        )
+
+
+def _exec_connection_options(
+    handler: str,
+    delay: float,
+    max_message_size: int | None,
+    idle_timeout: float | None,
+    first_byte_timeout: float | None,
+) -> Iterator[Problem]:
+    # sockd sees none of a child's bytes: exec_timeout bounds it.
+    if handler != "exec":
+        return
+    written = {"delay": delay or None, "max_message_size": max_message_size, "idle_timeout": idle_timeout}
+    written["first_byte_timeout"] = first_byte_timeout
+    for name, value in written.items():
+        if value is not None:
+            yield (name,), "not valid with handler: exec (the child, not sockd, reads the connection: see exec_timeout)"
 
 
 def _relay_needs_upstream(handler: str, upstream: str | None) -> Iterator[Problem]:
@@ -236,8 +286,12 @@ _RULES = [
         _select_connections,
         _relay_message_size,
         _relay_model,
-        _chargen_stream_model,
         _relay_needs_upstream,
+        _exec_command,
+        _exec_cwd,
+        _exec_stream,
+        _exec_model,
+        _exec_connection_options,
         _relay_upstream,
         _upstream_tls,
         _relay_to_own_port,

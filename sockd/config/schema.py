@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import itertools
+import os
 import ssl
 from collections.abc import Callable, Sequence
 from typing import Annotated, Literal
@@ -24,12 +25,16 @@ from pydantic import (
     model_validator,
 )
 
+from sockd import privileges
+
 ProtocolName = Literal["tcp", "udp", "unix"]
-HandlerName = Literal["echo", "timestamp", "discard", "daytime", "time", "chargen", "relay", "agent"]
+HandlerName = Literal["echo", "timestamp", "discard", "daytime", "time", "chargen", "relay", "agent", "exec"]
 ModelName = Literal["iterative", "threaded", "thread_pool", "busy_poll", "selector", "asyncio"]
-# The models that can serve handler: relay (sockd.models.registry checks it agrees), and chargen
-# over a stream: those with an event loop, which can write as a client takes the output.
+# The models that can serve handler: relay (sockd.models.registry checks it agrees).
 RELAYING_MODELS: tuple[ModelName, ...] = ("selector", "busy_poll", "asyncio")
+# The models that can serve handler: exec (sockd.exec): an event loop that watches each child's
+# pidfd and stderr beside its connections.
+EXEC_MODELS: tuple[ModelName, ...] = ("asyncio",)
 SelectorBackend = Literal["auto", "select", "poll", "epoll"]
 EventLoop = Literal["auto", "asyncio", "uvloop"]
 TimestampFormat = Literal["seed", "iso8601", "unix"]
@@ -46,6 +51,12 @@ MAX_SECONDS = 86_400.0
 Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)]
 Timeout = Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=1)]
+# A user or group, by name or number, as looked up at load (see sockd.privileges): the id.
+AccountId = Annotated[
+    int,
+    Field(ge=0, le=privileges.MAX_ID),
+    WithJsonSchema({"type": ["string", "integer"], "description": "a name, or a number"}),
+]
 
 
 def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -232,6 +243,43 @@ class TLSConfig(_Frozen):
         return value
 
 
+# -- handler: exec (sockd.exec)
+
+SIZE_UNITS = {"": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2, "mib": 1 << 20}
+SIZE_UNITS |= {"g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
+
+
+def _size(value: object) -> object:
+    """A byte count: a number, or a string with a unit (256MiB, 1.5GB, 64k)."""
+    if not isinstance(value, str):
+        return value
+    number, unit = value.strip(), ""
+    while number and not (number[-1].isdigit() or number[-1] == "."):
+        number, unit = number[:-1], number[-1] + unit
+    try:
+        return round(float(number) * SIZE_UNITS[unit.strip().lower()])
+    except (ValueError, KeyError):
+        raise ValueError(
+            f"not a size: {value!r} (a number of bytes, or with a unit: k, M, G (powers of 1000) or KiB, MiB, GiB)"
+        ) from None
+
+
+Size = Annotated[int, BeforeValidator(_size), Field(ge=1)]
+
+
+class ExecLimits(_Frozen):
+    """A child's resource limits (xinetd's rlimit_cpu, rlimit_as, rlimit_files): soft and hard."""
+
+    cpu: Count | None = None  # seconds of CPU (RLIMIT_CPU): SIGXCPU, then SIGKILL
+    memory: Size | None = None  # address space in bytes (RLIMIT_AS)
+    files: Count | None = None  # open descriptors (RLIMIT_NOFILE)
+
+
+# execve() takes C strings: a NUL would end an argument where the config does not.
+Argument = Annotated[str, AfterValidator(no_nul)]
+EnvName = Annotated[str, Field(min_length=1, pattern=r"^[^=\x00]+$")]
+
+
 # Why an option that applies to streams alone has no meaning over UDP.
 OVER_STREAMS = {
     "tls": "DTLS, TLS over UDP, is out of scope",
@@ -256,6 +304,11 @@ OPTION_SCOPE: dict[str, tuple[str, tuple[str, ...]]] = {
     "upstream_cert": ("handler", ("relay",)),
     "upstream_key": ("handler", ("relay",)),
     "upstream_proxy_protocol": ("handler", ("relay",)),
+    "command": ("handler", ("exec",)),
+    "env": ("handler", ("exec",)),
+    "cwd": ("handler", ("exec",)),
+    "exec_timeout": ("handler", ("exec",)),
+    "limits": ("handler", ("exec",)),
     "max_connections": ("protocol", STREAM),
     "first_byte_timeout": ("protocol", STREAM),
     "max_connections_per_source": ("protocol", TCP),
@@ -280,6 +333,10 @@ class _ListenerBase(_Frozen):
     concurrency: ModelName
     delay: Seconds = 0.0
     workers: Annotated[int, Field(ge=1, le=256)] = 1  # processes serving the one socket
+    # Whom the workers run as (sockd.privileges): the supervisor binds as root, each worker then
+    # drops to this user with this group alone (by default, the user's own). None: as sockd runs.
+    user: AccountId | None = None
+    group: AccountId | None = Field(default=None, validate_default=True)
     threads: Annotated[int, Field(ge=1, le=1024)] = 4
     selector_backend: SelectorBackend = "auto"
     event_loop: EventLoop = "auto"
@@ -299,6 +356,14 @@ class _ListenerBase(_Frozen):
     # The PROXY protocol's header sent to the upstream before the client's bytes (HAProxy's
     # send-proxy, send-proxy-v2), naming the client; a stream relay's only (see _over_streams).
     upstream_proxy_protocol: UpstreamProxyVersion | None = None
+    # handler: exec. The program each connection runs (an absolute path, then its arguments: no
+    # shell), what its environment holds beside what sockd sets, where it runs, how long it may
+    # run (SIGTERM, then SIGKILL KILL_AFTER later: sockd.exec) and its resource limits.
+    command: Annotated[list[Argument], Field(min_length=1)] | None = None
+    env: dict[EnvName, Argument] = {}
+    cwd: FilePath | None = None
+    exec_timeout: Timeout = 300.0
+    limits: ExecLimits | None = None
 
     # Limits, each per worker process (as gunicorn's worker_connections); None: no limit.
     max_connections: Count | None = None
@@ -331,6 +396,29 @@ class _ListenerBase(_Frozen):
     keepalive: bool = False
     recv_buffer: Annotated[int, Field(ge=1024, le=1 << 30)] | None = None
     send_buffer: Annotated[int, Field(ge=1024, le=1 << 30)] | None = None
+
+    @field_validator("user", mode="before")
+    @classmethod
+    def _user(cls, value: object) -> object:
+        uid = _account(value, "user")
+        if uid == 0:
+            raise ValueError("root: a worker runs as root when its listener names no user")
+        if isinstance(uid, int) and (why := privileges.may_become(uid=uid)):
+            raise ValueError(why)
+        return uid
+
+    @field_validator("group", mode="before")
+    @classmethod
+    def _group(cls, value: object, info: ValidationInfo) -> object:
+        user = info.data.get("user")  # missing if it has an error of its own, which says what is wrong
+        if value is None:
+            return None if user is None else privileges.primary_group(user)
+        if "user" in info.data and user is None:
+            raise ValueError("only valid with user (a worker that stays root could take any group back)")
+        gid = _account(value, "group")
+        if user is not None and gid != os.getegid() and os.geteuid() != 0:
+            raise ValueError(f"sockd runs as gid {os.getegid()}, not root, so its workers cannot run as gid {gid}")
+        return gid
 
     @field_validator("event_loop")
     @classmethod
@@ -403,6 +491,20 @@ class UnixListener(_ListenerBase):
     # YAML 1.1 reads a bare 0660 as the octal number 432.
     mode: Annotated[str, BeforeValidator(_quoted('mode: "0660"')), Field(pattern=MODE_PATTERN)] = "0660"
 
+    # Whom the socket file belongs to (systemd's SocketUser=, SocketGroup=), set as it is bound
+    # (and at a reload); None: as bind() made it. `group` is the worker's, not the file's.
+    owner: AccountId | None = None
+    owner_group: AccountId | None = None
+
+    @field_validator("owner", "owner_group", mode="before")
+    @classmethod
+    def _owner(cls, value: object, info: ValidationInfo) -> object:
+        kind = "user" if info.field_name == "owner" else "group"
+        number = _account(value, kind)
+        if isinstance(number, int) and (why := privileges.may_become(**{kind[0] + "id": number})):
+            raise ValueError(why)
+        return number
+
     @property
     def address(self) -> str:
         return self.path
@@ -410,6 +512,13 @@ class UnixListener(_ListenerBase):
     @property
     def mode_bits(self) -> int:
         return int(self.mode, 8)
+
+
+def _account(value: object, kind: str) -> object:
+    """A user's or group's name or number as its id; anything else as is, for the type's check."""
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return privileges.account_id(no_nul(value) if isinstance(value, str) else value, kind)
+    return value
 
 
 Listener = Annotated[InetListener | UnixListener, Field(discriminator="protocol")]

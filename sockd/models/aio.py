@@ -19,7 +19,8 @@ import structlog
 
 from sockd.config import EventLoop, Listener
 from sockd.counters import BEAT_INTERVAL, RESET, RESOURCES, Recorder, Stats
-from sockd.handlers import Handler, Relay
+from sockd.exec import Children, ExecProtocol, ExecRelay, settle
+from sockd.handlers import Exec, Handler, Relay
 from sockd.lifecycle import Address, Connection, Datagrams, Service, Staging, stream
 from sockd.limits import FREE
 from sockd.models.shared import accept_failed, out_of_resources, stop_listening
@@ -77,7 +78,11 @@ class Acceptor:
     loop's default (100) would be the listener's from then on.
 
     A connection holds `per_connection` descriptors (a relay's two). `factory` makes a
-    connection's protocol, which takes its ticket once it is made (see admitted)."""
+    connection's protocol, which takes its ticket once it is made (see admitted).
+
+    With a `limit` (an exec listener's max_connections: its children), sockd accepts, and not
+    past it: the clients beyond wait in the backlog, as inetd's, until a connection has gone,
+    rather than being refused as another listener's are."""
 
     def __init__(
         self,
@@ -88,8 +93,11 @@ class Acceptor:
         recorder: Recorder,
         *,
         backlog: int,
+        limit: int | None = None,
     ) -> None:
         self.loop = loop
+        self.limit = limit
+        self.full = False  # held reached `limit`: sockd accepts no more until one has gone
         self.sock = sock
         self.backlog = backlog
         self.factory = factory
@@ -108,7 +116,7 @@ class Acceptor:
         # The standard loop's server makes each in a task, as sockd's own accept does, so it saves
         # nothing; and closed while such a task is pending (a worker retiring), it loses that
         # connection (its Server._attach asserts it is still open).
-        self.server_accepts = not isinstance(loop, asyncio.BaseEventLoop)
+        self.server_accepts = limit is None and not isinstance(loop, asyncio.BaseEventLoop)
 
     def start(self) -> None:
         if self.server_accepts and self.held < self.capacity - MARGIN:
@@ -160,6 +168,10 @@ class Acceptor:
 
     def _accept(self) -> None:
         for _ in range(ACCEPT_BATCH):
+            if self.limit is not None and self.held >= self.limit:
+                self._stop_reading()
+                self.full = True
+                return
             try:
                 fd, _address = self.sock._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, ConnectionAbortedError):
@@ -202,8 +214,11 @@ class Acceptor:
     def released(self) -> None:
         """A connection has gone (or was refused)."""
         self.held -= 1
+        if self.full:
+            self.full = False
+            self._start_reading()
         # While a server accepts (nearly always), there is nothing more to do.
-        if self.server is None and self.starting is None and not self.stopped:
+        elif self.server is None and self.starting is None and not self.stopped:
             self._serve_again_with_room()
 
     def _serve_again_with_room(self) -> None:
@@ -240,6 +255,8 @@ class Model:
         self.stage = stage
         self.new_loop = loop_factory(listener.event_loop)
         self.relay = handler if isinstance(handler, Relay) else None
+        self.exec = handler if isinstance(handler, Exec) else None
+        self.children: Children | None = None  # an exec listener's (see sockd.exec)
         # asyncio and uvloop set TCP_NODELAY on every connection themselves: undo it if asked.
         self.nagle = listener.protocol == "tcp" and not listener.nodelay
         self.acceptor: Acceptor | None = None  # a stream listener's: told of every connection gone
@@ -279,9 +296,20 @@ class Model:
                 await datagrams.replied()
             datagrams.close()
             return
-        per_connection = 1 if self.relay is None else 2
+        # A relay holds its client's socket and its upstream's; an exec's child, its pidfd and
+        # the pipe of its stderr (the child has the socket), and behind a stage the client's
+        # socket and its end of the child's socketpair too.
+        per_connection = 1 if self.relay is None and self.exec is None else 2
+        if self.exec is not None and service.stage is not None:
+            per_connection = 4
         self.acceptor = acceptor = Acceptor(
-            loop, sock, self._protocol(), per_connection, self.recorder, backlog=self.listener.backlog
+            loop,
+            sock,
+            self._protocol(),
+            per_connection,
+            self.recorder,
+            backlog=self.listener.backlog,
+            limit=self.listener.max_connections if self.exec is not None else None,
         )
         acceptor.start()
         await stopped.wait()
@@ -296,6 +324,13 @@ class Model:
     def _protocol(self) -> Callable[[], asyncio.Protocol]:
         """A connection's protocol, its ticket had once it is made (see _made)."""
         service, recorder, relay = self.service, self.recorder, self.relay
+        if self.exec is not None:
+            settle(self.exec)
+            staged = service.stage is not None  # the child's bytes are copied (see sockd.exec)
+            children = self.children = Children(self.exec, asyncio.get_running_loop(), self.nagle, staged)
+            if staged:
+                return lambda: ExecRelay(service, FREE, recorder, children)
+            return lambda: ExecProtocol(service, FREE, recorder, children)
         if relay is None:
             # The lifecycle's connection is the protocol itself (see the module's docstring).
             return lambda: cast(asyncio.Protocol, stream(service, FREE, recorder))
@@ -351,6 +386,8 @@ class Model:
     def _ending(self, loop: asyncio.AbstractEventLoop, stop: Stop) -> None:
         loop.remove_reader(stop.ending.fileno())
         self.service.drain()
+        if self.children is not None:
+            self.children.stop()
 
     def _beat(self, loop: asyncio.AbstractEventLoop) -> None:
         self.stats.beat()

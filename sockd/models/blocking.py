@@ -60,12 +60,6 @@ def _until_stopped(sock: socket.socket, stop: Stop, take: Callable[[], T], recor
             pause.poll(RESOURCE_PAUSE * 1000)
 
 
-def sleep_then_call(delay: float, callback: Callable[..., object], *args: object) -> None:
-    """A blocking model's timer: its thread does nothing else meanwhile (the seed's time.sleep)."""
-    time.sleep(delay)
-    callback(*args)
-
-
 class BlockingModel:
     """What the blocking models share: serving one connection or one datagram with blocking calls.
     Each model's `serve` says which threads run these."""
@@ -79,7 +73,10 @@ class BlockingModel:
         stage: Staging | None = None,
     ) -> None:
         self.stats = stats
-        self.service = Service(listener, handler, later=sleep_then_call, udp_ports=udp_ports, stage=stage)
+        # Each thread's next turn of a flowing session (see later): a thread serves one
+        # connection at a time, so the turn due is its own.
+        self.turns = threading.local()
+        self.service = Service(listener, handler, later=self.later, udp_ports=udp_ports, stage=stage)
         # A socket timeout on each recv() and send() is the whole of first_byte_timeout and
         # idle_timeout. A stage (a PROXY header, a TLS handshake) is bounded as a whole, as in
         # the event-loop models: each of its reads waits at most what is left of it (see
@@ -88,6 +85,17 @@ class BlockingModel:
         self.staged = stage is not None
         self.first_timeout = timeouts.first_byte if timeouts.first_byte < math.inf else None
         self.idle_timeout = listener.idle_timeout
+
+    def later(self, delay: float, callback: Callable[..., object], *args: object) -> None:
+        """A blocking model's timer: its thread does nothing else meanwhile (the seed's
+        time.sleep). No delay is a flowing session's next turn (lifecycle.Stream.flow): kept as
+        this thread's, for _flowing to call once it has looked at the connection's input; called
+        from here, each turn would run inside the last, without end."""
+        if delay:
+            time.sleep(delay)
+            callback(*args)
+        else:
+            self.turns.due = functools.partial(callback, *args)
 
     def stopping_on(self, stop: Stop, sock: socket.socket) -> None:
         """Let go of the listening socket as soon as `stop` is set, from whichever thread sets it:
@@ -139,7 +147,10 @@ class BlockingModel:
                 if transport.reading:
                     if self.idle_timeout != self.first_timeout:
                         conn.settimeout(self.idle_timeout)
-                    _requests(transport, recorder)
+                    if connection.session.flowing:
+                        self._flowing(transport, recorder)
+                    else:
+                        _requests(transport, recorder)
         except TimeoutError:
             connection.timed_out()
         except OSError as exc:  # reset, broken pipe: the client is gone, and so is its request
@@ -147,6 +158,22 @@ class BlockingModel:
         finally:
             recorder.busy_since = 0.0
             transport.protocol.connection_lost(failure)  # through a stage, if the connection is in one
+
+    def _flowing(self, transport: BlockingTransport, recorder: Recorder) -> None:
+        """A flowing session's turns (chargen), until its connection closes. Between turns, what
+        the client sent, if anything, is fed without waiting for it: input (dropped by the
+        session), or its EOF or a drain's (end_input), which closes the connection
+        (lifecycle.Stream.eof_received), so the turn due writes nothing and asks for none. A
+        client that closes resets the next send. Each send blocks until the client takes it:
+        nothing is buffered for a client that does not read, and the socket's timeout
+        (idle_timeout) ends it."""
+        turns, sock = self.turns, transport.sock
+        readable = select.poll()
+        readable.register(sock, select.POLLIN)
+        while (turn := turns.__dict__.pop("due", None)) is not None:
+            if readable.poll(0):
+                _feed(transport.protocol, sock.recv(BUFSIZE), recorder)
+            turn()
 
 
 def _through_stage(

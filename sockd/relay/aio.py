@@ -235,6 +235,10 @@ class RelayProtocol(asyncio.Protocol):
         if self.upstream is not None:
             self.upstream.transport.close()
             self._abort_if_stuck(-1)
+        self._ended(exc)
+
+    def _ended(self, exc: BaseException | None) -> None:
+        """Both sides are closed: the connection ends (an exec's, once its child is reaped too)."""
         self.events.connection_lost(exc)
 
     # Back-pressure: a side that cannot take more stops the other side's reading.
