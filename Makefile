@@ -18,7 +18,7 @@ test: $(STAMP) lint
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy sockd sockd_bench bench tests
+	$(BIN)/mypy sockd sockd_bench bench tests deploy/grafana
 
 # The hot path compiled with mypyc, into a throwaway build/mypyc (a copy of sockd/ with each of
 # these modules' .so beside its .py), and the tests of those modules run against it, PYTHONPATH

@@ -166,11 +166,19 @@ class SockdCollector(Collector):
         memory = GaugeMetricFamily(
             "sockd_worker_resident_memory_bytes", "Resident memory of the listener's live workers.", labels=label
         )
+        # What /healthz says per listener, for an alert to name the listener (see ListenerReport.up).
+        up = GaugeMetricFamily(
+            "sockd_listener_up",
+            "1 while every worker place of the listener serves with its heartbeat moving, 0 while one is down.",
+            labels=label,
+        )
         info = GaugeMetricFamily(
             "sockd_listener_info",
             "What each listener is (always 1).",
             labels=[*label, "protocol", "concurrency", "handler", "address"],
         )
+        for report in reports:  # a listener a reload removed is not checked (see Snapshot.leaving)
+            up.add_metric([report.listener.name], int(report.up))
         for report in [*reports, *snapshot.leaving]:
             name, totals = report.listener.name, report.totals
             connections.add_metric([name], totals.connections)
@@ -193,31 +201,37 @@ class SockdCollector(Collector):
             duration.add_metric([name], cumulative, totals.duration_ns / 1e9)
             listener = report.listener
             info.add_metric([name, listener.protocol, listener.concurrency, listener.handler, report.address], 1)
-        # The supervisor's own (this process's), then every worker's, the exited ones' included.
-        dropped = logging.dropped + sum(report.totals.log_dropped for report in [*reports, *snapshot.leaving])
-        log_dropped = CounterMetricFamily(
-            "sockd_log_lines_dropped", "Log lines dropped because stderr could not take them.", value=dropped
-        )
-        build = GaugeMetricFamily("sockd_build_info", "The running sockd (always 1).", labels=["version"])
-        build.add_metric([__version__], 1)
-        draining = GaugeMetricFamily(
-            "sockd_draining",
-            "1 once a stop signal came: /healthz answers 503 draining while the listeners serve on for drain_delay, "
-            "then stop.",
-            value=int(snapshot.draining),
-        )
         yield from (connections, active, requests, duration, received, sent, errors, rejected, restarts)
-        yield from (generations, cpu, memory, info, build, log_dropped, draining)
+        yield from (generations, cpu, memory, up, info)
         yield from _tls_metrics([report for report in [*reports, *snapshot.leaving] if report.listener.tls is not None])
         yield _exec_metrics([report for report in [*reports, *snapshot.leaving] if report.listener.handler == "exec"])
         yield from _reload_metrics(snapshot.reloads)
-        upgrades = CounterMetricFamily(
-            "sockd_upgrades", "Upgrades in place (SIGUSR2) by result: ok, failed.", labels=["result"]
-        )
-        upgrades.add_metric(["ok"], snapshot.upgrades.ok)
-        upgrades.add_metric(["failed"], snapshot.upgrades.failed)
-        yield upgrades
+        yield from _instance_metrics(snapshot)
         yield _expiries(snapshot.certificates)
+
+
+def _instance_metrics(snapshot: Snapshot) -> Iterator[Metric]:
+    """What is one per sockd rather than per listener."""
+    # The supervisor's own (this process's), then every worker's, the exited ones' included.
+    dropped = logging.dropped + sum(report.totals.log_dropped for report in [*snapshot.listeners, *snapshot.leaving])
+    yield CounterMetricFamily(
+        "sockd_log_lines_dropped", "Log lines dropped because stderr could not take them.", value=dropped
+    )
+    build = GaugeMetricFamily("sockd_build_info", "The running sockd (always 1).", labels=["version"])
+    build.add_metric([__version__], 1)
+    yield build
+    yield GaugeMetricFamily(
+        "sockd_draining",
+        "1 once a stop signal came: /healthz answers 503 draining while the listeners serve on for drain_delay, "
+        "then stop.",
+        value=int(snapshot.draining),
+    )
+    upgrades = CounterMetricFamily(
+        "sockd_upgrades", "Upgrades in place (SIGUSR2) by result: ok, failed.", labels=["result"]
+    )
+    upgrades.add_metric(["ok"], snapshot.upgrades.ok)
+    upgrades.add_metric(["failed"], snapshot.upgrades.failed)
+    yield upgrades
 
 
 def _expiries(certificates: Sequence[Expiry]) -> Metric:

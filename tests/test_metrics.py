@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import json
 import os
 import re
 import signal
@@ -19,7 +18,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -52,6 +50,7 @@ from support import (
     value,
 )
 from support import listener as entry
+from support.prometheus import prometheus
 
 
 def exchange(daemon: Daemon, name: str, protocol: str, payload: bytes) -> bytes:
@@ -239,53 +238,20 @@ def test_nothing_accumulates_in_the_supervisor_as_workers_come_and_go(start_sock
 
 
 def test_a_real_prometheus_scrapes_sockd(start_sockd: Launcher, tmp_path: Path) -> None:
-    prometheus = require("prometheus")
     daemon = start_sockd([entry("echo", "tcp", "echo", "asyncio")])
     for _ in range(3):
         request(daemon.address("echo"), b"counted")
-    target = daemon.wait_for("metrics")["address"]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        web = f"127.0.0.1:{probe.getsockname()[1]}"
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                "scrape_configs": [{"job_name": "sockd", "static_configs": [{"targets": [target]}]}],
-            }
-        )
-    )
-    server = subprocess.Popen(
-        [
-            prometheus,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address={web}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with prometheus(tmp_path, [daemon.wait_for("metrics")["address"]]) as server:
 
-    def query(expression: str) -> list[Any]:
-        url = f"http://{web}/api/v1/query?" + urllib.parse.urlencode({"query": expression})
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                answer = json.loads(response.read())
-        except OSError:
-            return []  # not up yet
-        return list(answer["data"]["result"])
+        def values(expression: str) -> list[str]:
+            return [series["value"][1] for series in server.query(expression)]
 
-    try:
-        eventually(lambda: [r["value"][1] for r in query('up{job="sockd"}')] == ["1"], "up == 1", timeout=60)
+        eventually(lambda: values('up{job="sockd"}') == ["1"], "up == 1", timeout=60)
         eventually(
-            lambda: [r["value"][1] for r in query('sockd_requests_total{listener="echo"}')] == ["3"],
+            lambda: values('sockd_requests_total{listener="echo"}') == ["3"],
             "sockd_requests_total == 3 in Prometheus",
             timeout=60,
         )
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(30)
 
 
 @pytest.mark.parametrize("model", ["threaded", "asyncio"])
@@ -294,10 +260,15 @@ def test_healthz_reports_a_stopped_worker_down_long_before_worker_timeout_kills_
 ) -> None:
     daemon = start_sockd([entry("echo", "tcp", "echo", model)], worker_timeout=120)
     pid = daemon.worker_pid("echo")
-    eventually(lambda: health(daemon)[0] == 200, "healthy at first")
+
+    def up() -> float:
+        return value(samples(daemon), "sockd_listener_up", listener="echo")
+
+    eventually(lambda: health(daemon)[0] == 200 and up() == 1, "healthy at first")
     with stopped(pid):
-        eventually(lambda: health(daemon)[0] == 503, "down once its heartbeat stopped", timeout=20)
-    eventually(lambda: health(daemon)[0] == 200, "up again once it beats", timeout=20)
+        # sockd_listener_up says what /healthz says, for an alert to name the listener.
+        eventually(lambda: health(daemon)[0] == 503 and up() == 0, "down once its heartbeat stopped", timeout=20)
+    eventually(lambda: health(daemon)[0] == 200 and up() == 1, "up again once it beats", timeout=20)
     assert request(daemon.address("echo"), b"x") == b"x"
     # worker_timeout, not the health check, decides when a worker is killed: this one never was.
     assert [e["pid"] for e in daemon.events if e.get("event") == "worker started"] == [pid]
