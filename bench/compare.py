@@ -154,11 +154,16 @@ def free_port() -> int:
         return port
 
 
-def wait_ready(mode: str, port: int, sock: str, server: subprocess.Popen[bytes], timeout: float = 15.0) -> bool:
+def wait_ready(
+    mode: str, port: int, sock: str, server: subprocess.Popen[bytes], *, size: int, timeout: float = 15.0
+) -> bool:
     """Whether the server answers a request within `timeout`: an accepted connection alone proves
     nothing (a listening socket queues clients before any worker serves it). A server that has
-    exited (sockd refusing its config) is not waited for."""
+    exited (sockd refusing its config) is not waited for. In the timestamp mode the request is the
+    load's `size` bytes: a program per connection (`head -c 64`, stdout buffered) answers only
+    once it has read them all."""
     deadline = time.monotonic() + timeout
+    request = b"r" * size if mode == "timestamp" else b"ready?"
     while time.monotonic() < deadline and server.poll() is None:
         try:
             if mode == "udp-echo":
@@ -176,7 +181,7 @@ def wait_ready(mode: str, port: int, sock: str, server: subprocess.Popen[bytes],
             if mode.startswith("tls-"):
                 client = _ANY_SERVER.wrap_socket(client)  # the handshake, within the same timeout
             with client:
-                client.sendall(b"ready?")
+                client.sendall(request)
                 if client.recv(4096):  # an echo or a timestamp: the server serves
                     return True
         except OSError:
@@ -276,7 +281,7 @@ def run_one(mode: str, command: str, args: argparse.Namespace) -> dict[str, floa
         start_new_session=True,
     )
     try:
-        if not wait_ready(mode, port, sock, server):
+        if not wait_ready(mode, port, sock, server, size=args.size):
             return None
         time.sleep(0.3)
         if mode == "idle":

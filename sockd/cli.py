@@ -12,7 +12,7 @@ import sys
 
 from setproctitle import setproctitle
 
-from sockd import __version__, reloads
+from sockd import __version__, build, reloads
 from sockd.config import Config
 from sockd.errors import SockdError
 from sockd.logging import configure, is_journal, one_line, priority
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None, signals: collections.deque[int] | None =
     )
     parser.add_argument("--check", action="store_true", help="validate the config file and exit")
     parser.add_argument("--schema", action="store_true", help="print the config file's JSON Schema and exit")
-    parser.add_argument("--version", action="version", version=f"sockd {__version__}")
+    parser.add_argument("--version", action="version", version=f"sockd {__version__} ({build.describe()})")
     args = parser.parse_args(argv)
 
     if args.schema:

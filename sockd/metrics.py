@@ -26,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from sockd import __version__, logging
+from sockd.build import compiled
 from sockd.config import Listener, MetricsConfig
 from sockd.counters import (
     ERROR_KINDS,
@@ -217,8 +218,12 @@ def _instance_metrics(snapshot: Snapshot) -> Iterator[Metric]:
     yield CounterMetricFamily(
         "sockd_log_lines_dropped", "Log lines dropped because stderr could not take them.", value=dropped
     )
-    build = GaugeMetricFamily("sockd_build_info", "The running sockd (always 1).", labels=["version"])
-    build.add_metric([__version__], 1)
+    build = GaugeMetricFamily(
+        "sockd_build_info",
+        "The running sockd (always 1): its version, and whether its hot path is compiled with mypyc.",
+        labels=["version", "compiled"],
+    )
+    build.add_metric([__version__, str(compiled()).lower()], 1)
     yield build
     yield GaugeMetricFamily(
         "sockd_draining",

@@ -4,12 +4,18 @@
 
 The benchmark harness names a free port per run; sockd takes its port from the config file, so
 this writes a one-listener config for that port into an anonymous file and becomes sockd (exec,
-same pid: the harness measures sockd's own CPU, workers included; nothing is left on disk)."""
+same pid: the harness measures sockd's own CPU, workers included; nothing is left on disk).
+--exec gives the listener `handler: exec` with that command, split as a shell would (no shell
+runs it): a program per connection, as inetd runs one (see inetd.py for the peers).
+
+    compare.py timestamp "sockd=.venv/bin/python -P -m sockd_bench.serve {port} --exec '/usr/bin/head -c 64'"
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from typing import get_args
 
@@ -23,6 +29,7 @@ def main() -> None:
     parser.add_argument("port", help="a TCP/UDP port, or a Unix socket path with --protocol unix")
     parser.add_argument("--protocol", default="tcp", choices=get_args(ProtocolName))
     parser.add_argument("--handler", default="echo", choices=get_args(HandlerName))
+    parser.add_argument("--exec", metavar="COMMAND", help="handler: exec, with this command (overrides --handler)")
     parser.add_argument("--concurrency", default="asyncio")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="another listener key")
     parser.add_argument("--no-metrics", action="store_true", help="metrics.enabled: false")
@@ -30,6 +37,8 @@ def main() -> None:
     args = parser.parse_args()
 
     listener: dict[str, object] = {"name": "bench", "protocol": args.protocol, "handler": args.handler}
+    if args.exec:
+        listener.update(handler="exec", command=shlex.split(args.exec))
     listener["concurrency"] = args.concurrency
     if args.protocol == "unix":
         listener["path"] = args.port

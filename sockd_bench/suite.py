@@ -16,6 +16,12 @@ relay and its service compare with a server that echoes over TLS itself (the pla
 workloads give a relay CPU 0 to itself instead). A peer whose program is missing (stunnel,
 haproxy, socat) is skipped with a note.
 
+The exec workload runs `/usr/bin/head -c 64` per connection (the timestamp load sends 64 bytes and
+reads to EOF, 20 connections at a time): sockd's `exec` handler against xinetd (its limits lifted),
+`systemd-socket-activate --accept --inetd` and socat `EXEC:` (see inetd.py), xinetd the reference.
+CPU per connection counts the `head` processes too, in every row alike (their times reach the
+server's cutime/cstime as it reaps them; see inetd.py).
+
     .venv/bin/python -m sockd_bench.suite [--rounds 3] [--seconds 3] [WORKLOAD ...]
 """
 
@@ -27,6 +33,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from sockd_bench.inetd import HEAD
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout
 COMPARE = ROOT / "bench" / "compare.py"  # which builds its C peers and load generators itself
@@ -48,6 +56,13 @@ def models(protocol: str, handler: str, names: list[str], *options: str) -> list
     return servers
 
 
+def inetds() -> list[str]:
+    """What runs a program per connection without sockd (see inetd.py), then sockd's exec handler."""
+    inetd = f"{PYTHON} -P -m sockd_bench.inetd {{port}}"
+    peers = [f"{name}={inetd} {kind}" for name, kind in INETDS.items()]
+    return [*peers, f"sockd-exec={sockd('--exec', shlex.quote(shlex.join(HEAD)))}"]
+
+
 def relays() -> list[str]:
     """socat and sockd's relay, each in front of the C echo server (see relay.py). The relay has
     the server's CPU to itself; the echo server runs beside the load generator, as the separate
@@ -64,9 +79,18 @@ def tls_relays(*kinds: str) -> list[str]:
     return [f"{names.get(kind, f'sockd-relay-{kind}')}={relay} {kind} --tls {{tls}}" for kind in kinds]
 
 
-# What the servers that start through relay.py run, which compare.py cannot see: without it, they
+INETDS = {"xinetd": "xinetd", "systemd-socket-activate": "systemd", "socat-exec": "socat"}  # name: inetd.py's server
+# What the servers that start through relay.py and inetd.py run, which compare.py cannot see: without it, they
 # are skipped with a note (compare.py notes its own, such as Go's peer).
-PROGRAMS = {"socat-relay": "socat", "socat-tls": "socat", "stunnel": "stunnel", "haproxy-tls": "haproxy"}
+PROGRAMS = {
+    "socat-relay": "socat",
+    "socat-tls": "socat",
+    "stunnel": "stunnel",
+    "haproxy-tls": "haproxy",
+    "xinetd": "xinetd",
+    "systemd-socket-activate": "systemd-socket-activate",
+    "socat-exec": "socat",
+}
 TLS = ("--tls", "{tls}")  # sockd's listener serves the run's certificate
 TLS_PEERS = [*tls_relays("stunnel", "socat"), "uvloop-tls"]
 TLS_MODELS = ["asyncio", "selector", "busy_poll", "threaded"]
@@ -115,6 +139,8 @@ WORKLOADS: dict[str, tuple[list[str], list[str]]] = {
             f"sockd-selector-unix={sockd('--protocol', 'unix', '--concurrency', 'selector', where='{sock}')}",
         ],
     ),
+    # A program per connection (/usr/bin/head -c 64), as inetd starts one: xinetd is the reference.
+    "exec": (["timestamp", "--conns", "20"], inetds()),
     "idle": (["idle", "--conns", "8000"], ["uvloop", "asyncio", "threaded", f"sockd-asyncio={sockd()}"]),
     # A relay in front of the C echo server: requests/s against a direct connection to it.
     "relay": (["tcp-echo"], ["c", *relays()]),

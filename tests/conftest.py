@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from sockd import build
+
 from support import CA, Launcher, short_directory
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Under `make compiled-test`, SOCKD_EXPECT_COMPILED names the modules mypyc built (as the
-    paths given to mypyc): a run that imported any of them as Python would pass while testing
-    nothing compiled, so it stops here instead."""
-    for path in os.environ.get("SOCKD_EXPECT_COMPILED", "").split():
-        name = path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
-        where = importlib.import_module(name).__file__ or ""
-        if not where.endswith(".so"):
-            raise pytest.UsageError(f"SOCKD_EXPECT_COMPILED: {name} is not the compiled build: {where}")
+    """Under `make compiled-test` (SOCKD_EXPECT_COMPILED=1), a run that imported any of the hot
+    modules as Python would pass while testing nothing compiled, so it stops here instead."""
+    if os.environ.get("SOCKD_EXPECT_COMPILED") == "1" and not build.compiled():
+        raise pytest.UsageError(f"SOCKD_EXPECT_COMPILED: this is not the compiled build: {build.describe()}")
 
 
 @pytest.fixture

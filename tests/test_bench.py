@@ -12,6 +12,7 @@ import select
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -256,6 +257,8 @@ def compare(mode: str, servers: list[str]) -> dict[str, list[str]]:
     assert header.startswith(f"{mode}: ")
     assert header.endswith(f"seconds=1.0 rounds=1 reference={servers[0].partition('=')[0]}")
     assert columns.split() == ["server", "rps", "ratio", "cpu_us/req", "cpu_ratio", "p50_us", "p99_us", "errors"]
+    for row in rows:
+        assert not row.endswith("did not start"), result.stdout
     measured = {row.split()[0]: row.split()[1:] for row in rows}
     for name, (rps, *_, errors) in measured.items():
         assert float(rps) > 0, name
@@ -286,3 +289,18 @@ def test_compare_over_tls() -> None:
         "tls-echo", [*suite.tls_relays("stunnel"), "uvloop-tls", *suite.models("tcp", "echo", ["asyncio"], *suite.TLS)]
     )
     assert list(measured) == ["stunnel", "uvloop-tls", "sockd-asyncio"]
+
+
+def test_compare_programs_per_connection() -> None:
+    """The exec workload: `head -c 64` per connection under xinetd (its config removed once it
+    listens), systemd-socket-activate, socat and sockd's exec handler, each answering the
+    timestamp load's 64 bytes."""
+    require("gcc")
+    for program in suite.INETDS:
+        require(suite.PROGRAMS[program])
+    options, servers = suite.WORKLOADS["exec"]
+    assert options[0] == "timestamp"
+    before = set(Path(tempfile.gettempdir()).glob("sockd-bench-xinetd-*"))
+    measured = compare("timestamp", servers)
+    assert list(measured) == ["xinetd", "systemd-socket-activate", "socat-exec", "sockd-exec"]
+    assert set(Path(tempfile.gettempdir()).glob("sockd-bench-xinetd-*")) <= before

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 import sockd
+from sockd import build
 
 from support import (
     WAITING_FOR_CONNECTIONS,
@@ -310,7 +311,10 @@ def test_schema_accepts_the_example_and_rejects_a_bad_port() -> None:
 def test_version() -> None:
     result = run_sockd("--version")
     assert result.returncode == 0
-    assert result.stdout == f"sockd {sockd.__version__}\n"
+    # Which build runs: pure under `make test`, compiled under `make compiled-test` (conftest.py
+    # checks that it is), and the command line says the same as this process sees.
+    assert result.stdout == f"sockd {sockd.__version__} ({build.describe()})\n"
+    assert build.describe() in {"pure Python", "compiled with mypyc"}
 
 
 def test_an_unknown_option_is_a_usage_error() -> None:

@@ -15,7 +15,7 @@ import pytest
 from sockd.config import MAX_FILE_BYTES, MAX_VALUES
 from sockd.errors import EX_CONFIG
 
-from support import TIMEOUT, StartSockd, config_text, listener, request, run_sockd
+from support import TIMEOUT, StartSockd, config_text, listener, machine_config, request, run_sockd
 
 # A 4 MiB document of two million values, one byte under the size cap. Unbounded, PyYAML took a
 # minute (and the supervisor 1.6 GB) to compose it: longer than any of these tests waits.
@@ -116,20 +116,22 @@ DEFAULT = Path("/etc/sockd/sockd.yaml")
 
 @contextlib.contextmanager
 def default_config(text: str) -> Iterator[None]:
-    """/etc/sockd/sockd.yaml holding `text`, and as it was afterwards (the tests run as root)."""
-    before = DEFAULT.read_bytes() if DEFAULT.exists() else None
-    made = not DEFAULT.parent.exists()
-    DEFAULT.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        DEFAULT.write_text(text)
-        yield
-    finally:
-        if before is not None:
-            DEFAULT.write_bytes(before)
-        else:
-            DEFAULT.unlink()
-            if made:
-                DEFAULT.parent.rmdir()
+    """/etc/sockd/sockd.yaml holding `text`, and as it was afterwards (the tests run as root; the
+    package's test installs one there too)."""
+    with machine_config():
+        before = DEFAULT.read_bytes() if DEFAULT.exists() else None
+        made = not DEFAULT.parent.exists()
+        DEFAULT.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            DEFAULT.write_text(text)
+            yield
+        finally:
+            if before is not None:
+                DEFAULT.write_bytes(before)
+            else:
+                DEFAULT.unlink()
+                if made:
+                    DEFAULT.parent.rmdir()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="writes /etc/sockd/sockd.yaml")

@@ -1,56 +1,43 @@
-"""`make install`, `make uninstall` and the wheel: what a host gets from a clone. Named after what
-it tests, the Makefile's install targets, as there is no sockd/install.py.
+"""`make install`, `make uninstall`, the wheel, the lock and the wheelhouse: what a host gets from a
+clone. Named after what it tests, the Makefile's install targets, as there is no sockd/install.py.
 
-The staged install (`make install DESTDIR=...`) takes a virtualenv and a pip install, so one is
-shared by the module's tests and by every xdist worker of the run; installs and wheel builds take
-turns, as each builds in the clone's build/."""
+The staged install (`make install DESTDIR=... WHEELHOUSE=...`, from `make wheelhouse` with no package
+index) takes a virtualenv and a pip install, so one is shared by the module's tests and by every
+xdist worker of the run; installs and wheel builds take turns, as each builds in the clone's build/.
+The install from the index, with the lock's hashes, is the one elsewhere below (and `make deb`'s)."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import sysconfig
+import tomllib
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from test_systemd_units import analyze, value
 
-from support import ROOT, StartSockd, datagram, request, require, scrape
+import sockd
+from sockd.build import HOT_MODULES
+
+from support import ROOT, StartSockd, building, datagram, make, request, require, run_directory, scrape
 
 PREFIX = "/opt/sockd"  # the Makefile's default, which the repository's unit names
 BINDIR = "/usr/local/bin"
 UNITDIR = "/etc/systemd/system"
 CONFIG = "/etc/sockd/sockd.yaml"  # whatever PREFIX is: the unit's ConfigurationDirectory=
 HOST_UNITS = Path("/usr/lib/systemd/system")
-
-
-def make(*args: str) -> None:
-    result = subprocess.run(
-        [require("make"), "-C", str(ROOT), *args], capture_output=True, text=True, timeout=600, check=False
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def run_directory(factory: pytest.TempPathFactory) -> Path:
-    """A directory of this pytest run that all its xdist workers share (each has its own
-    basetemp in it), and no other run does."""
-    base = factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-
-
-@contextlib.contextmanager
-def building(factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Held while the clone builds sockd: two builds at once would share its build/."""
-    with (run_directory(factory) / "build.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+# pip with no package index: none named (PIP_NO_INDEX), the default one unreachable should pip
+# look anyway, and neither this machine's pip configuration nor its PIP_ variables.
+OFFLINE = {"PIP_NO_INDEX": "1", "PIP_INDEX_URL": "http://127.0.0.1:9/", "PIP_CONFIG_FILE": os.devnull}
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +51,19 @@ def staged(tmp_path_factory: pytest.TempPathFactory) -> Path:
             shutil.rmtree(root, ignore_errors=True)
             if HOST_UNITS.is_dir():  # else systemd-analyze is missing too, and its test skipped
                 shutil.copytree(HOST_UNITS, root / HOST_UNITS.relative_to("/"), symlinks=True)
-            make("install", f"DESTDIR={root}")
+            wheelhouse = run_directory(tmp_path_factory) / "wheelhouse"
+            shutil.rmtree(wheelhouse, ignore_errors=True)
+            make("wheelhouse", f"WHEELHOUSE={wheelhouse}")
+            environment = {name: value for name, value in os.environ.items() if not name.startswith("PIP_")}
+            make("install", f"DESTDIR={root}", f"WHEELHOUSE={wheelhouse}", env={**environment, **OFFLINE})
             done.touch()
     return root
+
+
+def locked() -> dict[str, str]:
+    """requirements.lock's pins, by canonical name."""
+    pins = re.findall(r"^([A-Za-z0-9_.-]+)==([^\s;]+)", (ROOT / "requirements.lock").read_text(), re.MULTILINE)
+    return {canonicalize_name(name): version for name, version in pins}
 
 
 def in_place(staged: Path) -> tuple[str, ...]:
@@ -117,6 +114,32 @@ def test_installed_config_is_the_hosts_world_readable(staged: Path) -> None:
     assert config.stat().st_mode & 0o777 == 0o644  # the unit's dynamic user reads it
 
 
+def test_staged_virtualenv_holds_the_locked_releases_and_sockd_alone(staged: Path) -> None:
+    python = str(staged / PREFIX.lstrip("/") / "bin" / "python")
+    listed = subprocess.run(
+        [python, "-m", "pip", "list", "--format=json"], capture_output=True, text=True, timeout=60, check=True
+    )
+    installed = {canonicalize_name(entry["name"]): entry["version"] for entry in json.loads(listed.stdout)}
+    tools = {"pip", "setuptools"}  # the virtualenv's own, from venv
+    assert {name: version for name, version in installed.items() if name not in tools} == {
+        **locked(),
+        "sockd": sockd.__version__,
+    }
+    # Every requirement of every installed distribution met: the lock is whole.
+    checked = subprocess.run([python, "-m", "pip", "check"], capture_output=True, text=True, timeout=60, check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_lock_pins_every_runtime_dependency_within_its_range() -> None:
+    # pyproject.toml's ranges are the library's: the lock must pick inside them.
+    pins = locked()
+    for line in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        requirement = Requirement(line)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is not in requirements.lock: make lock"
+        assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} is outside {requirement}: make lock"
+
+
 # -- the installed sockd, run where it was installed for
 
 
@@ -127,6 +150,15 @@ def test_installed_sockd_checks_the_installed_config(staged: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     assert (result.returncode, result.stderr) == (0, "")
     assert result.stdout == f"{staged_config}: OK, 3 listeners\n"
+
+
+def test_installed_sockd_is_the_compiled_build(staged: Path) -> None:
+    # `make install` is `pip install .`, which compiles the hot path where it can, as here.
+    program = value(installed_unit(staged), "Service", "ExecStart").split()[0]
+    result = subprocess.run(
+        [*in_place(staged), program, "--version"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.stdout == f"sockd {sockd.__version__} (compiled with mypyc)\n", result.stderr
 
 
 def test_installed_sockd_serves_the_installed_config(staged: Path, start_sockd: StartSockd, sockdir: Path) -> None:
@@ -181,18 +213,26 @@ def test_install_keeps_the_hosts_config_and_uninstall_the_rest(
 # -- the wheel
 
 
+def build_wheel(into: Path, factory: pytest.TempPathFactory, **environment: str) -> Path:
+    """What `make wheel` runs, into a directory of the test's."""
+    with building(factory):
+        result = subprocess.run(
+            [sys.executable, "-m", "build", "--wheel", "--outdir", str(into), str(ROOT)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+            env={**os.environ, **environment},
+        )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (wheel,) = into.glob("sockd-*.whl")
+    return wheel
+
+
 def test_wheel_holds_the_daemon_its_command_and_its_dependencies(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    # What `make wheel` runs, into a directory of the test.
-    with building(tmp_path_factory):
-        subprocess.run(
-            [sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp_path), str(ROOT)],
-            capture_output=True,
-            timeout=600,
-            check=True,
-        )
-    (wheel,) = tmp_path.glob("sockd-*-py3-none-any.whl")
+    wheel = build_wheel(tmp_path, tmp_path_factory)
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         (info,) = {name.split("/")[0] for name in names if name.endswith(".dist-info/METADATA")}
@@ -203,3 +243,20 @@ def test_wheel_holds_the_daemon_its_command_and_its_dependencies(
     assert "sockd = sockd.__main__:main" in entry_points.splitlines()
     requires = set(re.findall(r"^Requires-Dist: ([A-Za-z0-9_.-]+)", metadata, re.MULTILINE))
     assert {"pydantic", "structlog", "pyyaml", "prometheus-client", "uvloop"} <= {name.lower() for name in requires}
+    # Here there are a compiler and Python's headers (.ci/run installs them): the hot path is
+    # compiled, each module an extension beside its source.
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    assert {compiled_path(name, suffix) for name in HOT_MODULES} <= names, sorted(names)
+
+
+def test_wheel_without_a_compiler_is_pure_python(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    wheel = build_wheel(tmp_path, tmp_path_factory, CC="/nonexistent/cc")
+    assert wheel.name.endswith("-py3-none-any.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        assert not [name for name in archive.namelist() if name.endswith(".so")]
+
+
+def compiled_path(module: str, suffix: str) -> str:
+    path = Path(*module.split("."))
+    package = ROOT / path / "__init__.py"
+    return f"{path / '__init__' if package.exists() else path}{suffix}"

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sockd import __version__, build
 from sockd.counters import ERROR_KINDS
 from sockd.metrics import MAX_CONNECTIONS, MAX_SCRAPES, REQUEST_TIMEOUT, Reloads, Snapshot, SockdCollector
 
@@ -160,7 +161,7 @@ def test_listener_and_build_info(start_sockd: Launcher) -> None:
     found = samples(daemon)
     info = {"listener": "echo", "protocol": "udp", "concurrency": "thread_pool", "handler": "echo"}
     assert value(found, "sockd_listener_info", address=daemon.address("echo"), **info) == 1
-    assert [key for key in found if key[0] == "sockd_build_info"]
+    assert value(found, "sockd_build_info", version=__version__, compiled=str(build.compiled()).lower()) == 1
     assert [key for key in found if key[0] == "process_resident_memory_bytes"]
 
 

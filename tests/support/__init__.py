@@ -1,10 +1,12 @@
 """What the tests share (`from support import ...`; conftest.py holds only the fixtures), one module a
 concern: the daemon as a subprocess (daemon), loopback clients (net), metrics (metrics), /proc
 (proc), config files checked in-process (config), TLS certificates (certs) and clients (tls), HAProxy
-as a balancer and behind a relay (haproxy), and the waits they all use (waits)."""
+as a balancer and behind a relay (haproxy), the Makefile's builds (build), and the waits they all
+use (waits)."""
 
 from __future__ import annotations
 
+from support.build import building, machine_config, make, run_directory
 from support.certs import CA, LOOPBACK, SERVER_NAME, Files, Issued, subject
 from support.config import (
     PROBLEM,
@@ -135,6 +137,7 @@ __all__ = [
     "assert_rejected_raw",
     "balancer",
     "becomes",
+    "building",
     "check",
     "client_context",
     "client_hello",
@@ -155,6 +158,8 @@ __all__ = [
     "listen_backlog",
     "listener",
     "live_workers",
+    "machine_config",
+    "make",
     "model_options",
     "options_for",
     "presented",
@@ -166,6 +171,7 @@ __all__ = [
     "requests",
     "require",
     "rss_bytes",
+    "run_directory",
     "run_sockd",
     "s_client",
     "s_client_session",
