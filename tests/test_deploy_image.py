@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_install import building, make
 
-from support import ROOT, TIMEOUT, datagram, eventually, free_port, request, require, run_sockd
+from support import ROOT, TIMEOUT, building, datagram, eventually, free_port, make, request, require, run_sockd
 
 CONTAINERFILE = ROOT / "deploy" / "Containerfile"
 EXAMPLE = ROOT / "deploy" / "container.yaml"  # the image's own /etc/sockd/sockd.yaml
