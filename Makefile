@@ -186,6 +186,8 @@ $(BASE_TARBALL):
 base-image: $(BASE_TARBALL)
 	$(PODMAN) import --quiet $(BASE_TARBALL) $(BASE_IMAGE)
 
-# --format docker: an OCI image has no HEALTHCHECK.
+# --format docker: an OCI image has no HEALTHCHECK. --layers=false: no layer cache, as the
+# wheelhouse's sockd wheel is new at each build, so that its layers would never be used again, only
+# left behind (the builder stage's above all) as unnamed images.
 image: base-image wheelhouse
-	$(PODMAN) build --quiet --format docker --build-arg BASE=$(BASE_IMAGE) -f deploy/Containerfile -t $(IMAGE) .
+	$(PODMAN) build --quiet --layers=false --format docker --build-arg BASE=$(BASE_IMAGE) -f deploy/Containerfile -t $(IMAGE) .
