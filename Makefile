@@ -164,3 +164,30 @@ $(STAMP): pyproject.toml
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info build dist
+
+# The container image (deploy/Containerfile), built with no registry and no network: its base is
+# Debian 12's minbase with python3-venv, by mmdebstrap from the host's Debian mirror, imported into
+# podman as BASE_IMAGE; its Python packages are `make wheelhouse`'s. The base's tarball is kept in
+# build/, one a day (the Debian archive moves daily; snapshot.debian.org is out of reach here).
+# PODMAN: Debian 12's default runtime, crun 1.8, refuses a host whose cgroup v2 hierarchy, mounted
+# beside v1, holds a controller ("cgroups in hybrid mode not supported"), as these machines' does;
+# runc runs on both kinds.
+.PHONY: base-image image
+PODMAN ?= podman --runtime runc
+IMAGE ?= localhost/sockd
+BASE_IMAGE ?= localhost/debian-python:bookworm
+BASE_TARBALL ?= build/debian-python-bookworm-$(shell date -u +%Y%m%d).tar
+
+$(BASE_TARBALL):
+	mkdir -p $(dir $@)
+	mmdebstrap --quiet --format=tar --variant=minbase --include=python3-venv bookworm $@.part
+	mv $@.part $@
+
+base-image: $(BASE_TARBALL)
+	$(PODMAN) import --quiet $(BASE_TARBALL) $(BASE_IMAGE)
+
+# --format docker: an OCI image has no HEALTHCHECK. --layers=false: no layer cache, as the
+# wheelhouse's sockd wheel is new at each build, so that its layers would never be used again, only
+# left behind (the builder stage's above all) as unnamed images.
+image: base-image wheelhouse
+	$(PODMAN) build --quiet --layers=false --format docker --build-arg BASE=$(BASE_IMAGE) -f deploy/Containerfile -t $(IMAGE) .
