@@ -9,6 +9,7 @@ installs as pure Python and says so. `sockd --version` and `sockd_build_info{com
 from __future__ import annotations
 
 import ast
+import hashlib
 import os
 import shutil
 import sys
@@ -19,6 +20,10 @@ from typing import Any
 from setuptools import setup
 
 HERE = Path(__file__).resolve().parent
+# setuptools builds in the checkout's build/ and relinks no extension it finds up to date there:
+# another Python of the same version (pyenv's beside Debian's, say) would be handed the first
+# one's build, linked against that one's library path. Each interpreter builds apart.
+BUILD = Path("build") / f"setup-{hashlib.sha256(sys.base_prefix.encode()).hexdigest()[:12]}"
 
 
 def hot_modules() -> list[str]:
@@ -64,7 +69,8 @@ def ext_modules() -> list[Any]:
 
     # mypy reads pyproject.toml's [tool.mypy] (strict, the pydantic plugin) from the working
     # directory, which a build from an sdist or a checkout has as its root.
-    return mypycify([*hot_modules(), "--config-file", str(HERE / "pyproject.toml")], opt_level="3")
+    options = [*hot_modules(), "--config-file", str(HERE / "pyproject.toml")]
+    return mypycify(options, opt_level="3", target_dir=str(BUILD / "mypyc"))
 
 
-setup(ext_modules=ext_modules())
+setup(ext_modules=ext_modules(), options={"build": {"build_base": str(BUILD)}})
