@@ -283,8 +283,9 @@ def against_peers(measured: dict[str, dict[str, Any]]) -> str:
             continue
         unit, rounds = measured[row.workload]["unit"], measured[row.workload]["rounds"]
         cells = []
-        for server in (row.server, f"{row.server}-pure"):
-            ratio, cpu = _ratios(rounds.get(server, []), rounds.get(row.peer, []), unit)
+        # A row without `pure` (metrics on vs off: both compiled) has no pure twin of its own.
+        for server in (row.server, f"{row.server}-pure" if row.pure else None):
+            ratio, cpu = _ratios(rounds.get(server, []) if server else [], rounds.get(row.peer, []), unit)
             cells += [ratio, cpu]
         lines.append(f"{row.workload:<12}{row.server:<24}{row.peer:<26}" + "".join(f"{cell:>10}" for cell in cells))
     if not lines:

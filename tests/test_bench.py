@@ -357,6 +357,11 @@ def test_against_peers_pairs_rounds_per_row() -> None:
     assert lines[2].split() == ["relay", "sockd-relay-asyncio", "haproxy-relay", "1.10", "1.10", "0.90", "0.90"]
     del measured["relay"]["rounds"]["sockd-relay-asyncio"]
     assert suite.against_peers(measured).splitlines()[2].split()[3:5] == ["-", "-"]
+    # Metrics on vs off compares compiled with compiled: sockd-asyncio-pure is the uvloop row's.
+    tcp = {"sockd-asyncio-no-metrics": rounds(100), "sockd-asyncio": rounds(95), "sockd-asyncio-pure": rounds(90)}
+    lines = suite.against_peers({"tcp-echo": {"unit": "rps", "rounds": tcp}}).splitlines()
+    metrics = next(line.split() for line in lines if "sockd-asyncio-no-metrics" in line)
+    assert metrics[3:] == ["0.95", "0.95", "-", "-"]
 
 
 def test_a_compiled_row_that_would_run_pure_stops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
