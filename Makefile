@@ -52,9 +52,10 @@ compiled-test: $(COMPILED)
 		$(CURDIR)/$(BIN)/pytest -n 4 -m "not soak" $(addprefix --ignore=$(CURDIR)/,$(BUILDS_OF_THEIR_OWN)) $(CURDIR)/tests
 
 # The performance tables (minutes; not part of `make test`): see sockd_bench/suite.py. bench/compare.py
-# builds the C peers and load generators into build/bench first. A quick check that it all runs:
+# builds the C peers and load generators into build/bench first. sockd's rows run the compiled build
+# (and issue 26's rows the pure one beside it). A quick check that it all runs:
 # make bench BENCH_ARGS="--rounds 1 --seconds 1 tcp-echo"
-bench: $(STAMP)
+bench: $(STAMP) $(COMPILED)
 	$(BIN)/python -m sockd_bench.suite $(BENCH_ARGS)
 
 # Memory and start-up alone (a few minutes; no C peers needed): see sockd_bench/footprint.py.

@@ -25,6 +25,8 @@ Besides requests/s, each row shows the server's CPU time per request (all its pr
 threads, from /proc/PID/stat over the run; a request is a connection in the timestamp and
 tls-connect modes; ratio = reference's CPU per request over this one's, so higher is better). By
 default the server runs on CPU 0 and the load generator on CPU 1 (--server-cpus, --client-cpus).
+--json FILE also writes every round's figures of every server there (sockd_bench/suite.py reads
+them to set rows against other peers than the first).
 
 A NAME alone (no '=') picks a built-in peer: c, go, uvloop, uvloop-streams, asyncio, threaded,
 socat (tcp-echo); c-udp, python-udp, uvloop-udp, asyncio-udp (udp-echo); seed-iterative,
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shlex
 import shutil
@@ -361,6 +364,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     ap.add_argument("--server-cpus", default="0", help="CPUs the server may use (taskset list, default 0)")
     ap.add_argument("--client-cpus", default="1", help="CPUs the load generator may use (default 1)")
+    ap.add_argument("--json", metavar="FILE", help="also write each round's figures, by server, to FILE")
     args = ap.parse_intermixed_args()
     if args.conns is None:
         args.conns = {"idle": 5000, "udp-echo": 20, "tls-bulk": 8}.get(args.mode, 50)
@@ -406,13 +410,13 @@ def compare(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         f"{args.mode}: conns={args.conns} size={args.size} seconds={args.seconds} rounds={args.rounds} reference={ref}"
     )
     print(
-        f"{'server':<22}{unit:>14}{'ratio':>8}{'cpu_us/req':>12}{'cpu_ratio':>10}{'p50_us':>9}{'p99_us':>9}"
+        f"{'server':<28}{unit:>14}{'ratio':>8}{'cpu_us/req':>12}{'cpu_ratio':>10}{'p50_us':>9}{'p99_us':>9}"
         f"{'errors':>8}"
     )
     for name, _ in servers:
         rs = results[name]
         if not rs:
-            print(f"{name:<22}{'did not start':>14}")
+            print(f"{name:<28}{'did not start':>14}")
             continue
         med = statistics.median(r[unit] for r in rs)
         pairs = [r[unit] / q[unit] for r, q in zip(rs, results[ref], strict=False) if q[unit]]
@@ -421,10 +425,12 @@ def compare(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         cpu_pairs = [q["cpu_us"] / r["cpu_us"] for r, q in zip(rs, results[ref], strict=False) if r["cpu_us"]]
         cpu_ratio = statistics.median(cpu_pairs) if cpu_pairs else float("nan")
         print(
-            f"{name:<22}{med:>14.0f}{ratio:>8.2f}{cpu:>12.2f}{cpu_ratio:>10.2f}"
+            f"{name:<28}{med:>14.0f}{ratio:>8.2f}{cpu:>12.2f}{cpu_ratio:>10.2f}"
             f"{statistics.median(r['p50_us'] for r in rs):>9.0f}"
             f"{statistics.median(r['p99_us'] for r in rs):>9.0f}{sum(r['errors'] for r in rs):>8.0f}"
         )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"mode": args.mode, "unit": unit, "rounds": results}))
     return 0
 
 

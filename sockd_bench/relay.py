@@ -1,10 +1,12 @@
 """A relay in front of the C epoll echo server, for compare.py's echo loads: sockd's relay in one
 model, or what a user would reach for instead: socat (`TCP-LISTEN,fork TCP:`), and, terminating
 TLS with --tls (compare.py's {tls} directory, its cert.pem and key.pem), socat `OPENSSL-LISTEN`,
-stunnel 5 and HAProxy (one thread, TCP mode; plain TCP without --tls).
+stunnel 5 and HAProxy (one thread, TCP mode, timeouts 60 s; plain TCP without --tls, `nosplice`
+unless --splice lets it move the bytes with splice(2)).
 
-    compare.py tcp-echo c "socat=python -P -m sockd_bench.relay {port} {build} socat" \\
-        "sockd=python -P -m sockd_bench.relay {port} {build} asyncio"
+    compare.py tcp-echo "haproxy=python -P -m sockd_bench.relay {port} {build} haproxy" \\
+        "socat=python -P -m sockd_bench.relay {port} {build} socat" \\
+        "sockd=python -P -m sockd_bench.relay {port} {build} asyncio --build compiled"
     compare.py tls-echo "stunnel=python -P -m sockd_bench.relay {port} {build} stunnel --tls {tls}"
 
 It starts the echo server on a free port, then becomes the relay (exec, same pid and process
@@ -21,6 +23,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import get_args
+
+from sockd_bench.serve import Build
 
 MODELS = ["selector", "busy_poll", "asyncio"]  # sockd's relay under each of these
 PEERS = ["socat", "stunnel", "haproxy"]
@@ -33,9 +38,15 @@ def main() -> None:
     parser.add_argument("relay", choices=[*PEERS, *MODELS])
     parser.add_argument("--upstream-cpus", help="CPUs for the echo server (default: the relay's)")
     parser.add_argument("--tls", type=Path, metavar="DIR", help="terminate TLS with DIR/cert.pem and DIR/key.pem")
+    parser.add_argument("--splice", action="store_true", help="HAProxy without `nosplice` (plain TCP only)")
+    parser.add_argument(
+        "--build", dest="sockd_build", default="pure", choices=get_args(Build), help="sockd's build (see serve.py)"
+    )
     args = parser.parse_args()
     if args.relay == "stunnel" and args.tls is None:
         parser.error("stunnel needs --tls")
+    if args.splice and (args.relay != "haproxy" or args.tls is not None):
+        parser.error("--splice: HAProxy's, over plain TCP")
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -48,11 +59,11 @@ def main() -> None:
             if sock.connect_ex(("127.0.0.1", upstream)) == 0:
                 break
         time.sleep(0.05)
-    command = _relay(args.relay, args.port, upstream, args.tls)
+    command = _relay(args.relay, args.port, upstream, args.tls, splice=args.splice, build=args.sockd_build)
     os.execvp(command[0], command)
 
 
-def _relay(relay: str, port: str, upstream: int, tls: Path | None) -> list[str]:
+def _relay(relay: str, port: str, upstream: int, tls: Path | None, *, splice: bool, build: Build) -> list[str]:
     """The command line that relays 127.0.0.1:`port` to the echo server."""
     if relay == "socat":
         # backlog: socat's default of 5 drops SYNs under a connection per request (1 s retransmits)
@@ -77,16 +88,17 @@ def _relay(relay: str, port: str, upstream: int, tls: Path | None) -> list[str]:
         if tls is not None:
             pem = _anonymous("server.pem", (tls / "cert.pem").read_text() + (tls / "key.pem").read_text())
             bind += f" ssl crt /proc/self/fd/{pem}"
+        copy = "" if splice else "    nosplice\n"  # splice(2) moves the bytes in the kernel, not through a buffer
         config = _anonymous(
             "haproxy.cfg",
-            "global\n    nbthread 1\n    maxconn 5000\n    nosplice\n"
+            f"global\n    nbthread 1\n    maxconn 5000\n{copy}"
             "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n"
             f"frontend relay\n    {bind}\n    default_backend echo\n"
             f"backend echo\n    server echo 127.0.0.1:{upstream}\n",
         )
         return ["haproxy", "-db", "-f", f"/proc/self/fd/{config}"]
     command = [sys.executable, "-P", "-m", "sockd_bench.serve", port, "--handler", "relay", "--concurrency", relay]
-    command += ["--option", f"upstream=tcp://127.0.0.1:{upstream}"]
+    command += ["--option", f"upstream=tcp://127.0.0.1:{upstream}", "--build", build]
     return command + (["--tls", str(tls)] if tls is not None else [])
 
 

@@ -271,7 +271,7 @@ def test_compare_builds_its_peers_and_measures_sockd() -> None:
     load generator into the git-ignored build/bench/, then one short round of each server."""
     require("gcc")
     assert suite.COMPARE.is_relative_to(ROOT)  # nothing from outside the repository
-    measured = compare("tcp-echo", ["c", f"sockd-asyncio={suite.sockd()}"])
+    measured = compare("tcp-echo", ["c", f"sockd-asyncio={suite.sockd(build='pure')}"])
     assert (ROOT / "build" / "bench" / "c_epoll_echo").exists()
     assert list(measured) == ["c", "sockd-asyncio"]
 
@@ -286,7 +286,12 @@ def test_compare_over_tls() -> None:
     if not Path("/usr/include/openssl/ssl.h").exists() and not os.environ.get("CI"):
         pytest.skip("OpenSSL's headers (libssl-dev) are not installed: compare.py skips the tls-* modes")
     measured = compare(
-        "tls-echo", [*suite.tls_relays("stunnel"), "uvloop-tls", *suite.models("tcp", "echo", ["asyncio"], *suite.TLS)]
+        "tls-echo",
+        [
+            *suite.tls_relays("stunnel"),
+            "uvloop-tls",
+            *suite.models("tcp", "echo", ["asyncio"], *suite.TLS, build="pure"),
+        ],
     )
     assert list(measured) == ["stunnel", "uvloop-tls", "sockd-asyncio"]
 
@@ -298,9 +303,97 @@ def test_compare_programs_per_connection() -> None:
     require("gcc")
     for program in suite.INETDS:
         require(suite.PROGRAMS[program])
-    options, servers = suite.WORKLOADS["exec"]
+    options = suite.WORKLOADS["exec"][0]
     assert options[0] == "timestamp"
     before = set(Path(tempfile.gettempdir()).glob("sockd-bench-xinetd-*"))
-    measured = compare("timestamp", servers)
-    assert list(measured) == ["xinetd", "systemd-socket-activate", "socat-exec", "sockd-exec"]
+    measured = compare("timestamp", suite.servers_of("exec", ("pure",)))
+    assert list(measured) == ["xinetd", "systemd-socket-activate", "socat-exec", "sockd-exec-pure"]
     assert set(Path(tempfile.gettempdir()).glob("sockd-bench-xinetd-*")) <= before
+
+
+def names(servers: list[str]) -> list[str]:
+    return [server.partition("=")[0] for server in servers]
+
+
+def test_each_row_of_the_issue_has_its_peer_and_both_builds() -> None:
+    """Every row of issue 26's table runs in the same compare.py run as its peer; a compiled sockd
+    row has its pure twin beside it, and no sockd row runs a build it does not name."""
+    for row in suite.ROWS:
+        both = names(suite.servers_of(row.workload, ("compiled", "pure")))
+        assert {row.server, row.peer} <= set(both), row
+        if row.pure:
+            assert both[both.index(row.server) + 1] == f"{row.server}-pure", row
+    tcp = suite.servers_of("tcp-echo", ("compiled", "pure"))
+    assert "sockd-asyncio-no-metrics-pure" not in names(tcp)  # only the rows the issue names
+    for server in tcp:
+        name, _, command = server.partition("=")
+        if name.startswith("sockd-"):
+            assert ("--build pure" in command) == name.endswith("-pure"), server
+            assert ("--build compiled" in command) != name.endswith("-pure"), server
+    assert not any(name.endswith("-pure") for name in names(suite.servers_of("tcp-echo", ("compiled",))))
+    pure = suite.servers_of("tcp-echo", ("pure",))
+    assert not any("--build compiled" in server for server in pure)
+    assert "sockd-selector-pure" in names(pure)
+    relay = names(suite.servers_of("relay", ("compiled", "pure")))
+    assert relay[:3] == ["haproxy-relay", "haproxy-relay-splice", "c"]  # HAProxy is the reference
+
+
+def test_against_peers_pairs_rounds_per_row() -> None:
+    def rounds(*rps: float) -> list[dict[str, float]]:
+        return [{"rps": value, "cpu_us": 1e6 / value} for value in rps]
+
+    measured: dict[str, dict[str, Any]] = {
+        "relay": {
+            "unit": "rps",
+            "rounds": {
+                "haproxy-relay": rounds(100, 200, 300),
+                "sockd-relay-asyncio": rounds(110, 240, 330),
+                "sockd-relay-asyncio-pure": rounds(90, 160, 270),
+            },
+        }
+    }
+    lines = suite.against_peers(measured).splitlines()
+    assert len(lines) == 3  # the caption, the header and the one row of the relay workload
+    assert lines[2].split() == ["relay", "sockd-relay-asyncio", "haproxy-relay", "1.10", "1.10", "0.90", "0.90"]
+    del measured["relay"]["rounds"]["sockd-relay-asyncio"]
+    assert suite.against_peers(measured).splitlines()[2].split()[3:5] == ["-", "-"]
+    # Metrics on vs off compares compiled with compiled: sockd-asyncio-pure is the uvloop row's.
+    tcp = {"sockd-asyncio-no-metrics": rounds(100), "sockd-asyncio": rounds(95), "sockd-asyncio-pure": rounds(90)}
+    lines = suite.against_peers({"tcp-echo": {"unit": "rps", "rounds": tcp}}).splitlines()
+    metrics = next(line.split() for line in lines if "sockd-asyncio-no-metrics" in line)
+    assert metrics[3:] == ["0.95", "0.95", "-", "-"]
+
+
+def test_a_compiled_row_that_would_run_pure_stops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build/mypyc whose sockd is pure Python (no compiler, or a stale copy) is refused, loudly."""
+    from sockd_bench import serve  # noqa: PLC0415 (only this test calls it in-process)
+
+    (tmp_path / ".built").touch()
+    (tmp_path / "sockd").symlink_to(ROOT / "sockd")
+    monkeypatch.setattr(serve, "MYPYC_BUILD", tmp_path)
+    with pytest.raises(SystemExit, match="the compiled build was asked for, but sockd runs: pure Python"):
+        serve.build_environment("compiled")
+    monkeypatch.setattr(serve, "MYPYC_BUILD", tmp_path / "absent")
+    with pytest.raises(SystemExit, match="run `make compiled`"):
+        serve.build_environment("compiled")
+    assert "PYTHONPATH" not in serve.build_environment("pure")
+
+
+def test_the_relay_rows_against_haproxy() -> None:
+    """The relay workload in one short round, pure build: HAProxy with and without splice, the
+    direct connection, socat and sockd's relays, then the row set against HAProxy."""
+    require("gcc")
+    require("haproxy")
+    require("socat")
+    command = [sys.executable, "-P", "-m", "sockd_bench.suite", "--rounds", "1", "--seconds", "1", "--builds", "pure"]
+    result = subprocess.run([*command, "relay"], capture_output=True, text=True, timeout=180, check=False, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in lines[lines.index("== relay") + 3 :]}
+    expected = ["haproxy-relay", "haproxy-relay-splice", "c", "socat-relay", "sockd-relay-asyncio-pure"]
+    assert list(rows)[:5] == expected, result.stdout
+    for name in expected:
+        assert float(rows[name][0]) > 0, result.stdout
+    ours = next(line.split() for line in lines if line.startswith("relay "))
+    assert ours[:5] == ["relay", "sockd-relay-asyncio", "haproxy-relay", "-", "-"], result.stdout
+    assert float(ours[5]) > 0, result.stdout
