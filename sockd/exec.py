@@ -54,7 +54,7 @@ from typing import Any, cast
 import structlog
 
 from sockd.counters import EXEC_ERROR, EXEC_FAILED, EXEC_OK, EXEC_SIGNAL, EXEC_TIMEOUT, Recorder
-from sockd.handlers import Exec, Relay
+from sockd.handlers import Exec, ToChild
 from sockd.lifecycle import Connection, ConnectionLog, Service
 from sockd.limits import Ticket, TokenBuckets
 from sockd.logging import Throttled
@@ -77,9 +77,6 @@ LINE_BYTES = 1024
 LINES_PER_SECOND = 100.0
 LINES_BURST = 200
 READ_BYTES = 65536
-# Once the client or the child has ended its output, how long the other may still send, copied
-# through a socketpair (see ExecRelay): the relay's default (half_close_timeout).
-HALF_CLOSE_TIMEOUT = 0.5
 # Every signal a child starts with at its default disposition (SIGKILL and SIGSTOP have no other).
 SIGNALS = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
 LIMITS = (("cpu", resource.RLIMIT_CPU), ("memory", resource.RLIMIT_AS), ("files", resource.RLIMIT_NOFILE))
@@ -419,21 +416,6 @@ class ExecProtocol(asyncio.Protocol):
 
     def get_write_buffer_size(self) -> int:
         return 0
-
-
-class ToChild(Relay):
-    """The settings of the relay that copies between a staged client and its child (see
-    ExecRelay): its upstream is the child's end of a socketpair, with no address to look up, no
-    TLS and no header of its own."""
-
-    def __init__(self, handler: Exec) -> None:  # not Relay's, which reads a listener's upstream
-        self.upstream = f"exec {handler.command[0]}"  # as the relay's warnings name it
-        self.scheme, self.where = "unix", ""
-        self.tls = None
-        self.connect_timeout = handler.timeout
-        self.half_close_timeout = HALF_CLOSE_TIMEOUT
-        self.session_timeout = handler.timeout
-        self.proxy_protocol = None
 
 
 class ExecRelay(RelayProtocol):

@@ -251,6 +251,27 @@ class Exec(Stateless):
         self.shutdown_timeout = shutdown_timeout
 
 
+# Once an exec listener's client or child has ended its output, how long the other may still
+# send: the relay's default (half_close_timeout).
+CHILD_HALF_CLOSE_TIMEOUT = 0.5
+
+
+class ToChild(Relay):
+    """The settings of the relay that copies between an exec listener's staged client and its
+    child (sockd.exec.ExecRelay): its upstream is the child's end of a socketpair, with no address
+    to look up, no TLS and no header of its own. Here, not beside ExecRelay: a class of an
+    interpreted module cannot subclass a compiled one (Relay, in the mypyc build)."""
+
+    def __init__(self, handler: Exec) -> None:  # not Relay's, which reads a listener's upstream
+        self.upstream = f"exec {handler.command[0]}"  # as the relay's warnings name it
+        self.scheme, self.where = "unix", ""
+        self.tls = None
+        self.connect_timeout = handler.timeout
+        self.half_close_timeout = CHILD_HALF_CLOSE_TIMEOUT
+        self.session_timeout = handler.timeout
+        self.proxy_protocol = None
+
+
 CLOCKS: dict[TimestampFormat, Callable[[], str]] = {
     "seed": lambda: str(datetime.datetime.now()),
     "iso8601": lambda: datetime.datetime.now(datetime.UTC).isoformat(),
