@@ -61,7 +61,6 @@ from sockd.logging import Throttled
 from sockd.relay import Resolver
 from sockd.relay.aio import RelayProtocol, UpstreamProtocol, carrier
 from sockd.tls.layer import TLSLayer
-from sockd.transports import admitted
 
 log = structlog.get_logger()
 
@@ -348,13 +347,8 @@ class ExecProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         carrier = self.carrier = cast(asyncio.Transport, transport)
         connection = self.connection
-        service = connection.service
-        if service.screening:
-            ticket = admitted(carrier, service.admission, connection.recorder)
-            if ticket is None:
-                service.forget(connection)
-                return
-            connection.ticket = ticket
+        if not connection.screened(carrier):
+            return
         carrier.pause_reading()  # the child reads it, not the loop
         connection.opened()
         connection.answered = True  # a stop's drain ends the child (Children.stop), not its input

@@ -66,6 +66,7 @@ per request for it (as trio runs no hook that no instrument asked for).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -77,7 +78,7 @@ from sockd.counters import RESET, SEND, TIMEOUT, TOO_LARGE, Recorder
 from sockd.handlers import Handler, TooLarge
 from sockd.limits import MOVED, REFLECTION, Admission, Ticket, Timeouts, Unlimited, admission_for
 from sockd.logging import Throttled
-from sockd.transports import HIGH_WATER, Receiver, StreamTransport, Transport, end_input, peer
+from sockd.transports import HIGH_WATER, Receiver, StreamTransport, Transport, admitted, end_input, peer
 
 if TYPE_CHECKING:
     from sockd.proxy.reading import Header
@@ -335,6 +336,19 @@ class Connection:
         self.paused = 0  # the reasons reading is paused (see PAUSES)
         self.observer: ConnectionLog | None = None
         self.proxied: Header | None = None
+
+    def screened(self, transport: asyncio.Transport) -> bool:
+        """Whether a connection a loop has made may open: the loop's server accepted it before
+        the listener's limits could be asked (transports.admitted). One refused is forgotten."""
+        service = self.service
+        if not service.screening:
+            return True
+        ticket = admitted(transport, service.admission, self.recorder)
+        if ticket is None:
+            service.forget(self)
+            return False
+        self.ticket = ticket
+        return True
 
     def opened(self) -> None:
         if self.observer is not None:

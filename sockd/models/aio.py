@@ -28,7 +28,6 @@ from sockd.relay import Resolver
 from sockd.relay.aio import DatagramRelayProtocol, RelayProtocol
 from sockd.sockets import OUT_OF_RESOURCES, RESOURCE_PAUSE
 from sockd.stopping import Stop
-from sockd.transports import admitted
 
 log = structlog.get_logger()
 
@@ -342,13 +341,8 @@ class Model:
         accepted it before the listener's limits could be asked), and Nagle's algorithm back on
         if asked for."""
         transport = connection.transport
-        service = self.service
-        if service.screening:
-            ticket = admitted(cast(asyncio.Transport, transport), service.admission, connection.recorder)
-            if ticket is None:
-                service.forget(connection)
-                return False
-            connection.ticket = ticket
+        if not connection.screened(cast(asyncio.Transport, transport)):
+            return False
         if self.nagle:
             transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
         return True

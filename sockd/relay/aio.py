@@ -23,7 +23,7 @@ from sockd.lifecycle import CONNECTING, INPUT_ENDED, WRITE_FULL, Address, Servic
 from sockd.limits import Ticket
 from sockd.relay import UPSTREAM_ERRORS, Answer, DatagramRelay, Endpoint, Resolver, handshake_failed, relayed
 from sockd.tls.layer import Failure, TLSLayer
-from sockd.transports import Receiver, StreamTransport, admitted
+from sockd.transports import Receiver, StreamTransport
 
 # A side's transport: the loop's, or the TLSLayer over it.
 Carrier = asyncio.Transport | TLSLayer
@@ -142,13 +142,9 @@ class RelayProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         loop_transport = self.transport = cast(asyncio.Transport, transport)
         connection = self.state.connection
+        if not connection.screened(loop_transport):
+            return
         service = connection.service
-        if service.screening:
-            ticket = admitted(loop_transport, service.admission, connection.recorder)
-            if ticket is None:
-                service.forget(connection)
-                return
-            connection.ticket = ticket
         self.events.opened()
         if service.stage is None:
             self._connect()
