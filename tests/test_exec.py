@@ -244,6 +244,33 @@ def test_a_reload_leaves_a_running_child_its_session(start_sockd: Launcher) -> N
     eventually(lambda: exits(daemon, "ok") == 1, "the exit counted")
 
 
+def test_300_clients_keep_their_children_for_many_lines_through_a_reload_under_1024_descriptors(
+    start_sockd: Launcher,
+) -> None:
+    """The default descriptor limit: each child costs its worker two descriptors (its pidfd and
+    its stderr pipe), so 300 at once fit in 1,024, and each client keeps its child for 20 lines,
+    a reload coming halfway."""
+    listeners = [exec_listener(["/bin/cat"], max_connections=400, backlog=512)]
+    daemon = start_sockd(listeners, prefix=("prlimit", "--nofile=1024"))
+    old = daemon.worker_pid("x")
+    clients = [connect(daemon.address("x")) for _ in range(300)]
+    try:
+        for line in range(20):
+            if line == 10:
+                plan = daemon.reload([exec_listener(["/bin/cat"], max_connections=400, backlog=512, exec_timeout=60)])
+                assert plan["restarted"] == ["x"]
+            for number, sock in enumerate(clients):
+                said = b"%d %d\n" % (number, line)
+                assert echo_line(sock, said) == said
+        assert len(children(old)) == 300  # every session still its first child, in the old worker
+    finally:
+        for sock in clients:
+            sock.close()
+    eventually(lambda: not alive(old), "the old worker gone once its children were reaped")
+    eventually(lambda: exits(daemon, "ok") == 300, "every exit counted")
+    assert value(samples(daemon), "sockd_worker_restarts_total", listener="x") == 0
+
+
 def echo_line(sock: socket.socket, line: bytes) -> bytes:
     sock.sendall(line)
     got = b""
