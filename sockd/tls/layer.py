@@ -101,9 +101,13 @@ class TLSLayer:
         if not self.reading:
             return
         # The path of every request, written out as the loop of _read: one whole record come,
-        # its plaintext passed on, and nothing left to read.
+        # its plaintext passed on, and nothing left to read. A record's plaintext is shorter than
+        # what came, so no more is asked for: a bytes object of BUFSIZE, shrunk after, would cost
+        # a malloc and a realloc per request.
+        incoming = self.incoming
+        wanted = min(incoming.pending, BUFSIZE)
         try:
-            plain = self.tls.read(BUFSIZE)
+            plain = self.tls.read(wanted)
         except ssl.SSLWantReadError:  # a record not whole yet
             return
         except ssl.SSLZeroReturnError:  # see _read
@@ -111,7 +115,10 @@ class TLSLayer:
         except TLS_ERRORS as exc:  # not read again: a second read after an alert says b"", an end
             self._broken(exc)
             return
-        if plain and not self.incoming.pending and not self.tls.pending():
+        # Less than was asked for: the record's plaintext was read whole, and OpenSSL holds no
+        # more (it reads ahead no record: Python never sets read_ahead), so no tls.pending(),
+        # which releases and takes back the GIL, to say so.
+        if plain and not incoming.pending and (len(plain) < wanted or not self.tls.pending()):
             self.protocol.data_received(plain)
             if self.outgoing.pending:
                 self._flush()
