@@ -20,6 +20,7 @@ HOT_MODULES = (
     "sockd.lifecycle",
     "sockd.handlers",
     "sockd.limits",
+    "sockd.transports",
     "sockd.counters",
     "sockd.relay",
     "sockd.tls.layer",

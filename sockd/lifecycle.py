@@ -76,9 +76,10 @@ import structlog
 from sockd.config import Listener
 from sockd.counters import RESET, SEND, TIMEOUT, TOO_LARGE, Recorder
 from sockd.handlers import Handler, TooLarge
+from sockd.interfaces import Receiver, StreamTransport, Transport
 from sockd.limits import MOVED, REFLECTION, Admission, Ticket, Timeouts, Unlimited, admission_for
 from sockd.logging import Throttled
-from sockd.transports import HIGH_WATER, Receiver, StreamTransport, Transport, admitted, end_input, peer
+from sockd.transports import HIGH_WATER, admitted, end_input, peer
 
 if TYPE_CHECKING:
     from sockd.proxy.reading import Header

@@ -10,8 +10,9 @@ a selector loop (`SelectorTransport`). Each offers the loop's socket as
 `get_extra_info("socket")`, so ending a connection's input for a drain (`end_input`) and naming
 its peer for its log line (`peer`) are written once, here, for every transport.
 
-Nothing here knows of handlers, limits' rules or models: the admission helpers are given the
-listener's Admission, and a transport the object it drives.
+What a connection and its transport ask of each other is sockd.interfaces'. Nothing here knows
+of handlers, limits' rules or models: the admission helpers are given the listener's Admission,
+and a transport the object it drives.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import selectors
 import socket
 import struct
 import time
-from typing import Any, Protocol
+from typing import Any
 
 from sockd.config import BUFSIZE
 from sockd.counters import RESET, Recorder
+from sockd.interfaces import Receiver, Registry, Transport
 from sockd.limits import Admission, Credentials, Ticket, Unlimited
 
 # Stop reading from a peer once this many bytes wait to go to it (or, through a relay, to its
@@ -42,66 +44,6 @@ _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 # lets a client queue unaccepted by default; a client that sent more is reset.
 READS_AWAY = 4
 READ_AWAY = 65536
-
-
-class Transport(Protocol):
-    """What a connection asks of its I/O: a subset of asyncio.Transport. (A relay's driver is
-    its connection's transport: it writes nothing for it, but closes both sides.)"""
-
-    def close(self) -> None:
-        """Close once everything written has been sent."""
-
-    def abort(self) -> None:
-        """Close now, dropping what is not sent yet."""
-
-    def pause_reading(self) -> None:
-        """Read no more, until resume_reading."""
-
-    def resume_reading(self) -> None:
-        """Read again."""
-
-    def is_closing(self) -> bool: ...
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        """ "socket": the connection's socket (None once it has gone); "peername": its peer's address."""
-
-    def get_write_buffer_size(self) -> int:
-        """Bytes written and not sent yet."""
-
-
-class StreamTransport(Transport, Protocol):
-    """What a stream connection asks of its I/O besides: writing, and being handed on."""
-
-    def write(self, data: bytes) -> None:
-        """Send `data`, keeping what the peer cannot take yet."""
-
-    def set_protocol(self, protocol: Any) -> None:
-        """Drive `protocol` from now on (a stage hands the connection back this way)."""
-
-    def get_protocol(self) -> Any: ...
-
-
-class Receiver(Protocol):
-    """What a transport drives: asyncio's protocol interface."""
-
-    def connection_made(self, transport: Any) -> None: ...
-
-    def data_received(self, data: bytes) -> None: ...
-
-    def eof_received(self) -> bool | None: ...
-
-    def pause_writing(self) -> None: ...
-
-    def resume_writing(self) -> None: ...
-
-    def connection_lost(self, exc: BaseException | None) -> None: ...
-
-
-class Registry(Protocol):
-    """What a SelectorTransport needs of its loop (see models.selector.EventLoop)."""
-
-    def register(self, sock: socket.socket, was: int, events: int, callback: Any) -> int:
-        """Wait for `events` on `sock` (none: forget it) where it waited for `was`; returns `events`."""
 
 
 def shutdown_read(fd: int) -> None:
@@ -220,14 +162,13 @@ def refuse(fd: int) -> None:
 
 class BlockingTransport:
     """A blocking socket: a write returns once the client has taken it all (a timeout or a reset
-    raises out of it), and closing ends the loop that serves the connection (which reads for
-    `protocol`: see models.blocking)."""
+    raises out of it), and closing ends the reading for `protocol` (`feed`, `read_to_end`) that
+    serves the connection in its thread (see models.blocking)."""
 
-    __slots__ = ("closed", "protocol", "reading", "recorder", "send", "sock")
+    __slots__ = ("closed", "protocol", "reading", "recorder", "sock")
 
     def __init__(self, sock: socket.socket, recorder: Recorder, protocol: Receiver) -> None:
         self.sock = sock
-        self.send = sock.send
         self.recorder = recorder
         self.protocol = protocol
         self.reading = True
@@ -242,7 +183,7 @@ class BlockingTransport:
         recorder = self.recorder
         busy = recorder.busy_since
         recorder.busy_since = 0.0
-        send = self.send
+        send = self.sock.send
         sent = send(data)
         if sent < len(data):
             with memoryview(data) as view:
@@ -251,10 +192,37 @@ class BlockingTransport:
         if busy:  # back at its work: busy from now (the clock tells time even with metrics off)
             recorder.busy_since = time.monotonic()
 
+    def feed(self, data: bytes) -> None:
+        """Give `protocol` what one read returned: data, or (empty) the end of its input."""
+        recorder = self.recorder
+        # The heartbeat's clock (see Stats.publish), which must tell time even when metrics are off.
+        recorder.busy_since = time.monotonic()
+        if data:
+            self.protocol.data_received(data)
+        else:
+            self.protocol.eof_received()
+        recorder.busy_since = 0.0
+
+    def read_to_end(self) -> None:
+        """Read and feed requests until the connection closes, once `protocol` is the connection
+        itself for good (no stage is left to hand it on). Threads serving many clients take
+        turns on the GIL between these calls, so the loop keeps its lookups in locals."""
+        entry, recorder = self.protocol, self.recorder
+        recv, received, clock = self.sock.recv, entry.data_received, time.monotonic
+        while self.reading:
+            data = recv(BUFSIZE)
+            recorder.busy_since = clock()
+            if data:
+                received(data)
+            else:
+                entry.eof_received()
+            recorder.busy_since = 0.0
+
     def close(self) -> None:
         self.reading, self.closed = False, True
 
-    abort = close
+    def abort(self) -> None:
+        self.close()
 
     def pause_reading(self) -> None:
         self.reading = False

@@ -18,6 +18,7 @@ import structlog
 from sockd import handlers
 from sockd.config import InetListener, UnixListener
 from sockd.counters import RESET, SEND, TIMEOUT, TOO_LARGE, Recorder
+from sockd.interfaces import Receiver, StreamTransport
 from sockd.lifecycle import (
     DATAGRAMS_HELD,
     DUE_COST,
@@ -33,7 +34,7 @@ from sockd.lifecycle import (
     stream,
 )
 from sockd.limits import ACL, FREE, MAX_CONNECTIONS, MOVED, REFLECTION, Ticket, Unlimited
-from sockd.transports import HIGH_WATER, Receiver, StreamTransport
+from sockd.transports import HIGH_WATER
 
 BOUNDS = [0.001, 1.0]
 

@@ -20,7 +20,7 @@ from sockd.limits import Ticket
 from sockd.models.shared import accept_failed, stop_listening
 from sockd.sockets import RESOURCE_PAUSE
 from sockd.stopping import Stop
-from sockd.transports import BlockingTransport, Receiver, admit
+from sockd.transports import BlockingTransport, admit
 
 T = TypeVar("T")
 
@@ -141,16 +141,16 @@ class BlockingModel:
                     conn.settimeout(self.first_timeout)
                 entry.connection_made(transport)
                 if self.staged:
-                    _through_stage(transport, entry, connection, recorder)
+                    _through_stage(transport, entry, connection)
                     conn.settimeout(self.first_timeout)
-                _until_answered(transport, connection, recorder)
+                _until_answered(transport, connection)
                 if transport.reading:
                     if self.idle_timeout != self.first_timeout:
                         conn.settimeout(self.idle_timeout)
                     if connection.session.flowing:
-                        self._flowing(transport, recorder)
+                        self._flowing(transport)
                     else:
-                        _requests(transport, recorder)
+                        transport.read_to_end()
         except TimeoutError:
             connection.timed_out()
         except OSError as exc:  # reset, broken pipe: the client is gone, and so is its request
@@ -159,7 +159,7 @@ class BlockingModel:
             recorder.busy_since = 0.0
             transport.protocol.connection_lost(failure)  # through a stage, if the connection is in one
 
-    def _flowing(self, transport: BlockingTransport, recorder: Recorder) -> None:
+    def _flowing(self, transport: BlockingTransport) -> None:
         """A flowing session's turns (chargen), until its connection closes. Between turns, what
         the client sent, if anything, is fed without waiting for it: input (dropped by the
         session), or its EOF or a drain's (end_input), which closes the connection
@@ -172,13 +172,11 @@ class BlockingModel:
         readable.register(sock, select.POLLIN)
         while (turn := turns.__dict__.pop("due", None)) is not None:
             if readable.poll(0):
-                _feed(transport.protocol, sock.recv(BUFSIZE), recorder)
+                transport.feed(sock.recv(BUFSIZE))
             turn()
 
 
-def _through_stage(
-    transport: BlockingTransport, entry: Stream | LoggedStream, connection: Stream, recorder: Recorder
-) -> None:
+def _through_stage(transport: BlockingTransport, entry: Stream | LoggedStream, connection: Stream) -> None:
     """Read and feed a connection's stage until it is done (see lifecycle.Stream.staged: the
     transport drives `entry` again, or a layer that stays, TLS, is `entry`'s transport) or has
     closed the connection: each read waits at most until the connection's deadline (Timeouts:
@@ -190,40 +188,15 @@ def _through_stage(
         if remaining <= 0:
             raise TimeoutError
         sock.settimeout(remaining)
-        _feed(transport.protocol, sock.recv(BUFSIZE), recorder)
+        transport.feed(sock.recv(BUFSIZE))
 
 
-def _until_answered(transport: BlockingTransport, connection: Stream, recorder: Recorder) -> None:
+def _until_answered(transport: BlockingTransport, connection: Stream) -> None:
     """Read and feed requests until the connection has its first answer (or closes). What the
     transport drives is looked up at each read: a stage (see lifecycle.Stream.staged) hands the
     connection back to its stream before the handler answers anything."""
     while transport.reading and not connection.answered:
-        _feed(transport.protocol, transport.sock.recv(BUFSIZE), recorder)
-
-
-def _feed(entry: Receiver, data: bytes, recorder: Recorder) -> None:
-    # The heartbeat's clock (see Stats.publish), which must tell time even when metrics are off.
-    recorder.busy_since = time.monotonic()
-    if data:
-        entry.data_received(data)
-    else:
-        entry.eof_received()
-    recorder.busy_since = 0.0
-
-
-def _requests(transport: BlockingTransport, recorder: Recorder) -> None:
-    """Read and feed requests until the connection closes. Threads serving many clients take
-    turns on the GIL between these calls, so the loop keeps its lookups in locals."""
-    entry = transport.protocol
-    recv, received, clock = transport.sock.recv, entry.data_received, time.monotonic
-    while transport.reading:
-        data = recv(BUFSIZE)
-        recorder.busy_since = clock()
-        if data:
-            received(data)
-        else:
-            entry.eof_received()
-        recorder.busy_since = 0.0
+        transport.feed(transport.sock.recv(BUFSIZE))
 
 
 class Threads:

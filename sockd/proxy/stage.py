@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from sockd.config import Listener, ProxyVersion
 from sockd.config.schema import host_port
+from sockd.interfaces import Receiver, StreamTransport
 from sockd.limits import PROXY_PROTOCOL
 from sockd.logging import Throttled
 from sockd.proxy.reading import Header, InvalidHeader, Reader
-from sockd.transports import Receiver, StreamTransport, peer, peer_address
+from sockd.transports import peer, peer_address
 
 if TYPE_CHECKING:
     from sockd.lifecycle import Connection, Staged

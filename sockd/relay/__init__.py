@@ -42,13 +42,13 @@ from typing import Any, Generic, Protocol, TypeVar
 from sockd.config import BUFSIZE
 from sockd.counters import REJECT_REASONS, SEND, UPSTREAM, Recorder
 from sockd.handlers import Relay
+from sockd.interfaces import Transport
 from sockd.lifecycle import Address, Connection, ConnectionLog, Service
 from sockd.limits import MOVED, RELAY_SESSIONS, Ticket, relayed_connections, source_of
 from sockd.logging import Throttled
 from sockd.proxy.writing import Named, addresses, ssl_tlvs, v1, v2
 from sockd.tls.layer import Failure, TLSLayer
 from sockd.tls.stage import judged
-from sockd.transports import Transport
 
 # What opening an upstream can fail with: refused, unreachable, timed out; ValueError for a host
 # name IDNA cannot encode (config refuses most of them).

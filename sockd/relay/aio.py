@@ -19,11 +19,11 @@ from typing import Any, cast
 
 from sockd.counters import Recorder
 from sockd.handlers import UpstreamTLS
+from sockd.interfaces import Receiver, StreamTransport
 from sockd.lifecycle import CONNECTING, INPUT_ENDED, WRITE_FULL, Address, Service
 from sockd.limits import Ticket
 from sockd.relay import UPSTREAM_ERRORS, Answer, DatagramRelay, Endpoint, Resolver, handshake_failed, relayed
 from sockd.tls.layer import Failure, TLSLayer
-from sockd.transports import Receiver, StreamTransport
 
 # A side's transport: the loop's, or the TLSLayer over it.
 Carrier = asyncio.Transport | TLSLayer

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sockd.config import BUFSIZE
+from sockd.interfaces import Receiver, StreamTransport
 from sockd.lifecycle import CLOSING, CONNECTING, INPUT_ENDED, WRITE_FULL, Address, Datagrams, Service
 from sockd.limits import MOVED, Ticket
 from sockd.relay import (
@@ -37,7 +38,7 @@ from sockd.relay import (
     upstream_socket,
 )
 from sockd.tls.layer import Failure, TLSLayer
-from sockd.transports import HIGH_WATER, READ, WRITE, Receiver, StreamTransport
+from sockd.transports import HIGH_WATER, READ, WRITE
 
 RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 

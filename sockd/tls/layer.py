@@ -19,9 +19,9 @@ from collections.abc import Callable
 from typing import Any
 
 from sockd.config import BUFSIZE
+from sockd.interfaces import Receiver, StreamTransport
 from sockd.tls.failures import HandshakeCut, HandshakeEOF
 from sockd.tls.identity import Identity
-from sockd.transports import Receiver, StreamTransport
 
 # What a failed handshake is told as: OpenSSL's reason, or the error itself.
 Failure = ssl.SSLError | ssl.CertificateError | OSError | ValueError | None

@@ -19,12 +19,12 @@ import time
 from typing import TYPE_CHECKING
 
 from sockd.counters import CLIENT_CERT_REJECTED, HANDSHAKE_FAILED, HANDSHAKE_OK, HANDSHAKE_TIMEOUT
+from sockd.interfaces import Receiver, StreamTransport
 from sockd.logging import Throttled
 from sockd.tls.contexts import stage_context
 from sockd.tls.failures import HandshakeCut, HandshakeEOF
 from sockd.tls.identity import Allowed, Identity
 from sockd.tls.layer import Failure, TLSLayer
-from sockd.transports import Receiver, StreamTransport
 
 if TYPE_CHECKING:
     from sockd.config.schema import TLSConfig
