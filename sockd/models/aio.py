@@ -21,7 +21,7 @@ from sockd.config import EventLoop, Listener
 from sockd.counters import BEAT_INTERVAL, RESET, RESOURCES, Recorder, Stats
 from sockd.exec import Children, ExecProtocol, ExecRelay, settle
 from sockd.handlers import Exec, Handler, Relay
-from sockd.lifecycle import Address, Connection, Datagrams, Service, Staging, stream
+from sockd.lifecycle import Connection, Datagrams, Service, Staging, stream
 from sockd.limits import FREE
 from sockd.models.shared import accept_failed, out_of_resources, stop_listening
 from sockd.relay import Resolver
@@ -394,27 +394,22 @@ class Model:
 
 class DatagramProtocol:
     """A UDP listener's protocol on the loop: its datagrams go to the lifecycle's Datagrams, and
-    the replies out through the loop's transport."""
+    the replies out through the loop's transport, its sendto called by the lifecycle itself (a
+    failure comes back through error_received). An empty datagram is a datagram (echo answers
+    one with one), but asyncio's and uvloop's sendto() drop empty data without a word: an empty
+    reply goes out through the socket."""
 
     transport: asyncio.DatagramTransport
 
     def __init__(self, service: Service, recorder: Recorder, sock: socket.socket) -> None:
-        self.sock = sock
         self.idle = asyncio.Event()  # set when the last delayed reply has gone out
-        self.datagrams = Datagrams(service, recorder, self._send, drained=self.idle.set)
+        self.datagrams = Datagrams(service, recorder, sock.sendto, drained=self.idle.set, empty=sock.sendto)
         # What the loop calls for each datagram: the lifecycle's own method, no call between.
         self.datagram_received = self.datagrams.datagram_received
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def _send(self, reply: bytes, address: Address) -> None:
-        if not reply:
-            # An empty datagram is a datagram (echo answers one with one), but asyncio's and
-            # uvloop's sendto() drop empty data without a word: it goes out through the socket.
-            self.sock.sendto(reply, address)
-        else:
-            self.transport.sendto(reply, address)  # a failure comes back through error_received
+        self.datagrams.send = self.transport.sendto
 
     async def replied(self) -> None:
         """Until no delayed reply is due."""
