@@ -658,9 +658,7 @@ class Datagrams:
     """The life of a datagram: dropped if it comes from a port of REFLECTORS or of the daemon's
     UDP listeners, else admitted by its source, answered by the handler (now, or `delay`
     later), counted once its reply is sent by `send(reply, address)` (the model's: a socket's
-    sendto, or a loop transport's), which raises OSError if it could not be sent. An empty reply
-    goes out by `empty`, if given (a socket's sendto, where a loop transport's drops empty data
-    without a word): so `send` can be the transport's own, with no call of the model's between.
+    sendto, or a loop transport's), which raises OSError if it could not be sent.
 
     `pending` is what the replies due later hold (see DUE_COST), nonzero while any is due: a
     stopping model waits for them (`drained`, if given, is called each time it falls to zero);
@@ -672,12 +670,10 @@ class Datagrams:
         recorder: Recorder,
         send: Callable[[bytes, Address], object],
         drained: Callable[[], None] | None = None,
-        empty: Callable[[bytes, Address], object] | None = None,
     ) -> None:
         self.service = service
         self.recorder = recorder
         self.send = send
-        self.empty = send if empty is None else empty
         self.drained = drained
         self.pending = 0
         self.screened = service.screening
@@ -713,7 +709,7 @@ class Datagrams:
             service.later(service.delay, self._delayed_reply, reply, address, len(data), started)
             return
         try:
-            (self.send if reply else self.empty)(reply, address)
+            self.send(reply, address)
         except OSError as exc:
             self.send_failed(exc)
             return
@@ -722,7 +718,7 @@ class Datagrams:
     def _delayed_reply(self, reply: bytes, address: Address, received: int, started: float) -> None:
         self.pending -= len(reply) + DUE_COST
         try:
-            (self.send if reply else self.empty)(reply, address)
+            self.send(reply, address)
         except OSError as exc:
             self.send_failed(exc)
         else:
