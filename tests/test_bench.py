@@ -247,6 +247,27 @@ def test_healthz_probes_sockd_idle_and_under_the_echo_load() -> None:
     assert "req/s, CPUs" in " ".join(rows["loaded"]), result.stdout
 
 
+def test_percost_counts_the_cpu_of_the_c_echo_server_per_request() -> None:
+    """percost's cpu mode, one second against bench's C echo server: the requests it drove, and a
+    CPU time per request that is positive and below a millisecond (it divided by them)."""
+    require("gcc")
+    server = str(ROOT / "build" / "bench" / "c_epoll_echo")  # compare.py builds it with the loads
+    result = subprocess.run(
+        [sys.executable, "-P", "-m", "sockd_bench.percost", "--mode", "cpu", "--seconds", "1", "--", server, "{port}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    found = re.fullmatch(
+        r"cpu: (\d+) requests, per request: user \S+ us, system \S+ us, on CPU (\S+) us\n", result.stdout
+    )
+    assert found, result.stdout
+    assert int(found[1]) > 0
+    assert 0 < float(found[2]) < 1000
+
+
 def compare(mode: str, servers: list[str]) -> dict[str, list[str]]:
     """One short round of compare.py on `servers`: each server's row, by name, after the header
     has been checked; every server must have answered, without an error."""
