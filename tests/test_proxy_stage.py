@@ -35,6 +35,7 @@ from support import (
     SERVER_NAME,
     Daemon,
     Launcher,
+    active_connections,
     client_context,
     connect,
     echo,
@@ -346,6 +347,12 @@ def test_a_relay_passes_on_what_follows_the_header_and_logs_the_client(served: S
 @pytest.mark.parametrize("served", RELAY_MODELS, indirect=True)
 def test_a_relay_refuses_garbage_before_its_upstream_is_even_connected(served: Served) -> None:
     daemon = served.daemon
+    # The daemon serves the whole module: an earlier test's relayed connections must be over (and
+    # counted) before the count is taken, or one of theirs would pass for this test's.
+    eventually(
+        lambda: active_connections(daemon, "relay") == active_connections(daemon, "upstream") == 0,
+        "the earlier tests' relayed connections closed",
+    )
     before, connected = rejected(daemon, "relay", "proxy_protocol"), upstream_connections(daemon)
     assert refused(daemon.address("relay"), b"SSH-2.0-OpenSSH_9.2\r\n")
     counted(daemon, "relay", "proxy_protocol", before)
