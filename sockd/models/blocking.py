@@ -20,7 +20,7 @@ from sockd.limits import Ticket
 from sockd.models.shared import accept_failed, stop_listening
 from sockd.sockets import RESOURCE_PAUSE
 from sockd.stopping import Stop
-from sockd.transports import BlockingTransport, admit
+from sockd.transports import Accepter, BlockingTransport, admit
 
 T = TypeVar("T")
 
@@ -28,12 +28,12 @@ T = TypeVar("T")
 def accepted(sock: socket.socket, stop: Stop, recorder: Recorder) -> Iterator[tuple[socket.socket, Address]]:
     """Accepted connections and their addresses until `stop` is set; blocks in poll() while there
     are none."""
-    yield from _until_stopped(sock, stop, sock.accept, recorder)
+    return _until_stopped(sock, stop, Accepter(sock), recorder)
 
 
 def received(sock: socket.socket, stop: Stop, recorder: Recorder) -> Iterator[tuple[bytes, Address]]:
     """Datagrams and their senders until `stop` is set; blocks in poll() while there are none."""
-    yield from _until_stopped(sock, stop, functools.partial(sock.recvfrom, BUFSIZE), recorder)
+    return _until_stopped(sock, stop, functools.partial(sock.recvfrom, BUFSIZE), recorder)
 
 
 def _until_stopped(sock: socket.socket, stop: Stop, take: Callable[[], T], recorder: Recorder) -> Iterator[T]:
