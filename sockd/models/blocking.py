@@ -136,7 +136,9 @@ class BlockingModel:
         transport = BlockingTransport(conn, recorder, entry)
         failure = None
         try:
-            with conn:
+            # As `with conn:` (closed before the handlers below run), without socket.py's
+            # __enter__ and __exit__: two calls of Python a connection.
+            try:
                 if self.first_timeout is not None:
                     conn.settimeout(self.first_timeout)
                 entry.connection_made(transport)
@@ -151,6 +153,8 @@ class BlockingModel:
                         self._flowing(transport)
                     else:
                         transport.read_to_end()
+            finally:
+                conn.close()
         except TimeoutError:
             connection.timed_out()
         except OSError as exc:  # reset, broken pipe: the client is gone, and so is its request
