@@ -69,7 +69,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 import structlog
 
@@ -89,11 +89,11 @@ log = structlog.get_logger()
 # What a reply waiting for its `delay` holds beyond its bytes: its timer, the timer's handle and
 # its arguments (about 600 B on uvloop, 300 B on asyncio's loop, measured with tracemalloc). Counted
 # so that many tiny replies are bounded as surely as a few large ones.
-DUE_COST = 512
+DUE_COST: Final = 512
 # A worker's datagram replies waiting for their `delay` hold at most this much (bytes and
 # DUE_COST each); past it a datagram is answered by no reply, counted as one not sent. A datagram
 # listener has no connection to pause: its flood is bounded by dropping, as the network would.
-DATAGRAMS_HELD = 16 << 20
+DATAGRAMS_HELD: Final = 16 << 20
 
 _datagrams_held = Throttled("too many delayed datagram replies held; dropping replies")
 
@@ -108,15 +108,17 @@ _reflected = Throttled("rejected")
 
 # How many of a flowing session's outputs one turn of Stream.flow writes before the model's other
 # connections have their turn.
-FLOW_TURN = 16
+FLOW_TURN: Final = 16
 
-# The reasons a connection's reading is paused (PAUSES: one bit each of Connection.paused).
-WRITE_FULL = 1  # what it writes to cannot take more (asyncio's pause_writing, a transport's HIGH_WATER)
-REPLIES_DUE = 2  # its replies waiting for `delay` hold HIGH_WATER
-CLOSING = 4  # its session has said its last word
-INPUT_ENDED = 8  # its peer ended its output (EOF): there is nothing more to read
-CONNECTING = 16  # a relay's upstream has not answered yet
-PAUSES = WRITE_FULL | REPLIES_DUE | CLOSING | INPUT_ENDED | CONNECTING
+# The reasons a connection's reading is paused (PAUSES: one bit each of Connection.paused). The
+# constants on the data path are Final: compiled, each is a constant in the code, not a lookup in
+# the module's dict.
+WRITE_FULL: Final = 1  # what it writes to cannot take more (asyncio's pause_writing, a transport's HIGH_WATER)
+REPLIES_DUE: Final = 2  # its replies waiting for `delay` hold HIGH_WATER
+CLOSING: Final = 4  # its session has said its last word
+INPUT_ENDED: Final = 8  # its peer ended its output (EOF): there is nothing more to read
+CONNECTING: Final = 16  # a relay's upstream has not answered yet
+PAUSES: Final = WRITE_FULL | REPLIES_DUE | CLOSING | INPUT_ENDED | CONNECTING
 
 # Where a datagram came from, as recvfrom() says: (host, port[, ...]) or a Unix path.
 Address = tuple[Any, ...] | str

@@ -23,7 +23,7 @@ import selectors
 import socket
 import struct
 import time
-from typing import Any
+from typing import Any, Final
 
 from sockd.config import BUFSIZE
 from sockd.counters import RESET, Recorder
@@ -33,7 +33,7 @@ from sockd.limits import Admission, Credentials, Ticket, Unlimited
 # Stop reading from a peer once this many bytes wait to go to it (or, through a relay, to its
 # counterpart), until they go: a client that sends but never reads gets back-pressure, not a server
 # that grows without bound.
-HIGH_WATER = 1 << 20
+HIGH_WATER: Final = 1 << 20
 
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 

@@ -9,7 +9,7 @@ from typing import get_args
 import pytest
 
 from sockd.config import HandlerName, InetListener
-from sockd.handlers import AGENT_ANSWERS, HANDLERS, Agent, Echo, Timestamp, Told, TooLarge, build
+from sockd.handlers import AGENT_ANSWERS, HANDLERS, Agent, Echo, SeedClock, Timestamp, Told, TooLarge, build
 
 
 def _listener(**options: object) -> InetListener:
@@ -163,3 +163,15 @@ def test_chargen_flows_the_rfc_pattern_and_answers_datagrams_of_0_to_512() -> No
         assert reply == pattern[: len(reply)]
         lengths.add(len(reply))
     assert len(lengths) > 100  # random, not one length
+
+
+@pytest.mark.parametrize("ns", [1_765_000_000_123_456_789, 1_765_000_000_000_000_000, 1_765_000_000_000_000_999])
+def test_seed_clock_says_what_the_seed_said(ns: int) -> None:
+    """The seed's str(datetime.now()), microseconds floored and left out when zero, twice within a
+    second (the second's text kept) and once in the next."""
+    now = [ns]
+    clock = SeedClock(lambda: now[0])
+    for now[0] in (ns, ns + 1_000, ns + 1_000_000_000):
+        seconds, nanos = divmod(now[0], 1_000_000_000)
+        expected = datetime.datetime.fromtimestamp(seconds).replace(microsecond=nanos // 1000)
+        assert clock() == str(expected)
