@@ -20,7 +20,7 @@ from sockd.limits import Ticket
 from sockd.models.shared import accept_failed, stop_listening
 from sockd.sockets import RESOURCE_PAUSE
 from sockd.stopping import Stop
-from sockd.transports import BlockingTransport, admit
+from sockd.transports import Accepter, BlockingTransport, admit
 
 T = TypeVar("T")
 
@@ -28,12 +28,12 @@ T = TypeVar("T")
 def accepted(sock: socket.socket, stop: Stop, recorder: Recorder) -> Iterator[tuple[socket.socket, Address]]:
     """Accepted connections and their addresses until `stop` is set; blocks in poll() while there
     are none."""
-    yield from _until_stopped(sock, stop, sock.accept, recorder)
+    return _until_stopped(sock, stop, Accepter(sock), recorder)
 
 
 def received(sock: socket.socket, stop: Stop, recorder: Recorder) -> Iterator[tuple[bytes, Address]]:
     """Datagrams and their senders until `stop` is set; blocks in poll() while there are none."""
-    yield from _until_stopped(sock, stop, functools.partial(sock.recvfrom, BUFSIZE), recorder)
+    return _until_stopped(sock, stop, functools.partial(sock.recvfrom, BUFSIZE), recorder)
 
 
 def _until_stopped(sock: socket.socket, stop: Stop, take: Callable[[], T], recorder: Recorder) -> Iterator[T]:
@@ -136,7 +136,9 @@ class BlockingModel:
         transport = BlockingTransport(conn, recorder, entry)
         failure = None
         try:
-            with conn:
+            # As `with conn:` (closed before the handlers below run), without socket.py's
+            # __enter__ and __exit__: two calls of Python a connection.
+            try:
                 if self.first_timeout is not None:
                     conn.settimeout(self.first_timeout)
                 entry.connection_made(transport)
@@ -151,6 +153,8 @@ class BlockingModel:
                         self._flowing(transport)
                     else:
                         transport.read_to_end()
+            finally:
+                conn.close()
         except TimeoutError:
             connection.timed_out()
         except OSError as exc:  # reset, broken pipe: the client is gone, and so is its request
