@@ -1,7 +1,7 @@
 """What one server process costs per request, in figures that other work on the machine does not
 change: user-space instructions and syscalls; and its user and system CPU time, which it does.
 
-    .venv/bin/python -m sockd_bench.percost [--load echo|conn] [--seconds 5] [--mode M ...] \\
+    .venv/bin/python -m sockd_bench.percost [--load echo|conn|udp] [--seconds 5] [--mode M ...] \\
         -- COMMAND ... {port} ...
 
 COMMAND is a process that serves the requests itself (a peer of bench/compare.py, bench's C
@@ -9,8 +9,9 @@ echo server, one sockd model run in-process; not a supervisor whose workers serv
 process started is measured). It is started once per mode, {port} replaced by a free port. A
 one-second load warms it (imports, first allocations); then bench's load generator (compare.py
 builds it) runs for --seconds against it: echoload, 50 persistent connections of 64 bytes each
-(tcp-echo), or connload, a connection per request (timestamp). Every figure is divided by the
-requests the load completed:
+(tcp-echo), or connload, a connection per request (timestamp), or echoload over UDP, 20 flows of
+one 64-byte datagram each (udp-echo; a UDP COMMAND is ready once it echoes a datagram). Every
+figure is divided by the requests the load completed:
 
 - cpu: user and system time (utime and stime of /proc/PID/stat: the kernel splits the exact
   on-CPU time by sampling at each tick, so the split is a statistic of some thousand ticks) and
@@ -47,6 +48,7 @@ from pathlib import Path
 from sockd_bench.healthz import load_generators
 
 CONNECTIONS, SIZE = 50, 64  # the tcp-echo and timestamp workloads'
+FLOWS = 20  # the udp-echo workload's (compare.py's default for it)
 
 
 def free_port() -> int:
@@ -56,12 +58,20 @@ def free_port() -> int:
         return port
 
 
-def wait_listening(port: int, server: subprocess.Popen[str], timeout: float = 120.0) -> None:
-    """Until the port accepts (a server under callgrind takes many seconds to start)."""
+def wait_listening(port: int, server: subprocess.Popen[str], udp: bool, timeout: float = 120.0) -> None:
+    """Until the port accepts, or over UDP echoes a datagram (a server under callgrind takes many
+    seconds to start)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and server.poll() is None:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+            if udp:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                    probe.settimeout(1.0)
+                    probe.connect(("127.0.0.1", port))
+                    probe.send(b"x")
+                    probe.recv(1)
+            else:
+                socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
             return
         except OSError:
             time.sleep(0.2)
@@ -84,9 +94,10 @@ def measure(mode: str, command: Sequence[str], load: str, seconds: float, keep: 
         argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={profile}", *argv]
     server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
     try:
-        wait_listening(port, server)
-        generator = "echoload" if load == "echo" else "connload"
-        run = [str(generators.BUILD / generator), "tcp", f"127.0.0.1:{port}", str(CONNECTIONS), str(SIZE)]
+        wait_listening(port, server, udp=load == "udp")
+        generator = "connload" if load == "conn" else "echoload"
+        kind, flows = ("udp", FLOWS) if load == "udp" else ("tcp", CONNECTIONS)
+        run = [str(generators.BUILD / generator), kind, f"127.0.0.1:{port}", str(flows), str(SIZE)]
         subprocess.run([*run, "1"], capture_output=True, check=True)  # the warm-up
         tracer = None
         trace = keep / f"strace.{port}"
@@ -152,7 +163,7 @@ def describe(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--load", choices=("echo", "conn"), default="echo")
+    parser.add_argument("--load", choices=("echo", "conn", "udp"), default="echo")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--mode", action="append", choices=("cpu", "syscalls", "instructions"))
     parser.add_argument("--keep", type=Path, help="directory for the profiles (default: a new temporary one)")

@@ -247,13 +247,16 @@ def test_healthz_probes_sockd_idle_and_under_the_echo_load() -> None:
     assert "req/s, CPUs" in " ".join(rows["loaded"]), result.stdout
 
 
-def test_percost_counts_the_cpu_of_the_c_echo_server_per_request() -> None:
-    """percost's cpu mode, one second against bench's C echo server: the requests it drove, and a
-    CPU time per request that is positive and below a millisecond (it divided by them)."""
+@pytest.mark.parametrize(("load", "server"), [("echo", "c_epoll_echo"), ("udp", "c_udp_echo")])
+def test_percost_counts_the_cpu_of_the_c_echo_server_per_request(load: str, server: str) -> None:
+    """percost's cpu mode, one second against bench's C echo server (over TCP, or over UDP with
+    udp-echo's load): the requests it drove, and a CPU time per request that is positive and
+    below a millisecond (it divided by them)."""
     require("gcc")
-    server = str(ROOT / "build" / "bench" / "c_epoll_echo")  # compare.py builds it with the loads
+    command = str(ROOT / "build" / "bench" / server)  # compare.py builds it with the loads
+    percost = [sys.executable, "-P", "-m", "sockd_bench.percost", "--load", load, "--mode", "cpu", "--seconds", "1"]
     result = subprocess.run(
-        [sys.executable, "-P", "-m", "sockd_bench.percost", "--mode", "cpu", "--seconds", "1", "--", server, "{port}"],
+        [*percost, "--", command, "{port}"],
         capture_output=True,
         text=True,
         timeout=120,
