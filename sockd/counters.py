@@ -153,7 +153,8 @@ class Totals:
 
 class Recorder:
     """One thread's counts. The connection lifecycle and the models add to its attributes directly
-    on their hot paths, and take a request's start time from `clock`.
+    on their hot paths, and take a request's start time from `clock` (or `busy_since`, read
+    already by a blocking model).
 
     Time is a float of seconds from time.monotonic(), not integer nanoseconds: perf_counter_ns()
     allocates a new int object at every call and a float comes from a free list, which matters at
@@ -194,8 +195,9 @@ class Recorder:
         self.connections = self.closed = self.received = self.sent = 0
         self.seconds = 0.0
         # When a blocking model's thread took up a request (time.monotonic()); 0 while it waits
-        # for a client: for its next request, or to read a reply (see Blocking.write in
-        # models/blocking.py). See Stats.publish.
+        # for a client: for its next request, or to read a reply (see BlockingTransport.write in
+        # sockd.transports). See Stats.publish. Stream.data_received takes it as its request's
+        # start, with metrics on or off (the clock tells time either way).
         self.busy_since = 0.0
         self.errors = [0] * len(ERROR_KINDS)
         self.rejected = [0] * len(REJECT_REASONS)

@@ -491,7 +491,10 @@ class Stream(Connection):
             self.flow()
 
     def data_received(self, data: bytes) -> None:
-        started = self.recorder.clock()
+        recorder = self.recorder
+        # A blocking model's thread marked itself busy when its read returned (see Recorder): that
+        # reading is this request's start, one clock read fewer a request. 0 on an event loop.
+        started = recorder.busy_since or recorder.clock()
         self.deadline = MOVED
         session = self.session
         try:
@@ -512,7 +515,7 @@ class Stream(Connection):
         # and one to count it, as a bare server has.
         if reply:
             self.transport.write(reply)
-        self.recorder.request(len(data), len(reply), started)
+        recorder.request(len(data), len(reply), started)
         if closing or not self.answered:
             self._replied(closing)
 
