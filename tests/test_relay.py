@@ -93,10 +93,12 @@ def upstream(serve: Callable[[socket.socket], None], path: Path | None = None) -
 
 @contextlib.contextmanager
 def relay(
-    kind: str, start_sockd: Launcher, target: str, half_close_timeout: float = 5.0
+    kind: str, start_sockd: Launcher, target: str, half_close_timeout: float = 6 * TIMEOUT
 ) -> Iterator[tuple[str, Daemon | None]]:
     """A relay to `target` (an upstream URL), listening on loopback TCP: sockd in a model, or socat
-    (whose -t is half_close_timeout)."""
+    (whose -t is half_close_timeout). By default the half-close timeout is longer than any wait of
+    a test: a test that does not time it must not depend on how soon a busy machine lets its
+    upstream answer (a busy_poll relay once gave up on an upstream quiet for 5 s in CI)."""
     if kind != "socat":
         daemon = start_sockd([entry("r", "tcp", "relay", kind, upstream=target, half_close_timeout=half_close_timeout)])
         yield daemon.address("r"), daemon
