@@ -57,13 +57,15 @@ class Upstream:
             self.sock.bind(str(path))
             self.url = f"unix://{path}"
         self.sock.listen(64)
-        self.sock.settimeout(TIMEOUT)
         self.serve = serve
         self.errors: list[BaseException] = []
         self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
 
     def _accept(self) -> None:
+        # Until the test closes the socket (see close), however long the relay takes to start and
+        # connect: a timeout here once stopped the accepting while a busy machine still started the
+        # daemon, and the relay's connection waited in the backlog, never served.
         with contextlib.suppress(OSError):
             while True:
                 conn, _ = self.sock.accept()
@@ -78,7 +80,12 @@ class Upstream:
             self.errors.append(exc)
 
     def close(self) -> None:
+        # shutdown() wakes the accept() blocked in the thread (close() alone would leave it there,
+        # holding the listening socket open), which then ends with an OSError.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+        self.thread.join(TIMEOUT)
 
 
 @contextlib.contextmanager
